@@ -1,0 +1,31 @@
+# The README's two commands: `make run` (the main job) and `make test` (the test suite).
+# Both create or refresh .venv first. TORCH picks the torch build: the CPU wheel by default;
+# GPU users run e.g. `make run TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+WORKDIR ?= work
+
+.PHONY: venv run test lint bench clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+run: venv
+	$(VENV)/bin/gptflow demo --workdir $(WORKDIR)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check gptcore flows tests bench
+
+clean:
+	rm -rf $(VENV) $(WORKDIR) .pytest_cache

@@ -1,0 +1,361 @@
+"""Pipeline configuration: one frozen dataclass per stage, loaded from YAML with dotted overrides.
+
+One path only: dataclass defaults, then the YAML file, then ``--set section.key=value`` overrides.
+An unknown key or a value of the wrong type raises :class:`ConfigError` naming the key and the
+file. Configs validate; they never act: no file reads beyond the YAML itself, no Ray, no MLflow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# The corpus used when no input is given: text extracted from the installed Python's own
+# documentation (pydoc help topics and standard-library docstrings), so it exists offline.
+BUILTIN_CORPUS = "builtin:python-docs"
+
+
+class ConfigError(ValueError):
+    """A configuration value the user must fix; the message names the key and its source."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Preprocessing: raw text in, a versioned dataset directory of token shards out."""
+
+    inputs: tuple[str, ...] = (BUILTIN_CORPUS,)
+    """Files, folders, globs or fsspec URLs of .txt/.md/.jsonl/.json/.parquet (optionally .gz/.zst)."""
+    sft_inputs: tuple[str, ...] = ()
+    """Fine-tuning JSONL files: {"prompt", "completion"} or {"messages": [{"role", "content"}]}."""
+    hf_dataset: str | None = None
+    """A Hugging Face `datasets` source: a hub name, or a local `save_to_disk` directory."""
+    hf_config: str | None = None
+    """The dataset's configuration name, if it has several."""
+    hf_split: str = "train"
+    """The split to read from the `datasets` source."""
+    hf_data_files: tuple[str, ...] = ()
+    """Local data files for a `datasets` builder (e.g. hf_dataset: json)."""
+    text_field: str = "text"
+    """The field holding the document text in JSON, JSONL, parquet and `datasets` records."""
+    min_chars: int = 32
+    """Documents shorter than this after cleaning are dropped (counted as `too_short`)."""
+    max_doc_chars: int = 1_000_000
+    """Longer documents are split into pieces of at most this many characters."""
+    vocab_size: int = 4096
+    """Size of the byte-level BPE vocabulary to train (special tokens included)."""
+    min_frequency: int = 2
+    """A merge must occur at least this often in the sample to be learned."""
+    tokenizer_sample_chars: int = 20_000_000
+    """Characters of cleaned text, sampled deterministically, used to train the tokenizer."""
+    tokenizer_path: str | None = None
+    """Use this tokenizer (tokenizer.json, a directory, or GPT-2 vocab.json+merges.txt) instead of training one."""
+    val_fraction: float = 0.01
+    """Fraction of documents, chosen by content hash, that go to the validation split."""
+    shard_tokens: int = 16_777_216
+    """Upper bound on tokens per shard file."""
+    work_unit_bytes: int = 32 * 1024 * 1024
+    """Input bytes per Ray task; bounds each worker's memory independently of corpus size."""
+    num_workers: int = 0
+    """Ray tasks that run at once; 0 means one per CPU of the Ray cluster."""
+    seed: int = 0
+    """Seed for the tokenizer sample."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1)")
+        _check(self.vocab_size >= 260, "data.vocab_size", self.vocab_size, ">= 260 (256 bytes + specials)")
+        _check(self.shard_tokens > 0, "data.shard_tokens", self.shard_tokens, "> 0")
+        _check(self.work_unit_bytes > 0, "data.work_unit_bytes", self.work_unit_bytes, "> 0")
+        _check(self.min_chars >= 0, "data.min_chars", self.min_chars, ">= 0")
+        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which GPT to build: a gptcore preset plus a few overrides (vocab_size comes from the tokenizer)."""
+
+    preset: str = "tiny"
+    """A name in gptcore.PRESETS: tiny, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b."""
+    context_length: int | None = None
+    """Override the preset's context length."""
+    dropout: float = 0.0
+    """Dropout probability in attention and MLP outputs."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass to save memory."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run: pretraining from scratch, or fine-tuning from a model (same loop)."""
+
+    data: str = ""
+    """Dataset directory from preprocessing; empty means the pipeline's own preprocess output."""
+    init: str | None = None
+    """Start from: a bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION, or a HF GPT-2 directory."""
+    steps: int = 200
+    """Optimizer steps."""
+    micro_batch_size: int = 8
+    """Sequences per worker per forward pass."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step."""
+    global_batch_size: int | None = None
+    """If set, must equal micro_batch_size * grad_accum * num_workers (checked before any worker starts)."""
+    num_workers: int = 1
+    """Ray Train workers (one process each)."""
+    use_gpu: bool = False
+    """One GPU per worker (nccl); CPU workers use gloo."""
+    cpus_per_worker: int = 1
+    """CPUs reserved per worker (also its torch thread count on CPU)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision."""
+    offload_optimizer: bool = False
+    """ZeRO optimizer state offload to CPU (stages 1-3)."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule floor, as a fraction of lr."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW weight decay (matrices only)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping; 0 disables it."""
+    eval_every: int = 50
+    """Validation loss, perplexity and samples every this many steps (and at the end)."""
+    eval_batches: int = 8
+    """Validation micro-batches per evaluation."""
+    checkpoint_every: int = 50
+    """Resume checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Resume checkpoints kept."""
+    max_failures: int = 0
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    loss_spike_factor: float = 0.0
+    """Skip an update whose loss exceeds this multiple of the running mean; 0 disables it."""
+    max_skipped_updates: int = 5
+    """Consecutive skipped updates (NaN/inf or spikes) after which the run stops with an error."""
+    peak_flops_per_device: float = 0.0
+    """Peak FLOP/s of one device for MFU; 0 picks a default for the device kind."""
+    sample_prompts: tuple[str, ...] = ("The", "def ")
+    """Prompts whose greedy continuations are logged at each evaluation."""
+    run_name: str | None = None
+    """Ray Train run name; reusing one resumes that run from its last checkpoint."""
+    seed: int = 0
+    """Seed for initialisation and batch order."""
+    storage_path: str = ""
+    """Where resume checkpoints go (shared by all nodes: a path or s3://...); empty = <workdir>/ray_results."""
+    sample_tokens: int = 32
+    """New tokens generated per sample prompt at each evaluation."""
+    fail_at_step: int = -1
+    """Testing only: at this step rank 1 (rank 0 if alone) exits once, to exercise fault tolerance; -1 = never."""
+
+    def __post_init__(self) -> None:
+        _check(self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
+        _check(self.precision in ("fp32", "bf16", "fp16"), "precision", self.precision, "fp32, bf16 or fp16")
+        for name in ("steps", "micro_batch_size", "grad_accum", "num_workers", "cpus_per_worker",
+                     "eval_every", "checkpoint_every", "keep_checkpoints", "max_skipped_updates"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        for name in ("warmup_steps", "max_failures", "sample_tokens", "weight_decay", "grad_clip", "loss_spike_factor"):
+            _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        _check(self.lr > 0, "lr", self.lr, "> 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        expected = self.micro_batch_size * self.grad_accum * self.num_workers
+        _check(
+            self.global_batch_size in (None, expected), "global_batch_size", self.global_batch_size,
+            f"micro_batch_size * grad_accum * num_workers = {expected}",
+        )
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow: where runs go. The MLFLOW_TRACKING_URI environment variable wins over `uri`."""
+
+    enabled: bool = True
+    """Turn tracking off (tests of a stage alone)."""
+    uri: str | None = None
+    """Tracking URI; default sqlite:///<workdir>/mlflow.db with artifacts under <workdir>/mlartifacts."""
+    experiment: str = "gptflow"
+    """MLflow experiment name."""
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The Ray cluster to use; RAY_ADDRESS in the environment wins over `address`."""
+
+    address: str | None = None
+    """Ray address ("auto", "ray://host:10001"); empty starts a local Ray instance."""
+    num_cpus: int | None = None
+    """CPUs for a local Ray instance (default: all)."""
+
+
+def _finetune_defaults() -> TrainConfig:
+    return TrainConfig(steps=100, lr=1e-4, warmup_steps=10, weight_decay=0.0)
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """The whole pipeline: a section per stage, plus where outputs go."""
+
+    workdir: str = "work"
+    """Root of every stage's output (<workdir>/<stage>/<hash>/); shared storage on clusters."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TrainConfig = field(default_factory=_finetune_defaults)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def _check(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: must be {valid}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
+    """Defaults, then the YAML file at `path` (if any), then `section.key=value` overrides."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from e
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        _set_dotted(raw, key.strip().split("."), yaml.safe_load(value) if value.strip() else None, item)
+    return build(PipelineConfig, raw, source)
+
+
+def _set_dotted(raw: dict[str, Any], keys: list[str], value: Any, item: str) -> None:
+    node = raw
+    for k in keys[:-1]:
+        nxt = node.setdefault(k, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {item!r}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def build(cls: type, raw: Any, source: str, prefix: str = "") -> Any:
+    """Make dataclass `cls` from a mapping, checking every key and type; errors name key and source."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: {prefix or 'config'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        key = f"{prefix}{unknown[0]}"
+        raise ConfigError(f"{source}: unknown key {key!r}; valid keys here: {', '.join(sorted(fields))}")
+    kwargs = {name: _coerce(hints[name], value, source, f"{prefix}{name}") for name, value in raw.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {prefix}{e}") from None
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value if value is not None else {}, source, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, source, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{source}: {key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            choices = ", ".join(map(repr, typing.get_args(tp)))
+            raise ConfigError(f"{source}: {key}={value!r} is not one of {choices}")
+        return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return value
+    raise ConfigError(f"{source}: {key}: unsupported type {tp}")
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dict -> {"a.b": value}, for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def stable_hash(*parts: Any, length: int = 16) -> str:
+    """sha256 of the canonical JSON of `parts` (dataclasses become dicts), truncated."""
+    def default(o: Any) -> Any:
+        if dataclasses.is_dataclass(o):
+            return dataclasses.asdict(o)
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"cannot hash {type(o).__name__}")
+
+    blob = json.dumps(parts, sort_keys=True, default=default, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:length]

@@ -1,0 +1,116 @@
+"""Model bundle: the one on-disk form of a trained model that everything downstream loads.
+
+A directory of four files: config.json (GPTConfig), model.safetensors (weights; the tied LM head
+is not stored twice), tokenizer.json, metadata.json (format version, parameter count, lineage).
+Loading never unpickles. Every failure names the file and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from gptcore.config import GPTConfig
+from gptcore.model import GPT
+from gptcore.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "metadata.json")
+_TIED = "lm_head.weight"  # same tensor as wte.weight
+
+
+class BundleError(ValueError):
+    """A bundle file is missing, unreadable or inconsistent; the message names the file."""
+
+
+def save_bundle(
+    directory: str | Path, model: GPT, tokenizer: Tokenizer, metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write the bundle; metadata.json (written last) holds `metadata` plus format version and size."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise BundleError(
+            f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {model.config.vocab_size}"
+        )
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != _TIED}
+    _atomic(directory / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic(directory / "config.json", lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n"))
+    _atomic(directory / "tokenizer.json", lambda p: p.write_text(tokenizer.to_json(), encoding="utf-8"))
+    meta = {**(metadata or {}), "format_version": FORMAT_VERSION, "num_params": model.num_params()}
+    _atomic(directory / "metadata.json", lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    return directory
+
+
+def load_bundle(
+    directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> tuple[GPT, Tokenizer, dict[str, Any]]:
+    """Read a bundle into (model in eval mode, tokenizer, metadata)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise BundleError(f"bundle directory {directory} does not exist")
+    for name in FILES:
+        if not (directory / name).is_file():
+            raise BundleError(f"{directory / name}: missing (a bundle needs {', '.join(FILES)})")
+
+    metadata = _read_json(directory / "metadata.json")
+    version = metadata.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(f"{directory / 'metadata.json'}: format_version {version!r}, expected {FORMAT_VERSION}")
+    try:
+        config = GPTConfig.from_dict(_read_json(directory / "config.json"))
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{directory / 'config.json'}: {e}") from e
+    try:
+        tokenizer = Tokenizer.load(directory / "tokenizer.json")
+    except (ValueError, OSError) as e:
+        raise BundleError(f"{directory / 'tokenizer.json'}: {e}") from e
+    if tokenizer.vocab_size != config.vocab_size:
+        raise BundleError(
+            f"{directory / 'tokenizer.json'}: vocabulary of {tokenizer.vocab_size} tokens does not match "
+            f"vocab_size={config.vocab_size} in config.json"
+        )
+
+    weights = directory / "model.safetensors"
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise BundleError(f"{weights}: unreadable or truncated ({e})") from e
+    model = GPT(config)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != _TIED}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise BundleError(f"{weights}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+    for name, shape in expected.items():
+        if state[name].shape != shape:
+            raise BundleError(
+                f"{weights}: tensor {name} has shape {tuple(state[name].shape)}, config.json implies {tuple(shape)}"
+            )
+    state[_TIED] = state["wte.weight"]
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    model.to(device=device, dtype=dtype or torch.float32).eval()
+    return model, tokenizer, metadata
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise BundleError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _atomic(path: Path, write: Any) -> None:
+    """Write through a temporary name so a crash never leaves a half-written file at `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
