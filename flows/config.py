@@ -311,6 +311,11 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         (item_tp, _ellipsis) = typing.get_args(tp)
         return tuple(_coerce(item_tp, v, source, f"{key}[{i}]") for i, v in enumerate(value))
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
         return float(value)

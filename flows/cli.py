@@ -1,0 +1,148 @@
+"""The `gptflow` command line: one subcommand per stage, plus `run` (the pipeline) and `generate`.
+
+Each stage subcommand takes ``--config FILE`` and ``--set section.key=value`` overrides, plus
+shortcuts for the common case; the last line it prints is the stage's output directory, so
+scripts can chain stages: ``data=$(gptflow preprocess ... | tail -1)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from flows.config import ConfigError, PipelineConfig, load_config
+
+log = logging.getLogger("gptflow")
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="pipeline YAML (default: the embedded local config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set pretrain.lr=3e-4 (repeatable)")
+    p.add_argument("--workdir", help="root directory of all stage outputs (workdir)")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="dataset directory from `gptflow preprocess`")
+    p.add_argument("--preset", help="model preset (tiny, gpt2-124m, ...)")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--workers", type=int, help="Ray Train workers")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gptflow", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("preprocess", help="raw text -> tokenizer + packed token shards")
+    _config_args(p)
+    p.add_argument("--input", action="append", default=[], help="file, folder, glob or URL (repeatable)")
+    p.add_argument("--sft", action="append", default=[], help="fine-tuning JSONL (repeatable)")
+
+    p = sub.add_parser("pretrain", help="train a GPT from scratch (Ray Train + DeepSpeed)")
+    _config_args(p)
+    _train_args(p)
+
+    p = sub.add_parser("finetune", help="fine-tune a model on prompt/completion data")
+    _config_args(p)
+    _train_args(p)
+    p.add_argument("--init", help="bundle dir, models:/NAME@ALIAS, or a HF GPT-2 directory")
+
+    p = sub.add_parser("run", help="the pipeline: preprocess -> pretrain -> finetune (when SFT data is given)")
+    _config_args(p)
+
+    p = sub.add_parser("generate", help="generate text from a model bundle")
+    p.add_argument("bundle", help="model bundle directory")
+    p.add_argument("prompt", help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int)
+
+    p = sub.add_parser("config", help="print the resolved configuration as JSON")
+    _config_args(p)
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> PipelineConfig:
+    """Config file, then --set overrides, then the subcommand's shortcuts (which win)."""
+    overrides = list(args.overrides)
+    if getattr(args, "workdir", None):
+        overrides.append(f"workdir={json.dumps(args.workdir)}")
+    if getattr(args, "no_tracking", False):
+        overrides.append("tracking.enabled=false")
+    if getattr(args, "input", None):
+        overrides.append(f"data.inputs={json.dumps(args.input)}")
+    if getattr(args, "sft", None):
+        overrides.append(f"data.sft_inputs={json.dumps(args.sft)}")
+    section = args.command if args.command in ("pretrain", "finetune") else None
+    if section:
+        if args.data:
+            overrides.append(f"{section}.data={json.dumps(args.data)}")
+        if args.steps is not None:
+            overrides.append(f"{section}.steps={args.steps}")
+        if args.workers is not None:
+            overrides.append(f"{section}.num_workers={args.workers}")
+        if args.preset:
+            overrides.append(f"model.preset={json.dumps(args.preset)}")
+        if getattr(args, "init", None):
+            overrides.append(f"{section}.init={json.dumps(args.init)}")
+    return load_config(args.config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "generate":
+            print(_generate(args))
+            return 0
+        cfg = resolve_config(args)
+        if args.command == "config":
+            from flows.config import to_dict
+
+            print(json.dumps(to_dict(cfg), indent=2))
+            return 0
+        out = _run_command(args.command, cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"gptflow {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+def _run_command(command: str, cfg: PipelineConfig) -> Path:
+    if command == "preprocess":
+        from flows.preprocess import preprocess
+
+        return preprocess(cfg)
+    if command in ("pretrain", "finetune"):
+        from flows.train import train
+
+        return train(cfg, command)
+    if command == "run":
+        from flows.pipeline import run_pipeline
+
+        return run_pipeline(cfg)
+    raise ValueError(f"unknown command {command}")
+
+
+def _generate(args: argparse.Namespace) -> str:
+    from gptcore import generate, load_bundle
+
+    model, tok, _ = load_bundle(args.bundle)
+    ids = generate(model, tok.encode(args.prompt) or [tok.eot_id], args.max_new_tokens,
+                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                   stop_ids=[tok.eot_id], seed=args.seed)
+    return args.prompt + tok.decode(ids)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
