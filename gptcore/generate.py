@@ -143,11 +143,14 @@ def _decode(
                 # (Re-)encode the last ctx tokens of every row: the first step, and each step
                 # once the window slides past the context length.
                 idx, mask = _left_pad([r[-ctx:] for r in rows], device)
+                if bool(mask.all()):
+                    mask = None  # no padding: the cheaper plain-causal attention path
                 cache = KVCache(model.config, len(rows), ctx, device, _dtype(model)) if use_cache else None
                 logits, _ = model(idx, cache=cache, padding_mask=mask)
             else:
                 last = torch.tensor([[r[-1]] for r in rows], device=device)  # (B, 1)
-                mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.bool, device=device)], dim=1)
+                if mask is not None:
+                    mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.bool, device=device)], dim=1)
                 logits, _ = model(last, cache=cache, padding_mask=mask)
             logits = logits[:, -1, :].float()  # (B, vocab)
             if repetition_penalty != 1.0:

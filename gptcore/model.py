@@ -59,8 +59,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, S, hs), S = past + T
         dropout = self.dropout if self.training else 0.0
-        if mask is None:  # plain causal attention over exactly these T positions
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        if mask is None:  # causal over a fresh sequence, or one new query that sees every key
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
         else:  # (B, 1, T, S) boolean: cached prefix, left padding
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
@@ -153,14 +153,14 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
         if targets is None:
             return logits, None
-        losses = F.cross_entropy(
-            logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="none"
-        )  # (B*T,)
-        keep = targets.reshape(-1) != -1
-        if loss_mask is not None:
-            keep = keep & loss_mask.reshape(-1).bool()
-        # Mean over kept positions; an all-masked batch gives 0 with a graph (no NaN).
-        loss = (losses * keep).sum() / keep.sum().clamp(min=1)
+        if loss_mask is not None:  # masked-out positions become ignored targets
+            targets = targets.masked_fill(~loss_mask.bool(), -1)
+        # Sum then divide by the kept count: the mean over kept positions, and 0 (with a graph,
+        # not NaN) when a batch keeps none. Under autocast cross_entropy runs in fp32.
+        loss_sum = F.cross_entropy(
+            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="sum"
+        )
+        loss = loss_sum / (targets != -1).sum().clamp(min=1)
         return logits, loss
 
     @staticmethod
@@ -170,7 +170,7 @@ class GPT(nn.Module):
         """Position ids (B, T) and the attention mask (B, 1, T, S), or None for plain causal."""
         if padding_mask is None:
             positions = torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
-            if past == 0:
+            if past == 0 or T == 1:
                 return positions, None
             S = past + T
             causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=past)  # (T, S)
