@@ -67,6 +67,15 @@ class DataConfig:
     """Ray tasks that run at once; 0 means one per CPU of the Ray cluster."""
     seed: int = 0
     """Seed for the tokenizer sample."""
+    min_work_units: int = 16
+    """Split the corpus into at least this many work units (when its files allow), so that workers
+    share it evenly; the plan depends on the inputs only, never on the worker count."""
+    unicode_normalization: Literal["NFC", "NFKC", "none"] = "NFC"
+    """Unicode normalisation form applied to every document while cleaning."""
+    drop_control_chars: bool = True
+    """Remove control characters (all but newline and tab) while cleaning."""
+    dedup: bool = True
+    """Drop exact duplicate documents (same cleaned content), keeping the first in input order."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1)")
@@ -75,6 +84,8 @@ class DataConfig:
         _check(self.work_unit_bytes > 0, "data.work_unit_bytes", self.work_unit_bytes, "> 0")
         _check(self.min_chars >= 0, "data.min_chars", self.min_chars, ">= 0")
         _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
+        _check(self.min_work_units >= 1, "data.min_work_units", self.min_work_units, ">= 1")
+        _check(self.max_doc_chars >= 1, "data.max_doc_chars", self.max_doc_chars, ">= 1")
 
 
 @dataclass(frozen=True)

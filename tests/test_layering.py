@@ -42,3 +42,10 @@ def test_only_tracking_imports_mlflow_and_only_cluster_calls_ray_init():
             assert "import mlflow" not in text and "from mlflow" not in text, path
         if path.name != "cluster.py":
             assert "ray.init(" not in text, path
+
+
+def test_tokenizer_import_does_not_load_torch():
+    """Preprocessing workers import only the tokenizer; torch costs seconds per process."""
+    code = "import sys; from gptcore import Tokenizer; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
