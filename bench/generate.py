@@ -24,17 +24,23 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--d-model", type=int, default=256, help="width (64 with vocab 4096 is the tiny preset)")
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights of both models")
     args = ap.parse_args()
     from transformers import GPT2LMHeadModel
 
-    cfg = GPTConfig(vocab_size=8192, context_length=512, n_layer=4, n_head=4, d_model=256)
+    cfg = GPTConfig(vocab_size=args.vocab, context_length=512, n_layer=4, n_head=4, d_model=args.d_model)
     torch.manual_seed(0)
     ours = GPT(cfg).eval()
     with tempfile.TemporaryDirectory() as d:
         export_gpt2(ours, d)
         theirs = GPT2LMHeadModel.from_pretrained(d).eval()
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    ours.to(dtype)
+    theirs.to(dtype)
     n = args.new_tokens
-    results: dict = {"bench": "greedy new tokens/s", "config": cfg.to_dict(), "new_tokens": n}
+    results: dict = {"bench": "greedy new tokens/s", "config": cfg.to_dict(), "new_tokens": n, "dtype": args.dtype}
     for batch in (1, 8):
         prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len))
 
@@ -64,7 +70,7 @@ def main() -> None:
             "ratio_vs_nocache": round(t_nocache / best_ours, 2),
         }
     results["targets"] = {"ratio_vs_hf": 2.0, "ratio_vs_nocache": 5.0}
-    save("generate", results)
+    save(f"generate_d{args.d_model}_{args.dtype}", results)
 
 
 def _time(fn) -> float:
