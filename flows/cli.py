@@ -114,7 +114,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"gptflow {args.command}: error: {e}", file=sys.stderr)
         return 2
-    print(out)
+    finally:
+        # Ray forwards worker logs to stdout until it shuts down; stop it first so that the
+        # output directory really is the last line printed.
+        from flows.cluster import shutdown_ray
+
+        shutdown_ray()
+    sys.stderr.flush()
+    print(out, flush=True)
     return 0
 
 

@@ -34,7 +34,7 @@ def ensure_ray(cfg: ClusterConfig | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting a local Ray instance")
-        ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(num_cpus=cfg.num_cpus, log_to_driver=True)  # dashboard binds 127.0.0.1
 
 
 def cluster_cpus() -> int:

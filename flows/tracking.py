@@ -38,6 +38,22 @@ def tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
     return f"sqlite:///{db}"  # absolute path: sqlite:////abs/path
 
 
+def _use_store(uri: str) -> None:
+    """Point MLflow's process-wide client at `uri` without changing MLFLOW_TRACKING_URI.
+
+    mlflow.set_tracking_uri also exports the environment variable in MLflow 3; left there it
+    would make every later tracking_uri() return this store, even for another workdir.
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def _artifact_location(workdir: str | Path) -> str:
     if "://" in str(workdir):
         return f"{str(workdir).rstrip('/')}/mlartifacts"
@@ -140,7 +156,7 @@ def stage_run(
     import mlflow
 
     uri = tracking_uri(cfg, workdir)
-    mlflow.set_tracking_uri(uri)
+    _use_store(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is None:
         # Explicit artifact location: otherwise artifacts land in ./mlruns of the cwd.
@@ -171,9 +187,13 @@ def download_model(uri: str, dst: str | Path, cfg: TrackingConfig | None = None,
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri(cfg or TrackingConfig(), workdir))
+    store = tracking_uri(cfg or TrackingConfig(), workdir)
+    # Process-wide, as stage_run does: MLflow 3 resolves models:/ names through the global registry
+    # URI even when download_artifacts is given one.
+    _use_store(store)
     Path(dst).mkdir(parents=True, exist_ok=True)
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+        return Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(dst), tracking_uri=store, registry_uri=store))
     except MlflowException as e:
-        raise ValueError(f"cannot download model {uri} from {mlflow.get_tracking_uri()}: {e.message}") from e
+        raise ValueError(f"cannot download model {uri} from {store}: {e.message}") from e

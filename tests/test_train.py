@@ -1,0 +1,354 @@
+"""Training stage: pre-flight errors, generated DeepSpeed config, deterministic data, the loss mask
+(fast, no Ray), and real Ray Train + DeepSpeed runs on CPU with the tiny preset on real text (slow).
+
+The slow tests share a handful of TorchTrainer fits (each 10-20 s here): one ZeRO-0 fp32 pretraining
+run (learning, MLflow, reuse), one ZeRO-3 run (bundle export), a fault-injected ZeRO-2 run against an
+uninterrupted one (exact resume), a fine-tuning run from that pretrained model via a Hugging
+Face GPT-2 directory (ZeRO-1, bf16), and a run stopped by repeated loss spikes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from train_fixtures import (  # tests/ is on sys.path under pytest
+    make_dataset,
+    stdlib_docs,
+    unigram_entropy,
+)
+
+from flows.config import ConfigError, load_config
+from flows.train import check_cluster, deepspeed_config, plan, train
+from flows.train_data import DataError, TokenWindows, check_dataset
+from flows.train_loop import compute_loss, is_bad_loss
+from gptcore import GPT, Tokenizer, generate, load_bundle, preset
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds", vocab_size=512)
+
+
+def _cfg(workdir: Path, data: Path, *overrides: str, stage: str = "pretrain"):
+    base = [f"workdir={workdir}", f"{stage}.data={data}", "tracking.enabled=false", f"{stage}.warmup_steps=2"]
+    return load_config(None, base + list(overrides))
+
+
+def _copy_dataset(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _state(bundle: Path) -> dict[str, torch.Tensor]:
+    model, _, _ = load_bundle(bundle)
+    return model.state_dict()
+
+
+# --------------------------------------------------------------------------- fast: config and pre-flight
+
+
+def test_deepspeed_config_is_generated_from_train_config():
+    tc = load_config(None, ["pretrain.zero_stage=3", "pretrain.precision=bf16", "pretrain.micro_batch_size=4",
+                            "pretrain.grad_accum=2", "pretrain.num_workers=2", "pretrain.steps=100",
+                            "pretrain.warmup_steps=10", "pretrain.min_lr_ratio=0.2"]).pretrain
+    ds = deepspeed_config(tc)
+    assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    sched = ds["scheduler"]["params"]
+    assert (sched["total_num_steps"], sched["warmup_num_steps"], sched["cos_min_ratio"]) == (100, 10, 0.2)
+    assert "optimizer" not in ds  # torch AdamW is the client optimizer
+    off = deepspeed_config(dataclasses.replace(tc, offload_optimizer=True, zero_stage=2))
+    assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert off["optimizer"]["type"] == "AdamW" and off["optimizer"]["params"]["weight_decay"] == tc.weight_decay
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["pretrain.zero_stage=4"], "zero_stage=4"),
+    (["pretrain.precision=fp8"], "precision"),
+    (["pretrain.num_workers=2", "pretrain.micro_batch_size=4", "pretrain.global_batch_size=12"], "global_batch_size=12"),
+    (["pretrain.eval_every=0"], "eval_every"),
+])
+def test_bad_config_values_are_rejected_at_load(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_preflight_rejects_bad_setups(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="pretrain.data is empty"):
+        plan(load_config(None, [f"workdir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="finetune.init is empty"):
+        plan(_cfg(tmp_path, dataset, stage="finetune"), "finetune")
+    with pytest.raises(ConfigError, match="fp16.*needs GPUs"):
+        plan(_cfg(tmp_path, dataset, "pretrain.precision=fp16"))
+    with pytest.raises(ConfigError, match="offload_optimizer.*zero_stage"):
+        plan(_cfg(tmp_path, dataset, "pretrain.offload_optimizer=true"))
+    with pytest.raises(ConfigError, match="stage='eval'"):
+        plan(_cfg(tmp_path, dataset), "eval")
+    with pytest.raises(DataError, match="manifest.json: missing"):
+        plan(_cfg(tmp_path, tmp_path / "nowhere"))
+    # The val split holds ~9k tokens in one shard: a 16k context cannot be filled.
+    with pytest.raises(DataError, match="cannot fill context_length=16384"):
+        plan(_cfg(tmp_path, dataset, "model.context_length=16384"))
+    with pytest.raises(DataError, match="split 'val' holds 2 sequences of 4097 tokens, fewer than the 3 workers"):
+        plan(_cfg(tmp_path, dataset, "model.context_length=4096", "pretrain.num_workers=3"))
+    ok = plan(_cfg(tmp_path, dataset))
+    assert ok.gpt_config["vocab_size"] == 512 and ok.output_dir.parent == (tmp_path / "pretrain").resolve()
+    # The Ray run name is derived from the output hash, so re-running a stopped config resumes it;
+    # an explicit run_name (to resume a run by name) does not change what is trained.
+    assert ok.run_name == f"pretrain-{ok.key}"
+    named = plan(_cfg(tmp_path, dataset, "pretrain.run_name=my-run"))
+    assert named.run_name == "my-run" and named.key == ok.key
+
+
+def test_preflight_rejects_missing_and_corrupt_shards(dataset, tmp_path):
+    missing = _copy_dataset(dataset, tmp_path / "missing")
+    (missing / "train" / "00001.bin").unlink()
+    with pytest.raises(DataError, match=r"train/00001.bin: shard listed in .* is missing"):
+        plan(_cfg(tmp_path, missing))
+    corrupt = _copy_dataset(dataset, tmp_path / "corrupt")
+    shard = corrupt / "train" / "00000.bin"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF  # same size, different bytes
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match="00000.bin: sha256 does not match"):
+        plan(_cfg(tmp_path, corrupt))
+    truncated = _copy_dataset(dataset, tmp_path / "truncated")
+    mask = truncated / "sft" / "00000.mask.bin"
+    mask.write_bytes(mask.read_bytes()[:-10])
+    with pytest.raises(DataError, match="00000.mask.bin: .* bytes, manifest says"):
+        check_dataset(truncated, ("sft",), 128)
+
+
+def test_preflight_rejects_tokenizer_mismatch_with_init_model(dataset, tmp_path):
+    from gptcore import save_bundle
+
+    other = Tokenizer.train([d for _, d in stdlib_docs(50_000)], vocab_size=300)
+    bundle = save_bundle(tmp_path / "other", GPT(preset("tiny", vocab_size=other.vocab_size)), other)
+    cfg = _cfg(tmp_path, dataset, f"finetune.init={bundle}", stage="finetune")
+    with pytest.raises(DataError, match="tokenizer mismatch"):
+        plan(cfg, "finetune")
+    with pytest.raises(ConfigError, match="no such directory"):
+        plan(_cfg(tmp_path, dataset, f"finetune.init={tmp_path / 'nope'}", stage="finetune"), "finetune")
+
+
+def test_preflight_rejects_gpu_and_cpus_the_cluster_lacks(ray_local):
+    tc = load_config(None, ["pretrain.use_gpu=true"]).pretrain
+    with pytest.raises(ConfigError, match="use_gpu=true.*0 GPUs"):
+        check_cluster(tc, "pretrain", local=True)
+    tc = load_config(None, ["pretrain.num_workers=3"]).pretrain
+    with pytest.raises(ConfigError, match="3 CPUs, but the local Ray instance has 2"):
+        check_cluster(tc, "pretrain", local=True)
+
+
+# --------------------------------------------------------------------------- fast: data and loss
+
+
+def test_batches_are_a_function_of_seed_step_rank_and_ranks_are_disjoint(dataset):
+    r0 = TokenWindows(dataset, "train", 64, rank=0, world=2)
+    r1 = TokenWindows(dataset, "train", 64, rank=1, world=2)
+    starts0 = {tuple(w) for w in r0._owned}
+    starts1 = {tuple(w) for w in r1._owned}
+    assert starts0 and starts1 and not starts0 & starts1
+    again = TokenWindows(dataset, "train", 64, rank=0, world=2)
+    x, y, m = r0.train_batch(seed=3, step=7, micro=1, grad_accum=2, micro_batch_size=4)
+    x2, y2, _ = again.train_batch(seed=3, step=7, micro=1, grad_accum=2, micro_batch_size=4)
+    assert m is None and x.shape == (4, 64) and np.array_equal(x, x2) and np.array_equal(y, y2)
+    assert np.array_equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+    other_step, _, _ = r0.train_batch(seed=3, step=8, micro=1, grad_accum=2, micro_batch_size=4)
+    other_seed, _, _ = r0.train_batch(seed=4, step=7, micro=1, grad_accum=2, micro_batch_size=4)
+    assert not np.array_equal(x, other_step) and not np.array_equal(x, other_seed)
+    # Beyond one epoch the stream keeps going with a fresh order, still deterministic.
+    far = r0.window_ids(0, 10 * len(r0), 8)
+    assert np.array_equal(far, again.window_ids(0, 10 * len(r0), 8))
+
+
+def test_finetune_gradient_ignores_prompt_targets(dataset):
+    """Changing the target tokens of prompt positions (mask 0) leaves the gradient unchanged."""
+    sft = TokenWindows(dataset, "sft", 64)
+    x, y, m = sft.batch(np.arange(4))
+    assert m is not None and 0 < m.sum() < m.size  # both prompt and completion positions present
+    torch.manual_seed(0)
+    model = GPT(preset("tiny", vocab_size=512, context_length=64))
+
+    def grads(targets: np.ndarray) -> list[torch.Tensor]:
+        model.zero_grad()
+        compute_loss(model, (x, targets, m), torch.device("cpu")).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    scrambled = y.copy()
+    rng = np.random.default_rng(0)
+    scrambled[~m] = rng.integers(0, 512, size=int((~m).sum()))
+    assert not np.array_equal(scrambled, y)
+    for a, b in zip(grads(y), grads(scrambled), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # ...while a completion target does change it (the mask is not all-or-nothing).
+    changed = y.copy()
+    r, c = np.argwhere(m)[0]
+    changed[r, c] = (changed[r, c] + 1) % 512
+    assert any(not torch.equal(a, b) for a, b in zip(grads(y), grads(changed), strict=True))
+
+
+def test_bad_loss_detection():
+    assert is_bad_loss(float("nan"), None, 0.0) and is_bad_loss(float("inf"), 2.0, 0.0)
+    assert not is_bad_loss(9.0, 2.0, 0.0)  # spike detection off
+    assert is_bad_loss(9.0, 2.0, 3.0) and not is_bad_loss(5.0, 2.0, 3.0)
+    assert not is_bad_loss(9.0, None, 3.0)  # no running mean yet
+
+
+# --------------------------------------------------------------------------- slow: real Ray Train + DeepSpeed
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_local, dataset, tmp_path_factory):
+    """ZeRO-0, fp32, one worker, MLflow on: long enough to learn well past unigram statistics."""
+    workdir = tmp_path_factory.mktemp("pre")
+    cfg = _cfg(workdir, dataset, "tracking.enabled=true", "pretrain.steps=200", "pretrain.lr=3e-3",
+               "pretrain.micro_batch_size=16", "model.context_length=64",
+               "pretrain.eval_every=100", "pretrain.checkpoint_every=100", "pretrain.warmup_steps=5")
+    return cfg, train(cfg)
+
+
+@pytest.mark.slow
+def test_pretrain_learns_tracks_and_is_reused(pretrained, dataset):
+    from mlflow.tracking import MlflowClient
+
+    cfg, bundle = pretrained
+    done = json.loads((bundle / "DONE").read_text())
+    entropy = unigram_entropy(dataset)
+    # Below the best context-free model by a clear margin: the model uses context.
+    assert done["metrics"]["val_loss"] < entropy - 0.5, (done["metrics"], entropy)
+    model, tok, meta = load_bundle(bundle)
+    assert meta["dataset_manifest_sha256"] and meta["config_hash"] == bundle.name and meta["parent"] is None
+    assert meta["steps"] == 200 and model.config.vocab_size == tok.vocab_size == 512
+
+    client = MlflowClient(f"sqlite:///{Path(cfg.workdir).resolve() / 'mlflow.db'}")
+    run = client.get_run(done["run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["train.zero_stage"] == "0"
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in losses) == list(range(1, 201))
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_perplexity"} <= set(run.data.metrics)
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"deepspeed_config.json", "train_config.json", "loss_curve.png", "samples", "bundle"} <= names
+    bundle_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "bundle")}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "metadata.json"} <= bundle_files
+
+    # Same config again: the finished output is returned, nothing retrained or rewritten.
+    stamp = (bundle / "model.safetensors").stat().st_mtime_ns
+    assert train(cfg) == bundle and (bundle / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_zero3_two_workers_exports_consolidated_bundle(ray_local, dataset, tmp_path):
+    cfg = _cfg(tmp_path, dataset, "pretrain.zero_stage=3", "pretrain.num_workers=2", "pretrain.steps=8",
+               "pretrain.eval_every=8", "pretrain.checkpoint_every=8", "pretrain.eval_batches=2",
+               "pretrain.micro_batch_size=4")
+    bundle = train(cfg)
+    reported = json.loads((bundle / "DONE").read_text())["metrics"]["val_loss"]
+    model, tok, _ = load_bundle(bundle)
+    # The gathered weights reproduce the validation loss the sharded engine measured.
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for rank in (0, 1):
+            val = TokenWindows(dataset, "val", model.config.context_length, rank, 2)
+            for batch in val.eval_batches(2, 4):
+                total += float(compute_loss(model, batch, torch.device("cpu"))) * len(batch[0])
+                n += len(batch[0])
+    assert math.isclose(total / n, reported, rel_tol=1e-4), (total / n, reported)
+    out = generate(model, tok.encode("The"), max_new_tokens=8)
+    assert len(out) == 8 and all(0 <= t < tok.vocab_size for t in out)
+
+
+@pytest.mark.slow
+def test_killed_worker_resumes_to_identical_weights(ray_local, dataset, tmp_path):
+    common = ("pretrain.zero_stage=2", "pretrain.num_workers=2", "pretrain.steps=10", "pretrain.eval_every=10",
+              "pretrain.checkpoint_every=4", "pretrain.eval_batches=1", "pretrain.micro_batch_size=4",
+              "pretrain.grad_accum=2")
+    clean = train(_cfg(tmp_path / "clean", dataset, *common))
+    faulty_cfg = _cfg(tmp_path / "faulty", dataset, *common, "pretrain.fail_at_step=6", "pretrain.max_failures=1")
+    faulty = train(faulty_cfg)
+    p = plan(faulty_cfg)
+    marker = Path(p.storage_path) / p.run_name / "injected_failure_step6"
+    assert marker.is_file()  # rank 1 really exited at step 6 (after the step-4 checkpoint)
+    a, b = _state(clean), _state(faulty)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
+
+
+@pytest.mark.slow
+def test_finetune_from_hf_gpt2_dir_learns_completions(pretrained, dataset, tmp_path):
+    from gptcore.hf import export_gpt2
+
+    _, parent = pretrained
+    parent_model, tok, _ = load_bundle(parent)
+    hf_dir = export_gpt2(parent_model, tmp_path / "hf", tok)
+    cfg = _cfg(tmp_path, dataset, f"finetune.init={hf_dir}", "finetune.steps=30", "finetune.lr=3e-3",
+               "finetune.zero_stage=1", "finetune.precision=bf16", "finetune.micro_batch_size=8", "finetune.eval_every=30",
+               "finetune.checkpoint_every=30", stage="finetune")
+    bundle = train(cfg, "finetune")
+    model, _, meta = load_bundle(bundle)
+    assert meta["stage"] == "finetune" and meta["parent"]["hf_gpt2"] == str(hf_dir.resolve())
+    # bf16 training exports the fp32 master weights, not their bf16 rounding.
+    w = model.blocks[0].mlp.c_fc.weight
+    assert not torch.equal(w, w.bfloat16().float())
+
+    sft = TokenWindows(dataset, "sft", model.config.context_length)
+    batch = sft.batch(np.arange(16))
+    with torch.no_grad():
+        before = float(compute_loss(parent_model, batch, torch.device("cpu")))
+        after = float(compute_loss(model, batch, torch.device("cpu")))
+    assert after < before - 0.1, (before, after)
+
+
+@pytest.mark.slow
+def test_repeated_bad_updates_stop_the_run_with_a_clear_error(ray_local, dataset, tmp_path):
+    # A spike factor below 1 flags every step once a running mean exists: the first step trains,
+    # the next ones are skipped (learning rate 0 under ZeRO-2's optimizer), the third in a row stops it.
+    cfg = _cfg(tmp_path, dataset, "pretrain.zero_stage=2", "pretrain.steps=10", "pretrain.loss_spike_factor=0.5",
+               "pretrain.max_skipped_updates=3", "pretrain.checkpoint_every=10", "pretrain.eval_every=10",
+               "pretrain.micro_batch_size=4")
+    with pytest.raises(RuntimeError, match=r"3 consecutive updates had a NaN/inf loss or a loss spike"):
+        train(cfg)
+    assert not (plan(cfg).output_dir / "DONE").exists()
+
+
+def test_init_from_a_registered_model_alias(dataset, tmp_path, monkeypatch):
+    """`models:/NAME@ALIAS` resolves through MLflow to the bundle it was registered from."""
+    from mlflow.tracking import MlflowClient
+
+    # mlflow.set_tracking_uri (an earlier tracked run in this process) exports MLFLOW_TRACKING_URI,
+    # which would win over this test's tracking.uri.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+    from flows.outputs import sha256_file
+    from gptcore import save_bundle
+
+    tok = Tokenizer.load(dataset / "tokenizer.json")
+    bundle = save_bundle(tmp_path / "b", GPT(preset("tiny", vocab_size=tok.vocab_size, context_length=64)), tok)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("registry", artifact_location=(tmp_path / "art").as_uri())
+    run = client.create_run(exp)
+    client.log_artifacts(run.info.run_id, str(bundle), "model")
+    client.create_registered_model("tiny-docs")
+    version = client.create_model_version("tiny-docs", f"{run.info.artifact_uri}/model", run.info.run_id)
+    client.set_registered_model_alias("tiny-docs", "champion", version.version)
+
+    cfg = _cfg(tmp_path, dataset, "finetune.init=models:/tiny-docs@champion", f"tracking.uri={uri}", stage="finetune")
+    p = plan(cfg, "finetune")
+    assert p.parent == {"uri": "models:/tiny-docs@champion", "model_sha256": sha256_file(bundle / "model.safetensors")}
+    assert p.gpt_config["context_length"] == 64 and Path(p.init_bundle).is_relative_to(tmp_path.resolve())
+    with pytest.raises(ValueError, match="cannot download model models:/tiny-docs@nobody"):
+        plan(_cfg(tmp_path, dataset, "finetune.init=models:/tiny-docs@nobody", f"tracking.uri={uri}",
+                  stage="finetune"), "finetune")
