@@ -19,7 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: venv
-	$(VENV)/bin/gptflow demo --workdir $(WORKDIR)
+	bundle=$$($(VENV)/bin/gptflow run --workdir $(WORKDIR) | tail -n 1) && \
+	echo "model bundle: $$bundle" && \
+	$(VENV)/bin/gptflow generate "$$bundle" "The " --max-new-tokens 40
 
 test: venv
 	$(PY) -m pytest -q tests

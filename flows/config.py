@@ -212,6 +212,11 @@ class ClusterConfig:
     """CPUs for a local Ray instance (default: all)."""
 
 
+def _pretrain_defaults() -> TrainConfig:
+    # Sized so the tiny preset learns visibly on a laptop CPU in about a minute and a half.
+    return TrainConfig(steps=400, micro_batch_size=16, lr=3e-3)
+
+
 def _finetune_defaults() -> TrainConfig:
     return TrainConfig(steps=100, lr=1e-4, warmup_steps=10, weight_decay=0.0)
 
@@ -224,7 +229,7 @@ class PipelineConfig:
     """Root of every stage's output (<workdir>/<stage>/<hash>/); shared storage on clusters."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    pretrain: TrainConfig = field(default_factory=_pretrain_defaults)
     finetune: TrainConfig = field(default_factory=_finetune_defaults)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)

@@ -1,0 +1,72 @@
+"""The `gptflow` command line as a user runs it: a real subprocess, real Ray, DeepSpeed and MLflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.cli import build_parser, resolve_config
+
+
+def _gptflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_shortcuts_map_onto_the_config():
+    args = build_parser().parse_args(["finetune", "--data", "d", "--init", "models:/gpt@champion", "--steps", "7",
+                                      "--workers", "2", "--preset", "gpt2-124m", "--workdir", "w",
+                                      "--set", "finetune.lr=0.01", "--no-tracking"])
+    cfg = resolve_config(args)
+    assert (cfg.finetune.data, cfg.finetune.init, cfg.finetune.steps, cfg.finetune.num_workers) == \
+        ("d", "models:/gpt@champion", 7, 2)
+    assert cfg.model.preset == "gpt2-124m" and cfg.workdir == "w" and cfg.finetune.lr == 0.01
+    assert cfg.tracking.enabled is False
+    args = build_parser().parse_args(["preprocess", "--input", "a.txt", "--input", "b/", "--sft", "s.jsonl"])
+    cfg = resolve_config(args)
+    assert cfg.data.inputs == ("a.txt", "b/") and cfg.data.sft_inputs == ("s.jsonl",)
+
+
+def test_bad_config_is_a_clear_error_and_exit_2(tmp_path):
+    out = _gptflow("preprocess", "--set", "data.vocab_sise=300", cwd=tmp_path)
+    assert out.returncode == 2
+    assert "unknown key 'data.vocab_sise'" in out.stderr
+    assert "Traceback" not in out.stderr
+    out = _gptflow("preprocess", "--input", str(tmp_path / "missing.txt"), "--workdir", str(tmp_path), cwd=tmp_path)
+    assert out.returncode == 2 and "missing.txt" in out.stderr
+
+
+def test_config_prints_resolved_json(tmp_path):
+    out = _gptflow("config", "--set", "pretrain.steps=3", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["pretrain"]["steps"] == 3
+
+
+@pytest.mark.slow
+def test_run_pipeline_prints_bundle_last_and_generate_uses_it(tmp_path):
+    """The README's main job, small: preprocess -> pretrain -> finetune, then generate from the bundle."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Document {i}: the cat sat on mat number {i} and looked around." * 3
+                                  for i in range(300)))
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("\n".join(json.dumps({"prompt": f"Q{i}: ", "completion": f"answer {i}"}) for i in range(60)))
+    out = _gptflow("run", "--workdir", str(tmp_path / "w"), "--set", f"data.inputs=[{corpus}]",
+                   "--set", f"data.sft_inputs=[{sft}]", "--set", "data.vocab_size=400",
+                   "--set", "data.val_fraction=0.1", "--set", "model.context_length=32",
+                   "--set", "pretrain.steps=6", "--set", "pretrain.micro_batch_size=4",
+                   "--set", "pretrain.eval_every=6", "--set", "pretrain.checkpoint_every=6",
+                   "--set", "finetune.steps=4", "--set", "finetune.micro_batch_size=4",
+                   "--set", "finetune.eval_every=4", "--set", "finetune.checkpoint_every=4", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    bundle = Path(out.stdout.strip().splitlines()[-1])
+    assert bundle.parent.name == "finetune" and (bundle / "DONE").is_file()
+    meta = json.loads((bundle / "metadata.json").read_text())
+    assert "pretrain" in json.dumps(meta)  # lineage points at the parent model
+    gen = _gptflow("generate", str(bundle), "Q1: ", "--max-new-tokens", "5", cwd=tmp_path)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert gen.stdout.startswith("Q1: ")
+    assert (tmp_path / "w" / "mlflow.db").is_file()
