@@ -40,11 +40,11 @@ from flows import readers, sft
 from flows.config import BUILTIN_CORPUS, DataConfig, PipelineConfig, flatten, stable_hash, to_dict
 from flows.outputs import atomic_write_text, is_done, mark_done, sha256_file, stage_dir
 from flows.readers import InputError, InputFile, UnitStats, WorkUnit
+from flows.train_data import FORMAT_VERSION, DataError, read_manifest
 
 log = logging.getLogger(__name__)
 
 STAGE = "preprocess"
-FORMAT_VERSION = 1
 _BATCH_CHARS = 1 << 20  # characters per encode_batch call: amortises the call, bounds memory
 # Config keys that name inputs rather than shape the output: the hash uses the inputs' content
 # fingerprints instead, and the worker count never changes the output.
@@ -52,8 +52,9 @@ _NOT_HASHED = ("inputs", "sft_inputs", "hf_dataset", "hf_config", "hf_split", "h
                "tokenizer_path", "num_workers")
 
 
-class DatasetError(ValueError):
-    """A dataset directory that is missing, unfinished or corrupt; the message names the file."""
+# A dataset directory that is missing, unfinished or corrupt: one error type, raised by the one
+# reader of the contract (flows/train_data.py), for preprocessing and training alike.
+DatasetError = DataError
 
 
 # --------------------------------------------------------------------------- the stage
@@ -599,33 +600,7 @@ def _pack_sft(src: Path, keys: list[str], out: Path, dtype: str, shard_tokens: i
 def load_manifest(dataset_dir: str | Path, verify: bool = False) -> dict[str, Any]:
     """The manifest of a finished dataset directory, after checking every shard file exists (and,
     with verify=True, matches its sha256). Raises DatasetError naming the offending file."""
-    root = Path(dataset_dir)
-    path = root / "manifest.json"
-    if not path.is_file():
-        raise DatasetError(f"{path}: missing; {root} is not a finished `gptflow preprocess` output")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from e
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(f"{path}: format_version={manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
-    itemsize = np.dtype(manifest["dtype"]).itemsize
-    for split, entry in manifest["splits"].items():
-        for shard in entry["shards"]:
-            files = [(shard["file"], shard["sha256"], shard["tokens"] * itemsize)]
-            if "mask_file" in shard:
-                files.append((shard["mask_file"], shard["mask_sha256"], shard["tokens"]))
-            for name, digest, size in files:
-                f = root / name
-                if not f.is_file():
-                    raise DatasetError(f"{f}: {split} shard listed in {path} is missing")
-                if f.stat().st_size != size:
-                    raise DatasetError(f"{f}: {f.stat().st_size} bytes, {path} says {size}")
-                if verify and sha256_file(f) != digest:
-                    raise DatasetError(f"{f}: sha256 does not match {path} (corrupt or partly copied)")
-    if verify and sha256_file(root / "tokenizer.json") != manifest["tokenizer_sha256"]:
-        raise DatasetError(f"{root / 'tokenizer.json'}: sha256 does not match {path}")
-    return manifest
+    return read_manifest(dataset_dir, verify=verify)
 
 
 def read_shard(dataset_dir: str | Path, shard: dict[str, Any], dtype: str) -> np.ndarray:

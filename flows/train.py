@@ -10,6 +10,19 @@ done. A finished output is returned without training.
 What it is not: the loop itself (flows/train_loop.py) or the data reader (flows/train_data.py).
 Fine-tuning is not a second code path: it is this stage with ``stage="finetune"``, an ``init`` model
 and the ``sft`` split, whose loss mask the loop applies.
+
+Resuming. The Ray run ``<storage_path>/<run_name>`` is the "place" of a run: a fit under a name that
+already holds checkpoints resumes from the latest one (Ray Train's behaviour). The default name is
+``<stage>-<hash>``, so re-running a stopped config resumes it and nothing else. Resuming *into more
+steps* ("run N steps, then 2N in the same place") takes an explicit ``run_name``: ``steps`` is part of
+the output hash, so the 2N run writes its own bundle directory and the N-step bundle stays as it was.
+The resumed part follows the 2N run's lr schedule from step N on (the schedule is a function of the
+step and the run's total steps; the loop recomputes the lr on resume), so a schedule that depends on
+the total steps (cosine decay to ``min_lr_ratio``) gives a different result than an uninterrupted 2N
+run; with a schedule that does not (``min_lr_ratio=1``) the result is the same, to the bit on CPU.
+Everything else that determines the weights must match the run being resumed: :func:`check_resume`
+refuses a different model, data, optimizer or schedule setting under the same name before any worker
+starts (local storage; an ``s3://`` storage path is not checked).
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.config import ConfigError, PipelineConfig, TrainConfig, stable_hash, to_dict
+from flows.config import ConfigError, PipelineConfig, TrainConfig, flatten, stable_hash, to_dict
 from flows.outputs import is_done, mark_done, sha256_file, stage_dir
 from flows.train_data import DataError, DatasetInfo, check_dataset
 
@@ -265,6 +278,50 @@ def check_cluster(tc: TrainConfig, stage: str, local: bool) -> None:
                           f"has {int(res.get('CPU', 0))}; lower num_workers or cpus_per_worker")
 
 
+# --------------------------------------------------------------------------- resuming by name
+
+RESUME_FILE = "gptflow_resume.json"
+# TrainConfig fields a resumed run may change: they do not enter the weights (what is logged, kept
+# or retried, where it runs) -- plus `steps`, which is what resuming into more steps changes.
+_RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
+                      "max_failures", "max_skipped_updates", "peak_flops_per_device", "sample_prompts",
+                      "sample_tokens", "fail_at_step", "cpus_per_worker", "global_batch_size")
+
+
+def resume_identity(p: Plan) -> dict[str, Any]:
+    """What a run's checkpoints depend on, beside its step count: must match to resume under its name."""
+    train = {k: v for k, v in to_dict(p.train).items()
+             if k not in _RESUMABLE_CHANGES and k not in ("data", "init", "run_name", "storage_path")}
+    return {"stage": p.stage, "train": train, "model": p.gpt_config,
+            "dataset_manifest_sha256": p.dataset.manifest_sha256, "parent": p.parent}
+
+
+def check_resume(p: Plan) -> None:
+    """Refuse to resume the run ``<storage_path>/<run_name>`` with a config it was not trained with.
+
+    Ray resumes any run under a re-used name; without this check a changed lr, model or dataset would
+    silently continue from weights trained otherwise, under an output hash that does not say so.
+    Records the identity for the next call. Local storage only (no check for s3://... paths).
+    """
+    if "://" in p.storage_path:
+        return
+    path = Path(p.storage_path) / p.run_name / RESUME_FILE
+    ours = json.loads(json.dumps(resume_identity(p)))
+    if path.is_file():
+        theirs = json.loads(path.read_text(encoding="utf-8"))
+        if theirs != ours:
+            a, b = flatten(ours), flatten(theirs)
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            raise ConfigError(
+                f"{p.stage}.run_name={p.run_name!r}: {path.parent} holds a run trained with a different "
+                f"{', '.join(diff)}; resuming it would continue from those weights. Use another run_name "
+                f"(only {', '.join(_RESUMABLE_CHANGES)} may change when resuming)"
+            )
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(ours, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 # --------------------------------------------------------------------------- the stage
 
 
@@ -316,6 +373,7 @@ def train(cfg: PipelineConfig, stage: str = "pretrain") -> Path:
     from flows.cluster import ensure_ray
     from flows.tracking import stage_run
 
+    check_resume(p)
     ensure_ray(cfg.cluster)
     check_cluster(p.train, stage, local=not (os.environ.get("RAY_ADDRESS") or cfg.cluster.address))
     params = {"train": to_dict(p.train), "model": p.gpt_config, "output_dir": str(p.output_dir),

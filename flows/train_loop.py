@@ -170,7 +170,28 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class _UpdateGate:
+    """Makes the innermost optimizer's ``step()`` a no-op while ``skip`` is set.
+
+    Why here and not around ``engine.step()``: the engine step also ends the gradient-accumulation
+    boundary (ZeRO bucket and gradient resets, ``zero_grad``, step counters, the lr schedule), which
+    must happen on every rank at every step. Only the base optimizer's update is skipped, so the
+    weights *and* the Adam state (moments, step count) stay exactly as they were. Under ZeRO the
+    wrapper still copies its fp32 partition back into the model parameters afterwards; the partition
+    did not change, so neither do the weights.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.skip = False
+        self._step = optimizer.step
+        optimizer.step = self._gated  # an instance attribute wins over the class's (hooked) step
+
+    def _gated(self, *args: Any, **kwargs: Any) -> Any:
+        return None if self.skip else self._step(*args, **kwargs)
+
+
 def _init_engine(cfg: dict[str, Any], model: torch.nn.Module):
+    """The DeepSpeed engine and the gate that can skip one update of its base optimizer."""
     import deepspeed
 
     ds_config = cfg["deepspeed_config"]
@@ -187,7 +208,9 @@ def _init_engine(cfg: dict[str, Any], model: torch.nn.Module):
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
         config=ds_config, dist_init_required=False,
     )
-    return engine
+    # basic_optimizer: the client AdamW, or DeepSpeed's own (CPU Adam) with offload; ZeRO and bf16
+    # wrappers call its step() by attribute lookup, so the gate sees every update.
+    return engine, _UpdateGate(engine.basic_optimizer)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -219,6 +242,14 @@ def _load_checkpoint(engine: Any, checkpoint: Any, rank: int) -> LoopState:
         path, _ = engine.load_checkpoint(d, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag!r} in {d}")
+        # The scheduler's state is only its position (last_batch_iteration); the learning rate the
+        # next step uses comes from the optimizer's saved param_groups, i.e. from the schedule of the
+        # run that wrote the checkpoint. Recompute it from this run's schedule at the same position:
+        # identical for a same-config restart, and a run resumed into more steps (N then 2N) follows
+        # the 2N schedule from its first resumed step rather than one step later.
+        sched = engine.lr_scheduler
+        if sched is not None and hasattr(sched, "last_batch_iteration"):
+            sched.step(sched.last_batch_iteration)
         rng_file = Path(d, f"rng_rank{rank:05d}.pt")
         if rng_file.is_file():  # absent when the world size changed; batches do not depend on it
             rng = torch.load(rng_file, weights_only=True)
@@ -333,7 +364,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     logging.basicConfig(level=logging.INFO)
 
     model, tokenizer = _build_model(cfg)
-    engine = _init_engine(cfg, model)
+    engine, gate = _init_engine(cfg, model)
     T = engine.module.config.context_length
     data = TokenWindows(cfg["dataset"], cfg["split"], T, rank, world)
     val = TokenWindows(cfg["dataset"], "val", T, rank, world) if cfg["eval_split"] else None
@@ -343,6 +374,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     if checkpoint is not None:
         state = _load_checkpoint(engine, checkpoint, rank)
         log.info("rank %d resumed at step %d", rank, state.step)
+        if state.step > cfg["steps"]:
+            raise RuntimeError(
+                f"run {cfg['run_name']!r} under {cfg['storage_path']} has a checkpoint at step {state.step}, past "
+                f"steps={cfg['steps']}: a run resumes into the same or more steps, never fewer; use another run_name"
+            )
     else:
         torch.manual_seed(cfg["seed"] * 1000 + rank)  # dropout differs per rank, reproducibly
 
@@ -374,28 +410,39 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
         t0 = time.perf_counter()
         loss_sum, bad = 0.0, False
+        ds_skipped = engine.skipped_steps
         for micro in range(ga):
             loss = compute_loss(engine, data.train_batch(cfg["seed"], step, micro, ga, mbs), device)
+            if step == cfg.get("nan_at_step", -1) and micro == 0 and rank == 0:
+                # Testing only (a loop-config key, no TrainConfig field): a NaN loss on one rank with
+                # the graph intact; the other ranks learn of it only through the all-reduced flag.
+                loss = loss + float("nan")
             value = float(loss.detach())
+            loss_sum += value  # a bad step logs its real (NaN or spiking) loss
             if is_bad_loss(value, state.loss_ema, cfg["loss_spike_factor"]):
-                # Backward a zero loss instead: DeepSpeed's hooks and ZeRO reductions still run the
-                # same collectives on every rank, and no NaN reaches the gradients.
+                # Backward a zero loss instead, so every rank runs the same DeepSpeed hooks and ZeRO
+                # collectives. Its gradients are zero when only the loss is non-finite; NaN activations
+                # can still make NaN gradients (0 * inf), harmless because the update is skipped.
                 bad = True
                 loss = loss * 0.0
-            else:
-                loss_sum += value
             engine.backward(loss)
             if micro == ga - 1:
                 flags = torch.tensor([loss_sum / ga, float(bad)], dtype=torch.float64, device=device)
                 if world > 1:
-                    dist.all_reduce(flags)
+                    dist.all_reduce(flags)  # one decision for all ranks: any rank's bad loss skips the step
                 bad = flags[1].item() > 0
-                if bad:  # a zero learning rate for this one step leaves the weights as they were
-                    for group in engine.optimizer.param_groups:
-                        group["lr"] = 0.0
+                gate.skip = bad  # no optimizer update: weights and Adam state stay as they were
                 if own_grad_norm:
                     grad_norm = _grad_norm(engine.module)
             engine.step()
+        gate.skip = False
+        if engine.skipped_steps > ds_skipped and cfg["precision"] != "fp16" and engine.lr_scheduler is not None:
+            # DeepSpeed skipped the update itself (a non-finite gradient norm under ZeRO or bf16) and,
+            # unlike a gated skip, left the lr schedule where it was. Advance it: the schedule's clock
+            # is the step count, which is also the data position and what a checkpoint resumes from.
+            # (fp16 is left alone: its loss-scale search skips steps on purpose, DeepSpeed's way.)
+            engine.lr_scheduler.step()
+            bad = True
         step_loss = float(flags[0]) / world
         if torch.cuda.is_available() and cfg["use_gpu"]:
             torch.cuda.synchronize()
@@ -465,7 +512,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     if logger and state.history:
         logger.figure(_loss_figure(state.history, f"{cfg['stage']} ({cfg['run_name']})"), "loss_curve.png")
-    _export_bundle(engine, tokenizer, cfg, rank, cfg["bundle_metadata"] | {"steps": state.step,
-                   "skipped_updates": state.skipped_total, "final_loss": state.history[-1][1] if state.history else None})
+    _export_bundle(engine, tokenizer, cfg, rank, cfg["bundle_metadata"] | {
+        "steps": state.step, "skipped_updates": state.skipped_total,
+        "final_loss": state.history[-1][1] if state.history else None,
+        # The checkpoint step the last worker start resumed from (0: from scratch): a restart after a
+        # failure, or an earlier, shorter run of the same run_name (resumed into more steps).
+        "resumed_from_step": first_step,
+    })
     if logger:
         logger.close()

@@ -2,16 +2,20 @@
 (fast, no Ray), and real Ray Train + DeepSpeed runs on CPU with the tiny preset on real text (slow).
 
 The slow tests share a handful of TorchTrainer fits (each 10-20 s here): one ZeRO-0 fp32 pretraining
-run (learning, MLflow, reuse), one ZeRO-3 run (bundle export), a fault-injected ZeRO-2 run against an
-uninterrupted one (exact resume), a fine-tuning run from that pretrained model via a Hugging
-Face GPT-2 directory (ZeRO-1, bf16), and a run stopped by repeated loss spikes.
+run (learning, MLflow, reuse), one ZeRO-3 run (bundle export), an uninterrupted 2-worker ZeRO-2 run
+with one injected NaN loss that two other ways of getting there must reproduce exactly (a killed
+worker, and N steps then 2N under the same run name), a fine-tuning run from that pretrained model
+via a Hugging Face GPT-2 directory (ZeRO-1, bf16), and a run stopped by repeated loss spikes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +27,9 @@ from train_fixtures import (  # tests/ is on sys.path under pytest
     unigram_entropy,
 )
 
+import flows.train
 from flows.config import ConfigError, load_config
-from flows.train import check_cluster, deepspeed_config, plan, train
+from flows.train import check_cluster, check_resume, deepspeed_config, plan, train
 from flows.train_data import DataError, TokenWindows, check_dataset
 from flows.train_loop import compute_loss, is_bad_loss
 from gptcore import GPT, Tokenizer, generate, load_bundle, preset
@@ -50,6 +55,28 @@ def _copy_dataset(src: Path, dst: Path) -> Path:
 def _state(bundle: Path) -> dict[str, torch.Tensor]:
     model, _, _ = load_bundle(bundle)
     return model.state_dict()
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    sa, sb = _state(a), _state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-7, msg=k)
+
+
+@contextlib.contextmanager
+def _nan_loss_at(step: int) -> Iterator[None]:
+    """Rank 0's first micro-batch loss at `step` becomes NaN (the loop's test-only `nan_at_step` key)."""
+    original = flows.train.loop_config
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(flows.train, "loop_config",
+                   lambda p, run_id, uri: original(p, run_id, uri) | {"nan_at_step": step})
+        yield
+
+
+def _ckpt_file(run_dir: Path, step: int, name: str) -> dict:
+    """A DeepSpeed file of the resume checkpoint at `step` in a Ray run directory."""
+    return torch.load(run_dir / f"checkpoint_{step:08d}" / f"step{step:08d}" / name, weights_only=False)
 
 
 # --------------------------------------------------------------------------- fast: config and pre-flight
@@ -206,6 +233,93 @@ def test_bad_loss_detection():
     assert not is_bad_loss(9.0, None, 3.0)  # no running mean yet
 
 
+def test_resume_by_name_refuses_a_changed_config(dataset, tmp_path):
+    first = plan(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=10"))
+    check_resume(first)
+    # More steps, other logging/checkpoint intervals: the same run, resumable (and a new output hash).
+    longer = plan(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=20", "pretrain.eval_every=5",
+                       "pretrain.keep_checkpoints=4"))
+    check_resume(longer)
+    assert longer.key != first.key and longer.output_dir != first.output_dir
+    with pytest.raises(ConfigError, match=r"run_name='r'.*different train\.lr, train\.warmup_steps"):
+        check_resume(plan(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.lr=5e-4",
+                               "pretrain.warmup_steps=3")))
+    check_resume(plan(_cfg(tmp_path, dataset, "pretrain.run_name=other", "pretrain.lr=5e-4")))  # a new name is fine
+
+
+@pytest.fixture(scope="module")
+def one_process_group(tmp_path_factory) -> Iterator[None]:
+    """A gloo world of one in this process, so a real DeepSpeed engine can be built without Ray.
+
+    Module-scoped: DeepSpeed caches its process groups, so the group must outlive every engine built."""
+    import torch.distributed as dist
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+            mp.setenv(k, v)  # what a launcher (or Ray Train) sets for DeepSpeed
+        pg = tmp_path_factory.mktemp("pg") / "store"
+        dist.init_process_group("gloo", init_method=f"file://{pg}", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_skipped_update_and_resumed_lr_on_a_real_engine(one_process_group, tmp_path, zero_stage):
+    """DeepSpeed engine level (one process): a gated step leaves weights and Adam state untouched while
+    the lr schedule advances; resuming an N-step checkpoint under a 2N-step config makes the very next
+    step use the 2N schedule's lr (the optimizer's saved lr is the N schedule's)."""
+    from flows.train_loop import STATE_FILE, _init_engine, _load_checkpoint
+
+    def engine_for(steps: int):
+        tc = load_config(None, [f"pretrain.steps={steps}", "pretrain.warmup_steps=1", f"pretrain.zero_stage={zero_stage}",
+                                "pretrain.micro_batch_size=4"]).pretrain
+        cfg = {"deepspeed_config": deepspeed_config(tc), "weight_decay": tc.weight_decay, "lr": tc.lr,
+               "beta1": tc.beta1, "beta2": tc.beta2, "use_gpu": False}
+        torch.manual_seed(0)
+        return _init_engine(cfg, torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)))
+
+    def train_step(engine) -> None:
+        x = torch.randn(4, 8)
+        engine.backward(engine(x).pow(2).mean())
+        engine.step()
+
+    def lr(engine) -> float:  # what the next step uses
+        return engine.basic_optimizer.param_groups[0]["lr"]
+
+    engine, gate = engine_for(4)
+    train_step(engine)
+    weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
+    adam = {i: {k: v.clone() for k, v in st.items()} for i, st in enumerate(engine.basic_optimizer.state.values())}
+    position = engine.lr_scheduler.last_batch_iteration
+    gate.skip = True
+    train_step(engine)
+    gate.skip = False
+    for k, v in engine.module.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    after = {i: st for i, st in enumerate(engine.basic_optimizer.state.values())}
+    assert adam.keys() == after.keys() and adam  # Adam state exists and was not touched
+    for i in adam:
+        for k in adam[i]:
+            assert torch.equal(adam[i][k], after[i][k]), (i, k)
+    assert engine.lr_scheduler.last_batch_iteration == position + 1  # the schedule's clock is the step count
+    train_step(engine)
+    assert not torch.equal(engine.module.state_dict()["0.weight"], weights["0.weight"])  # ungated steps update
+    train_step(engine)
+
+    ckpt = tmp_path / "ckpt"
+    engine.save_checkpoint(str(ckpt), tag="step00000004")
+    (ckpt / STATE_FILE).write_text(json.dumps({"step": 4, "tag": "step00000004"}))
+    longer, _ = engine_for(8)
+    _load_checkpoint(longer, types.SimpleNamespace(as_directory=lambda: contextlib.nullcontext(str(ckpt))), rank=0)
+    reference, _ = engine_for(8)  # uninterrupted 8-step schedule after 4 steps
+    for _ in range(4):
+        train_step(reference)
+    assert lr(longer) == pytest.approx(lr(reference), rel=1e-12)
+    assert lr(engine) != pytest.approx(lr(reference), rel=1e-3)  # the 4-step schedule is elsewhere by now
+
+
 # --------------------------------------------------------------------------- slow: real Ray Train + DeepSpeed
 
 
@@ -269,21 +383,83 @@ def test_zero3_two_workers_exports_consolidated_bundle(ray_local, dataset, tmp_p
     assert len(out) == 8 and all(0 <= t < tok.vocab_size for t in out)
 
 
+# Shared by the uninterrupted ZeRO-2 run and the two other ways of getting to it. min_lr_ratio=1 makes
+# the lr constant after warmup, so the schedule does not depend on `steps` and an N-step run resumed
+# into 2N steps must match the uninterrupted 2N run exactly (with a cosine decay it must not: the
+# first N steps would follow the N-step schedule; test_skipped_update_and_resumed_lr_on_a_real_engine
+# checks the lr a resumed run takes). One NaN loss on rank 0 at step index 1 in every run.
+ZERO2 = ("pretrain.zero_stage=2", "pretrain.num_workers=2", "pretrain.steps=10", "pretrain.eval_every=10",
+         "pretrain.checkpoint_every=4", "pretrain.eval_batches=1", "pretrain.micro_batch_size=4",
+         "pretrain.grad_accum=2", "pretrain.min_lr_ratio=1.0")
+NAN_STEP = 1
+
+
+@pytest.fixture(scope="module")
+def zero2_uninterrupted(ray_local, dataset, tmp_path_factory) -> Path:
+    with _nan_loss_at(NAN_STEP):
+        return train(_cfg(tmp_path_factory.mktemp("clean"), dataset, *ZERO2))
+
+
 @pytest.mark.slow
-def test_killed_worker_resumes_to_identical_weights(ray_local, dataset, tmp_path):
-    common = ("pretrain.zero_stage=2", "pretrain.num_workers=2", "pretrain.steps=10", "pretrain.eval_every=10",
-              "pretrain.checkpoint_every=4", "pretrain.eval_batches=1", "pretrain.micro_batch_size=4",
-              "pretrain.grad_accum=2")
-    clean = train(_cfg(tmp_path / "clean", dataset, *common))
-    faulty_cfg = _cfg(tmp_path / "faulty", dataset, *common, "pretrain.fail_at_step=6", "pretrain.max_failures=1")
-    faulty = train(faulty_cfg)
+def test_killed_worker_resumes_to_identical_weights(zero2_uninterrupted, dataset, tmp_path):
+    faulty_cfg = _cfg(tmp_path / "faulty", dataset, *ZERO2, "pretrain.fail_at_step=6", "pretrain.max_failures=1")
+    with _nan_loss_at(NAN_STEP):
+        faulty = train(faulty_cfg)
     p = plan(faulty_cfg)
-    marker = Path(p.storage_path) / p.run_name / "injected_failure_step6"
-    assert marker.is_file()  # rank 1 really exited at step 6 (after the step-4 checkpoint)
-    a, b = _state(clean), _state(faulty)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-7, msg=k)
+    run_dir = Path(p.storage_path) / p.run_name
+    assert (run_dir / "injected_failure_step6").is_file()  # rank 1 really exited at step 6 (after the step-4 checkpoint)
+    _assert_same_weights(zero2_uninterrupted, faulty)
+    meta = load_bundle(faulty)[2]
+    assert meta["resumed_from_step"] == 4 and meta["skipped_updates"] == 1  # the NaN step is not counted twice
+    # keep_checkpoints=2 holds across the restart: of 4, 8 and 10 only the last two are left.
+    assert sorted(d.name for d in run_dir.glob("checkpoint_0*") if d.is_dir()) == ["checkpoint_00000008",
+                                                                                    "checkpoint_00000010"]
+
+
+@pytest.mark.slow
+def test_nan_loss_is_skipped_and_a_run_resumes_by_name_into_more_steps(zero2_uninterrupted, dataset, tmp_path):
+    """Two fits under one run_name: 5 steps (a checkpoint every step), then 10 steps, which resumes
+    from the step-5 checkpoint into a new output directory and must equal the uninterrupted 10-step run.
+
+    The NaN at step index 1 (the 2nd update) is skipped and counted: the step-2 checkpoint holds the
+    step-1 weights and Adam state bit for bit (no optimizer update at all, not just lr=0) while the lr
+    schedule advanced, and training goes on to a finite loss."""
+    storage = tmp_path / "runs"
+    named = (f"pretrain.storage_path={storage}", "pretrain.run_name=extend")
+    first_cfg = _cfg(tmp_path, dataset, *ZERO2, *named, "pretrain.steps=5", "pretrain.checkpoint_every=1",
+                     "pretrain.keep_checkpoints=5")
+    with _nan_loss_at(NAN_STEP):
+        first = train(first_cfg)
+    done = json.loads((first / "DONE").read_text())["metrics"]
+    assert done["skipped_updates"] == 1 and math.isfinite(done["loss"]) and done["step"] == 5
+
+    run_dir = storage / "extend"
+    model_states = {s: _ckpt_file(run_dir, s, "mp_rank_00_model_states.pt") for s in (1, 2, 3)}
+    for k, v in model_states[1]["module"].items():
+        assert torch.equal(v, model_states[2]["module"][k]), k  # the skipped update changed no weight
+    assert any(not torch.equal(v, model_states[3]["module"][k]) for k, v in model_states[2]["module"].items())
+    sched = [model_states[s]["lr_scheduler"]["last_batch_iteration"] for s in (1, 2, 3)]
+    assert sched[1] == sched[0] + 1 and sched[2] == sched[1] + 1  # the schedule still counts the skipped step
+    for rank in (0, 1):
+        optim = [_ckpt_file(run_dir, s, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+                 ["optimizer_state_dict"]["base_optimizer_state"] for s in (1, 2)]
+        states = [o["state"] if "state" in o else o[0]["state"] for o in optim]
+        assert states[0].keys() == states[1].keys() and states[0]
+        for i in states[0]:
+            for k, v in states[0][i].items():  # Adam's step count and moments did not move
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(states[1][i][k])), (rank, i, k)
+
+    # Same run_name, twice the steps: resumes at step 5 on the 10-step schedule (constant here), into
+    # its own output directory (steps is in the hash); the 5-step bundle is left as it was.
+    first_stamp = (first / "model.safetensors").stat().st_mtime_ns
+    with _nan_loss_at(NAN_STEP):
+        second = train(_cfg(tmp_path, dataset, *ZERO2, *named))
+    assert second != first and (first / "DONE").is_file()
+    assert (first / "model.safetensors").stat().st_mtime_ns == first_stamp and load_bundle(first)[2]["steps"] == 5
+    meta = load_bundle(second)[2]
+    assert (meta["steps"], meta["resumed_from_step"], meta["skipped_updates"]) == (10, 5, 1)
+    assert math.isfinite(meta["final_loss"])
+    _assert_same_weights(zero2_uninterrupted, second)
 
 
 @pytest.mark.slow
@@ -314,7 +490,7 @@ def test_finetune_from_hf_gpt2_dir_learns_completions(pretrained, dataset, tmp_p
 @pytest.mark.slow
 def test_repeated_bad_updates_stop_the_run_with_a_clear_error(ray_local, dataset, tmp_path):
     # A spike factor below 1 flags every step once a running mean exists: the first step trains,
-    # the next ones are skipped (learning rate 0 under ZeRO-2's optimizer), the third in a row stops it.
+    # the next ones are skipped (no optimizer update under ZeRO-2), the third in a row stops it.
     cfg = _cfg(tmp_path, dataset, "pretrain.zero_stage=2", "pretrain.steps=10", "pretrain.loss_spike_factor=0.5",
                "pretrain.max_skipped_updates=3", "pretrain.checkpoint_every=10", "pretrain.eval_every=10",
                "pretrain.micro_batch_size=4")
