@@ -78,14 +78,14 @@ class DataConfig:
     """Drop exact duplicate documents (same cleaned content), keeping the first in input order."""
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction", self.val_fraction, "in [0, 1)")
-        _check(self.vocab_size >= 260, "data.vocab_size", self.vocab_size, ">= 260 (256 bytes + specials)")
-        _check(self.shard_tokens > 0, "data.shard_tokens", self.shard_tokens, "> 0")
-        _check(self.work_unit_bytes > 0, "data.work_unit_bytes", self.work_unit_bytes, "> 0")
-        _check(self.min_chars >= 0, "data.min_chars", self.min_chars, ">= 0")
-        _check(self.num_workers >= 0, "data.num_workers", self.num_workers, ">= 0")
-        _check(self.min_work_units >= 1, "data.min_work_units", self.min_work_units, ">= 1")
-        _check(self.max_doc_chars >= 1, "data.max_doc_chars", self.max_doc_chars, ">= 1")
+        _check(0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "in [0, 1)")
+        _check(self.vocab_size >= 260, "vocab_size", self.vocab_size, ">= 260 (256 bytes + specials)")
+        _check(self.shard_tokens > 0, "shard_tokens", self.shard_tokens, "> 0")
+        _check(self.work_unit_bytes > 0, "work_unit_bytes", self.work_unit_bytes, "> 0")
+        _check(self.min_chars >= 0, "min_chars", self.min_chars, ">= 0")
+        _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
+        _check(self.min_work_units >= 1, "min_work_units", self.min_work_units, ">= 1")
+        _check(self.max_doc_chars >= 1, "max_doc_chars", self.max_doc_chars, ">= 1")
 
 
 @dataclass(frozen=True)
@@ -266,14 +266,26 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} must look like section.key=value")
-        _set_dotted(raw, key.strip().split("."), yaml.safe_load(value) if value.strip() else None, item)
+        _set_dotted(raw, key.strip().split("."), _override_value(value), item)
     return build(PipelineConfig, raw, source)
+
+
+def _override_value(text: str) -> Any:
+    """A --set value as YAML (numbers, booleans, lists); text YAML cannot parse (`*.txt`) stays a string."""
+    if not text.strip():
+        return None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _set_dotted(raw: dict[str, Any], keys: list[str], value: Any, item: str) -> None:
     node = raw
     for k in keys[:-1]:
-        nxt = node.setdefault(k, {})
+        nxt = node.get(k)
+        if nxt is None:  # absent, or an empty section in the YAML (`finetune:`)
+            nxt = node[k] = {}
         if not isinstance(nxt, dict):
             raise ConfigError(f"override {item!r}: {k} is not a section")
         node = nxt
@@ -299,7 +311,7 @@ def build(cls: type, raw: Any, source: str, prefix: str = "") -> Any:
 
 def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp):  # an empty section (`finetune:`) means all defaults
         return build(tp, value if value is not None else {}, source, key + ".")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)

@@ -440,7 +440,7 @@ def tokenize_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: s
 
     def flush() -> None:
         texts = [raw[offsets[i] : offsets[i + 1]].decode("utf-8") for i in batch]
-        encoded = tok.encode_batch(texts)
+        encoded = tok.encode_batch(texts, allow_special=False)  # "<|endoftext|>" in text is just text
         for split in ("train", "val"):
             chosen = [ids for i, ids in zip(batch, encoded, strict=True) if val[i] == (split == "val")]
             if not chosen:

@@ -215,7 +215,7 @@ def check_usable(files: list[InputFile], key: str) -> None:
         try:
             with open_input(f) as fh:
                 head = fh.read(_SNIFF)
-        except (OSError, EOFError, zlib.error):
+        except (OSError, *_TRUNCATED):  # a corrupt archive here is counted when its unit is read
             continue
         if head and not looks_binary(head):
             return
@@ -602,7 +602,7 @@ def iter_records(fh: IO[bytes], seg: Segment, stats: UnitStats) -> Iterator[Any]
     JSON lines). Malformed lines are counted (``malformed_json``) and skipped."""
     if seg.file.fmt == "json":
         raw = b"".join(_safe_blocks(fh, seg, stats))
-        stripped = raw.lstrip()
+        stripped = raw.removeprefix(b"\xef\xbb\xbf").lstrip()
         if stripped[:1] in (b"[", b"{"):
             try:
                 value = json.loads(_decode_json(raw, stats))
@@ -642,7 +642,8 @@ def _split_lines(blocks: Iterator[bytes] | list[bytes]) -> Iterator[bytes]:
 
 
 def _decode_json(raw: bytes, stats: UnitStats) -> str:
-    return decode(raw, stats)
+    # Windows tools start files with a byte-order mark; json.loads rejects it.
+    return decode(raw, stats).lstrip("\ufeff")
 
 
 def _parse_lines(lines: Iterator[bytes], stats: UnitStats) -> Iterator[Any]:

@@ -27,7 +27,7 @@ ASSISTANT = "assistant"
 class _Encoder(Protocol):
     eot_id: int
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = True) -> list[list[int]]: ...
 
 
 def turn_header(role: str) -> str:
@@ -90,7 +90,7 @@ def tokenize_examples(
 
 def _encode(batch: list[list[tuple[str, bool]]], tokenizer: _Encoder) -> Iterator[tuple[list[int], list[int]]]:
     flat = [text for ex in batch for text, _ in ex]
-    encoded = iter(tokenizer.encode_batch(flat))
+    encoded = iter(tokenizer.encode_batch(flat, allow_special=False))
     for ex in batch:
         ids: list[int] = []
         mask: list[int] = []

@@ -202,8 +202,12 @@ class TokenWindows:
         start = (step * grad_accum + micro) * micro_batch_size
         return self.batch(self.window_ids(seed, start, micro_batch_size))
 
-    def eval_batches(self, num_batches: int, micro_batch_size: int):
-        """The first windows of this rank in order: the same validation set at every evaluation."""
-        total = min(len(self), num_batches * micro_batch_size)
+    def eval_batches(self, num_batches: int, micro_batch_size: int, limit: int | None = None):
+        """The first windows of this rank in order: the same validation set at every evaluation.
+
+        `limit` caps the windows; pass the minimum over ranks so every rank runs the same number of
+        forwards (under ZeRO-3 each forward is a collective, and unequal counts hang).
+        """
+        total = min(len(self), num_batches * micro_batch_size, limit if limit is not None else len(self))
         for i in range(0, total, micro_batch_size):
             yield self.batch(np.arange(i, min(i + micro_batch_size, total)))

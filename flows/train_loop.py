@@ -269,7 +269,10 @@ def _evaluate(engine: Any, val: TokenWindows | None, cfg: dict[str, Any], device
         return None
     engine.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # on the device: nccl reduces no CPU tensors
-    for batch in val.eval_batches(cfg["eval_batches"], cfg["micro_batch_size"]):
+    windows = torch.tensor([len(val)], dtype=torch.int64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(windows, op=dist.ReduceOp.MIN)
+    for batch in val.eval_batches(cfg["eval_batches"], cfg["micro_batch_size"], limit=int(windows)):
         loss = compute_loss(engine, batch, device)
         total += torch.tensor([float(loss) * len(batch[0]), len(batch[0])], dtype=torch.float64, device=device)
     engine.train()

@@ -97,7 +97,7 @@ def generate_stream(
 # --------------------------------------------------------------------------- the decoding loop
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: under ZeRO-3, gathered weights must stay usable by autograd
 def _decode(
     model: GPT,
     prompts: list[list[int]],
@@ -222,11 +222,11 @@ def _dtype(model: GPT) -> torch.dtype:
 
 
 def _as_batch(prompt_ids: Any) -> tuple[list[list[int]], bool]:
-    if isinstance(prompt_ids, torch.Tensor):
+    if hasattr(prompt_ids, "tolist"):  # torch tensors and numpy arrays
         prompt_ids = prompt_ids.tolist()
     prompt_ids = list(prompt_ids)
-    if prompt_ids and isinstance(prompt_ids[0], Sequence | torch.Tensor):
-        batch = [list(p.tolist() if isinstance(p, torch.Tensor) else p) for p in prompt_ids]
+    if prompt_ids and (isinstance(prompt_ids[0], Sequence) or hasattr(prompt_ids[0], "__len__")):
+        batch = [[int(t) for t in (p.tolist() if hasattr(p, "tolist") else p)] for p in prompt_ids]
         single = False
     else:
         batch, single = [[int(t) for t in prompt_ids]], True

@@ -26,12 +26,29 @@ def import_gpt2(directory: str | Path) -> GPT:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: missing (not a Hugging Face GPT-2 directory)")
-    hf = json.loads(config_path.read_text(encoding="utf-8"))
+    try:
+        hf = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path}: not readable JSON ({e})") from e
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{config_path}: model_type {hf.get('model_type')!r} is not gpt2")
     activation = hf.get("activation_function", "gelu_new")
     if activation not in _GELU_TANH:
         raise ValueError(f"{config_path}: activation_function {activation!r} unsupported (GPT uses tanh GELU)")
+    # Variants GPT does not compute: loading their weights would silently give other logits.
+    unsupported = {
+        "tie_word_embeddings": hf.get("tie_word_embeddings", True) is not True,
+        "scale_attn_by_inverse_layer_idx": bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
+        "reorder_and_upcast_attn": bool(hf.get("reorder_and_upcast_attn", False)),
+        "scale_attn_weights": hf.get("scale_attn_weights", True) is not True,
+        "n_inner": hf.get("n_inner") not in (None, 4 * hf.get("n_embd", 0)),
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"{config_path}: unsupported GPT-2 variant settings {bad} (GPT implements standard GPT-2)")
+    missing = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
+    if missing:
+        raise ValueError(f"{config_path}: missing keys {missing}")
     config = GPTConfig(
         vocab_size=hf["vocab_size"],
         context_length=hf.get("n_positions", hf.get("n_ctx", 1024)),
@@ -50,7 +67,10 @@ def import_gpt2(directory: str | Path) -> GPT:
         ours[target] = tensor.t() if name.endswith(_CONV1D) else tensor
     ours["lm_head.weight"] = ours["wte.weight"]
     model = GPT(config)
-    missing, unexpected = model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=False)
+    except RuntimeError as e:  # shape mismatches between config.json and the weights
+        raise ValueError(f"{directory}: weights do not match {config_path}: {e}") from e
     if missing or unexpected:
         raise ValueError(f"{directory}: weights do not fit GPT-2 layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval()

@@ -22,6 +22,7 @@ class Tokenizer:
 
     def __init__(self, hf: HFTokenizer):
         self._hf = hf
+        self._literal: HFTokenizer | None = None
         eot = hf.token_to_id(EOT)
         if eot is None:
             raise ValueError(f"tokenizer has no {EOT} token")
@@ -106,11 +107,22 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._hf.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
-        return self._hf.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, allow_special: bool = True) -> list[int]:
+        """Token ids of `text`. With allow_special=False, "<|endoftext|>" written in the text is
+        encoded as plain characters, not as the special token (what corpus text needs: a document
+        that quotes it must not get a fake document boundary)."""
+        return self._for(allow_special).encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        return [e.ids for e in self._hf.encode_batch(list(texts), add_special_tokens=False)]
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = True) -> list[list[int]]:
+        return [e.ids for e in self._for(allow_special).encode_batch(list(texts), add_special_tokens=False)]
+
+    def _for(self, allow_special: bool) -> HFTokenizer:
+        if allow_special:
+            return self._hf
+        if self._literal is None:  # a copy that reads special-token text literally
+            self._literal = HFTokenizer.from_str(self._hf.to_str())
+            self._literal.encode_special_tokens = True
+        return self._literal
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._hf.decode(list(ids), skip_special_tokens=False)

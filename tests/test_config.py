@@ -73,3 +73,18 @@ def test_hash_is_stable_and_sensitive():
     assert stable_hash(a.data) == stable_hash(load_config(None).data)
     assert stable_hash(a.data) != stable_hash(load_config(None, ["data.vocab_size=8000"]).data)
     assert to_dict(a)["data"]["inputs"] == ["builtin:python-docs"]
+
+
+def test_override_values_yaml_cannot_parse_stay_strings_and_empty_sections_work(tmp_path):
+    cfg = load_config(None, ["data.inputs=*.txt", "pretrain.run_name=%x"])
+    assert cfg.data.inputs == ("*.txt",) and cfg.pretrain.run_name == "%x"
+    f = tmp_path / "p.yaml"
+    f.write_text("finetune:\npretrain:\n  steps: 3\n")
+    cfg = load_config(f, ["finetune.steps=5"])
+    assert cfg.finetune.steps == 5 and cfg.pretrain.steps == 3
+
+
+def test_stage_check_errors_name_the_key_once():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.val_fraction=2"])
+    assert "data.val_fraction" in str(err.value) and "data.data." not in str(err.value)

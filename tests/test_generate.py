@@ -112,3 +112,13 @@ def test_bad_arguments_are_clear(model):
         generate(model, [1], max_new_tokens=3, stop_strings=["x"])
     with pytest.raises(ValueError, match="temperature"):
         generate(model, [1], max_new_tokens=3, temperature=-1)
+
+
+def test_numpy_and_tensor_batches_are_accepted(model):
+    import numpy as np
+
+    prompts = [[5, 6, 7], [8, 9, 10]]
+    expected = generate(model, prompts, max_new_tokens=4)
+    assert generate(model, np.array(prompts), max_new_tokens=4) == expected
+    assert generate(model, torch.tensor(prompts), max_new_tokens=4) == expected
+    assert generate(model, np.array([5, 6, 7]), max_new_tokens=4) == expected[0]

@@ -64,3 +64,19 @@ def test_import_rejects_non_gpt2(tmp_path):
         import_gpt2(tmp_path)
     with pytest.raises(FileNotFoundError, match="config.json"):
         import_gpt2(tmp_path / "missing")
+
+
+def test_import_rejects_variants_it_would_compute_wrongly(tmp_path):
+    hf = _hf_model()
+    hf.save_pretrained(tmp_path)
+    import json
+
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for key, value in (("scale_attn_by_inverse_layer_idx", True), ("tie_word_embeddings", False),
+                       ("n_inner", 100)):
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ValueError, match=f"config.json.*{key}"):
+            import_gpt2(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_embd": 32, "n_head": 4}))
+    with pytest.raises(ValueError, match="do not match"):
+        import_gpt2(tmp_path)

@@ -189,3 +189,23 @@ def test_a_100mb_single_line_is_cut_into_pieces_in_bounded_ranges(tmp_path, ray_
     tok = Tokenizer.load(out / "tokenizer.json")
     (doc,) = documents_of(shard_tokens(out, m, "train"), m["eot_id"])
     assert tok.decode(doc) == (sentence * 10_000).strip()
+
+
+def test_bom_json_and_literal_special_tokens_and_corrupt_zst(tmp_path, ray_local):
+    """A UTF-8 byte-order mark (Windows tools) loses no record; "<|endoftext|>" quoted in a document is
+    text, not a document boundary; a corrupt .zst is counted, not a crash."""
+    root = tmp_path / "in"
+    root.mkdir()
+    docs = [document(300 + i, 60) for i in range(4)]
+    bom = b"\xef\xbb\xbf"
+    (root / "a.jsonl").write_bytes(bom + "\n".join(json.dumps({"text": d}) for d in docs[:2]).encode())
+    (root / "b.json").write_bytes(bom + json.dumps([{"text": d} for d in docs[2:]], indent=2).encode())
+    quoted = document(310, 60) + "The separator token is written <|endoftext|> in GPT-2 code.\n"
+    (root / "quoted.txt").write_text(quoted)
+    (root / "broken.txt.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(200)))
+    out = preprocess(config(tmp_path / "w", inputs=(str(root),)))
+    manifest = load_manifest(out)
+    assert manifest["documents"]["kept"] == 5, manifest["documents"]
+    assert "malformed_json" not in manifest["documents"]["dropped"]
+    tokens = shard_tokens(out, manifest, "train")
+    assert len(documents_of(tokens, manifest["eot_id"])) == 5  # the quoted token split nothing

@@ -90,3 +90,13 @@ def test_gpt2_vocab_and_merges_encode_like_transformers(tmp_path):
 def test_too_small_vocab_is_rejected():
     with pytest.raises(ValueError, match="vocab_size"):
         Tokenizer.train(["abc"], vocab_size=100)
+
+
+def test_special_token_text_can_be_read_literally(tok):
+    """Corpus text that quotes "<|endoftext|>" must not turn into a document boundary."""
+    text = f"a {EOT} b {PAD}"
+    literal = tok.encode(text, allow_special=False)
+    assert tok.eot_id not in literal and tok.pad_id not in literal
+    assert tok.decode(literal) == text
+    assert tok.encode_batch([text], allow_special=False) == [literal]
+    assert tok.eot_id in tok.encode(text)  # the default still parses it (prompts, GPT-2 parity)
