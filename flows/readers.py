@@ -141,13 +141,13 @@ def _expand(spec: str, key: str) -> list[tuple[str, bool]]:
         import fsspec
 
         fs, _, paths = fsspec.get_fs_token_paths(spec)
-        protocol = spec.split("://", 1)[0]
         files: list[tuple[str, bool]] = []
         for p in sorted(paths):
             if fs.isdir(p):
-                files += [(f"{protocol}://{f}", False) for f in sorted(fs.find(p))]
+                files += [(fs.unstrip_protocol(f), False) for f in sorted(fs.find(p))]
             elif fs.exists(p):
-                files.append((f"{protocol}://{p}", not globlib.has_magic(spec)))
+                # unstrip_protocol, not f"{protocol}://{p}": http(s) paths keep their protocol
+                files.append((fs.unstrip_protocol(p), not globlib.has_magic(spec)))
         if not files:
             raise InputError(f"{key}: {spec} does not exist or matches no files")
         return files
@@ -587,6 +587,9 @@ def _first_cut(text: str, max_chars: int) -> int:
 def _record_documents(fh: IO[bytes], seg: Segment, data: DataConfig, stats: UnitStats) -> Iterator[str]:
     field_name = data.text_field
     for record in iter_records(fh, seg, stats):
+        if isinstance(record, str):  # a JSON array (or lines) of plain strings: each is a document
+            yield from _emit(record, data, stats)
+            continue
         if not isinstance(record, dict) or field_name not in record or record[field_name] is None:
             stats.dropped["missing_text_field"] += 1
             continue

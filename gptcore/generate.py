@@ -37,7 +37,9 @@ def generate(
 
     temperature 0 is greedy search; otherwise sampling, optionally restricted to the top_k tokens
     and the top_p probability mass. A stop id or stop string (needs `tokenizer`) ends a row and is
-    not part of its output. `seed` makes sampling reproducible.
+    not part of its output; the cut is at token granularity (the token in which a stop string
+    begins is dropped whole, text before it in that token included). `seed` makes sampling
+    reproducible.
     """
     prompts, single = _as_batch(prompt_ids)
     outputs: list[list[int]] = [[] for _ in prompts]

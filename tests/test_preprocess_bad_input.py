@@ -209,3 +209,16 @@ def test_bom_json_and_literal_special_tokens_and_corrupt_zst(tmp_path, ray_local
     assert "malformed_json" not in manifest["documents"]["dropped"]
     tokens = shard_tokens(out, manifest, "train")
     assert len(documents_of(tokens, manifest["eot_id"])) == 5  # the quoted token split nothing
+
+
+def test_fsspec_url_input_and_json_array_of_strings(tmp_path, ray_local):
+    """An fsspec URL (file:// here; s3:// and gs:// take the same path) reads like a local folder,
+    and a .json array of plain strings counts each string as a document."""
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.txt").write_text(document(400, 80))
+    (root / "strings.json").write_text(json.dumps([document(401, 60), document(402, 60)]))
+    out = preprocess(config(tmp_path / "w", inputs=(root.as_uri(),)))
+    manifest = load_manifest(out)
+    assert manifest["documents"]["kept"] == 3, manifest["documents"]
+    assert all(i["path"].startswith("file://") for i in manifest["inputs"]), manifest["inputs"]
