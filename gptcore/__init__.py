@@ -2,7 +2,8 @@
 
 Depends on torch, tokenizers, safetensors and numpy only: no Ray, DeepSpeed or MLflow.
 Names load on first use (PEP 562), so `from gptcore import Tokenizer` in a preprocessing worker
-does not pay for importing torch.
+does not pay for importing torch. No submodule shares a name with an export: importing such a
+submodule would rebind the package attribute (`gptcore.generate`) to the module.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ _EXPORTS = {
     "GPT": "gptcore.model",
     "KVCache": "gptcore.model",
     "Tokenizer": "gptcore.tokenizer",
-    "generate": "gptcore.generate",
-    "generate_stream": "gptcore.generate",
+    "generate": "gptcore.generation",
+    "generate_stream": "gptcore.generation",
     "save_bundle": "gptcore.bundle",
     "load_bundle": "gptcore.bundle",
 }
@@ -39,7 +40,7 @@ __all__ = [
 if TYPE_CHECKING:
     from gptcore.bundle import load_bundle, save_bundle
     from gptcore.config import PRESETS, GPTConfig, preset
-    from gptcore.generate import generate, generate_stream
+    from gptcore.generation import generate, generate_stream
     from gptcore.model import GPT, KVCache
     from gptcore.tokenizer import Tokenizer
 

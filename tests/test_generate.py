@@ -122,3 +122,19 @@ def test_numpy_and_tensor_batches_are_accepted(model):
     assert generate(model, np.array(prompts), max_new_tokens=4) == expected
     assert generate(model, torch.tensor(prompts), max_new_tokens=4) == expected
     assert generate(model, np.array([5, 6, 7]), max_new_tokens=4) == expected[0]
+
+
+def test_generation_inside_no_grad_leaves_no_inference_tensors(model):
+    """Training-time sampling runs under no_grad: its outputs and the KV cache must stay normal
+    tensors (ZeRO-3 gathers weights during those forwards); alone it runs in inference mode."""
+    seen = []
+    hook = model.blocks[0].register_forward_hook(lambda m, i, o: seen.append(o.is_inference()))
+    try:
+        with torch.no_grad():
+            generate(model, [5, 6], max_new_tokens=2)
+        assert seen and not any(seen)
+        seen.clear()
+        generate(model, [5, 6], max_new_tokens=2)
+        assert seen and all(seen)
+    finally:
+        hook.remove()

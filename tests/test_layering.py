@@ -49,3 +49,16 @@ def test_tokenizer_import_does_not_load_torch():
     code = "import sys; from gptcore import Tokenizer; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_exports_stay_functions_after_importing_every_submodule():
+    """A submodule named like an export (gptcore/generate.py) would replace the function on import."""
+    code = (
+        "import importlib, pkgutil, gptcore; "
+        "[importlib.import_module('gptcore.' + m.name) for m in pkgutil.iter_modules(gptcore.__path__)]; "
+        "from gptcore import generate, load_bundle, preset; "
+        "print(all(callable(f) and not hasattr(f, '__path__') and type(f).__name__ != 'module' "
+        "for f in (generate, load_bundle, preset)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"

@@ -99,8 +99,16 @@ def generate_stream(
 # --------------------------------------------------------------------------- the decoding loop
 
 
-@torch.no_grad()  # not inference_mode: under ZeRO-3, gathered weights must stay usable by autograd
-def _decode(
+def _decode(*args: Any) -> Iterator[list[int | None]]:
+    """The decoding loop under inference mode (fastest), or under no_grad when the caller already
+    turned gradients off: training-time sampling does, because under ZeRO-3 weights gathered in
+    inference mode would become inference tensors that the next backward cannot use."""
+    mode = torch.no_grad() if not torch.is_grad_enabled() else torch.inference_mode()
+    with mode:
+        yield from _decode_steps(*args)
+
+
+def _decode_steps(
     model: GPT,
     prompts: list[list[int]],
     max_new_tokens: int,
