@@ -104,8 +104,9 @@ def _decode(*args: Any) -> Iterator[list[int | None]]:
     turned gradients off: training-time sampling does, because under ZeRO-3 weights gathered in
     inference mode would become inference tensors that the next backward cannot use."""
     mode = torch.no_grad() if not torch.is_grad_enabled() else torch.inference_mode()
-    with mode:
-        yield from _decode_steps(*args)
+    # As a decorator, torch applies the mode only while the generator runs, not while it is
+    # suspended at a yield (a `with` here would leak it into a streaming caller's code).
+    return mode(_decode_steps)(*args)
 
 
 def _decode_steps(

@@ -101,6 +101,7 @@ def test_stop_strings_cut_the_text(model, tok):
 def test_stream_yields_the_same_tokens_one_at_a_time(model):
     stream = generate_stream(model, [5, 6, 7], max_new_tokens=10)
     first = next(stream)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # nothing leaks to the caller
     rest = list(stream)
     assert [first, *rest] == generate(model, [5, 6, 7], max_new_tokens=10)
 
