@@ -26,11 +26,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--d-model", type=int, default=256, help="width (64 with vocab 4096 is the tiny preset)")
     ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights of both models")
     args = ap.parse_args()
     from transformers import GPT2LMHeadModel
 
-    cfg = GPTConfig(vocab_size=args.vocab, context_length=512, n_layer=4, n_head=4, d_model=args.d_model)
+    cfg = GPTConfig(vocab_size=args.vocab, context_length=512, n_layer=args.layers, n_head=args.heads,
+                    d_model=args.d_model)
     torch.manual_seed(0)
     ours = GPT(cfg).eval()
     with tempfile.TemporaryDirectory() as d:
@@ -61,6 +64,7 @@ def main() -> None:
             t_ours.append(_time(run_ours))
             t_theirs.append(_time(run_theirs))
         t_nocache = _time(lambda: run_ours(False))
+        print(batch, "ours", [round(x, 3) for x in t_ours], "theirs", [round(x, 3) for x in t_theirs], flush=True)
         best_ours = min(t_ours)
         results[f"batch{batch}"] = {
             "gpt_kv_tokens_per_s": round(batch * n / best_ours, 1),
@@ -70,7 +74,7 @@ def main() -> None:
             "ratio_vs_nocache": round(t_nocache / best_ours, 2),
         }
     results["targets"] = {"ratio_vs_hf": 2.0, "ratio_vs_nocache": 5.0}
-    save(f"generate_d{args.d_model}_{args.dtype}", results)
+    save(f"generate_l{args.layers}_d{args.d_model}_v{args.vocab}_{args.dtype}", results)
 
 
 def _time(fn) -> float:

@@ -43,7 +43,9 @@ def compute_loss(model: Any, batch: tuple[np.ndarray, np.ndarray, np.ndarray | N
     """Mean next-token loss of a batch; with a loss mask (fine-tuning) only masked targets count."""
     x, y, m = batch
     mask = torch.from_numpy(m).to(device) if m is not None else None
-    _, loss = model(torch.from_numpy(x).to(device), targets=torch.from_numpy(y).to(device), loss_mask=mask)
+    # return_logits=False: the fused chunked LM head + loss, no (B, T, vocab) logits in memory
+    _, loss = model(torch.from_numpy(x).to(device), targets=torch.from_numpy(y).to(device), loss_mask=mask,
+                    return_logits=False)
     return loss
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from gptcore.model import GPT, KVCache
+from gptcore.packed import pack_linears
 
 
 def generate(
@@ -136,6 +137,8 @@ def _decode_steps(
         raise ValueError(f"temperature={temperature} must be >= 0")
     was_training = model.training
     model.eval()
+    if torch.is_inference_mode_enabled():  # not under no_grad: ZeRO-3 sampling must use the live weights
+        pack_linears(model)
     device = next(model.parameters()).device
     ctx = model.config.context_length
     generator = None

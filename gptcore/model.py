@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gptcore.config import GPTConfig
+from gptcore.fused_loss import chunked_cross_entropy
+from gptcore.packed import Linear
 
 
 class KVCache:
@@ -26,6 +28,7 @@ class KVCache:
         shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.layers = [(self.k[i], self.v[i]) for i in range(config.n_layer)]  # per-layer views, made once
         self.max_len = max_len
         self.pos = 0  # positions filled; advanced by GPT.forward after all layers wrote
 
@@ -34,9 +37,15 @@ class KVCache:
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.layers[layer]
+        keys[:, :, self.pos:end] = k
+        values[:, :, self.pos:end] = v
+        return keys[:, :, :end], values[:, :, :end]
+
+
+def _dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
+    """Apply `module` only where it does something: a call costs microseconds each decode step."""
+    return module(x) if module.training and module.p > 0 else x
 
 
 class CausalSelfAttention(nn.Module):
@@ -44,18 +53,16 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head = config.n_head
-        self.c_attn = nn.Linear(config.d_model, 3 * config.d_model, bias=config.bias)
-        self.c_proj = nn.Linear(config.d_model, config.d_model, bias=config.bias)
+        self.c_attn = Linear(config.d_model, 3 * config.d_model, bias=config.bias)
+        self.c_proj = Linear(config.d_model, config.d_model, bias=config.bias)
         self.c_proj.residual_scaled = True  # GPT-2 init: scaled by 1/sqrt(2 * n_layer)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
+        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, S, hs), S = past + T
         dropout = self.dropout if self.training else 0.0
@@ -63,21 +70,21 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
         else:  # (B, 1, T, S) boolean: cached prefix, left padding
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C); a view when T == 1
+        return _dropout(self.resid_dropout, self.c_proj(y))
 
 
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.d_model, 4 * config.d_model, bias=config.bias)
+        self.c_fc = Linear(config.d_model, 4 * config.d_model, bias=config.bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.c_proj = nn.Linear(4 * config.d_model, config.d_model, bias=config.bias)
+        self.c_proj = Linear(4 * config.d_model, config.d_model, bias=config.bias)
         self.c_proj.residual_scaled = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return _dropout(self.dropout, self.c_proj(self.gelu(self.c_fc(x))))
 
 
 class Block(nn.Module):
@@ -95,6 +102,17 @@ class Block(nn.Module):
         return x
 
 
+class LMHead(Linear):
+    """The output projection (tied to the token embedding). Given targets, it returns the summed
+    cross-entropy instead of logits, fused and chunked (see fused_loss.py). Being this module's
+    forward matters under ZeRO-3, whose hooks gather a module's weights only around its forward."""
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is None:
+            return super().forward(x)
+        return chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1))
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -104,12 +122,12 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = LMHead(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
+        if isinstance(module, nn.Linear):  # ours subclass it
             std = 0.02
             if getattr(module, "residual_scaled", False):
                 std /= math.sqrt(2 * self.config.n_layer)
@@ -130,19 +148,22 @@ class GPT(nn.Module):
         *,
         cache: KVCache | None = None,
         padding_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) and, given targets (B, T), the mean cross-entropy over kept positions.
 
         A position counts in the loss when its target is not -1 and loss_mask (B, T) is true there.
         With `cache`, idx holds only the new positions; `padding_mask` (B, S) marks real tokens
         (False = left padding) over every position so far, cached ones included.
+        `return_logits=False` with targets computes the loss without materialising the logits
+        (fused chunked LM head + cross-entropy: faster, far less memory) and returns (None, loss).
         """
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
         if past + T > self.config.context_length:
             raise ValueError(f"sequence of {past + T} tokens exceeds context_length {self.config.context_length}")
         positions, mask = self._positions_and_mask(B, T, past, padding_mask, idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(positions))  # (B, T, C)
+        x = _dropout(self.drop, self.wte(idx) + self.wpe(positions))  # (B, T, C)
         for block in self.blocks:
             if self.config.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(block, x, mask, use_reentrant=False)
@@ -150,11 +171,15 @@ class GPT(nn.Module):
                 x = block(x, mask, cache)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab)
+        x = self.ln_f(x)
+        if targets is not None and loss_mask is not None:  # masked-out positions become ignored targets
+            targets = targets.masked_fill(~loss_mask.bool(), -1)
+        if targets is not None and not return_logits:
+            loss_sum = self.lm_head(x, targets)
+            return None, loss_sum / (targets != -1).sum().clamp(min=1)
+        logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits, None
-        if loss_mask is not None:  # masked-out positions become ignored targets
-            targets = targets.masked_fill(~loss_mask.bool(), -1)
         # Sum then divide by the kept count: the mean over kept positions, and 0 (with a graph,
         # not NaN) when a batch keeps none. Under autocast cross_entropy runs in fp32.
         loss_sum = F.cross_entropy(

@@ -1,0 +1,134 @@
+"""The model's fast paths agree with the plain ones: fused chunked loss, oneDNN-packed CPU linears."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+
+import gptcore.fused_loss as fused_loss
+from gptcore import GPT, GPTConfig, generate
+from gptcore.packed import Linear, pack_linears, supported
+
+# d_model 64 with a 4096-token head: the head is large enough to be packed, the blocks are not.
+CFG = GPTConfig(vocab_size=4096, context_length=64, n_layer=2, n_head=2, d_model=64)
+WIDE = GPTConfig(vocab_size=1024, context_length=64, n_layer=2, n_head=4, d_model=256)  # all but attn c_proj packed
+
+
+def _grads(model: GPT) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, CFG.vocab_size, (3, 40), generator=g)
+    targets = torch.randint(0, CFG.vocab_size, (3, 40), generator=g)
+    targets[0, :7] = -1
+    mask = torch.rand(3, 40, generator=g) > 0.3
+    return idx, targets, mask
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 22, 4096 * 5])  # one chunk; several, the last one short
+def test_fused_loss_matches_plain_loss_and_gradients(monkeypatch, chunk_elements):
+    monkeypatch.setattr(fused_loss, "_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(fused_loss, "_MIN_CHUNK_ROWS", 1)
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    idx, targets, mask = _batch()
+    _, plain = model(idx, targets, mask)
+    plain.backward()
+    expected = _grads(model)
+    logits, fused = model(idx, targets, mask, return_logits=False)
+    fused.backward()
+    got = _grads(model)
+    assert logits is None
+    assert torch.allclose(fused, plain, rtol=1e-6, atol=1e-6)
+    for name, grad in expected.items():
+        assert torch.allclose(got[name], grad, rtol=1e-4, atol=1e-7), name
+
+
+def test_fused_loss_under_bf16_autocast_is_close_to_plain():
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    idx, targets, mask = _batch(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, plain = model(idx, targets, mask)
+    plain.backward()
+    expected = _grads(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, fused = model(idx, targets, mask, return_logits=False)
+    fused.backward()
+    got = _grads(model)
+    assert fused.dtype == torch.float32
+    assert abs(float(fused) - float(plain)) < 2e-2
+    head, head_plain = got["wte.weight"], expected["wte.weight"]
+    assert float((head - head_plain).norm() / head_plain.norm()) < 2e-2
+
+
+def test_fused_loss_with_every_target_masked_is_zero_with_a_graph():
+    model = GPT(CFG)
+    idx, targets, _ = _batch()
+    _, loss = model(idx, targets, torch.zeros_like(targets, dtype=torch.bool), return_logits=False)
+    loss.backward()
+    assert float(loss) == 0.0
+    assert all(float(p.grad.abs().max()) == 0.0 for p in model.parameters() if p.grad is not None)
+
+
+needs_onednn = pytest.mark.skipif(not supported(torch.zeros(1)), reason="no oneDNN linear in this torch build")
+
+
+@needs_onednn
+@pytest.mark.parametrize("cfg", [CFG, WIDE], ids=["head-only", "most-layers"])
+def test_packed_decoding_matches_plain_decoding(cfg):
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9] * 12]
+    with torch.no_grad():  # generate does not pack under no_grad: the plain reference
+        expected = generate(model, prompts, 30)
+        logits_plain, _ = model(torch.tensor([prompts[2]]))
+    packed = generate(model, prompts, 30)  # inference mode: packs
+    assert packed == expected
+    assert any(m.packed is not None for m in model.modules() if isinstance(m, Linear))
+    with torch.inference_mode():
+        logits_packed, _ = model(torch.tensor([prompts[2]]))
+    assert torch.allclose(logits_packed, logits_plain, atol=1e-4, rtol=1e-4)
+
+
+@needs_onednn
+def test_packed_weights_are_never_used_stale_or_with_grad():
+    torch.manual_seed(0)
+    model = GPT(WIDE)
+    with torch.inference_mode():
+        assert pack_linears(model) == 2 * 3 + 1  # qkv, MLP up and down per block, the head (not 256x256)
+    layer = model.blocks[0].mlp.c_fc
+    x = torch.randn(2, 5, WIDE.d_model)
+    with torch.no_grad():
+        layer.weight.mul_(2.0)  # like an optimizer step: the packed copy is now stale
+    with torch.inference_mode():
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+        pack_linears(model)  # refreshed
+        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-4)
+    clone = copy.deepcopy(model)  # the packed cache is not copied (nor pickled) with the model
+    assert all(m.packed is None for m in clone.modules() if isinstance(m, Linear))
+    assert pickle.loads(pickle.dumps(layer)).packed is None
+    y = layer(x)  # grad mode: the plain path, differentiable in the weight
+    y.sum().backward()
+    assert layer.weight.grad is not None
+
+
+@needs_onednn
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 oneDNN on this CPU")
+def test_packed_bf16_decoding_matches_plain_bf16():
+    torch.manual_seed(0)
+    model = GPT(WIDE).eval().to(torch.bfloat16)
+    with torch.no_grad():
+        logits_plain, _ = model(torch.arange(20).view(1, 20))
+    with torch.inference_mode():
+        assert pack_linears(model) > 0
+        logits_packed, _ = model(torch.arange(20).view(1, 20))
+    assert logits_packed.dtype == torch.bfloat16
+    assert float((logits_packed.float() - logits_plain.float()).abs().max()) < 0.1
