@@ -130,6 +130,8 @@ class TrainConfig:
     """Training precision."""
     offload_optimizer: bool = False
     """ZeRO optimizer state offload to CPU (stages 1-3)."""
+    compile: bool = False
+    """torch.compile the model through DeepSpeed (inductor): faster steps after a one-off compile (~20 s)."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1

@@ -343,7 +343,7 @@ def loop_config(p: Plan, run_id: str | None, uri: str | None) -> dict[str, Any]:
     return {
         **{k: getattr(tc, k) for k in (
             "steps", "micro_batch_size", "grad_accum", "use_gpu", "cpus_per_worker", "zero_stage", "precision",
-            "lr", "weight_decay", "beta1", "beta2", "eval_every", "eval_batches", "checkpoint_every",
+            "compile", "lr", "weight_decay", "beta1", "beta2", "eval_every", "eval_batches", "checkpoint_every",
             "loss_spike_factor", "max_skipped_updates", "peak_flops_per_device", "seed", "sample_tokens",
             "fail_at_step")},
         "sample_prompts": list(tc.sample_prompts),

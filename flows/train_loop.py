@@ -370,6 +370,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
     model, tokenizer = _build_model(cfg)
     engine, gate = _init_engine(cfg, model)
+    if cfg["compile"]:
+        engine.compile()  # lazily: the first forward pays the compile; checkpoints and export use engine.module
     T = engine.module.config.context_length
     data = TokenWindows(cfg["dataset"], cfg["split"], T, rank, world)
     val = TokenWindows(cfg["dataset"], "val", T, rank, world) if cfg["eval_split"] else None

@@ -51,14 +51,17 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 keep = tc != -1
                 tgt = tc.clamp(min=0).unsqueeze(1)  # (n, 1)
                 logits = (xc @ w.t()).float()  # (n, V)
-                lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (n, 1)
-                total += ((lse - logits.gather(1, tgt)).squeeze(1) * keep).sum()
+                picked = logits.gather(1, tgt)  # (n, 1) the target's logit, before the in-place ops
+                # One exp pass, in place: exp(logits - max) serves the log-sum-exp and the softmax.
+                peak = logits.amax(dim=1, keepdim=True)  # (n, 1)
+                exps = logits.sub_(peak).exp_()
+                sums = exps.sum(dim=1, keepdim=True)  # (n, 1)
+                total += ((sums.log() + peak - picked).squeeze(1) * keep).sum()
                 if grad_x is None and grad_w is None:
                     continue
-                # d(sum loss)/d logits = softmax - one_hot(target), zero on ignored rows; in place
-                grad = logits.sub_(lse).exp_()
-                grad.scatter_add_(1, tgt, torch.full_like(lse, -1.0))
-                grad.mul_(keep.unsqueeze(1))
+                # d(sum loss)/d logits = softmax - one_hot(target), zero on ignored rows
+                grad = exps.mul_(keep.unsqueeze(1) / sums)
+                grad.scatter_add_(1, tgt, -keep.unsqueeze(1).to(grad.dtype))
                 grad = grad.to(dtype)
                 if grad_x is not None:
                     torch.mm(grad, w, out=grad_x[start:end])

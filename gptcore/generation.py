@@ -160,7 +160,7 @@ def _decode_steps(
                 if bool(mask.all()):
                     mask = None  # no padding: the cheaper plain-causal attention path
                 cache = KVCache(model.config, len(rows), ctx, device, _dtype(model)) if use_cache else None
-                logits, _ = model(idx, cache=cache, padding_mask=mask)
+                logits, _ = model(idx, cache=cache, padding_mask=mask, last_logits_only=True)
             else:
                 last = torch.tensor([[r[-1]] for r in rows], device=device)  # (B, 1)
                 if mask is not None:

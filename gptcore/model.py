@@ -149,6 +149,7 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         padding_mask: torch.Tensor | None = None,
         return_logits: bool = True,
+        last_logits_only: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) and, given targets (B, T), the mean cross-entropy over kept positions.
 
@@ -157,6 +158,8 @@ class GPT(nn.Module):
         (False = left padding) over every position so far, cached ones included.
         `return_logits=False` with targets computes the loss without materialising the logits
         (fused chunked LM head + cross-entropy: faster, far less memory) and returns (None, loss).
+        `last_logits_only=True` (no targets) returns logits for the last position only, (B, 1, vocab):
+        what decoding needs from a prompt, without the vocab-wide logits of every prompt position.
         """
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
@@ -177,6 +180,8 @@ class GPT(nn.Module):
         if targets is not None and not return_logits:
             loss_sum = self.lm_head(x, targets)
             return None, loss_sum / (targets != -1).sum().clamp(min=1)
+        if last_logits_only and targets is None:
+            x = x[:, -1:, :]
         logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
             return logits, None

@@ -23,6 +23,14 @@ def test_forward_shapes_and_no_loss_without_targets(model):
     assert loss is None
 
 
+def test_last_logits_only_is_the_last_position_of_the_full_logits(model):
+    idx = torch.randint(0, 512, (2, 9))
+    full, _ = model(idx)
+    last, _ = model(idx, last_logits_only=True)
+    assert last.shape == (2, 1, 512)
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+
+
 def test_param_count_formula_matches_module():
     for cfg in (preset("tiny"), preset("tiny", bias=False), GPTConfig(vocab_size=100, n_layer=2, n_head=2, d_model=32)):
         assert cfg.num_params() == GPT(cfg).num_params()

@@ -470,11 +470,13 @@ def test_finetune_from_hf_gpt2_dir_learns_completions(pretrained, dataset, tmp_p
     parent_model, tok, _ = load_bundle(parent)
     hf_dir = export_gpt2(parent_model, tmp_path / "hf", tok)
     cfg = _cfg(tmp_path, dataset, f"finetune.init={hf_dir}", "finetune.steps=30", "finetune.lr=3e-3",
-               "finetune.zero_stage=1", "finetune.precision=bf16", "finetune.micro_batch_size=8", "finetune.eval_every=30",
+               "finetune.zero_stage=1", "finetune.precision=bf16", "finetune.compile=true",
+               "finetune.micro_batch_size=8", "finetune.eval_every=30",
                "finetune.checkpoint_every=30", stage="finetune")
     bundle = train(cfg, "finetune")
     model, _, meta = load_bundle(bundle)
     assert meta["stage"] == "finetune" and meta["parent"]["hf_gpt2"] == str(hf_dir.resolve())
+    assert meta["train_config"]["compile"] is True
     # bf16 training exports the fp32 master weights, not their bf16 rounding.
     w = model.blocks[0].mlp.c_fc.weight
     assert not torch.equal(w, w.bfloat16().float())
