@@ -1,10 +1,12 @@
 """Training-step throughput: gptcore GPT vs transformers GPT2LMHeadModel, same config, batch, precision.
 
 Both models get the same weights shape, batch, optimizer (AdamW) and precision (bf16 autocast or
-fp32), in this process, interleaved in rounds so machine noise hits both. GPT may use its own
-options (torch.compile); the baseline runs as transformers ships it. Target: ratio >= 1.25.
+fp32), in this process, interleaved in rounds so machine noise hits both. GPT uses the options it
+offers and training uses: the fused chunked LM head + loss (`--plain-loss` turns it off) and, with
+`--compile`, torch.compile (training's `compile: true`); the baseline runs as transformers ships it.
+Target: ratio >= 1.25.
 
-    python bench/model.py [--precision bf16|fp32] [--compile] [--rounds 3]
+    python bench/model.py [--precision bf16|fp32] [--compile] [--plain-loss] [--rounds 3]
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ def generate(
     tokenizer: Any = None,
     seed: int | None = None,
     use_cache: bool = True,
+    pack_weights: bool = True,
 ) -> list[int] | list[list[int]]:
     """New token ids for one prompt (list[int]) or a batch (list[list[int]]).
 
@@ -40,12 +41,14 @@ def generate(
     and the top_p probability mass. A stop id or stop string (needs `tokenizer`) ends a row and is
     not part of its output; the cut is at token granularity (the token in which a stop string
     begins is dropped whole, text before it in that token included). `seed` makes sampling
-    reproducible.
+    reproducible. `pack_weights` (CPU only) keeps a oneDNN-packed copy of the large weight matrices
+    for faster decoding (see packed.py); it costs that much memory again, so turn it off for a model
+    that barely fits.
     """
     prompts, single = _as_batch(prompt_ids)
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in _decode(model, prompts, max_new_tokens, temperature, top_k, top_p,
-                        repetition_penalty, stop_ids, stop_strings, tokenizer, seed, use_cache):
+                        repetition_penalty, stop_ids, stop_strings, tokenizer, seed, use_cache, pack_weights):
         for row, token in enumerate(step):
             if token is not None:
                 outputs[row].append(token)
@@ -69,6 +72,7 @@ def generate_stream(
     stop_strings: Sequence[str] = (),
     tokenizer: Any = None,
     seed: int | None = None,
+    pack_weights: bool = True,
 ) -> Iterator[int]:
     """Yield the new token ids of one prompt as they are produced; same results as generate().
 
@@ -79,7 +83,7 @@ def generate_stream(
     out: list[int] = []
     sent = 0
     for step in _decode(model, [list(prompt_ids)], max_new_tokens, temperature, top_k, top_p,
-                        repetition_penalty, stop_ids, stop_strings, tokenizer, seed, True):
+                        repetition_penalty, stop_ids, stop_strings, tokenizer, seed, True, pack_weights):
         token = step[0]
         if token is None:
             break
@@ -123,6 +127,7 @@ def _decode_steps(
     tokenizer: Any,
     seed: int | None,
     use_cache: bool,
+    pack_weights: bool,
 ) -> Iterator[list[int | None]]:
     """Yield, per step, each row's new token (None once the row has stopped).
 
@@ -137,7 +142,7 @@ def _decode_steps(
         raise ValueError(f"temperature={temperature} must be >= 0")
     was_training = model.training
     model.eval()
-    if torch.is_inference_mode_enabled():  # not under no_grad: ZeRO-3 sampling must use the live weights
+    if pack_weights and torch.is_inference_mode_enabled():  # not under no_grad: ZeRO-3 sampling must use the live weights
         pack_linears(model)
     device = next(model.parameters()).device
     ctx = model.config.context_length

@@ -90,6 +90,8 @@ def test_packed_decoding_matches_plain_decoding(cfg):
     with torch.no_grad():  # generate does not pack under no_grad: the plain reference
         expected = generate(model, prompts, 30)
         logits_plain, _ = model(torch.tensor([prompts[2]]))
+    assert generate(model, prompts, 30, pack_weights=False) == expected
+    assert all(m.packed is None for m in model.modules() if isinstance(m, Linear))  # opted out: nothing packed
     packed = generate(model, prompts, 30)  # inference mode: packs
     assert packed == expected
     assert any(m.packed is not None for m in model.modules() if isinstance(m, Linear))
