@@ -7,8 +7,8 @@ GPT-2 size (e.g. 768 x 3072 at 8 rows: 239 µs vs 821 µs; the 50257 x 768 LM he
 29 ms), in fp32 and bf16. Small matrices lose to the fixed cost of the call, so only those with at
 least ``MIN_ELEMENTS`` weights are packed.
 
-Packed weights are used only under inference mode (never where autograd could need the weight)
-and only while the weight is unchanged since packing: an optimizer step, ``load_state_dict`` or
+Packed weights are used only under inference mode (never where autograd could need the weight),
+outside autocast, for inputs of the weight's dtype, and only while the weight is unchanged since packing: an optimizer step, ``load_state_dict`` or
 a dtype/device move invalidates them and the layer falls back to F.linear until repacked.
 """
 
@@ -54,7 +54,8 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed
-        if packed is not None and torch.is_inference_mode_enabled() and packed.fresh_for(self.weight):
+        if (packed is not None and torch.is_inference_mode_enabled() and x.dtype == self.weight.dtype
+                and not torch.is_autocast_enabled(x.device.type) and packed.fresh_for(self.weight)):
             y = _linear_pointwise(x.reshape(-1, x.size(-1)), packed.tensor, self.bias, "none", [], "")
             return y.view(*x.shape[:-1], y.size(-1))
         return F.linear(x, self.weight, self.bias)

@@ -123,6 +123,18 @@ def test_packed_weights_are_never_used_stale_or_with_grad():
 
 
 @needs_onednn
+def test_packed_model_decodes_under_autocast_like_the_plain_one():
+    # Under bf16 autocast some layers see bf16 activations: the fp32 packed weights must step aside.
+    cfg = GPTConfig(vocab_size=1024, context_length=64, n_layer=2, n_head=4, d_model=512)  # attn c_proj packed too
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
+            expected = generate(model, [[1, 2, 3], [4, 5]], 8)
+        assert generate(model, [[1, 2, 3], [4, 5]], 8) == expected
+
+
+@needs_onednn
 @pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 oneDNN on this CPU")
 def test_packed_bf16_decoding_matches_plain_bf16():
     torch.manual_seed(0)
