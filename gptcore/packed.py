@@ -2,7 +2,7 @@
 
 Why: decoding multiplies a few rows (one per sequence in the batch) by every weight matrix. On
 CPU, torch's default path (F.linear → BLAS) is slow at that shape; the same product against a
-weight reordered once into oneDNN's blocked layout measured 1.3-4.5x faster for matrices of
+weight reordered once into oneDNN's blocked layout measured 1.1-4.5x faster for matrices of
 GPT-2 size (e.g. 768 x 3072 at 8 rows: 239 µs vs 821 µs; the 50257 x 768 LM head: 6.5 ms vs
 29 ms), in fp32 and bf16. Small matrices lose to the fixed cost of the call, so only those with at
 least ``MIN_ELEMENTS`` weights are packed.
