@@ -317,9 +317,24 @@ def check_resume(p: Plan) -> None:
                 f"{', '.join(diff)}; resuming it would continue from those weights. Use another run_name "
                 f"(only {', '.join(_RESUMABLE_CHANGES)} may change when resuming)"
             )
+        reached = _latest_checkpoint_step(path.parent)
+        if reached is not None and reached > p.train.steps:
+            # Caught here, before any worker starts; the training loop refuses it too (remote storage).
+            raise ConfigError(
+                f"{p.stage}.steps={p.train.steps}: run {p.run_name!r} in {path.parent} has a checkpoint at "
+                f"step {reached}; a run resumes into the same or more steps, never fewer. Use steps >= "
+                f"{reached} or another run_name"
+            )
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(ours, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _latest_checkpoint_step(run_dir: Path) -> int | None:
+    """The step of the newest resume checkpoint (``checkpoint_<step>`` dirs the loop reports), if any."""
+    steps = [int(d.name.removeprefix("checkpoint_")) for d in run_dir.glob("checkpoint_*")
+             if d.is_dir() and d.name.removeprefix("checkpoint_").isdigit()]
+    return max(steps, default=None)
 
 
 # --------------------------------------------------------------------------- the stage

@@ -247,6 +247,17 @@ def test_resume_by_name_refuses_a_changed_config(dataset, tmp_path):
     check_resume(plan(_cfg(tmp_path, dataset, "pretrain.run_name=other", "pretrain.lr=5e-4")))  # a new name is fine
 
 
+def test_resume_by_name_refuses_fewer_steps_than_its_checkpoint(dataset, tmp_path):
+    first = plan(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=10"))
+    check_resume(first)
+    run_dir = Path(first.storage_path) / "r"
+    (run_dir / "checkpoint_00000008").mkdir()  # the layout the loop's ray.train.report writes
+    (run_dir / "checkpoint_00000004").mkdir()
+    check_resume(plan(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=8")))  # same step: fine
+    with pytest.raises(ConfigError, match=r"pretrain\.steps=6: run 'r' .* checkpoint at step 8.*never fewer"):
+        check_resume(plan(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=6")))
+
+
 @pytest.fixture(scope="module")
 def one_process_group(tmp_path_factory) -> Iterator[None]:
     """A gloo world of one in this process, so a real DeepSpeed engine can be built without Ray.
