@@ -330,10 +330,18 @@ def check_resume(p: Plan) -> None:
     path.write_text(json.dumps(ours, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+_CHECKPOINT_PREFIX = "checkpoint_"
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Name of the resume checkpoint the loop reports at `step` (in the Ray run directory)."""
+    return f"{_CHECKPOINT_PREFIX}{step:08d}"
+
+
 def _latest_checkpoint_step(run_dir: Path) -> int | None:
-    """The step of the newest resume checkpoint (``checkpoint_<step>`` dirs the loop reports), if any."""
-    steps = [int(d.name.removeprefix("checkpoint_")) for d in run_dir.glob("checkpoint_*")
-             if d.is_dir() and d.name.removeprefix("checkpoint_").isdigit()]
+    """The step of the newest resume checkpoint in a Ray run directory, if any."""
+    steps = [int(d.name.removeprefix(_CHECKPOINT_PREFIX)) for d in run_dir.glob(f"{_CHECKPOINT_PREFIX}*")
+             if d.is_dir() and d.name.removeprefix(_CHECKPOINT_PREFIX).isdigit()]
     return max(steps, default=None)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from flows.train import checkpoint_dir_name
 from flows.train_data import TokenWindows
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def _save_checkpoint(engine: Any, state: LoopState, metrics: dict[str, Any], ran
             Path(tmp, STATE_FILE).write_text(json.dumps({**state.__dict__, "tag": tag}))
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=f"checkpoint_{state.step:08d}",
+            checkpoint_dir_name=checkpoint_dir_name(state.step),
         )
 
 

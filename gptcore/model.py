@@ -175,23 +175,22 @@ class GPT(nn.Module):
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x)
-        if targets is not None and loss_mask is not None:  # masked-out positions become ignored targets
-            targets = targets.masked_fill(~loss_mask.bool(), -1)
-        if targets is not None and not return_logits:
-            loss_sum = self.lm_head(x, targets)
-            return None, loss_sum / (targets != -1).sum().clamp(min=1)
-        if last_logits_only and targets is None:
-            x = x[:, -1:, :]
-        logits = self.lm_head(x)  # (B, T, vocab)
         if targets is None:
-            return logits, None
+            if last_logits_only:
+                x = x[:, -1:, :]
+            return self.lm_head(x), None  # (B, T, vocab)
+        if loss_mask is not None:  # masked-out positions become ignored targets
+            targets = targets.masked_fill(~loss_mask.bool(), -1)
+        if return_logits:  # under autocast cross_entropy runs in fp32
+            logits = self.lm_head(x)  # (B, T, vocab)
+            loss_sum = F.cross_entropy(
+                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="sum"
+            )
+        else:
+            logits, loss_sum = None, self.lm_head(x, targets)
         # Sum then divide by the kept count: the mean over kept positions, and 0 (with a graph,
-        # not NaN) when a batch keeps none. Under autocast cross_entropy runs in fp32.
-        loss_sum = F.cross_entropy(
-            logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="sum"
-        )
-        loss = loss_sum / (targets != -1).sum().clamp(min=1)
-        return logits, loss
+        # not NaN) when a batch keeps none.
+        return logits, loss_sum / (targets != -1).sum().clamp(min=1)
 
     @staticmethod
     def _positions_and_mask(

@@ -8,8 +8,9 @@ GPT-2 size (e.g. 768 x 3072 at 8 rows: 239 µs vs 821 µs; the 50257 x 768 LM he
 least ``MIN_ELEMENTS`` weights are packed.
 
 Packed weights are used only under inference mode (never where autograd could need the weight),
-outside autocast, for inputs of the weight's dtype, and only while the weight is unchanged since packing: an optimizer step, ``load_state_dict`` or
-a dtype/device move invalidates them and the layer falls back to F.linear until repacked.
+outside autocast, for inputs of the weight's dtype, and only while the weight is unchanged since
+packing: an optimizer step, ``load_state_dict`` or a dtype/device move invalidates them and the
+layer falls back to F.linear until repacked.
 """
 
 from __future__ import annotations
