@@ -21,14 +21,18 @@ from gptcore.packed import Linear
 
 
 class KVCache:
-    """Keys and values of every layer for the positions decoded so far: (L, B, nh, T_max, hs)."""
+    """Keys and values of every layer for the positions decoded so far: kv (L, 2, B, nh, T_max, hs).
+
+    Attention over the cache runs in the cache's dtype, which may be wider than the model's: a
+    bf16 model's keys and values are exact in an fp32 cache (generation uses one on CPU, where
+    attention at one query per row is several times slower in bf16 than in fp32).
+    """
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.layers = [(self.k[i], self.v[i]) for i in range(config.n_layer)]  # per-layer views, made once
+        shape = (config.n_layer, 2, batch_size, config.n_head, max_len, config.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)  # keys and values side by side: one copy per step
+        self.layers = [self.kv[i] for i in range(config.n_layer)]  # per-layer (2, B, nh, T_max, hs) views, made once
         self.max_len = max_len
         self.pos = 0  # positions filled; advanced by GPT.forward after all layers wrote
 
@@ -37,10 +41,10 @@ class KVCache:
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
-        keys, values = self.layers[layer]
-        keys[:, :, self.pos:end] = k
-        values[:, :, self.pos:end] = v
-        return keys[:, :, :end], values[:, :, :end]
+        kv = self.layers[layer]
+        kv[0, :, :, self.pos:end] = k
+        kv[1, :, :, self.pos:end] = v
+        return kv[0, :, :, :end], kv[1, :, :, :end]
 
 
 def _dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
@@ -65,12 +69,13 @@ class CausalSelfAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, S, hs), S = past + T
+            q = q.to(k.dtype)  # attention in the cache's dtype (see KVCache)
         dropout = self.dropout if self.training else 0.0
         if mask is None:  # causal over a fresh sequence, or one new query that sees every key
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
         else:  # (B, 1, T, S) boolean: cached prefix, left padding
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C); a view when T == 1
+        y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)  # (B, T, C); a view when T == 1
         return _dropout(self.resid_dropout, self.c_proj(y))
 
 

@@ -11,6 +11,9 @@ Packed weights are used only under inference mode (never where autograd could ne
 outside autocast, for inputs of the weight's dtype, and only while the weight is unchanged since
 packing: an optimizer step, ``load_state_dict`` or a dtype/device move invalidates them and the
 layer falls back to F.linear until repacked.
+
+:func:`linear` is the same product for the flat decoding step (decode.py), with the GELU or the
+residual add that follows it fused in as a oneDNN post-op.
 """
 
 from __future__ import annotations
@@ -54,12 +57,36 @@ class Linear(nn.Linear):
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self.packed
-        if (packed is not None and torch.is_inference_mode_enabled() and x.dtype == self.weight.dtype
-                and not torch.is_autocast_enabled(x.device.type) and packed.fresh_for(self.weight)):
-            y = _linear_pointwise(x.reshape(-1, x.size(-1)), packed.tensor, self.bias, "none", [], "")
+        packed = usable_packed(self, x)
+        if packed is not None:
+            y = _linear_pointwise(x.reshape(-1, x.size(-1)), packed, self.bias, "none", [], "")
             return y.view(*x.shape[:-1], y.size(-1))
         return F.linear(x, self.weight, self.bias)
+
+
+def usable_packed(module: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
+    """`module`'s packed weight if it may be used for input `x` here and now, else None."""
+    packed = getattr(module, "packed", None)
+    if (packed is not None and torch.is_inference_mode_enabled() and x.dtype == module.weight.dtype
+            and not torch.is_autocast_enabled(x.device.type) and packed.fresh_for(module.weight)):
+        return packed.tensor
+    return None
+
+
+def linear(module: nn.Linear, x: torch.Tensor, *, gelu: bool = False,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """module(x) for 2-D `x`, then tanh-GELU if `gelu`, then `+ residual` if given. With a usable
+    packed weight the GELU, or the add when there is no GELU, runs as a oneDNN post-op of the product."""
+    packed = usable_packed(module, x)
+    if packed is not None and residual is not None and not gelu:
+        return _linear_binary(x, residual, packed, module.bias, "add")
+    if packed is not None:
+        y = _linear_pointwise(x, packed, module.bias, "gelu" if gelu else "none", [], "tanh" if gelu else "")
+    else:
+        y = F.linear(x, module.weight, module.bias)
+        if gelu:
+            y = F.gelu(y, approximate="tanh")
+    return y if residual is None else residual + y
 
 
 def supported(weight: torch.Tensor) -> bool:
@@ -88,6 +115,7 @@ def pack_linears(model: nn.Module) -> int:
 
 try:  # internal ops (the ones inductor uses for frozen CPU linears): builds without them use F.linear
     _linear_pointwise = torch.ops.mkldnn._linear_pointwise.default
+    _linear_binary = torch.ops.mkldnn._linear_pointwise.binary
     torch.ops.mkldnn._reorder_linear_weight.default  # noqa: B018 (only checks that it exists)
 except (AttributeError, RuntimeError):
-    _linear_pointwise = None
+    _linear_pointwise = _linear_binary = None

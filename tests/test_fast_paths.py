@@ -1,4 +1,5 @@
-"""The model's fast paths agree with the plain ones: fused chunked loss, oneDNN-packed CPU linears."""
+"""The model's fast paths agree with the plain ones: fused chunked loss, oneDNN-packed CPU linears,
+the flat decoding step."""
 
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import pytest
 import torch
 
 import gptcore.fused_loss as fused_loss
-from gptcore import GPT, GPTConfig, generate
+from gptcore import GPT, GPTConfig, KVCache, generate
+from gptcore.decode import Decoder, can_decode_flat
+from gptcore.generation import _cache_dtype, _left_pad
 from gptcore.packed import Linear, pack_linears, supported
 
 # d_model 64 with a 4096-token head: the head is large enough to be packed, the blocks are not.
 CFG = GPTConfig(vocab_size=4096, context_length=64, n_layer=2, n_head=2, d_model=64)
 WIDE = GPTConfig(vocab_size=1024, context_length=64, n_layer=2, n_head=4, d_model=256)  # all but attn c_proj packed
+NO_BIAS = GPTConfig(vocab_size=1024, context_length=64, n_layer=2, n_head=4, d_model=256, bias=False)
 
 
 def _grads(model: GPT) -> dict[str, torch.Tensor]:
@@ -146,3 +150,82 @@ def test_packed_bf16_decoding_matches_plain_bf16():
         logits_packed, _ = model(torch.arange(20).view(1, 20))
     assert logits_packed.dtype == torch.bfloat16
     assert float((logits_packed.float() - logits_plain.float()).abs().max()) < 0.1
+
+
+@pytest.mark.parametrize("cfg", [CFG, WIDE, NO_BIAS], ids=["small", "wide", "no-bias"])
+@pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("padded", [False, True], ids=["same-length", "left-padded"])
+def test_flat_decoding_step_matches_forward_with_a_cache(cfg, pack, padded):
+    if pack and not supported(torch.zeros(1)):
+        pytest.skip("no oneDNN linear in this torch build")
+    torch.manual_seed(0)
+    model = GPT(cfg).eval()
+    prompts = [[1, 2, 3, 4, 5], [7, 8], [9] * 12] if padded else [[1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    idx, mask = _left_pad(prompts, torch.device("cpu"))
+    mask = mask if padded else None
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        if pack:
+            assert pack_linears(model) > 0
+        caches = [KVCache(cfg, len(prompts), cfg.context_length) for _ in range(2)]
+        for cache in caches:
+            model(idx, cache=cache, padding_mask=mask)
+        reference, flat = caches
+        decoder = Decoder(model, flat, mask)
+        for _ in range(8):
+            ids = torch.randint(0, cfg.vocab_size, (len(prompts),), generator=g)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=torch.bool)], dim=1)
+            expected = model(ids[:, None], cache=reference, padding_mask=mask)[0][:, -1]
+            assert torch.allclose(decoder(ids), expected, atol=1e-5, rtol=1e-5)
+        assert flat.pos == reference.pos
+        assert torch.allclose(flat.kv, reference.kv, atol=1e-6)
+
+
+def test_flat_decoding_only_where_it_computes_what_forward_would():
+    model = GPT(CFG).eval()
+
+    class Subclass(GPT):
+        pass
+
+    with torch.inference_mode():
+        assert can_decode_flat(model)
+        assert not can_decode_flat(Subclass(CFG))
+    with torch.no_grad():  # training-time sampling (ZeRO-3 gathers weights in module hooks)
+        assert not can_decode_flat(model)
+    # A hook that forces token 5 must be honoured: generation then goes through GPT.forward.
+    prompt = [1, 2, 3]
+    free = generate(model, prompt, 6)
+    assert free != [5] * 6
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: out.index_fill(-1, torch.tensor([5]), 1e4))
+    try:
+        assert generate(model, prompt, 6) == [5] * 6
+    finally:
+        handle.remove()
+    assert generate(model, prompt, 6) == free
+
+
+@pytest.mark.skipif(not supported(torch.zeros(1, dtype=torch.bfloat16)), reason="no bf16 oneDNN on this CPU")
+def test_bf16_model_attends_in_an_exact_fp32_cache_on_cpu():
+    torch.manual_seed(0)
+    model = GPT(WIDE).eval().to(torch.bfloat16)
+    assert _cache_dtype(model) == torch.float32
+    idx = torch.randint(0, WIDE.vocab_size, (2, 10))
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        pack_linears(model)
+        narrow = KVCache(WIDE, 2, WIDE.context_length, dtype=torch.bfloat16)
+        wide = KVCache(WIDE, 2, WIDE.context_length, dtype=torch.float32)
+        expected, _ = model(idx, cache=narrow)
+        got, _ = model(idx, cache=wide)
+        assert got.dtype == torch.bfloat16
+        assert float((got.float() - expected.float()).abs().max()) < 0.05
+        assert torch.equal(wide.kv.to(torch.bfloat16).float(), wide.kv)  # bf16 keys and values, stored exactly
+        assert torch.equal(wide.kv[0, ..., :10, :].to(torch.bfloat16), narrow.kv[0, ..., :10, :])  # first layer: same input
+        decoder = Decoder(model, wide, None)
+        for _ in range(6):
+            ids = torch.randint(0, WIDE.vocab_size, (2,), generator=g)
+            expected = model(ids[:, None], cache=narrow)[0][:, -1]
+            got = decoder(ids)
+            assert got.dtype == torch.bfloat16
+            assert float((got.float() - expected.float()).abs().max()) < 0.05

@@ -1,0 +1,107 @@
+"""The decoding step: one new position per row through a GPT, written as flat functional code.
+
+GPT.forward is the model's definition; it serves training, prompts (prefill) and every caller that
+relies on module hooks. Decoding calls the model once per generated token with a single position
+per row, and on CPU that call costs more in per-op and per-module overhead (a hundred-odd small ops
+and forty module calls, microseconds each) than in arithmetic for models up to a few tens of
+millions of parameters. This step computes the same function from the same parameters with fewer
+ops and no module calls: parameters looked up once per generation, no dropout checks, no position
+or mask tensors built per step, this position's keys and values written to the cache in one copy,
+and the residual adds and the GELU fused into the oneDNN-packed products (packed.py). Measured per
+generated token against GPT.forward with the same cache and packing: 1.2-1.7x faster for 4-layer
+models of width 64-256, 1.05x for GPT-2 124M, where streaming the weights dominates.
+Tests hold it to GPT.forward: same logits within 1e-5, padded batches, with and without packing.
+
+It is not a second model: it has no parameters, no training path and no options. Generation uses
+it only under inference mode and only for a plain GPT (not a subclass) without hooks: ZeRO-3
+gathers weights in module hooks (training-time sampling runs under no_grad), and a hook a user
+registered must see its call.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
+
+from gptcore.model import GPT, KVCache
+from gptcore.packed import PackedWeight, linear
+
+
+def can_decode_flat(model: torch.nn.Module) -> bool:
+    """Whether :class:`Decoder` computes exactly what `model`'s forward would."""
+    if type(model) is not GPT or model.training or not torch.is_inference_mode_enabled():
+        return False
+    if getattr(nn_module, "_global_forward_hooks", None) or getattr(nn_module, "_global_forward_pre_hooks", None):
+        return False  # hooks registered for every module (torch.nn.modules.module.register_module_forward_hook)
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class _Dense(NamedTuple):
+    """A linear layer's tensors, read once per generation instead of through module attributes."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    packed: PackedWeight | None
+
+
+def _dense(module: torch.nn.Linear) -> _Dense:
+    return _Dense(module.weight, module.bias, getattr(module, "packed", None))
+
+
+class Decoder:
+    """Runs the newest token of each row through `model`, reading and extending `cache`.
+
+    Made after the prompt filled `cache`, for one generation; `padding_mask` (B, S) is the prompt's
+    mask of real tokens (False = left padding), or None when no row is padded.
+    """
+
+    def __init__(self, model: GPT, cache: KVCache, padding_mask: torch.Tensor | None):
+        cfg = model.config
+        self.cache = cache
+        self.dims = (cfg.d_model, cfg.n_head, cfg.head_dim, cfg.layer_norm_eps)
+        self.wte, self.wpe = model.wte.weight, model.wpe.weight
+        self.blocks = [
+            (b.ln_1.weight, b.ln_1.bias, _dense(b.attn.c_attn), _dense(b.attn.c_proj),
+             b.ln_2.weight, b.ln_2.bias, _dense(b.mlp.c_fc), _dense(b.mlp.c_proj))
+            for b in model.blocks
+        ]
+        self.ln_f = (model.ln_f.weight, model.ln_f.bias)
+        self.lm_head = _dense(model.lm_head)
+        self.mask: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        if padding_mask is not None:
+            B, S = padding_mask.shape
+            self.mask = torch.ones(B, cache.max_len, dtype=torch.bool, device=padding_mask.device)
+            self.mask[:, :S] = padding_mask
+            self.positions = padding_mask.sum(dim=1)  # (B,) a row's next position: its real-token count
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, vocab) given each row's newest token id, ids (B,)."""
+        cache = self.cache
+        pos = cache.pos
+        if pos >= cache.max_len:
+            raise ValueError(f"KV cache overflow: {pos + 1} positions > max_len {cache.max_len}")
+        B, (C, nh, hs, eps) = ids.size(0), self.dims
+        x = F.embedding(ids, self.wte)  # (B, C)
+        if self.positions is None:
+            x = x + self.wpe[pos]
+            mask = None
+        else:
+            x = x + F.embedding(self.positions, self.wpe)
+            self.positions += 1
+            mask = self.mask[:, None, None, : pos + 1]  # (B, 1, 1, S)
+        for block, kv in zip(self.blocks, cache.layers, strict=True):
+            ln1_w, ln1_b, c_attn, attn_proj, ln2_w, ln2_b, c_fc, mlp_proj = block
+            h = F.layer_norm(x, (C,), ln1_w, ln1_b, eps)
+            qkv = linear(c_attn, h).view(B, 3, nh, 1, hs).transpose(0, 1)  # (3, B, nh, 1, hs)
+            kv[:, :, :, pos : pos + 1] = qkv[1:]  # keys and values of this position: (2, B, nh, 1, hs)
+            q, k, v = qkv[0].to(kv.dtype), kv[0, :, :, : pos + 1], kv[1, :, :, : pos + 1]  # in the cache's dtype
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, 1, hs)
+            x = linear(attn_proj, y.reshape(B, C).to(x.dtype), residual=x)
+            h = F.layer_norm(x, (C,), ln2_w, ln2_b, eps)
+            x = linear(mlp_proj, linear(c_fc, h, gelu=True), residual=x)
+        cache.pos = pos + 1
+        return linear(self.lm_head, F.layer_norm(x, (C,), *self.ln_f, eps))
