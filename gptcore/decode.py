@@ -97,10 +97,11 @@ class Decoder:
             ln1_w, ln1_b, c_attn, attn_proj, ln2_w, ln2_b, c_fc, mlp_proj = block
             h = F.layer_norm(x, (C,), ln1_w, ln1_b, eps)
             qkv = linear(c_attn, h).view(B, 3, nh, 1, hs).transpose(0, 1)  # (3, B, nh, 1, hs)
-            kv[:, :, :, pos : pos + 1] = qkv[1:]  # keys and values of this position: (2, B, nh, 1, hs)
-            q, k, v = qkv[0].to(kv.dtype), kv[0, :, :, : pos + 1], kv[1, :, :, : pos + 1]  # in the cache's dtype
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, nh, 1, hs)
-            x = linear(attn_proj, y.reshape(B, C).to(x.dtype), residual=x)
+            kv.narrow(3, pos, 1).copy_(qkv[1:])  # this position's keys and values, (2, B, nh, 1, hs)
+            k, v = kv.narrow(3, 0, pos + 1)  # every position so far, (B, nh, S, hs) each
+            q = qkv[0] if qkv.dtype == kv.dtype else qkv[0].to(kv.dtype)  # attention in the cache's dtype
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, C)
+            x = linear(attn_proj, y if y.dtype == x.dtype else y.to(x.dtype), residual=x)
             h = F.layer_norm(x, (C,), ln2_w, ln2_b, eps)
             x = linear(mlp_proj, linear(c_fc, h, gelu=True), residual=x)
         cache.pos = pos + 1
