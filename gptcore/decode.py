@@ -101,7 +101,7 @@ class Decoder:
             k, v = kv.narrow(3, 0, pos + 1)  # every position so far, (B, nh, S, hs) each
             q = qkv[0] if qkv.dtype == kv.dtype else qkv[0].to(kv.dtype)  # attention in the cache's dtype
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, C)
-            x = linear(attn_proj, y if y.dtype == x.dtype else y.to(x.dtype), residual=x)
+            x = linear(attn_proj, y if y.dtype == qkv.dtype else y.to(qkv.dtype), residual=x)
             h = F.layer_norm(x, (C,), ln2_w, ln2_b, eps)
             x = linear(mlp_proj, linear(c_fc, h, gelu=True), residual=x)
         cache.pos = pos + 1

@@ -67,6 +67,7 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        dtype = q.dtype
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, nh, S, hs), S = past + T
             q = q.to(k.dtype)  # attention in the cache's dtype (see KVCache)
@@ -75,7 +76,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
         else:  # (B, 1, T, S) boolean: cached prefix, left padding
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)  # (B, T, C); a view when T == 1
+        y = y.transpose(1, 2).reshape(B, T, C).to(dtype)  # (B, T, C); a view when T == 1
         return _dropout(self.resid_dropout, self.c_proj(y))
 
 
