@@ -158,7 +158,8 @@ def _decode_steps(
     done = [False] * len(rows)
     cache: KVCache | None = None
     mask: torch.Tensor | None = None
-    decoder: Decoder | None = None  # the flat decoding step, where it computes what forward would
+    flat = use_cache and can_decode_flat(model)  # whether the flat decoding step computes what forward would
+    decoder: Decoder | None = None
     try:
         for _ in range(max_new_tokens):
             longest = max(len(r) for r in rows)
@@ -171,7 +172,7 @@ def _decode_steps(
                 cache = KVCache(model.config, len(rows), ctx, device, _cache_dtype(model)) if use_cache else None
                 logits, _ = model(idx, cache=cache, padding_mask=mask, last_logits_only=True)
                 logits = logits[:, -1, :]
-                decoder = Decoder(model, cache, mask) if use_cache and can_decode_flat(model) else None
+                decoder = Decoder(model, cache, mask) if flat else None
             elif decoder is not None:
                 logits = decoder(torch.tensor([r[-1] for r in rows], device=device))  # (B, vocab)
             else:
