@@ -19,9 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 run: venv
-	bundle=$$($(VENV)/bin/gptflow run --workdir $(WORKDIR) | tail -n 1) && \
-	echo "model bundle: $$bundle" && \
-	$(VENV)/bin/gptflow generate "$$bundle" "The " --max-new-tokens 40
+	$(VENV)/bin/gptflow run --workdir $(WORKDIR)
 
 test: venv
 	$(PY) -m pytest -q tests

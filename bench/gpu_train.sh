@@ -53,7 +53,7 @@ for NGPU in $COUNTS; do
 import json, sys
 from pathlib import Path
 bundle, stage, ngpu, results = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-m = json.loads((Path(bundle) / "DONE").read_text())["metrics"]
+m = json.loads((Path(bundle) / "train_result.json").read_text())["metrics"]
 meta = json.loads((Path(bundle) / "metadata.json").read_text())
 row = {"zero_stage": stage, "gpus": ngpu, "params": meta["num_params"], "tokens_per_s": m["tokens_per_s"],
        "tokens_per_s_per_gpu": m["tokens_per_s"] / ngpu, "mfu": m["mfu"], "final_loss": m["loss"],

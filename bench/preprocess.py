@@ -31,7 +31,8 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the baseline is one process on
 
 from flows.cluster import ensure_ray  # noqa: E402
 from flows.config import ClusterConfig, DataConfig, PipelineConfig, TrackingConfig  # noqa: E402
-from flows.preprocess import load_manifest, preprocess  # noqa: E402
+from flows.data.dataset import read_manifest as load_manifest  # noqa: E402
+from flows.pipeline import run as run_pipeline  # noqa: E402
 
 log = logging.getLogger("bench.preprocess")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -107,7 +108,7 @@ def stage(corpus: Path, tokenizer_path: Path, workers: int, workdir: Path) -> di
         tracking=TrackingConfig(enabled=False),
     )
     start = time.perf_counter()
-    out = preprocess(cfg)
+    out = run_pipeline(cfg, only=["preprocess"])[0].out
     seconds = time.perf_counter() - start
     m = load_manifest(out)
     tokens = sum(m["splits"][s]["tokens"] for s in ("train", "val"))

@@ -2,7 +2,7 @@
 
 What it measures (CPU, defaults sized for a 2-core machine):
   1. steady-state tokens/s and MFU of a plain single-process PyTorch loop (AdamW, clipping, same
-     schedule) and of ``flows.train`` with 1 worker -- same model, same batches (flows/train_data.py),
+     schedule) and of ``flows.train.driver.train`` with 1 worker -- same model, same batches (flows/train/windows.py),
      same thread count (1), same precision (fp32); target: Ray/DeepSpeed >= 0.9x plain;
   2. 2 workers with the same per-worker batch; target: >= 1.5x the tokens/s of 1 worker;
   3. peak resident memory per worker, ZeRO-0 vs ZeRO-3, 2 workers, on a larger model (gpt2-124m
@@ -34,9 +34,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 from flows.config import ClusterConfig, load_config  # noqa: E402
-from flows.train import WARMUP_TIMING_STEPS, plan, train  # noqa: E402
-from flows.train_data import TokenWindows  # noqa: E402
-from flows.train_loop import compute_loss, default_peak_flops  # noqa: E402
+from flows.context import StepContext  # noqa: E402
+from flows.pipeline import run as run_pipeline  # noqa: E402
+from flows.train.loop import compute_loss  # noqa: E402
+from flows.train.plan import WARMUP_TIMING_STEPS, plan  # noqa: E402
+from flows.train.telemetry import default_peak_flops  # noqa: E402
+from flows.train.windows import TokenWindows  # noqa: E402
 
 log = logging.getLogger("bench.train")
 
@@ -78,8 +81,8 @@ def plain_loop(p, steps: int, threads: int) -> dict[str, float]:
 
 def ray_run(cfg, workdir: Path) -> dict[str, float]:
     # A fresh workdir per run: the same config in the same workdir would be reused, not retrained.
-    bundle = train(dataclasses.replace(cfg, workdir=str(workdir)))
-    return json.loads((bundle / "DONE").read_text())["metrics"]
+    bundle = run_pipeline(dataclasses.replace(cfg, workdir=str(workdir)), only=["pretrain"])[-1].out
+    return json.loads((bundle / "train_result.json").read_text())["metrics"]
 
 
 def main() -> None:
@@ -99,7 +102,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="gptflow-bench-train-"))
     data = args.data
     if not data:
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "train"))
         from train_fixtures import make_dataset
 
         data = str(make_dataset(root / "data", vocab_size=512))
@@ -114,7 +117,8 @@ def main() -> None:
     from flows.cluster import ensure_ray
 
     ensure_ray(ClusterConfig(num_cpus=2))
-    p = plan(dataclasses.replace(one, workdir=str(root / "plan")))
+    p = plan(one.pretrain, one.model, one.pretrain.data, None, root / "plan" / "pretrain" / "bench",
+             StepContext(workdir=root / "plan"))
     from gptcore import GPTConfig
 
     flops_per_token = GPTConfig.from_dict(p.gpt_config).flops_per_token()

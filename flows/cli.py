@@ -1,4 +1,4 @@
-"""The `gptflow` command line: one subcommand per stage, plus `run` (the pipeline) and `generate`.
+"""The `gptflow` command line: one subcommand per stage, `run` and `plan` (the pipeline), `generate`, `explain`.
 
 Each stage subcommand takes ``--config FILE`` and ``--set section.key=value`` overrides, plus
 shortcuts for the common case; the last line it prints is the stage's output directory, so
@@ -34,6 +34,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="Ray Train workers")
 
 
+def _step_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--only", action="append", default=[], metavar="STEP", help="run only this step (repeatable)")
+    p.add_argument("--from", dest="start", metavar="STEP", help="run this step and every step after it")
+    p.add_argument("--force", action="append", default=[], metavar="STEP",
+                   help="re-run this step (and the steps downstream of it) even when done (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptflow", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -53,8 +60,23 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p)
     p.add_argument("--init", help="bundle dir, models:/NAME@ALIAS, or a HF GPT-2 directory")
 
-    p = sub.add_parser("run", help="the pipeline: preprocess -> pretrain -> finetune (when SFT data is given)")
+    p = sub.add_parser("run", help="the pipeline: preprocess -> pretrain -> finetune -> evaluate")
     _config_args(p)
+    _step_args(p)
+
+    p = sub.add_parser("plan", help="print the steps, their output paths and whether each is done; runs nothing")
+    _config_args(p)
+    _step_args(p)
+
+    p = sub.add_parser("evaluate", help="evaluate a model bundle on a dataset's validation splits")
+    _config_args(p)
+    p.add_argument("bundle", help="model bundle directory")
+    p.add_argument("--data", required=True, help="dataset directory from `gptflow preprocess`")
+
+    p = sub.add_parser("explain", help="per-token loss, attention maps and attributions for any text")
+    p.add_argument("bundle", help="model bundle directory")
+    p.add_argument("text", help="the text to explain")
+    p.add_argument("--out", default="explain", help="directory for the HTML/PNG/JSON files (default: ./explain)")
 
     p = sub.add_parser("generate", help="generate text from a model bundle")
     p.add_argument("bundle", help="model bundle directory")
@@ -93,16 +115,28 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
             overrides.append(f"model.preset={json.dumps(args.preset)}")
         if getattr(args, "init", None):
             overrides.append(f"{section}.init={json.dumps(args.init)}")
+    if args.command == "evaluate":
+        overrides += [f"evaluate.bundle={json.dumps(args.bundle)}", f"evaluate.data={json.dumps(args.data)}"]
     return load_config(args.config, overrides)
+
+
+# A stage command is the pipeline narrowed to that step (its inputs from the flags or from the
+# pipeline's own finished outputs); it prints the step's output directory last.
+_STEP_COMMANDS = ("preprocess", "pretrain", "finetune", "evaluate")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from flows.pipeline import PipelineError
+
     try:
         if args.command == "generate":
             print(_generate(args))
+            return 0
+        if args.command == "explain":
+            print(_explain(args))
             return 0
         cfg = resolve_config(args)
         if args.command == "config":
@@ -110,7 +144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(json.dumps(to_dict(cfg), indent=2))
             return 0
-        out = _run_command(args.command, cfg)
+        out = _run_command(args, cfg)
+    except PipelineError as e:
+        cause = e.__cause__
+        print(f"gptflow {args.command}: error: {e}", file=sys.stderr)
+        if args.verbose and cause is not None:
+            import traceback
+
+            traceback.print_exception(cause, file=sys.stderr)
+        return 2 if isinstance(cause, ConfigError | FileNotFoundError | ValueError) else 1
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"gptflow {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -125,20 +167,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _run_command(command: str, cfg: PipelineConfig) -> Path:
-    if command == "preprocess":
-        from flows.preprocess import preprocess
+def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> str:
+    from flows import pipeline
 
-        return preprocess(cfg)
-    if command in ("pretrain", "finetune"):
-        from flows.train import train
+    if args.command == "plan":
+        planned = pipeline.plan(cfg, wanted=pipeline.select(cfg, pipeline.STEPS, args.only, args.start, args.force)[0])
+        return pipeline.describe(planned)
+    if args.command in _STEP_COMMANDS:
+        planned = pipeline.run(cfg, only=[args.command])
+        return str(pipeline.step_output(planned, args.command))
+    planned = pipeline.run(cfg, only=args.only, start=args.start, force=args.force)
+    from flows.report import run_report
 
-        return train(cfg, command)
-    if command == "run":
-        from flows.pipeline import run_pipeline
-
-        return run_pipeline(cfg)
-    raise ValueError(f"unknown command {command}")
+    return run_report(cfg, planned)
 
 
 def _generate(args: argparse.Namespace) -> str:
@@ -149,6 +190,14 @@ def _generate(args: argparse.Namespace) -> str:
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                    stop_ids=[tok.eot_id], seed=args.seed)
     return args.prompt + tok.decode(ids)
+
+
+def _explain(args: argparse.Namespace) -> str:
+    from flows.evaluate import explain
+
+    out = Path(args.out)
+    explain(Path(args.bundle), args.text, out)
+    return str(out.resolve())
 
 
 if __name__ == "__main__":

@@ -1,39 +1,319 @@
-"""The pipeline as it stands: preprocess -> pretrain -> finetune (when SFT data is given).
+"""The pipeline as data: the list of steps, who feeds whom, and one small runner.
 
-One parent MLflow run, one nested run per stage; each stage reuses a finished output with the
-same config and inputs (its DONE marker), so a re-run only does what changed.
+``STEPS`` below is the whole pipeline. A step names the config sections it reads and the inputs
+it takes; its ``run`` hands exactly those to the stage function (``preprocess(data, out, ctx)``,
+``train(train, model, dataset, init, out, ctx)``, ``evaluate(evaluate, bundle, dataset, out, ctx)``),
+which never reads another section and never decides whether it should run. The runner owns:
+
+- the output path ``<workdir>/<step>/<hash>/``: the hash of the step's name, its own sections
+  (less the keys that only name inputs), its inputs' hashes and, for inputs from outside the
+  pipeline (raw files, a given model or dataset), their content fingerprints;
+- skip-if-done: ``DONE`` is written by the runner, last; a finished output is never rewritten;
+- a lock per output directory, so two runs in one workdir never build the same output at once;
+- the parent MLflow run and one nested run per step that runs;
+- the error that says which step failed and why (the parent run is marked FAILED; finished steps
+  keep their outputs).
+
+An unchanged re-run computes hashes (cached file fingerprints: one ``stat`` per input file), finds
+every DONE and returns without Ray, training or planning work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from flows.config import PipelineConfig
-from flows.tracking import stage_run
+from flows.config import DATA_INPUT_KEYS, PipelineConfig, stable_hash, to_dict
+from flows.context import StepContext
+from flows.store import DONE, FingerprintCache, is_done, locked, mark_done, stage_dir
 
 log = logging.getLogger(__name__)
 
+# An input is another step's output (by step name) or a path/URI from outside the pipeline.
+Binding = dict[str, "StepRef | str | None"]
 
-def run_pipeline(cfg: PipelineConfig) -> Path:
-    """Run every stage in order; return the last model bundle directory."""
-    from flows.preprocess import preprocess
-    from flows.train import train
 
-    with stage_run(cfg.tracking, cfg.workdir, "pipeline") as parent:
-        dataset = preprocess(cfg)
-        log.info("dataset: %s", dataset)
-        if not cfg.pretrain.data:
-            cfg = dataclasses.replace(cfg, pretrain=dataclasses.replace(cfg.pretrain, data=str(dataset)))
-        bundle = train(cfg, "pretrain")
-        log.info("pretrained bundle: %s", bundle)
-        parent.set_tags({"gptflow.dataset": str(dataset), "gptflow.pretrain_bundle": str(bundle)})
-        if cfg.data.sft_inputs:
-            finetune = dataclasses.replace(
-                cfg.finetune, data=cfg.finetune.data or str(dataset), init=cfg.finetune.init or str(bundle)
-            )
-            bundle = train(dataclasses.replace(cfg, finetune=finetune), "finetune")
-            log.info("fine-tuned bundle: %s", bundle)
-            parent.set_tags({"gptflow.finetune_bundle": str(bundle)})
-    return bundle
+@dataclass(frozen=True)
+class StepRef:
+    """An input wired to another step's output."""
+
+    step: str
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[PipelineConfig, Mapping[str, Path | str | None], Path, StepContext], Any]
+    """Calls the stage with its own sections, its inputs and its output directory."""
+    sections: tuple[str, ...]
+    """The config sections the stage receives; they enter the output hash."""
+    bind: Callable[[PipelineConfig], Binding]
+    """The step's inputs: another step's output (StepRef) or an outside path, by parameter name."""
+    unhashed: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Per section, keys that name inputs or places rather than shape the output."""
+    fingerprint: Callable[[PipelineConfig, StepContext], Any] | None = None
+    """Content identity of outside inputs the step finds itself (raw corpus files)."""
+    enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+def _preprocess(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
+    from flows.data.stage import preprocess
+
+    return preprocess(cfg.data, out, ctx)
+
+
+def _data_fingerprint(cfg: PipelineConfig, ctx: StepContext) -> Any:
+    from flows.data.stage import fingerprint
+
+    return fingerprint(cfg.data, ctx)
+
+
+def _trainer(stage: str) -> Callable[[PipelineConfig, Mapping[str, Any], Path, StepContext], Path]:
+    def run(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
+        from flows.train.driver import train
+
+        return train(getattr(cfg, stage), cfg.model, inputs["dataset"], inputs["init"], out, ctx, stage)
+
+    return run
+
+
+def _evaluate(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
+    from flows.evaluate import evaluate
+
+    return evaluate(cfg.evaluate, Path(inputs["bundle"]), Path(inputs["dataset"]), out, ctx.tracker)
+
+
+def _finetunes(cfg: PipelineConfig) -> bool:
+    return bool(cfg.data.sft_inputs or cfg.finetune.data)
+
+
+def _final_model(cfg: PipelineConfig) -> StepRef:
+    return StepRef("finetune" if _finetunes(cfg) else "pretrain")
+
+
+# Keys that name where inputs come from or where resume state lives, not what the output holds.
+_TRAIN_UNHASHED = ("data", "init", "run_name", "storage_path")
+
+STEPS: tuple[Step, ...] = (
+    Step("preprocess", _preprocess, ("data",), bind=lambda cfg: {}, fingerprint=_data_fingerprint,
+         unhashed={"data": DATA_INPUT_KEYS}),  # the inputs enter by content, not by name
+    Step("pretrain", _trainer("pretrain"), ("model", "pretrain"), unhashed={"pretrain": _TRAIN_UNHASHED},
+         bind=lambda cfg: {"dataset": cfg.pretrain.data or StepRef("preprocess"), "init": cfg.pretrain.init}),
+    Step("finetune", _trainer("finetune"), ("model", "finetune"), unhashed={"finetune": _TRAIN_UNHASHED},
+         bind=lambda cfg: {"dataset": cfg.finetune.data or StepRef("preprocess"),
+                           "init": cfg.finetune.init or StepRef("pretrain")},
+         enabled=_finetunes),
+    Step("evaluate", _evaluate, ("evaluate",), unhashed={"evaluate": ("bundle", "data")},
+         bind=lambda cfg: {"bundle": cfg.evaluate.bundle or _final_model(cfg),
+                           "dataset": cfg.evaluate.data or StepRef("preprocess")}),
+)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+class PipelineError(RuntimeError):
+    """A step failed, or the requested steps cannot run; the message names the step."""
+
+
+@dataclass
+class PlannedStep:
+    step: Step
+    key: str
+    out: Path
+    inputs: dict[str, Path | str | None]
+    upstream: tuple[str, ...]
+    done: bool
+    status: str = "pending"  # then: done (reused), ran, failed, not run
+    seconds: float = 0.0
+
+
+def _section(cfg: PipelineConfig, name: str, unhashed: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(getattr(cfg, name)).items() if k not in unhashed}
+
+
+def _outside_identity(value: str, ctx: StepContext) -> Any:
+    """Content identity of an input given from outside the pipeline (a dataset, a bundle, a model)."""
+    path = Path(value)
+    if "://" in value or value.startswith("models:/") or not path.exists():
+        return value  # a URI: named, not read here (the stage resolves it and records the version)
+    for name in ("manifest.json", "model.safetensors"):  # a dataset directory, or a model bundle
+        if (path / name).is_file():
+            return {name: ctx.fingerprints.sha256(path / name)}
+    weights = sorted(p for p in path.glob("*") if p.suffix in (".safetensors", ".bin", ".json"))
+    return {p.name: ctx.fingerprints.sha256(p) for p in weights if p.is_file()}
+
+
+def plan(cfg: PipelineConfig, steps: Sequence[Step] = STEPS, ctx: StepContext | None = None,
+         wanted: Sequence[str] | None = None) -> list[PlannedStep]:
+    """The enabled steps (or `wanted` and what they need) with their hash, output directory, inputs and
+    whether each is done. Runs nothing."""
+    ctx = ctx or context(cfg)
+    enabled = [s for s in steps if s.enabled(cfg)]
+    bindings = {s.name: s.bind(cfg) for s in enabled}
+    needed = _with_upstream(wanted, bindings) if wanted is not None else set(bindings)
+    planned: dict[str, PlannedStep] = {}
+    for step in enabled:
+        if step.name not in needed:
+            continue
+        inputs: dict[str, Path | str | None] = {}
+        identities: dict[str, Any] = {}
+        upstream = []
+        for name, binding in bindings[step.name].items():
+            if isinstance(binding, StepRef):
+                if binding.step not in planned:
+                    raise PipelineError(f"step {step.name!r} takes {name} from step {binding.step!r}, which is "
+                                        "not in the pipeline (disabled, or after it)")
+                inputs[name] = planned[binding.step].out
+                identities[name] = planned[binding.step].key
+                upstream.append(binding.step)
+            else:
+                inputs[name] = binding
+                identities[name] = _outside_identity(binding, ctx) if binding else None
+        key = stable_hash(
+            step.name, {s: _section(cfg, s, step.unhashed.get(s, ())) for s in step.sections}, identities,
+            step.fingerprint(cfg, ctx) if step.fingerprint else None,
+        )
+        out = stage_dir(cfg.workdir, step.name, key).resolve()
+        planned[step.name] = PlannedStep(step, key, out, inputs, tuple(upstream), is_done(out))
+    ctx.fingerprints.save()
+    return list(planned.values())
+
+
+def _with_upstream(names: Sequence[str], bindings: Mapping[str, Binding]) -> set[str]:
+    """`names` and every step they take an input from, transitively."""
+    out: set[str] = set()
+    todo = list(names)
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo += [b.step for b in bindings.get(name, {}).values() if isinstance(b, StepRef)]
+    return out
+
+
+def context(cfg: PipelineConfig, **kwargs: Any) -> StepContext:
+    workdir = Path(cfg.workdir)
+    return StepContext(workdir=workdir, tracking=cfg.tracking, cluster=cfg.cluster,
+                       fingerprints=FingerprintCache(workdir / ".fingerprints.json"), **kwargs)
+
+
+def select(cfg: PipelineConfig, steps: Sequence[Step], only: Sequence[str] = (), start: str | None = None,
+           force: Sequence[str] = ()) -> tuple[list[str], set[str]]:
+    """(steps to run when not done, steps to re-run even when done) for --only / --from / --force.
+
+    A forced step's output is rebuilt, so the steps downstream of it are rebuilt too (within --only).
+    """
+    enabled = [s for s in steps if s.enabled(cfg)]
+    names = [s.name for s in enabled]
+    for name in [*only, *([start] if start else []), *force]:
+        if name not in names:
+            raise PipelineError(f"no step {name!r} in this pipeline; its steps: {', '.join(names)}")
+    chosen = list(only) if only else names[names.index(start):] if start else names
+    forced: set[str] = set()
+    for s in enabled:
+        takes = {b.step for b in s.bind(cfg).values() if isinstance(b, StepRef)}
+        if s.name in force or forced & takes:
+            forced.add(s.name)
+    if only:
+        forced &= set(chosen)
+    return [n for n in names if n in set(chosen) | forced], forced
+
+
+# --------------------------------------------------------------------------- running
+
+
+def run(cfg: PipelineConfig, only: Sequence[str] = (), start: str | None = None, force: Sequence[str] = (),
+        steps: Sequence[Step] = STEPS) -> list[PlannedStep]:
+    """Run the pipeline (or the selected steps); return the planned steps with their outcome."""
+    from flows.tracking import stage_run
+
+    started = time.time()
+    base = context(cfg)
+    chosen, forced = select(cfg, steps, only, start, force)
+    planned = plan(cfg, steps, base, wanted=chosen)
+    todo = [p for p in planned if p.step.name in chosen and (not p.done or p.step.name in forced)]
+    for p in planned:
+        if p.step.name not in chosen:
+            p.status = "done" if p.done else "not run"
+    for p in todo:  # every input a step needs must be done or about to be built in this run
+        for up in p.upstream:
+            prior = next(q for q in planned if q.step.name == up)
+            if not prior.done and prior not in todo:
+                raise PipelineError(f"step {p.step.name!r} needs the output of {up!r} ({prior.out}), which is not "
+                                    f"done; run it first (gptflow run --from {up}) or drop --only")
+    if not todo:
+        for p in planned:
+            if p.step.name in chosen:
+                p.status = "done"
+        log.info("pipeline: every step is done; nothing to run (%.1f s)", time.time() - started)
+        return planned
+
+    with stage_run(cfg.tracking, cfg.workdir, "pipeline", {"config": to_dict(cfg)}) as parent:
+        parent.set_tags({f"gptflow.step.{p.step.name}": str(p.out) for p in planned})
+        for p in planned:
+            if p not in todo:
+                if p.status == "pending":
+                    p.status = "done"
+                continue
+            _run_step(cfg, p, base, p.step.name in forced)
+        parent.set_tags({"gptflow.steps": json.dumps({p.step.name: p.status for p in planned})})
+    return planned
+
+
+def _run_step(cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: bool) -> None:
+    from flows.tracking import stage_run
+
+    t0 = time.time()
+    with locked(p.out.parent / f".{p.out.name}.lock"):
+        if is_done(p.out) and not fresh:  # another run built it while this one waited for the lock
+            p.status = "done"
+            return
+        if fresh and p.out.exists():
+            shutil.rmtree(p.out)
+        p.out.mkdir(parents=True, exist_ok=True)
+        try:
+            with stage_run(cfg.tracking, cfg.workdir, p.step.name) as tracker:
+                tracker.set_tags({"gptflow.step_key": p.key, "gptflow.output_dir": str(p.out),
+                                  **{f"gptflow.input.{k}": str(v) for k, v in p.inputs.items() if v}})
+                ctx = dataclasses.replace(base, tracker=tracker, fresh=fresh)
+                p.step.run(cfg, p.inputs, p.out, ctx)
+                p.seconds = time.time() - t0
+                mark_done(p.out, {"step": p.step.name, "key": p.key, "run_id": tracker.run_id,
+                                  "seconds": round(p.seconds, 3),
+                                  "inputs": {k: str(v) if v else None for k, v in p.inputs.items()}})
+        except Exception as e:
+            p.status, p.seconds = "failed", time.time() - t0
+            raise PipelineError(f"step {p.step.name!r} failed: {e}") from e
+    p.status = "ran"
+    log.info("step %s: done in %.1f s -> %s", p.step.name, p.seconds, p.out)
+
+
+def step_output(planned: list[PlannedStep], name: str) -> Path | None:
+    return next((p.out for p in planned if p.step.name == name), None)
+
+
+def describe(planned: list[PlannedStep]) -> str:
+    """The step table: name, status, seconds, output directory, inputs."""
+    rows = [("step", "status", "time", "output")]
+    for p in planned:
+        status = p.status if p.status != "pending" else ("done" if p.done else "to run")
+        rows.append((p.step.name, status, f"{p.seconds:.1f} s" if p.seconds else "", str(p.out)))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows)
+
+
+def done_info(path: Path) -> dict[str, Any]:
+    """The DONE record of a finished step output."""
+    return json.loads((path / DONE).read_text(encoding="utf-8"))
+

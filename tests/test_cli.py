@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import build_parser, resolve_config
+from flows.store import sha256_file
 
 
 def _gptflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -48,24 +49,43 @@ def test_config_prints_resolved_json(tmp_path):
 
 @pytest.mark.slow
 def test_run_pipeline_prints_bundle_last_and_generate_uses_it(tmp_path):
-    """The README's main job, small: preprocess -> pretrain -> finetune, then generate from the bundle."""
+    """The README's main job, small: preprocess -> pretrain -> finetune -> evaluate, then generate."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(f"Document {i}: the cat sat on mat number {i} and looked around." * 3
                                   for i in range(300)))
     sft = tmp_path / "sft.jsonl"
     sft.write_text("\n".join(json.dumps({"prompt": f"Q{i}: ", "completion": f"answer {i}"}) for i in range(60)))
-    out = _gptflow("run", "--workdir", str(tmp_path / "w"), "--set", f"data.inputs=[{corpus}]",
-                   "--set", f"data.sft_inputs=[{sft}]", "--set", "data.vocab_size=400",
-                   "--set", "data.val_fraction=0.1", "--set", "model.context_length=32",
-                   "--set", "pretrain.steps=6", "--set", "pretrain.micro_batch_size=4",
-                   "--set", "pretrain.eval_every=6", "--set", "pretrain.checkpoint_every=6",
-                   "--set", "finetune.steps=4", "--set", "finetune.micro_batch_size=4",
-                   "--set", "finetune.eval_every=4", "--set", "finetune.checkpoint_every=4", cwd=tmp_path)
+    args = ["--workdir", str(tmp_path / "w"), "--set", f"data.inputs=[{corpus}]",
+            "--set", f"data.sft_inputs=[{sft}]", "--set", "data.vocab_size=400",
+            "--set", "data.val_fraction=0.1", "--set", "data.val_min_tokens=500", "--set", "model.context_length=32",
+            "--set", "pretrain.steps=6", "--set", "pretrain.micro_batch_size=4",
+            "--set", "pretrain.eval_every=6", "--set", "pretrain.checkpoint_every=6",
+            "--set", "finetune.steps=4", "--set", "finetune.micro_batch_size=4",
+            "--set", "finetune.eval_every=4", "--set", "finetune.checkpoint_every=4",
+            "--set", "evaluate.max_new_tokens=4", "--set", "evaluate.sample_tokens=16"]
+    out = _gptflow("run", *args, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    bundle = Path(out.stdout.strip().splitlines()[-1])
+    lines = out.stdout.strip().splitlines()
+    bundle = Path(lines[-1])
     assert bundle.parent.name == "finetune" and (bundle / "DONE").is_file()
+    table = {line.split()[0]: line.split() for line in lines[1:5]}
+    assert [table[s][1] for s in ("preprocess", "pretrain", "finetune", "evaluate")] == ["ran"] * 4
+    pretrained = Path(table["pretrain"][-1])
     meta = json.loads((bundle / "metadata.json").read_text())
-    assert "pretrain" in json.dumps(meta)  # lineage points at the parent model
+    # lineage: the fine-tune's parent is the pretrained bundle of this run, by path and by content
+    assert meta["parent"]["bundle"] == str(pretrained)
+    assert meta["parent"]["model_sha256"] == sha256_file(pretrained / "model.safetensors")
+    assert meta["dataset"] == table["preprocess"][-1]
+    assert "evaluation (" in out.stdout and "bits/byte" in out.stdout and "mlflow ui --backend-store-uri" in out.stdout
+    assert (Path(table["evaluate"][-1]) / "metrics.json").is_file()
+
+    again = _gptflow("run", *args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [line.split()[1] for line in again.stdout.splitlines()[1:5]] == ["done"] * 4
+    assert again.stdout.strip().splitlines()[-1] == str(bundle)
+    planned = _gptflow("plan", *args, "--set", "evaluate.max_new_tokens=5", cwd=tmp_path)
+    assert [line.split()[1] for line in planned.stdout.splitlines()[1:5]] == ["done", "done", "done", "to"]
+
     gen = _gptflow("generate", str(bundle), "Q1: ", "--max-new-tokens", "5", cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr[-2000:]
     assert gen.stdout.startswith("Q1: ")

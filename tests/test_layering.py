@@ -1,4 +1,5 @@
-"""gptcore must stay importable without the platform: no Ray, DeepSpeed, MLflow, datasets, FastAPI or flows."""
+"""Layering: gptcore stays importable without the platform; in flows, each third-party system
+sits behind one seam, stages import only downward, and no module import cycle exists."""
 
 from __future__ import annotations
 
@@ -62,3 +63,63 @@ def test_exports_stay_functions_after_importing_every_submodule():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def _flows_imports() -> dict[str, set[str]]:
+    """Module name -> the flows modules it imports (at top level or inside functions)."""
+    flows = GPTCORE.parent / "flows"
+    graph: dict[str, set[str]] = {}
+    for path in sorted(flows.rglob("*.py")):
+        rel = path.relative_to(flows.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("flows")}
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flows"):
+                deps.add(node.module)
+                deps |= {f"{node.module}.{a.name}" for a in node.names}  # `from flows.data import stage`
+        graph[name] = deps
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def test_stage_packages_import_only_downward_and_never_the_runner():
+    graph = _flows_imports()
+    # (package, packages it must not import): stages never reach the runner, the CLI or the report,
+    # and data knows nothing of training or evaluation (the dataset contract lives in flows.data).
+    rules = {
+        "flows.data": ("flows.train", "flows.evaluate", "flows.pipeline", "flows.cli", "flows.report"),
+        "flows.train": ("flows.evaluate", "flows.pipeline", "flows.cli", "flows.report"),
+        "flows.evaluate": ("flows.train", "flows.pipeline", "flows.cli", "flows.report"),
+        "flows.store": ("flows.",),
+        "flows.config": ("flows.",),
+    }
+    offenders = [
+        f"{m} imports {d}" for m, deps in graph.items() for pkg, banned in rules.items()
+        if m == pkg or m.startswith(pkg + ".") for d in deps if d.startswith(banned) and d != m
+        and not (pkg in ("flows.store", "flows.config") and d in ("flows",))
+    ]
+    assert not offenders, offenders
+    assert {"flows.data.dataset"} <= graph["flows.train.plan"] | graph["flows.train.windows"]
+    assert "flows.data.dataset" in graph["flows.evaluate.stage"]
+
+
+def test_flows_has_no_import_cycle():
+    graph = _flows_imports()
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if d.startswith(m + "."):  # a package importing its own submodules is not a cycle
+                continue
+            if state.get(d) == 1 and not m.startswith(d + "."):
+                raise AssertionError(" -> ".join([*path, m, d]))
+            if d not in state:
+                visit(d, [*path, m])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [])
+

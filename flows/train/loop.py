@@ -1,27 +1,21 @@
 """The training loop that runs inside each Ray Train worker: one loop for pretraining and fine-tuning.
 
-What it is: ``train_loop_per_worker(config)``, handed to ``TorchTrainer`` by flows/train.py. It builds
+What it is: ``train_loop_per_worker(config)``, handed to ``TorchTrainer`` by flows/train/driver.py. It builds
 (or loads) the gptcore model, wraps it with ``deepspeed.initialize`` using the DeepSpeed config the
 driver generated, resumes from ``ray.train.get_checkpoint()`` if there is one, and then runs a short
 explicit loop: step, and on intervals evaluate / checkpoint. At the end rank 0 writes the bundle.
 
-What it is not: the driver (validation, config generation, MLflow run, output paths: flows/train.py),
-nor the data reader (flows/train_data.py). Every rank must call ``ray.train.report`` equally often,
+What it is not: the driver (validation, config generation, MLflow run, output paths: flows/train/driver.py),
+nor the data reader (flows/train/windows.py). Every rank must call ``ray.train.report`` equally often,
 so reports happen only with checkpoints; per-step metrics go straight to MLflow from rank 0.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import queue
-import resource
-import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +23,18 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from flows.train import checkpoint_dir_name
-from flows.train_data import TokenWindows
+from flows.train.checkpoint import LoopState, load_checkpoint, save_checkpoint
+from flows.train.plan import LoopConfig
+from flows.train.telemetry import (
+    AsyncLogger,
+    default_peak_flops,
+    gradient_norm,
+    loss_figure,
+    peak_rss_bytes,
+)
+from flows.train.windows import TokenWindows
 
 log = logging.getLogger(__name__)
-
-STATE_FILE = "trainer_state.json"
-
-
-# --------------------------------------------------------------------------- small pieces
 
 
 def compute_loss(model: Any, batch: tuple[np.ndarray, np.ndarray, np.ndarray | None], device: torch.device) -> torch.Tensor:
@@ -57,95 +54,7 @@ def is_bad_loss(loss: float, running_mean: float | None, spike_factor: float) ->
     return spike_factor > 0 and running_mean is not None and loss > spike_factor * running_mean
 
 
-def _grad_norm(model: torch.nn.Module) -> float:
-    """L2 norm of all gradients (before clipping)."""
-    norms = [p.grad.detach().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-# Dense peak FLOP/s per device for MFU when the config gives none. GPUs: vendor figures for bf16/fp16
-# tensor cores (fp32 uses TF32 rates). CPUs have no honest vendor figure; these are per core, the
-# matmul rates measured on this project's AVX-512 machines (STACK-NOTES: ~877 GFLOP/s bf16 and
-# ~206 fp32 on 2 threads), so CPU "MFU" reads as a fraction of achievable matmul throughput.
-_GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
-_CPU_PEAK_PER_CORE = {"bf16": 440e9, "fp16": 440e9, "fp32": 103e9}
-
-
-def default_peak_flops(precision: str, use_gpu: bool, threads: int) -> float:
-    if use_gpu and torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, peak in _GPU_PEAK.items():
-            if key in name:
-                return peak if precision != "fp32" else peak / 2
-        return 0.0  # unknown GPU: no MFU rather than a made-up one
-    return _CPU_PEAK_PER_CORE[precision] * threads
-
-
-@dataclass
-class LoopState:
-    """What a resume checkpoint records beside DeepSpeed's own state (written as JSON by rank 0)."""
-
-    step: int = 0
-    """Optimizer steps completed; also the data position (batches are a function of the step)."""
-    loss_ema: float | None = None
-    """Running mean of good losses, for spike detection."""
-    skipped_total: int = 0
-    skipped_in_a_row: int = 0
-    tokens_seen: int = 0
-    history: list[list[float]] = field(default_factory=list)
-    """[step, loss, val_loss or NaN] rows, for the loss-curve plot (survives restarts)."""
-
-
-class _AsyncLogger:
-    """Rank 0's per-step MLflow writes on a thread, so a sqlite commit never stalls a training step."""
-
-    def __init__(self, tracker: Any):
-        self.tracker = tracker
-        self.q: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while True:
-            item = self.q.get()
-            try:
-                if item is None:
-                    return
-                kind, payload, step = item
-                if kind == "metrics":
-                    self.tracker.log_metrics(payload, step=step)
-                elif kind == "text":
-                    self.tracker.log_text(payload, step)
-                elif kind == "figure":
-                    self.tracker.log_figure(payload, step)
-            except Exception:  # tracking must never kill training; the failure is logged
-                log.exception("MLflow logging failed")
-            finally:
-                self.q.task_done()
-
-    def metrics(self, d: dict[str, float], step: int) -> None:
-        self.q.put(("metrics", d, step))
-
-    def text(self, text: str, name: str) -> None:
-        self.q.put(("text", text, name))
-
-    def figure(self, fig: Any, name: str) -> None:
-        self.q.put(("figure", fig, name))
-
-    def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
-
-
-# --------------------------------------------------------------------------- model and engine
-
-
-def _build_model(cfg: dict[str, Any]):
+def _build_model(cfg: LoopConfig):
     """The initial model on this rank: a fresh GPT (same seed on every rank) or the init bundle's weights.
 
     Either way the model is built from the driver's config, so a fine-tuning run's own dropout and
@@ -153,14 +62,14 @@ def _build_model(cfg: dict[str, Any]):
     """
     from gptcore import GPT, GPTConfig, Tokenizer, load_bundle
 
-    torch.manual_seed(cfg["seed"])
-    model = GPT(GPTConfig.from_dict(cfg["gpt_config"]))
-    if cfg["init_bundle"]:
-        loaded, tokenizer, _ = load_bundle(cfg["init_bundle"])
+    torch.manual_seed(cfg.seed)
+    model = GPT(GPTConfig.from_dict(cfg.gpt_config))
+    if cfg.init_bundle:
+        loaded, tokenizer, _ = load_bundle(cfg.init_bundle)
         model.load_state_dict(loaded.state_dict())
         del loaded
     else:
-        tokenizer = Tokenizer.load(Path(cfg["dataset"]) / "tokenizer.json")
+        tokenizer = Tokenizer.load(Path(cfg.dataset) / "tokenizer.json")
     return model, tokenizer
 
 
@@ -193,18 +102,18 @@ class _UpdateGate:
         return None if self.skip else self._step(*args, **kwargs)
 
 
-def _init_engine(cfg: dict[str, Any], model: torch.nn.Module):
+def _init_engine(cfg: LoopConfig, model: torch.nn.Module):
     """The DeepSpeed engine and the gate that can skip one update of its base optimizer."""
     import deepspeed
 
-    ds_config = cfg["deepspeed_config"]
-    groups = _param_groups(model, cfg["weight_decay"])
+    ds_config = cfg.deepspeed_config
+    groups = _param_groups(model, cfg.weight_decay)
     optimizer = None
     if "optimizer" not in ds_config:
         # torch's AdamW as the client optimizer: no JIT-compiled DeepSpeed op on CPU (see STACK-NOTES),
         # fused kernels on GPU. DeepSpeed wraps it for ZeRO and drives the schedule from its config.
-        kwargs: dict[str, Any] = {"lr": cfg["lr"], "betas": (cfg["beta1"], cfg["beta2"]), "eps": 1e-8}
-        if cfg["use_gpu"]:
+        kwargs: dict[str, Any] = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2), "eps": 1e-8}
+        if cfg.use_gpu:
             kwargs["fused"] = True
         optimizer = torch.optim.AdamW(groups, **kwargs)
     engine, _, _, _ = deepspeed.initialize(
@@ -216,57 +125,8 @@ def _init_engine(cfg: dict[str, Any], model: torch.nn.Module):
     return engine, _UpdateGate(engine.basic_optimizer)
 
 
-# --------------------------------------------------------------------------- checkpoints
-
-
-def _save_checkpoint(engine: Any, state: LoopState, metrics: dict[str, Any], rank: int) -> None:
-    """Every rank writes its DeepSpeed shard files into its own temp dir; Ray merges them in storage."""
-    import ray.train
-
-    tag = f"step{state.step:08d}"
-    with tempfile.TemporaryDirectory(prefix="gptflow-ckpt-") as tmp:
-        engine.save_checkpoint(tmp, tag=tag)
-        torch.save(
-            {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            Path(tmp) / f"rng_rank{rank:05d}.pt",
-        )
-        if rank == 0:
-            Path(tmp, STATE_FILE).write_text(json.dumps({**state.__dict__, "tag": tag}))
-        ray.train.report(
-            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-            checkpoint_dir_name=checkpoint_dir_name(state.step),
-        )
-
-
-def _load_checkpoint(engine: Any, checkpoint: Any, rank: int) -> LoopState:
-    with checkpoint.as_directory() as d:
-        saved = json.loads(Path(d, STATE_FILE).read_text())
-        tag = saved.pop("tag")
-        path, _ = engine.load_checkpoint(d, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed found no checkpoint {tag!r} in {d}")
-        # The scheduler's state is only its position (last_batch_iteration); the learning rate the
-        # next step uses comes from the optimizer's saved param_groups, i.e. from the schedule of the
-        # run that wrote the checkpoint. Recompute it from this run's schedule at the same position:
-        # identical for a same-config restart, and a run resumed into more steps (N then 2N) follows
-        # the 2N schedule from its first resumed step rather than one step later.
-        sched = engine.lr_scheduler
-        if sched is not None and hasattr(sched, "last_batch_iteration"):
-            sched.step(sched.last_batch_iteration)
-        rng_file = Path(d, f"rng_rank{rank:05d}.pt")
-        if rng_file.is_file():  # absent when the world size changed; batches do not depend on it
-            rng = torch.load(rng_file, weights_only=True)
-            torch.set_rng_state(rng["cpu"])
-            if rng["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(rng["cuda"])
-    return LoopState(**saved)
-
-
-# --------------------------------------------------------------------------- eval and samples
-
-
 @torch.no_grad()
-def _evaluate(engine: Any, val: TokenWindows | None, cfg: dict[str, Any], device: torch.device) -> float | None:
+def _evaluate(engine: Any, val: TokenWindows | None, cfg: LoopConfig, device: torch.device) -> float | None:
     """Mean validation loss over every rank's fixed validation windows (a collective)."""
     if val is None:
         return None
@@ -275,7 +135,7 @@ def _evaluate(engine: Any, val: TokenWindows | None, cfg: dict[str, Any], device
     windows = torch.tensor([len(val)], dtype=torch.int64, device=device)
     if dist.is_initialized():
         dist.all_reduce(windows, op=dist.ReduceOp.MIN)
-    for batch in val.eval_batches(cfg["eval_batches"], cfg["micro_batch_size"], limit=int(windows)):
+    for batch in val.eval_batches(cfg.eval_batches, cfg.micro_batch_size, limit=int(windows)):
         loss = compute_loss(engine, batch, device)
         total += torch.tensor([float(loss) * len(batch[0]), len(batch[0])], dtype=torch.float64, device=device)
     engine.train()
@@ -285,58 +145,35 @@ def _evaluate(engine: Any, val: TokenWindows | None, cfg: dict[str, Any], device
 
 
 @torch.no_grad()
-def _samples(engine: Any, tokenizer: Any, cfg: dict[str, Any]) -> str:
+def _samples(engine: Any, tokenizer: Any, cfg: LoopConfig) -> str:
     """Greedy continuations of the sample prompts. Every rank runs it: under ZeRO-3 each forward
     gathers parameters collectively, and greedy decoding makes every rank take the same path."""
     from gptcore import generate
 
     engine.module.eval()
     lines = []
-    for prompt in cfg["sample_prompts"]:
+    for prompt in cfg.sample_prompts:
         ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-        out = generate(engine.module, ids, max_new_tokens=cfg["sample_tokens"], stop_ids=(tokenizer.eot_id,))
+        out = generate(engine.module, ids, max_new_tokens=cfg.sample_tokens, stop_ids=(tokenizer.eot_id,))
         lines.append(f"--- {prompt!r}\n{prompt}{tokenizer.decode(out)}\n")
     engine.module.train()
     return "\n".join(lines)
 
 
-def _loss_figure(history: list[list[float]], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    h = np.asarray(history, dtype=float)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(h[:, 0], h[:, 1], label="train loss")
-    ok = np.isfinite(h[:, 2])
-    if ok.any():
-        ax.plot(h[ok, 0], h[ok, 2], "o-", label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    return fig
-
-
-# --------------------------------------------------------------------------- export
-
-
-def _export_bundle(engine: Any, tokenizer: Any, cfg: dict[str, Any], rank: int, metadata: dict[str, Any]) -> None:
+def _export_bundle(engine: Any, tokenizer: Any, cfg: LoopConfig, rank: int, metadata: dict[str, Any]) -> None:
     """Rank 0 writes the bundle; under ZeRO-3 all ranks must join the parameter gather first."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     from gptcore import GPT, GPTConfig, save_bundle
 
     state = None
-    if cfg["precision"] != "fp32":
+    if cfg.precision in ("bf16", "fp16"):
         # The fp32 master weights, not their bf16/fp16 rounding. Each call is a collective under
         # ZeRO (a gather or all-reduce of that parameter's shards), so every rank makes them all.
         full = {name: safe_get_full_fp32_param(p) for name, p in engine.module.named_parameters()}
         if all(v is not None for v in full.values()):
             state = full
-    if state is None and cfg["zero_stage"] == 3:
+    if state is None and cfg.zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # collective: every rank calls it
     elif state is None:
         state = engine.module.state_dict()
@@ -346,70 +183,67 @@ def _export_bundle(engine: Any, tokenizer: Any, cfg: dict[str, Any], rank: int, 
     sd = {k: v.detach().float().cpu() for k, v in state.items()}
     sd.setdefault("lm_head.weight", sd["wte.weight"])  # tied; a gather may list it only once
     model.load_state_dict(sd)
-    save_bundle(cfg["output_dir"], model, tokenizer, metadata)
+    save_bundle(cfg.output_dir, model, tokenizer, metadata)
 
 
-# --------------------------------------------------------------------------- the loop
-
-
-def train_loop_per_worker(cfg: dict[str, Any]) -> None:
+def train_loop_per_worker(cfg: LoopConfig) -> None:
     import ray.train
 
     from flows.tracking import attach
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if cfg["use_gpu"]:
+    if cfg.use_gpu:
         from ray.train.torch import get_device
 
         device = get_device()
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        torch.set_num_threads(cfg["cpus_per_worker"])
+        torch.set_num_threads(cfg.cpus_per_worker)
     logging.basicConfig(level=logging.INFO)
 
     model, tokenizer = _build_model(cfg)
     engine, gate = _init_engine(cfg, model)
-    if cfg["compile"]:
+    if cfg.compile:
         engine.compile()  # lazily: the first forward pays the compile; checkpoints and export use engine.module
     T = engine.module.config.context_length
-    data = TokenWindows(cfg["dataset"], cfg["split"], T, rank, world)
-    val = TokenWindows(cfg["dataset"], "val", T, rank, world) if cfg["eval_split"] else None
+    data = TokenWindows(cfg.dataset, cfg.split, T, rank, world)
+    val = TokenWindows(cfg.dataset, cfg.eval_split, T, rank, world) if cfg.eval_split else None
 
     state = LoopState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        state = _load_checkpoint(engine, checkpoint, rank)
+        state = load_checkpoint(engine, checkpoint, rank)
         log.info("rank %d resumed at step %d", rank, state.step)
-        if state.step > cfg["steps"]:
+        if state.step > cfg.steps:
             raise RuntimeError(
-                f"run {cfg['run_name']!r} under {cfg['storage_path']} has a checkpoint at step {state.step}, past "
-                f"steps={cfg['steps']}: a run resumes into the same or more steps, never fewer; use another run_name"
+                f"run {cfg.run_name!r} under {cfg.storage_path} has a checkpoint at step {state.step}, past "
+                f"steps={cfg.steps}: a run resumes into the same or more steps, never fewer; use another run_name"
             )
     else:
-        torch.manual_seed(cfg["seed"] * 1000 + rank)  # dropout differs per rank, reproducibly
+        torch.manual_seed(cfg.seed * 1000 + rank)  # dropout differs per rank, reproducibly
 
-    tracker = attach(cfg["run_id"], cfg["tracking_uri"]) if rank == 0 else attach(None, None)
-    logger = _AsyncLogger(tracker) if tracker.enabled else None
+    tracker = attach(cfg.run_id, cfg.tracking_uri) if rank == 0 else attach(None, None)
+    logger = AsyncLogger(tracker) if tracker.enabled else None
 
-    tokens_per_step = cfg["micro_batch_size"] * cfg["grad_accum"] * T * world
-    flops_per_step = cfg["flops_per_token"] * tokens_per_step
-    peak = (cfg["peak_flops_per_device"]
-            or default_peak_flops(cfg["precision"], cfg["use_gpu"], cfg["cpus_per_worker"])) * world
-    steps, ga, mbs = cfg["steps"], cfg["grad_accum"], cfg["micro_batch_size"]
+    tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * T * world
+    flops_per_step = cfg.flops_per_token * tokens_per_step
+    peak = (cfg.peak_flops_per_device
+            or default_peak_flops(cfg.precision, cfg.use_gpu, cfg.cpus_per_worker)) * world
+    steps, ga, mbs = cfg.steps, cfg.grad_accum, cfg.micro_batch_size
     timed_steps, timed_seconds = 0, 0.0
     first_step = state.step
     val_loss: float | None = None
     # DeepSpeed keeps the gradient norm of every path but plain fp32 without ZeRO (it clips and
     # drops it there); rank 0 then measures it itself from the already all-reduced gradients.
-    own_grad_norm = logger is not None and cfg["zero_stage"] == 0 and cfg["precision"] == "fp32"
+    own_grad_norm = logger is not None and cfg.zero_stage == 0 and cfg.precision in ("fp32", "bf16-autocast")
     grad_norm: float | None = None
 
     while state.step < steps:
         step = state.step
-        if step == cfg["fail_at_step"] and rank == min(1, world - 1) and cfg["fail_marker"]:
-            marker = Path(cfg["fail_marker"])
+        if step == cfg.fail_at_step and rank == min(1, world - 1) and cfg.fail_marker:
+            marker = Path(cfg.fail_marker)
             if not marker.exists():  # once per run: the restarted worker passes this step
                 marker.parent.mkdir(parents=True, exist_ok=True)
                 marker.write_text(f"rank {rank} exited at step {step}\n")
@@ -420,14 +254,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         loss_sum, bad = 0.0, False
         ds_skipped = engine.skipped_steps
         for micro in range(ga):
-            loss = compute_loss(engine, data.train_batch(cfg["seed"], step, micro, ga, mbs), device)
-            if step == cfg.get("nan_at_step", -1) and micro == 0 and rank == 0:
+            loss = compute_loss(engine, data.train_batch(cfg.seed, step, micro, ga, mbs), device)
+            if step == cfg.nan_at_step and micro == 0 and rank == 0:
                 # Testing only (a loop-config key, no TrainConfig field): a NaN loss on one rank with
                 # the graph intact; the other ranks learn of it only through the all-reduced flag.
                 loss = loss + float("nan")
             value = float(loss.detach())
             loss_sum += value  # a bad step logs its real (NaN or spiking) loss
-            if is_bad_loss(value, state.loss_ema, cfg["loss_spike_factor"]):
+            if is_bad_loss(value, state.loss_ema, cfg.loss_spike_factor):
                 # Backward a zero loss instead, so every rank runs the same DeepSpeed hooks and ZeRO
                 # collectives. Its gradients are zero when only the loss is non-finite; NaN activations
                 # can still make NaN gradients (0 * inf), harmless because the update is skipped.
@@ -441,10 +275,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 bad = flags[1].item() > 0
                 gate.skip = bad  # no optimizer update: weights and Adam state stay as they were
                 if own_grad_norm:
-                    grad_norm = _grad_norm(engine.module)
+                    grad_norm = gradient_norm(engine.module)
             engine.step()
         gate.skip = False
-        if engine.skipped_steps > ds_skipped and cfg["precision"] != "fp16" and engine.lr_scheduler is not None:
+        if engine.skipped_steps > ds_skipped and cfg.precision != "fp16" and engine.lr_scheduler is not None:
             # DeepSpeed skipped the update itself (a non-finite gradient norm under ZeRO or bf16) and,
             # unlike a gated skip, left the lr schedule where it was. Advance it: the schedule's clock
             # is the step count, which is also the data position and what a checkpoint resumes from.
@@ -452,12 +286,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             engine.lr_scheduler.step()
             bad = True
         step_loss = float(flags[0]) / world
-        if torch.cuda.is_available() and cfg["use_gpu"]:
+        if torch.cuda.is_available() and cfg.use_gpu:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         state.step += 1
         state.tokens_seen += tokens_per_step
-        if state.step - first_step > cfg["warmup_timing_steps"]:
+        if state.step - first_step > cfg.warmup_timing_steps:
             timed_steps += 1
             timed_seconds += dt
 
@@ -466,11 +300,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             state.skipped_in_a_row += 1
             log.warning("step %d: loss %.4g is NaN/inf or a spike; update skipped (%d in a row)",
                         state.step, step_loss, state.skipped_in_a_row)
-            if state.skipped_in_a_row >= cfg["max_skipped_updates"]:
+            if state.skipped_in_a_row >= cfg.max_skipped_updates:
                 raise RuntimeError(
                     f"training stopped at step {state.step}: {state.skipped_in_a_row} consecutive updates had a "
-                    f"NaN/inf loss or a loss spike over {cfg['loss_spike_factor']}x the running mean; the last good "
-                    f"resume checkpoint is kept under {cfg['storage_path']}/{cfg['run_name']}"
+                    f"NaN/inf loss or a loss spike over {cfg.loss_spike_factor}x the running mean; the last good "
+                    f"resume checkpoint is kept under {cfg.storage_path}/{cfg.run_name}"
                 )
         else:
             state.skipped_in_a_row = 0
@@ -478,7 +312,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
         val_loss = None
         is_last = state.step == steps
-        if state.step % cfg["eval_every"] == 0 or is_last:
+        if state.step % cfg.eval_every == 0 or is_last:
             val_loss = _evaluate(engine, val, cfg, device)
             text = _samples(engine, tokenizer, cfg)
             if logger:
@@ -500,7 +334,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 metrics["mfu"] = flops_per_step / dt / peak
             logger.metrics(metrics, state.step)
 
-        if state.step % cfg["checkpoint_every"] == 0 or is_last:
+        if state.step % cfg.checkpoint_every == 0 or is_last:
             report = {"step": state.step, "loss": step_loss, "skipped_updates": state.skipped_total}
             if val_loss is not None:
                 report["val_loss"] = val_loss
@@ -510,17 +344,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 if world > 1:
                     dist.all_reduce(mem, op=dist.ReduceOp.MAX)
                 report.update({
-                    "tokens_per_s": tps, "mfu": tps * cfg["flops_per_token"] / peak if peak > 0 else float("nan"),
+                    "tokens_per_s": tps, "mfu": tps * cfg.flops_per_token / peak if peak > 0 else float("nan"),
                     "timed_steps": timed_steps, "peak_rss_bytes_max_rank": float(mem[0]),
                     "tokens_seen": state.tokens_seen,
                 })
-                if cfg["use_gpu"]:
+                if cfg.use_gpu:
                     report["peak_gpu_bytes_rank0"] = float(torch.cuda.max_memory_allocated(device))
-            _save_checkpoint(engine, state, report, rank)
+            save_checkpoint(engine, state, report, rank)
 
     if logger and state.history:
-        logger.figure(_loss_figure(state.history, f"{cfg['stage']} ({cfg['run_name']})"), "loss_curve.png")
-    _export_bundle(engine, tokenizer, cfg, rank, cfg["bundle_metadata"] | {
+        logger.figure(loss_figure(state.history, f"{cfg.stage} ({cfg.run_name})"), "loss_curve.png")
+    _export_bundle(engine, tokenizer, cfg, rank, cfg.bundle_metadata | {
         "steps": state.step, "skipped_updates": state.skipped_total,
         "final_loss": state.history[-1][1] if state.history else None,
         # The checkpoint step the last worker start resumed from (0: from scratch): a restart after a

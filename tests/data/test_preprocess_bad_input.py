@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from preprocess_data import document, documents_of, shard_tokens
 
 from flows.config import DataConfig, PipelineConfig, TrackingConfig
-from flows.preprocess import load_manifest, preprocess
-from flows.readers import InputError
+from flows.data.dataset import read_manifest as load_manifest
+from flows.data.inputs import InputError
+from tests.data.preprocess_data import document, documents_of, shard_tokens
+from tests.steps import preprocess
 
 GOOD = {name: document(seed, 120) for seed, name in enumerate(
     ["good1.txt", "good2.md", "utf8.txt", "nul.txt", "control.txt", "crlf.txt", "good.txt.zst"]
@@ -22,7 +23,7 @@ GOOD = {name: document(seed, 120) for seed, name in enumerate(
 
 
 def config(workdir: Path, **data) -> PipelineConfig:
-    defaults = dict(vocab_size=400, min_chars=16, val_fraction=0.0)
+    defaults = dict(vocab_size=400, min_chars=16, val_fraction=0.0, val_min_tokens=0)
     defaults.update(data)
     return PipelineConfig(workdir=str(workdir), data=DataConfig(**defaults),
                           tracking=TrackingConfig(enabled=False))

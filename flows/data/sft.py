@@ -6,7 +6,7 @@ What it is: the record formats (``{"prompt", "completion"}`` and chat-style ``{"
 tokens the model should learn to produce: the completion, or the assistant turns, plus the
 trailing ``<|endoftext|>``.
 
-What it is not: reading files (flows/readers.py) or writing shards (flows/preprocess.py).
+What it is not: reading files (flows/data/formats.py) or writing shards (flows/data/shards.py).
 
 Prompt and completion are tokenized separately and concatenated, so the mask boundary falls on a
 token boundary by construction (a BPE merge across it is impossible).
@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 from flows.config import DataConfig
-from flows.readers import UnitStats, clean
+from flows.data.clean import UnitStats, clean
 
 ASSISTANT = "assistant"
 

@@ -17,22 +17,29 @@ import math
 import types
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from train_fixtures import (  # tests/ is on sys.path under pytest
+
+import flows.train.driver
+from flows.config import ConfigError, load_config
+from flows.context import StepContext
+from flows.data.dataset import DataError, check_dataset
+from flows.train.checkpoint import check_resume
+from flows.train.ds_config import deepspeed_config
+from flows.train.loop import compute_loss, is_bad_loss
+from flows.train.plan import check_cluster
+from flows.train.plan import plan as plan_training
+from flows.train.windows import TokenWindows
+from gptcore import GPT, Tokenizer, generate, load_bundle, preset
+from tests.steps import plan, train
+from tests.train.train_fixtures import (
     make_dataset,
     stdlib_docs,
     unigram_entropy,
 )
-
-import flows.train
-from flows.config import ConfigError, load_config
-from flows.train import check_cluster, check_resume, deepspeed_config, plan, train
-from flows.train_data import DataError, TokenWindows, check_dataset
-from flows.train_loop import compute_loss, is_bad_loss
-from gptcore import GPT, Tokenizer, generate, load_bundle, preset
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +47,16 @@ def dataset(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("data") / "ds", vocab_size=512)
 
 
+# What these tests were sized for: the tiny preset, one fp32 worker without ZeRO (the pipeline's
+# own defaults are a larger bf16 model on two workers).
+_TEST_DEFAULTS = ["model.preset=tiny", "pretrain.steps=400", "pretrain.lr=3e-3", "finetune.steps=100",
+                  "finetune.lr=1e-4", *(f"{s}.{k}" for s in ("pretrain", "finetune") for k in (
+                      "num_workers=1", "zero_stage=0", "precision=fp32", "eval_every=50", "checkpoint_every=50"))]
+
+
 def _cfg(workdir: Path, data: Path, *overrides: str, stage: str = "pretrain"):
-    base = [f"workdir={workdir}", f"{stage}.data={data}", "tracking.enabled=false", f"{stage}.warmup_steps=2"]
+    base = [f"workdir={workdir}", *_TEST_DEFAULTS, f"{stage}.data={data}", "tracking.enabled=false",
+            f"{stage}.warmup_steps=2"]
     return load_config(None, base + list(overrides))
 
 
@@ -67,10 +82,10 @@ def _assert_same_weights(a: Path, b: Path) -> None:
 @contextlib.contextmanager
 def _nan_loss_at(step: int) -> Iterator[None]:
     """Rank 0's first micro-batch loss at `step` becomes NaN (the loop's test-only `nan_at_step` key)."""
-    original = flows.train.loop_config
+    original = flows.train.driver.loop_config
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flows.train, "loop_config",
-                   lambda p, run_id, uri: original(p, run_id, uri) | {"nan_at_step": step})
+        mp.setattr(flows.train.driver, "loop_config",
+                   lambda p, run_id, uri: dataclasses.replace(original(p, run_id, uri), nan_at_step=step))
         yield
 
 
@@ -112,10 +127,12 @@ def test_bad_config_values_are_rejected_at_load(overrides, match):
 
 
 def test_preflight_rejects_bad_setups(dataset, tmp_path):
-    with pytest.raises(ConfigError, match="pretrain.data is empty"):
-        plan(load_config(None, [f"workdir={tmp_path}"]))
-    with pytest.raises(ConfigError, match="finetune.init is empty"):
-        plan(_cfg(tmp_path, dataset, stage="finetune"), "finetune")
+    cfg = load_config(None, [f"workdir={tmp_path}", *_TEST_DEFAULTS])
+    with pytest.raises(ConfigError, match="pretrain.data is empty"):  # the stage called without a dataset
+        plan_training(cfg.pretrain, cfg.model, "", None, tmp_path / "out", StepContext(workdir=tmp_path))
+    with pytest.raises(ConfigError, match="finetune.init is empty"):  # in the pipeline it is pretrain's output
+        plan_training(cfg.finetune, cfg.model, dataset, None, tmp_path / "out", StepContext(workdir=tmp_path),
+                      "finetune")
     with pytest.raises(ConfigError, match="fp16.*needs GPUs"):
         plan(_cfg(tmp_path, dataset, "pretrain.precision=fp16"))
     with pytest.raises(ConfigError, match="offload_optimizer.*zero_stage"):
@@ -281,13 +298,14 @@ def test_skipped_update_and_resumed_lr_on_a_real_engine(one_process_group, tmp_p
     """DeepSpeed engine level (one process): a gated step leaves weights and Adam state untouched while
     the lr schedule advances; resuming an N-step checkpoint under a 2N-step config makes the very next
     step use the 2N schedule's lr (the optimizer's saved lr is the N schedule's)."""
-    from flows.train_loop import STATE_FILE, _init_engine, _load_checkpoint
+    from flows.train.checkpoint import STATE_FILE, load_checkpoint
+    from flows.train.loop import _init_engine
 
     def engine_for(steps: int):
         tc = load_config(None, [f"pretrain.steps={steps}", "pretrain.warmup_steps=1", f"pretrain.zero_stage={zero_stage}",
-                                "pretrain.micro_batch_size=4"]).pretrain
-        cfg = {"deepspeed_config": deepspeed_config(tc), "weight_decay": tc.weight_decay, "lr": tc.lr,
-               "beta1": tc.beta1, "beta2": tc.beta2, "use_gpu": False}
+                                "pretrain.micro_batch_size=4", "pretrain.num_workers=1", "pretrain.precision=fp32"]).pretrain
+        cfg = SimpleNamespace(deepspeed_config=deepspeed_config(tc), weight_decay=tc.weight_decay, lr=tc.lr,
+                              beta1=tc.beta1, beta2=tc.beta2, use_gpu=False)
         torch.manual_seed(0)
         return _init_engine(cfg, torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)))
 
@@ -323,7 +341,7 @@ def test_skipped_update_and_resumed_lr_on_a_real_engine(one_process_group, tmp_p
     engine.save_checkpoint(str(ckpt), tag="step00000004")
     (ckpt / STATE_FILE).write_text(json.dumps({"step": 4, "tag": "step00000004"}))
     longer, _ = engine_for(8)
-    _load_checkpoint(longer, types.SimpleNamespace(as_directory=lambda: contextlib.nullcontext(str(ckpt))), rank=0)
+    load_checkpoint(longer, types.SimpleNamespace(as_directory=lambda: contextlib.nullcontext(str(ckpt))), rank=0)
     reference, _ = engine_for(8)  # uninterrupted 8-step schedule after 4 steps
     for _ in range(4):
         train_step(reference)
@@ -350,9 +368,10 @@ def test_pretrain_learns_tracks_and_is_reused(pretrained, dataset):
 
     cfg, bundle = pretrained
     done = json.loads((bundle / "DONE").read_text())
+    result = json.loads((bundle / "train_result.json").read_text())
     entropy = unigram_entropy(dataset)
     # Below the best context-free model by a clear margin: the model uses context.
-    assert done["metrics"]["val_loss"] < entropy - 0.5, (done["metrics"], entropy)
+    assert result["metrics"]["val_loss"] < entropy - 0.5, (result["metrics"], entropy)
     model, tok, meta = load_bundle(bundle)
     assert meta["dataset_manifest_sha256"] and meta["config_hash"] == bundle.name and meta["parent"] is None
     assert meta["steps"] == 200 and model.config.vocab_size == tok.vocab_size == 512
@@ -379,7 +398,7 @@ def test_zero3_two_workers_exports_consolidated_bundle(ray_local, dataset, tmp_p
                "pretrain.eval_every=8", "pretrain.checkpoint_every=8", "pretrain.eval_batches=2",
                "pretrain.micro_batch_size=4")
     bundle = train(cfg)
-    reported = json.loads((bundle / "DONE").read_text())["metrics"]["val_loss"]
+    reported = json.loads((bundle / "train_result.json").read_text())["metrics"]["val_loss"]
     model, tok, _ = load_bundle(bundle)
     # The gathered weights reproduce the validation loss the sharded engine measured.
     total, n = 0.0, 0
@@ -441,7 +460,7 @@ def test_nan_loss_is_skipped_and_a_run_resumes_by_name_into_more_steps(zero2_uni
                      "pretrain.keep_checkpoints=5")
     with _nan_loss_at(NAN_STEP):
         first = train(first_cfg)
-    done = json.loads((first / "DONE").read_text())["metrics"]
+    done = json.loads((first / "train_result.json").read_text())["metrics"]
     assert done["skipped_updates"] == 1 and math.isfinite(done["loss"]) and done["step"] == 5
 
     run_dir = storage / "extend"
@@ -520,7 +539,7 @@ def test_init_from_a_registered_model_alias(dataset, tmp_path, monkeypatch):
     # which would win over this test's tracking.uri.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
-    from flows.outputs import sha256_file
+    from flows.store import sha256_file
     from gptcore import save_bundle
 
     tok = Tokenizer.load(dataset / "tokenizer.json")

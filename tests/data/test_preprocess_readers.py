@@ -10,16 +10,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flows import readers
 from flows.config import DataConfig
-from flows.readers import UnitStats
+from flows.data import clean, formats, inputs
+from flows.data.clean import UnitStats
 
 
 def _docs(paths: list[Path], data: DataConfig) -> tuple[list[str], int, UnitStats]:
-    files = readers.describe([str(p) for p in paths])
-    units = readers.plan_units(files, data)
+    files = inputs.describe([str(p) for p in paths])
+    units = inputs.plan_units(files, data)
     stats = UnitStats()
-    docs = [d for u in units for d in readers.iter_documents(u, data, stats)]
+    docs = [d for u in units for d in formats.iter_documents(u, data, stats)]
     return docs, len(units), stats
 
 
@@ -53,22 +53,22 @@ def test_text_ranges_tile_the_file_at_character_boundaries(tmp_path, text, step,
 def test_cleaning_normalises_line_endings_unicode_and_controls():
     stats = UnitStats()
     data = DataConfig()
-    assert readers.clean("a\r\nb\rc\u0065\u0301\x07\x00d\te", data, stats) == "a\nb\nc\u00e9d\te"
+    assert clean.clean("a\r\nb\rc\u0065\u0301\x07\x00d\te", data, stats) == "a\nb\nc\u00e9d\te"
     assert stats.repaired == Counter({"nul_bytes": 1, "control_chars": 1})
     keep = DataConfig(drop_control_chars=False, unicode_normalization="none")
-    assert readers.clean("e\u0301\x07", keep, UnitStats()) == "e\u0301\x07"
+    assert clean.clean("e\u0301\x07", keep, UnitStats()) == "e\u0301\x07"
 
 
 def test_long_documents_are_cut_at_line_breaks():
     text = ("x" * 30 + "\n") * 10
-    parts = list(readers.pieces(text, 100))
+    parts = list(clean.pieces(text, 100))
     assert "".join(parts) == text and all(len(p) <= 100 for p in parts)
     assert all(p.endswith("\n") for p in parts)
 
 
 @pytest.mark.slow
 def test_builtin_corpus_is_python_docs_written_once(tmp_path):
-    from flows.corpus import materialize
+    from flows.data.corpus import materialize
 
     dest = materialize(tmp_path / "python-docs")
     files = sorted(p.name for p in dest.glob("*.txt"))

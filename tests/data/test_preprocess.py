@@ -14,16 +14,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from preprocess_data import document, documents_of, shard_tokens, write_corpus
 
 from flows.config import DataConfig, PipelineConfig, TrackingConfig
-from flows.preprocess import DatasetError, load_manifest, preprocess
+from flows.data.dataset import DataError as DatasetError
+from flows.data.dataset import read_manifest as load_manifest
+from tests.data.preprocess_data import document, documents_of, shard_tokens, write_corpus
+from tests.steps import preprocess
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def config(workdir: Path, tracking: bool = False, **data) -> PipelineConfig:
-    defaults = dict(vocab_size=512, min_chars=16, val_fraction=0.1, shard_tokens=4_000)
+    defaults = dict(vocab_size=512, min_chars=16, val_fraction=0.1, val_min_tokens=0, shard_tokens=4_000)
     defaults.update(data)
     return PipelineConfig(
         workdir=str(workdir), data=DataConfig(**defaults), tracking=TrackingConfig(enabled=tracking)
@@ -119,9 +121,9 @@ def test_load_manifest_names_the_missing_or_corrupt_file(dataset, tmp_path):
 _KILL_SCRIPT = """
 import sys
 from flows.config import DataConfig, PipelineConfig, TrackingConfig
-from flows.preprocess import preprocess
+from flows.pipeline import run
 cfg = PipelineConfig(workdir=sys.argv[1], data=DataConfig(**{args}), tracking=TrackingConfig(enabled=False))
-preprocess(cfg)
+run(cfg, only=["preprocess"])
 """
 
 
@@ -131,7 +133,8 @@ def test_resume_after_the_driver_is_killed_mid_run(corpus, dataset, tmp_path, ca
     shards identical to an uninterrupted run."""
     import ray
 
-    args = dict(inputs=(str(corpus),), vocab_size=512, min_chars=16, val_fraction=0.1, shard_tokens=4_000)
+    args = dict(inputs=(str(corpus),), vocab_size=512, min_chars=16, val_fraction=0.1, val_min_tokens=0,
+                shard_tokens=4_000)
     script = _KILL_SCRIPT.replace("{args}", repr(args))
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env, start_new_session=True)
@@ -154,7 +157,7 @@ def test_resume_after_the_driver_is_killed_mid_run(corpus, dataset, tmp_path, ca
                   if not p.name.startswith(".")}
     assert done_units
 
-    with caplog.at_level("INFO", logger="flows.preprocess"):
+    with caplog.at_level("INFO", logger="flows.data.stage"):
         resumed = preprocess(config(tmp_path, inputs=(str(corpus),)))
     finished = len([p for p in done_units if p.suffix == ".json"])
     resumed_msg = [r.getMessage() for r in caplog.records if "already done (resuming)" in r.getMessage()]
@@ -209,8 +212,8 @@ def test_sft_examples_carry_a_mask_over_the_completion_only(corpus, dataset, tmp
         {"messages": [{"role": "user", "content": "only a question"}]},
     ]
     sft_file.write_text("\n".join(json.dumps(r) for r in records) + "\n{not json\n")
-    out = preprocess(config(tmp_path, inputs=(), sft_inputs=(str(sft_file),),
-                            tokenizer_path=str(dataset / "tokenizer.json")))
+    out = preprocess(config(tmp_path, inputs=(), sft_inputs=(str(sft_file),), sft_val_fraction=0.0,
+                            sft_val_min_examples=0, tokenizer_path=str(dataset / "tokenizer.json")))
     m = load_manifest(out, verify=True)
     assert m["sft_examples"] == {"kept": 2, "dropped": {
         "malformed_json": 1, "missing_prompt_or_completion": 1, "no_assistant_turn": 1}}
@@ -256,7 +259,10 @@ def test_mlflow_run_has_params_counts_artifacts_and_the_input_dataset(corpus, tm
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = preprocess(config(tmp_path, tracking=True, inputs=(str(corpus),)))
     client = MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
-    (run,) = client.search_runs([client.get_experiment_by_name("gptflow").experiment_id])
+    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("gptflow").experiment_id])}
+    assert set(runs) == {"pipeline", "preprocess"}  # the step's run, nested under the pipeline's
+    run = runs["preprocess"]
+    assert run.data.tags["mlflow.parentRunId"] == runs["pipeline"].info.run_id
     assert run.info.status == "FINISHED" and run.data.tags["gptflow.stage"] == "preprocess"
     assert run.data.params["data.val_fraction"] == "0.1"
     assert run.data.metrics["documents.kept"] == 64

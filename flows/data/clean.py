@@ -1,0 +1,112 @@
+"""Cleaning documents: decode bytes, repair text, cut long documents, count every repair and drop.
+
+What it is: :class:`UnitStats` (the per-work-unit counters of repairs and drops by reason), the
+byte decoder, the text cleaner (Unicode normalisation, control characters, line endings,
+``min_chars``) and the cutter that splits a document longer than ``max_doc_chars`` (at a line break
+when one is near, else at a space).
+
+What it is not: reading files (flows/data/formats.py) or deduplication (flows/data/stage.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from flows.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+# Bytes that never occur in text (NUL, C0 controls other than \t \n \r \f, DEL is allowed-ish).
+_BINARY_BYTES = bytes(b for b in range(32) if b not in (9, 10, 12, 13))
+
+
+# Characters removed by cleaning: C0/C1 controls and DEL, except tab and newline.
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+@dataclass
+class UnitStats:
+    """Counts one work unit reports: documents dropped and repaired by reason."""
+
+    dropped: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
+
+
+def looks_binary(head: bytes) -> bool:
+    """Heuristic for a file's first bytes: many control bytes, or mostly invalid UTF-8."""
+    if not head:
+        return False
+    control = len(head) - len(head.translate(None, _BINARY_BYTES))
+    if control / len(head) > 0.10:
+        return True
+    text = head.decode("utf-8", errors="replace")
+    return text.count("\ufffd") / max(1, len(text)) > 0.10
+
+
+def decode(data: bytes, stats: UnitStats) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        stats.repaired["invalid_utf8"] += 1
+        return data.decode("utf-8", errors="replace")
+
+
+def clean(text: str, data: DataConfig, stats: UnitStats) -> str:
+    """Line endings to \\n, Unicode normalisation, control characters (but \\t and \\n) removed."""
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if text.startswith("\ufeff"):
+        text = text[1:]
+    form = data.unicode_normalization
+    if form != "none" and not unicodedata.is_normalized(form, text):
+        text = unicodedata.normalize(form, text)
+    if data.drop_control_chars and _CONTROL_RE.search(text):
+        if "\x00" in text:
+            stats.repaired["nul_bytes"] += 1
+        text, n = _CONTROL_RE.subn("", text)
+        if n:
+            stats.repaired["control_chars"] += 1
+    return text
+
+
+def pieces(text: str, max_chars: int) -> Iterator[str]:
+    """Cut `text` into pieces of at most `max_chars`, at a line break or a space when one is in the
+    last half of the window."""
+    start = 0
+    n = len(text)
+    while n - start > max_chars:
+        limit = start + max_chars
+        cut = text.rfind("\n", start + max_chars // 2, limit)
+        if cut < 0:
+            cut = text.rfind(" ", start + max_chars // 2, limit)
+        cut = limit if cut < 0 else cut + 1
+        yield text[start:cut]
+        start = cut
+    if start < n:
+        yield text[start:]
+
+
+def emit_documents(text: str, data: DataConfig, stats: UnitStats) -> Iterator[str]:
+    """Clean one raw document, cut it to size, drop what is empty or too short."""
+    text = clean(text, data, stats)
+    for piece in pieces(text, data.max_doc_chars) if len(text) > data.max_doc_chars else (text,):
+        body = piece.strip()
+        if not body:
+            stats.dropped["empty"] += 1
+        elif len(body) < data.min_chars:
+            stats.dropped["too_short"] += 1
+        elif _garbled(body):
+            stats.dropped["binary"] += 1
+        else:
+            yield piece
+
+
+def _garbled(text: str) -> bool:
+    """Replacement characters in most of a document: binary data that slipped past the sniff."""
+    return text.count("\ufffd") > 0.3 * len(text)

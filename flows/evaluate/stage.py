@@ -1,0 +1,151 @@
+"""The evaluate stage: a model bundle and a dataset in, the figures promotion compares and pictures out.
+
+What it is: :func:`evaluate`, which checks its inputs agree (bundle files, dataset manifest, the
+same tokenizer), scores the ``val`` split (loss, perplexity, bits per byte) and the held-out
+fine-tuning split ``sft_val``, runs the fixed-prompt generations and their smoke checks, draws the
+interpretability artifacts for a validation sample, writes them all to the output directory and
+logs them to the tracker.
+
+What it is not: the decision to run or the DONE marker (the pipeline runner owns both), nor the
+promotion gate (flows/registry compares two metrics.json). It reads only its own config section.
+A split that is missing or empty skips its figures, with the reason in ``metrics.json["notes"]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flows.config import EvaluateConfig
+from flows.data.dataset import DataError, read_manifest, read_shard
+from flows.evaluate.explain import explain_ids
+from flows.evaluate.generations import as_text, generate_samples
+from flows.evaluate.metrics import has_tokens, sft_val_loss, val_loss
+from flows.store import atomic_write_text
+from flows.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+SFT_VAL = "sft_val"
+
+
+def evaluate(cfg: EvaluateConfig, bundle: Path, dataset: Path, out_dir: Path,
+             tracker: Tracker | None = None) -> Path:
+    """Evaluate the model in `bundle` on `dataset`; write metrics.json and the artifacts to `out_dir`.
+
+    Raises ValueError (BundleError or DataError, naming the file) when the bundle or the dataset is
+    incomplete or they were made with different tokenizers. Returns `out_dir`.
+    """
+    from gptcore import load_bundle
+
+    bundle, dataset, out_dir = Path(bundle), Path(dataset), Path(out_dir)
+    tracker = tracker or Tracker()
+    manifest = check_inputs(bundle, dataset)
+    model, tokenizer, _ = load_bundle(bundle, device="cuda" if torch.cuda.is_available() else "cpu")
+    T = cfg.context_length or model.config.context_length
+    if T > model.config.context_length:
+        raise ValueError(f"evaluate.context_length={cfg.context_length} exceeds the model's context length "
+                         f"{model.config.context_length} ({bundle / 'config.json'}); use 0 for the model's")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    notes: dict[str, str] = {}
+    results: dict[str, Any] = {"context_length": T}
+    results |= _val_figures(cfg, model, tokenizer, dataset, manifest, T, notes)
+    results |= _sft_figures(cfg, model, dataset, manifest, T, notes)
+
+    results["smoke_passed"], files = _generations(cfg, model, tokenizer, out_dir, notes)
+    files += _explain_sample(cfg, model, tokenizer, dataset, manifest, T, out_dir, notes)
+    results["notes"] = notes
+    # Written last: whoever finds metrics.json finds every other file complete too.
+    atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
+    files.append(out_dir / "metrics.json")
+
+    tracker.log_metrics({k: float(v) for k, v in results.items() if isinstance(v, int | float)})
+    for path in files:
+        tracker.log_artifact(path)
+    _log_summary(results, out_dir)
+    return out_dir
+
+
+def check_inputs(bundle: Path, dataset: Path) -> dict[str, Any]:
+    """The dataset's manifest, once the bundle has its files, the evaluated splits are intact (sizes
+    and sha256) and both were made with the same tokenizer; else a ValueError naming the files."""
+    from gptcore import Tokenizer
+    from gptcore.bundle import FILES, BundleError
+
+    missing = [name for name in FILES if not (bundle / name).is_file()]
+    if missing:
+        raise BundleError(f"{bundle}: not a model bundle, missing {', '.join(missing)} (a bundle has {', '.join(FILES)})")
+    manifest = read_manifest(dataset, splits=("val", SFT_VAL), verify=True)
+    # Compare the tokenizers themselves (canonical JSON), not the files' bytes: equal tokenizers
+    # written by different tools are still equal.
+    model_tok, data_tok = bundle / "tokenizer.json", dataset / "tokenizer.json"
+    if Tokenizer.load(model_tok).sha256() != Tokenizer.load(data_tok).sha256():
+        raise DataError(
+            f"tokenizer mismatch: the model's {model_tok} differs from the dataset's {data_tok}; token ids "
+            "would mean different text. Evaluate on data preprocessed with data.tokenizer_path set to the bundle"
+        )
+    return manifest
+
+
+def _val_figures(cfg: EvaluateConfig, model: Any, tokenizer: Any, dataset: Path, manifest: dict[str, Any],
+                 T: int, notes: dict[str, str]) -> dict[str, Any]:
+    if not has_tokens(manifest, "val"):
+        notes["val_loss"] = f"split 'val' is missing or empty in {dataset / 'manifest.json'}"
+        return {}
+    totals = val_loss(model, tokenizer, dataset, manifest, T, cfg.batch_size, cfg.max_tokens)
+    return {"val_loss": totals.mean_loss, "val_perplexity": totals.perplexity,
+            "val_bits_per_byte": totals.bits_per_byte, "val_tokens": totals.tokens, "val_bytes": totals.bytes}
+
+
+def _sft_figures(cfg: EvaluateConfig, model: Any, dataset: Path, manifest: dict[str, Any], T: int,
+                 notes: dict[str, str]) -> dict[str, Any]:
+    if not has_tokens(manifest, SFT_VAL):
+        notes["sft_val_loss"] = f"split {SFT_VAL!r} is missing or empty in {dataset / 'manifest.json'}"
+        return {}
+    totals = sft_val_loss(model, dataset, manifest, T, cfg.batch_size, SFT_VAL)
+    if not totals.tokens:
+        notes["sft_val_loss"] = f"split {SFT_VAL!r} has no completion token (loss mask 1) to score"
+        return {}
+    return {"sft_val_loss": totals.mean_loss, "sft_val_tokens": totals.tokens}
+
+
+def _generations(cfg: EvaluateConfig, model: Any, tokenizer: Any, out_dir: Path,
+                 notes: dict[str, str]) -> tuple[bool, list[Path]]:
+    """generations.json and .txt; whether every generation passed its smoke checks."""
+    records = generate_samples(model, tokenizer, cfg.prompts, cfg.max_new_tokens)
+    passed = all(r.passed for r in records)
+    if not records:
+        notes["smoke_passed"] = "no prompts configured (evaluate.prompts): nothing was generated or checked"
+    record = {"smoke_passed": passed, "generations": [r.to_dict() for r in records]}
+    files = [out_dir / "generations.json", out_dir / "generations.txt"]
+    atomic_write_text(files[0], json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(files[1], as_text(records))
+    return passed, files
+
+
+def _explain_sample(cfg: EvaluateConfig, model: Any, tokenizer: Any, dataset: Path, manifest: dict[str, Any],
+                    T: int, out_dir: Path, notes: dict[str, str]) -> list[Path]:
+    """The interpretability files for the start of the first validation shard."""
+    if not has_tokens(manifest, "val"):
+        notes["explain"] = "no validation tokens to draw the loss heatmap and attention maps from"
+        return []
+    first = next(s for s in manifest["splits"]["val"]["shards"] if s["tokens"] > 1)
+    n = min(cfg.sample_tokens, T) + 1  # sample_tokens targets, one window: attention spans it all
+    if cfg.sample_tokens > T:
+        notes["explain"] = f"sample cut from {cfg.sample_tokens} to the context length, {T} tokens"
+    ids = read_shard(dataset, first, manifest["dtype"])[:n].tolist()
+    summary = explain_ids(model, tokenizer, ids, out_dir, cfg.worst_tokens,
+                          title=f"Per-token loss, first {len(ids) - 1} validation tokens")
+    return [Path(f) for f in summary["files"]]
+
+
+def _log_summary(results: dict[str, Any], out_dir: Path) -> None:
+    figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items()) if isinstance(v, float))
+    log.info("evaluate -> %s: %s; smoke checks %s", out_dir, figures or "no loss figures",
+             "passed" if results["smoke_passed"] else "FAILED")
+    for key, why in results["notes"].items():
+        log.warning("evaluate: %s: %s", key, why)

@@ -1,0 +1,64 @@
+"""What `gptflow run` prints when the pipeline ends: the step table, the evaluation figures, the
+final model's answers to the evaluation prompts, where the MLflow runs are, and (last line) the
+final model bundle directory, so shell scripts can still take it with ``tail -n 1``.
+
+Everything here is read back from the steps' finished outputs; nothing is computed again.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from flows.config import PipelineConfig
+from flows.pipeline import PlannedStep, describe, step_output
+
+
+def run_report(cfg: PipelineConfig, planned: list[PlannedStep]) -> str:
+    lines = [describe(planned), ""]
+    evaluated = step_output(planned, "evaluate")
+    if evaluated is not None and (evaluated / "metrics.json").is_file():
+        lines += _evaluation(evaluated)
+    lines += _tracking(cfg)
+    final = step_output(planned, "finetune") or step_output(planned, "pretrain")
+    lines.append(str(final) if final is not None else str(planned[-1].out))
+    return "\n".join(lines)
+
+
+def _evaluation(out: Path) -> list[str]:
+    m: dict[str, Any] = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    lines = [f"evaluation ({out / 'metrics.json'}):"]
+    if m.get("val_loss") is not None:
+        lines.append(f"  validation: {m['val_loss']:.3f} nats/token, perplexity {m['val_perplexity']:.1f}, "
+                     f"{m['val_bits_per_byte']:.3f} bits/byte over {int(m['val_tokens']):,} tokens")
+    if m.get("sft_val_loss") is not None:
+        lines.append(f"  held-out fine-tuning loss: {m['sft_val_loss']:.3f} nats/token "
+                     f"(perplexity {math.exp(min(m['sft_val_loss'], 50.0)):.1f}) over {int(m['sft_val_tokens']):,} "
+                     "completion tokens")
+    for key, why in m.get("notes", {}).items():
+        lines.append(f"  note: {key}: {why}")
+    gens_file = out / "generations.json"
+    if gens_file.is_file():
+        gens = json.loads(gens_file.read_text(encoding="utf-8"))
+        records = gens["generations"]
+        passed = m.get("smoke_passed")
+        lines.append(f"  smoke checks on the generations: {'passed' if passed else 'FAILED'}")
+        lines.append("greedy answers of the final model:")
+        for g in records:
+            answer = g["text"].strip().replace("\n", " ")
+            lines.append(f"  {g['prompt'].strip()!s}\n    -> {answer[:200]}")
+    lines.append(f"  pictures: {out}/loss_heatmap.html, attention.png, worst_tokens.md")
+    lines.append("")
+    return lines
+
+
+def _tracking(cfg: PipelineConfig) -> list[str]:
+    if not cfg.tracking.enabled:
+        return ["MLflow: tracking is off", ""]
+    from flows.tracking import tracking_uri
+
+    uri = tracking_uri(cfg.tracking, cfg.workdir)
+    return [f"MLflow: experiment {cfg.tracking.experiment!r} in {uri}",
+            f"  open the UI: mlflow ui --backend-store-uri {uri}", ""]

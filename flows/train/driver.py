@@ -1,0 +1,113 @@
+"""Training stage, driver side: ``train(train_cfg, model_cfg, dataset, init, out_dir, ctx)`` -> bundle.
+
+What it is: the stage: plan (flows/train/plan.py, every check before any worker starts), the resume
+guard (flows/train/checkpoint.py), the stage's MLflow run, a Ray Train ``TorchTrainer`` over
+flows/train/loop.py, and the finished bundle. Fine-tuning is not a second code path: it is this
+stage with ``stage="finetune"``, an ``init`` model and the ``sft`` split, whose loss mask the loop
+applies.
+
+Resuming.  The Ray run ``<storage_path>/<run_name>`` is the "place" of a run: a fit under a name that
+already holds checkpoints resumes from the latest one (Ray Train's behaviour). The default name is
+``<stage>-<hash>``, so re-running a stopped config resumes it and nothing else. Resuming *into more
+steps* ("run N steps, then 2N in the same place") takes an explicit ``run_name``: ``steps`` is part of
+the output hash, so the 2N run writes its own bundle directory and the N-step bundle stays as it was.
+The resumed part follows the 2N run's lr schedule from step N on (the schedule is a function of the
+step and the run's total steps; the loop recomputes the lr on resume), so a schedule that depends on
+the total steps (cosine decay to ``min_lr_ratio``) gives a different result than an uninterrupted 2N
+run; with a schedule that does not (``min_lr_ratio=1``) the result is the same, to the bit on CPU.
+Everything else that determines the weights must match the run being resumed: :func:`check_resume`
+refuses a different model, data, optimizer or schedule setting under the same name before any worker
+starts (local storage; an ``s3://`` storage path is not checked).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from flows.config import ModelConfig, TrainConfig, to_dict
+from flows.context import StepContext
+from flows.store import atomic_write_text
+from flows.train.checkpoint import check_resume
+from flows.train.plan import BUNDLE_FILES, LoopConfig, Plan, check_cluster, loop_config, plan
+
+# The run's last checkpointed metrics, beside the bundle (not part of the bundle contract).
+RESULT_FILE = "train_result.json"
+
+log = logging.getLogger(__name__)
+
+
+def train(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path | None, out_dir: str | Path,
+          ctx: StepContext, stage: str = "pretrain") -> Path:
+    """Train (or fine-tune, ``stage="finetune"`` from `init`) into the model bundle `out_dir`; return it.
+
+    The pipeline runner decided that `out_dir` must be built and writes its DONE marker afterwards.
+    """
+    from flows.cluster import ensure_ray
+
+    p = plan(tc, mc, dataset, init, out_dir, ctx, stage)
+    if ctx.fresh and not tc.run_name:
+        # --force: a fresh run, not a resume from the last run's final checkpoint under the same name.
+        shutil.rmtree(Path(p.storage_path) / p.run_name, ignore_errors=True)
+    check_resume(p)
+    ensure_ray(ctx.cluster)
+    check_cluster(p.train, stage, local=not (os.environ.get("RAY_ADDRESS") or ctx.cluster.address))
+    tracker = ctx.tracker
+    tracker.log_params({"train": to_dict(p.train), "model": p.gpt_config, "output_dir": str(p.output_dir),
+                        "dataset_manifest_sha256": p.dataset.manifest_sha256})
+    tracker.set_tags({"gptflow.ray_run_name": p.run_name, "gptflow.storage_path": p.storage_path,
+                      "gptflow.output_dir": str(p.output_dir), "gptflow.config_hash": p.key})
+    tracker.log_dict(p.deepspeed_config, "deepspeed_config.json")
+    tracker.log_dict({"stage": stage, "train": to_dict(p.train), "model": p.gpt_config,
+                      "parent": p.parent}, "train_config.json")
+    tracker.log_input_dataset(Path(p.dataset.path).name, p.dataset.path, p.dataset.manifest_sha256,
+                              context="training", profile=p.dataset.split_tokens)
+    metrics = run_trainer(p, loop_config(p, tracker.run_id, tracker.uri))
+    missing = [f for f in BUNDLE_FILES if not (p.output_dir / f).is_file()]
+    if missing:
+        raise RuntimeError(f"training finished but the bundle in {p.output_dir} lacks {', '.join(missing)}")
+    tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
+                        step=p.train.steps)
+    tracker.log_artifacts(p.output_dir, "bundle")
+    atomic_write_text(p.output_dir / RESULT_FILE, json.dumps(
+        {"stage": stage, "ray_run_name": p.run_name, "metrics": metrics}, indent=2, sort_keys=True) + "\n")
+    log.info("%s: bundle written to %s", stage, p.output_dir)
+    return p.output_dir
+
+
+def run_trainer(p: Plan, loop_cfg: LoopConfig) -> dict[str, Any]:
+    """Run the TorchTrainer; returns the last checkpointed report's metrics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from flows.train.loop import train_loop_per_worker
+
+    tc = p.train
+    resources = {"CPU": tc.cpus_per_worker} | ({"GPU": 1} if tc.use_gpu else {})
+    env = {"OMP_NUM_THREADS": str(tc.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false"}
+    if not tc.use_gpu:
+        env["DS_ACCELERATOR"] = "cpu"  # no probing for CUDA/XPU on CPU workers
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_cfg,
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=p.run_name, storage_path=p.storage_path,
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
+            worker_runtime_env={"env_vars": env},
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:
+        raise RuntimeError(
+            f"{p.stage} run {p.run_name!r} failed ({type(e).__name__}: {e}). Its resume checkpoints are under "
+            f"{p.storage_path}/{p.run_name}; running the same config again resumes from the last one"
+        ) from e
+    return dict(result.metrics or {})

@@ -1,0 +1,291 @@
+"""Training plan, driver side: everything decided before any worker starts.
+
+What it is: :func:`plan` checks the config and the data before any
+worker starts (missing or corrupt shards, tokenizer/model vocabulary mismatch, a context the data
+cannot fill, a GPU that is not there, ...), resolves the initial model, generates the DeepSpeed config
+from the typed :class:`~flows.config.TrainConfig` and the typed, frozen :class:`LoopConfig` every
+worker receives. The stage itself (MLflow, the TorchTrainer) is flows/train/driver.py.
+
+What it is not: the loop itself (flows/train/loop.py) or the data reader (flows/data/dataset.py).
+Fine-tuning is not a second code path: it is this stage with ``stage="finetune"``, an ``init`` model
+and the ``sft`` split, whose loss mask the loop applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flows.config import ConfigError, ModelConfig, TrainConfig, stable_hash, to_dict
+from flows.context import StepContext
+from flows.data.dataset import DataError, DatasetInfo, check_dataset
+from flows.store import is_done, mark_done, sha256_file
+from flows.train.ds_config import deepspeed_config
+
+log = logging.getLogger(__name__)
+
+STAGES = ("pretrain", "finetune")
+
+BUNDLE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "metadata.json")
+
+
+# Steps after each (re)start left out of the steady-state throughput: allocator and thread-pool warm-up.
+WARMUP_TIMING_STEPS = 3
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the driver decided before starting workers (all JSON-serialisable)."""
+
+    stage: str
+    train: TrainConfig
+    gpt_config: dict[str, Any]
+    dataset: DatasetInfo
+    split: str
+    eval_split: str | None
+    init_bundle: str | None
+    parent: dict[str, Any] | None
+    key: str
+    output_dir: Path
+    run_name: str
+    storage_path: str
+    deepspeed_config: dict[str, Any]
+
+
+def resolve_init(init: str, ctx: StepContext, stage: str) -> tuple[Path, dict[str, Any]]:
+    """A local bundle directory for `init` (a bundle dir, models:/... URI, or HF GPT-2 dir) and its lineage."""
+    cache = Path(ctx.workdir) / stage / "init"
+    if init.startswith("models:/"):
+        from flows.tracking import download_model
+
+        dst = cache / stable_hash(init)
+        shutil.rmtree(dst, ignore_errors=True)  # an alias may point at a new version since last time
+        downloaded = download_model(init, dst, ctx.tracking, ctx.workdir)
+        bundle = _find_bundle(downloaded)
+        if bundle is None:
+            raise ConfigError(f"{stage}.init={init!r}: the downloaded model in {downloaded} holds no bundle "
+                              f"({', '.join(BUNDLE_FILES)})")
+        return bundle, {"uri": init, "model_sha256": sha256_file(bundle / "model.safetensors")}
+    path = Path(init)
+    if not path.is_dir():
+        raise ConfigError(f"{stage}.init={init!r}: no such directory (and not a models:/NAME@ALIAS or "
+                          "models:/NAME/VERSION URI)")
+    bundle = _find_bundle(path)
+    if bundle is not None and bundle == path:
+        meta = {"bundle": str(path.resolve()), "model_sha256": sha256_file(path / "model.safetensors")}
+        return path, meta
+    if (path / "config.json").is_file():  # a Hugging Face GPT-2 directory: import it once, as a bundle
+        from gptcore import Tokenizer, save_bundle
+        from gptcore.hf import import_gpt2
+
+        weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
+        if weights is None:
+            raise ConfigError(f"{stage}.init={init!r}: {path} has config.json but no model.safetensors or pytorch_model.bin")
+        digest = sha256_file(weights)
+        dst = cache / f"hf-{digest[:16]}"
+        if not is_done(dst):
+            try:
+                model = import_gpt2(path)
+                tokenizer = Tokenizer.load(path)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"{stage}.init={init!r}: cannot import as GPT-2: {e}") from e
+            save_bundle(dst, model, tokenizer, {"imported_from": str(path.resolve()), "source_sha256": digest})
+            mark_done(dst)
+        return dst, {"hf_gpt2": str(path.resolve()), "model_sha256": sha256_file(dst / "model.safetensors")}
+    if bundle is not None:
+        return bundle, {"bundle": str(bundle.resolve()), "model_sha256": sha256_file(bundle / "model.safetensors")}
+    raise ConfigError(f"{stage}.init={init!r}: {path} is neither a model bundle ({', '.join(BUNDLE_FILES)}) "
+                      "nor a Hugging Face GPT-2 directory (config.json + weights)")
+
+
+def _find_bundle(root: Path) -> Path | None:
+    """`root` itself if it holds the bundle files, else the shallowest folder under it that does."""
+    candidates = [root] + sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts))
+    for d in candidates:
+        if all((d / f).is_file() for f in BUNDLE_FILES):
+            return d
+    return None
+
+
+def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path | None, out_dir: str | Path,
+         ctx: StepContext, stage: str = "pretrain") -> Plan:
+    """Check config, initial model and data; decide the model, DeepSpeed config and resume place.
+
+    Raises ConfigError / DataError before any worker starts. Reads files; starts nothing.
+    """
+    from gptcore import GPTConfig, Tokenizer, preset
+
+    if stage not in STAGES:
+        raise ConfigError(f"stage={stage!r} is invalid: must be one of {', '.join(STAGES)}")
+    if not dataset:
+        raise ConfigError(f"{stage}.data is empty: give the dataset directory (--data DIR or --set {stage}.data=DIR)")
+    if stage == "finetune" and not init:
+        raise ConfigError("finetune.init is empty: fine-tuning starts from a model (--init BUNDLE_DIR, "
+                          "models:/NAME@ALIAS or a Hugging Face GPT-2 directory)")
+    if tc.precision == "fp16" and not tc.use_gpu:
+        raise ConfigError(f"{stage}.precision='fp16' needs GPUs (use_gpu: true); on CPU use bf16 or fp32")
+    if tc.offload_optimizer and tc.zero_stage == 0:
+        raise ConfigError(f"{stage}.offload_optimizer=true needs zero_stage 1, 2 or 3 (got 0)")
+    ds_config = deepspeed_config(tc)
+
+    init_bundle, parent = (None, None)
+    if init:
+        init_bundle, parent = resolve_init(str(init), ctx, stage)
+        gpt = GPTConfig.from_dict(json.loads((init_bundle / "config.json").read_text(encoding="utf-8")))
+        if mc.context_length not in (None, gpt.context_length):
+            raise ConfigError(f"model.context_length={mc.context_length} differs from the init model's "
+                              f"{gpt.context_length} ({init_bundle / 'config.json'}); leave it unset")
+        gpt = dataclasses.replace(gpt, dropout=mc.dropout, activation_checkpointing=mc.activation_checkpointing)
+        model_tok = Tokenizer.load(init_bundle / "tokenizer.json")
+    else:
+        try:
+            gpt = preset(mc.preset)
+        except ValueError as e:
+            raise ConfigError(f"model.preset: {e}") from None
+        model_tok = None
+
+    split = "sft" if stage == "finetune" else "train"
+    data_root = Path(dataset)
+    from flows.data.dataset import read_manifest
+
+    manifest = read_manifest(data_root)
+    # Validation during training: held-out fine-tuning examples when fine-tuning (masked like sft), else
+    # the pretraining text's val split; none when the dataset has neither.
+    candidates = ("sft_val", "val") if stage == "finetune" else ("val",)
+    eval_split = next((s for s in candidates if (manifest["splits"].get(s) or {}).get("shards")), None)
+    T = mc.context_length or gpt.context_length
+    info = check_dataset(data_root, (split, eval_split) if eval_split else (split,), T, world=tc.num_workers)
+
+    data_tok_path = data_root / "tokenizer.json"
+    data_tok = Tokenizer.load(data_tok_path)
+    if data_tok.vocab_size != info.vocab_size:
+        raise DataError(f"{data_tok_path}: {data_tok.vocab_size} tokens, but {data_root / 'manifest.json'} says "
+                        f"vocab_size={info.vocab_size}")
+    if model_tok is not None:
+        if model_tok.sha256() != data_tok.sha256():
+            raise DataError(
+                f"tokenizer mismatch: the data in {data_root} was tokenized with {data_tok_path} "
+                f"({data_tok.vocab_size} tokens) but the init model uses {init_bundle / 'tokenizer.json'} "
+                f"({model_tok.vocab_size} tokens); preprocess with data.tokenizer_path={init_bundle}"
+            )
+        if gpt.vocab_size != data_tok.vocab_size:
+            raise DataError(f"{init_bundle / 'config.json'}: vocab_size={gpt.vocab_size} does not match the data's "
+                            f"tokenizer ({data_tok.vocab_size} tokens, {data_tok_path})")
+    else:
+        gpt = dataclasses.replace(gpt, vocab_size=data_tok.vocab_size, context_length=T, dropout=mc.dropout,
+                                  activation_checkpointing=mc.activation_checkpointing)
+
+    out = Path(out_dir).resolve()
+    key = out.name  # the runner named the output after everything that determines the weights
+    storage = tc.storage_path or str((Path(ctx.workdir) / "ray_results").resolve())
+    return Plan(
+        stage=stage, train=tc, gpt_config=gpt.to_dict(), dataset=info, split=split, eval_split=eval_split,
+        init_bundle=str(init_bundle.resolve()) if init_bundle else None, parent=parent, key=key,
+        output_dir=out, run_name=tc.run_name or f"{stage}-{key}", storage_path=storage, deepspeed_config=ds_config,
+    )
+
+
+def check_cluster(tc: TrainConfig, stage: str, local: bool) -> None:
+    """The Ray cluster can place the workers (GPUs exist; on a local instance, enough CPUs)."""
+    import ray
+
+    res = ray.cluster_resources()
+    if tc.use_gpu and res.get("GPU", 0) < tc.num_workers:
+        raise ConfigError(f"{stage}.use_gpu=true with num_workers={tc.num_workers}, but the Ray cluster has "
+                          f"{int(res.get('GPU', 0))} GPUs; set use_gpu: false or use a GPU cluster")
+    need = tc.num_workers * tc.cpus_per_worker
+    if local and res.get("CPU", 0) < need:
+        # A local instance never grows; Ray Train would wait forever for the missing CPUs.
+        raise ConfigError(f"{stage}: num_workers * cpus_per_worker = {need} CPUs, but the local Ray instance "
+                          f"has {int(res.get('CPU', 0))}; lower num_workers or cpus_per_worker")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """What each training worker receives: typed, frozen, complete (nothing read from the environment)."""
+
+    stage: str
+    steps: int
+    micro_batch_size: int
+    grad_accum: int
+    use_gpu: bool
+    cpus_per_worker: int
+    zero_stage: int
+    precision: str
+    compile: bool
+    lr: float
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eval_every: int
+    eval_batches: int
+    checkpoint_every: int
+    loss_spike_factor: float
+    max_skipped_updates: int
+    peak_flops_per_device: float
+    seed: int
+    sample_tokens: int
+    sample_prompts: tuple[str, ...]
+    gpt_config: dict[str, Any]
+    flops_per_token: float
+    dataset: str
+    split: str
+    eval_split: str | None
+    init_bundle: str | None
+    deepspeed_config: dict[str, Any]
+    output_dir: str
+    run_name: str
+    storage_path: str
+    run_id: str | None
+    tracking_uri: str | None
+    warmup_timing_steps: int
+    bundle_metadata: dict[str, Any]
+    fail_at_step: int = -1
+    """Testing only: at this step rank 1 (rank 0 if alone) exits once (see TrainConfig.fail_at_step)."""
+    fail_marker: str = ""
+    """Where the injected failure records that it happened, so the restarted worker passes the step."""
+    nan_at_step: int = -1
+    """Testing only: rank 0's first micro-batch loss at this step becomes NaN (no TrainConfig field)."""
+
+
+def loop_config(p: Plan, run_id: str | None, uri: str | None) -> LoopConfig:
+    """The worker's config for a plan and the stage's MLflow run."""
+    from gptcore import GPTConfig
+
+    tc = p.train
+    gpt = GPTConfig.from_dict(p.gpt_config)
+    return LoopConfig(
+        **{k: getattr(tc, k) for k in (
+            "steps", "micro_batch_size", "grad_accum", "use_gpu", "cpus_per_worker", "zero_stage", "precision",
+            "compile", "lr", "weight_decay", "beta1", "beta2", "eval_every", "eval_batches", "checkpoint_every",
+            "loss_spike_factor", "max_skipped_updates", "peak_flops_per_device", "seed", "sample_tokens",
+            "sample_prompts", "fail_at_step")},
+        stage=p.stage, gpt_config=p.gpt_config, flops_per_token=gpt.flops_per_token(),
+        dataset=p.dataset.path, split=p.split, eval_split=p.eval_split, init_bundle=p.init_bundle,
+        deepspeed_config=p.deepspeed_config, output_dir=str(p.output_dir),
+        run_name=p.run_name, storage_path=p.storage_path,
+        fail_marker=str(Path(p.storage_path) / p.run_name / f"injected_failure_step{tc.fail_at_step}")
+        if tc.fail_at_step >= 0 and "://" not in p.storage_path else "",
+        run_id=run_id, tracking_uri=uri, warmup_timing_steps=WARMUP_TIMING_STEPS,
+        bundle_metadata={
+            "stage": p.stage, "config_hash": p.key, "git_commit": _git_commit(),
+            "dataset": p.dataset.path, "dataset_manifest_sha256": p.dataset.manifest_sha256,
+            "tokenizer_sha256": p.dataset.tokenizer_sha256, "parent": p.parent,
+            "train_config": to_dict(tc), "deepspeed_config": p.deepspeed_config,
+        },
+    )
