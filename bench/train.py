@@ -6,13 +6,17 @@ What it measures (CPU, defaults sized for a 2-core machine):
      same thread count (1), same precision (fp32); target: Ray/DeepSpeed >= 0.9x plain;
   2. 2 workers with the same per-worker batch; target: >= 1.5x the tokens/s of 1 worker;
   3. peak resident memory per worker, ZeRO-0 vs ZeRO-3, 2 workers, on a larger model (gpt2-124m
-     shape, short context) where optimizer state is big enough to see.
+     shape, short context) where optimizer state is big enough to see;
+  4. the training data index (flows/train/windows.py) on synthetic sparse token shards of 10 M and
+     1 B tokens (and a 10 M-token masked fine-tuning split): time and memory to open it, time per
+     micro-batch drawn; target: near-constant in the dataset size (the masked split's one pass over
+     its mask bytes is linear by design; those splits are small).
 Steady state leaves out the first steps after start (flows.train.WARMUP_TIMING_STEPS); evaluation and
 checkpoints are outside the timed steps in both loops. Tracking is off, so MLflow costs nothing here.
 
 What it is not: a GPU benchmark (bench/gpu_train.sh) or a test (nothing here asserts).
 
-    .venv/bin/python bench/train.py [--steps 60] [--data DATASET_DIR] [--skip-memory]
+    .venv/bin/python bench/train.py [--steps 60] [--data DATASET_DIR] [--skip-memory] [--index-only]
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import os
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
@@ -79,6 +84,74 @@ def plain_loop(p, steps: int, threads: int) -> dict[str, float]:
     return {"tokens_per_s": tokens_per_step * timed / seconds, "timed_steps": timed}
 
 
+def _sparse_dataset(root: Path, split: str, tokens: int, shard_tokens: int = 250_000_000) -> Path:
+    """A dataset directory of all-zero uint16 shards stored as sparse files: no disk, no page cache
+    until read. A masked split gets sparse mask files with one loss-mask bit per 1000 tokens."""
+    (root / split).mkdir(parents=True)
+    (root / "tokenizer.json").write_text("{}")  # read_manifest checks it exists; nothing decodes here
+    shards, left = [], tokens
+    while left:
+        n = min(left, shard_tokens)
+        entry = {"file": f"{split}/{len(shards):05d}.bin", "tokens": n}
+        with open(root / entry["file"], "wb") as f:
+            f.truncate(2 * n)
+        if split in ("sft", "sft_val"):
+            entry["mask_file"] = f"{split}/{len(shards):05d}.mask.bin"
+            with open(root / entry["mask_file"], "wb") as f:
+                f.truncate(n)
+                for pos in range(1, n, 1000):
+                    f.seek(pos)
+                    f.write(b"\x01")
+        shards.append(entry)
+        left -= n
+    manifest = {"format_version": 1, "dtype": "uint16", "vocab_size": 50257, "eot_id": 0,
+                "splits": {split: {"shards": shards, "tokens": tokens}}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def _anon_rss() -> int:
+    """Anonymous resident memory of this process (Linux): what the index allocates. Plain RSS also
+    counts the mapped page cache of the shards, which readahead fills far beyond the windows read."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
+def index_bench(root: Path, context_length: int, world: int, micro_batch: int) -> dict[str, dict]:
+    """Open TokenWindows on synthetic datasets of growing size; time and memory of the index alone."""
+    out: dict[str, dict] = {}
+    for split, tokens in (("train", 10_000_000), ("train", 1_000_000_000), ("sft", 10_000_000)):
+        data_dir = _sparse_dataset(root / f"index-{split}-{tokens}", split, tokens)
+        TokenWindows(data_dir, split, context_length, 0, world).train_batch(0, 0, 0, 1, 1)  # lazy imports
+        anon0 = _anon_rss()
+        tracemalloc.start()
+        t0 = time.perf_counter()
+        data = TokenWindows(data_dir, split, context_length, world - 1, world)
+        build_s = time.perf_counter() - t0
+        _, build_peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        # Samples spread over many epochs (no cached epoch to hit): the index's share of a batch...
+        draws = 2000
+        t0 = time.perf_counter()
+        for i in range(draws):
+            data.locate(data.window_ids(0, i * 7919 * micro_batch, micro_batch))
+        index_us = (time.perf_counter() - t0) / draws * 1e6
+        # ...and a whole batch, reading the tokens (cold pages of a sparse file: the kernel's cost).
+        t0 = time.perf_counter()
+        for i in range(200):
+            data.train_batch(seed=0, step=i * 7919, micro=0, grad_accum=1, micro_batch_size=micro_batch)
+        batch_ms = (time.perf_counter() - t0) / 200 * 1e3
+        out[f"{split}_{tokens // 1_000_000}M_tokens"] = {
+            "tokens": tokens, "windows_this_rank": len(data), "build_s": build_s,
+            "build_peak_traced_bytes": build_peak, "anon_rss_delta_bytes": _anon_rss() - anon0,
+            "index_us_per_micro_batch": index_us, "batch_ms": batch_ms,
+        }
+        del data
+    return out
+
+
 def ray_run(cfg, workdir: Path) -> dict[str, float]:
     # A fresh workdir per run: the same config in the same workdir would be reused, not retrained.
     bundle = run_pipeline(dataclasses.replace(cfg, workdir=str(workdir)), only=["pretrain"])[-1].out
@@ -94,12 +167,33 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--memory-steps", type=int, default=4)
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--index-only", action="store_true", help="only the data-index figures (seconds, no Ray)")
+    ap.add_argument("--index-context", type=int, default=1024, help="window length for the index figures")
+    ap.add_argument("--index-world", type=int, default=1, help="ranks the index is dealt to (figures of the last)")
     ap.add_argument("--out", default="bench/results/train.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     log.setLevel(logging.INFO)
 
     root = Path(tempfile.mkdtemp(prefix="gptflow-bench-train-"))
+    log.info("data index: %d-token windows, %d rank(s), synthetic sparse shards", args.index_context, args.index_world)
+    index = index_bench(root, args.index_context, args.index_world, args.micro_batch)
+    print(f"| data index (T={args.index_context}, rank {args.index_world - 1} of {args.index_world}, "
+          f"micro-batch {args.micro_batch}) | windows | open s | open peak (traced) | anon RSS delta "
+          "| index µs per micro-batch | batch ms (reads) |\n|---|---|---|---|---|---|---|")
+    for name, r in index.items():
+        print(f"| {name} | {r['windows_this_rank']:,} | {r['build_s']:.4f} | {r['build_peak_traced_bytes'] / 2**10:,.0f} KiB "
+              f"| {r['anon_rss_delta_bytes'] / 2**20:,.1f} MiB | {r['index_us_per_micro_batch']:,.0f} | {r['batch_ms']:.2f} |")
+    if args.index_only:
+        out = Path(args.out).with_name("train_index.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"context_length": args.index_context, "world": args.index_world,
+                                   "micro_batch": args.micro_batch, "index": index}, indent=2))
+        print(out)
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        return
     data = args.data
     if not data:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "train"))
@@ -157,6 +251,7 @@ def main() -> None:
                   "flops_per_token": flops_per_token},
         "steps": args.steps, "micro_batch_per_worker": args.micro_batch, "threads_per_worker": 1,
         "peak_flops_per_core_fp32": peak1, "load_average_1min_at_end": os.getloadavg()[0], "results": results,
+        "index": {"context_length": args.index_context, "world": args.index_world, "figures": index},
         "ray_1worker_vs_plain": r1["tokens_per_s"] / plain["tokens_per_s"],
         "ray_2workers_vs_1worker": r2["tokens_per_s"] / r1["tokens_per_s"],
     }

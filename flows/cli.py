@@ -78,6 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", help="the text to explain")
     p.add_argument("--out", default="explain", help="directory for the HTML/PNG/JSON files (default: ./explain)")
 
+    p = sub.add_parser("promote", help="promote a registered version to @champion through the gate (or --force)")
+    _config_args(p)
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--version", required=True, help="the version to promote")
+    p.add_argument("--force", action="store_true", help="skip the gate")
+
+    p = sub.add_parser("rollback", help="move @champion back to the previous champion")
+    _config_args(p)
+    p.add_argument("name", help="registered model name")
+
+    p = sub.add_parser("models", help="a registered model's versions, aliases, gate results and metrics")
+    _config_args(p)
+    p.add_argument("name", help="registered model name")
+
+    p = sub.add_parser("lineage", help="where a model came from: runs, bundles, datasets, raw inputs")
+    _config_args(p)
+    p.add_argument("ref", help="NAME@ALIAS or NAME/VERSION")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("generate", help="generate text from a model bundle")
     p.add_argument("bundle", help="model bundle directory")
     p.add_argument("prompt", help="prompt text")
@@ -129,7 +148,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from flows.data.inputs import RedactingFilter
     from flows.pipeline import PipelineError
+
+    for handler in logging.getLogger().handlers:  # input URLs may carry credentials: none is printed
+        handler.addFilter(RedactingFilter())
 
     try:
         if args.command == "generate":
@@ -147,14 +170,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = _run_command(args, cfg)
     except PipelineError as e:
         cause = e.__cause__
-        print(f"gptflow {args.command}: error: {e}", file=sys.stderr)
-        if args.verbose and cause is not None:
-            import traceback
-
-            traceback.print_exception(cause, file=sys.stderr)
-        return 2 if isinstance(cause, ConfigError | FileNotFoundError | ValueError) else 1
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"gptflow {args.command}: error: {e}", file=sys.stderr)
+        _print_error(args, e, cause or e)
+        # No cause: the steps asked for cannot run (an unknown step, an input not built): the user's to fix.
+        return 2 if cause is None or isinstance(cause, _USER_ERRORS) else 1
+    except _USER_ERRORS as e:
+        _print_error(args, e, e)
         return 2
     finally:
         # Ray forwards worker logs to stdout until it shuts down; stop it first so that the
@@ -167,9 +187,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+# What a user can fix -- a bad config value or input, a file that is missing, malformed, unreadable or
+# in the way (a permission error on the workdir): exit code 2, one line naming it, no traceback but
+# with -v. Anything else is a bug or a failed run: exit 1 (or a traceback).
+_USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, PermissionError, NotADirectoryError,
+                IsADirectoryError, FileExistsError)
+
+
+def _print_error(args: argparse.Namespace, e: BaseException, shown: BaseException) -> None:
+    """The one-line error (credentials in URLs redacted), and with -v the traceback of `shown`."""
+    import traceback
+
+    from flows.data.inputs import redact_text
+
+    print(f"gptflow {args.command}: error: {redact_text(str(e))}", file=sys.stderr)
+    if args.verbose:
+        print(redact_text("".join(traceback.format_exception(shown))), file=sys.stderr, end="")
+
+
 def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> str:
     from flows import pipeline
 
+    if args.command in _REGISTRY_COMMANDS:
+        return _registry_command(args, cfg)
     if args.command == "plan":
         planned = pipeline.plan(cfg, wanted=pipeline.select(cfg, pipeline.STEPS, args.only, args.start, args.force)[0])
         return pipeline.describe(planned)
@@ -182,9 +222,50 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> str:
     return run_report(cfg, planned)
 
 
+_REGISTRY_COMMANDS = ("promote", "rollback", "models", "lineage")
+
+
+def _registry_command(args: argparse.Namespace, cfg: PipelineConfig) -> str:
+    from flows.registry import lineage, promote
+    from flows.tracking import Registry
+
+    registry = Registry(cfg.tracking, cfg.workdir)
+    workdir = Path(cfg.workdir)
+    if args.command == "promote":
+        record = promote.promote_version(registry, args.name, str(args.version), cfg.registry, cfg.evaluate, workdir,
+                                         force=args.force)
+        verdict = "is now champion" if record["promoted"] else "stays challenger"
+        return f"{args.name}/{args.version} {verdict}: {record['reason']}"
+    if args.command == "rollback":
+        done = promote.rollback(registry, args.name, workdir)
+        return f"{args.name}: champion rolled back from version {done['from']} to {done['to']}"
+    if args.command == "models":
+        return _models_table(registry, args.name)
+    facts = lineage.lineage(registry, args.ref, workdir / "registry" / "cache")
+    return json.dumps(facts, indent=2, default=str) if args.json else lineage.render(facts)
+
+
+def _models_table(registry: object, name: str) -> str:
+    rows = [("version", "aliases", "gate", "bits/byte", "perplexity", "stage", "bundle")]
+    for v in registry.versions(name):  # type: ignore[attr-defined]
+        t = v["tags"]
+        rows.append((v["version"], ",".join(v["aliases"]) or "-", t.get("gptflow.gate", "-"),
+                     t.get("gptflow.eval.val_bits_per_byte", "-")[:8], t.get("gptflow.eval.val_perplexity", "-")[:8],
+                     t.get("gptflow.stage", "-"), t.get("gptflow.bundle", "-")))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(f"{c:<{w}}" for c, w in zip(r, widths, strict=False)) + "  " + r[-1] for r in rows)
+
+
 def _generate(args: argparse.Namespace) -> str:
     from gptcore import generate, load_bundle
+    from gptcore.generation import check_sampling
 
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
+    try:  # before loading the model: a bad flag costs nothing
+        check_sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        raise ValueError("--" + str(e).replace("_", "-", 1)) from None
     model, tok, _ = load_bundle(args.bundle)
     ids = generate(model, tok.encode(args.prompt) or [tok.eot_id], args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +82,9 @@ class DataConfig:
     """Upper bound on tokens per shard file."""
     work_unit_bytes: int = 32 * 1024 * 1024
     """Input bytes per Ray task; bounds each worker's memory independently of corpus size."""
+    max_line_bytes: int = 16 * 1024 * 1024
+    """Longest JSONL line, JSON array element or single-value .json file read; a longer one is skipped
+    without holding it in memory and counted (`line_too_long`, `record_too_long`)."""
     num_workers: int = 0
     """Ray tasks that run at once; 0 means one per CPU of the Ray cluster."""
     seed: int = 0
@@ -108,6 +112,10 @@ class DataConfig:
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
         _check(self.min_work_units >= 1, "min_work_units", self.min_work_units, ">= 1")
         _check(self.max_doc_chars >= 1, "max_doc_chars", self.max_doc_chars, ">= 1")
+        _check(self.min_frequency >= 0, "min_frequency", self.min_frequency, ">= 0")
+        _check(self.tokenizer_sample_chars >= 1, "tokenizer_sample_chars", self.tokenizer_sample_chars, ">= 1")
+        _check(self.seed >= 0, "seed", self.seed, ">= 0")
+        _check(self.max_line_bytes >= 1, "max_line_bytes", self.max_line_bytes, ">= 1")
 
 
 # DataConfig keys that name the inputs rather than shape the dataset: a dataset's identity holds
@@ -128,6 +136,11 @@ class ModelConfig:
     """Dropout probability in attention and MLP outputs."""
     activation_checkpointing: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
+
+    def __post_init__(self) -> None:
+        _check(self.context_length is None or self.context_length >= 1, "context_length", self.context_length,
+               ">= 1 (or empty for the preset's)")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -180,11 +193,14 @@ class TrainConfig:
     eval_batches: int = 8
     """Validation micro-batches per evaluation."""
     checkpoint_every: int = 50
-    """Resume checkpoint every this many steps (and at the end)."""
+    """Resume checkpoint every this many steps (and at the end); also the most steps a restart after a
+    lost worker repeats."""
     keep_checkpoints: int = 2
     """Resume checkpoints kept."""
-    max_failures: int = 0
-    """Worker-group restarts from the last checkpoint before the run fails."""
+    max_failures: int = 3
+    """Restarts of the worker group from the latest checkpoint after a lost or failed worker (killed,
+    out of memory, node gone), per fit, before the run fails; 0 fails on the first. A restarted run
+    ends with the weights an uninterrupted one would have."""
     loss_spike_factor: float = 0.0
     """Skip an update whose loss exceeds this multiple of the running mean; 0 disables it."""
     max_skipped_updates: int = 5
@@ -207,11 +223,16 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
         _check(self.precision in PRECISIONS, "precision", self.precision, ", ".join(PRECISIONS))
+        _check_finite(self)
         for name in ("steps", "micro_batch_size", "grad_accum", "num_workers", "cpus_per_worker",
-                     "eval_every", "checkpoint_every", "keep_checkpoints", "max_skipped_updates"):
+                     "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "max_skipped_updates"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
-        for name in ("warmup_steps", "max_failures", "sample_tokens", "weight_decay", "grad_clip", "loss_spike_factor"):
+        for name in ("warmup_steps", "max_failures", "sample_tokens", "weight_decay", "grad_clip", "loss_spike_factor",
+                     "peak_flops_per_device", "seed"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
+        for name in ("beta1", "beta2"):
+            _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
+        _check(self.fail_at_step >= -1, "fail_at_step", self.fail_at_step, ">= -1 (-1: never)")
         _check(self.lr > 0, "lr", self.lr, "> 0")
         _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         expected = self.micro_batch_size * self.grad_accum * self.num_workers
@@ -252,6 +273,25 @@ class EvaluateConfig:
 
 
 @dataclass(frozen=True)
+class RegistryConfig:
+    """The MLflow model registry: the register and promote steps after evaluate."""
+
+    enabled: bool = True
+    """Register the final model and gate its promotion (needs tracking)."""
+    name: str = "gpt"
+    """Registered model name."""
+    metric: Literal["bits_per_byte", "perplexity"] = "bits_per_byte"
+    """What the gate compares: bits per byte (comparable across tokenizers) or perplexity."""
+    margin: float = 0.01
+    """A challenger must beat the champion by this fraction of the champion's figure."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.margin < 1.0, "margin", self.margin, "in [0, 1)")
+        _check(bool(self.name) and "/" not in self.name and "@" not in self.name, "name", self.name,
+               "a non-empty name without '/' or '@'")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """MLflow: where runs go. The MLFLOW_TRACKING_URI environment variable wins over `uri`."""
 
@@ -271,6 +311,13 @@ class ClusterConfig:
     """Ray address ("auto", "ray://host:10001"); empty starts a local Ray instance."""
     num_cpus: int | None = None
     """CPUs for a local Ray instance (default: all)."""
+    allow_no_auth: bool = False
+    """Accept a Ray cluster that does not require token authentication (anyone who can reach it can run
+    code on it). By default gptflow checks, once connected, that the cluster refuses a request without
+    the token, and stops otherwise."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus", self.num_cpus, ">= 1 (or empty for all)")
 
 
 # The pipeline's defaults (the embedded configs/local.yaml): pretrain the small preset on the builtin
@@ -316,6 +363,7 @@ class PipelineConfig:
     pretrain: TrainConfig = field(default_factory=_pretrain_defaults)
     finetune: TrainConfig = field(default_factory=_finetune_defaults)
     evaluate: EvaluateConfig = field(default_factory=_evaluate_defaults)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
@@ -323,6 +371,13 @@ class PipelineConfig:
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is invalid: must be {valid}")
+
+
+def _check_finite(cfg: Any) -> None:
+    """No float setting may be NaN or infinite (YAML reads .nan and .inf; `x >= 0` lets inf through)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        _check(not isinstance(value, float) or math.isfinite(value), f.name, value, "a finite number")
 
 
 # --------------------------------------------------------------------------- loading

@@ -6,6 +6,7 @@ A stage never reads another stage's section; the few things every stage needs fr
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,3 +29,7 @@ class StepContext:
     """File fingerprints by (path, size, mtime), shared by the runner and the stages."""
     fresh: bool = False
     """The runner was told to redo this step (--force): stages discard resumable partial state."""
+    parent_run_id: str | None = None
+    """The pipeline's parent MLflow run (lineage for the registry)."""
+    step_runs: Mapping[str, str] = field(default_factory=dict)
+    """MLflow run id of every finished step of this pipeline, by step name (lineage for the registry)."""

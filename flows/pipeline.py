@@ -93,6 +93,22 @@ def _evaluate(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: St
     return evaluate(cfg.evaluate, Path(inputs["bundle"]), Path(inputs["dataset"]), out, ctx.tracker)
 
 
+def _register(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
+    from flows.registry.register import register
+
+    return register(cfg.registry, Path(inputs["bundle"]), Path(inputs["evaluation"]), Path(inputs["dataset"]), out, ctx)
+
+
+def _promote(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
+    from flows.registry.promote import promote
+
+    return promote(cfg.registry, cfg.evaluate, Path(inputs["registered"]), out, ctx)
+
+
+def _registers(cfg: PipelineConfig) -> bool:
+    return cfg.registry.enabled and cfg.tracking.enabled
+
+
 def _finetunes(cfg: PipelineConfig) -> bool:
     return bool(cfg.data.sft_inputs or cfg.finetune.data)
 
@@ -116,6 +132,11 @@ STEPS: tuple[Step, ...] = (
     Step("evaluate", _evaluate, ("evaluate",), unhashed={"evaluate": ("bundle", "data")},
          bind=lambda cfg: {"bundle": cfg.evaluate.bundle or _final_model(cfg),
                            "dataset": cfg.evaluate.data or StepRef("preprocess")}),
+    Step("register", _register, ("registry",), unhashed={"registry": ("metric", "margin")},
+         bind=lambda cfg: {"bundle": cfg.evaluate.bundle or _final_model(cfg), "evaluation": StepRef("evaluate"),
+                           "dataset": cfg.evaluate.data or StepRef("preprocess")}, enabled=_registers),
+    Step("promote", _promote, ("registry", "evaluate"), unhashed={"evaluate": ("bundle", "data")},
+         bind=lambda cfg: {"registered": StepRef("register")}, enabled=_registers),
 )
 
 
@@ -261,24 +282,28 @@ def run(cfg: PipelineConfig, only: Sequence[str] = (), start: str | None = None,
 
     with stage_run(cfg.tracking, cfg.workdir, "pipeline", {"config": to_dict(cfg)}) as parent:
         parent.set_tags({f"gptflow.step.{p.step.name}": str(p.out) for p in planned})
+        runs = {p.step.name: done_info(p.out).get("run_id") for p in planned if p.done and p not in todo}
         for p in planned:
             if p not in todo:
                 if p.status == "pending":
                     p.status = "done"
                 continue
-            _run_step(cfg, p, base, p.step.name in forced)
+            ctx = dataclasses.replace(base, parent_run_id=parent.run_id,
+                                      step_runs={k: v for k, v in runs.items() if v})
+            runs[p.step.name] = _run_step(cfg, p, ctx, p.step.name in forced)
         parent.set_tags({"gptflow.steps": json.dumps({p.step.name: p.status for p in planned})})
     return planned
 
 
-def _run_step(cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: bool) -> None:
+def _run_step(cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: bool) -> str | None:
+    """Build one step's output under its lock; return the step's MLflow run id."""
     from flows.tracking import stage_run
 
     t0 = time.time()
     with locked(p.out.parent / f".{p.out.name}.lock"):
         if is_done(p.out) and not fresh:  # another run built it while this one waited for the lock
             p.status = "done"
-            return
+            return done_info(p.out).get("run_id")
         if fresh and p.out.exists():
             shutil.rmtree(p.out)
         p.out.mkdir(parents=True, exist_ok=True)
@@ -297,6 +322,7 @@ def _run_step(cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: boo
             raise PipelineError(f"step {p.step.name!r} failed: {e}") from e
     p.status = "ran"
     log.info("step %s: done in %.1f s -> %s", p.step.name, p.seconds, p.out)
+    return tracker.run_id
 
 
 def step_output(planned: list[PlannedStep], name: str) -> Path | None:

@@ -21,6 +21,12 @@ def run_report(cfg: PipelineConfig, planned: list[PlannedStep]) -> str:
     evaluated = step_output(planned, "evaluate")
     if evaluated is not None and (evaluated / "metrics.json").is_file():
         lines += _evaluation(evaluated)
+    promoted = step_output(planned, "promote")
+    if promoted is not None and (promoted / "decision.json").is_file():
+        d = json.loads((promoted / "decision.json").read_text(encoding="utf-8"))
+        verdict = "champion" if d["promoted"] else "challenger (the gate refused it)"
+        lines += [f"registry: {d['name']} version {d['version']} is {verdict}: {d['reason']}",
+                  f"  gptflow models {d['name']}    gptflow lineage {d['name']}@champion", ""]
     lines += _tracking(cfg)
     final = step_output(planned, "finetune") or step_output(planned, "pretrain")
     lines.append(str(final) if final is not None else str(planned[-1].out))

@@ -8,6 +8,7 @@ lock on the directory. A finished output is reused, never rewritten.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -37,7 +38,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, then rename over `path`."""
+    """Write to a temporary name in the same directory, fsync, rename over `path`, fsync the directory.
+
+    After a crash `path` holds the old content or the new, never a prefix; once this returns the new
+    content survives a power loss (the rename too: it lives in the directory, hence its fsync).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -46,6 +51,25 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_file(f: Any) -> None:
+    """Flush an open binary file and fsync it: its bytes are on disk before it is renamed into place."""
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory, so that renames and new names in it survive a crash of the machine."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some filesystems (and platforms) cannot fsync a directory; nothing more to do
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

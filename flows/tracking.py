@@ -81,8 +81,11 @@ class Tracker:
             return
         from mlflow.entities import Param
 
+        from flows.data.inputs import redact_text
+
         flat = flatten(dict(params))
-        items = [Param(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in sorted(flat.items())]
+        # Input URLs may carry credentials (user:password, tokens, presigned signatures): never logged.
+        items = [Param(k, redact_text(str(v))[:_MAX_PARAM_CHARS]) for k, v in sorted(flat.items())]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self._client.log_batch(self.run_id, params=items[i : i + 100])
 
@@ -101,7 +104,9 @@ class Tracker:
             return
         from mlflow.entities import RunTag
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        from flows.data.inputs import redact_text
+
+        self._client.log_batch(self.run_id, tags=[RunTag(k, redact_text(str(v))) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._client:
@@ -133,6 +138,9 @@ class Tracker:
 
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
+        from flows.data.inputs import redact_text
+
+        name, source = redact_text(name), redact_text(source)
         ds = Dataset(
             name=name, digest=digest[:36], source_type="local" if "://" not in source else "uri",
             source=json.dumps({"uri": source}), profile=json.dumps(dict(profile or {})),
@@ -197,3 +205,132 @@ def download_model(uri: str, dst: str | Path, cfg: TrackingConfig | None = None,
             artifact_uri=uri, dst_path=str(dst), tracking_uri=store, registry_uri=store))
     except MlflowException as e:
         raise ValueError(f"cannot download model {uri} from {store}: {e.message}") from e
+
+
+# --------------------------------------------------------------------------- the model registry
+
+
+class RegistryError(ValueError):
+    """A registry request that cannot be served: an unknown name, alias or version, missing or corrupt
+    artifacts, an unreachable store. The message names what was asked for."""
+
+
+class Registry:
+    """The MLflow model registry behind the seam: log a bundle as a pyfunc model, register versions,
+    move aliases, read and write tags. The registry *policy* (the promotion gate, rollback, lineage)
+    lives in flows/registry/ and only calls these methods."""
+
+    def __init__(self, cfg: TrackingConfig, workdir: str | Path):
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri(cfg, workdir)
+        _use_store(self.uri)
+        self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as e:
+            raise RegistryError(f"{what}: {e.message} (registry {self.uri})") from e
+        except (OSError, ConnectionError) as e:
+            raise RegistryError(f"{what}: the registry at {self.uri} is unreachable ({e})") from e
+
+    def log_bundle_model(self, bundle: str | Path, code: str | Path, code_paths: list[str],
+                         pip_requirements: list[str], params: Mapping[str, Any], example: list[str]) -> str:
+        """Log `bundle` as a pyfunc model of the active run (the model is the code file `code`; the
+        bundle files are its ``bundle`` artifact); return the model URI."""
+        import mlflow
+        import pandas as pd
+        from mlflow.models.signature import ModelSignature
+        from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+        def dtype(v: Any) -> str:
+            return {bool: "boolean", int: "long", float: "double"}.get(type(v), "string")
+
+        signature = ModelSignature(
+            # unnamed: a list of strings and a one-column DataFrame (e.g. "prompt") both fit
+            inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+            params=ParamSchema([ParamSpec(k, dtype(v), v) for k, v in params.items()]),
+        )
+        info = self._call(
+            f"logging {bundle} as a model", mlflow.pyfunc.log_model, name="model", python_model=str(code),
+            artifacts={"bundle": str(bundle)}, code_paths=code_paths, signature=signature,
+            input_example=(pd.DataFrame({"prompt": example}), {"max_tokens": 4}),
+            pip_requirements=pip_requirements,
+        )
+        return info.model_uri
+
+    def register(self, model_uri: str, name: str, tags: Mapping[str, Any]) -> str:
+        """A new version of `name` (created if missing) for `model_uri`; returns its number."""
+        import mlflow
+
+        mv = self._call(f"registering {model_uri} as {name!r}", mlflow.register_model, model_uri, name,
+                        tags={k: str(v) for k, v in tags.items()})
+        return str(mv.version)
+
+    def versions(self, name: str) -> list[dict[str, Any]]:
+        """Every version of `name`, oldest first, with tags and aliases; RegistryError if unknown."""
+        model = self._call(f"model {name!r}", self.client.get_registered_model, name)
+        found = self._call(f"versions of {name!r}", self.client.search_model_versions, f"name='{name}'")
+        versions = sorted((_version_dict(v) for v in found), key=lambda v: int(v["version"]))
+        aliases = dict(model.aliases or {})  # search results carry no aliases; the model does
+        for v in versions:
+            v["aliases"] = sorted(a for a, n in aliases.items() if str(n) == v["version"])
+        return versions
+
+    def version(self, name: str, version: str | int) -> dict[str, Any]:
+        return _version_dict(self._call(f"model {name!r} version {version}", self.client.get_model_version,
+                                        name, str(version)))
+
+    def by_alias(self, name: str, alias: str) -> dict[str, Any] | None:
+        """The version `alias` points at, or None when the alias is not set (the model must exist)."""
+        from mlflow.exceptions import MlflowException
+
+        model = self._call(f"model {name!r}", self.client.get_registered_model, name)
+        if alias not in (model.aliases or {}):
+            return None
+        try:
+            return _version_dict(self.client.get_model_version_by_alias(name, alias))
+        except MlflowException as e:
+            raise RegistryError(f"model {name!r} alias {alias!r}: {e.message}") from e
+
+    def set_alias(self, name: str, alias: str, version: str | int) -> None:
+        self._call(f"setting {name}@{alias}", self.client.set_registered_model_alias, name, alias, str(version))
+
+    def set_version_tags(self, name: str, version: str | int, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self._call(f"tagging {name}/{version}", self.client.set_model_version_tag, name, str(version), k, str(v))
+
+    def model_tags(self, name: str) -> dict[str, str]:
+        return dict(self._call(f"model {name!r}", self.client.get_registered_model, name).tags or {})
+
+    def set_model_tags(self, name: str, tags: Mapping[str, Any]) -> None:
+        for k, v in tags.items():
+            self._call(f"tagging {name}", self.client.set_registered_model_tag, name, k, str(v))
+
+    def download(self, name: str, version: str | int, dst: str | Path) -> Path:
+        """The version's model directory, downloaded under `dst`."""
+        import mlflow
+
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(self._call(f"downloading {name}/{version}", mlflow.artifacts.download_artifacts,
+                               artifact_uri=f"models:/{name}/{version}", dst_path=str(dst),
+                               tracking_uri=self.uri, registry_uri=self.uri))
+
+    def run(self, run_id: str) -> dict[str, Any] | None:
+        """A run's name, status, times and tags, or None when it does not exist (any more)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            r = self.client.get_run(run_id)
+        except MlflowException:
+            return None
+        return {"run_id": run_id, "name": r.info.run_name, "status": r.info.status,
+                "start_time": r.info.start_time, "end_time": r.info.end_time, "tags": dict(r.data.tags)}
+
+
+def _version_dict(v: Any) -> dict[str, Any]:
+    return {"name": v.name, "version": str(v.version), "tags": dict(v.tags or {}), "aliases": list(v.aliases or []),
+            "run_id": v.run_id, "source": v.source, "created": v.creation_timestamp, "status": v.status}

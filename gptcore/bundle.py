@@ -3,11 +3,17 @@
 A directory of four files: config.json (GPTConfig), model.safetensors (weights; the tied LM head
 is not stored twice), tokenizer.json, metadata.json (format version, parameter count, lineage).
 Loading never unpickles. Every failure names the file and what is wrong with it.
+
+Saving is crash-safe: metadata.json goes first and comes back last, so a directory that has it is a
+complete bundle; every file is written under a temporary name, fsynced, renamed, and the directory
+fsynced. (gptcore cannot use flows.store; these few lines are its own.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -34,11 +40,16 @@ def save_bundle(
 ) -> Path:
     """Write the bundle; metadata.json (written last) holds `metadata` plus format version and size."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise BundleError(
             f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {model.config.vocab_size}"
         )
+    directory.mkdir(parents=True, exist_ok=True)
+    # Overwriting a bundle: without its metadata.json the directory is no bundle until the new one is
+    # complete, so a crash half-way never pairs new weights with an old config or tokenizer.
+    if (directory / "metadata.json").exists():
+        (directory / "metadata.json").unlink()
+        _fsync_dir(directory)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != _TIED}
     _atomic(directory / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     _atomic(directory / "config.json", lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n"))
@@ -63,10 +74,7 @@ def load_bundle(
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{directory / 'metadata.json'}: format_version {version!r}, expected {FORMAT_VERSION}")
-    try:
-        config = GPTConfig.from_dict(_read_json(directory / "config.json"))
-    except (TypeError, ValueError) as e:
-        raise BundleError(f"{directory / 'config.json'}: {e}") from e
+    config = read_config(directory / "config.json")
     try:
         tokenizer = Tokenizer.load(directory / "tokenizer.json")
     except (ValueError, OSError) as e:
@@ -99,6 +107,27 @@ def load_bundle(
     return model, tokenizer, metadata
 
 
+def read_config(path: str | Path) -> GPTConfig:
+    """A bundle's config.json as a GPTConfig; BundleError naming the file, the key and the problem
+    (not an object, an unknown key, a value of the wrong type or out of range)."""
+    path = Path(path)
+    data = _read_json(path)
+    kinds = {f.name: f.type for f in dataclasses.fields(GPTConfig)}  # "int", "float", "bool" (postponed annotations)
+    for key, value in data.items():
+        kind = kinds.get(key)
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
+            "bool": isinstance(value, bool),
+        }.get(str(kind), True)
+        if not ok:
+            raise BundleError(f"{path}: {key}={value!r} must be a{'n' if kind == 'int' else ''} {kind}")
+    try:
+        return GPTConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{path}: {e}") from e
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -110,7 +139,24 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _atomic(path: Path, write: Any) -> None:
-    """Write through a temporary name so a crash never leaves a half-written file at `path`."""
+    """Write through a temporary name, fsync it, rename it over `path`, fsync the directory: a crash
+    never leaves a half-written file at `path`, and once this returns the file survives a power loss."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # save_file and write_text close their file without fsync
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # a filesystem that cannot fsync a directory: the renames are all we can do
+        pass
+    finally:
+        os.close(fd)

@@ -12,6 +12,7 @@ hooks), else through GPT.forward.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -141,8 +142,7 @@ def _decode_steps(
         raise ValueError("stop_strings need a tokenizer to decode with")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0")
+    check_sampling(temperature, top_k, top_p, repetition_penalty)
     was_training = model.training
     model.eval()
     if pack_weights and torch.is_inference_mode_enabled():  # not under no_grad: ZeRO-3 sampling must use the live weights
@@ -200,6 +200,21 @@ def _decode_steps(
                 return
     finally:
         model.train(was_training)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   repetition_penalty: float = 1.0) -> None:
+    """Refuse sampling settings outside their range rather than quietly ignore them (a top_p of 1.5
+    or a top_k of 0 used to mean "no filter", a NaN temperature sampled garbage)."""
+    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy search)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be an integer >= 1 (omit it for no top-k filter)")
+    if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
+        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (omit it for no nucleus filter)")
+    if not (isinstance(repetition_penalty, int | float) and math.isfinite(repetition_penalty)
+            and repetition_penalty > 0):
+        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be a finite number > 0 (1 is none)")
 
 
 def _left_pad(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,9 +7,12 @@ the transpose of nn.Linear's (out, in). Everything else maps name for name.
 from __future__ import annotations
 
 import json
+import math
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptcore.config import GPTConfig
@@ -30,6 +33,9 @@ def import_gpt2(directory: str | Path) -> GPT:
         hf = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{config_path}: not readable JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(hf).__name__}")
+    _check_types(hf, config_path)
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{config_path}: model_type {hf.get('model_type')!r} is not gpt2")
     activation = hf.get("activation_function", "gelu_new")
@@ -124,12 +130,37 @@ def export_gpt2(model: GPT, directory: str | Path, tokenizer: Tokenizer | None =
     return directory
 
 
+# config.json keys GPT reads, and the JSON type each must have (null is allowed where HF allows it).
+_INT_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "n_ctx")
+_FLOAT_KEYS = ("layer_norm_epsilon",)
+
+
+def _check_types(hf: dict, path: Path) -> None:
+    for key in _INT_KEYS:
+        v = hf.get(key)
+        if key in hf and (isinstance(v, bool) or not isinstance(v, int)):
+            raise ValueError(f"{path}: {key}={v!r} must be an integer")
+    for key in _FLOAT_KEYS:
+        v = hf.get(key)
+        if key in hf and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+            raise ValueError(f"{path}: {key}={v!r} must be a number")
+    for key in ("model_type", "activation_function"):
+        if key in hf and not isinstance(hf[key], str):
+            raise ValueError(f"{path}: {key}={hf[key]!r} must be a string")
+
+
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     safetensors_path = directory / "model.safetensors"
     bin_path = directory / "pytorch_model.bin"
     if safetensors_path.is_file():
-        return load_file(str(safetensors_path))
+        try:
+            return load_file(str(safetensors_path))
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise ValueError(f"{safetensors_path}: unreadable or truncated safetensors file ({e})") from e
     if bin_path.is_file():
         # weights_only: a checkpoint from the internet must not run code on load.
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(bin_path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, EOFError, OSError, RuntimeError) as e:
+            raise ValueError(f"{bin_path}: unreadable, truncated or not a plain weights file ({e})") from e
     raise FileNotFoundError(f"{directory}: neither model.safetensors nor pytorch_model.bin")

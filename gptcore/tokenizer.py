@@ -7,6 +7,7 @@ any Unicode string encodes, and decode(encode(s)) == s. No normalizer runs, for 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -70,8 +71,13 @@ class Tokenizer:
 
     @classmethod
     def from_gpt2_files(cls, vocab: str | Path, merges: str | Path) -> Tokenizer:
-        """GPT-2's own vocabulary: encodes exactly as GPT-2 does."""
-        hf = HFTokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        """GPT-2's own vocabulary: encodes exactly as GPT-2 does. ValueError naming the bad file."""
+        _check_vocab_json(Path(vocab))
+        try:
+            bpe = models.BPE.from_file(str(vocab), str(merges))
+        except Exception as e:  # tokenizers raises a bare Exception; vocab.json is already checked
+            raise ValueError(f"{merges}: not a valid GPT-2 merges.txt for {vocab} ({e})") from e
+        hf = HFTokenizer(bpe)
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
         if hf.token_to_id(EOT) is None:
@@ -139,3 +145,15 @@ class Tokenizer:
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eot_id={self.eot_id}, pad_id={self.pad_id})"
 
+
+def _check_vocab_json(path: Path) -> None:
+    """vocab.json must be a JSON object of token -> id (tokenizers' own messages do not name the file)."""
+    try:
+        vocab = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(vocab, dict):
+        raise ValueError(f"{path}: expected a JSON object of token -> id, got {type(vocab).__name__}")
+    bad = next(((k, v) for k, v in vocab.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0), None)
+    if bad is not None:
+        raise ValueError(f"{path}: token {bad[0]!r} has id {bad[1]!r}; ids must be integers >= 0")

@@ -18,6 +18,18 @@ def _gptflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
+def _table(stdout: str) -> dict[str, list[str]]:
+    """The step table `run`/`plan` print (Ray may forward worker log lines before it)."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["step", "status"])
+    rows = {}
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        rows[line.split()[0]] = line.split()
+    return rows
+
+
 def test_shortcuts_map_onto_the_config():
     args = build_parser().parse_args(["finetune", "--data", "d", "--init", "models:/gpt@champion", "--steps", "7",
                                       "--workers", "2", "--preset", "gpt2-124m", "--workdir", "w",
@@ -68,8 +80,9 @@ def test_run_pipeline_prints_bundle_last_and_generate_uses_it(tmp_path):
     lines = out.stdout.strip().splitlines()
     bundle = Path(lines[-1])
     assert bundle.parent.name == "finetune" and (bundle / "DONE").is_file()
-    table = {line.split()[0]: line.split() for line in lines[1:5]}
-    assert [table[s][1] for s in ("preprocess", "pretrain", "finetune", "evaluate")] == ["ran"] * 4
+    steps = ("preprocess", "pretrain", "finetune", "evaluate", "register", "promote")
+    table = _table(out.stdout)
+    assert [table[s][1] for s in steps] == ["ran"] * 6
     pretrained = Path(table["pretrain"][-1])
     meta = json.loads((bundle / "metadata.json").read_text())
     # lineage: the fine-tune's parent is the pretrained bundle of this run, by path and by content
@@ -79,12 +92,25 @@ def test_run_pipeline_prints_bundle_last_and_generate_uses_it(tmp_path):
     assert "evaluation (" in out.stdout and "bits/byte" in out.stdout and "mlflow ui --backend-store-uri" in out.stdout
     assert (Path(table["evaluate"][-1]) / "metrics.json").is_file()
 
+    assert "registry: gpt version 1 is champion: first model" in out.stdout
+
+    # lineage from the fine-tuned champion down to the raw input files' fingerprints
+    facts = _gptflow("lineage", "gpt@champion", "--json", "--workdir", str(tmp_path / "w"), cwd=tmp_path)
+    assert facts.returncode == 0, facts.stderr[-3000:]
+    chain = json.loads(facts.stdout[facts.stdout.index("{"):])
+    assert chain["model"]["version"] == "1" and chain["bundle"]["path"] == str(bundle)
+    assert all(not run.get("missing") for run in chain["runs"].values())
+    parent = chain["bundle"]["parent"]["bundle_facts"]
+    assert parent["path"] == str(pretrained) and parent["stage"] == "pretrain"
+    inputs = {Path(i["path"]).name: i["fingerprint"] for i in parent["dataset"]["inputs"]}
+    assert inputs == {"corpus.txt": "sha256:" + sha256_file(corpus), "sft.jsonl": "sha256:" + sha256_file(sft)}
+
     again = _gptflow("run", *args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert [line.split()[1] for line in again.stdout.splitlines()[1:5]] == ["done"] * 4
+    assert [_table(again.stdout)[s][1] for s in steps] == ["done"] * 6
     assert again.stdout.strip().splitlines()[-1] == str(bundle)
     planned = _gptflow("plan", *args, "--set", "evaluate.max_new_tokens=5", cwd=tmp_path)
-    assert [line.split()[1] for line in planned.stdout.splitlines()[1:5]] == ["done", "done", "done", "to"]
+    assert [_table(planned.stdout)[s][1] for s in steps] == ["done", "done", "done", "to", "to", "to"]
 
     gen = _gptflow("generate", str(bundle), "Q1: ", "--max-new-tokens", "5", cwd=tmp_path)
     assert gen.returncode == 0, gen.stderr[-2000:]

@@ -39,7 +39,8 @@ def test_only_tracking_imports_mlflow_and_only_cluster_calls_ray_init():
     flows = GPTCORE.parent / "flows"
     for path in sorted(flows.rglob("*.py")):
         text = path.read_text()
-        if path.name != "tracking.py":
+        # tracking.py is the seam; pyfunc_model.py is the model file MLflow itself loads (as code)
+        if path.relative_to(flows).as_posix() not in ("tracking.py", "registry/pyfunc_model.py"):
             assert "import mlflow" not in text and "from mlflow" not in text, path
         if path.name != "cluster.py":
             assert "ray.init(" not in text, path
@@ -90,7 +91,8 @@ def test_stage_packages_import_only_downward_and_never_the_runner():
     rules = {
         "flows.data": ("flows.train", "flows.evaluate", "flows.pipeline", "flows.cli", "flows.report"),
         "flows.train": ("flows.evaluate", "flows.pipeline", "flows.cli", "flows.report"),
-        "flows.evaluate": ("flows.train", "flows.pipeline", "flows.cli", "flows.report"),
+        "flows.evaluate": ("flows.train", "flows.registry", "flows.pipeline", "flows.cli", "flows.report"),
+        "flows.registry": ("flows.train", "flows.data.stage", "flows.pipeline", "flows.cli", "flows.report"),
         "flows.store": ("flows.",),
         "flows.config": ("flows.",),
     }

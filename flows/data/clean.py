@@ -1,9 +1,9 @@
 """Cleaning documents: decode bytes, repair text, cut long documents, count every repair and drop.
 
-What it is: :class:`UnitStats` (the per-work-unit counters of repairs and drops by reason), the
-byte decoder, the text cleaner (Unicode normalisation, control characters, line endings,
-``min_chars``) and the cutter that splits a document longer than ``max_doc_chars`` (at a line break
-when one is near, else at a space).
+What it is: :class:`UnitStats` (the per-work-unit counters of repairs and drops by reason, with
+where the first few drops were), the byte decoder, the text cleaner (lone surrogates, Unicode
+normalisation, control characters, line endings, ``min_chars``) and the cutter that splits a
+document longer than ``max_doc_chars`` (at a line break when one is near, else at a space).
 
 What it is not: reading files (flows/data/formats.py) or deduplication (flows/data/stage.py).
 """
@@ -16,6 +16,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from flows.config import DataConfig
 
@@ -29,13 +30,46 @@ _BINARY_BYTES = bytes(b for b in range(32) if b not in (9, 10, 12, 13))
 # Characters removed by cleaning: C0/C1 controls and DEL, except tab and newline.
 _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
+# Lone surrogates: json.loads accepts "\ud800" escapes, but no such string can be written as UTF-8.
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
+
+
+MAX_LOCATIONS = 5  # where the first few drops of each reason were, kept per unit and in the manifest
+
 
 @dataclass
 class UnitStats:
-    """Counts one work unit reports: documents dropped and repaired by reason."""
+    """Counts one work unit reports: documents dropped and repaired by reason, and where the first
+    few drops of each reason were (file, and line, byte offset or row; never the content)."""
 
     dropped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
+    locations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # The record being read, set by the readers: a drop is located there.
+    file: str | None = None
+    offset: int | None = None  # byte offset in the (decompressed) file
+    line: int | None = None  # line number from 1, when the reader started at the file's start
+    row: int | None = None  # parquet row
+
+    def drop(self, reason: str) -> None:
+        """Count one record or document dropped for `reason`, located at the record being read."""
+        self.dropped[reason] += 1
+        if self.file is None:
+            return
+        first = self.locations.setdefault(reason, [])
+        if len(first) < MAX_LOCATIONS:
+            where: dict[str, Any] = {"file": self.file}
+            for key in ("line", "offset", "row"):
+                if (value := getattr(self, key)) is not None:
+                    where[key] = value
+            first.append(where)
+
+
+def merge_locations(into: dict[str, list[dict[str, Any]]], other: dict[str, list[dict[str, Any]]]) -> None:
+    """Add `other`'s locations after `into`'s, still at most MAX_LOCATIONS per reason."""
+    for reason, where in other.items():
+        first = into.setdefault(reason, [])
+        first += where[: MAX_LOCATIONS - len(first)]
 
 
 def looks_binary(head: bytes) -> bool:
@@ -58,7 +92,11 @@ def decode(data: bytes, stats: UnitStats) -> str:
 
 
 def clean(text: str, data: DataConfig, stats: UnitStats) -> str:
-    """Line endings to \\n, Unicode normalisation, control characters (but \\t and \\n) removed."""
+    """Lone surrogates to U+FFFD, line endings to \\n, Unicode normalisation, control characters (but
+    \\t and \\n) removed: what comes out can always be written as UTF-8."""
+    if not text.isascii() and _SURROGATE_RE.search(text):
+        stats.repaired["invalid_unicode"] += 1
+        text = _SURROGATE_RE.sub("\ufffd", text)
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if text.startswith("\ufeff"):
@@ -98,11 +136,11 @@ def emit_documents(text: str, data: DataConfig, stats: UnitStats) -> Iterator[st
     for piece in pieces(text, data.max_doc_chars) if len(text) > data.max_doc_chars else (text,):
         body = piece.strip()
         if not body:
-            stats.dropped["empty"] += 1
+            stats.drop("empty")
         elif len(body) < data.min_chars:
-            stats.dropped["too_short"] += 1
+            stats.drop("too_short")
         elif _garbled(body):
-            stats.dropped["binary"] += 1
+            stats.drop("binary")
         else:
             yield piece
 

@@ -62,9 +62,9 @@ def read_manifest(dataset: str | Path, splits: tuple[str, ...] | None = None,
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: not valid JSON ({e})") from e
-    for key in ("format_version", "dtype", "vocab_size", "eot_id", "splits"):
-        if key not in manifest:
-            raise DataError(f"{path}: key {key!r} is missing")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e})") from e
+    _check_schema(manifest, path)
     if manifest["format_version"] != FORMAT_VERSION:
         raise DataError(f"{path}: format_version={manifest['format_version']!r}, this reader knows {FORMAT_VERSION}")
     if manifest["dtype"] not in DTYPES:
@@ -91,6 +91,50 @@ def read_manifest(dataset: str | Path, splits: tuple[str, ...] | None = None,
                 if verify and digest and sha256_file(f) != digest:
                     raise DataError(f"{f}: sha256 does not match {path} (corrupt or partly copied shard)")
     return manifest
+
+
+def _check_schema(manifest: Any, path: Path) -> None:
+    """The manifest's shape: every key this module and training read, with its JSON type, so that a
+    hand-edited or foreign manifest.json fails here naming the key, not later with a KeyError."""
+    def bad(where: str, what: str) -> DataError:
+        return DataError(f"{path}: {where} must be {what}")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(manifest, dict):
+        raise bad("the top level", f"a JSON object, not {type(manifest).__name__}")
+    for key in ("format_version", "dtype", "vocab_size", "eot_id", "splits"):
+        if key not in manifest:
+            raise DataError(f"{path}: key {key!r} is missing")
+    for key in ("vocab_size", "eot_id", "pad_id"):
+        if key in manifest and not is_int(manifest[key]):
+            raise bad(key, f"an integer, not {manifest[key]!r}")
+    if not isinstance(manifest["dtype"], str):
+        raise bad("dtype", f"a string, not {manifest['dtype']!r}")
+    if not isinstance(manifest["splits"], dict):
+        raise bad("splits", f"an object of split name -> entry, not {type(manifest['splits']).__name__}")
+    for split, entry in manifest["splits"].items():
+        if entry is None:
+            continue
+        if not isinstance(entry, dict) or not isinstance(entry.get("shards", []), list):
+            raise bad(f"splits.{split}", 'an object with a "shards" list')
+        for i, shard in enumerate(entry.get("shards", [])):
+            where = f"splits.{split}.shards[{i}]"
+            if not isinstance(shard, dict):
+                raise bad(where, "an object")
+            if not is_int(shard.get("tokens")) or shard["tokens"] < 0:
+                raise bad(f"{where}.tokens", f"an integer >= 0, not {shard.get('tokens')!r}")
+            for key in ("file", "mask_file"):
+                name = shard.get(key)
+                if key == "mask_file" and name is None:
+                    continue
+                # A relative path inside the dataset directory: a manifest never points elsewhere.
+                if not isinstance(name, str) or not name or name.startswith("/") or ".." in Path(name).parts:
+                    raise bad(f"{where}.{key}", f"a relative path inside the dataset directory, not {name!r}")
+            for key in ("sha256", "mask_sha256"):
+                if shard.get(key) is not None and not isinstance(shard[key], str):
+                    raise bad(f"{where}.{key}", f"a hex string, not {shard[key]!r}")
 
 
 def check_dataset(dataset: str | Path, splits: tuple[str, ...], context_length: int,

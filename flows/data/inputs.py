@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import glob as globlib
 import gzip
+import hashlib
+import io
 import logging
 import math
 import os
+import re
+import urllib.parse
 import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from flows.config import ConfigError, DataConfig
 from flows.data.clean import looks_binary
@@ -80,8 +84,78 @@ def is_url(spec: str) -> bool:
     return "://" in spec
 
 
+# --------------------------------------------------------------------------- secrets in URLs
+
+# Query parameters that carry credentials: API tokens and keys, passwords, presigned-URL signatures
+# (S3's X-Amz-*, GCS's X-Goog-*, Azure SAS `sig`, CloudFront `Signature`/`Key-Pair-Id`).
+_SECRET_PARAM = re.compile(
+    r"token|key|secret|sig|password|passwd|pwd|credential|auth|session|^x-amz-|^x-goog-|^awsaccesskeyid$",
+    re.IGNORECASE,
+)
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"`<>]+")  # up to a space or a quote
+REDACTED = "***"
+
+
+def redact_url(url: str) -> str:
+    """`url` without its secrets: user:password becomes ``***``, and so does the value of every query
+    parameter named like a credential (token, key, secret, signature, password, X-Amz-*, ...).
+
+    What leaves the process (logs, errors, MLflow params and dataset sources, the manifest) carries
+    this form; the input's fingerprint keeps a hash of the full URL, so it still changes with it.
+    A string that is no URL comes back unchanged.
+    """
+    if not is_url(url):
+        return url
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # e.g. an unbalanced [ in the host: say nothing of what it holds
+        return url.split("://", 1)[0] + "://" + REDACTED
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = REDACTED + "@" + netloc.rpartition("@")[2]
+    query = "&".join(_redact_param(p) for p in parts.query.split("&")) if parts.query else ""
+    fragment = REDACTED if parts.fragment and "=" in parts.fragment else parts.fragment  # #access_token=...
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
+
+
+def _redact_param(param: str) -> str:
+    name, sep, value = param.partition("=")
+    if sep and value and _SECRET_PARAM.search(urllib.parse.unquote_plus(name)):
+        return f"{name}={REDACTED}"
+    return param
+
+
+def redact_text(text: str) -> str:
+    """`text` with every URL in it redacted (see :func:`redact_url`): for messages and param values."""
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text) if "://" in text else text
+
+
+def redact(value: Any) -> Any:
+    """A JSON-like value (a config as a dict, say) with every URL in its strings redacted."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that redacts URLs in every record a handler emits, third-party ones included
+    (fsspec logs each URL it opens at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "://" in message:
+            record.msg, record.args = redact_text(message), None
+        return True
+
+
 def classify(path: str) -> tuple[str, str | None] | None:
     """(format, compression) from the file name, or None when the format is not supported."""
+    if is_url(path):  # https://host/corpus.txt?X-Amz-Signature=...: the format is the path's
+        path = urllib.parse.urlsplit(path).path
     name = path.lower()
     compression = None
     for ext, comp in COMPRESSIONS.items():
@@ -100,22 +174,23 @@ def resolve_paths(specs: tuple[str, ...], key: str, skipped: Counter) -> list[st
     """Expand files, folders and globs (local or fsspec) into files in input order.
 
     Raises InputError naming the spec when one matches nothing. Files in a folder with an
-    unsupported suffix are skipped and counted (``unsupported_file``); an unsupported file named
-    directly is an error.
+    unsupported suffix are skipped and counted (``unsupported_file``), and so are its hidden files
+    (``hidden_file``: a name, or a folder on its path, starting with a dot); an unsupported file
+    named directly is an error.
     """
     out: list[str] = []
     seen: set[str] = set()
     for spec in specs:
-        found = _expand(spec, key)
+        found = _expand(spec, key, skipped)
         for path, explicit in found:
             if classify(path) is None:
                 if explicit:
                     raise InputError(
-                        f"{key}: {path} has an unsupported format; supported: "
+                        f"{key}: {redact_url(path)} has an unsupported format; supported: "
                         f"{', '.join(FORMATS)} (optionally {', '.join(COMPRESSIONS)})"
                     )
                 skipped["unsupported_file"] += 1
-                log.warning("skipping %s: not one of %s", path, ", ".join(FORMATS))
+                log.warning("skipping %s: not one of %s", redact_url(path), ", ".join(FORMATS))
                 continue
             if path not in seen:  # the same file named twice would only produce duplicates
                 seen.add(path)
@@ -123,66 +198,115 @@ def resolve_paths(specs: tuple[str, ...], key: str, skipped: Counter) -> list[st
     return out
 
 
-def _expand(spec: str, key: str) -> list[tuple[str, bool]]:
+def _expand(spec: str, key: str, skipped: Counter) -> list[tuple[str, bool]]:
     if is_url(spec):
-        import fsspec
-
-        fs, _, paths = fsspec.get_fs_token_paths(spec)
-        files: list[tuple[str, bool]] = []
-        for p in sorted(paths):
-            if fs.isdir(p):
-                files += [(fs.unstrip_protocol(f), False) for f in sorted(fs.find(p))]
-            elif fs.exists(p):
-                # unstrip_protocol, not f"{protocol}://{p}": http(s) paths keep their protocol
-                files.append((fs.unstrip_protocol(p), not globlib.has_magic(spec)))
-        if not files:
-            raise InputError(f"{key}: {spec} does not exist or matches no files")
-        return files
+        try:
+            return _expand_url(spec, key, skipped)
+        except InputError:
+            raise
+        except (OSError, ValueError) as e:  # unreachable host, refused credentials, bad URL (fsspec, aiohttp)
+            raise InputError(f"{key}: cannot list {redact_url(spec)} ({type(e).__name__}: {redact_text(str(e))})") from e
     if globlib.has_magic(spec):
         matches = sorted(globlib.glob(spec, recursive=True))
         files = []
         for m in matches:
-            files += _expand_local(Path(m), explicit=False)
+            files += _expand_local(Path(m), explicit=False, skipped=skipped)
         if not files:
             raise InputError(f"{key}: the pattern {spec} matches no files")
         return files
     path = Path(spec)
     if not path.exists():
         raise InputError(f"{key}: {spec} does not exist")
-    return _expand_local(path, explicit=True)
+    return _expand_local(path, explicit=True, skipped=skipped)
 
 
-def _expand_local(path: Path, explicit: bool) -> list[tuple[str, bool]]:
-    if path.is_dir():
-        return [
-            (str(p.resolve()), False)
-            for p in sorted(path.rglob("*"))
-            # Hidden files and stage DONE markers are bookkeeping, not corpus.
-            if p.is_file() and p.name != DONE
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        ]
-    return [(str(path.resolve()), explicit)]
+def _expand_url(spec: str, key: str, skipped: Counter) -> list[tuple[str, bool]]:
+    import fsspec
+
+    fs, _, paths = fsspec.get_fs_token_paths(spec)
+    files: list[tuple[str, bool]] = []
+    for p in sorted(paths):
+        if fs.isdir(p):
+            root = p.rstrip("/")
+            for f in sorted(fs.find(p)):
+                if _hidden(f[len(root):].lstrip("/")):
+                    skipped["hidden_file"] += 1
+                    continue
+                files.append((fs.unstrip_protocol(f), False))
+        elif fs.exists(p):
+            # unstrip_protocol, not f"{protocol}://{p}": http(s) paths keep their protocol
+            files.append((fs.unstrip_protocol(p), not globlib.has_magic(spec)))
+    if not files:
+        raise InputError(f"{key}: {redact_url(spec)} does not exist or matches no files")
+    return files
+
+
+def _hidden(relative: str) -> bool:
+    return any(part.startswith(".") for part in relative.split("/") if part)
+
+
+def _expand_local(path: Path, explicit: bool, skipped: Counter) -> list[tuple[str, bool]]:
+    if not path.is_dir():
+        return [(str(path.resolve()), explicit)]
+    out = []
+    for p in sorted(path.rglob("*")):
+        if not p.is_file() or p.name == DONE:  # a stage's DONE marker is bookkeeping, not corpus
+            continue
+        if _hidden(p.relative_to(path).as_posix()):  # .git, .DS_Store, editor swap files: counted
+            skipped["hidden_file"] += 1
+            continue
+        out.append((str(p.resolve()), False))
+    return out
+
+
+# What identifies a remote file's content, as fsspec's info() names it per store: S3/HTTP ETag and
+# Content-MD5/Digest, GCS md5Hash/crc32c/generation, Azure etag/content_md5, version ids. A date
+# (mtime, Last-Modified) is not among them: a rewrite within its resolution, or a copy that keeps
+# it, would go unnoticed.
+_CONTENT_TAGS = ("ETag", "etag", "Content-MD5", "Digest", "md5Hash", "crc32c", "content_md5", "checksum",
+                 "sha256", "VersionId", "version_id", "generation")
 
 
 def describe(paths: list[str], cache: FingerprintCache | None = None) -> list[InputFile]:
-    """Size and content fingerprint of each file (sha256 locally, through `cache` when given;
-    size+etag/mtime for URLs)."""
+    """Size and content fingerprint of each file: sha256 locally (through `cache` when given); for a
+    URL its size, the store's content tag (ETag, MD5, version id, ...) and a hash of the full URL --
+    or, when the store gives no such tag (a plain HTTP server, file://, memory://), the sha256 of
+    its content, read once per call (streamed)."""
     out = []
     for path in paths:
         fmt, compression = classify(path)  # type: ignore[misc]  # resolve_paths filtered these
         if is_url(path):
-            import fsspec
-
-            fs, _, (p,) = fsspec.get_fs_token_paths(path)
-            info = fs.info(p)
-            size = int(info.get("size") or 0)
-            tag = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("mtime") or ""
-            fingerprint = f"size={size};tag={tag}"
+            size, fingerprint = _describe_url(path, cache or FingerprintCache(None))
         else:
             size = os.path.getsize(path)
             fingerprint = f"sha256:{(cache or FingerprintCache(None)).sha256(path)}"
         out.append(InputFile(path, size, fmt, compression, fingerprint))
     return out
+
+
+def _describe_url(url: str, cache: FingerprintCache) -> tuple[int, str]:
+    import fsspec
+
+    # The full URL (credentials and query included: another presigned URL may name other content)
+    # enters the fingerprint only hashed; nothing else in it leaves the process unredacted.
+    url_hash = hashlib.sha256(url.encode("utf-8")).hexdigest()[:16]
+    try:
+        fs, _, (p,) = fsspec.get_fs_token_paths(url)
+        info = fs.info(p)
+        size = int(info.get("size") or 0)
+        tag = next((str(info[k]) for k in _CONTENT_TAGS if info.get(k)), None)
+        if tag is not None:
+            return size, f"size={size};tag={tag};url={url_hash}"
+        if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+            return size, f"sha256:{cache.sha256(p)};url={url_hash}"  # file://: hashed once, then by stat
+        log.info("%s: no ETag, checksum or version id; fingerprinting it by its content", redact_url(url))
+        h = hashlib.sha256()
+        with fs.open(p, "rb") as f:
+            while block := f.read(BLOCK_BYTES):
+                h.update(block)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{redact_url(url)}: cannot read it ({type(e).__name__}: {redact_text(str(e))})") from e
+    return size, f"sha256:{h.hexdigest()};url={url_hash}"
 
 
 def check_usable(files: list[InputFile], key: str) -> None:
@@ -222,9 +346,56 @@ def unit_size(data: DataConfig, total_bytes: int) -> int:
     return max(1, min(data.work_unit_bytes, max(_MIN_UNIT_BYTES, even)))
 
 
+_RATIO_SAMPLE = 1 << 20  # compressed bytes decompressed to measure a file's ratio
+_RATIO_OUTPUT = 64 << 20  # at most this much output from them (a highly compressible head)
+
+
+def content_size(f: InputFile) -> int:
+    """Bytes a worker reads from `f`: its size, or for a compressed file its decompressed size,
+    estimated without reading it all -- the size in the gzip trailer or the zstd frame header when
+    it agrees (within 4x) with the ratio measured on the first MiB, else that measured estimate (a
+    multi-member gzip's trailer holds only its last member, and sizes over 4 GiB wrap)."""
+    if f.compression is None or f.size == 0:
+        return f.size
+    try:
+        with open_raw(f.path) as fh:
+            head = fh.read(_RATIO_SAMPLE)
+            exact: int | None = None
+            if f.compression == "gz":
+                fh.seek(max(0, f.size - 4))
+                exact = int.from_bytes(fh.read(4), "little")
+        if f.compression == "gz":
+            out = used = 0
+            rest = head
+            while rest and out < _RATIO_OUTPUT:  # member after member
+                d = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip (or zlib) header
+                out += len(d.decompress(rest, _RATIO_OUTPUT - out))
+                used += len(rest) - len(d.unused_data) - len(d.unconsumed_tail)
+                rest = d.unused_data
+        else:
+            import zstandard
+
+            params = zstandard.get_frame_parameters(head)
+            if params.content_size != zstandard.CONTENTSIZE_UNKNOWN:
+                exact = params.content_size
+            raw = io.BytesIO(head)
+            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+            out = len(reader.read(_RATIO_OUTPUT))
+            used = raw.tell()
+    except (OSError, ValueError, *TRUNCATED_ERRORS):
+        return f.size  # a broken archive is counted when its unit is read
+    measured = max(f.size, round(f.size * out / max(1, used)))
+    if exact is not None and measured / 4 <= exact <= measured * 4:
+        return exact
+    return measured
+
+
 def plan_units(files: list[InputFile], data: DataConfig) -> list[WorkUnit]:
-    """Group small files and split large ones into units of about :func:`unit_size` bytes."""
-    target = unit_size(data, sum(f.size for f in files))
+    """Group small files and split large ones into units of about :func:`unit_size` bytes, counted
+    as what a worker reads (:func:`content_size`: decompressed bytes of a compressed file, which is
+    one unit, since a compressed stream cannot be entered in the middle)."""
+    sizes = {f.path: content_size(f) for f in files}
+    target = unit_size(data, sum(sizes.values()))
     # A text file is one document, so cutting it more finely than max_doc_chars would insert
     # document boundaries that the piece size alone would not.
     text_range = max(target, min(data.max_doc_chars, data.work_unit_bytes))
@@ -252,7 +423,7 @@ def plan_units(files: list[InputFile], data: DataConfig) -> list[WorkUnit]:
         if not segments:
             segments = [Segment(f)]
         for seg in segments:
-            size = _segment_bytes(seg)
+            size = _segment_bytes(seg, sizes[f.path])
             if current and current_bytes + size > target:
                 flush()
             current.append(seg)
@@ -263,10 +434,10 @@ def plan_units(files: list[InputFile], data: DataConfig) -> list[WorkUnit]:
     return [WorkUnit(i, tuple(segs)) for i, segs in enumerate(units)]
 
 
-def _segment_bytes(seg: Segment) -> int:
+def _segment_bytes(seg: Segment, content: int) -> int:
     if seg.file.fmt == "parquet":
         return max(1, seg.file.size)  # rough; row groups were already sized
-    end = seg.file.size if seg.end is None else seg.end
+    end = content if seg.end is None else seg.end
     return max(1, end - seg.start)
 
 

@@ -43,31 +43,31 @@ def render_chat_prompt(messages: Sequence[dict[str, str]]) -> str:
 def segments(record: Any, data: DataConfig, stats: UnitStats) -> list[tuple[str, bool]] | None:
     """(text, trained-on) pieces of one record, cleaned; None (and a count) when it is unusable."""
     if not isinstance(record, dict):
-        stats.dropped["bad_sft_record"] += 1
+        stats.drop("bad_sft_record")
         return None
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages:
-            stats.dropped["bad_sft_record"] += 1
+            stats.drop("bad_sft_record")
             return None
         out: list[tuple[str, bool]] = []
         for m in messages:
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                stats.dropped["bad_sft_record"] += 1
+                stats.drop("bad_sft_record")
                 return None
             trained = m["role"] == ASSISTANT
-            out.append((turn_header(m["role"]), False))
+            out.append((turn_header(clean(m["role"], data, stats)), False))
             out.append((clean(m["content"], data, stats) + "\n", trained))
         if not any(trained and text.strip() for text, trained in out):
-            stats.dropped["no_assistant_turn"] += 1
+            stats.drop("no_assistant_turn")
             return None
         return out
     prompt, completion = record.get("prompt"), record.get("completion")
     if not isinstance(prompt, str) or not isinstance(completion, str):
-        stats.dropped["missing_prompt_or_completion"] += 1
+        stats.drop("missing_prompt_or_completion")
         return None
     if not completion.strip():
-        stats.dropped["empty_completion"] += 1
+        stats.drop("empty_completion")
         return None
     return [(clean(prompt, data, stats), False), (clean(completion, data, stats), True)]
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from flows.store import atomic_write_text
+from flows.store import atomic_write_text, fsync_dir, fsync_file
 
 
 class UnitWriter:
@@ -37,10 +37,14 @@ class UnitWriter:
         return self._files[suffix]
 
     def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """fsync and rename the files, fsync the directory, then write the ``.json`` that says "done":
+        after a crash a unit either has all its files, complete, or no ``.json`` (and is redone)."""
         for f in self._files.values():
+            fsync_file(f)
             f.close()
         for suffix, tmp in self._tmp.items():
             os.replace(tmp, self.dir / f"{self.key}{suffix}")
+        fsync_dir(self.dir)
         atomic_write_text(self.dir / f"{self.key}.json", json.dumps(meta, sort_keys=True))  # last: "done"
         return meta
 
@@ -85,16 +89,19 @@ class ShardWriter:
     def close_shard(self) -> None:
         if self._f is None:
             return
+        fsync_file(self._f)  # on disk before its name is: the manifest and DONE that follow trust it
         self._f.close()
         entry: dict[str, Any] = {"file": f"{self.split}/{self._name}.bin", "tokens": self._tokens,
                                  "sha256": self._h.hexdigest()}
         os.replace(self._tmp, self.out / entry["file"])
         if self.masked:
+            fsync_file(self._mf)
             self._mf.close()
             entry["mask_file"] = f"{self.split}/{self._name}.mask.bin"
             entry["mask_sha256"] = self._mh.hexdigest()
             entry["examples"] = self._examples
             os.replace(self._mtmp, self.out / entry["mask_file"])
+        fsync_dir(self.out / self.split)
         self.shards.append(entry)
         self._f = None
 

@@ -32,6 +32,7 @@ import os
 import resource
 import shutil
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -42,7 +43,7 @@ import numpy as np
 from flows.config import DataConfig, stable_hash, to_dict
 from flows.context import StepContext
 from flows.data import formats, inputs, sft
-from flows.data.clean import UnitStats, pieces
+from flows.data.clean import UnitStats, merge_locations, pieces
 from flows.data.dataset import FORMAT_VERSION
 from flows.data.inputs import InputError, InputFile, WorkUnit
 from flows.data.shards import UnitWriter, load_index, pack_sft, pack_tokens
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 STAGE = "preprocess"
 
 _BATCH_CHARS = 1 << 20  # characters per encode_batch call: amortises the call, bounds memory
+_READ_BYTES = 4 * _BATCH_CHARS  # most bytes of cleaned text pass 2 reads at once (beyond one document)
 
 
 def preprocess(data: DataConfig, out_dir: Path, ctx: StepContext) -> Path:
@@ -137,7 +139,8 @@ def _resolve(data: DataConfig, ctx: StepContext) -> _Sources:
         text.append(inputs.export_hf_dataset(data, ctx.workdir / STAGE / "_hf"))
     for f in sft_files:
         if f.fmt not in ("jsonl", "json"):
-            raise InputError(f"data.sft_inputs: {f.path} must be .jsonl or .json (prompt/completion or messages records)")
+            raise InputError(f"data.sft_inputs: {inputs.redact_url(f.path)} must be .jsonl or .json "
+                             "(prompt/completion or messages records)")
     if text:
         inputs.check_usable(text, "data.inputs")
         inputs.check_parquet_field(text, data.text_field, "data.inputs")
@@ -219,6 +222,12 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
     for m in sft_meta.values():
         sft.merge_counts(sft_dropped, m["dropped"])
         sft.merge_counts(repaired, m["repaired"])
+    # Where the first few drops of each reason were, in input order (units finish in any order).
+    locations: dict[str, list[dict[str, Any]]] = {}
+    sft_locations: dict[str, list[dict[str, Any]]] = {}
+    for into, metas in ((locations, clean_meta), (sft_locations, sft_meta)):
+        for key in sorted(metas):
+            merge_locations(into, metas[key].get("locations", {}))
     kept = sum(int(keep[u.key].sum()) for u in units)
     for split in ("train", "val"):
         splits[split]["documents"] = sum(m["documents"][split] for m in tok_meta.values())
@@ -235,12 +244,16 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
         "pad_id": tokenizer.pad_id,
-        "config": to_dict(data),
-        "inputs": [{"path": f.path, "fingerprint": f.fingerprint, "kind": "text"} for f in sources.text]
-        + [{"path": f.path, "fingerprint": f.fingerprint, "kind": "sft"} for f in sources.sft],
-        "documents": {"kept": kept, "dropped": dict(sorted(dropped.items())), "repaired": dict(sorted(repaired.items()))},
+        # Input URLs without their credentials (the fingerprints hash the full URLs).
+        "config": inputs.redact(to_dict(data)),
+        "inputs": [{"path": inputs.redact_url(f.path), "fingerprint": f.fingerprint, "kind": "text"}
+                   for f in sources.text]
+        + [{"path": inputs.redact_url(f.path), "fingerprint": f.fingerprint, "kind": "sft"} for f in sources.sft],
+        "documents": {"kept": kept, "dropped": dict(sorted(dropped.items())),
+                      "repaired": dict(sorted(repaired.items())), "locations": dict(sorted(locations.items()))},
         "sft_examples": {"kept": splits["sft"]["examples"] + splits["sft_val"]["examples"],
-                         "dropped": dict(sorted(sft_dropped.items()))},
+                         "dropped": dict(sorted(sft_dropped.items())),
+                         "locations": dict(sorted(sft_locations.items()))},
         "splits": splits,
         "val_assignment": assignment,
         "work_units": {"text": len(units), "sft": len(sft_units), "workers": workers},
@@ -300,18 +313,19 @@ def doc_hash(text: str) -> bytes:
 
 def clean_unit(unit: WorkUnit, data: DataConfig, work: str) -> dict[str, Any]:
     """Ray task: the unit's cleaned documents (concatenated UTF-8), their offsets and hashes, and
-    the offsets and hashes of their pieces (for the val split, see assign_val)."""
+    the offsets and hashes of their pieces (for the val split, see assign_val). Memory: one
+    document, the readers' bounded blocks, and 24 bytes per document and per piece for the index."""
     cpu = time.process_time()
     stats = UnitStats()
     out = UnitWriter(Path(work) / "clean", unit.key)
     f = out.open(".txt")
-    offsets = [0]
+    offsets = array("q", [0])
     hashes = bytearray()
-    piece_starts: list[int] = []
+    piece_starts = array("q")
     piece_hashes = bytearray()
     for doc in formats.iter_documents(unit, data, stats):
         body = doc.strip()
-        raw = body.encode("utf-8")
+        raw = body.encode("utf-8")  # never raises: the cleaner replaced lone surrogates
         f.write(raw)
         digest = hashlib.blake2b(raw, digest_size=16).digest()
         hashes += digest
@@ -326,47 +340,48 @@ def clean_unit(unit: WorkUnit, data: DataConfig, work: str) -> dict[str, Any]:
                 piece_hashes += hashlib.blake2b(b, digest_size=16).digest()
                 at += len(b)
         offsets.append(offsets[-1] + len(raw))
-    with out.open(".npz") as idx:
-        np.savez(idx, offsets=np.asarray(offsets, dtype=np.int64),
-                 hashes=np.frombuffer(bytes(hashes), dtype=np.uint8).reshape(-1, 16),
-                 piece_starts=np.asarray(piece_starts, dtype=np.int64),
-                 piece_hashes=np.frombuffer(bytes(piece_hashes), dtype=np.uint8).reshape(-1, 16))
+    # Left open: commit() fsyncs and closes every file of the unit.
+    np.savez(out.open(".npz"), offsets=np.frombuffer(offsets, dtype=np.int64),
+             hashes=np.frombuffer(hashes, dtype=np.uint8).reshape(-1, 16),
+             piece_starts=np.frombuffer(piece_starts, dtype=np.int64),
+             piece_hashes=np.frombuffer(piece_hashes, dtype=np.uint8).reshape(-1, 16))
     return out.commit({
         "documents": len(offsets) - 1, "bytes": offsets[-1], "dropped": dict(stats.dropped),
-        "repaired": dict(stats.repaired), "peak_rss_mb": _peak_rss_mb(), "cpu_s": time.process_time() - cpu,
+        "repaired": dict(stats.repaired), "locations": stats.locations, "peak_rss_mb": _peak_rss_mb(),
+        "cpu_s": time.process_time() - cpu,
     })
 
 
-
-
-
-
 def _dedup(units: Sequence[WorkUnit], work: Path, enabled: bool) -> tuple[dict[str, np.ndarray], int]:
-    """Keep-mask per unit: the first document with given content, in input order, wins."""
-    seen: set[bytes] = set()
-    keep: dict[str, np.ndarray] = {}
-    duplicates = 0
-    for unit in units:
-        _, hashes = load_index(work, unit.key)
-        mask = np.ones(len(hashes), dtype=bool)
-        if enabled:
-            blob = hashes.tobytes()
-            for i in range(len(hashes)):
-                h = blob[16 * i : 16 * i + 16]
-                if h in seen:
-                    mask[i] = False
-                else:
-                    seen.add(h)
-        duplicates += int((~mask).sum())
-        keep[unit.key] = mask
-    return keep, duplicates
+    """Keep-mask per unit: the first document with given content, in input order, wins.
+
+    Driver memory is the documents' 16-byte hashes and a sort of them (about 50 bytes a document),
+    whatever the documents' size: no text, and no Python object per document.
+    """
+    hashes = [load_index(work, u.key)[1] for u in units]
+    counts = [len(h) for h in hashes]
+    keep = np.ones(sum(counts), dtype=bool)
+    if enabled and len(keep):
+        h = np.concatenate(hashes).view("<u8")  # (N, 2): each 128-bit hash as two words
+        del hashes
+        order = np.lexsort((h[:, 1], h[:, 0]))  # stable: equal hashes stay in input order
+        h = h[order]
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = (h[1:] != h[:-1]).any(axis=1)
+        del h
+        keep[:] = False
+        keep[order[first]] = True
+    masks = np.split(keep, np.cumsum(counts)[:-1]) if units else []
+    return {u.key: m for u, m in zip(units, masks, strict=True)}, int((~keep).sum())
 
 
 def _kept_docs(work: Path, key: str, select: np.ndarray) -> Iterator[str]:
+    """The selected documents of a unit's cleaned text, read one at a time (not the whole file)."""
     offsets, _ = load_index(work, key)
-    raw = (work / "clean" / f"{key}.txt").read_bytes()
-    for i in np.flatnonzero(select):
-        yield raw[offsets[i] : offsets[i + 1]].decode("utf-8")
+    with open(work / "clean" / f"{key}.txt", "rb") as f:
+        for i in np.flatnonzero(select):
+            f.seek(int(offsets[i]))
+            yield f.read(int(offsets[i + 1] - offsets[i])).decode("utf-8")
 
 
 def _tokenizer(given: Any, units: Sequence[WorkUnit], keep: dict[str, np.ndarray], work: Path,
@@ -441,24 +456,27 @@ def _load_tokenizer(path: str) -> Any:
 def tokenize_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: str, dtype: str,
                   spans: np.ndarray, val: np.ndarray) -> dict[str, Any]:
     """Ray task: token ids of the unit's spans (kept documents, or parts of them, as the driver
-    assigned them to splits), each followed by <|endoftext|>, per split."""
+    assigned them to splits), each followed by <|endoftext|>, per split. The cleaned text is read
+    one batch of spans at a time, never whole."""
     tok = _load_tokenizer(tokenizer_path)
     cpu = time.process_time()  # after the (once per worker) tokenizer load
     wdir = Path(work)
-    raw = (wdir / "clean" / f"{unit.key}.txt").read_bytes()
     np_dtype = np.dtype(dtype).newbyteorder("<")
     out = UnitWriter(wdir / "tok", unit.key)
     files = {"train": out.open(".train"), "val": out.open(".val")}
     tokens = {"train": 0, "val": 0}
     documents = {"train": 0, "val": 0}
-    batch: list[int] = []
-    chars = 0
+    src = open(wdir / "clean" / f"{unit.key}.txt", "rb")
 
-    def flush() -> None:
-        texts = [raw[spans[i, 0] : spans[i, 1]].decode("utf-8") for i in batch]
+    def flush(first: int, stop: int) -> None:
+        bounds = spans[first:stop].tolist()
+        lo = min(start for start, _ in bounds)
+        src.seek(lo)
+        raw = src.read(max(end for _, end in bounds) - lo)
+        texts = [raw[start - lo : end - lo].decode("utf-8") for start, end in bounds]
         encoded = tok.encode_batch(texts, allow_special=False)  # "<|endoftext|>" in text is just text
         for split in ("train", "val"):
-            chosen = [ids for i, ids in zip(batch, encoded, strict=True) if val[i] == (split == "val")]
+            chosen = [ids for ids, v in zip(encoded, val[first:stop], strict=True) if v == (split == "val")]
             if not chosen:
                 continue
             n = sum(map(len, chosen)) + len(chosen)
@@ -467,14 +485,19 @@ def tokenize_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: s
             tokens[split] += n
             documents[split] += len(chosen)
 
-    for i in range(len(spans)):
-        batch.append(i)
-        chars += int(spans[i, 1] - spans[i, 0])
-        if chars >= _BATCH_CHARS:
-            flush()
-            batch, chars = [], 0
-    if batch:
-        flush()
+    # Batches of spans: up to the one that reaches _BATCH_CHARS of text, and never spanning more
+    # than _READ_BYTES of the file (dropped duplicates lie between spans): memory is one batch,
+    # whatever the unit. Spans are in file order, so both ends are found by binary search.
+    chars = np.cumsum(spans[:, 1] - spans[:, 0])
+    with src:
+        i = 0
+        while i < len(spans):
+            before = chars[i] - (spans[i, 1] - spans[i, 0])
+            by_chars = int(np.searchsorted(chars, before + _BATCH_CHARS, side="left")) + 1
+            by_bytes = int(np.searchsorted(spans[:, 1], spans[i, 0] + _READ_BYTES, side="right"))
+            stop = max(i + 1, min(by_chars, by_bytes))
+            flush(i, stop)
+            i = stop
     return out.commit({"tokens": tokens, "documents": documents, "peak_rss_mb": _peak_rss_mb(),
                        "cpu_s": time.process_time() - cpu})
 
@@ -498,29 +521,26 @@ def sft_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: str, d
 
     def examples() -> Iterator[list[tuple[str, bool]]]:
         nonlocal hashes
-        for seg in unit.segments:
-            try:
-                with inputs.open_input(seg.file) as fh:
-                    for record in formats.iter_records(fh, seg, stats):
-                        parts = sft.segments(record, data, stats)
-                        if parts is not None:
-                            hashes += hashlib.blake2b(json.dumps(parts).encode("utf-8"), digest_size=16).digest()
-                            yield parts
-            except OSError as e:
-                stats.dropped["unreadable"] += 1
-                log.error("cannot read %s: %s", seg.file.path, e)
+        for record in formats.iter_unit_records(unit, data, stats):  # unreadable files are counted there
+            try:  # the record boundary: one record's surprise costs that record only
+                parts = sft.segments(record, data, stats)
+            except Exception as e:
+                stats.drop(f"record_error.{type(e).__name__}")
+                continue
+            if parts is not None:
+                hashes += hashlib.blake2b(json.dumps(parts).encode("utf-8"), digest_size=16).digest()
+                yield parts
 
     for ids, mask in sft.tokenize_examples(examples(), tok, _BATCH_CHARS):
         ids_f.write(np.asarray(ids, dtype=np_dtype).tobytes())
         mask_f.write(np.asarray(mask, dtype=np.uint8).tobytes())
         lengths.append(len(ids))
-    with out.open(".len.npy") as f:
-        np.save(f, np.asarray(lengths, dtype=np.int64))
-    with out.open(".hash.npy") as f:
-        np.save(f, np.frombuffer(bytes(hashes), dtype=np.uint8).reshape(-1, 16))
+    # Left open: commit() fsyncs and closes every file of the unit.
+    np.save(out.open(".len.npy"), np.asarray(lengths, dtype=np.int64))
+    np.save(out.open(".hash.npy"), np.frombuffer(bytes(hashes), dtype=np.uint8).reshape(-1, 16))
     return out.commit({
         "examples": len(lengths), "tokens": int(sum(lengths)), "dropped": dict(stats.dropped),
-        "repaired": dict(stats.repaired), "peak_rss_mb": _peak_rss_mb(),
+        "repaired": dict(stats.repaired), "locations": stats.locations, "peak_rss_mb": _peak_rss_mb(),
     })
 
 
@@ -566,7 +586,7 @@ def _log_tracking(tracker: Any, out: Path, manifest: dict[str, Any], sources: _S
     tracker.log_artifact(out / "tokenizer.json")
     files = manifest["inputs"]
     tracker.log_input_dataset(
-        name=", ".join(sources.labels)[:200] or "corpus",
+        name=inputs.redact_text(", ".join(sources.labels))[:200] or "corpus",
         source=files[0]["path"] if len(files) == 1 else str(Path(files[0]["path"]).parent),
         digest=stable_hash([f["fingerprint"] for f in files], length=32),
         context="preprocess",

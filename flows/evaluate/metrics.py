@@ -230,3 +230,28 @@ def sft_val_loss(model: torch.nn.Module, dataset: Path, manifest: dict[str, Any]
                  batch_size: int, split: str = "sft_val") -> LossTotals:
     """Mean loss over the completion tokens (mask 1) of the held-out fine-tuning examples."""
     return score(model, sft_windows(dataset, manifest, split, context_length), batch_size)
+
+
+def val_text_loss(model: torch.nn.Module, tokenizer: Any, dataset: Path, manifest: dict[str, Any],
+                  data_tokenizer: Any, context_length: int, batch_size: int, max_tokens: int = 0) -> LossTotals:
+    """Like :func:`val_loss`, for a model whose tokenizer is not the dataset's: the ``val`` split's
+    text (its first `max_tokens` dataset tokens; 0: all) decoded with `data_tokenizer` and encoded
+    with the model's own `tokenizer`. Bits per byte then compare the two models on the same text."""
+    eot = int(manifest["eot_id"])
+
+    def windows() -> Iterator[Window]:
+        left: float = max_tokens or math.inf
+        for _, tokens, _ in split_shards(dataset, manifest, "val", masked=False):
+            ids = np.asarray(tokens[: int(min(left, len(tokens)))])
+            left -= len(ids)
+            cuts = np.flatnonzero(ids == eot)
+            for doc in np.split(ids, cuts + 1):  # each document keeps its <|endoftext|> as text's end
+                body = doc[:-1] if len(doc) and doc[-1] == eot else doc
+                text = data_tokenizer.decode(body.tolist())
+                if text:
+                    own = np.asarray([*tokenizer.encode(text), tokenizer.eot_id], dtype=np.int64)
+                    yield from segment_windows(own, None, context_length)
+            if left <= 0:
+                return
+
+    return score(model, windows(), batch_size, token_byte_lengths(tokenizer))

@@ -18,6 +18,14 @@ run; with a schedule that does not (``min_lr_ratio=1``) the result is the same, 
 Everything else that determines the weights must match the run being resumed: :func:`check_resume`
 refuses a different model, data, optimizer or schedule setting under the same name before any worker
 starts (local storage; an ``s3://`` storage path is not checked).
+
+Failures.  A worker lost mid-run (killed, out of memory, its node gone) makes Ray Train restart the
+whole worker group from the latest checkpoint, up to ``max_failures`` times per fit (default 3). The
+batches are a function of the step, so the run ends with the weights an uninterrupted run would
+have, to the bit on CPU, having repeated at most ``checkpoint_every`` steps per restart. Once the
+restarts are spent, the error names ``max_failures``, the checkpoint directory and the step a re-run
+of the same command resumes from. A stop the loop makes itself (repeated bad updates) is not
+retried: every restart would reach it again (flows.train.checkpoint.TrainingStopped).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from typing import Any
 from flows.config import ModelConfig, TrainConfig, to_dict
 from flows.context import StepContext
 from flows.store import atomic_write_text
-from flows.train.checkpoint import check_resume
+from flows.train.checkpoint import check_resume, resume_step, take_stop
 from flows.train.plan import BUNDLE_FILES, LoopConfig, Plan, check_cluster, loop_config, plan
 
 # The run's last checkpointed metrics, beside the bundle (not part of the bundle contract).
@@ -103,11 +111,36 @@ def run_trainer(p: Plan, loop_cfg: LoopConfig) -> dict[str, Any]:
             worker_runtime_env={"env_vars": env},
         ),
     )
+    take_stop(p.storage_path, p.run_name)  # a stop recorded by an earlier fit of this run name is stale
     try:
         result = trainer.fit()
     except Exception as e:
-        raise RuntimeError(
-            f"{p.stage} run {p.run_name!r} failed ({type(e).__name__}: {e}). Its resume checkpoints are under "
-            f"{p.storage_path}/{p.run_name}; running the same config again resumes from the last one"
-        ) from e
+        stopped = take_stop(p.storage_path, p.run_name)
+        raise RuntimeError(stopped or failure_message(p, e)) from e
+    stopped = take_stop(p.storage_path, p.run_name)
+    if stopped:  # the workers stopped the run themselves and a restarted group found the record
+        raise RuntimeError(stopped)
     return dict(result.metrics or {})
+
+
+def failure_message(p: Plan, error: BaseException) -> str:
+    """What a failed fit tells the user: why it gave up, where its checkpoints are, how to resume."""
+    from ray.train import WorkerGroupError
+
+    tc, where = p.train, f"{p.storage_path}/{p.run_name}"
+    if not isinstance(error, WorkerGroupError):  # e.g. the cluster cannot place the workers: not retried
+        what = "failed"
+    elif tc.max_failures:
+        what = (f"failed and its restarts are exhausted: {tc.max_failures} worker-group restart(s) from the "
+                f"latest checkpoint, max_failures={tc.max_failures}")
+    else:
+        what = "failed on its first worker error: restarts are off (max_failures=0)"
+    step = resume_step(p.storage_path, p.run_name)
+    if step is not None:
+        resume = f"re-run the same command (without --force) to resume from step {step}"
+    else:
+        resume = (f"it has no resume checkpoint yet (the first comes at step {min(tc.checkpoint_every, tc.steps)}), "
+                  "so re-running the same command starts it again from step 0")
+    return (f"{p.stage} run {p.run_name!r} {what}. Its resume checkpoints are under {where}: {resume}; "
+            f"{p.stage}.max_failures sets how many lost workers one run survives. "
+            f"The error: {type(error).__name__}: {error}")

@@ -4,6 +4,9 @@ What it is: ``train_loop_per_worker(config)``, handed to ``TorchTrainer`` by flo
 (or loads) the gptcore model, wraps it with ``deepspeed.initialize`` using the DeepSpeed config the
 driver generated, resumes from ``ray.train.get_checkpoint()`` if there is one, and then runs a short
 explicit loop: step, and on intervals evaluate / checkpoint. At the end rank 0 writes the bundle.
+A lost worker makes Ray restart the group, which resumes from the latest checkpoint; a stop the loop
+makes itself (repeated bad updates) is recorded first, so the restarted group returns instead of
+training into it again (flows.train.checkpoint.TrainingStopped).
 
 What it is not: the driver (validation, config generation, MLflow run, output paths: flows/train/driver.py),
 nor the data reader (flows/train/windows.py). Every rank must call ``ray.train.report`` equally often,
@@ -23,7 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from flows.train.checkpoint import LoopState, load_checkpoint, save_checkpoint
+from flows.train.checkpoint import (
+    LoopState,
+    TrainingStopped,
+    load_checkpoint,
+    read_stop,
+    record_stop,
+    save_checkpoint,
+)
 from flows.train.plan import LoopConfig
 from flows.train.telemetry import (
     AsyncLogger,
@@ -186,6 +196,13 @@ def _export_bundle(engine: Any, tokenizer: Any, cfg: LoopConfig, rank: int, meta
     save_bundle(cfg.output_dir, model, tokenizer, metadata)
 
 
+def _stop(cfg: LoopConfig, message: str) -> TrainingStopped:
+    """A stop every rank reaches together, recorded so that a restarted worker group does not train
+    into it again (see flows.train.checkpoint.TrainingStopped); raise what this returns."""
+    record_stop(cfg.storage_path, cfg.run_name, message)
+    return TrainingStopped(message)
+
+
 def train_loop_per_worker(cfg: LoopConfig) -> None:
     import ray.train
 
@@ -193,6 +210,12 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    stopped = read_stop(cfg.storage_path, cfg.run_name)
+    if stopped is not None:
+        # Ray restarted the group after this run stopped itself: resuming would stop there again.
+        # Every rank returns without a collective; the driver raises the recorded message.
+        log.warning("rank %d: not resuming a run that stopped: %s", rank, stopped)
+        return
     if cfg.use_gpu:
         from ray.train.torch import get_device
 
@@ -217,10 +240,10 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
         state = load_checkpoint(engine, checkpoint, rank)
         log.info("rank %d resumed at step %d", rank, state.step)
         if state.step > cfg.steps:
-            raise RuntimeError(
+            raise _stop(cfg, (
                 f"run {cfg.run_name!r} under {cfg.storage_path} has a checkpoint at step {state.step}, past "
                 f"steps={cfg.steps}: a run resumes into the same or more steps, never fewer; use another run_name"
-            )
+            ))
     else:
         torch.manual_seed(cfg.seed * 1000 + rank)  # dropout differs per rank, reproducibly
 
@@ -301,11 +324,11 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
             log.warning("step %d: loss %.4g is NaN/inf or a spike; update skipped (%d in a row)",
                         state.step, step_loss, state.skipped_in_a_row)
             if state.skipped_in_a_row >= cfg.max_skipped_updates:
-                raise RuntimeError(
+                raise _stop(cfg, (
                     f"training stopped at step {state.step}: {state.skipped_in_a_row} consecutive updates had a "
                     f"NaN/inf loss or a loss spike over {cfg.loss_spike_factor}x the running mean; the last good "
                     f"resume checkpoint is kept under {cfg.storage_path}/{cfg.run_name}"
-                )
+                ))
         else:
             state.skipped_in_a_row = 0
             state.loss_ema = step_loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * step_loss

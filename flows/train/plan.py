@@ -58,6 +58,11 @@ class Plan:
     deepspeed_config: dict[str, Any]
 
 
+# Part of the Hugging Face import cache's key: bump it when import_gpt2 or Tokenizer.load change what
+# they produce from the same files.
+_HF_IMPORT_VERSION = 1
+
+
 def resolve_init(init: str, ctx: StepContext, stage: str) -> tuple[Path, dict[str, Any]]:
     """A local bundle directory for `init` (a bundle dir, models:/... URI, or HF GPT-2 dir) and its lineage."""
     cache = Path(ctx.workdir) / stage / "init"
@@ -87,15 +92,19 @@ def resolve_init(init: str, ctx: StepContext, stage: str) -> tuple[Path, dict[st
         weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
         if weights is None:
             raise ConfigError(f"{stage}.init={init!r}: {path} has config.json but no model.safetensors or pytorch_model.bin")
-        digest = sha256_file(weights)
-        dst = cache / f"hf-{digest[:16]}"
+        # The cache is keyed on every file the import reads (the weights, config.json, the tokenizer
+        # files Tokenizer.load picks): a changed tokenizer or config is a new import, not a stale hit.
+        tok_files = ["tokenizer.json"] if (path / "tokenizer.json").is_file() else ["vocab.json", "merges.txt"]
+        sources = {n: ctx.fingerprints.sha256(path / n) for n in ["config.json", weights.name, *tok_files]
+                   if (path / n).is_file()}
+        dst = cache / f"hf-{stable_hash(_HF_IMPORT_VERSION, sources)}"
         if not is_done(dst):
             try:
                 model = import_gpt2(path)
                 tokenizer = Tokenizer.load(path)
             except (ValueError, FileNotFoundError) as e:
                 raise ConfigError(f"{stage}.init={init!r}: cannot import as GPT-2: {e}") from e
-            save_bundle(dst, model, tokenizer, {"imported_from": str(path.resolve()), "source_sha256": digest})
+            save_bundle(dst, model, tokenizer, {"imported_from": str(path.resolve()), "source_sha256": sources})
             mark_done(dst)
         return dst, {"hf_gpt2": str(path.resolve()), "model_sha256": sha256_file(dst / "model.safetensors")}
     if bundle is not None:

@@ -98,6 +98,6 @@ def test_the_stage_turns_the_pairs_into_sft_and_sft_val(workdir, records, tmp_pa
     data = DataConfig(inputs=(), sft_inputs=("builtin:python-sft",), tokenizer_path=str(tok))
     out = preprocess(data, tmp_path / "out", StepContext(workdir=workdir))  # finds the written corpus
     m = read_manifest(out, verify=True)
-    assert m["sft_examples"] == {"kept": len(records), "dropped": {}}
+    assert m["sft_examples"] == {"kept": len(records), "dropped": {}, "locations": {}}
     assert m["splits"]["sft_val"]["examples"] == sft_val_count(len(records), data) > 0
     assert m["splits"]["sft"]["examples"] == len(records) - m["splits"]["sft_val"]["examples"]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ def test_dataset_directory_follows_the_contract(dataset, corpus):
     assert [i["path"] for i in m["inputs"]][0].endswith("doc000.txt")
     assert all(i["fingerprint"].startswith("sha256:") for i in m["inputs"])
     # 25 text files + 40 records, one exact duplicate dropped.
-    assert m["documents"] == {"kept": 64, "dropped": {"duplicate": 1}, "repaired": {}}
+    assert m["documents"] == {"kept": 64, "dropped": {"duplicate": 1}, "repaired": {}, "locations": {}}
     train, val = m["splits"]["train"], m["splits"]["val"]
     assert train["documents"] + val["documents"] == 64 and val["documents"] > 0
     assert len(train["shards"]) > 1, "shard_tokens=4000 must cut the train split into several shards"
@@ -216,7 +217,10 @@ def test_sft_examples_carry_a_mask_over_the_completion_only(corpus, dataset, tmp
                             sft_val_min_examples=0, tokenizer_path=str(dataset / "tokenizer.json")))
     m = load_manifest(out, verify=True)
     assert m["sft_examples"] == {"kept": 2, "dropped": {
-        "malformed_json": 1, "missing_prompt_or_completion": 1, "no_assistant_turn": 1}}
+        "malformed_json": 1, "missing_prompt_or_completion": 1, "no_assistant_turn": 1}, "locations": {
+        "malformed_json": [{"file": str(sft_file), "line": 5, "offset": sft_file.read_text().rindex("{not")}],
+        "missing_prompt_or_completion": [{"file": str(sft_file), "line": 3, "offset": mock.ANY}],
+        "no_assistant_turn": [{"file": str(sft_file), "line": 4, "offset": mock.ANY}]}}
     (shard,) = m["splits"]["sft"]["shards"]
     assert shard["examples"] == 2 and m["splits"]["train"]["shards"] == []
     ids = np.fromfile(out / shard["file"], dtype="<u2")

@@ -1,0 +1,31 @@
+"""The promotion gate alone: a pure function of two evaluations and a margin."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from flows.registry.gate import Figures, decide
+
+
+def test_first_model_becomes_champion():
+    d = decide(Figures(2.0, 30.0), None)
+    assert d.promote and "first model" in d.reason and d.tags()["gptflow.gate"] == "passed"
+
+
+def test_better_by_the_margin_passes_and_within_it_is_refused():
+    champion = Figures(bits_per_byte=2.0, perplexity=30.0)
+    assert decide(Figures(1.97, 29.0), champion, margin=0.01).promote  # 1.5% better
+    refused = decide(Figures(1.99, 29.9), champion, margin=0.01)  # 0.5% better: not enough
+    assert not refused.promote and refused.tags()["gptflow.gate"] == "refused"
+    assert refused.tags()["gptflow.gate.champion"] == "2" and refused.tags()["gptflow.gate.challenger"] == "1.99"
+    assert not decide(Figures(2.5, 40.0), champion).promote  # worse
+    assert decide(Figures(2.5, 25.0), champion, metric="perplexity").promote  # the metric chosen decides
+
+
+def test_smoke_failures_and_non_finite_figures_are_refused():
+    assert not decide(Figures(1.0, 2.0, smoke_passed=False), None).promote
+    assert not decide(Figures(math.nan, math.nan), None).promote
+    with pytest.raises(ValueError, match="margin"):
+        decide(Figures(1.0, 2.0), None, margin=1.5)
