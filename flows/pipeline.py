@@ -166,8 +166,17 @@ def _section(cfg: PipelineConfig, name: str, unhashed: tuple[str, ...]) -> dict[
 def _outside_identity(value: str, ctx: StepContext) -> Any:
     """Content identity of an input given from outside the pipeline (a dataset, a bundle, a model)."""
     path = Path(value)
-    if "://" in value or value.startswith("models:/") or not path.exists():
-        return value  # a URI: named, not read here (the stage resolves it and records the version)
+    if value.startswith("models:/"):
+        # An alias moves: the identity is the version it names now, so a new champion re-runs the step.
+        from flows.registry.lineage import resolve
+        from flows.tracking import Registry
+
+        registry = Registry(ctx.tracking, ctx.workdir)
+        name, version = resolve(registry, value)
+        return {"uri": value, "version": version,
+                "bundle_sha256": registry.version(name, version)["tags"].get("gptflow.bundle_sha256")}
+    if "://" in value or not path.exists():
+        return value  # a URL: named, not read here (the stage resolves it)
     for name in ("manifest.json", "model.safetensors"):  # a dataset directory, or a model bundle
         if (path / name).is_file():
             return {name: ctx.fingerprints.sha256(path / name)}

@@ -318,3 +318,20 @@ def test_an_unreachable_registry_is_a_clear_error(tmp_path, monkeypatch):
     registry = Registry(TrackingConfig(uri=f"http://127.0.0.1:{_free_port()}"), tmp_path)
     with pytest.raises(RegistryError, match=r"model 'gpt'.*127\.0\.0\.1"):
         registry.versions("gpt")
+
+
+def test_a_step_initialised_from_an_alias_reruns_when_the_alias_moves(store, registered):
+    """finetune.init=models:/gpt@champion names the version the alias points at now, not the text."""
+    from flows import pipeline
+    from flows.config import load_config
+
+    registry = store["registry"]()
+    good, best = registered("good"), registered("best")
+    cfg = load_config(None, [f"workdir={store['root']}", f"tracking.uri={store['tracking'].uri}",
+                             f"finetune.data={store['dataset']}", "finetune.init=models:/gpt@champion"])
+    registry.set_alias("gpt", "champion", good)
+    first = {p.step.name: p for p in pipeline.plan(cfg, wanted=["finetune"])}["finetune"]
+    assert first.upstream == () and first.inputs["init"] == "models:/gpt@champion"
+    registry.set_alias("gpt", "champion", best)
+    moved = {p.step.name: p for p in pipeline.plan(cfg, wanted=["finetune"])}["finetune"]
+    assert moved.key != first.key
