@@ -26,7 +26,6 @@ from flows.tracking import Registry, RegistryError
 log = logging.getLogger(__name__)
 
 RESULT = "registered.json"
-BUNDLE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "metadata.json")
 # What the pyfunc model imports at load time; pinned to what this process runs.
 _REQUIREMENTS = ("mlflow", "torch", "tokenizers", "safetensors", "numpy", "pandas")
 
@@ -34,8 +33,9 @@ _REQUIREMENTS = ("mlflow", "torch", "tokenizers", "safetensors", "numpy", "panda
 def check_bundle(bundle: Path) -> dict[str, Any]:
     """The bundle's metadata, once its files exist and its tokenizer matches its config."""
     from gptcore import GPTConfig, Tokenizer
+    from gptcore.bundle import FILES
 
-    missing = [f for f in BUNDLE_FILES if not (bundle / f).is_file()]
+    missing = [f for f in FILES if not (bundle / f).is_file()]
     if missing:
         raise RegistryError(f"{bundle}: not a model bundle, missing {', '.join(missing)}")
     try:
