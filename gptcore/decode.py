@@ -20,6 +20,7 @@ registered must see its call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -51,16 +52,11 @@ def _dense(module: torch.nn.Linear) -> _Dense:
     return _Dense(module.weight, module.bias, getattr(module, "packed", None))
 
 
-class Decoder:
-    """Runs the newest token of each row through `model`, reading and extending `cache`.
+class _Weights:
+    """A GPT's parameters as plain tensors, looked up once per generation (not per step)."""
 
-    Made after the prompt filled `cache`, for one generation; `padding_mask` (B, S) is the prompt's
-    mask of real tokens (False = left padding), or None when no row is padded.
-    """
-
-    def __init__(self, model: GPT, cache: KVCache, padding_mask: torch.Tensor | None):
+    def __init__(self, model: GPT):
         cfg = model.config
-        self.cache = cache
         self.dims = (cfg.d_model, cfg.n_head, cfg.head_dim, cfg.layer_norm_eps)
         self.wte, self.wpe = model.wte.weight, model.wpe.weight
         self.blocks = [
@@ -70,6 +66,41 @@ class Decoder:
         ]
         self.ln_f = (model.ln_f.weight, model.ln_f.bias)
         self.lm_head = _dense(model.lm_head)
+
+    def run(self, x: torch.Tensor, layers: list[torch.Tensor], store: Callable, S: int,
+            mask: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, vocab) for the embedded newest positions x (B, C).
+
+        Per layer, `store(kv, new)` writes this position's keys and values new (B, 2, nh, hs) into
+        that layer's cache kv (2, B_cache, nh, T_max, hs); attention then reads the first S cached
+        positions of the first B rows, under `mask` (B, 1, 1, S) or none.
+        """
+        B, (C, nh, hs, eps) = x.size(0), self.dims
+        for block, kv in zip(self.blocks, layers, strict=True):
+            ln1_w, ln1_b, c_attn, attn_proj, ln2_w, ln2_b, c_fc, mlp_proj = block
+            h = F.layer_norm(x, (C,), ln1_w, ln1_b, eps)
+            qkv = linear(c_attn, h).view(B, 3, nh, hs)
+            store(kv, qkv[:, 1:])
+            k, v = kv[:, :B].narrow(3, 0, S)  # (B, nh, S, hs) each
+            q = qkv[:, 0, :, None]  # (B, nh, 1, hs)
+            q = q if q.dtype == kv.dtype else q.to(kv.dtype)  # attention in the cache's dtype
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, C)
+            x = linear(attn_proj, y if y.dtype == qkv.dtype else y.to(qkv.dtype), residual=x)
+            h = F.layer_norm(x, (C,), ln2_w, ln2_b, eps)
+            x = linear(mlp_proj, linear(c_fc, h, gelu=True), residual=x)
+        return linear(self.lm_head, F.layer_norm(x, (C,), *self.ln_f, eps))
+
+
+class Decoder:
+    """Runs the newest token of each row through `model`, reading and extending `cache`.
+
+    Made after the prompt filled `cache`, for one generation; `padding_mask` (B, S) is the prompt's
+    mask of real tokens (False = left padding), or None when no row is padded.
+    """
+
+    def __init__(self, model: GPT, cache: KVCache, padding_mask: torch.Tensor | None):
+        self.cache = cache
+        self.weights = _Weights(model)
         self.mask: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         if padding_mask is not None:
@@ -80,29 +111,51 @@ class Decoder:
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, vocab) given each row's newest token id, ids (B,)."""
-        cache = self.cache
+        cache, w = self.cache, self.weights
         pos = cache.pos
         if pos >= cache.max_len:
             raise ValueError(f"KV cache overflow: {pos + 1} positions > max_len {cache.max_len}")
-        B, (C, nh, hs, eps) = ids.size(0), self.dims
-        x = F.embedding(ids, self.wte)  # (B, C)
+        x = F.embedding(ids, w.wte)  # (B, C)
         if self.positions is None:
-            x = x + self.wpe[pos]
+            x = x + w.wpe[pos]
             mask = None
         else:
-            x = x + F.embedding(self.positions, self.wpe)
+            x = x + F.embedding(self.positions, w.wpe)
             self.positions += 1
             mask = self.mask[:, None, None, : pos + 1]  # (B, 1, 1, S)
-        for block, kv in zip(self.blocks, cache.layers, strict=True):
-            ln1_w, ln1_b, c_attn, attn_proj, ln2_w, ln2_b, c_fc, mlp_proj = block
-            h = F.layer_norm(x, (C,), ln1_w, ln1_b, eps)
-            qkv = linear(c_attn, h).view(B, 3, nh, 1, hs).transpose(0, 1)  # (3, B, nh, 1, hs)
-            kv.narrow(3, pos, 1).copy_(qkv[1:])  # this position's keys and values, (2, B, nh, 1, hs)
-            k, v = kv.narrow(3, 0, pos + 1)  # every position so far, (B, nh, S, hs) each
-            q = qkv[0] if qkv.dtype == kv.dtype else qkv[0].to(kv.dtype)  # attention in the cache's dtype
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, C)
-            x = linear(attn_proj, y if y.dtype == qkv.dtype else y.to(qkv.dtype), residual=x)
-            h = F.layer_norm(x, (C,), ln2_w, ln2_b, eps)
-            x = linear(mlp_proj, linear(c_fc, h, gelu=True), residual=x)
+
+        def store(kv: torch.Tensor, new: torch.Tensor) -> None:  # every row at column pos: one copy
+            kv.select(3, pos).copy_(new.transpose(0, 1))
+
+        logits = w.run(x, cache.layers, store, pos + 1, mask)
         cache.pos = pos + 1
-        return linear(self.lm_head, F.layer_norm(x, (C,), *self.ln_f, eps))
+        return logits
+
+
+class RaggedDecoder:
+    """The decoding step for rows at different positions (continuous batching, batching.py).
+
+    Row i of the batch is row i of the cache; its newest token sits at position positions[i], its
+    keys and values go to that column of its own row, and it attends to its own positions
+    0..positions[i] only. Rows beyond the batch size are left alone.
+    """
+
+    def __init__(self, model: GPT, cache: KVCache):
+        self.cache = cache
+        self.weights = _Weights(model)
+        self.columns = torch.arange(cache.max_len, device=cache.kv.device)
+
+    def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (B, vocab) for newest token ids (B,) at positions (B,), long."""
+        w, B = self.weights, ids.size(0)
+        S = int(positions.max()) + 1
+        if S > self.cache.max_len:
+            raise ValueError(f"KV cache overflow: {S} positions > max_len {self.cache.max_len}")
+        x = F.embedding(ids, w.wte) + F.embedding(positions, w.wpe)  # (B, C)
+        mask = (self.columns[:S] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, S)
+        rows = self.columns[:B]
+
+        def store(kv: torch.Tensor, new: torch.Tensor) -> None:
+            kv[:, rows, :, positions] = new  # kv[:, rows[i], :, positions[i]] = new[i]
+
+        return w.run(x, self.cache.layers, store, S, mask)

@@ -36,6 +36,17 @@ class KVCache:
         self.max_len = max_len
         self.pos = 0  # positions filled; advanced by GPT.forward after all layers wrote
 
+    @classmethod
+    def over(cls, kv: torch.Tensor) -> KVCache:
+        """A cache that reads and writes `kv` (L, 2, B, nh, T_max, hs) in place, e.g. a view of some
+        rows of a larger cache (continuous batching prefills one request into its row this way)."""
+        cache = cls.__new__(cls)
+        cache.kv = kv
+        cache.layers = [kv[i] for i in range(kv.size(0))]
+        cache.max_len = kv.size(4)
+        cache.pos = 0
+        return cache
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, nh, T, hs) keys/values; return all so far, (B, nh, pos+T, hs)."""
         end = self.pos + k.size(2)
