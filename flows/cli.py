@@ -97,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", help="NAME@ALIAS or NAME/VERSION")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+    p = sub.add_parser("serve", help="serve a model over OpenAI's HTTP API (Ray Serve, continuous batching)")
+    _config_args(p)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", help="NAME@ALIAS in the registry, followed as it moves (default: <registry>@champion)")
+    which.add_argument("--bundle", help="a model bundle directory, served as it is")
+    p.add_argument("--host", help="interface to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 8000)")
+
     p = sub.add_parser("generate", help="generate text from a model bundle")
     p.add_argument("bundle", help="model bundle directory")
     p.add_argument("prompt", help="prompt text")
@@ -134,6 +142,8 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
             overrides.append(f"model.preset={json.dumps(args.preset)}")
         if getattr(args, "init", None):
             overrides.append(f"{section}.init={json.dumps(args.init)}")
+    if args.command == "serve":
+        overrides += [f"serve.{k}={json.dumps(v)}" for k in ("host", "port") if (v := getattr(args, k)) is not None]
     if args.command == "evaluate":
         overrides += [f"evaluate.bundle={json.dumps(args.bundle)}", f"evaluate.data={json.dumps(args.data)}"]
     return load_config(args.config, overrides)
@@ -210,6 +220,11 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> str:
 
     if args.command in _REGISTRY_COMMANDS:
         return _registry_command(args, cfg)
+    if args.command == "serve":
+        from flows.serve.deploy import serve_forever, settings_for
+
+        figures = serve_forever(cfg, settings_for(cfg, model=args.model, bundle=args.bundle))
+        return json.dumps(figures, indent=2, default=str)
     if args.command == "plan":
         planned = pipeline.plan(cfg, wanted=pipeline.select(cfg, pipeline.STEPS, args.only, args.start, args.force)[0])
         return pipeline.describe(planned)

@@ -320,6 +320,66 @@ class ClusterConfig:
         _check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus", self.num_cpus, ">= 1 (or empty for all)")
 
 
+@dataclass(frozen=True)
+class ServeConfig:
+    """Ray Serve: the OpenAI-compatible HTTP server (`gptflow serve`) and the optional deploy step."""
+
+    model: str | None = None
+    """What to serve: NAME@ALIAS in the registry (default: <registry.name>@champion), followed as the
+    alias moves; or a bundle directory, served as it is."""
+    served_name: str | None = None
+    """The model name clients send and /v1/models lists (default: the registered model's name)."""
+    host: str = "127.0.0.1"
+    """Interface to bind; 127.0.0.1 unless the server is meant to be reached from elsewhere."""
+    port: int = 8000
+    api_key_env: str = "GPTFLOW_API_KEY"
+    """Environment variable holding the API key; when it is set, requests need `Authorization: Bearer <key>`."""
+    max_batch_size: int = 16
+    """Sequences decoded together in a replica (continuous batching); 1 turns batching off."""
+    max_batch_tokens: int | None = None
+    """Token budget of a replica's batch: prompt + max_tokens summed over running sequences (default:
+    max_batch_size x context length)."""
+    max_queue: int = 64
+    """Requests waiting for a batch slot per replica; past it, 429 with Retry-After."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt accepted (default: the context length minus one)."""
+    max_tokens_limit: int = 1024
+    """Cap on a request's max_tokens."""
+    max_n: int = 8
+    """Cap on a request's n (completions per prompt)."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body accepted (413 past it)."""
+    request_timeout_s: float = 120.0
+    """A request still generating after this long ends with a 504 (streams: an error event)."""
+    poll_s: float = 10.0
+    """How often a replica checks the registry alias it follows (0: never)."""
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_ongoing_requests: float = 16.0
+    """Autoscaling target per replica (used when max_replicas > min_replicas)."""
+    num_cpus: float = 1.0
+    """CPUs per replica."""
+    num_gpus: float = 0.0
+    """GPUs per replica (the model runs on cuda when > 0)."""
+    deploy: bool = False
+    """Run the serve step after promote: (re)deploy on the configured Ray cluster."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self)
+        _check(1 <= self.port <= 65535, "port", self.port, "in [1, 65535]")
+        for key in ("max_batch_size", "max_queue", "max_tokens_limit", "max_n", "max_body_bytes", "min_replicas"):
+            _check(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
+        _check(self.max_replicas >= self.min_replicas, "max_replicas", self.max_replicas, ">= min_replicas")
+        for key in ("max_batch_tokens", "max_prompt_tokens"):
+            value = getattr(self, key)
+            _check(value is None or value >= 1, key, value, ">= 1 (or empty for the default)")
+        for key in ("request_timeout_s", "target_ongoing_requests", "num_cpus"):
+            _check(getattr(self, key) > 0, key, getattr(self, key), "> 0")
+        for key in ("poll_s", "num_gpus"):
+            _check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
+        _check(bool(self.api_key_env), "api_key_env", self.api_key_env, "an environment variable name")
+
+
 # The pipeline's defaults (the embedded configs/local.yaml): pretrain the small preset on the builtin
 # corpus, then fine-tune it on the builtin pairs, on a 2-core laptop in minutes. bf16 autocast runs
 # matmuls ~4x faster than fp32 on CPUs with AVX-512 BF16 (1.3x for a whole step of this small model,
@@ -366,6 +426,7 @@ class PipelineConfig:
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:

@@ -22,6 +22,7 @@ from flows.config import DataConfig
 from flows.data.clean import UnitStats, clean
 
 ASSISTANT = "assistant"
+ROLES = ("system", "user", ASSISTANT)  # the roles serving accepts; fine-tuning data may name others
 
 
 class _Encoder(Protocol):

@@ -1,0 +1,389 @@
+"""The Ray Serve deployment: OpenAI's completions and chat API over gptcore's continuous batching.
+
+`GPTServer` is a FastAPI-ingress deployment. Each replica loads the model (NAME@ALIAS from the
+registry, or a bundle directory), runs one continuous-batching decode loop (runner.py) and answers
+``POST /v1/completions``, ``POST /v1/chat/completions`` (plain JSON or server-sent events),
+``GET /v1/models``, ``GET /healthz`` and the playground page at ``GET /``. It follows the alias:
+a thread polls the registry; a new version is loaded beside the old one, checked, then swapped in,
+while requests that started on the old one finish there; a version that fails to load is refused
+and logged, and the old one keeps serving.
+
+Every failure a client can cause is a 4xx in OpenAI's error JSON, never a 500 or a dead replica.
+deploy.py binds it (``gptflow serve``, ``serve run flows.serve.deploy:app``, ``serve deploy``).
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route parameters' annotations at runtime.
+import asyncio
+import hashlib
+import hmac
+import html
+import json
+import logging
+import statistics
+import threading
+import time
+from collections.abc import AsyncIterator
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.serve import metrics
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from flows.serve import protocol
+from flows.serve.models import Loaded, ServeSettings, alias_version, fetch, load
+from flows.serve.protocol import APIError, Generation
+from flows.serve.runner import RunnerStats
+
+log = logging.getLogger("gptflow.serve")
+
+api = FastAPI(title="gptflow", docs_url=None, redoc_url=None)
+CHAT_TURN_STOPS = ("\nuser: ", "\nsystem: ")  # the chat format's next turns: the answer is over
+
+
+def _error(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return _error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind))
+
+
+@serve.deployment(name="gptflow")
+@serve.ingress(api)
+class GPTServer:
+    def __init__(self, settings: ServeSettings):
+        logging.basicConfig(level=logging.INFO)
+        self.settings = settings
+        self.cfg = settings.serve
+        self._lock = threading.Lock()
+        self._leases: dict[int, int] = {}  # id(Loaded) -> requests using it
+        self._refused: dict[str, str] = {}  # version -> why it is not served
+        self._stop = threading.Event()
+        self._started = time.time()
+        self._swaps = 0
+        self._requests = metrics.Counter("gptflow_requests", "requests by route and status", ("route", "status"))
+        self._tokens = metrics.Counter("gptflow_generated_tokens", "tokens generated")
+        self._latency = metrics.Histogram("gptflow_latency_s", "request latency", [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
+        self._ttft = metrics.Histogram("gptflow_time_to_first_token_s", "time to first token",
+                                       [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5])
+        self._occupancy = metrics.Gauge("gptflow_batch_occupancy", "mean sequences per decode step")
+        version = None
+        if settings.bundle:
+            bundle = settings.bundle
+        else:
+            version = alias_version(settings)
+            bundle = fetch(settings, version)
+        self._stats = RunnerStats()
+        self.current: Loaded = load(bundle, version, self.cfg, self._stats)
+        self._retired: list[Loaded] = []
+        log.info("serving %s (%s)", settings.served_name, self._describe(self.current))
+        if not settings.bundle and self.cfg.poll_s > 0:
+            threading.Thread(target=self._follow_alias, name="gptflow-alias", daemon=True).start()
+
+    # ------------------------------------------------------------------ routes
+
+    @api.get("/healthz")
+    async def healthz(self) -> dict[str, Any]:
+        loaded = self.current
+        engine, stats = loaded.runner.engine, loaded.runner.stats
+        return {"status": "ok", "model": self.settings.served_name, "version": loaded.version,
+                "running": engine.running, "waiting": engine.waiting, "requests": stats.requests,
+                "cancelled": stats.cancelled, "rejected": stats.rejected, "refused_versions": sorted(self._refused)}
+
+    @api.get("/")
+    async def playground(self) -> HTMLResponse:
+        page = resources.files("flows.serve").joinpath("playground.html").read_text(encoding="utf-8")
+        return HTMLResponse(page.replace("{{MODEL}}", html.escape(self.settings.served_name)))
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        try:
+            self._auth(request)
+        except APIError as e:
+            return _error(e)
+        loaded = self.current
+        card = {"id": self.settings.served_name, "object": "model", "created": int(self._started),
+                "owned_by": "gptflow", "version": loaded.version, "source": self._describe(loaded),
+                "context_length": loaded.limits.context_length}
+        return JSONResponse({"object": "list", "data": [card]})
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._handle(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._handle(request, chat=True)
+
+    def stats(self) -> dict[str, Any]:
+        """Totals and percentiles of this replica, for the summary `gptflow serve` logs at the end."""
+        s = self.current.runner.stats
+        out: dict[str, Any] = {"version": self.current.version, "swaps": self._swaps, "requests": s.requests,
+                               "rejected": s.rejected, "completion_tokens": s.completion_tokens,
+                               "decode_steps": s.steps, "uptime_s": time.time() - self._started}
+        if s.steps:
+            out["mean_batch_occupancy"] = s.occupied_rows / s.steps
+            out["decode_tokens_per_s"] = s.completion_tokens / max(s.busy_s, 1e-9)
+        for key, values in (("latency", s.latency_s), ("ttft", s.ttft_s)):
+            if values:
+                out[f"{key}_p50_s"] = statistics.median(values)
+                out[f"{key}_p90_s"] = statistics.quantiles(values, n=10)[-1] if len(values) > 1 else values[0]
+        return out
+
+    # ------------------------------------------------------------------ one request
+
+    async def _handle(self, request: Request, chat: bool) -> Response:
+        route = "chat" if chat else "completions"
+        start = time.perf_counter()
+        loaded = None
+        try:
+            self._auth(request)
+            body = await self._body(request)
+            loaded = self._lease()
+            gen = (protocol.parse_chat if chat else protocol.parse_completion)(body, loaded.limits)
+            if gen.model is not None and gen.model not in self._names():
+                raise APIError(404, f"model {gen.model!r} does not exist here; this server serves "
+                               f"{self.settings.served_name!r}", type="not_found_error", param="model",
+                               code="model_not_found")
+            sequences = self._sequences(gen, loaded)
+            loaded.runner.check_capacity(len(sequences))
+            if gen.stream:
+                stream = self._stream(gen, loaded, sequences, start, route)
+                loaded = None  # the stream releases the lease when it ends
+                return StreamingResponse(stream, media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            try:
+                result = await asyncio.wait_for(self._collect(gen, loaded, sequences), self.cfg.request_timeout_s)
+            except TimeoutError:
+                raise APIError(504, f"generation took longer than request_timeout_s={self.cfg.request_timeout_s}",
+                               type="timeout_error", code="timeout") from None
+            self._record(route, 200, start, result["usage"]["completion_tokens"])
+            return JSONResponse(result)
+        except APIError as e:
+            self._record(route, e.status, start, 0)
+            return _error(e)
+        except Exception as e:  # a bug: answer it, keep the replica
+            log.exception("%s failed", route)
+            self._record(route, 500, start, 0)
+            return _error(APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
+        finally:
+            if loaded is not None:
+                self._release(loaded)
+
+    def _auth(self, request: Request) -> None:
+        want = self.settings.api_key_sha256
+        if want is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        given = hashlib.sha256(key.strip().encode()).hexdigest() if scheme.lower() == "bearer" else ""
+        if not hmac.compare_digest(given, want):
+            raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                           type="authentication_error", code="invalid_api_key")
+
+    async def _body(self, request: Request) -> Any:
+        limit = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise APIError(413, f"request body of {declared} bytes is over the limit of {limit}")
+        raw = b""
+        async for part in request.stream():
+            raw += part
+            if len(raw) > limit:
+                raise APIError(413, f"request body is over the limit of {limit} bytes")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
+        if not text.strip():
+            raise APIError(400, "the request body is empty; send a JSON object")
+
+        def no_constants(name: str) -> None:
+            raise ValueError(f"{name} is not a number JSON allows")
+
+        try:
+            return json.loads(text, parse_constant=no_constants)
+        except (ValueError, RecursionError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+    def _names(self) -> set[str]:
+        s = self.settings
+        names = {s.served_name}
+        if s.registry_name:
+            names |= {s.registry_name, f"{s.registry_name}@{s.alias}"}
+        return names
+
+    def _sequences(self, gen: Generation, loaded: Loaded) -> list[dict[str, Any]]:
+        """The engine's sequences for a request: n per prompt, in OpenAI's choice order."""
+        limits, tok = loaded.limits, loaded.tokenizer
+        stops = gen.stop + (CHAT_TURN_STOPS if gen.chat else ())
+        out = []
+        for i, prompt in enumerate(gen.prompts):
+            ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            where = "messages" if gen.chat else "prompt"
+            if not ids:
+                raise protocol.invalid(where, f"{where} {i} encodes to no tokens")
+            if len(ids) > limits.max_prompt_tokens:
+                raise protocol.invalid(where, f"{where} {i} has {len(ids)} tokens; this server accepts at most "
+                                       f"{limits.max_prompt_tokens}")
+            room = limits.context_length - len(ids)
+            max_tokens = gen.max_tokens if gen.max_tokens is not None else min(protocol.DEFAULT_MAX_TOKENS, room)
+            if max_tokens > room:
+                raise protocol.invalid("max_tokens", f"this model's context length is {limits.context_length} "
+                                       f"tokens; {where} {i} has {len(ids)}, so max_tokens can be at most {room} "
+                                       f"(asked: {max_tokens})")
+            for j in range(gen.n):
+                out.append({"prompt": tuple(ids), "max_new_tokens": max_tokens, "temperature": gen.temperature,
+                            "top_k": gen.top_k, "top_p": gen.top_p, "stop_ids": loaded.stop_ids,
+                            "stop_strings": stops, "logprobs": gen.logprobs,
+                            "seed": None if gen.seed is None else gen.seed + j})
+        return out
+
+    async def _collect(self, gen: Generation, loaded: Loaded, sequences: list[dict[str, Any]]) -> dict[str, Any]:
+        ids: list[list[int]] = [[] for _ in sequences]
+        lps: list[list] = [[] for _ in sequences]
+        finish: list[str | None] = [None] * len(sequences)
+        prompt_tokens = [len(s["prompt"]) for s in sequences[::gen.n]]
+        async for i, out in loaded.runner.generate(sequences):
+            ids[i] += out.tokens
+            lps[i] += out.logprobs or []
+            if out.finish_reason:
+                finish[i] = out.finish_reason
+        choices = []
+        for i in range(len(sequences)):
+            choice = {"index": i, "text": loaded.tokenizer.decode(ids[i]), "finish_reason": finish[i]}
+            if gen.logprobs is not None:
+                choice["logprobs"] = self._logprobs(gen, loaded, lps[i])
+            choices.append(choice)
+        usage = protocol.usage(sum(prompt_tokens), sum(len(x) for x in ids))
+        return protocol.response(gen, self.settings.served_name, choices, usage)
+
+    async def _stream(self, gen: Generation, loaded: Loaded, sequences: list[dict[str, Any]], start: float,
+                      route: str) -> AsyncIterator[str]:
+        model, tok = self.settings.served_name, loaded.tokenizer
+        ids: list[list[int]] = [[] for _ in sequences]
+        sent = [""] * len(sequences)
+        total = 0
+        status = 200
+        deadline = start + self.cfg.request_timeout_s
+        events = loaded.runner.generate(sequences)
+        try:
+            if gen.chat:
+                for i in range(len(sequences)):
+                    yield _sse(protocol.chunk(gen, model, i, None, None, first=True))
+            while True:
+                try:
+                    i, out = await asyncio.wait_for(events.__anext__(), max(deadline - time.perf_counter(), 0.001))
+                except StopAsyncIteration:
+                    break
+                ids[i] += out.tokens
+                total += len(out.tokens)
+                text = tok.decode(ids[i])
+                if out.finish_reason is None and text.endswith("\ufffd"):
+                    continue  # a character split across tokens: wait for the rest of its bytes
+                delta, sent[i] = text[len(sent[i]):], text
+                logprobs = self._logprobs(gen, loaded, out.logprobs) if out.logprobs else None
+                reason = None if out.finish_reason is None else (
+                    "length" if out.finish_reason == "length" else "stop")
+                if delta or reason or logprobs:
+                    yield _sse(protocol.chunk(gen, model, i, delta, reason, logprobs))
+            if gen.include_usage:
+                prompt_tokens = sum(len(s["prompt"]) for s in sequences[::gen.n])
+                yield _sse(protocol.usage_chunk(gen, model, protocol.usage(prompt_tokens, total)))
+            yield "data: [DONE]\n\n"
+        except TimeoutError:
+            status = 504
+            yield _sse(APIError(504, f"generation took longer than request_timeout_s={self.cfg.request_timeout_s}",
+                                type="timeout_error", code="timeout").body())
+        except APIError as e:
+            status = e.status
+            yield _sse(e.body())
+        finally:
+            await events.aclose()  # cancels what is still running (client gone, timeout)
+            self._record(route, status, start, total)
+            self._release(loaded)
+
+    def _logprobs(self, gen: Generation, loaded: Loaded, entries: list) -> dict[str, Any]:
+        tok = loaded.tokenizer
+        texts = [tok.decode([e.token]) for e in entries]
+        values = [e.logprob for e in entries]
+        if gen.chat:
+            return protocol.chat_logprobs(texts, values, [[(tok.decode([t]), v) for t, v in e.top] for e in entries])
+        return protocol.completion_logprobs(texts, values, [{tok.decode([t]): v for t, v in e.top} for e in entries])
+
+    def _record(self, route: str, status: int, start: float, tokens: int) -> None:
+        self._requests.inc(tags={"route": route, "status": str(status)})
+        if status == 200:
+            self._latency.observe(time.perf_counter() - start)
+            if tokens:
+                self._tokens.inc(tokens)
+        stats = self.current.runner.stats
+        if stats.ttft_s:
+            self._ttft.observe(stats.ttft_s[-1])
+        if stats.steps:
+            self._occupancy.set(stats.occupied_rows / stats.steps)
+
+    # ------------------------------------------------------------------ following the alias
+
+    def _lease(self) -> Loaded:
+        with self._lock:
+            loaded = self.current
+            self._leases[id(loaded)] = self._leases.get(id(loaded), 0) + 1
+            return loaded
+
+    def _release(self, loaded: Loaded) -> None:
+        with self._lock:
+            self._leases[id(loaded)] -= 1
+            idle = [m for m in self._retired if self._leases.get(id(m), 0) == 0]
+            for m in idle:
+                self._retired.remove(m)
+                self._leases.pop(id(m), None)
+        for m in idle:
+            m.runner.stop()
+            log.info("stopped %s: its last request finished", self._describe(m))
+
+    def _follow_alias(self) -> None:
+        s = self.settings
+        while not self._stop.wait(self.cfg.poll_s):
+            try:
+                version = alias_version(s)
+            except Exception as e:  # noqa: BLE001 - a registry hiccup must not stop the server
+                log.warning("cannot read %s@%s from the registry (%s); still serving version %s",
+                            s.registry_name, s.alias, e, self.current.version)
+                continue
+            if version == self.current.version or version in self._refused:
+                continue
+            try:
+                new = load(fetch(s, version), version, self.cfg, self._stats)
+            except Exception as e:  # noqa: BLE001 - whatever is wrong with it, it is not served
+                self._refused[version] = str(e)
+                log.error("refusing %s version %s: %s; still serving version %s", s.registry_name, version, e,
+                          self.current.version)
+                continue
+            with self._lock:
+                old, self.current = self.current, new
+                self._swaps += 1
+                idle = self._leases.get(id(old), 0) == 0
+                if not idle:
+                    self._retired.append(old)
+            log.info("%s@%s moved: now serving version %s (was %s)", s.registry_name, s.alias, version, old.version)
+            if idle:
+                old.runner.stop()
+
+    def _describe(self, loaded: Loaded) -> str:
+        if loaded.version is None:
+            return f"bundle {loaded.source}"
+        return f"models:/{self.settings.registry_name}/{loaded.version}"
+
+    def __del__(self) -> None:
+        self._stop.set()
+

@@ -1,0 +1,133 @@
+"""Deploying the server: settings resolved on the driver, the Serve application, `gptflow serve`.
+
+:func:`settings_for` decides what is served (a bundle directory, or NAME@ALIAS in the registry,
+checked to exist before anything is deployed) and hashes the API key; :func:`application` binds
+the deployment with replicas, autoscaling and resources from the serve section; :func:`app` is the
+same application as a builder for Serve's own CLI and config files. :func:`serve_forever` is
+`gptflow serve`: start Serve on this process's Ray, deploy, print where it listens, and on
+SIGINT/SIGTERM log a summary of the replicas' figures to MLflow and shut Serve down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from flows.config import ConfigError, PipelineConfig, ServeConfig
+from flows.serve.models import ServeSettings, alias_version
+
+log = logging.getLogger(__name__)
+APP_NAME = "gptflow"
+
+
+def parse_model(ref: str) -> tuple[str, str]:
+    """NAME@ALIAS (or models:/NAME@ALIAS) -> (name, alias)."""
+    name, sep, alias = ref.removeprefix("models:/").partition("@")
+    if not sep or not name or not alias or "/" in name:
+        raise ConfigError(f"serve.model={ref!r} must look like NAME@ALIAS (e.g. gpt@champion)")
+    return name, alias
+
+
+def settings_for(cfg: PipelineConfig, model: str | None = None, bundle: str | None = None) -> ServeSettings:
+    """What the replicas serve; ConfigError when it does not exist (yet)."""
+    from flows.tracking import tracking_uri
+
+    s = cfg.serve
+    workdir = Path(cfg.workdir).resolve()
+    key = os.environ.get(s.api_key_env)
+    key_sha = hashlib.sha256(key.strip().encode()).hexdigest() if key and key.strip() else None
+    bundle = bundle or (None if model else (s.model if s.model and "@" not in s.model else None))
+    if bundle:
+        path = Path(bundle).resolve()
+        if not (path / "model.safetensors").is_file():
+            raise ConfigError(f"serve: {bundle} is not a model bundle (no model.safetensors)")
+        return ServeSettings(s, s.served_name or path.name, str(path), None, None, None,
+                             str(workdir / "serve" / "cache"), key_sha)
+    if not cfg.tracking.enabled:
+        raise ConfigError("serve: following a registry alias needs tracking.enabled=true (or give --bundle DIR)")
+    name, alias = parse_model(model or s.model or f"{cfg.registry.name}@champion")
+    settings = ServeSettings(s, s.served_name or name, None, name, alias, tracking_uri(cfg.tracking, workdir),
+                             str(workdir / "serve" / "cache"), key_sha)
+    try:
+        alias_version(settings)
+    except ValueError as e:
+        raise ConfigError(f"serve: {e}") from None
+    return settings
+
+
+def application(cfg: ServeConfig, settings: ServeSettings):
+    from flows.serve.app import GPTServer
+
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        # Serve queues past max_ongoing_requests on its own, without bound; let requests reach the
+        # replica, whose bounded queue answers 429.
+        "max_ongoing_requests": 2 * (cfg.max_batch_size + cfg.max_queue),
+    }
+    if cfg.max_replicas > cfg.min_replicas:
+        options["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
+                                         "target_ongoing_requests": cfg.target_ongoing_requests}
+    else:
+        options["num_replicas"] = cfg.min_replicas
+    return GPTServer.options(**options).bind(settings)
+
+
+def app(args: dict[str, str] | None = None):
+    """Application builder: ``serve run flows.serve.deploy:app [config=FILE] [workdir=DIR]
+    [model=NAME@ALIAS | bundle=DIR]`` (or a ``serve deploy`` config naming it) runs the same
+    application as `gptflow serve`."""
+    from flows.config import load_config
+
+    args = dict(args or {})
+    overrides = [f"workdir={args['workdir']}"] if args.get("workdir") else []
+    cfg = load_config(args.get("config"), overrides)
+    return application(cfg.serve, settings_for(cfg, model=args.get("model"), bundle=args.get("bundle")))
+
+
+def start(cfg: PipelineConfig, settings: ServeSettings):
+    """Deploy on this process's Ray (started or joined by cluster.py); the ingress handle."""
+    from ray import serve
+
+    from flows.cluster import ensure_ray
+
+    ensure_ray(cfg.cluster)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    return serve.run(application(cfg.serve, settings), name=APP_NAME, route_prefix="/")
+
+
+def summary(handle) -> dict[str, Any]:
+    """The ingress replica's figures (one replica answers; with several, a sample)."""
+    try:
+        return handle.stats.remote().result(timeout_s=10)
+    except Exception as e:  # noqa: BLE001 - the summary is best effort at shutdown
+        log.warning("no serving figures: %s", e)
+        return {}
+
+
+def serve_forever(cfg: PipelineConfig, settings: ServeSettings) -> dict[str, Any]:
+    """`gptflow serve`: deploy, block until SIGINT/SIGTERM, then log the summary and shut Serve down."""
+    from ray import serve
+
+    from flows.tracking import stage_run
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    handle = start(cfg, settings)
+    where = f"http://{cfg.serve.host}:{cfg.serve.port}"
+    what = settings.bundle or f"models:/{settings.registry_name}@{settings.alias}"
+    print(f"serving {what} as {settings.served_name!r} at {where}/v1 (playground: {where}/)", flush=True)
+    stop.wait()
+    figures = summary(handle)
+    if cfg.tracking.enabled and figures:
+        with stage_run(cfg.tracking, cfg.workdir, "serve") as tracker:
+            tracker.log_params({"model": what, "served_name": settings.served_name,
+                                "max_batch_size": cfg.serve.max_batch_size, "replicas": cfg.serve.min_replicas})
+            tracker.log_metrics({k: float(v) for k, v in figures.items() if isinstance(v, int | float)})
+    serve.shutdown()
+    return figures

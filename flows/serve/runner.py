@@ -1,0 +1,137 @@
+"""The decode loop of one loaded model inside a replica: gptcore's BatchEngine on its own thread.
+
+Request handlers (asyncio, the replica's event loop) submit sequences and read what each step
+released for them from an asyncio queue; the thread steps the engine while it has work and sleeps
+otherwise. A handler that goes away (client disconnect, timeout, cancelled task) cancels its
+sequences, which leave the batch at the next step. Bounded: past `max_queue` waiting sequences a
+new request is refused with 429 rather than queued without end. Counts what the metrics need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from flows.serve.protocol import APIError
+from gptcore.batching import BatchEngine, SequenceOutput, SequenceRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunnerStats:
+    """Totals since the runner started (the server turns them into rates and percentiles)."""
+
+    requests: int = 0
+    rejected: int = 0
+    cancelled: int = 0  # sequences whose client went away (or timed out) before they finished
+    completion_tokens: int = 0
+    steps: int = 0
+    occupied_rows: int = 0  # summed over steps: mean batch occupancy = occupied_rows / steps
+    busy_s: float = 0.0
+    ttft_s: list[float] = field(default_factory=list)
+    latency_s: list[float] = field(default_factory=list)
+
+
+class EngineRunner:
+    """Drives one BatchEngine from a daemon thread for the coroutines of one event loop."""
+
+    def __init__(self, engine: BatchEngine, max_queue: int, stats: RunnerStats | None = None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.stats = stats or RunnerStats()  # shared by the models a replica serves in turn
+        self._ids = itertools.count()
+        self._subscribers: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="gptflow-decode", daemon=True)
+        self._thread.start()
+
+    @property
+    def active(self) -> int:
+        """Sequences submitted and not yet finished."""
+        return len(self._subscribers)
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def check_capacity(self, sequences: int) -> None:
+        """429 when `sequences` more would overflow the free batch rows plus the bounded queue."""
+        engine = self.engine
+        if engine.waiting + sequences > self.max_queue + max(0, engine.max_batch_size - engine.running):
+            self.stats.rejected += 1
+            raise APIError(429, f"the server is busy: {engine.waiting} sequences wait for a batch slot "
+                           f"(limit {self.max_queue}); retry shortly", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"})
+
+    async def generate(self, requests: list[dict]) -> AsyncIterator[tuple[int, SequenceOutput]]:
+        """Run sequences (SequenceRequest fields without `id`); yield (index, output) as steps
+        release them, until every one finished. Closing the iterator cancels what is left."""
+        self.check_capacity(len(requests))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        ids = [next(self._ids) for _ in requests]
+        index = {sid: i for i, sid in enumerate(ids)}
+        open_ids = set(ids)
+        start = time.perf_counter()
+        first = True
+        try:
+            for sid, fields in zip(ids, requests, strict=True):
+                self._subscribers[sid] = (loop, queue)
+                try:
+                    self.engine.submit(SequenceRequest(id=sid, **fields))
+                except ValueError as e:
+                    raise APIError(400, str(e), param="prompt" if "prompt" in str(e) else "max_tokens",
+                                   code="invalid_value") from e
+            self.stats.requests += 1
+            self._wake.set()
+            while open_ids:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise APIError(500, f"generation failed: {item}", type="server_error") from item
+                if first and item.tokens:
+                    self.stats.ttft_s.append(time.perf_counter() - start)
+                    first = False
+                self.stats.completion_tokens += len(item.tokens)
+                if item.finish_reason is not None:
+                    open_ids.discard(item.id)
+                yield index[item.id], item
+            self.stats.latency_s.append(time.perf_counter() - start)
+        finally:
+            for sid in ids:
+                self._subscribers.pop(sid, None)
+                if sid in open_ids:
+                    self.engine.cancel(sid)
+                    self.stats.cancelled += 1
+
+    def _loop(self) -> None:
+        while not self._stopped:
+            if not self.engine.has_work():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            t0 = time.perf_counter()
+            try:
+                rows = self.engine.running
+                outputs = self.engine.step()
+            except Exception as e:  # a bug, not bad input (submit checked that): fail what runs, keep serving
+                log.exception("decode step failed; failing the %d running sequences", self.engine.running)
+                self.engine.abort()
+                for loop, queue in list(self._subscribers.values()):
+                    loop.call_soon_threadsafe(queue.put_nowait, e)
+                continue
+            self.stats.steps += 1
+            self.stats.occupied_rows += rows
+            self.stats.busy_s += time.perf_counter() - t0
+            for out in outputs:
+                sub = self._subscribers.get(out.id)
+                if sub is not None:
+                    loop, queue = sub
+                    loop.call_soon_threadsafe(queue.put_nowait, out)
