@@ -115,10 +115,10 @@ def serve_forever(cfg: PipelineConfig, settings: ServeSettings) -> dict[str, Any
 
     from flows.tracking import stage_run
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     handle = start(cfg, settings)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
+        signal.signal(sig, lambda *_: stop.set())
     where = f"http://{cfg.serve.host}:{cfg.serve.port}"
     what = settings.bundle or f"models:/{settings.registry_name}@{settings.alias}"
     print(f"serving {what} as {settings.served_name!r} at {where}/v1 (playground: {where}/)", flush=True)

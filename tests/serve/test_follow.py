@@ -1,0 +1,117 @@
+"""Serving follows NAME@champion in a real MLflow registry: under load, a promotion swaps the model
+with no failed request, in-flight requests finish on the model they started on, and a version that
+fails to load (corrupt weights, a tokenizer that does not match them) is refused while the old one
+keeps serving."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+
+import openai
+import pytest
+
+from flows.registry.promote import bundle_of
+from gptcore import load_bundle
+from gptcore.batching import SequenceRequest, generate_alone
+from tests.serve.conftest import make_bundle, wait_healthy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def versions(store, tok, tmp_path_factory) -> dict[str, str]:
+    return {k: store["add"](make_bundle(tmp_path_factory.mktemp(k), tok, seed=seed))
+            for k, seed in (("a", 10), ("b", 11), ("corrupt", 12), ("mismatch", 13))}
+
+
+def _reference(store, version: str, tmp_path):
+    bundle = bundle_of(store["registry"](), "gpt", version, tmp_path / "ref")
+    model, tok, _ = load_bundle(bundle)
+    return lambda prompt, n: tok.decode(generate_alone(model, SequenceRequest(
+        0, tuple(tok.encode(prompt)), n, stop_ids=frozenset({tok.eot_id}))))
+
+
+def _version_served(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=10) as r:
+        return json.loads(r.read())["data"][0]["version"]
+
+
+def _wait(predicate, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while not predicate():
+        assert time.time() < deadline, what
+        time.sleep(0.2)
+
+
+def test_promotion_under_load_swaps_without_a_failed_request_and_bad_versions_are_refused(
+        store, versions, deploy, tmp_path):
+    registry = store["registry"]()
+    registry.set_alias("gpt", "champion", versions["a"])
+    url = deploy("follow", store["root"], model="gpt@champion", tracking=store["tracking"], poll_s=0.3,
+                 max_tokens_limit=1000)
+    assert _version_served(url) == versions["a"]
+    old, new = _reference(store, versions["a"], tmp_path), _reference(store, versions["b"], tmp_path)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+
+    long_text: list[str] = []
+    long_started = threading.Event()
+
+    def long_request():  # starts on version a and must finish there, whatever happens meanwhile
+        parts = []
+        for chunk in client.completions.create(model="gpt", prompt="The cat", max_tokens=700, stream=True):
+            parts.append(chunk.choices[0].text)
+            long_started.set()
+        long_text.append("".join(parts))
+
+    failures: list[str] = []
+    done = 0
+    stop = threading.Event()
+
+    def load(i: int):
+        nonlocal done
+        while not stop.is_set():
+            try:
+                if i % 2:
+                    text = "".join(c.choices[0].text for c in client.completions.create(
+                        model="gpt", prompt="A dog", max_tokens=24, stream=True))
+                else:
+                    text = client.chat.completions.create(
+                        model="gpt", messages=[{"role": "user", "content": "hi"}], max_tokens=16
+                    ).choices[0].message.content
+                assert isinstance(text, str)
+                done += 1
+            except Exception as e:  # noqa: BLE001 - every failure is collected and reported
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=long_request)] + [threading.Thread(target=load, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        assert long_started.wait(30)
+        registry.set_alias("gpt", "champion", versions["b"])
+        _wait(lambda: _version_served(url) == versions["b"], 30, "the new champion was not swapped in")
+        time.sleep(1.0)  # keep the load on the new version for a while
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert not failures, failures[:3]
+    assert done > 20
+    assert long_text == [old("The cat", 700)]  # finished on the model it started on
+    assert client.completions.create(model="gpt", prompt="The cat", max_tokens=20).choices[0].text == \
+        new("The cat", 20)
+
+    # A version whose weights are corrupt, then one whose tokenizer does not match its weights: both
+    # are refused (they sit in the server's download cache as it would find them) and b keeps serving.
+    cache = store["root"] / "serve" / "cache"
+    bundle_of(registry, "gpt", versions["corrupt"], cache).joinpath("model.safetensors").write_bytes(b"garbage")
+    config = bundle_of(registry, "gpt", versions["mismatch"], cache) / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "vocab_size": 999}))
+    for bad in ("corrupt", "mismatch"):
+        registry.set_alias("gpt", "champion", versions[bad])
+        _wait(lambda bad=bad: versions[bad] in wait_healthy(url)["refused_versions"], 30, f"{bad} was not refused")
+        assert _version_served(url) == versions["b"]
+        assert client.completions.create(model="gpt", prompt="A dog", max_tokens=8).choices[0].text == new("A dog", 8)
