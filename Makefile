@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 WORKDIR ?= work
 
-.PHONY: venv run test lint bench clean
+.PHONY: venv run test lint bench clean browser
 
 venv: $(VENV)/.installed
 
@@ -21,8 +21,14 @@ $(VENV)/.installed: pyproject.toml Makefile
 run: venv
 	$(VENV)/bin/gptflow run --workdir $(WORKDIR)
 
-test: venv
+test: venv browser
 	$(PY) -m pytest -q tests
+
+# The serving playground is tested in a real headless Chromium; Debian packages it with its driver.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null)
 
 lint: venv
 	$(VENV)/bin/ruff check gptcore flows tests bench

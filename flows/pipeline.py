@@ -105,6 +105,12 @@ def _promote(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: Ste
     return promote(cfg.registry, cfg.evaluate, Path(inputs["registered"]), out, ctx)
 
 
+def _serve(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
+    from flows.serve.deploy import deploy_step
+
+    return deploy_step(cfg, out)
+
+
 def _registers(cfg: PipelineConfig) -> bool:
     return cfg.registry.enabled and cfg.tracking.enabled
 
@@ -137,6 +143,8 @@ STEPS: tuple[Step, ...] = (
                            "dataset": cfg.evaluate.data or StepRef("preprocess")}, enabled=_registers),
     Step("promote", _promote, ("registry", "evaluate"), unhashed={"evaluate": ("bundle", "data")},
          bind=lambda cfg: {"registered": StepRef("register")}, enabled=_registers),
+    Step("serve", _serve, ("serve",), bind=lambda cfg: {"promoted": StepRef("promote")},
+         enabled=lambda cfg: _registers(cfg) and cfg.serve.deploy),
 )
 
 

@@ -26,7 +26,9 @@ def run_report(cfg: PipelineConfig, planned: list[PlannedStep]) -> str:
         d = json.loads((promoted / "decision.json").read_text(encoding="utf-8"))
         verdict = "champion" if d["promoted"] else "challenger (the gate refused it)"
         lines += [f"registry: {d['name']} version {d['version']} is {verdict}: {d['reason']}",
-                  f"  gptflow models {d['name']}    gptflow lineage {d['name']}@champion", ""]
+                  f"  gptflow models {d['name']}    gptflow lineage {d['name']}@champion",
+                  f"serve the champion (OpenAI API at http://{cfg.serve.host}:{cfg.serve.port}/v1, playground at /):",
+                  f"  gptflow serve --workdir {cfg.workdir}", ""]
     lines += _tracking(cfg)
     final = step_output(planned, "finetune") or step_output(planned, "pretrain")
     lines.append(str(final) if final is not None else str(planned[-1].out))

@@ -93,6 +93,7 @@ def test_run_pipeline_prints_bundle_last_and_generate_uses_it(tmp_path):
     assert (Path(table["evaluate"][-1]) / "metrics.json").is_file()
 
     assert "registry: gpt version 1 is champion: first model" in out.stdout
+    assert f"gptflow serve --workdir {tmp_path / 'w'}" in out.stdout  # how to serve the champion
 
     # lineage from the fine-tuned champion down to the raw input files' fingerprints
     facts = _gptflow("lineage", "gpt@champion", "--json", "--workdir", str(tmp_path / "w"), cwd=tmp_path)

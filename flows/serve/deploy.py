@@ -100,6 +100,32 @@ def start(cfg: PipelineConfig, settings: ServeSettings):
     return serve.run(application(cfg.serve, settings), name=APP_NAME, route_prefix="/")
 
 
+DEPLOYMENT = "deployment.json"
+
+
+def deploy_step(cfg: PipelineConfig, out_dir: Path) -> Path:
+    """The pipeline's serve step (serve.deploy: true): (re)deploy on the configured Ray cluster after a
+    promotion and record where. The replicas follow the alias themselves; this makes sure the
+    application exists with the current serve settings."""
+    import json
+
+    from flows.store import atomic_write_text
+
+    settings = settings_for(cfg)
+    if settings.bundle is None and settings.alias is None:
+        raise ConfigError("serve: nothing to serve")
+    if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        log.warning("serve: deploying on this process's own local Ray, which stops when the pipeline exits; "
+                    "set cluster.address to deploy on a cluster, or run `gptflow serve` for a server that stays")
+    start(cfg, settings)
+    record = {"app": APP_NAME, "url": f"http://{cfg.serve.host}:{cfg.serve.port}/v1",
+              "model": settings.bundle or f"models:/{settings.registry_name}@{settings.alias}",
+              "version": None if settings.bundle else alias_version(settings), "served_name": settings.served_name}
+    atomic_write_text(Path(out_dir) / DEPLOYMENT, json.dumps(record, indent=2) + "\n")
+    log.info("serve: %s deployed at %s", record["model"], record["url"])
+    return Path(out_dir)
+
+
 def summary(handle) -> dict[str, Any]:
     """The ingress replica's figures (one replica answers; with several, a sample)."""
     try:

@@ -115,3 +115,24 @@ def test_promotion_under_load_swaps_without_a_failed_request_and_bad_versions_ar
         _wait(lambda bad=bad: versions[bad] in wait_healthy(url)["refused_versions"], 30, f"{bad} was not refused")
         assert _version_served(url) == versions["b"]
         assert client.completions.create(model="gpt", prompt="A dog", max_tokens=8).choices[0].text == new("A dog", 8)
+
+
+def test_the_serve_step_deploys_the_champion_on_the_configured_ray(store, versions, serve_url, tmp_path):
+    from ray import serve
+
+    from flows import pipeline
+    from flows.config import PipelineConfig, ServeConfig
+
+    store["registry"]().set_alias("gpt", "champion", versions["b"])
+    port = int(serve_url.rsplit(":", 1)[1])  # the running Serve instance's proxy
+    cfg = PipelineConfig(workdir=str(store["root"]), tracking=store["tracking"],
+                         serve=ServeConfig(deploy=True, port=port, num_cpus=0.1, poll_s=0))
+    step = next(s for s in pipeline.STEPS if s.name == "serve")
+    assert step.enabled(cfg) and not step.enabled(PipelineConfig())
+    try:
+        out = step.run(cfg, {"promoted": str(tmp_path)}, tmp_path, None)
+        record = json.loads((out / "deployment.json").read_text())
+        assert record["version"] == versions["b"] and record["url"] == f"{serve_url}/v1"
+        assert _version_served(serve_url) == versions["b"]
+    finally:
+        serve.delete("gptflow")
