@@ -178,9 +178,11 @@ class BatchEngine:
             ids = torch.tensor([s.last for s in self._running], device=self.device)
             positions = torch.tensor([s.length for s in self._running], device=self.device)
             logits = self.decoder(ids, positions).float()
+            greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy row
             for row, seq in enumerate(self._running):
                 seq.length += 1
-                reason = self._accept(seq, logits[row:row + 1], outputs)
+                token = greedy[row] if seq.request.temperature == 0 else None
+                reason = self._accept(seq, logits[row:row + 1], outputs, token)
                 if reason:
                     finished.append((row, reason))
         for row, reason in reversed(finished):  # from the back: a row's removal moves the last one in
@@ -218,10 +220,13 @@ class BatchEngine:
             outputs.append(self._finish(row, reason))
         return outputs
 
-    def _accept(self, seq: _Running, logits: torch.Tensor, outputs: list[SequenceOutput]) -> str | None:
-        """Pick `seq`'s next token from logits (1, vocab); release what is safe; why it ends, if it does."""
+    def _accept(self, seq: _Running, logits: torch.Tensor, outputs: list[SequenceOutput],
+                token: int | None = None) -> str | None:
+        """Pick `seq`'s next token from logits (1, vocab) unless given (greedy, picked for the whole
+        batch at once); release what is safe; why the sequence ends, if it does."""
         r = seq.request
-        token = int(_pick(logits, r.temperature, r.top_k, r.top_p, seq.generator)[0])
+        if token is None:
+            token = int(_pick(logits, r.temperature, r.top_k, r.top_p, seq.generator)[0])
         if token in r.stop_ids:
             return "stop"
         seq.last = token

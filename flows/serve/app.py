@@ -253,7 +253,7 @@ class GPTServer:
         lps: list[list] = [[] for _ in sequences]
         finish: list[str | None] = [None] * len(sequences)
         prompt_tokens = [len(s["prompt"]) for s in sequences[::gen.n]]
-        async for i, out in loaded.runner.generate(sequences):
+        async for i, out in loaded.runner.generate(sequences, stream=False):
             ids[i] += out.tokens
             lps[i] += out.logprobs or []
             if out.finish_reason:

@@ -47,6 +47,7 @@ class EngineRunner:
         self.stats = stats or RunnerStats()  # shared by the models a replica serves in turn
         self._ids = itertools.count()
         self._subscribers: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending: dict[int, SequenceOutput] = {}  # non-streaming sequences: tokens so far, sent at the end
         self._wake = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._loop, name="gptflow-decode", daemon=True)
@@ -71,9 +72,10 @@ class EngineRunner:
                            f"(limit {self.max_queue}); retry shortly", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"})
 
-    async def generate(self, requests: list[dict]) -> AsyncIterator[tuple[int, SequenceOutput]]:
+    async def generate(self, requests: list[dict], stream: bool = True) -> AsyncIterator[tuple[int, SequenceOutput]]:
         """Run sequences (SequenceRequest fields without `id`); yield (index, output) as steps
-        release them, until every one finished. Closing the iterator cancels what is left."""
+        release them, until every one finished (with stream=False, one output per sequence when it
+        finishes: the event loop is not woken per token). Closing the iterator cancels what is left."""
         self.check_capacity(len(requests))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -85,6 +87,9 @@ class EngineRunner:
         try:
             for sid, fields in zip(ids, requests, strict=True):
                 self._subscribers[sid] = (loop, queue)
+                if not stream:
+                    self._pending[sid] = SequenceOutput(sid, [], [] if fields.get("logprobs") is not None else None,
+                                                        None, len(fields["prompt"]), 0)
                 try:
                     self.engine.submit(SequenceRequest(id=sid, **fields))
                 except ValueError as e:
@@ -96,7 +101,7 @@ class EngineRunner:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise APIError(500, f"generation failed: {item}", type="server_error") from item
-                if first and item.tokens:
+                if first and item.tokens and stream:  # (a non-streamed sequence arrives whole)
                     self.stats.ttft_s.append(time.perf_counter() - start)
                     first = False
                 self.stats.completion_tokens += len(item.tokens)
@@ -107,6 +112,7 @@ class EngineRunner:
         finally:
             for sid in ids:
                 self._subscribers.pop(sid, None)
+                self._pending.pop(sid, None)
                 if sid in open_ids:
                     self.engine.cancel(sid)
                     self.stats.cancelled += 1
@@ -132,6 +138,17 @@ class EngineRunner:
             self.stats.busy_s += time.perf_counter() - t0
             for out in outputs:
                 sub = self._subscribers.get(out.id)
-                if sub is not None:
-                    loop, queue = sub
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
+                if sub is None:
+                    continue
+                pending = self._pending.get(out.id)
+                if pending is not None:  # not streamed: gather, deliver once
+                    pending.tokens += out.tokens
+                    if out.logprobs:
+                        pending.logprobs += out.logprobs
+                    pending.completion_tokens = out.completion_tokens
+                    if out.finish_reason is None:
+                        continue
+                    pending.finish_reason = out.finish_reason
+                    out = pending
+                loop, queue = sub
+                loop.call_soon_threadsafe(queue.put_nowait, out)

