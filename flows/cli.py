@@ -105,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
 
+    p = sub.add_parser("capacity", help="memory per GPU for ZeRO 0-3, whether it fits, and the training time")
+    _config_args(p)
+    p.add_argument("--preset", help="model preset (default: model.preset); --set model.context_length=N to change it")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak per GPU (H100/H200: 989)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate")
+    p.add_argument("--tokens", type=float, help="token budget for the time estimate, e.g. 30e9")
+    p.add_argument("--micro-batch", type=int, help="sequences per GPU per step (default: pretrain.micro_batch_size)")
+    p.add_argument("--precision", help="fp32, bf16, bf16-autocast or fp16 (default: pretrain.precision)")
+
     p = sub.add_parser("generate", help="generate text from a model bundle")
     p.add_argument("bundle", help="model bundle directory")
     p.add_argument("prompt", help="prompt text")
@@ -142,6 +154,8 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
             overrides.append(f"model.preset={json.dumps(args.preset)}")
         if getattr(args, "init", None):
             overrides.append(f"{section}.init={json.dumps(args.init)}")
+    if args.command == "capacity" and args.preset:
+        overrides.append(f"model.preset={json.dumps(args.preset)}")
     if args.command == "serve":
         overrides += [f"serve.{k}={json.dumps(v)}" for k in ("host", "port") if (v := getattr(args, k)) is not None]
     if args.command == "evaluate":
@@ -220,6 +234,8 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> str:
 
     if args.command in _REGISTRY_COMMANDS:
         return _registry_command(args, cfg)
+    if args.command == "capacity":
+        return _capacity(args, cfg)
     if args.command == "serve":
         from flows.serve.deploy import serve_forever, settings_for
 
@@ -235,6 +251,29 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> str:
     from flows.report import run_report
 
     return run_report(cfg, planned)
+
+
+def _capacity(args: argparse.Namespace, cfg: PipelineConfig) -> str:
+    from flows.config import PRECISIONS
+    from flows.train.capacity import Hardware, report, with_context
+    from gptcore import preset
+
+    for name in ("gpus_per_node", "nodes", "micro_batch"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}={value} must be >= 1")
+    for name in ("gpu_mem_gib", "peak_tflops", "mfu"):
+        if not getattr(args, name) > 0:
+            raise ConfigError(f"--{name.replace('_', '-')}={getattr(args, name)} must be > 0")
+    precision = args.precision or cfg.pretrain.precision
+    if precision not in PRECISIONS:
+        raise ConfigError(f"--precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    try:
+        gpt = with_context(preset(cfg.model.preset, activation_checkpointing=False), cfg.model.context_length)
+    except ValueError as e:
+        raise ConfigError(f"model.preset: {e}") from None
+    hw = Hardware(args.gpus_per_node, args.nodes, args.gpu_mem_gib, args.peak_tflops, args.mfu)
+    return report(gpt, args.micro_batch or cfg.pretrain.micro_batch_size, precision, hw, args.tokens)
 
 
 _REGISTRY_COMMANDS = ("promote", "rollback", "models", "lineage")

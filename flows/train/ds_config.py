@@ -7,21 +7,39 @@ from typing import Any
 
 from flows.config import PRECISIONS, ConfigError, TrainConfig
 
+# DeepSpeed's default communication buckets, in elements. ZeRO allocates them whole (ZeRO-3's
+# gradient bucket of 5e8 fp32 elements is 1.9 GiB per worker), so a model smaller than a bucket gets
+# buckets of its own size: the same communication, without gigabytes of empty buffer.
+REDUCE_BUCKET = 500_000_000
+PREFETCH_BUCKET = 50_000_000
 
-def deepspeed_config(tc: TrainConfig) -> dict[str, Any]:
+
+def bucket_sizes(num_params: int | None) -> tuple[int, int]:
+    """(reduce bucket, ZeRO-3 prefetch bucket) in elements for a model of `num_params` parameters."""
+    if num_params is None:
+        return REDUCE_BUCKET, PREFETCH_BUCKET
+    return min(REDUCE_BUCKET, num_params), min(PREFETCH_BUCKET, num_params)
+
+
+def deepspeed_config(tc: TrainConfig, num_params: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config for a training config: generated, never a hand-kept JSON file.
 
     The optimizer section appears only with ZeRO offload (which needs DeepSpeed's CPU Adam); otherwise
-    the loop passes torch's AdamW as a client optimizer and DeepSpeed wraps it.
+    the loop passes torch's AdamW as a client optimizer and DeepSpeed wraps it. Given the model's
+    parameter count, ZeRO's buckets are no larger than the model.
     """
     if tc.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_stage={tc.zero_stage!r} is invalid: must be one of 0, 1, 2, 3")
     if tc.precision not in PRECISIONS:
         raise ConfigError(f"precision={tc.precision!r} is invalid: must be one of {', '.join(PRECISIONS)}")
     zero: dict[str, Any] = {"stage": tc.zero_stage}
-    if tc.zero_stage >= 1 and tc.use_gpu:
-        zero.update({"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 5e8})
+    reduce_bucket, prefetch_bucket = bucket_sizes(num_params)
+    if tc.zero_stage >= 1:
+        zero["reduce_bucket_size"] = reduce_bucket
+        if tc.use_gpu:
+            zero.update({"overlap_comm": True, "contiguous_gradients": True})
     if tc.zero_stage == 3:
+        zero["stage3_prefetch_bucket_size"] = prefetch_bucket
         # Lets save_16bit_model / consolidation gather full weights for the exported bundle.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if tc.offload_optimizer:

@@ -37,6 +37,7 @@ from flows.train.checkpoint import (
 from flows.train.plan import LoopConfig
 from flows.train.telemetry import (
     AsyncLogger,
+    current_rss_bytes,
     default_peak_flops,
     gradient_norm,
     loss_figure,
@@ -226,6 +227,7 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
         torch.set_num_threads(cfg.cpus_per_worker)
     logging.basicConfig(level=logging.INFO)
 
+    rss_before_model = current_rss_bytes()  # what the planner's estimate is compared with grows from here
     model, tokenizer = _build_model(cfg)
     engine, gate = _init_engine(cfg, model)
     if cfg.compile:
@@ -363,12 +365,14 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
                 report["val_loss"] = val_loss
             if is_last:
                 tps = tokens_per_step * timed_steps / timed_seconds if timed_seconds > 0 else float("nan")
-                mem = torch.tensor([float(peak_rss_bytes())], dtype=torch.float64, device=device)
+                mem = torch.tensor([float(peak_rss_bytes()), float(peak_rss_bytes() - rss_before_model)],
+                                   dtype=torch.float64, device=device)
                 if world > 1:
                     dist.all_reduce(mem, op=dist.ReduceOp.MAX)
                 report.update({
                     "tokens_per_s": tps, "mfu": tps * cfg.flops_per_token / peak if peak > 0 else float("nan"),
                     "timed_steps": timed_steps, "peak_rss_bytes_max_rank": float(mem[0]),
+                    "rss_growth_bytes_max_rank": float(mem[1]),  # peak minus before the model was built
                     "tokens_seen": state.tokens_seen,
                 })
                 if cfg.use_gpu:

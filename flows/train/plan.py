@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
         raise ConfigError(f"{stage}.precision='fp16' needs GPUs (use_gpu: true); on CPU use bf16 or fp32")
     if tc.offload_optimizer and tc.zero_stage == 0:
         raise ConfigError(f"{stage}.offload_optimizer=true needs zero_stage 1, 2 or 3 (got 0)")
-    ds_config = deepspeed_config(tc)
+    deepspeed_config(tc)  # its checks, before any file is read
 
     init_bundle, parent = (None, None)
     if init:
@@ -190,6 +191,10 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
         gpt = dataclasses.replace(gpt, vocab_size=data_tok.vocab_size, context_length=T, dropout=mc.dropout,
                                   activation_checkpointing=mc.activation_checkpointing)
 
+    from flows.train.capacity import preflight
+
+    ds_config = deepspeed_config(tc, gpt.num_params())
+    preflight(tc, gpt, stage, local=not (os.environ.get("RAY_ADDRESS") or getattr(ctx.cluster, "address", None)))
     out = Path(out_dir).resolve()
     key = out.name  # the runner named the output after everything that determines the weights
     storage = tc.storage_path or str((Path(ctx.workdir) / "ray_results").resolve())
