@@ -63,3 +63,18 @@ def test_gptflow_serve_answers_and_logs_a_summary_when_stopped(store, tok, tmp_p
         filter_string="tags.`gptflow.stage` = 'serve'")
     assert len(runs) == 1
     assert runs[0].data.metrics["requests"] == 1 and runs[0].data.params["served_name"] == "gpt"
+
+
+def test_the_shipped_serve_deploy_config_is_valid_for_ray_serve():
+    """configs/serve-deploy.yaml passes Ray Serve's own schema and names the builder gptflow serve uses."""
+    import importlib
+
+    from ray.serve.schema import ServeDeploySchema
+
+    root = Path(__file__).resolve().parents[2]
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((root / "configs" / "serve-deploy.yaml").read_text()))
+    (app,) = schema.applications
+    module, _, name = app.import_path.partition(":")
+    builder = getattr(importlib.import_module(module), name)
+    assert callable(builder) and set(app.args) <= {"workdir", "model", "bundle", "config"}
+    assert schema.http_options.host == "127.0.0.1"
