@@ -29,6 +29,7 @@ from typing import IO, Any
 
 from flows.config import ConfigError, DataConfig
 from flows.data.clean import looks_binary
+from flows.storage import require_driver
 from flows.store import DONE, FingerprintCache
 
 log = logging.getLogger(__name__)
@@ -200,6 +201,7 @@ def resolve_paths(specs: tuple[str, ...], key: str, skipped: Counter) -> list[st
 
 def _expand(spec: str, key: str, skipped: Counter) -> list[tuple[str, bool]]:
     if is_url(spec):
+        require_driver(spec, f"{key}: {redact_url(spec)}")  # s3:// without s3fs: one line, not ImportError
         try:
             return _expand_url(spec, key, skipped)
         except InputError:

@@ -25,6 +25,7 @@ from typing import Any
 from flows.config import ConfigError, ModelConfig, TrainConfig, stable_hash, to_dict
 from flows.context import StepContext
 from flows.data.dataset import DataError, DatasetInfo, check_dataset
+from flows.storage import require_driver
 from flows.store import is_done, mark_done, sha256_file
 from flows.train.ds_config import deepspeed_config
 
@@ -193,6 +194,7 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
     out = Path(out_dir).resolve()
     key = out.name  # the runner named the output after everything that determines the weights
     storage = tc.storage_path or str((Path(ctx.workdir) / "ray_results").resolve())
+    require_driver(storage, f"{stage}.storage_path={storage!r}")  # s3://: the resume guard reads it with fsspec
     return Plan(
         stage=stage, train=tc, gpt_config=gpt.to_dict(), dataset=info, split=split, eval_split=eval_split,
         init_bundle=str(init_bundle.resolve()) if init_bundle else None, parent=parent, key=key,
