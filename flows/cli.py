@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved configuration as JSON")
     _config_args(p)
+
+    from flows.ops import commands as ops  # submit, jobs, schedule
+
+    ops.add_parsers(sub, _config_args, _step_args)
     return parser
 
 
@@ -161,6 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "explain":
             print(_explain(args))
             return 0
+        from flows.ops import commands as ops
+
+        if args.command in ops.CONFIGLESS:
+            out = ops.run(args, None)
+            print(out, flush=True)
+            return 0
         cfg = resolve_config(args)
         if args.command == "config":
             from flows.config import to_dict
@@ -210,6 +220,10 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> str:
 
     if args.command in _REGISTRY_COMMANDS:
         return _registry_command(args, cfg)
+    from flows.ops import commands as ops
+
+    if args.command in ops.COMMANDS:
+        return ops.run(args, cfg)
     if args.command == "plan":
         planned = pipeline.plan(cfg, wanted=pipeline.select(cfg, pipeline.STEPS, args.only, args.start, args.force)[0])
         return pipeline.describe(planned)

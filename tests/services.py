@@ -75,31 +75,62 @@ def moto_s3(log_dir: Path) -> Iterator[str]:
         stop_group(proc)
 
 
+def _node_ports() -> list[str]:
+    """Free ports for every service of a node whose default is fixed (the agent's 52365, the client
+    server's 10001, ...): another Ray on this machine may hold the defaults."""
+    out = []
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                 "--runtime-env-agent-port", "--node-manager-port", "--object-manager-port"):
+        out += [flag, str(free_port())]
+    return out
+
+
+@contextlib.contextmanager
+def _ray_node(args: list[str], log_path: Path, env: dict[str, str] | None) -> Iterator[subprocess.Popen]:
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args, *_node_ports(), "--disable-usage-stats"],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=os.environ | {"PATH": f"{BIN}:{os.environ['PATH']}"} | (env or {}))
+    try:
+        yield proc
+    finally:
+        stop_group(proc)
+
+
 @contextlib.contextmanager
 def ray_head(temp_dir: Path, env: dict[str, str] | None = None, resources: str | None = None,
              num_cpus: int = 1) -> Iterator[dict[str, str]]:
     """`ray start --head --block` with its own --temp-dir and ports; yields gcs and dashboard addresses.
 
-    Token authentication stays on (Ray's default). `ray start` writes /tmp/ray/ray_current_cluster; we
+    Token authentication stays on (Ray's default). `ray start` may write /tmp/ray/ray_current_cluster; we
     remove it afterwards if it still names this head (a stale file is what makes plain ray.init() hang).
     """
     port, dash = free_port(), free_port()
-    args = [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--num-cpus", str(num_cpus),
-            "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
-            "--temp-dir", str(temp_dir), "--include-dashboard", "true", "--disable-usage-stats"]
+    args = ["--head", "--port", str(port), "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1",
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--temp-dir", str(temp_dir),
+            "--include-dashboard", "true", "--ray-client-server-port", str(free_port())]
     if resources:
         args += ["--resources", resources]
-    with open(temp_dir.parent / f"ray-head-{port}.log", "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                env=os.environ | (env or {}))
-    gcs = f"127.0.0.1:{port}"
+    temp_dir.parent.mkdir(parents=True, exist_ok=True)
     try:
-        dashboard = f"http://127.0.0.1:{dash}"
-        wait_until(lambda: _http_ok(f"{dashboard}/api/version"), "ray head dashboard", timeout=120, proc=proc)
-        yield {"gcs": gcs, "dashboard": dashboard, "pid": str(proc.pid)}
+        with _ray_node(args, temp_dir.parent / f"ray-head-{port}.log", env) as proc:
+            dashboard = f"http://127.0.0.1:{dash}"
+            wait_until(lambda: _http_ok(f"{dashboard}/api/version"), "ray head dashboard", timeout=120, proc=proc)
+            yield {"gcs": f"127.0.0.1:{port}", "dashboard": dashboard, "pid": str(proc.pid)}
     finally:
-        stop_group(proc)
         current = Path("/tmp/ray/ray_current_cluster")
         with contextlib.suppress(OSError):
             if current.read_text().strip().endswith(f":{port}"):
                 current.unlink()
+
+
+@contextlib.contextmanager
+def ray_worker_node(gcs: str, temp_dir: Path, num_cpus: int = 1, resources: str | None = None,
+                    env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    """A second raylet joining `gcs` (`ray start --address`), with its own CPUs and resources."""
+    args = ["--address", gcs, "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1"]
+    if resources:
+        args += ["--resources", resources]
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    with _ray_node(args, temp_dir / f"ray-worker-{free_port()}.log", env) as proc:
+        yield proc
