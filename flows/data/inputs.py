@@ -30,7 +30,7 @@ from typing import IO, Any
 from flows.config import ConfigError, DataConfig
 from flows.data.clean import looks_binary
 from flows.storage import require_driver
-from flows.store import DONE, FingerprintCache
+from flows.store import DONE, FingerprintCache, tmp_suffix
 
 log = logging.getLogger(__name__)
 
@@ -529,7 +529,7 @@ def export_hf_dataset(data: DataConfig, cache_dir: Path) -> InputFile:
     path = cache_dir / f"{ds._fingerprint}.parquet"
     if not path.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".{path.name}.tmp-{os.getpid()}"
+        tmp = cache_dir / f".{path.name}.{tmp_suffix()}"
         ds.select_columns([data.text_field]).to_parquet(str(tmp), batch_size=10_000)
         os.replace(tmp, path)
     return InputFile(str(path), path.stat().st_size, "parquet", None, fingerprint)
