@@ -150,6 +150,10 @@ _STEP_COMMANDS = ("preprocess", "pretrain", "finetune", "evaluate")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "pretrain", "finetune", "evaluate"):
+        # torch first: loaded late, after MLflow's and Ray's libraries, its MKL failed to load in a Ray
+        # job's driver ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", then a segfault).
+        import torch  # noqa: F401
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from flows.data.inputs import RedactingFilter
