@@ -54,7 +54,8 @@ def run(args: argparse.Namespace, cfg: Any) -> str:
     from flows.ops import jobs
 
     if args.command == "submit":
-        job_id, new = jobs.submit(cfg, args.address, _run_args(args), submission_id=args.submission_id)
+        job_id, new = jobs.submit(cfg, args.address, _run_args(args), submission_id=args.submission_id,
+                                  verbose=args.verbose)
         return job_id if new else f"{job_id} (exists already: not submitted again)"
     if args.command == "jobs":
         client = jobs.client(args.address, allow_no_auth=args.allow_no_auth)

@@ -147,10 +147,11 @@ def check_submittable(cfg: PipelineConfig) -> None:
                           "cluster; give an absolute path on its shared filesystem (e.g. --workdir /mnt/gptflow/work)")
 
 
-def entrypoint(run_args: list[str]) -> str:
+def entrypoint(run_args: list[str], verbose: bool = False) -> str:
     import shlex
 
-    return " ".join(["python", "-m", "flows.cli", "run", "--config", JOB_CONFIG, *map(shlex.quote, run_args)])
+    return " ".join(["python", "-m", "flows.cli", *(["-v"] if verbose else []), "run", "--config", JOB_CONFIG,
+                     *map(shlex.quote, run_args)])
 
 
 def trigger_id(cfg: PipelineConfig, when: str) -> str:
@@ -159,10 +160,11 @@ def trigger_id(cfg: PipelineConfig, when: str) -> str:
 
 
 def submit(cfg: PipelineConfig, address: str | None, run_args: list[str] | None = None,
-           submission_id: str | None = None) -> tuple[str, bool]:
+           submission_id: str | None = None, verbose: bool = False) -> tuple[str, bool]:
     """Submit the pipeline; returns (submission id, whether it was newly submitted).
 
-    A `submission_id` that already names a job is not submitted again (Ray would reject it).
+    A `submission_id` that already names a job is not submitted again (Ray would reject it). `verbose`:
+    the job runs `gptflow -v run` (debug logs, tracebacks).
     """
     check_submittable(cfg)
     jobs = client(address, cfg.cluster.allow_no_auth)
@@ -176,7 +178,7 @@ def submit(cfg: PipelineConfig, address: str | None, run_args: list[str] | None 
         while True:
             try:
                 job_id = jobs.submit_job(
-                    entrypoint=entrypoint(list(run_args or [])), submission_id=submission_id,
+                    entrypoint=entrypoint(list(run_args or []), verbose), submission_id=submission_id,
                     runtime_env={"working_dir": str(working_dir), "env_vars": env},
                     metadata={"gptflow.config_hash": stable_hash(to_dict(cfg), length=16)},
                 )
