@@ -127,10 +127,32 @@ def ray_head(temp_dir: Path, env: dict[str, str] | None = None, resources: str |
 @contextlib.contextmanager
 def ray_worker_node(gcs: str, temp_dir: Path, num_cpus: int = 1, resources: str | None = None,
                     env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
-    """A second raylet joining `gcs` (`ray start --address`), with its own CPUs and resources."""
+    """A second raylet joining `gcs` (`ray start --address`), with its own CPUs and resources; yields once
+    it has joined. A joining node needs RAY_AUTH_MODE=token explicitly (only a head turns it on by
+    default) and the cluster's token (~/.ray/auth_token on this machine)."""
     args = ["--address", gcs, "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1"]
     if resources:
         args += ["--resources", resources]
     temp_dir.mkdir(parents=True, exist_ok=True)
-    with _ray_node(args, temp_dir / f"ray-worker-{free_port()}.log", env) as proc:
+    log = temp_dir / f"ray-worker-{free_port()}.log"
+    with _ray_node(args, log, {"RAY_AUTH_MODE": "token"} | (env or {})) as proc:
+        wait_until(lambda: b"Ray runtime started" in log.read_bytes(), "ray worker node", timeout=120, proc=proc)
         yield proc
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 with a sqlite store and proxied artifacts under `root`; yields its URI."""
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    args = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root.resolve() / 'mlflow.db'}",
+            "--artifacts-destination", str(root.resolve() / "artifacts"), "--host", "127.0.0.1",
+            "--port", str(port), "--workers", "1"]
+    with open(root / "mlflow-server.log", "wb") as log:
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: _http_ok(f"{url}/health"), "mlflow server", timeout=120, proc=proc)
+        yield url
+    finally:
+        stop_group(proc)
