@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved configuration as JSON")
     _config_args(p)
+
+    from flows.ops import commands as ops  # submit, jobs, schedule
+
+    ops.add_parsers(sub, _config_args, _step_args)
     return parser
 
 
@@ -170,6 +174,10 @@ _STEP_COMMANDS = ("preprocess", "pretrain", "finetune", "evaluate")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("run", "pretrain", "finetune", "evaluate"):
+        # torch first: loaded late, after MLflow's and Ray's libraries, its MKL failed to load in a Ray
+        # job's driver ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", then a segfault).
+        import torch  # noqa: F401
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from flows.data.inputs import RedactingFilter
@@ -184,6 +192,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "explain":
             print(_explain(args))
+            return 0
+        from flows.ops import commands as ops
+
+        if args.command in ops.CONFIGLESS:
+            out = ops.run(args, None)
+            print(out, flush=True)
             return 0
         cfg = resolve_config(args)
         if args.command == "config":
@@ -241,6 +255,10 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> str:
 
         figures = serve_forever(cfg, settings_for(cfg, model=args.model, bundle=args.bundle))
         return json.dumps(figures, indent=2, default=str)
+    from flows.ops import commands as ops
+
+    if args.command in ops.COMMANDS:
+        return ops.run(args, cfg)
     if args.command == "plan":
         planned = pipeline.plan(cfg, wanted=pipeline.select(cfg, pipeline.STEPS, args.only, args.start, args.force)[0])
         return pipeline.describe(planned)

@@ -4,6 +4,12 @@
 a local Ray instance, once per process; stages call it before their first Ray work. It also sets
 the driver-side environment Ray Train needs to be quick here (see STACK-NOTES: the per-report stall).
 
+Which Ray is explicit. No address configured: a fresh local instance (``address="local"``), never
+whatever ``/tmp/ray/ray_current_cluster`` names -- a plain ``ray.init()`` joins that cluster, and if
+its head is dead retries the dead GCS forever with only warnings. ``auto`` (or RAY_ADDRESS) joins a
+running cluster; before ``ray.init`` the address is resolved and its GCS asked for its cluster id
+with a deadline, so an address that does not answer is a ConfigError naming it within seconds.
+
 Token authentication is asserted, not assumed: once connected, an unauthenticated request to the
 cluster's GCS must be refused, else ``ensure_ray`` disconnects and raises (a Ray cluster without it
 runs code for anyone who can reach its ports, which listen on every interface) -- unless
@@ -33,18 +39,86 @@ def ensure_ray(cfg: ClusterConfig | None = None) -> None:
     if ray.is_initialized():
         return
     cfg = cfg or ClusterConfig()
-    address = os.environ.get("RAY_ADDRESS") or cfg.address
+    address, source = configured_address(cfg)
     if address:
-        log.info("connecting to Ray at %s", address)
+        probe(address, source)
+        log.info("connecting to Ray at %s (%s)", address, source)
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting a local Ray instance")
-        ray.init(num_cpus=cfg.num_cpus, log_to_driver=True)  # dashboard binds 127.0.0.1
+        # "local", not None: None would join the cluster /tmp/ray/ray_current_cluster names.
+        ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=True)  # dashboard binds 127.0.0.1
     try:
         check_token_auth(_auth_enforced(), address or "the local Ray instance", cfg.allow_no_auth)
     except ConfigError:
         ray.shutdown()
         raise
+
+
+def configured_address(cfg: ClusterConfig) -> tuple[str | None, str]:
+    """The Ray address to join and where it was set (RAY_ADDRESS wins), or (None, ...) for a local Ray."""
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    if env:
+        return env, "RAY_ADDRESS"
+    if cfg.address:
+        return cfg.address, "cluster.address"
+    return None, "no address configured"
+
+
+PROBE_TIMEOUT_S = 10.0
+
+
+def probe(address: str, source: str, timeout: float = PROBE_TIMEOUT_S) -> str:
+    """Resolve `address` ("auto", host:port, ray://host:port) and check that a Ray GCS (or a Ray Client
+    server) answers there within `timeout` seconds; returns host:port. ConfigError otherwise."""
+    import socket
+
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"{source}={address!r} is a dashboard (Jobs) address: `gptflow submit --address` takes "
+                          "it; to run here on a cluster give its GCS address (host:6379, auto or ray://host:10001)")
+    client = address.startswith("ray://")
+    try:
+        target = address[len("ray://"):] if client else _resolve(address)
+    except (ConnectionError, ValueError) as e:
+        raise ConfigError(f"{source}={address!r}: no Ray cluster to join ({e})") from e
+    host, _, port = target.rpartition(":")
+    where = f"{source}={address!r}" + (f" ({target})" if target != address else "")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{where}: no Ray answers there ({e}). Start the cluster (`ray start --head`), fix the "
+                          "address, or leave cluster.address and RAY_ADDRESS unset to run on a local Ray") from e
+    if not client:
+        _ask_gcs(target, where, timeout)
+    return target
+
+
+def _resolve(address: str) -> str:
+    """host:port for "auto" (the latest `ray start` on this machine, or a running GCS) or as given."""
+    if address != "auto":
+        if ":" not in address:
+            raise ValueError("expected host:port")
+        return address
+    from ray._private.services import get_ray_address_from_environment
+
+    return get_ray_address_from_environment("auto", None)
+
+
+def _ask_gcs(target: str, where: str, timeout: float) -> None:
+    """A GCS answers GetClusterId -- refused without the token (UNAUTHENTICATED) still means it is alive."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel)
+        try:
+            stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.UNIMPLEMENTED):
+                raise ConfigError(f"{where}: the port answers but no Ray GCS does within {timeout:.0f} s "
+                                  f"({e.code().name}); is it the cluster's GCS port (6379 by default)?") from e
 
 
 def check_token_auth(enforced: bool | None, where: str, allow_no_auth: bool) -> None:

@@ -308,7 +308,9 @@ class ClusterConfig:
     """The Ray cluster to use; RAY_ADDRESS in the environment wins over `address`."""
 
     address: str | None = None
-    """Ray address ("auto", "ray://host:10001"); empty starts a local Ray instance."""
+    """Ray address to join ("auto": the latest `ray start` on this machine; "host:6379"; "ray://host:10001");
+    empty starts a fresh local Ray instance, never joining another by accident. An address whose GCS does
+    not answer within seconds is an error."""
     num_cpus: int | None = None
     """CPUs for a local Ray instance (default: all)."""
     allow_no_auth: bool = False

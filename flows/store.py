@@ -45,13 +45,20 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.{tmp_suffix()}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def tmp_suffix() -> str:
+    """``tmp-<host>-<pid>``: unique to this process among all the nodes that share a workdir."""
+    import socket
+
+    return f"tmp-{socket.gethostname()}-{os.getpid()}"
 
 
 def fsync_file(f: Any) -> None:

@@ -180,6 +180,43 @@ def stage_run(
         yield tracker
 
 
+def record_event(cfg: TrackingConfig, workdir: str | Path, name: str, tags: Mapping[str, Any],
+                 metrics: Mapping[str, float] | None = None) -> str | None:
+    """One finished MLflow run that records an event (a scheduler trigger and its outcome); its id.
+
+    Through MlflowClient alone (no process-wide active run): safe beside a stage_run in progress.
+    """
+    if not cfg.enabled:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(cfg, workdir)
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    experiment_id = (experiment.experiment_id if experiment is not None else
+                     client.create_experiment(cfg.experiment, artifact_location=_artifact_location(workdir)))
+    run = client.create_run(experiment_id, run_name=name, tags={"gptflow.stage": name})
+    tracker = Tracker(run.info.run_id, uri)
+    tracker.set_tags(tags)
+    if metrics:
+        tracker.log_metrics(metrics)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+def events(cfg: TrackingConfig, workdir: str | Path, name: str) -> list[dict[str, Any]]:
+    """The runs `record_event` wrote under `name`, oldest first: their tags and metrics."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg, workdir))
+    experiment = client.get_experiment_by_name(cfg.experiment)
+    if experiment is None:
+        return []
+    runs = client.search_runs([experiment.experiment_id], f"tags.`gptflow.stage` = '{name}'",
+                              order_by=["attributes.start_time ASC"], max_results=10_000)
+    return [{"run_id": r.info.run_id, "tags": dict(r.data.tags), "metrics": dict(r.data.metrics)} for r in runs]
+
+
 def attach(run_id: str | None, uri: str | None) -> Tracker:
     """A Tracker on an existing run, e.g. from a Ray Train worker given the driver's run id."""
     return Tracker(run_id, uri) if run_id else Tracker()

@@ -88,3 +88,13 @@ def test_stage_check_errors_name_the_key_once():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["data.val_fraction=2"])
     assert "data.val_fraction" in str(err.value) and "data.data." not in str(err.value)
+
+
+def test_the_cluster_pipeline_config_is_gpt2_124m_bf16_zero2_on_gpu_workers():
+    cfg = load_config(ROOT / "configs" / "cluster.yaml")
+    for train in (cfg.pretrain, cfg.finetune):
+        assert (train.use_gpu, train.precision, train.zero_stage) == (True, "bf16", 2)
+        assert train.num_workers > 1 and train.storage_path.startswith("s3://")
+    assert cfg.model.preset == "gpt2-124m"
+    assert cfg.workdir.startswith("/mnt/gptflow")  # the EFS mount cluster.yaml sets up
+    assert cfg.cluster.address == "auto" and cfg.cluster.allow_no_auth is False

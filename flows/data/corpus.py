@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.store import atomic_write_text, is_done, mark_done
+from flows.store import atomic_write_text, is_done, locked, mark_done
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,13 @@ def materialize_sft(dest: str | Path) -> Path:
 def _write_once(dest: Path, name: str, files: Callable[[], Iterator[tuple[str, str]]]) -> Path:
     if is_done(dest):
         return dest
+    # Two runs planning at once in one workdir: one writes, the other waits and finds it done (without
+    # the lock the second would delete the first's half-written files as "a run killed half-way").
+    with locked(dest.parent / f".{dest.name}.lock"):
+        return dest if is_done(dest) else _write(dest, name, files)
+
+
+def _write(dest: Path, name: str, files: Callable[[], Iterator[tuple[str, str]]]) -> Path:
     if dest.exists():  # a run killed half-way: start over, the files are cheap to redo
         shutil.rmtree(dest)
     dest.mkdir(parents=True)

@@ -29,7 +29,8 @@ from typing import IO, Any
 
 from flows.config import ConfigError, DataConfig
 from flows.data.clean import looks_binary
-from flows.store import DONE, FingerprintCache
+from flows.storage import require_driver
+from flows.store import DONE, FingerprintCache, tmp_suffix
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,7 @@ def resolve_paths(specs: tuple[str, ...], key: str, skipped: Counter) -> list[st
 
 def _expand(spec: str, key: str, skipped: Counter) -> list[tuple[str, bool]]:
     if is_url(spec):
+        require_driver(spec, f"{key}: {redact_url(spec)}")  # s3:// without s3fs: one line, not ImportError
         try:
             return _expand_url(spec, key, skipped)
         except InputError:
@@ -527,7 +529,7 @@ def export_hf_dataset(data: DataConfig, cache_dir: Path) -> InputFile:
     path = cache_dir / f"{ds._fingerprint}.parquet"
     if not path.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_dir / f".{path.name}.tmp-{os.getpid()}"
+        tmp = cache_dir / f".{path.name}.{tmp_suffix()}"
         ds.select_columns([data.text_field]).to_parquet(str(tmp), batch_size=10_000)
         os.replace(tmp, path)
     return InputFile(str(path), path.stat().st_size, "parquet", None, fingerprint)

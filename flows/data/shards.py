@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from flows.store import atomic_write_text, fsync_dir, fsync_file
+from flows.store import atomic_write_text, fsync_dir, fsync_file, tmp_suffix
 
 
 class UnitWriter:
@@ -31,7 +31,7 @@ class UnitWriter:
         self._files: dict[str, Any] = {}
 
     def open(self, suffix: str) -> Any:
-        tmp = self.dir / f".{self.key}{suffix}.tmp-{os.getpid()}"
+        tmp = self.dir / f".{self.key}{suffix}.{tmp_suffix()}"
         self._tmp[suffix] = tmp
         self._files[suffix] = open(tmp, "wb")
         return self._files[suffix]
@@ -61,11 +61,11 @@ class ShardWriter:
     def _start(self) -> None:
         name = f"{len(self.shards):05d}"
         self._name = name
-        self._tmp = self.out / self.split / f".{name}.bin.tmp-{os.getpid()}"
+        self._tmp = self.out / self.split / f".{name}.bin.{tmp_suffix()}"
         self._f = open(self._tmp, "wb")
         self._h = hashlib.sha256()
         if self.masked:
-            self._mtmp = self.out / self.split / f".{name}.mask.bin.tmp-{os.getpid()}"
+            self._mtmp = self.out / self.split / f".{name}.mask.bin.{tmp_suffix()}"
             self._mf = open(self._mtmp, "wb")
             self._mh = hashlib.sha256()
         self._tokens = 0

@@ -235,6 +235,9 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
     assignment["tokens"] = splits["val"]["tokens"]
     assignment["fraction"] = round(splits["val"]["tokens"] / total, 6) if total else 0.0
     peak = max([m["peak_rss_mb"] for m in (*clean_meta.values(), *tok_meta.values(), *sft_meta.values())] or [0])
+    # Which Ray nodes did the work (units per node id): on a cluster, more than one.
+    nodes = dict(sorted(Counter(m["node_id"] for m in (*clean_meta.values(), *tok_meta.values())
+                                if m.get("node_id")).items()))
     cpu = {name: round(sum(m.get("cpu_s", 0.0) for m in metas.values()), 3)
            for name, metas in (("clean", clean_meta), ("tokenize", tok_meta))}
     return {
@@ -258,7 +261,7 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
         "val_assignment": assignment,
         "work_units": {"text": len(units), "sft": len(sft_units), "workers": workers},
         "stats": {"seconds": {k: round(v, 3) for k, v in timings.items()}, "worker_peak_rss_mb": peak,
-                  "worker_cpu_seconds": cpu},
+                  "worker_cpu_seconds": cpu, "worker_nodes": nodes},
     }
 
 
@@ -301,6 +304,13 @@ def _run_units(fn: Callable[..., dict], units: Sequence[WorkUnit], workers: int,
                 results[pending.pop(ref)] = ray.get(ref)
                 bar.update(1)
     return results
+
+
+def _node_id() -> str | None:
+    """The Ray node this task runs on (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _peak_rss_mb() -> float:
@@ -348,7 +358,7 @@ def clean_unit(unit: WorkUnit, data: DataConfig, work: str) -> dict[str, Any]:
     return out.commit({
         "documents": len(offsets) - 1, "bytes": offsets[-1], "dropped": dict(stats.dropped),
         "repaired": dict(stats.repaired), "locations": stats.locations, "peak_rss_mb": _peak_rss_mb(),
-        "cpu_s": time.process_time() - cpu,
+        "cpu_s": time.process_time() - cpu, "node_id": _node_id(),
     })
 
 
@@ -499,7 +509,7 @@ def tokenize_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: s
             flush(i, stop)
             i = stop
     return out.commit({"tokens": tokens, "documents": documents, "peak_rss_mb": _peak_rss_mb(),
-                       "cpu_s": time.process_time() - cpu})
+                       "cpu_s": time.process_time() - cpu, "node_id": _node_id()})
 
 
 def _with_eot(docs: list[list[int]], eot: int) -> Iterator[int]:

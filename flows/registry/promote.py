@@ -64,11 +64,13 @@ def _become_champion(registry: Registry, name: str, version: str, why: str) -> s
 def bundle_of(registry: Registry, name: str, version: str, cache: Path) -> Path:
     """The bundle directory inside a version's downloaded model (cached by version)."""
     dst = cache / f"{name}-v{version}"
-    found = next((p for p in dst.rglob("model.safetensors")), None) if dst.exists() else None
-    if found is None:
-        shutil.rmtree(dst, ignore_errors=True)
-        registry.download(name, version, dst)
-        found = next((p for p in dst.rglob("model.safetensors")), None)
+    cache.mkdir(parents=True, exist_ok=True)
+    with locked(cache / f".{dst.name}.lock"):  # another run's download in progress is not "missing"
+        found = next((p for p in dst.rglob("model.safetensors")), None) if dst.exists() else None
+        if found is None:
+            shutil.rmtree(dst, ignore_errors=True)
+            registry.download(name, version, dst)
+            found = next((p for p in dst.rglob("model.safetensors")), None)
     if found is None:
         raise RegistryError(f"model {name!r} version {version}: its artifacts hold no bundle (model.safetensors)")
     return found.parent

@@ -249,6 +249,10 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
     else:
         torch.manual_seed(cfg.seed * 1000 + rank)  # dropout differs per rank, reproducibly
 
+    # Where each rank runs, in the stage's MLflow run: on a cluster the workers span its nodes.
+    node = ray.get_runtime_context().get_node_id()
+    log.info("rank %d of %d on node %s", rank, world, node)
+    attach(cfg.run_id, cfg.tracking_uri).set_tags({f"gptflow.worker.rank{rank}.node_id": node})
     tracker = attach(cfg.run_id, cfg.tracking_uri) if rank == 0 else attach(None, None)
     logger = AsyncLogger(tracker) if tracker.enabled else None
 

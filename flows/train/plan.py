@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,8 @@ from typing import Any
 from flows.config import ConfigError, ModelConfig, TrainConfig, stable_hash, to_dict
 from flows.context import StepContext
 from flows.data.dataset import DataError, DatasetInfo, check_dataset
-from flows.store import is_done, mark_done, sha256_file
+from flows.storage import require_driver
+from flows.store import is_done, locked, mark_done, sha256_file
 from flows.train.ds_config import deepspeed_config
 
 log = logging.getLogger(__name__)
@@ -70,14 +72,31 @@ def resolve_init(init: str, ctx: StepContext, stage: str) -> tuple[Path, dict[st
     if init.startswith("models:/"):
         from flows.tracking import download_model
 
-        dst = cache / stable_hash(init)
-        shutil.rmtree(dst, ignore_errors=True)  # an alias may point at a new version since last time
-        downloaded = download_model(init, dst, ctx.tracking, ctx.workdir)
-        bundle = _find_bundle(downloaded)
-        if bundle is None:
-            raise ConfigError(f"{stage}.init={init!r}: the downloaded model in {downloaded} holds no bundle "
-                              f"({', '.join(BUNDLE_FILES)})")
-        return bundle, {"uri": init, "model_sha256": sha256_file(bundle / "model.safetensors")}
+        # An alias may point at a new version since last time, so every resolution downloads; the copy
+        # is then kept under its content hash, never deleted or rewritten: another run in this workdir
+        # may be training from it right now.
+        key = stable_hash(init)
+        cache.mkdir(parents=True, exist_ok=True)
+        with locked(cache / f".{key}.lock"):
+            tmp = cache / f".{key}.tmp-{socket.gethostname()}-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            downloaded = download_model(init, tmp, ctx.tracking, ctx.workdir)
+            bundle = _find_bundle(downloaded)
+            if bundle is None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise ConfigError(f"{stage}.init={init!r}: the downloaded model holds no bundle "
+                                  f"({', '.join(BUNDLE_FILES)})")
+            sha = sha256_file(bundle / "model.safetensors")
+            final = cache / f"{key}-{sha[:16]}"
+            if is_done(final):
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                shutil.rmtree(final, ignore_errors=True)  # a copy without DONE: an interrupted rename
+                os.replace(tmp, final)
+                mark_done(final)
+        bundle = _find_bundle(final)
+        assert bundle is not None
+        return bundle, {"uri": init, "model_sha256": sha}
     path = Path(init)
     if not path.is_dir():
         raise ConfigError(f"{stage}.init={init!r}: no such directory (and not a models:/NAME@ALIAS or "
@@ -100,13 +119,16 @@ def resolve_init(init: str, ctx: StepContext, stage: str) -> tuple[Path, dict[st
                    if (path / n).is_file()}
         dst = cache / f"hf-{stable_hash(_HF_IMPORT_VERSION, sources)}"
         if not is_done(dst):
-            try:
-                model = import_gpt2(path)
-                tokenizer = Tokenizer.load(path)
-            except (ValueError, FileNotFoundError) as e:
-                raise ConfigError(f"{stage}.init={init!r}: cannot import as GPT-2: {e}") from e
-            save_bundle(dst, model, tokenizer, {"imported_from": str(path.resolve()), "source_sha256": sources})
-            mark_done(dst)
+            with locked(cache / f".{dst.name}.lock"):  # two runs importing at once: one imports
+                if not is_done(dst):
+                    try:
+                        model = import_gpt2(path)
+                        tokenizer = Tokenizer.load(path)
+                    except (ValueError, FileNotFoundError) as e:
+                        raise ConfigError(f"{stage}.init={init!r}: cannot import as GPT-2: {e}") from e
+                    save_bundle(dst, model, tokenizer, {"imported_from": str(path.resolve()),
+                                                        "source_sha256": sources})
+                    mark_done(dst)
         return dst, {"hf_gpt2": str(path.resolve()), "model_sha256": sha256_file(dst / "model.safetensors")}
     if bundle is not None:
         return bundle, {"bundle": str(bundle.resolve()), "model_sha256": sha256_file(bundle / "model.safetensors")}
@@ -198,6 +220,7 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
     out = Path(out_dir).resolve()
     key = out.name  # the runner named the output after everything that determines the weights
     storage = tc.storage_path or str((Path(ctx.workdir) / "ray_results").resolve())
+    require_driver(storage, f"{stage}.storage_path={storage!r}")  # s3://: the resume guard reads it with fsspec
     return Plan(
         stage=stage, train=tc, gpt_config=gpt.to_dict(), dataset=info, split=split, eval_split=eval_split,
         init_bundle=str(init_bundle.resolve()) if init_bundle else None, parent=parent, key=key,

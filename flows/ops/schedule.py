@@ -1,0 +1,276 @@
+"""``gptflow schedule``: retrain on a cron schedule, or only when the corpus changed.
+
+What it is: a small long-running process of ours (Ray has no cron; Ray Workflows is gone). Fire
+times come from APScheduler's ``CronTrigger`` -- five crontab fields, or six with seconds first
+(``"*/2 * * * * *"``, for tests) -- and one loop in one thread runs the triggers in order, so two
+runs of one scheduler can never overlap. Each trigger:
+
+1. takes the workdir's run lock (``<workdir>/schedule/run.lock``, a non-blocking ``fcntl`` lock that
+   dies with its holders, so a crashed scheduler never leaves it held); held elsewhere (another
+   scheduler's run): ``skipped: run in progress``;
+2. with ``--on-new-data``, compares the corpus fingerprint (what names the preprocess output: the
+   input files' content fingerprints, one ``stat`` per unchanged local file) with the one of the
+   last successful run: unchanged: ``skipped: no new data``;
+3. runs the pipeline: here, as a child process ``gptflow run`` that inherits the lock (so the lock is
+   held while either lives, and a crash or out-of-memory kill of a run never takes the scheduler
+   down), or with ``--address`` as a Ray job (a deterministic submission id per trigger time, so a
+   resubmitted trigger is a no-op) that the scheduler waits for; ``ran`` or ``failed: step X``.
+
+Fire times that pass while a run goes on are coalesced into one ``skipped: run in progress`` record
+that counts them; fire times missed while the scheduler was down are counted the same way when it
+starts again. Every trigger and its outcome is an MLflow run (``schedule`` in the pipeline's
+experiment, through flows/tracking.py), and in ``<workdir>/schedule/<config hash>/state.json``
+(counts, the last fire time, the last successful fingerprint, recent history): a restarted
+scheduler continues where it was. SIGTERM (or SIGINT) stops the loop between runs: a run in
+progress is finished first, then the state is written and the process exits 0.
+
+What it is not: a job queue. Unchanged steps are skipped by the pipeline itself; a retrain after new
+data re-does preprocessing and what is downstream of it (from ``models:/NAME@champion`` when the
+config's ``init`` says so) and the promotion gate decides what becomes champion.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flows.config import ConfigError, PipelineConfig, stable_hash, to_dict
+from flows.store import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+RAN, NO_NEW_DATA, IN_PROGRESS, FAILED = "ran", "skipped: no new data", "skipped: run in progress", "failed"
+EVENT = "schedule"
+_HISTORY = 50
+_FAILED_STEP = re.compile(r"step '([\w-]+)' failed")
+
+
+def cron_trigger(expr: str) -> Any:
+    """APScheduler's CronTrigger for 5 crontab fields, or 6 with seconds first; ConfigError names `expr`."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    fields = expr.split()
+    try:
+        if len(fields) == 5:
+            return CronTrigger.from_crontab(expr, timezone=dt.timezone.utc)
+        if len(fields) == 6:
+            names = ("second", "minute", "hour", "day", "month", "day_of_week")
+            return CronTrigger(**dict(zip(names, fields, strict=True)), timezone=dt.timezone.utc)
+    except ValueError as e:
+        raise ConfigError(f"--cron {expr!r}: {e}") from None
+    raise ConfigError(f"--cron {expr!r}: expected 5 crontab fields (minute hour day month weekday), or 6 with "
+                      "seconds first")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _stamp(t: dt.datetime) -> str:
+    return t.strftime("%Y%m%dT%H%M%SZ")
+
+
+class Scheduler:
+    """One scheduler: a config, a trigger rule, and its state on disk."""
+
+    def __init__(self, cfg: PipelineConfig, cron: str | None = None, on_new_data: bool = False,
+                 address: str | None = None, run_args: list[str] | None = None):
+        self.cfg, self.cron, self.on_new_data, self.address = cfg, cron, on_new_data, address
+        self.run_args = list(run_args or [])
+        self.trigger = cron_trigger(cron) if cron else None
+        root = Path(cfg.workdir).resolve() / "schedule"
+        self.lock_path = root / "run.lock"
+        self.dir = root / stable_hash(to_dict(cfg), self.run_args, length=12)
+        self.state_path = self.dir / "state.json"
+        self.state = self._load()
+        self.stopping = threading.Event()
+
+    # ----------------------------------------------------------------- state
+
+    def _load(self) -> dict[str, Any]:
+        if self.state_path.is_file():
+            try:
+                return json.loads(self.state_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"{self.state_path}: unreadable scheduler state ({e}); move it away to start "
+                                  "afresh") from e
+        return {"counts": {}, "last_fire": None, "last_success_fingerprint": None, "history": []}
+
+    def _save(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.state_path, json.dumps(self.state, indent=2, sort_keys=True) + "\n")
+
+    # ----------------------------------------------------------------- one trigger
+
+    def fingerprint(self) -> str:
+        """The corpus fingerprint: what names the preprocess output (input files' content identities)."""
+        from flows import pipeline
+        from flows.data.stage import fingerprint
+
+        ctx = pipeline.context(self.cfg)
+        fp = fingerprint(self.cfg.data, ctx)
+        ctx.fingerprints.save()
+        return stable_hash(fp, to_dict(self.cfg.data), length=32)
+
+    def fire(self, when: dt.datetime, coalesced: int = 0) -> dict[str, Any]:
+        """Run one trigger for fire time `when`; record and return its outcome."""
+        import fcntl
+
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return self._record(when, IN_PROGRESS, coalesced=coalesced)
+            try:
+                fp = self.fingerprint() if self.on_new_data else None
+                if fp is not None and fp == self.state.get("last_success_fingerprint"):
+                    return self._record(when, NO_NEW_DATA, coalesced=coalesced)
+                outcome, detail = self._submit(when) if self.address else self._run_here(when, fd)
+                if outcome == RAN and fp is not None:
+                    self.state["last_success_fingerprint"] = fp
+                return self._record(when, outcome, coalesced=coalesced, **detail)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    def _run_here(self, when: dt.datetime, lock_fd: int) -> tuple[str, dict[str, Any]]:
+        """`gptflow run` as a child process that holds the run lock too; its output in runs/<when>.log."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        config = self.dir / "config.yaml"
+        atomic_write_text(config, yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        log_path = self.dir / "runs" / f"{_stamp(when)}.log"
+        log_path.parent.mkdir(exist_ok=True)
+        cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(config), *self.run_args]
+        log.info("trigger %s: running the pipeline (log: %s)", _stamp(when), log_path)
+        with open(log_path, "wb") as out:
+            # Its own session: a SIGTERM/SIGINT meant for the scheduler does not cut the run short.
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, pass_fds=(lock_fd,),
+                                    start_new_session=True)
+            code = proc.wait()
+        detail: dict[str, Any] = {"log": str(log_path), "exit_code": code}
+        if code == 0:
+            return RAN, detail
+        return FAILED, detail | {"step": _failed_step(log_path.read_text(encoding="utf-8", errors="replace"))}
+
+    def _submit(self, when: dt.datetime) -> tuple[str, dict[str, Any]]:
+        """Submit the pipeline as a Ray job under the trigger's id and wait for it to end."""
+        from flows.ops import jobs
+
+        sid = jobs.trigger_id(self.cfg, _stamp(when))
+        job_id, new = jobs.submit(self.cfg, self.address, self.run_args, submission_id=sid)
+        client = jobs.client(self.address, self.cfg.cluster.allow_no_auth)
+        while True:
+            state = jobs.status(client, job_id)["status"]
+            if state in jobs.TERMINAL:
+                break
+            self.stopping.wait(2.0)  # a stop request does not abandon the job: it is waited for
+        detail = {"job_id": job_id, "resubmitted": not new, "job_status": state}
+        if state == "SUCCEEDED":
+            return RAN, detail
+        return FAILED, detail | {"step": _failed_step(jobs.logs(client, job_id))}
+
+    def _record(self, when: dt.datetime, outcome: str, coalesced: int = 0, **detail: Any) -> dict[str, Any]:
+        from flows.tracking import record_event
+
+        counts = self.state.setdefault("counts", {})
+        counts["triggers"] = counts.get("triggers", 0) + 1
+        counts[outcome] = counts.get(outcome, 0) + 1
+        counts["coalesced"] = counts.get("coalesced", 0) + coalesced
+        shown = f"{outcome} ({detail['step']})" if outcome == FAILED and detail.get("step") else outcome
+        entry = {"fire_time": when.isoformat(), "outcome": shown, "coalesced": coalesced,
+                 "seq": counts["triggers"], **detail}
+        self.state["last_fire"] = when.isoformat()
+        self.state["history"] = (self.state.get("history", []) + [entry])[-_HISTORY:]
+        self._save()
+        try:
+            record_event(self.cfg.tracking, self.cfg.workdir, EVENT, {
+                "gptflow.trigger.fire_time": when.isoformat(), "gptflow.trigger.outcome": shown,
+                "gptflow.trigger.seq": counts["triggers"], "gptflow.trigger.mode": "submit" if self.address else "here",
+                **{f"gptflow.trigger.{k}": v for k, v in detail.items() if v is not None},
+            }, {"coalesced_triggers": coalesced})
+        except Exception as e:  # the tracking server being away must not stop the schedule
+            log.warning("trigger %s: could not record it in MLflow (%s)", _stamp(when), e)
+        log.info("trigger %s: %s%s", _stamp(when), shown, f" (+{coalesced} coalesced)" if coalesced else "")
+        return entry
+
+    # ----------------------------------------------------------------- the loop
+
+    def _missed(self, after: dt.datetime, until: dt.datetime) -> tuple[int, dt.datetime | None]:
+        """How many fire times lie in (after, until], and the last of them."""
+        n, last, t = 0, None, after
+        while True:
+            t = self.trigger.get_next_fire_time(t, t + dt.timedelta(microseconds=1))
+            if t is None or t > until:
+                return n, last
+            n, last = n + 1, t
+
+    def loop(self, install_signals: bool = True) -> int:
+        """Fire on the cron schedule until SIGTERM/SIGINT (or `stopping` is set); returns 0."""
+        if self.trigger is None:
+            raise ConfigError("gptflow schedule needs --cron EXPR, or --once")
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: self.stopping.set())
+        pending = 0
+        if self.state.get("last_fire"):  # continue where we were: what passed while we were down
+            missed, _ = self._missed(dt.datetime.fromisoformat(self.state["last_fire"]), _now())
+            if missed:
+                log.info("%d fire time(s) passed while the scheduler was not running: coalesced", missed)
+                pending = missed
+        self.state["started"] = _now().isoformat()
+        self._save()
+        prev = _now()
+        while not self.stopping.is_set():
+            when = self.trigger.get_next_fire_time(prev, prev)
+            if when is None:
+                break
+            if self.stopping.wait(max(0.0, (when - _now()).total_seconds())):
+                break
+            self.fire(when, coalesced=pending)
+            pending = 0
+            # Fire times that passed during that trigger's run: never a second run, one record counting them.
+            busy, last = self._missed(when, _now())
+            if busy:
+                self._record(last, IN_PROGRESS, coalesced=busy)
+                when = last
+            prev = when
+        self.state["stopped"] = _now().isoformat()
+        self._save()
+        log.info("scheduler stopped between runs; state in %s", self.state_path)
+        return 0
+
+
+def _failed_step(text: str) -> str | None:
+    found = _FAILED_STEP.findall(text)
+    return found[-1] if found else None
+
+
+def run_schedule(cfg: PipelineConfig, cron: str | None, on_new_data: bool, address: str | None, once: bool,
+                 run_args: list[str], on_start: Callable[[Scheduler], None] | None = None) -> str:
+    """The `gptflow schedule` command: one trigger now (--once) or the loop; returns what to print."""
+    scheduler = Scheduler(cfg, cron, on_new_data, address, run_args)
+    if on_start:
+        on_start(scheduler)
+    if once:
+        entry = scheduler.fire(_now())
+        if entry["outcome"].startswith(FAILED):
+            raise RuntimeError(f"scheduled run failed: {entry['outcome']} (log: {entry.get('log') or entry.get('job_id')})")
+        return entry["outcome"]
+    scheduler.loop()
+    counts = scheduler.state.get("counts", {})
+    return "stopped; triggers so far: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
