@@ -66,13 +66,13 @@ def test_gptflow_serve_answers_and_logs_a_summary_when_stopped(store, tok, tmp_p
 
 
 def test_the_shipped_serve_deploy_config_is_valid_for_ray_serve():
-    """configs/serve-deploy.yaml passes Ray Serve's own schema and names the builder gptflow serve uses."""
+    """serve-deploy.yaml passes Ray Serve's own schema and names the builder gptflow serve uses."""
     import importlib
 
     from ray.serve.schema import ServeDeploySchema
 
     root = Path(__file__).resolve().parents[2]
-    schema = ServeDeploySchema.model_validate(yaml.safe_load((root / "configs" / "serve-deploy.yaml").read_text()))
+    schema = ServeDeploySchema.model_validate(yaml.safe_load((root / "serve-deploy.yaml").read_text()))
     (app,) = schema.applications
     module, _, name = app.import_path.partition(":")
     builder = getattr(importlib.import_module(module), name)
