@@ -22,7 +22,7 @@ run: venv
 	$(VENV)/bin/gptflow run --workdir $(WORKDIR)
 
 test: venv browser
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 # The serving playground is tested in a real headless Chromium; Debian packages it with its driver.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from flows.config import ClusterConfig, ConfigError
 
@@ -95,14 +96,24 @@ def probe(address: str, source: str, timeout: float = PROBE_TIMEOUT_S) -> str:
 
 
 def _resolve(address: str) -> str:
-    """host:port for "auto" (the latest `ray start` on this machine, or a running GCS) or as given."""
+    """host:port for "auto" (the latest `ray start` on this machine, or a running GCS) or as given.
+
+    The cluster file `ray start` wrote wins over Ray's own "auto", which prefers any GCS process it
+    finds running: that may be another program's private local Ray, and joining it by accident is
+    what an explicit choice of Ray is for avoiding. A stale file is then an error naming its address.
+    """
     if address != "auto":
         if ":" not in address:
             raise ValueError("expected host:port")
         return address
+    from ray._common.utils import get_ray_address_file
     from ray._private.services import get_ray_address_from_environment
 
-    return get_ray_address_from_environment("auto", None)
+    try:
+        recorded = Path(get_ray_address_file(None)).read_text(encoding="utf-8").strip()
+    except OSError:
+        recorded = ""
+    return recorded or get_ray_address_from_environment("auto", None)
 
 
 def _ask_gcs(target: str, where: str, timeout: float) -> None:
