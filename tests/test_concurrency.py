@@ -15,19 +15,11 @@ import pytest
 
 from gptcore import load_bundle
 from tests.data.preprocess_data import document
+from tests.test_cli import _table
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _table(stdout: str) -> dict[str, str]:
-    lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["step", "status"])
-    rows = {}
-    for line in lines[start + 1:]:
-        if not line.strip():
-            break
-        rows[line.split()[0]] = line.split()[1]
-    return rows
 
 
 @pytest.mark.slow
@@ -61,7 +53,7 @@ def test_two_runs_at_once_build_each_output_once_and_both_finish(tmp_path):
     assert len(bundles) == 1  # both runs end at the same output
     tables = [_table(stdout) for _, stdout, _ in outs]
     for step in ("preprocess", "pretrain"):  # built once, by one of them; the other waited and reused it
-        assert sorted(t[step] for t in tables) == ["done", "ran"], tables
+        assert sorted(t[step][1] for t in tables) == ["done", "ran"], tables
 
     (dataset,) = [p for p in (work / "preprocess").iterdir() if p.is_dir()]
     assert (dataset / "DONE").is_file() and not (dataset / "_work").exists()
