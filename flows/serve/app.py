@@ -274,6 +274,7 @@ class GPTServer:
         sent = [""] * len(sequences)
         total = 0
         status = 200
+        ttft = None
         deadline = start + self.cfg.request_timeout_s
         events = loaded.runner.generate(sequences)
         try:
@@ -291,6 +292,8 @@ class GPTServer:
                 if out.finish_reason is None and text.endswith("\ufffd"):
                     continue  # a character split across tokens: wait for the rest of its bytes
                 delta, sent[i] = text[len(sent[i]):], text
+                if delta and ttft is None:
+                    ttft = time.perf_counter() - start
                 logprobs = self._logprobs(gen, loaded, out.logprobs) if out.logprobs else None
                 reason = None if out.finish_reason is None else (
                     "length" if out.finish_reason == "length" else "stop")
@@ -309,7 +312,7 @@ class GPTServer:
             yield _sse(e.body())
         finally:
             await events.aclose()  # cancels what is still running (client gone, timeout)
-            self._record(route, status, start, total)
+            self._record(route, status, start, total, ttft)
             self._release(loaded)
 
     def _logprobs(self, gen: Generation, loaded: Loaded, entries: list) -> dict[str, Any]:
@@ -320,15 +323,15 @@ class GPTServer:
             return protocol.chat_logprobs(texts, values, [[(tok.decode([t]), v) for t, v in e.top] for e in entries])
         return protocol.completion_logprobs(texts, values, [{tok.decode([t]): v for t, v in e.top} for e in entries])
 
-    def _record(self, route: str, status: int, start: float, tokens: int) -> None:
+    def _record(self, route: str, status: int, start: float, tokens: int, ttft: float | None = None) -> None:
         self._requests.inc(tags={"route": route, "status": str(status)})
         if status == 200:
             self._latency.observe(time.perf_counter() - start)
             if tokens:
                 self._tokens.inc(tokens)
+        if ttft is not None:  # streams only: a non-streamed answer arrives whole
+            self._ttft.observe(ttft)
         stats = self.current.runner.stats
-        if stats.ttft_s:
-            self._ttft.observe(stats.ttft_s[-1])
         if stats.steps:
             self._occupancy.set(stats.occupied_rows / stats.steps)
 
