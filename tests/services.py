@@ -129,11 +129,17 @@ def ray_worker_node(gcs: str, temp_dir: Path, num_cpus: int = 1, resources: str 
                     env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
     """A second raylet joining `gcs` (`ray start --address`), with its own CPUs and resources; yields once
     it has joined. A joining node needs RAY_AUTH_MODE=token explicitly (only a head turns it on by
-    default) and the cluster's token (~/.ray/auth_token on this machine)."""
-    args = ["--address", gcs, "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1"]
+    default) and the cluster's token (~/.ray/auth_token on this machine).
+
+    The node gets its own --temp-dir (`temp_dir`, kept short: Ray's sockets live under it). Without one it
+    inherits the head's, and two raylets on one machine would share a runtime-env cache: when this node's
+    last worker of a job exits, its agent deletes the job's working_dir under the head's driver (seen: the
+    driver's cwd vanished before `register`). Nodes of a real cluster never share that directory."""
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    args = ["--address", gcs, "--num-cpus", str(num_cpus), "--node-ip-address", "127.0.0.1",
+            "--temp-dir", str(temp_dir)]
     if resources:
         args += ["--resources", resources]
-    temp_dir.mkdir(parents=True, exist_ok=True)
     log = temp_dir / f"ray-worker-{free_port()}.log"
     with _ray_node(args, log, {"RAY_AUTH_MODE": "token"} | (env or {})) as proc:
         wait_until(lambda: b"Ray runtime started" in log.read_bytes(), "ray worker node", timeout=120, proc=proc)
