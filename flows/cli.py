@@ -60,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(p)
     p.add_argument("--init", help="bundle dir, models:/NAME@ALIAS, or a HF GPT-2 directory")
 
+    p = sub.add_parser("distill", help="train a smaller student from a teacher model, then evaluate, register "
+                                       "and promote it under its own name")
+    _config_args(p)
+    p.add_argument("--teacher", help="bundle dir, models:/NAME@ALIAS, or a HF GPT-2 directory "
+                                     "(default: the pipeline's final model)")
+    p.add_argument("--student-preset", help="the student's model preset (default: distill.student_preset)")
+    p.add_argument("--data", help="dataset directory from `gptflow preprocess` (tokenized with the teacher's tokenizer)")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--workers", type=int, help="Ray Train workers")
+    p.add_argument("--alpha", type=float, help="weight of the labels' cross-entropy (distill.alpha)")
+    p.add_argument("--temperature", type=float, help="softmax temperature of the KL term (distill.temperature)")
+
     p = sub.add_parser("run", help="the pipeline: preprocess -> pretrain -> finetune -> evaluate")
     _config_args(p)
     _step_args(p)
@@ -146,7 +158,7 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
         overrides.append(f"data.inputs={json.dumps(args.input)}")
     if getattr(args, "sft", None):
         overrides.append(f"data.sft_inputs={json.dumps(args.sft)}")
-    section = args.command if args.command in ("pretrain", "finetune") else None
+    section = args.command if args.command in ("pretrain", "finetune", "distill") else None
     if section:
         if args.data:
             overrides.append(f"{section}.data={json.dumps(args.data)}")
@@ -154,10 +166,15 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
             overrides.append(f"{section}.steps={args.steps}")
         if args.workers is not None:
             overrides.append(f"{section}.num_workers={args.workers}")
-        if args.preset:
+        if getattr(args, "preset", None):
             overrides.append(f"model.preset={json.dumps(args.preset)}")
         if getattr(args, "init", None):
             overrides.append(f"{section}.init={json.dumps(args.init)}")
+    if args.command == "distill":
+        overrides.append("distill.enabled=true")
+        overrides += [f"distill.{key}={json.dumps(v)}" for key, v in (
+            ("teacher", args.teacher), ("student_preset", args.student_preset), ("alpha", args.alpha),
+            ("temperature", args.temperature)) if v is not None]
     if args.command == "capacity" and args.preset:
         overrides.append(f"model.preset={json.dumps(args.preset)}")
     if args.command == "serve":
@@ -174,7 +191,7 @@ _STEP_COMMANDS = ("preprocess", "pretrain", "finetune", "evaluate")
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("run", "pretrain", "finetune", "evaluate"):
+    if args.command in ("run", "pretrain", "finetune", "distill", "evaluate"):
         # torch first: loaded late, after MLflow's and Ray's libraries, its MKL failed to load in a Ray
         # job's driver ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", then a segfault).
         import torch  # noqa: F401
@@ -265,6 +282,12 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> str:
     if args.command in _STEP_COMMANDS:
         planned = pipeline.run(cfg, only=[args.command])
         return str(pipeline.step_output(planned, args.command))
+    if args.command == "distill":
+        from flows.report import distill_report
+
+        enabled = {s.name for s in pipeline.STEPS if s.enabled(cfg)}
+        planned = pipeline.run(cfg, only=[s for s in pipeline.DISTILL_STEPS if s in enabled])
+        return distill_report(cfg, planned)
     planned = pipeline.run(cfg, only=args.only, start=args.start, force=args.force)
     from flows.report import run_report
 

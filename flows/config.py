@@ -243,6 +243,51 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig(TrainConfig):
+    """Knowledge distillation: a smaller student GPT trained on the same shards with the training loop's
+    loss replaced by ``alpha * CE(labels) + (1 - alpha) * temperature^2 * KL(teacher_T || student_T)``,
+    the teacher run in inference mode beside the student on each worker. Every training key applies
+    to the student's run; ``init`` (optional) starts the student from a model instead of from scratch."""
+
+    enabled: bool = False
+    """Run the distill step (and evaluate, register and promote the student) in `gptflow run`."""
+    teacher: str = ""
+    """The teacher: a bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION, or a Hugging Face GPT-2
+    directory; empty = the pipeline's own final model (fine-tuned, else pretrained)."""
+    student_preset: str = "tiny"
+    """The student's architecture (gptcore preset); its vocabulary is the teacher's and the data's."""
+    context_length: int | None = None
+    """The student's context (training windows); empty = the teacher's. At most the teacher's."""
+    dropout: float = 0.0
+    """The student's dropout."""
+    activation_checkpointing: bool = False
+    """Recompute the student's block activations in backward (less memory, ~30% more compute)."""
+    alpha: float = 0.5
+    """Weight of the labels' cross-entropy; 1 - alpha weighs the teacher's soft targets (0: soft targets only)."""
+    temperature: float = 1.0
+    """Softmax temperature of both distributions in the KL term (> 0; higher: softer targets, more weight on
+    the teacher's ranking of unlikely tokens). Measured here (README): 2 made short runs worse than 1."""
+    split: Literal["train", "sft"] = "train"
+    """Which shards the student learns on: the pretraining text, or the fine-tuning examples (completion
+    tokens only, like fine-tuning); validation uses the matching held-out split."""
+    registry_name: str = ""
+    """The student's registered model name; empty = "<registry.name>-student"."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "in [0, 1]")
+        _check(self.temperature > 0, "temperature", self.temperature, "> 0")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
+        _check(self.context_length is None or self.context_length >= 1, "context_length", self.context_length,
+               ">= 1 (or empty for the teacher's)")
+
+    def student_model(self) -> ModelConfig:
+        """The student's architecture as a model section (the context is settled against the teacher)."""
+        return ModelConfig(preset=self.student_preset, context_length=self.context_length, dropout=self.dropout,
+                           activation_checkpointing=self.activation_checkpointing)
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     """Evaluation of a model bundle on a dataset: the figures promotion compares, plus pictures."""
 
@@ -404,6 +449,11 @@ def _finetune_defaults() -> TrainConfig:
                        warmup_steps=10, weight_decay=0.0, eval_every=50, checkpoint_every=50)
 
 
+def _distill_defaults() -> DistillConfig:
+    return DistillConfig(steps=300, micro_batch_size=32, num_workers=2, precision="bf16-autocast", lr=3e-3,
+                         warmup_steps=20, eval_every=100, checkpoint_every=100)
+
+
 def _evaluate_defaults() -> EvaluateConfig:
     # Prompts in the fine-tuning format (see flows/data/corpus.py), for functions no stdlib has.
     return EvaluateConfig(prompts=(
@@ -424,6 +474,7 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=_model_defaults)
     pretrain: TrainConfig = field(default_factory=_pretrain_defaults)
     finetune: TrainConfig = field(default_factory=_finetune_defaults)
+    distill: DistillConfig = field(default_factory=_distill_defaults)
     evaluate: EvaluateConfig = field(default_factory=_evaluate_defaults)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)

@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flows.config import DATA_INPUT_KEYS, PipelineConfig, stable_hash, to_dict
+from flows.config import (
+    DATA_INPUT_KEYS,
+    DistillConfig,
+    PipelineConfig,
+    RegistryConfig,
+    stable_hash,
+    to_dict,
+)
 from flows.context import StepContext
 from flows.store import DONE, FingerprintCache, is_done, locked, mark_done, stage_dir
 
@@ -61,6 +68,10 @@ class Step:
     fingerprint: Callable[[PipelineConfig, StepContext], Any] | None = None
     """Content identity of outside inputs the step finds itself (raw corpus files)."""
     enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
+
+
+# The steps `gptflow distill` runs: the student's training, evaluation, registration and promotion.
+DISTILL_STEPS = ("distill", "distill_evaluate", "distill_register", "distill_promote")
 
 
 # --------------------------------------------------------------------------- the steps
@@ -105,6 +116,30 @@ def _promote(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: Ste
     return promote(cfg.registry, cfg.evaluate, Path(inputs["registered"]), out, ctx)
 
 
+def _distill(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
+    from flows.train.driver import train
+
+    return train(cfg.distill, cfg.model, inputs["dataset"], inputs["init"], out, ctx, "distill", inputs["teacher"])
+
+
+def student_registry(cfg: PipelineConfig) -> RegistryConfig:
+    """The registry section the student is registered and promoted under: its own model name."""
+    return dataclasses.replace(cfg.registry, name=cfg.distill.registry_name or f"{cfg.registry.name}-student")
+
+
+def _register_student(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
+    from flows.registry.register import register
+
+    return register(student_registry(cfg), Path(inputs["bundle"]), Path(inputs["evaluation"]), Path(inputs["dataset"]),
+                    out, ctx, stage_steps=("distill", "distill_evaluate"), teacher_model=cfg.registry.name)
+
+
+def _promote_student(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
+    from flows.registry.promote import promote
+
+    return promote(student_registry(cfg), cfg.evaluate, Path(inputs["registered"]), out, ctx)
+
+
 def _serve(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
     from flows.serve.deploy import deploy_step
 
@@ -123,8 +158,20 @@ def _final_model(cfg: PipelineConfig) -> StepRef:
     return StepRef("finetune" if _finetunes(cfg) else "pretrain")
 
 
+def _distills(cfg: PipelineConfig) -> bool:
+    return cfg.distill.enabled
+
+
+def _student_eval_data(cfg: PipelineConfig) -> StepRef | str:
+    """The student is evaluated on evaluate.data, else the data it learned from."""
+    return cfg.evaluate.data or cfg.distill.data or StepRef("preprocess")
+
+
+
 # Keys that name where inputs come from or where resume state lives, not what the output holds.
 _TRAIN_UNHASHED = ("data", "init", "run_name", "storage_path")
+# The distill step's keys that name inputs or places, or only what happens to the student afterwards.
+_DISTILL_UNHASHED = (*_TRAIN_UNHASHED, "enabled", "teacher", "registry_name")
 
 STEPS: tuple[Step, ...] = (
     Step("preprocess", _preprocess, ("data",), bind=lambda cfg: {}, fingerprint=_data_fingerprint,
@@ -143,6 +190,24 @@ STEPS: tuple[Step, ...] = (
                            "dataset": cfg.evaluate.data or StepRef("preprocess")}, enabled=_registers),
     Step("promote", _promote, ("registry", "evaluate"), unhashed={"evaluate": ("bundle", "data")},
          bind=lambda cfg: {"registered": StepRef("register")}, enabled=_registers),
+    # Distillation (off by default): a student learns from the final model (or distill.teacher), then is
+    # evaluated, registered under its own name and promoted through the same gate as any model.
+    Step("distill", _distill, ("distill",), unhashed={"distill": _DISTILL_UNHASHED},
+         bind=lambda cfg: {"dataset": cfg.distill.data or StepRef("preprocess"),
+                           "teacher": cfg.distill.teacher or _final_model(cfg), "init": cfg.distill.init},
+         enabled=_distills),
+    Step("distill_evaluate", _evaluate, ("evaluate",), unhashed={"evaluate": ("bundle", "data")},
+         bind=lambda cfg: {"bundle": StepRef("distill"), "dataset": _student_eval_data(cfg)}, enabled=_distills),
+    Step("distill_register", _register_student, ("registry", "distill"),
+         unhashed={"registry": ("metric", "margin"),
+                   "distill": tuple(f.name for f in dataclasses.fields(DistillConfig) if f.name != "registry_name")},
+         bind=lambda cfg: {"bundle": StepRef("distill"), "evaluation": StepRef("distill_evaluate"),
+                           "dataset": _student_eval_data(cfg)}, enabled=lambda cfg: _registers(cfg) and _distills(cfg)),
+    Step("distill_promote", _promote_student, ("registry", "evaluate", "distill"),
+         unhashed={"evaluate": ("bundle", "data"),
+                   "distill": tuple(f.name for f in dataclasses.fields(DistillConfig) if f.name != "registry_name")},
+         bind=lambda cfg: {"registered": StepRef("distill_register")},
+         enabled=lambda cfg: _registers(cfg) and _distills(cfg)),
     Step("serve", _serve, ("serve",), bind=lambda cfg: {"promoted": StepRef("promote")},
          enabled=lambda cfg: _registers(cfg) and cfg.serve.deploy),
 )

@@ -1,5 +1,5 @@
-"""What `gptflow run` prints when the pipeline ends: the step table, the evaluation figures, the
-final model's answers to the evaluation prompts, where the MLflow runs are, and (last line) the
+"""What `gptflow run` (and `gptflow distill`) prints when the pipeline ends: the step table, the evaluation
+figures, the final model's (and a distilled student's) answers to the evaluation prompts, where the MLflow runs are, and (last line) the
 final model bundle directory, so shell scripts can still take it with ``tail -n 1``.
 
 Everything here is read back from the steps' finished outputs; nothing is computed again.
@@ -18,26 +18,46 @@ from flows.pipeline import PlannedStep, describe, step_output
 
 def run_report(cfg: PipelineConfig, planned: list[PlannedStep]) -> str:
     lines = [describe(planned), ""]
-    evaluated = step_output(planned, "evaluate")
-    if evaluated is not None and (evaluated / "metrics.json").is_file():
-        lines += _evaluation(evaluated)
-    promoted = step_output(planned, "promote")
-    if promoted is not None and (promoted / "decision.json").is_file():
-        d = json.loads((promoted / "decision.json").read_text(encoding="utf-8"))
-        verdict = "champion" if d["promoted"] else "challenger (the gate refused it)"
-        lines += [f"registry: {d['name']} version {d['version']} is {verdict}: {d['reason']}",
-                  f"  gptflow models {d['name']}    gptflow lineage {d['name']}@champion",
-                  f"serve the champion (OpenAI API at http://{cfg.serve.host}:{cfg.serve.port}/v1, playground at /):",
-                  f"  gptflow serve --workdir {cfg.workdir}", ""]
+    lines += _model(cfg, planned, "evaluate", "promote", "the final model")
+    lines += _model(cfg, planned, "distill_evaluate", "distill_promote", "the distilled student", student=True)
     lines += _tracking(cfg)
     final = step_output(planned, "finetune") or step_output(planned, "pretrain")
     lines.append(str(final) if final is not None else str(planned[-1].out))
     return "\n".join(lines)
 
 
-def _evaluation(out: Path) -> list[str]:
+def distill_report(cfg: PipelineConfig, planned: list[PlannedStep]) -> str:
+    """What `gptflow distill` prints: its steps, the student's figures and registry decision, and (last
+    line) the student's bundle directory."""
+    lines = [describe(planned), ""]
+    lines += _model(cfg, planned, "distill_evaluate", "distill_promote", "the distilled student", student=True)
+    lines += _tracking(cfg)
+    lines.append(str(step_output(planned, "distill")))
+    return "\n".join(lines)
+
+
+def _model(cfg: PipelineConfig, planned: list[PlannedStep], evaluate: str, promote: str, what: str,
+           student: bool = False) -> list[str]:
+    """One model's evaluation figures, answers and registry decision, from its steps' outputs."""
+    lines: list[str] = []
+    evaluated = step_output(planned, evaluate)
+    if evaluated is not None and (evaluated / "metrics.json").is_file():
+        lines += _evaluation(evaluated, what)
+    promoted = step_output(planned, promote)
+    if promoted is not None and (promoted / "decision.json").is_file():
+        d = json.loads((promoted / "decision.json").read_text(encoding="utf-8"))
+        verdict = "champion" if d["promoted"] else "challenger (the gate refused it)"
+        model = f" --model {d['name']}@champion" if student else ""
+        lines += [f"registry: {d['name']} version {d['version']} is {verdict}: {d['reason']}",
+                  f"  gptflow models {d['name']}    gptflow lineage {d['name']}@champion",
+                  f"serve the champion (OpenAI API at http://{cfg.serve.host}:{cfg.serve.port}/v1, playground at /):",
+                  f"  gptflow serve --workdir {cfg.workdir}{model}", ""]
+    return lines
+
+
+def _evaluation(out: Path, what: str) -> list[str]:
     m: dict[str, Any] = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
-    lines = [f"evaluation ({out / 'metrics.json'}):"]
+    lines = [f"evaluation of {what} ({out / 'metrics.json'}):"]
     if m.get("val_loss") is not None:
         lines.append(f"  validation: {m['val_loss']:.3f} nats/token, perplexity {m['val_perplexity']:.1f}, "
                      f"{m['val_bits_per_byte']:.3f} bits/byte over {int(m['val_tokens']):,} tokens")
@@ -53,7 +73,7 @@ def _evaluation(out: Path) -> list[str]:
         records = gens["generations"]
         passed = m.get("smoke_passed")
         lines.append(f"  smoke checks on the generations: {'passed' if passed else 'FAILED'}")
-        lines.append("greedy answers of the final model:")
+        lines.append(f"greedy answers of {what}:")
         for g in records:
             answer = g["text"].strip().replace("\n", " ")
             lines.append(f"  {g['prompt'].strip()!s}\n    -> {answer[:200]}")

@@ -17,6 +17,7 @@ _EXPORTS = {
     "preset": "gptcore.config",
     "GPT": "gptcore.model",
     "KVCache": "gptcore.model",
+    "Distillation": "gptcore.distillation",
     "Tokenizer": "gptcore.tokenizer",
     "generate": "gptcore.generation",
     "generate_stream": "gptcore.generation",
@@ -26,6 +27,7 @@ _EXPORTS = {
 
 __all__ = [
     "GPT",
+    "Distillation",
     "PRESETS",
     "GPTConfig",
     "KVCache",
@@ -40,6 +42,7 @@ __all__ = [
 if TYPE_CHECKING:
     from gptcore.bundle import load_bundle, save_bundle
     from gptcore.config import PRESETS, GPTConfig, preset
+    from gptcore.distillation import Distillation
     from gptcore.generation import generate, generate_stream
     from gptcore.model import GPT, KVCache
     from gptcore.tokenizer import Tokenizer

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gptcore.config import GPTConfig
+from gptcore.distillation import Distillation, chunked_distillation_loss
 from gptcore.fused_loss import chunked_cross_entropy
 from gptcore.packed import Linear
 
@@ -124,10 +125,17 @@ class LMHead(Linear):
     cross-entropy instead of logits, fused and chunked (see fused_loss.py). Being this module's
     forward matters under ZeRO-3, whose hooks gather a module's weights only around its forward."""
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
+                distill: Distillation | None = None) -> torch.Tensor:
         if targets is None:
             return super().forward(x)
-        return chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1))
+        if distill is None:
+            return chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1))
+        loss_sum, ce_sum, kl_sum = chunked_distillation_loss(
+            x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1),
+            distill.hidden.reshape(-1, distill.hidden.size(-1)), distill.weight, distill.alpha, distill.temperature)
+        distill.parts = {"ce_sum": ce_sum, "kl_sum": kl_sum}
+        return loss_sum
 
 
 class GPT(nn.Module):
@@ -167,6 +175,7 @@ class GPT(nn.Module):
         padding_mask: torch.Tensor | None = None,
         return_logits: bool = True,
         last_logits_only: bool = False,
+        distill: Distillation | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits (B, T, vocab) and, given targets (B, T), the mean cross-entropy over kept positions.
 
@@ -177,6 +186,36 @@ class GPT(nn.Module):
         (fused chunked LM head + cross-entropy: faster, far less memory) and returns (None, loss).
         `last_logits_only=True` (no targets) returns logits for the last position only, (B, 1, vocab):
         what decoding needs from a prompt, without the vocab-wide logits of every prompt position.
+        `distill` (with targets; see gptcore/distillation.py): the loss is the distillation loss against
+        the teacher's hidden states, fused and chunked, still the mean over kept positions; its
+        cross-entropy and KL sums land in ``distill.parts``.
+        """
+        x = self.features(idx, cache=cache, padding_mask=padding_mask)
+        if targets is None:
+            if last_logits_only:
+                x = x[:, -1:, :]
+            return self.lm_head(x), None  # (B, T, vocab)
+        if loss_mask is not None:  # masked-out positions become ignored targets
+            targets = targets.masked_fill(~loss_mask.bool(), -1)
+        if distill is not None:
+            logits, loss_sum = None, self.lm_head(x, targets, distill)
+        elif return_logits:  # under autocast cross_entropy runs in fp32
+            logits = self.lm_head(x)  # (B, T, vocab)
+            loss_sum = F.cross_entropy(
+                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="sum"
+            )
+        else:
+            logits, loss_sum = None, self.lm_head(x, targets)
+        # Sum then divide by the kept count: the mean over kept positions, and 0 (with a graph,
+        # not NaN) when a batch keeps none.
+        return logits, loss_sum / (targets != -1).sum().clamp(min=1)
+
+    def features(self, idx: torch.Tensor, *, cache: KVCache | None = None,
+                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The final hidden states (B, T, C), after the last LayerNorm: what the LM head reads.
+
+        A teacher hands these (and its head weight) to a student's distillation loss; see forward
+        for `cache` and `padding_mask`.
         """
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
@@ -191,23 +230,7 @@ class GPT(nn.Module):
                 x = block(x, mask, cache)
         if cache is not None:
             cache.pos += T
-        x = self.ln_f(x)
-        if targets is None:
-            if last_logits_only:
-                x = x[:, -1:, :]
-            return self.lm_head(x), None  # (B, T, vocab)
-        if loss_mask is not None:  # masked-out positions become ignored targets
-            targets = targets.masked_fill(~loss_mask.bool(), -1)
-        if return_logits:  # under autocast cross_entropy runs in fp32
-            logits = self.lm_head(x)  # (B, T, vocab)
-            loss_sum = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="sum"
-            )
-        else:
-            logits, loss_sum = None, self.lm_head(x, targets)
-        # Sum then divide by the kept count: the mean over kept positions, and 0 (with a graph,
-        # not NaN) when a batch keeps none.
-        return logits, loss_sum / (targets != -1).sum().clamp(min=1)
+        return self.ln_f(x)
 
     @staticmethod
     def _positions_and_mask(

@@ -89,7 +89,7 @@ def test_run_pipeline_prints_bundle_last_and_generate_uses_it(tmp_path):
     assert meta["parent"]["bundle"] == str(pretrained)
     assert meta["parent"]["model_sha256"] == sha256_file(pretrained / "model.safetensors")
     assert meta["dataset"] == table["preprocess"][-1]
-    assert "evaluation (" in out.stdout and "bits/byte" in out.stdout and "mlflow ui --backend-store-uri" in out.stdout
+    assert "evaluation of the final model (" in out.stdout and "bits/byte" in out.stdout and "mlflow ui --backend-store-uri" in out.stdout
     assert (Path(table["evaluate"][-1]) / "metrics.json").is_file()
 
     assert "registry: gpt version 1 is champion: first model" in out.stdout

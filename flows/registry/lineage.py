@@ -85,6 +85,12 @@ def bundle_facts(registry: Registry, name: str, path: str | Path | None, depth: 
         if parent.get("bundle"):
             entry["bundle_facts"] = bundle_facts(registry, name, parent["bundle"], depth + 1)
         facts["parent"] = entry
+    teacher = meta.get("teacher")
+    if isinstance(teacher, dict) and depth < 8:  # a distilled student: the model it learned from
+        entry = {k: v for k, v in teacher.items()} | {"distillation": meta.get("distillation")}
+        if teacher.get("bundle"):
+            entry["bundle_facts"] = bundle_facts(registry, name, teacher["bundle"], depth + 1)
+        facts["teacher"] = entry
     return facts
 
 
@@ -117,7 +123,8 @@ def lineage(registry: Registry, ref: str, cache: Path) -> dict[str, Any]:
                   "gate": tags.get("gptflow.gate"), "gate_reason": tags.get("gptflow.gate.reason"),
                   "eval": {k.removeprefix("gptflow.eval."): v for k, v in tags.items() if k.startswith("gptflow.eval.")},
                   "git_commit": tags.get("gptflow.git_commit"), "config_hash": tags.get("gptflow.config_hash"),
-                  "tokenizer_sha256": tags.get("gptflow.tokenizer_sha256")},
+                  "tokenizer_sha256": tags.get("gptflow.tokenizer_sha256"),
+                  "teacher_version": tags.get("gptflow.teacher_version")},
         "runs": runs,
         "bundle": bundle_facts(registry, name, bundle),
     }
@@ -133,6 +140,8 @@ def render(facts: dict[str, Any]) -> str:
     for role, run in facts["runs"].items():
         lines.append(f"  run {role}: " + ("MISSING" if run.get("missing") else
                                           f"{run['run_id']} {run['name']} {run['status']}"))
+    if m.get("teacher_version"):
+        lines.append(f"  distilled from {m['teacher_version']}")
     _render_bundle(facts["bundle"], lines, "  ")
     return "\n".join(lines)
 
@@ -159,3 +168,10 @@ def _render_bundle(b: dict[str, Any], lines: list[str], pad: str) -> None:
         lines.append(f"{pad}  parent: {where}")
         if parent.get("bundle_facts"):
             _render_bundle(parent["bundle_facts"], lines, pad + "    ")
+    teacher = b.get("teacher")
+    if teacher:
+        where = teacher.get("bundle") or teacher.get("hf_gpt2") or teacher.get("uri")
+        how = teacher.get("distillation") or {}
+        lines.append(f"{pad}  teacher: {where} (alpha {how.get('alpha')}, temperature {how.get('temperature')})")
+        if teacher.get("bundle_facts"):
+            _render_bundle(teacher["bundle_facts"], lines, pad + "    ")

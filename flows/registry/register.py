@@ -59,8 +59,13 @@ def pip_requirements() -> list[str]:
 
 
 def register(cfg: RegistryConfig, bundle: Path, evaluation: Path, dataset: Path, out_dir: Path,
-             ctx: StepContext) -> Path:
-    """Register `bundle` (evaluated in `evaluation` on `dataset`) as a version of ``cfg.name``."""
+             ctx: StepContext, stage_steps: tuple[str, str] | None = None, teacher_model: str | None = None) -> Path:
+    """Register `bundle` (evaluated in `evaluation` on `dataset`) as a version of ``cfg.name``.
+
+    `stage_steps`: the pipeline steps that trained and evaluated it, when not the bundle's stage and
+    ``evaluate`` (a distilled student: ``distill``, ``distill_evaluate``); `teacher_model`: the registered
+    name under which a distilled bundle's teacher is looked up for its ``gptflow.teacher_version`` tag.
+    """
     from flows.registry import pyfunc_model
 
     bundle, evaluation, out_dir = Path(bundle).resolve(), Path(evaluation), Path(out_dir)
@@ -76,8 +81,9 @@ def register(cfg: RegistryConfig, bundle: Path, evaluation: Path, dataset: Path,
         code_paths = [str(Path(__import__("gptcore").__file__).parent)]
         uri = registry.log_bundle_model(bundle, pyfunc_model.__file__, code_paths, pip_requirements(),
                                         pyfunc_model.PARAMS, ["The "])
-        version, reused = registry.register(uri, cfg.name, lineage_tags(meta, bundle, digest, metrics, evaluation,
-                                                                        dataset, ctx, registry, cfg.name)), False
+        tags = lineage_tags(meta, bundle, digest, metrics, evaluation, dataset, ctx, registry, cfg.name, stage_steps,
+                            teacher_model)
+        version, reused = registry.register(uri, cfg.name, tags), False
         log.info("register: %s -> %s version %s", bundle, cfg.name, version)
     result = {"name": cfg.name, "version": version, "bundle": str(bundle), "bundle_sha256": digest, "reused": reused}
     ctx.tracker.set_tags({"gptflow.registered_model": cfg.name, "gptflow.registered_version": version})
@@ -94,22 +100,34 @@ def _version_of_bundle(registry: Registry, name: str, digest: str) -> str | None
 
 
 def lineage_tags(meta: dict[str, Any], bundle: Path, digest: str, metrics: dict[str, Any], evaluation: Path,
-                 dataset: Path, ctx: StepContext, registry: Registry, name: str) -> dict[str, Any]:
+                 dataset: Path, ctx: StepContext, registry: Registry, name: str,
+                 stage_steps: tuple[str, str] | None = None, teacher_model: str | None = None) -> dict[str, Any]:
     stage = meta.get("stage") or "pretrain"
+    train_step, eval_step = stage_steps or (stage, "evaluate")
     parent = meta.get("parent")
     tags: dict[str, Any] = {
         "gptflow.bundle": bundle, "gptflow.bundle_sha256": digest, "gptflow.stage": stage,
         "gptflow.dataset": meta.get("dataset", ""), "gptflow.dataset_manifest_sha256": meta.get("dataset_manifest_sha256", ""),
         "gptflow.tokenizer_sha256": sha256_file(bundle / "tokenizer.json"),
         "gptflow.config_hash": meta.get("config_hash", ""), "gptflow.git_commit": meta.get("git_commit") or "",
-        "gptflow.run.pipeline": ctx.parent_run_id or "", "gptflow.run.train": ctx.step_runs.get(stage, ""),
-        "gptflow.run.evaluate": ctx.step_runs.get("evaluate", ""), "gptflow.evaluation": evaluation.resolve(),
+        "gptflow.run.pipeline": ctx.parent_run_id or "", "gptflow.run.train": ctx.step_runs.get(train_step, ""),
+        "gptflow.run.evaluate": ctx.step_runs.get(eval_step, ""), "gptflow.evaluation": evaluation.resolve(),
         "gptflow.eval_dataset": Path(dataset).resolve(), "gptflow.parent": json.dumps(parent, sort_keys=True),
     }
     if isinstance(parent, dict) and parent.get("model_sha256"):
         found = _version_of_bundle(registry, name, parent["model_sha256"])
         if found:
             tags["gptflow.parent_version"] = found
+    teacher = meta.get("teacher")
+    if isinstance(teacher, dict):  # a distilled student: which model taught it, and how
+        tags["gptflow.teacher"] = json.dumps(teacher, sort_keys=True)
+        tags["gptflow.distillation"] = json.dumps(meta.get("distillation") or {}, sort_keys=True)
+        uri = str(teacher.get("uri") or "")
+        # A teacher named by the registry is looked up under its own name; a bundle, under teacher_model.
+        where = uri.removeprefix("models:/").split("@")[0].split("/")[0] if uri.startswith("models:/") else teacher_model
+        found = _version_of_bundle(registry, where, teacher["model_sha256"]) if where else None
+        if found:
+            tags["gptflow.teacher_version"] = f"{where}/{found}"
     for key in ("val_loss", "val_perplexity", "val_bits_per_byte", "sft_val_loss", "smoke_passed"):
         if key in metrics:
             tags[f"gptflow.eval.{key}"] = metrics[key]

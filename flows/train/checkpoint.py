@@ -54,9 +54,16 @@ _RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "checkpoint_every",
 def resume_identity(p: Plan) -> dict[str, Any]:
     """What a run's checkpoints depend on, beside its step count: must match to resume under its name."""
     train = {k: v for k, v in to_dict(p.train).items()
-             if k not in _RESUMABLE_CHANGES and k not in ("data", "init", "run_name", "storage_path")}
-    return {"stage": p.stage, "train": train, "model": p.gpt_config,
-            "dataset_manifest_sha256": p.dataset.manifest_sha256, "parent": p.parent}
+             if k not in _RESUMABLE_CHANGES and k not in _NAMES_ONLY}
+    identity = {"stage": p.stage, "train": train, "model": p.gpt_config,
+                "dataset_manifest_sha256": p.dataset.manifest_sha256, "parent": p.parent}
+    if p.teacher:  # distillation: the student's weights also depend on which teacher it learned from
+        identity["teacher"] = p.teacher["lineage"]
+    return identity
+
+
+# Keys that name inputs, places or what happens after training, not what a checkpoint holds.
+_NAMES_ONLY = ("data", "init", "run_name", "storage_path", "enabled", "teacher", "registry_name")
 
 
 def check_resume(p: Plan) -> None:

@@ -4,7 +4,7 @@ What it is: the stage: plan (flows/train/plan.py, every check before any worker 
 guard (flows/train/checkpoint.py), the stage's MLflow run, a Ray Train ``TorchTrainer`` over
 flows/train/loop.py, and the finished bundle. Fine-tuning is not a second code path: it is this
 stage with ``stage="finetune"``, an ``init`` model and the ``sft`` split, whose loss mask the loop
-applies.
+applies; distillation is this stage with ``stage="distill"`` and a teacher (flows/train/teacher.py).
 
 Resuming.  The Ray run ``<storage_path>/<run_name>`` is the "place" of a run: a fit under a name that
 already holds checkpoints resumes from the latest one (Ray Train's behaviour). The default name is
@@ -50,14 +50,15 @@ log = logging.getLogger(__name__)
 
 
 def train(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path | None, out_dir: str | Path,
-          ctx: StepContext, stage: str = "pretrain") -> Path:
-    """Train (or fine-tune, ``stage="finetune"`` from `init`) into the model bundle `out_dir`; return it.
+          ctx: StepContext, stage: str = "pretrain", teacher: str | Path | None = None) -> Path:
+    """Train (or fine-tune, ``stage="finetune"`` from `init`; or distill, ``stage="distill"`` from `teacher`)
+    into the model bundle `out_dir`; return it.
 
     The pipeline runner decided that `out_dir` must be built and writes its DONE marker afterwards.
     """
     from flows.cluster import ensure_ray
 
-    p = plan(tc, mc, dataset, init, out_dir, ctx, stage)
+    p = plan(tc, mc, dataset, init, out_dir, ctx, stage, teacher)
     if ctx.fresh and not tc.run_name:
         # --force: a fresh run, not a resume from the last run's final checkpoint under the same name.
         shutil.rmtree(Path(p.storage_path) / p.run_name, ignore_errors=True)
@@ -71,7 +72,10 @@ def train(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Pat
                       "gptflow.output_dir": str(p.output_dir), "gptflow.config_hash": p.key})
     tracker.log_dict(p.deepspeed_config, "deepspeed_config.json")
     tracker.log_dict({"stage": stage, "train": to_dict(p.train), "model": p.gpt_config,
-                      "parent": p.parent}, "train_config.json")
+                      "parent": p.parent, "teacher": p.teacher}, "train_config.json")
+    if p.teacher:
+        tracker.set_tags({"gptflow.teacher": json.dumps(p.teacher["lineage"], sort_keys=True),
+                          "gptflow.teacher_bundle": p.teacher["bundle"]})
     tracker.log_input_dataset(Path(p.dataset.path).name, p.dataset.path, p.dataset.manifest_sha256,
                               context="training", profile=p.dataset.split_tokens)
     metrics = run_trainer(p, loop_config(p, tracker.run_id, tracker.uri))

@@ -1,9 +1,11 @@
-"""The training loop that runs inside each Ray Train worker: one loop for pretraining and fine-tuning.
+"""The training loop that runs inside each Ray Train worker: one loop for pretraining, fine-tuning and distillation.
 
 What it is: ``train_loop_per_worker(config)``, handed to ``TorchTrainer`` by flows/train/driver.py. It builds
 (or loads) the gptcore model, wraps it with ``deepspeed.initialize`` using the DeepSpeed config the
 driver generated, resumes from ``ray.train.get_checkpoint()`` if there is one, and then runs a short
 explicit loop: step, and on intervals evaluate / checkpoint. At the end rank 0 writes the bundle.
+Distillation is this loop with a frozen teacher beside the student (flows/train/teacher.py), whose
+hidden states turn the loss into the distillation loss; everything else (ZeRO, resume, skips) is shared.
 A lost worker makes Ray restart the group, which resumes from the latest checkpoint; a stop the loop
 makes itself (repeated bad updates) is recorded first, so the restarted group returns instead of
 training into it again (flows.train.checkpoint.TrainingStopped).
@@ -35,6 +37,7 @@ from flows.train.checkpoint import (
     save_checkpoint,
 )
 from flows.train.plan import LoopConfig
+from flows.train.teacher import Teacher, loss_parts
 from flows.train.telemetry import (
     AsyncLogger,
     current_rss_bytes,
@@ -44,17 +47,22 @@ from flows.train.telemetry import (
     peak_rss_bytes,
 )
 from flows.train.windows import TokenWindows
+from gptcore import Distillation
 
 log = logging.getLogger(__name__)
 
 
-def compute_loss(model: Any, batch: tuple[np.ndarray, np.ndarray, np.ndarray | None], device: torch.device) -> torch.Tensor:
-    """Mean next-token loss of a batch; with a loss mask (fine-tuning) only masked targets count."""
+def compute_loss(model: Any, batch: tuple[np.ndarray, np.ndarray, np.ndarray | None], device: torch.device,
+                 distill: Distillation | None = None) -> torch.Tensor:
+    """Mean next-token loss of a batch; with a loss mask (fine-tuning) only masked targets count.
+
+    With `distill` (the teacher's targets for this batch) it is the distillation loss instead.
+    """
     x, y, m = batch
     mask = torch.from_numpy(m).to(device) if m is not None else None
     # return_logits=False: the fused chunked LM head + loss, no (B, T, vocab) logits in memory
     _, loss = model(torch.from_numpy(x).to(device), targets=torch.from_numpy(y).to(device), loss_mask=mask,
-                    return_logits=False)
+                    return_logits=False, distill=distill)
     return loss
 
 
@@ -230,6 +238,8 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
     rss_before_model = current_rss_bytes()  # what the planner's estimate is compared with grows from here
     model, tokenizer = _build_model(cfg)
     engine, gate = _init_engine(cfg, model)
+    teacher = (Teacher(cfg.teacher_bundle, cfg.precision, cfg.distill_alpha, cfg.distill_temperature, device)
+               if cfg.teacher_bundle else None)
     if cfg.compile:
         engine.compile()  # lazily: the first forward pays the compile; checkpoints and export use engine.module
     T = engine.module.config.context_length
@@ -281,9 +291,14 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
 
         t0 = time.perf_counter()
         loss_sum, bad = 0.0, False
+        kd_sums = [0.0, 0.0]  # distillation: the cross-entropy and KL parts of the loss
         ds_skipped = engine.skipped_steps
         for micro in range(ga):
-            loss = compute_loss(engine, data.train_batch(cfg.seed, step, micro, ga, mbs), device)
+            batch = data.train_batch(cfg.seed, step, micro, ga, mbs)
+            kd = teacher.targets(batch[0]) if teacher else None
+            loss = compute_loss(engine, batch, device, kd)
+            if kd is not None:
+                kd_sums = [a + b for a, b in zip(kd_sums, loss_parts(kd, batch), strict=True)]
             if step == cfg.nan_at_step and micro == 0 and rank == 0:
                 # Testing only (a loop-config key, no TrainConfig field): a NaN loss on one rank with
                 # the graph intact; the other ranks learn of it only through the all-reduced flag.
@@ -298,7 +313,8 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
                 loss = loss * 0.0
             engine.backward(loss)
             if micro == ga - 1:
-                flags = torch.tensor([loss_sum / ga, float(bad)], dtype=torch.float64, device=device)
+                flags = torch.tensor([loss_sum / ga, float(bad), kd_sums[0] / ga, kd_sums[1] / ga],
+                                     dtype=torch.float64, device=device)
                 if world > 1:
                     dist.all_reduce(flags)  # one decision for all ranks: any rank's bad loss skips the step
                 bad = flags[1].item() > 0
@@ -359,6 +375,8 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
             }
             if grad_norm is not None and not bad:
                 metrics["grad_norm"] = float(grad_norm)
+            if teacher is not None:  # the loss's two parts, averaged over ranks like the loss
+                metrics |= {"ce_loss": float(flags[2]) / world, "kd_kl": float(flags[3]) / world}
             if peak > 0:
                 metrics["mfu"] = flops_per_step / dt / peak
             logger.metrics(metrics, state.step)

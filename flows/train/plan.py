@@ -33,7 +33,7 @@ from flows.train.ds_config import deepspeed_config
 
 log = logging.getLogger(__name__)
 
-STAGES = ("pretrain", "finetune")
+STAGES = ("pretrain", "finetune", "distill")
 
 BUNDLE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "metadata.json")
 
@@ -59,6 +59,8 @@ class Plan:
     run_name: str
     storage_path: str
     deepspeed_config: dict[str, Any]
+    teacher: dict[str, Any] | None = None
+    """Distillation only: the teacher's bundle, lineage, alpha and temperature."""
 
 
 # Part of the Hugging Face import cache's key: bump it when import_gpt2 or Tokenizer.load change what
@@ -66,8 +68,11 @@ class Plan:
 _HF_IMPORT_VERSION = 1
 
 
-def resolve_init(init: str, ctx: StepContext, stage: str) -> tuple[Path, dict[str, Any]]:
-    """A local bundle directory for `init` (a bundle dir, models:/... URI, or HF GPT-2 dir) and its lineage."""
+def resolve_init(init: str, ctx: StepContext, stage: str, key: str = "init") -> tuple[Path, dict[str, Any]]:
+    """A local bundle directory for `init` (a bundle dir, models:/... URI, or HF GPT-2 dir) and its lineage.
+
+    `key`: the config key that named it (``init``, or ``teacher`` for distillation), for error messages.
+    """
     cache = Path(ctx.workdir) / stage / "init"
     if init.startswith("models:/"):
         from flows.tracking import download_model
@@ -84,7 +89,7 @@ def resolve_init(init: str, ctx: StepContext, stage: str) -> tuple[Path, dict[st
             bundle = _find_bundle(downloaded)
             if bundle is None:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise ConfigError(f"{stage}.init={init!r}: the downloaded model holds no bundle "
+                raise ConfigError(f"{stage}.{key}={init!r}: the downloaded model holds no bundle "
                                   f"({', '.join(BUNDLE_FILES)})")
             sha = sha256_file(bundle / "model.safetensors")
             final = cache / f"{key}-{sha[:16]}"
@@ -99,7 +104,7 @@ def resolve_init(init: str, ctx: StepContext, stage: str) -> tuple[Path, dict[st
         return bundle, {"uri": init, "model_sha256": sha}
     path = Path(init)
     if not path.is_dir():
-        raise ConfigError(f"{stage}.init={init!r}: no such directory (and not a models:/NAME@ALIAS or "
+        raise ConfigError(f"{stage}.{key}={init!r}: no such directory (and not a models:/NAME@ALIAS or "
                           "models:/NAME/VERSION URI)")
     bundle = _find_bundle(path)
     if bundle is not None and bundle == path:
@@ -111,7 +116,7 @@ def resolve_init(init: str, ctx: StepContext, stage: str) -> tuple[Path, dict[st
 
         weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
         if weights is None:
-            raise ConfigError(f"{stage}.init={init!r}: {path} has config.json but no model.safetensors or pytorch_model.bin")
+            raise ConfigError(f"{stage}.{key}={init!r}: {path} has config.json but no model.safetensors or pytorch_model.bin")
         # The cache is keyed on every file the import reads (the weights, config.json, the tokenizer
         # files Tokenizer.load picks): a changed tokenizer or config is a new import, not a stale hit.
         tok_files = ["tokenizer.json"] if (path / "tokenizer.json").is_file() else ["vocab.json", "merges.txt"]
@@ -125,14 +130,14 @@ def resolve_init(init: str, ctx: StepContext, stage: str) -> tuple[Path, dict[st
                         model = import_gpt2(path)
                         tokenizer = Tokenizer.load(path)
                     except (ValueError, FileNotFoundError) as e:
-                        raise ConfigError(f"{stage}.init={init!r}: cannot import as GPT-2: {e}") from e
+                        raise ConfigError(f"{stage}.{key}={init!r}: cannot import as GPT-2: {e}") from e
                     save_bundle(dst, model, tokenizer, {"imported_from": str(path.resolve()),
                                                         "source_sha256": sources})
                     mark_done(dst)
         return dst, {"hf_gpt2": str(path.resolve()), "model_sha256": sha256_file(dst / "model.safetensors")}
     if bundle is not None:
         return bundle, {"bundle": str(bundle.resolve()), "model_sha256": sha256_file(bundle / "model.safetensors")}
-    raise ConfigError(f"{stage}.init={init!r}: {path} is neither a model bundle ({', '.join(BUNDLE_FILES)}) "
+    raise ConfigError(f"{stage}.{key}={init!r}: {path} is neither a model bundle ({', '.join(BUNDLE_FILES)}) "
                       "nor a Hugging Face GPT-2 directory (config.json + weights)")
 
 
@@ -146,9 +151,11 @@ def _find_bundle(root: Path) -> Path | None:
 
 
 def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path | None, out_dir: str | Path,
-         ctx: StepContext, stage: str = "pretrain") -> Plan:
+         ctx: StepContext, stage: str = "pretrain", teacher: str | Path | None = None) -> Plan:
     """Check config, initial model and data; decide the model, DeepSpeed config and resume place.
 
+    Distillation (``stage="distill"``, `tc` a DistillConfig) also resolves and checks the `teacher`;
+    the student's architecture comes from `tc` (its preset, or `init`), `mc` is not read.
     Raises ConfigError / DataError before any worker starts. Reads files; starts nothing.
     """
     from gptcore import GPTConfig, Tokenizer, preset
@@ -165,6 +172,19 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
     if tc.offload_optimizer and tc.zero_stage == 0:
         raise ConfigError(f"{stage}.offload_optimizer=true needs zero_stage 1, 2 or 3 (got 0)")
     deepspeed_config(tc)  # its checks, before any file is read
+    teacher_info = None
+    if stage == "distill":
+        if not teacher:
+            raise ConfigError("distill.teacher is empty: distillation learns from a model (--teacher BUNDLE_DIR, "
+                              "models:/NAME@ALIAS or a Hugging Face GPT-2 directory)")
+        teacher_info = _resolve_teacher(str(teacher), ctx)
+        student = tc.student_model()  # type: ignore[attr-defined]
+        T_teacher = teacher_info["gpt"].context_length
+        if student.context_length is not None and student.context_length > T_teacher:
+            raise ConfigError(f"distill.context_length={student.context_length} exceeds the teacher's context "
+                              f"({T_teacher}, {teacher_info['bundle'] / 'config.json'}): the teacher must see "
+                              "every window the student trains on")
+        mc = dataclasses.replace(student, context_length=student.context_length or (None if init else T_teacher))
 
     init_bundle, parent = (None, None)
     if init:
@@ -179,17 +199,17 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
         try:
             gpt = preset(mc.preset)
         except ValueError as e:
-            raise ConfigError(f"model.preset: {e}") from None
+            raise ConfigError(f"{'distill.student_preset' if stage == 'distill' else 'model.preset'}: {e}") from None
         model_tok = None
 
-    split = "sft" if stage == "finetune" else "train"
+    split = {"pretrain": "train", "finetune": "sft"}.get(stage) or tc.split  # type: ignore[attr-defined]
     data_root = Path(dataset)
     from flows.data.dataset import read_manifest
 
     manifest = read_manifest(data_root)
     # Validation during training: held-out fine-tuning examples when fine-tuning (masked like sft), else
     # the pretraining text's val split; none when the dataset has neither.
-    candidates = ("sft_val", "val") if stage == "finetune" else ("val",)
+    candidates = ("sft_val", "val") if split == "sft" else ("val",)
     eval_split = next((s for s in candidates if (manifest["splits"].get(s) or {}).get("shards")), None)
     T = mc.context_length or gpt.context_length
     info = check_dataset(data_root, (split, eval_split) if eval_split else (split,), T, world=tc.num_workers)
@@ -212,6 +232,8 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
     else:
         gpt = dataclasses.replace(gpt, vocab_size=data_tok.vocab_size, context_length=T, dropout=mc.dropout,
                                   activation_checkpointing=mc.activation_checkpointing)
+    if teacher_info is not None:
+        _check_teacher(teacher_info, data_tok, data_tok_path, data_root, T)
 
     from flows.train.capacity import preflight
 
@@ -225,7 +247,38 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
         stage=stage, train=tc, gpt_config=gpt.to_dict(), dataset=info, split=split, eval_split=eval_split,
         init_bundle=str(init_bundle.resolve()) if init_bundle else None, parent=parent, key=key,
         output_dir=out, run_name=tc.run_name or f"{stage}-{key}", storage_path=storage, deepspeed_config=ds_config,
+        teacher=None if teacher_info is None else {
+            "bundle": str(teacher_info["bundle"].resolve()), "lineage": teacher_info["lineage"],
+            "alpha": tc.alpha, "temperature": tc.temperature,  # type: ignore[attr-defined]
+        },
     )
+
+
+def _resolve_teacher(teacher: str, ctx: StepContext) -> dict[str, Any]:
+    """The teacher's local bundle, lineage, architecture and tokenizer."""
+    from gptcore import GPTConfig, Tokenizer
+
+    bundle, lineage = resolve_init(teacher, ctx, "distill", key="teacher")
+    gpt = GPTConfig.from_dict(json.loads((bundle / "config.json").read_text(encoding="utf-8")))
+    return {"bundle": bundle, "lineage": lineage, "gpt": gpt, "tokenizer": Tokenizer.load(bundle / "tokenizer.json")}
+
+
+def _check_teacher(teacher: dict[str, Any], data_tok: Any, data_tok_path: Path, data_root: Path, T: int) -> None:
+    """Teacher, student and data share one tokenizer, and the teacher sees every window of T tokens."""
+    bundle = teacher["bundle"]
+    if teacher["tokenizer"].sha256() != data_tok.sha256():
+        raise DataError(
+            f"tokenizer mismatch: the teacher uses {bundle / 'tokenizer.json'} ({teacher['tokenizer'].vocab_size} "
+            f"tokens) but the data in {data_root} was tokenized with {data_tok_path} ({data_tok.vocab_size} tokens); "
+            "teacher and student must share a tokenizer (the student learns the teacher's distribution over its "
+            f"vocabulary): preprocess with data.tokenizer_path={bundle}"
+        )
+    if teacher["gpt"].vocab_size != data_tok.vocab_size:
+        raise DataError(f"{bundle / 'config.json'}: the teacher's vocab_size={teacher['gpt'].vocab_size} does not "
+                        f"match its tokenizer and the data's ({data_tok.vocab_size} tokens, {data_tok_path})")
+    if T > teacher["gpt"].context_length:
+        raise ConfigError(f"the student's context ({T} tokens) exceeds the teacher's ({teacher['gpt'].context_length}, "
+                          f"{bundle / 'config.json'}); set distill.context_length <= {teacher['gpt'].context_length}")
 
 
 def check_cluster(tc: TrainConfig, stage: str, local: bool) -> None:
@@ -298,6 +351,10 @@ class LoopConfig:
     """Where the injected failure records that it happened, so the restarted worker passes the step."""
     nan_at_step: int = -1
     """Testing only: rank 0's first micro-batch loss at this step becomes NaN (no TrainConfig field)."""
+    teacher_bundle: str | None = None
+    """Distillation: the teacher's bundle directory, loaded on every worker in inference mode."""
+    distill_alpha: float = 1.0
+    distill_temperature: float = 1.0
 
 
 def loop_config(p: Plan, run_id: str | None, uri: str | None) -> LoopConfig:
@@ -319,10 +376,14 @@ def loop_config(p: Plan, run_id: str | None, uri: str | None) -> LoopConfig:
         fail_marker=str(Path(p.storage_path) / p.run_name / f"injected_failure_step{tc.fail_at_step}")
         if tc.fail_at_step >= 0 and "://" not in p.storage_path else "",
         run_id=run_id, tracking_uri=uri, warmup_timing_steps=WARMUP_TIMING_STEPS,
+        **({"teacher_bundle": p.teacher["bundle"], "distill_alpha": p.teacher["alpha"],
+            "distill_temperature": p.teacher["temperature"]} if p.teacher else {}),
         bundle_metadata={
             "stage": p.stage, "config_hash": p.key, "git_commit": _git_commit(),
             "dataset": p.dataset.path, "dataset_manifest_sha256": p.dataset.manifest_sha256,
             "tokenizer_sha256": p.dataset.tokenizer_sha256, "parent": p.parent,
             "train_config": to_dict(tc), "deepspeed_config": p.deepspeed_config,
+            **({"teacher": p.teacher["lineage"], "distillation": {
+                "alpha": p.teacher["alpha"], "temperature": p.teacher["temperature"]}} if p.teacher else {}),
         },
     )
