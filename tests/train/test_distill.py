@@ -4,7 +4,7 @@ Fast (no Ray): a teacher whose tokenizer differs from the data's, or whose conte
 student's, is refused before any worker starts, naming the files; `gptflow distill` says the same and
 exits 2; the pipeline wires the distill steps only when asked, under the student's own model name.
 
-Slow (real Ray Train + DeepSpeed, ZeRO-2, two CPU workers): a teacher (the small preset, trained here in
+Slow (real Ray Train + DeepSpeed, ZeRO-3, two CPU workers): a teacher (the small preset, trained here in
 plain torch: any bundle can teach) and three fits of the tiny student with the same data, seed and
 steps: on labels alone (the pretrain step), distilled (the pipeline's distill, evaluate, register and
 promote steps, MLflow on), and distilled again with a worker lost mid-run. The distilled student
@@ -62,13 +62,13 @@ def _train_plain(model: GPT, dataset: Path, steps: int, lr: float = 3e-3, batch:
 def teacher(dataset, tmp_path_factory) -> Path:
     """The small preset (4 x 128, twice the student's width), trained well past where the student gets."""
     torch.manual_seed(0)
-    model = _train_plain(GPT(preset("small", vocab_size=512, context_length=T)), dataset, steps=200)
+    model = _train_plain(GPT(preset("small", vocab_size=512, context_length=T)), dataset, steps=150)
     return save_bundle(tmp_path_factory.mktemp("teacher") / "bundle", model,
                        Tokenizer.load(dataset / "tokenizer.json"), {"stage": "pretrain"})
 
 
 # The student's run, shared by the labels-only baseline (pretrain.*) and the distilled runs (distill.*).
-_RUN = ("num_workers=2", "zero_stage=2", "precision=fp32", "steps=40", "micro_batch_size=8", "lr=3e-3",
+_RUN = ("num_workers=2", "zero_stage=3", "precision=fp32", "steps=40", "micro_batch_size=8", "lr=3e-3",
         "warmup_steps=4", "min_lr_ratio=1.0", "eval_every=40", "eval_batches=4", "checkpoint_every=10",
         "sample_tokens=4", "seed=3")
 
