@@ -21,7 +21,36 @@ keeps an fp32 copy of its partition besides (optimizer 12/N), and the rest divid
 optimizer moves the fp32 states and gradients to CPU memory (reported per node).
 
 Communication buffers (DeepSpeed's gradient buckets, sized as flows/train/ds_config.py sets them) are
-a column of their own. Activations per micro-batch, b sequences of s tokens, width h, L layers (Korthikanti et al. 2022,
+a column of their own. ZeRO-3 reduce-scatters its gradient bucket of B elements (g bytes each) through
+DeepSpeed's reduce_scatter_coalesced, which interleaves the bucket's per-rank chunks into a second
+flat tensor of the bucket's size, and on CPU gloo's reduce-scatter works on a third full copy:
+
+    ZeRO-3 buffers    2·g·B on GPUs, 3·g·B on CPU workers (gloo)
+
+ZeRO-3's gathered parameters are a column of their own too: DeepSpeed keeps every parameter that its
+prefetcher gathered in the forward pass until that parameter's last use in the backward pass (a
+prefetched parameter is never released in between), and prefetches until max_live_parameters
+elements are gathered. So from the second step on, at the turn from forward to backward, a rank holds
+
+    ZeRO-3 gathered   w·min(Ψ, max_live_parameters + prefetch bucket)
+
+with w the bytes of a weight (2 in bf16/fp16, 4 in fp32): the whole model for any Ψ up to 1e9 at
+DeepSpeed's default max_live_parameters, which ds_config.py writes out. DeepSpeed's estimator
+counts only 4·(largest layer) for this, in the weights, which stay as it computes them. Measured with
+2 CPU ranks (DeepSpeed 0.19.8): gpt2-124m at vocab 512, 85.5M parameters, had 83.1M gathered at the
+end of the forward, also with stage3_max_reuse_distance 2e7; a 7.3M-parameter model had 2.6M with
+max_live_parameters 2e6 and a prefetch bucket of 5e5. The buffers and the gathered parameters are
+counted as live at once: a model larger than the bucket reduce-scatters it while parameters are
+still gathered; in the measured run (one bucket for the whole model) the gathered parameters are freed
+just before its reduce-scatter, but glibc keeps the freed heap pages (it returns only the top of the
+heap), as a GPU's caching allocator would keep its blocks.
+
+Not a term: the full fp32 model (4Ψ) that every rank builds before DeepSpeed partitions it for
+ZeRO-3. Measured, it is freed while deepspeed.initialize partitions it (RSS after initialize equals
+the live tensors), before the training peak. Nor the export's consolidated state dict (4Ψ on rank
+0, after training; the measured peak is taken before it).
+
+Activations per micro-batch, b sequences of s tokens, width h, L layers (Korthikanti et al. 2022,
 "Reducing Activation Recomputation", without dropout masks and with fused attention, so no s²
 scores are kept): 32·s·b·h bytes per layer at 16-bit, twice that in fp32; with activation
 checkpointing, each block keeps only its input (s·b·h values) and one block is recomputed at a time.
@@ -70,6 +99,8 @@ class Estimate:
     optimizer: float
     activations: float
     buffers: float
+    gathered: float
+    """ZeRO-3's parameters gathered at once (0 for ZeRO 0-2, whose weights are all local anyway)."""
     cpu_offload_per_node: float
     budget: float
 
@@ -79,7 +110,7 @@ class Estimate:
 
     @property
     def total(self) -> float:
-        return self.model_states + self.buffers + self.activations
+        return self.model_states + self.buffers + self.gathered + self.activations
 
     @property
     def fits(self) -> bool:
@@ -129,16 +160,28 @@ def buffers(params: int, zero_stage: int, precision: str, gpu: bool) -> float:
     """DeepSpeed's communication buffers per rank, bytes, with the buckets flows/train/ds_config.py
     sets: ZeRO-0 flattens every gradient into all-reduce buckets (a copy of the gradients); ZeRO-1/2
     keep a contiguous gradient bucket (two when overlapping communication, as on GPUs); ZeRO-3 a
-    gradient bucket and a parameter prefetch bucket."""
+    gradient bucket, the interleaved copy its reduce-scatter makes, and on CPU gloo's own copy."""
     from flows.train.ds_config import bucket_sizes
 
     grad_bytes = 2 if precision in HALF else 4
-    reduce_bucket, prefetch_bucket = bucket_sizes(params)
+    reduce_bucket, _ = bucket_sizes(params)
     if zero_stage == 0:
         return float(params * grad_bytes)
     if zero_stage in (1, 2):
         return float(reduce_bucket * grad_bytes * (2 if gpu else 1))
-    return float(reduce_bucket * grad_bytes + prefetch_bucket * grad_bytes)
+    return float(reduce_bucket * grad_bytes * (2 if gpu else 3))
+
+
+def gathered(params: int, zero_stage: int, precision: str) -> float:
+    """ZeRO-3's gathered parameters per rank, bytes: what its prefetcher gathers (up to
+    max_live_parameters plus one prefetch bucket) stays gathered until the backward pass uses it."""
+    from flows.train.ds_config import MAX_LIVE_PARAMETERS, bucket_sizes
+
+    if zero_stage != 3:
+        return 0.0
+    _, prefetch_bucket = bucket_sizes(params)
+    weight_bytes = 2 if precision in HALF else 4
+    return float(weight_bytes * min(params, MAX_LIVE_PARAMETERS + prefetch_bucket))
 
 
 def activations(cfg: GPTConfig, micro_batch: int, precision: str, checkpointing: bool) -> float:
@@ -162,7 +205,7 @@ def estimate(cfg: GPTConfig, micro_batch: int, precision: str, zero_stage: int, 
     if budget is None:
         budget = (hw.gpu_mem_gib - GPU_RESERVE_GIB) * GIB
     return Estimate(zero_stage, offload_optimizer, checkpointing, params, w, g, o, a,
-                    buffers(params, zero_stage, precision, gpu), cpu, budget)
+                    buffers(params, zero_stage, precision, gpu), gathered(params, zero_stage, precision), cpu, budget)
 
 
 def table(cfg: GPTConfig, micro_batch: int, precision: str, hw: Hardware) -> list[Estimate]:
@@ -192,13 +235,13 @@ def report(cfg: GPTConfig, micro_batch: int, precision: str, hw: Hardware, token
         f"({hw.gpu_mem_gib - GPU_RESERVE_GIB:g} GiB usable each), micro-batch {micro_batch}, {precision}",
         "",
         f"{'ZeRO':>4} {'offload':>7} {'ckpt':>4} | {'weights':>8} {'grads':>8} {'optim':>8} {'buffers':>8} "
-        f"{'activ.':>8} {'total':>8} GiB/GPU | {'CPU/node':>8} | fits",
+        f"{'gathered':>8} {'activ.':>8} {'total':>8} GiB/GPU | {'CPU/node':>8} | fits",
     ]
     for r in rows:
         lines.append(
             f"{r.zero_stage:>4} {'yes' if r.offload_optimizer else 'no':>7} {'yes' if r.activation_checkpointing else 'no':>4} | "
             f"{r.weights / GIB:8.2f} {r.gradients / GIB:8.2f} {r.optimizer / GIB:8.2f} {r.buffers / GIB:8.2f} "
-            f"{r.activations / GIB:8.2f} "
+            f"{r.gathered / GIB:8.2f} {r.activations / GIB:8.2f} "
             f"{r.total / GIB:8.2f}         | {r.cpu_offload_per_node / GIB:8.1f} | {'yes' if r.fits else 'NO'}")
     fitting = [r for r in rows if r.fits]
     lines.append("")
@@ -254,7 +297,8 @@ def preflight(tc, gpt: GPTConfig, stage: str, local: bool) -> Estimate | None:
         raise ConfigError(
             f"{stage}: {e.params / 1e6:,.1f}M parameters will not fit: the capacity planner estimates "
             f"{gib(e.total)} per worker (weights {gib(e.weights)}, gradients {gib(e.gradients)}, optimizer "
-            f"{gib(e.optimizer)}, buffers {gib(e.buffers)}, activations {gib(e.activations)}) at zero_stage={tc.zero_stage}, "
+            f"{gib(e.optimizer)}, buffers {gib(e.buffers)}, gathered parameters {gib(e.gathered)}, "
+            f"activations {gib(e.activations)}) at zero_stage={tc.zero_stage}, "
             f"micro_batch_size={tc.micro_batch_size}, precision={tc.precision}, but {where} "
             f"({gib(max(budget, 0))} usable each). Raise zero_stage, set offload_optimizer or "
             f"model.activation_checkpointing, lower micro_batch_size, or add memory; `gptflow capacity` "

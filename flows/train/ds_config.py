@@ -12,6 +12,9 @@ from flows.config import PRECISIONS, ConfigError, TrainConfig
 # buckets of its own size: the same communication, without gigabytes of empty buffer.
 REDUCE_BUCKET = 500_000_000
 PREFETCH_BUCKET = 50_000_000
+# ZeRO-3's cap on gathered parameters (elements) before it stops prefetching: DeepSpeed's default,
+# written into the config because the capacity planner's gathered-parameter term reads it.
+MAX_LIVE_PARAMETERS = 1_000_000_000
 
 
 def bucket_sizes(num_params: int | None) -> tuple[int, int]:
@@ -40,6 +43,7 @@ def deepspeed_config(tc: TrainConfig, num_params: int | None = None) -> dict[str
             zero.update({"overlap_comm": True, "contiguous_gradients": True})
     if tc.zero_stage == 3:
         zero["stage3_prefetch_bucket_size"] = prefetch_bucket
+        zero["stage3_max_live_parameters"] = MAX_LIVE_PARAMETERS
         # Lets save_16bit_model / consolidation gather full weights for the exported bundle.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if tc.offload_optimizer:

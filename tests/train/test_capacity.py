@@ -65,8 +65,12 @@ def test_more_sharding_and_checkpointing_never_need_more_memory():
     hw = Hardware(gpus_per_node=8, nodes=2)
     cfg = preset("gpt2-1.5b")
     for precision in ("bf16", "fp32"):
-        totals = [estimate(cfg, 4, precision, z, hw).total for z in range(4)]
-        assert totals == sorted(totals, reverse=True) and totals[0] > 2 * totals[3]
+        rows = [estimate(cfg, 4, precision, z, hw) for z in range(4)]
+        totals = [r.total for r in rows]
+        assert totals == sorted(totals, reverse=True)
+        # ZeRO-3 shards the model states 16 ways; the parameters it gathers back (the whole model, up
+        # to max_live_parameters) and the activations do not shrink with the world size.
+        assert rows[0].model_states > 8 * rows[3].model_states and rows[3].gathered > rows[3].weights
     plain, ckpt = estimate(cfg, 4, "bf16", 2, hw), estimate(cfg, 4, "bf16", 2, hw, checkpointing=True)
     assert ckpt.activations < plain.activations / 5 and ckpt.model_states == plain.model_states
     offloaded = estimate(cfg, 4, "bf16", 2, hw, offload_optimizer=True)
@@ -119,14 +123,18 @@ def test_a_run_that_cannot_fit_fails_before_any_worker_starts_with_the_planners_
 
 # What 2 CPU workers really hold, against the planner. gpt2-124m at vocab 512 and context 64 is 85M
 # parameters: the model states (16 bytes each in fp32) dominate, and the interpreter, torch, DeepSpeed
-# and Ray (loaded before the model is built) are left out of the measured growth. ZeRO-0 only: under
-# ZeRO-3 this machine measures about twice the planner's figure (2.5 vs 1.2-1.4 GiB per worker), which
-# the planner does not explain yet (README: what is left).
+# and Ray (loaded before the model is built) are left out of the measured growth (peak RSS, taken
+# before the last checkpoint and the export). Measured here: ZeRO-0 1.82-1.83 GiB per worker against
+# the planner's 1.66 (+10%); ZeRO-3 2.49-2.59 in four runs against 2.15 (+16-21%), whose peak is the
+# gradient bucket's reduce-scatter in the backward pass (the bucket, its interleaved copy, gloo's copy,
+# the gathered model's freed pages, the sharded model states). What the planner leaves out, and why
+# both stages measure above it: heap pages glibc keeps after frees (malloc_trim gives back 0.47 GiB
+# after a ZeRO-3 backward).
 TOLERANCE = 0.25
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage", [0])
+@pytest.mark.parametrize("zero_stage", [0, 3])
 def test_memory_model_matches_what_two_cpu_workers_measure(ray_local, dataset, tmp_path, zero_stage):
     cfg = _cfg(tmp_path, dataset, "model.preset=gpt2-124m", "model.context_length=64", "pretrain.num_workers=2",
                f"pretrain.zero_stage={zero_stage}", "pretrain.steps=2", "pretrain.micro_batch_size=2",
