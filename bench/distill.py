@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from common import save, timed
+
 from flows.train.windows import TokenWindows
 from gptcore import GPT, Distillation, preset
 
