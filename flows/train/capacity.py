@@ -268,10 +268,19 @@ def gib(x: float) -> str:
     return f"{x / GIB:.2f} GiB" if math.isfinite(x) else str(x)
 
 
-def preflight(tc, gpt: GPTConfig, stage: str, local: bool) -> Estimate | None:
+def teacher_bytes(teacher: GPTConfig, precision: str, micro_batch_size: int, context: int) -> float:
+    """What a distillation teacher holds on each worker: its whole weights in the student's compute
+    dtype (flows/train/teacher.py; never partitioned) and its final hidden states for one micro-batch
+    (inference without gradients keeps no other activation)."""
+    width = 2 if precision in HALF else 4
+    return float(teacher.num_params() * width + micro_batch_size * context * teacher.d_model * width)
+
+
+def preflight(tc, gpt: GPTConfig, stage: str, local: bool, teacher: GPTConfig | None = None) -> Estimate | None:
     """The planner's verdict before a training run starts: ConfigError, with the figures, when the
     run cannot fit in the memory its workers have. GPU runs are checked against the first GPU this
     process sees; CPU runs on a local Ray instance against this machine's RAM shared by the workers.
+    A distillation `teacher` takes its share of each worker's memory first (:func:`teacher_bytes`).
     Returns the estimate, or None when there is nothing to check against (a remote cluster's CPUs)."""
     from flows.config import ConfigError
 
@@ -291,6 +300,10 @@ def preflight(tc, gpt: GPTConfig, stage: str, local: bool) -> Estimate | None:
         where = f"this machine's {total / GIB:.1f} GiB of RAM shared by {tc.num_workers} worker(s)"
     else:
         return None
+    held = teacher_bytes(teacher, tc.precision, tc.micro_batch_size, gpt.context_length) if teacher else 0.0
+    budget -= held
+    if held:
+        where += f", less the teacher's {gib(held)} on each worker ({teacher.num_params() / 1e6:,.1f}M parameters)"
     e = estimate(gpt, tc.micro_batch_size, tc.precision, tc.zero_stage, hw, tc.offload_optimizer,
                  gpt.activation_checkpointing, budget=budget, gpu=tc.use_gpu)
     if not e.fits:

@@ -238,7 +238,8 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
     from flows.train.capacity import preflight
 
     ds_config = deepspeed_config(tc, gpt.num_params())
-    preflight(tc, gpt, stage, local=not (os.environ.get("RAY_ADDRESS") or getattr(ctx.cluster, "address", None)))
+    preflight(tc, gpt, stage, local=not (os.environ.get("RAY_ADDRESS") or getattr(ctx.cluster, "address", None)),
+              teacher=teacher_info["gpt"] if teacher_info else None)
     out = Path(out_dir).resolve()
     key = out.name  # the runner named the output after everything that determines the weights
     storage = tc.storage_path or str((Path(ctx.workdir) / "ray_results").resolve())

@@ -147,6 +147,28 @@ def test_the_student_takes_the_teachers_vocabulary_and_context(dataset, teacher,
     assert (p.split, p.gpt_config["context_length"]) == ("sft", 32)
 
 
+def test_the_teachers_memory_counts_before_any_worker_starts(dataset, tmp_path):
+    """Every worker holds the whole teacher: a student that fits alone is refused beside a teacher
+    too large for each worker's share of this machine's RAM, with the teacher's figures."""
+    import os
+
+    from flows.train.capacity import GIB, preflight, teacher_bytes
+    from gptcore import GPTConfig
+
+    cfg = _cfg(tmp_path, dataset)
+    student = preset("tiny", vocab_size=512, context_length=T)
+    assert preflight(cfg.distill, student, "distill", local=True) is not None  # fits alone
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    layers = int(ram / 4 / (12 * 1024 * 1024)) + 1  # fp32 weights of about all this machine's RAM
+    big = GPTConfig(vocab_size=512, context_length=T, n_layer=layers, n_head=16, d_model=1024)
+    assert teacher_bytes(big, "fp32", 8, T) > ram / cfg.distill.num_workers
+    with pytest.raises(ConfigError, match=r"less the teacher's [\d.]+ GiB on each worker"):
+        preflight(cfg.distill, student, "distill", local=True, teacher=big)
+    # in bf16 the teacher's weights take half the bytes
+    assert teacher_bytes(big, "bf16", 8, T) == pytest.approx(teacher_bytes(big, "fp32", 8, T) / 2)
+    assert teacher_bytes(big, "fp32", 8, T) / GIB > 1
+
+
 def test_the_pipeline_distills_only_when_asked_under_the_students_own_name(tmp_path):
     off = load_config(None, [f"workdir={tmp_path}"])
     assert not {s.name for s in pipeline.STEPS if s.enabled(off)} & set(pipeline.DISTILL_STEPS)
