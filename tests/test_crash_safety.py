@@ -124,7 +124,7 @@ def test_a_crash_while_overwriting_a_bundle_leaves_no_loadable_mix(tmp_path, mon
 
 def _plan(tmp_path: Path, steps: int) -> SimpleNamespace:
     return SimpleNamespace(stage="pretrain", train=TrainConfig(steps=steps), gpt_config={"n_layer": 1},
-                           dataset=SimpleNamespace(manifest_sha256="abc"), parent=None,
+                           dataset=SimpleNamespace(manifest_sha256="abc"), parent=None, teacher=None,
                            storage_path=str(tmp_path), run_name="run")
 
 
