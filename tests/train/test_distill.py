@@ -200,7 +200,7 @@ def distilled(ray_local, dataset, teacher, tmp_path_factory):
     """The same student distilled from the teacher through the pipeline's four distill steps, MLflow on."""
     cfg = _cfg(tmp_path_factory.mktemp("kd"), dataset, f"distill.teacher={teacher}", tracking=True)
     planned = _steps(cfg, list(pipeline.DISTILL_STEPS))
-    return cfg, {p.step.name: p.out for p in planned}
+    return cfg, {p.step.name: p.out for p in planned} | {"planned": planned}
 
 
 @pytest.mark.slow
@@ -257,6 +257,15 @@ def test_the_student_is_tracked_registered_and_promoted_with_its_teacher_in_the_
     assert {"loss", "ce_loss", "kd_kl", "val_loss"} <= set(run.data.metrics)
     text = render(lineage(registry, "teacher-student@champion", Path(cfg.workdir) / "cache"))
     assert f"teacher: {teacher.resolve()} (alpha 0.2, temperature 1.0)" in text, text
+
+    # what `gptflow distill` prints: the student's figures and registry decision, its bundle last
+    from flows.report import distill_report
+
+    report = distill_report(cfg, outs["planned"])
+    assert report.splitlines()[-1] == str(outs["distill"])
+    assert "evaluation of the distilled student (" in report and "bits/byte" in report, report
+    assert f"registry: teacher-student version {version['version']} is " in report, report
+    assert "gptflow serve --workdir" in report and "--model teacher-student@champion" in report, report
 
 
 @pytest.mark.slow
