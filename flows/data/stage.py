@@ -290,7 +290,9 @@ def _run_units(fn: Callable[..., dict], units: Sequence[WorkUnit], workers: int,
             todo.append(unit)
     if len(results):
         log.info("%s: %d of %d work units already done (resuming)", desc, len(results), len(units))
-    remote = ray.remote(fn).options(num_cpus=1, max_retries=2)
+    # SPREAD: work units go to every node of a cluster; Ray's default packs tasks onto the driver's node
+    # until it is busy (seen: all 32 units of a two-node run on one node).
+    remote = ray.remote(fn).options(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")
     pending: dict[Any, str] = {}
     queue = iter(todo)
     with tqdm(total=len(units), initial=len(results), desc=desc, unit="unit", disable=None) as bar:
