@@ -34,6 +34,7 @@ import torch
 
 from flows.evaluate.metrics import token_bytes
 from flows.store import atomic_write_text
+from gptcore.model import apply_rope
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,18 @@ def token_losses(model: Any, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray
     return losses.cpu().numpy().astype(np.float64), logits[0].argmax(-1).cpu().numpy()
 
 
-def _recompute_attention(attn: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention weights (B, nh, T, T) of a CausalSelfAttention for its (already layer-normed)
-    input x (B, T, C), and the module output they imply (B, T, C), mirroring gptcore/model.py."""
+def _recompute_attention(attn: torch.nn.Module, x: torch.Tensor,
+                         rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention weights (B, nh, T, T) of a CausalSelfAttention for its (already normed) input
+    x (B, T, C) and rotary angles if any, and the module output they imply (B, T, C), mirroring
+    gptcore/model.py."""
     B, T, C = x.shape
-    hs = C // attn.n_head
-    qkv = attn.c_attn(x).view(B, T, 3, attn.n_head, hs)  # (B, T, 3, nh, hs)
-    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+    nh, nkv, hs = attn.n_head, attn.n_kv_head, attn.head_dim
+    qkv = attn.c_attn(x).view(B, T, nh + 2 * nkv, hs).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
+    q, k, v = qkv.split((nh, nkv, nkv), dim=1)
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)  # each (B, nh, T, hs)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # (B, nh, T, T)
@@ -94,11 +100,12 @@ def attention_maps(model: Any, ids: Sequence[int]) -> np.ndarray:
     """
     model.eval()
     device = next(model.parameters()).device
-    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    seen: dict[int, tuple[torch.Tensor, tuple | None, torch.Tensor]] = {}
 
     def capture(layer: int):
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-            seen[layer] = (args[0].detach(), output.detach())  # args: (ln_1(x), mask, cache)
+            rope = args[3] if len(args) > 3 else None  # args: (ln_1(x), mask, cache, rope)
+            seen[layer] = (args[0].detach(), rope, output.detach())
         return hook
 
     handles = [block.attn.register_forward_hook(capture(i)) for i, block in enumerate(model.blocks)]
@@ -107,8 +114,8 @@ def attention_maps(model: Any, ids: Sequence[int]) -> np.ndarray:
             model(torch.tensor([list(ids)], device=device))
             maps = []
             for layer, block in enumerate(model.blocks):
-                x, real = seen[layer]
-                weights, implied = _recompute_attention(block.attn, x)
+                x, rope, real = seen[layer]
+                weights, implied = _recompute_attention(block.attn, x, rope)
                 _check_reproduces(layer, implied, real)
                 maps.append(weights[0].float().cpu().numpy())
     finally:

@@ -140,3 +140,15 @@ def test_token_texts_escape_partial_characters_instead_of_hiding_them(tok):
     assert "\ufffd" not in "".join(texts)
     if len(ids) > 1:  # é is two bytes; with no merge for it, each byte token shows as its escape
         assert texts == ["\\xc3", "\\xa9"]
+
+
+def test_attention_maps_of_a_llama_family_model_are_its_own():
+    """Rotary positions and grouped-query attention: attention_maps checks itself against the forward."""
+    from gptcore import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    llama = GPT(GPTConfig(vocab_size=64, context_length=32, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
+                          bias=False, norm="rmsnorm", positions="rotary", mlp="swiglu"))
+    maps = attention_maps(llama, list(range(1, 17)))
+    assert maps.shape == (2, 4, 16, 16)
+    np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)

@@ -154,3 +154,17 @@ def test_requests_that_cannot_fit_are_refused_when_submitted(model, tok):
     with pytest.raises(ValueError, match="temperature"):
         engine.submit(SequenceRequest(0, (1,), 1, temperature=float("nan")))
     assert not engine.has_work()
+
+
+def test_rotary_positions_per_row_make_a_late_join_exact(tok):
+    """Llama family: each row's keys are rotated by its own positions, so a sequence joining a running
+    batch (other rows far ahead of it) decodes as it would alone."""
+    torch.manual_seed(0)
+    llama = GPT(GPTConfig(vocab_size=tok.vocab_size, context_length=96, n_layer=2, n_head=4, n_kv_head=2,
+                          d_model=32, bias=False, norm="rmsnorm", positions="rotary", mlp="swiglu",
+                          tie_embeddings=False)).eval()
+    reqs = _requests(10, seed=3)
+    tokens, _, occupancy = _drain(BatchEngine(llama, max_batch_size=4), {0: reqs[:5], 4: reqs[5:7], 9: reqs[7:]})
+    for r in reqs:
+        assert tokens.get(r.id, []) == generate_alone(llama, r), r.id
+    assert max(occupancy) == 4

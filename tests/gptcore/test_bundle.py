@@ -25,6 +25,24 @@ def bundle(tmp_path, tok):
     return tmp_path / "b", model
 
 
+def test_an_untied_llama_family_model_round_trips(tmp_path, tok):
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=tok.vocab_size, bias=False, norm="rmsnorm", positions="rotary", mlp="swiglu",
+                 n_kv_head=2, mlp_hidden=96, tie_embeddings=False, rope_theta=5e5)
+    model = GPT(cfg).eval()
+    save_bundle(tmp_path / "b", model, tok)
+    loaded, _, meta = load_bundle(tmp_path / "b")
+    assert loaded.config == cfg
+    assert loaded.lm_head.weight.data_ptr() != loaded.wte.weight.data_ptr()
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+    idx = torch.randint(0, tok.vocab_size, (2, 9))
+    torch.testing.assert_close(loaded(idx)[0], model(idx)[0])
+    assert meta["num_params"] == cfg.num_params()
+    (tmp_path / "b" / "config.json").write_text(json.dumps({**cfg.to_dict(), "norm": 1}))
+    with pytest.raises(BundleError, match="norm=1 must be a str"):
+        load_bundle(tmp_path / "b")
+
+
 def test_round_trip_same_logits_tokenizer_and_metadata(bundle, tok):
     path, model = bundle
     assert sorted(p.name for p in path.iterdir()) == ["config.json", "metadata.json", "model.safetensors", "tokenizer.json"]

@@ -12,6 +12,14 @@ from gptcore import GPT, Distillation, GPTConfig
 
 STUDENT = GPTConfig(vocab_size=512, context_length=32, n_layer=1, n_head=2, d_model=32)
 TEACHER = GPTConfig(vocab_size=512, context_length=64, n_layer=2, n_head=4, d_model=64)
+# The Llama family on both sides: a tied student, an untied GQA teacher.
+_LLAMA = dict(bias=False, norm="rmsnorm", positions="rotary", mlp="swiglu")
+PAIRS = {
+    "gpt2": (STUDENT, TEACHER),
+    "llama": (GPTConfig(vocab_size=512, context_length=32, n_layer=1, n_head=2, d_model=32, **_LLAMA),
+              GPTConfig(vocab_size=512, context_length=64, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
+                        tie_embeddings=False, **_LLAMA)),
+}
 
 
 def _batch(seed: int = 0):
@@ -23,9 +31,9 @@ def _batch(seed: int = 0):
     return idx, targets, mask
 
 
-def _models():
+def _models(family: str = "gpt2"):
     torch.manual_seed(0)
-    student, teacher = GPT(STUDENT), GPT(TEACHER).eval()
+    student, teacher = GPT(PAIRS[family][0]), GPT(PAIRS[family][1]).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return student, teacher
@@ -55,10 +63,11 @@ def _grads(model: GPT) -> dict[str, torch.Tensor]:
     (0.2, 1.0, 512 * 7),  # several chunks, the last one short
     (0.0, 4.0, 512 * 7),  # soft targets only
 ])
-def test_fused_distillation_matches_the_plain_formula(monkeypatch, alpha, tau, chunk_elements):
+@pytest.mark.parametrize("family", list(PAIRS))
+def test_fused_distillation_matches_the_plain_formula(monkeypatch, alpha, tau, chunk_elements, family):
     monkeypatch.setattr(distillation, "_CHUNK_ELEMENTS", chunk_elements)
     monkeypatch.setattr(distillation, "_MIN_CHUNK_ROWS", 1)
-    student, teacher = _models()
+    student, teacher = _models(family)
     idx, targets, mask = _batch()
     plain, ce, kl = _plain(student, teacher, idx, targets, mask, alpha, tau)
     plain.backward()

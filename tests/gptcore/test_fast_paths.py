@@ -19,6 +19,10 @@ from gptcore.packed import Linear, pack_linears, supported
 CFG = GPTConfig(vocab_size=4096, context_length=64, n_layer=2, n_head=2, d_model=64)
 WIDE = GPTConfig(vocab_size=1024, context_length=64, n_layer=2, n_head=4, d_model=256)  # all but attn c_proj packed
 NO_BIAS = GPTConfig(vocab_size=1024, context_length=64, n_layer=2, n_head=4, d_model=256, bias=False)
+# The Llama family: RMSNorm, RoPE with Llama-3 scaling, GQA, SwiGLU (packed), untied head, attention biases.
+LLAMA = GPTConfig(vocab_size=4096, context_length=64, n_layer=2, n_head=8, n_kv_head=2, d_model=256, bias=False,
+                  attn_bias=True, norm="rmsnorm", positions="rotary", mlp="swiglu", mlp_hidden=384,
+                  tie_embeddings=False, rope_theta=5e5, rope_scaling_factor=8.0, rope_original_context=32)
 
 
 def _grads(model: GPT) -> dict[str, torch.Tensor]:
@@ -37,11 +41,12 @@ def _batch(seed: int = 0):
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 22, 4096 * 5])  # one chunk; several, the last one short
-def test_fused_loss_matches_plain_loss_and_gradients(monkeypatch, chunk_elements):
+@pytest.mark.parametrize("cfg", [CFG, LLAMA], ids=["gpt2", "llama"])
+def test_fused_loss_matches_plain_loss_and_gradients(monkeypatch, chunk_elements, cfg):
     monkeypatch.setattr(fused_loss, "_CHUNK_ELEMENTS", chunk_elements)
     monkeypatch.setattr(fused_loss, "_MIN_CHUNK_ROWS", 1)
     torch.manual_seed(0)
-    model = GPT(CFG)
+    model = GPT(cfg)
     idx, targets, mask = _batch()
     _, plain = model(idx, targets, mask)
     plain.backward()
@@ -86,7 +91,7 @@ needs_onednn = pytest.mark.skipif(not supported(torch.zeros(1)), reason="no oneD
 
 
 @needs_onednn
-@pytest.mark.parametrize("cfg", [CFG, WIDE], ids=["head-only", "most-layers"])
+@pytest.mark.parametrize("cfg", [CFG, WIDE, LLAMA], ids=["head-only", "most-layers", "llama"])
 def test_packed_decoding_matches_plain_decoding(cfg):
     torch.manual_seed(0)
     model = GPT(cfg).eval()
@@ -152,7 +157,7 @@ def test_packed_bf16_decoding_matches_plain_bf16():
     assert float((logits_packed.float() - logits_plain.float()).abs().max()) < 0.1
 
 
-@pytest.mark.parametrize("cfg", [CFG, WIDE, NO_BIAS], ids=["small", "wide", "no-bias"])
+@pytest.mark.parametrize("cfg", [CFG, WIDE, NO_BIAS, LLAMA], ids=["small", "wide", "no-bias", "llama"])
 @pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("padded", [False, True], ids=["same-length", "left-padded"])
 def test_flat_decoding_step_matches_forward_with_a_cache(cfg, pack, padded):

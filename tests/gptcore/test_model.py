@@ -1,4 +1,5 @@
-"""Model invariants on the tiny preset: shapes, causality, initial loss, masking, KV cache, overfitting."""
+"""Model invariants on the tiny preset, GPT-2 and Llama family: shapes, causality, initial loss, masking,
+KV cache, activation checkpointing, overfitting."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ import torch
 
 from gptcore import GPT, PRESETS, GPTConfig, KVCache, preset
 
+# The Llama family's switches on the tiny shape: GQA, an untied head, SwiGLU of its own width.
+LLAMA = dict(bias=False, norm="rmsnorm", positions="rotary", mlp="swiglu", n_kv_head=2, mlp_hidden=160,
+             tie_embeddings=False)
+FAMILIES = {"gpt2": {}, "llama": LLAMA}
 
-@pytest.fixture()
-def model() -> GPT:
+
+@pytest.fixture(params=list(FAMILIES))
+def model(request) -> GPT:
     torch.manual_seed(0)
-    return GPT(preset("tiny", vocab_size=512)).eval()
+    return GPT(preset("tiny", vocab_size=512, **FAMILIES[request.param])).eval()
 
 
 def test_forward_shapes_and_no_loss_without_targets(model):
@@ -32,7 +38,9 @@ def test_last_logits_only_is_the_last_position_of_the_full_logits(model):
 
 
 def test_param_count_formula_matches_module():
-    for cfg in (preset("tiny"), preset("tiny", bias=False), GPTConfig(vocab_size=100, n_layer=2, n_head=2, d_model=32)):
+    for cfg in (preset("tiny"), preset("tiny", bias=False), GPTConfig(vocab_size=100, n_layer=2, n_head=2, d_model=32),
+                preset("tiny", **LLAMA), preset("tiny", **(LLAMA | dict(attn_bias=True, tie_embeddings=True))),
+                preset("tiny", bias=True, norm="rmsnorm", mlp_bias=False, n_kv_head=1)):
         assert cfg.num_params() == GPT(cfg).num_params()
 
 
@@ -119,10 +127,25 @@ def test_too_long_sequence_is_a_clear_error(model):
         model(torch.zeros(1, model.config.context_length + 1, dtype=torch.long))
 
 
-def test_overfits_one_batch_with_and_without_activation_checkpointing():
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_activation_checkpointing_gives_the_same_gradients(family):
+    idx = torch.randint(0, 128, (2, 24))
+    grads = []
     for checkpointing in (False, True):
         torch.manual_seed(0)
-        m = GPT(preset("tiny", vocab_size=128, activation_checkpointing=checkpointing)).train()
+        m = GPT(preset("tiny", vocab_size=128, activation_checkpointing=checkpointing, **FAMILIES[family])).train()
+        m(idx, torch.roll(idx, -1, dims=1))[1].backward()
+        grads.append({n: p.grad for n, p in m.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_overfits_one_batch_with_and_without_activation_checkpointing(family):
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        m = GPT(preset("tiny", vocab_size=128, activation_checkpointing=checkpointing, **FAMILIES[family])).train()
         opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
         idx = torch.randint(0, 128, (4, 32))
         targets = torch.roll(idx, -1, dims=1)
@@ -141,5 +164,14 @@ def test_config_validation_and_round_trip():
         GPTConfig.from_dict({"vocab_size": 10, "nope": 1})
     with pytest.raises(ValueError, match="unknown model preset"):
         preset("huge")
-    c = preset("tiny")
-    assert GPTConfig.from_dict(c.to_dict()) == c
+    for bad, message in ((dict(norm="batchnorm"), "norm='batchnorm' must be one of layernorm, rmsnorm"),
+                         (dict(positions="alibi"), "positions='alibi'"), (dict(mlp="relu"), "mlp='relu'"),
+                         (dict(n_kv_head=3), "n_kv_head=3 must divide n_head=4"),
+                         (dict(mlp_hidden=-1), "mlp_hidden=-1"),
+                         (dict(positions="rotary", n_head=64, d_model=64), "even head_dim"),
+                         (dict(positions="rotary", rope_scaling_factor=0.5), "rope_scaling_factor"),
+                         (dict(positions="rotary", rope_scaling_factor=8.0, rope_low_freq_factor=4.0), "rope scaling")):
+        with pytest.raises(ValueError, match=message):
+            preset("tiny", **bad)
+    for c in (preset("tiny"), preset("tiny", **LLAMA), PRESETS["llama-3.2-1b"]):
+        assert GPTConfig.from_dict(c.to_dict()) == c
