@@ -28,7 +28,7 @@ from gptcore.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "metadata.json")
-_TIED = "lm_head.weight"  # same tensor as wte.weight
+_TIED = "lm_head.weight"  # same tensor as wte.weight unless the config unties it
 
 
 class BundleError(ValueError):
@@ -50,7 +50,8 @@ def save_bundle(
     if (directory / "metadata.json").exists():
         (directory / "metadata.json").unlink()
         _fsync_dir(directory)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != _TIED}
+    tied = model.config.tie_embeddings
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != _TIED or not tied}
     _atomic(directory / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     _atomic(directory / "config.json", lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n"))
     _atomic(directory / "tokenizer.json", lambda p: p.write_text(tokenizer.to_json(), encoding="utf-8"))
@@ -91,7 +92,8 @@ def load_bundle(
     except (SafetensorError, OSError, RuntimeError) as e:
         raise BundleError(f"{weights}: unreadable or truncated ({e})") from e
     model = GPT(config)
-    expected = {k: v.shape for k, v in model.state_dict().items() if k != _TIED}
+    tied = config.tie_embeddings
+    expected = {k: v.shape for k, v in model.state_dict().items() if k != _TIED or not tied}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
@@ -101,7 +103,8 @@ def load_bundle(
             raise BundleError(
                 f"{weights}: tensor {name} has shape {tuple(state[name].shape)}, config.json implies {tuple(shape)}"
             )
-    state[_TIED] = state["wte.weight"]
+    if tied:
+        state[_TIED] = state["wte.weight"]
     model.load_state_dict({k: v.float() for k, v in state.items()})
     model.to(device=device, dtype=dtype or torch.float32).eval()
     return model, tokenizer, metadata
@@ -119,6 +122,8 @@ def read_config(path: str | Path) -> GPTConfig:
             "int": isinstance(value, int) and not isinstance(value, bool),
             "float": isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
             "bool": isinstance(value, bool),
+            "bool | None": value is None or isinstance(value, bool),
+            "str": isinstance(value, str),
         }.get(str(kind), True)
         if not ok:
             raise BundleError(f"{path}: {key}={value!r} must be a{'n' if kind == 'int' else ''} {kind}")

@@ -1,7 +1,14 @@
-"""Hugging Face GPT-2 interop: read and write the `transformers` GPT2LMHeadModel directory layout.
+"""Hugging Face interop: read and write `transformers` directories of GPT-2 and Llama models.
+
+`load_hf_model(dir)` reads config.json and safetensors weights (one file or a sharded index; never
+pickle); `config_from_hf` and `model_from_hf` turn an HF config dict and HF-named tensors into a
+GPT (the GGUF reader produces exactly those and calls them too); `export_hf(model, dir)` writes a
+directory `AutoModelForCausalLM.from_pretrained` loads with the same logits.
 
 GPT-2's checkpoints store attention and MLP projections as Conv1D weights, shaped (in, out):
 the transpose of nn.Linear's (out, in). Everything else maps name for name.
+Llama's map through the table `LLAMA_TENSORS`: our fused projections are HF's separate ones
+stacked by rows (q, k, v into c_attn; gate, up into c_fc), split again on export.
 """
 
 from __future__ import annotations
@@ -9,7 +16,9 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -27,17 +36,14 @@ def import_gpt2(directory: str | Path) -> GPT:
     """A GPT with the weights of a HF GPT-2 directory (config.json + model.safetensors or pytorch_model.bin)."""
     directory = Path(directory)
     config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path}: missing (not a Hugging Face GPT-2 directory)")
-    try:
-        hf = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_path}: not readable JSON ({e})") from e
-    if not isinstance(hf, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(hf).__name__}")
-    _check_types(hf, config_path)
+    hf = read_hf_config(directory, "GPT-2")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{config_path}: model_type {hf.get('model_type')!r} is not gpt2")
+    return _gpt2_model(_gpt2_config(hf, config_path), _read_weights(directory), directory, config_path)
+
+
+def _gpt2_config(hf: dict, config_path: Path | str) -> GPTConfig:
+    _check_types(hf, config_path, _INT_KEYS, _FLOAT_KEYS)
     activation = hf.get("activation_function", "gelu_new")
     if activation not in _GELU_TANH:
         raise ValueError(f"{config_path}: activation_function {activation!r} unsupported (GPT uses tanh GELU)")
@@ -55,7 +61,7 @@ def import_gpt2(directory: str | Path) -> GPT:
     missing = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
     if missing:
         raise ValueError(f"{config_path}: missing keys {missing}")
-    config = GPTConfig(
+    return GPTConfig(
         vocab_size=hf["vocab_size"],
         context_length=hf.get("n_positions", hf.get("n_ctx", 1024)),
         n_layer=hf["n_layer"],
@@ -63,7 +69,10 @@ def import_gpt2(directory: str | Path) -> GPT:
         d_model=hf["n_embd"],
         layer_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
     )
-    state = _read_weights(directory)
+
+
+def _gpt2_model(config: GPTConfig, state: dict[str, torch.Tensor], directory: Path | str,
+                config_path: Path | str) -> GPT:
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     ours: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
@@ -135,28 +144,39 @@ _INT_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "n_ctx"
 _FLOAT_KEYS = ("layer_norm_epsilon",)
 
 
-def _check_types(hf: dict, path: Path) -> None:
-    for key in _INT_KEYS:
+def _check_types(hf: dict, path: Path | str, ints: tuple[str, ...], floats: tuple[str, ...]) -> None:
+    for key in ints:
         v = hf.get(key)
         if key in hf and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValueError(f"{path}: {key}={v!r} must be an integer")
-    for key in _FLOAT_KEYS:
+    for key in floats:
         v = hf.get(key)
         if key in hf and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
             raise ValueError(f"{path}: {key}={v!r} must be a number")
-    for key in ("model_type", "activation_function"):
+    for key in ("model_type", "activation_function", "hidden_act"):
         if key in hf and not isinstance(hf[key], str):
             raise ValueError(f"{path}: {key}={hf[key]!r} must be a string")
+
+
+def read_hf_config(directory: str | Path, kind: str = "Hugging Face model") -> dict:
+    """config.json of an HF directory as a dict; FileNotFoundError/ValueError naming the file."""
+    config_path = Path(directory) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path}: missing (not a {kind} directory)")
+    try:
+        hf = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config_path}: not readable JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise ValueError(f"{config_path}: expected a JSON object, got {type(hf).__name__}")
+    return hf
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     safetensors_path = directory / "model.safetensors"
     bin_path = directory / "pytorch_model.bin"
     if safetensors_path.is_file():
-        try:
-            return load_file(str(safetensors_path))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise ValueError(f"{safetensors_path}: unreadable or truncated safetensors file ({e})") from e
+        return _read_safetensors(safetensors_path)
     if bin_path.is_file():
         # weights_only: a checkpoint from the internet must not run code on load.
         try:
@@ -164,3 +184,304 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         except (pickle.UnpicklingError, EOFError, OSError, RuntimeError) as e:
             raise ValueError(f"{bin_path}: unreadable, truncated or not a plain weights file ({e})") from e
     raise FileNotFoundError(f"{directory}: neither model.safetensors nor pytorch_model.bin")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: unreadable or truncated safetensors file ({e})") from e
+
+
+# --------------------------------------------------------------------------- any family
+
+
+def load_hf_model(directory: str | Path) -> GPT:
+    """A GPT (fp32, eval mode) from an HF directory of model_type llama or gpt2: config.json and
+    model.safetensors, or the shards a model.safetensors.index.json names. Safetensors only."""
+    directory = Path(directory)
+    hf = read_hf_config(directory)
+    config_path = directory / "config.json"
+    index = directory / "model.safetensors.index.json"
+    if (directory / "model.safetensors").is_file():
+        tensors = _read_safetensors(directory / "model.safetensors")
+    elif index.is_file():
+        tensors = _read_sharded(index)
+    else:
+        raise FileNotFoundError(f"{directory}: neither model.safetensors nor model.safetensors.index.json "
+                                "(only safetensors weights are read, never pickle)")
+    return model_from_hf(hf, tensors, source=config_path)
+
+
+def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index with a weight_map ({e})") from e
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise ValueError(f"{index}: weight_map must map tensor names to file names")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        path = index.parent / shard
+        if Path(shard).name != shard or not path.is_file():
+            raise ValueError(f"{index}: shard {shard!r} is not a file beside the index")
+        tensors.update(_read_safetensors(path))
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise ValueError(f"{index}: tensors {missing[:5]} are not in the shards it names")
+    return tensors
+
+
+def config_from_hf(hf: dict, *, source: str | Path = "config.json") -> GPTConfig:
+    """The GPTConfig of an HF config.json dict (model_type llama or gpt2); `source` names the file in
+    errors. A setting GPT does not compute raises ValueError naming it: importing anyway would give
+    other logits than the model's own."""
+    model_type = hf.get("model_type", "gpt2")
+    if model_type == "gpt2":
+        return _gpt2_config(hf, source)
+    if model_type == "llama":
+        return _llama_config(hf, source)
+    raise ValueError(f"{source}: model_type {model_type!r} is not supported (supported: gpt2, llama)")
+
+
+def model_from_hf(hf_config: dict, tensors: dict[str, torch.Tensor], *,
+                  source: str | Path = "config.json") -> GPT:
+    """A GPT (fp32, eval mode) from an HF config dict and its HF-named tensors (any float dtype).
+    A missing, unexpected or wrongly shaped tensor raises ValueError naming it."""
+    config = config_from_hf(hf_config, source=source)
+    if hf_config.get("model_type", "gpt2") == "gpt2":
+        return _gpt2_model(config, tensors, Path(source).parent, source)
+    return _llama_model(config, tensors, source)
+
+
+def export_hf(model: GPT, directory: str | Path, *, config_extra: dict[str, Any] | None = None) -> Path:
+    """Write config.json and model.safetensors that `transformers.AutoModelForCausalLM.from_pretrained`
+    loads with the same logits: a Llama directory for a Llama-family model, GPT-2's for GPT-2.
+    `config_extra` is merged into config.json (e.g. bos/eos token ids). Tokenizer files are the
+    caller's."""
+    c = model.config
+    if _is_gpt2(c):
+        directory = export_gpt2(model, directory)
+    elif c.norm == "rmsnorm" and c.positions == "rotary" and c.mlp == "swiglu":
+        directory = _export_llama(model, Path(directory))
+    else:
+        raise ValueError(
+            f"no Hugging Face architecture computes this GPTConfig (norm={c.norm}, positions={c.positions}, "
+            f"mlp={c.mlp}): GPT-2 needs layernorm/learned/gelu, Llama rmsnorm/rotary/swiglu")
+    if config_extra:
+        path = Path(directory) / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config_extra}, indent=2) + "\n")
+    return Path(directory)
+
+
+def _is_gpt2(c: GPTConfig) -> bool:
+    return (c.norm == "layernorm" and c.positions == "learned" and c.mlp == "gelu" and c.tie_embeddings
+            and c.kv_heads == c.n_head and c.ffn_hidden == 4 * c.d_model
+            and c.linear_attn_bias == c.linear_mlp_bias == c.bias)
+
+
+# --------------------------------------------------------------------------- Llama
+
+# Ours <- HF's. Several HF tensors stacked by rows (dim 0) make one of ours; nothing else changes.
+LLAMA_TENSORS: dict[str, tuple[str, ...]] = {
+    "wte.weight": ("model.embed_tokens.weight",),
+    "blocks.{i}.ln_1.weight": ("model.layers.{i}.input_layernorm.weight",),
+    "blocks.{i}.attn.c_attn.weight": ("model.layers.{i}.self_attn.q_proj.weight",
+                                      "model.layers.{i}.self_attn.k_proj.weight",
+                                      "model.layers.{i}.self_attn.v_proj.weight"),
+    "blocks.{i}.attn.c_attn.bias": ("model.layers.{i}.self_attn.q_proj.bias",
+                                    "model.layers.{i}.self_attn.k_proj.bias",
+                                    "model.layers.{i}.self_attn.v_proj.bias"),
+    "blocks.{i}.attn.c_proj.weight": ("model.layers.{i}.self_attn.o_proj.weight",),
+    "blocks.{i}.attn.c_proj.bias": ("model.layers.{i}.self_attn.o_proj.bias",),
+    "blocks.{i}.ln_2.weight": ("model.layers.{i}.post_attention_layernorm.weight",),
+    "blocks.{i}.mlp.c_fc.weight": ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
+    "blocks.{i}.mlp.c_fc.bias": ("model.layers.{i}.mlp.gate_proj.bias", "model.layers.{i}.mlp.up_proj.bias"),
+    "blocks.{i}.mlp.c_proj.weight": ("model.layers.{i}.mlp.down_proj.weight",),
+    "blocks.{i}.mlp.c_proj.bias": ("model.layers.{i}.mlp.down_proj.bias",),
+    "ln_f.weight": ("model.norm.weight",),
+    "lm_head.weight": ("lm_head.weight",),
+}
+# In some checkpoints, never read: old RoPE buffers (recomputed from the config).
+_LLAMA_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+_LLAMA_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+               "intermediate_size", "max_position_embeddings", "head_dim")
+_LLAMA_FLOATS = ("rms_norm_eps",)
+_ROPE_FLOATS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor")
+
+
+def _llama_config(hf: dict, source: Path | str) -> GPTConfig:
+    _check_types(hf, source, _LLAMA_INTS, _LLAMA_FLOATS)
+    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size") if k not in hf]
+    if missing:
+        raise ValueError(f"{source}: missing keys {missing}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported (Llama's MLP is SwiGLU: silu)")
+    for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
+        if key in hf and not isinstance(hf[key], bool):
+            raise ValueError(f"{source}: {key}={hf[key]!r} must be true or false")
+    d, nh = hf["hidden_size"], hf["num_attention_heads"]
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and (nh < 1 or head_dim * nh != d):
+        raise ValueError(f"{source}: head_dim={head_dim} must equal hidden_size / num_attention_heads "
+                         f"({d} / {nh}): GPT's heads split the residual stream")
+    rope = _llama_rope(hf, source)
+    try:
+        return GPTConfig(
+            vocab_size=hf["vocab_size"],
+            context_length=hf.get("max_position_embeddings", 2048),
+            n_layer=hf["num_hidden_layers"],
+            n_head=nh,
+            n_kv_head=hf.get("num_key_value_heads") or nh,
+            d_model=d,
+            bias=False,
+            attn_bias=hf.get("attention_bias", False),
+            mlp_bias=hf.get("mlp_bias", False),
+            layer_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            norm="rmsnorm",
+            positions="rotary",
+            mlp="swiglu",
+            mlp_hidden=hf["intermediate_size"],
+            tie_embeddings=hf.get("tie_word_embeddings", False),  # LlamaConfig's default
+            **rope,
+        )
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from e
+
+
+def _llama_rope(hf: dict, source: Path | str) -> dict[str, Any]:
+    """GPTConfig's rope fields from transformers 5's `rope_parameters` or transformers 4's top-level
+    `rope_theta` and `rope_scaling`."""
+    if isinstance(hf.get("rope_parameters"), dict):
+        params, key = dict(hf["rope_parameters"]), "rope_parameters"
+    else:
+        params, key = dict(hf.get("rope_scaling") or {}), "rope_scaling"
+        params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    _check_types(params, f"{source} ({key})", ("original_max_position_embeddings",), _ROPE_FLOATS)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if params.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{source}: {key}.partial_rotary_factor={params['partial_rotary_factor']} unsupported "
+                         "(GPT rotates whole heads)")
+    out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", 10000.0))}
+    if rope_type == "default":
+        return out
+    if rope_type != "llama3":
+        raise ValueError(f"{source}: {key}.rope_type={rope_type!r} unsupported (supported: default, llama3)")
+    need = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
+    if need:
+        raise ValueError(f"{source}: {key} of rope_type llama3 lacks {need}")
+    return {**out, "rope_scaling_factor": float(params["factor"]),
+            "rope_low_freq_factor": float(params["low_freq_factor"]),
+            "rope_high_freq_factor": float(params["high_freq_factor"]),
+            "rope_original_context": params.get("original_max_position_embeddings",
+                                                hf.get("max_position_embeddings", 8192))}
+
+
+def _llama_rows(c: GPTConfig, ours: str, count: int) -> list[int] | None:
+    """Rows of each HF tensor stacked into our tensor `ours` (None: just one)."""
+    if count == 1:
+        return None
+    if ".attn.c_attn." in ours:
+        return [c.n_head * c.head_dim, c.kv_heads * c.head_dim, c.kv_heads * c.head_dim]
+    return [c.ffn_hidden, c.ffn_hidden]
+
+
+def _llama_names(c: GPTConfig, ours: list[str]) -> dict[str, tuple[str, ...]]:
+    """Our tensor names -> the HF names they are made of, for this config's layers."""
+    table: dict[str, tuple[str, ...]] = {}
+    for pattern, hf_names in LLAMA_TENSORS.items():
+        for i in range(c.n_layer) if "{i}" in pattern else [0]:
+            name = pattern.format(i=i)
+            if name in ours:
+                table[name] = tuple(n.format(i=i) for n in hf_names)
+    return table
+
+
+def _llama_model(config: GPTConfig, tensors: dict[str, torch.Tensor], source: Path | str) -> GPT:
+    with torch.device("meta"):  # no random init of weights about to be replaced
+        model = GPT(config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        del shapes["lm_head.weight"]
+        head = tensors.get("lm_head.weight")  # a checkpoint may store the tied head anyway
+        embed = tensors.get("model.embed_tokens.weight")
+        if head is not None and embed is not None and head.shape == embed.shape and torch.equal(head, embed):
+            tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
+    table = _llama_names(config, list(shapes))
+    wanted = {n for names in table.values() for n in names}
+    unexpected = sorted(n for n in set(tensors) - wanted if not _LLAMA_IGNORED.fullmatch(n))
+    missing = sorted(wanted - set(tensors))
+    if missing or unexpected:
+        raise ValueError(f"{source}: the weights do not fit this Llama config: missing tensors {missing[:5]}, "
+                         f"unexpected tensors {unexpected[:5]}")
+    state: dict[str, torch.Tensor] = {}
+    for ours, hf_names in table.items():
+        rows = _llama_rows(config, ours, len(hf_names)) or [shapes[ours][0]]
+        for hf_name, n in zip(hf_names, rows, strict=True):
+            expected = (n, *shapes[ours][1:])
+            if tuple(tensors[hf_name].shape) != expected:
+                raise ValueError(f"{source}: tensor {hf_name} has shape {tuple(tensors[hf_name].shape)}, "
+                                 f"the config implies {expected}")
+        state[ours] = _stack_rows([tensors[n] for n in hf_names])
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["wte.weight"]
+    model.load_state_dict(state, assign=True)
+    if config.tie_embeddings:  # assign gave the two names two parameters: tie them again
+        model.lm_head.weight = model.wte.weight
+    return model.eval()
+
+
+def _stack_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """HF's separate projections as our one (q, k, v -> c_attn; gate, up -> c_fc), fp32."""
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)).float().contiguous()
+
+
+def _export_llama(model: GPT, directory: Path) -> Path:
+    c = model.config
+    state = {k: v.detach().cpu().float() for k, v in model.state_dict().items()}
+    if c.tie_embeddings:
+        del state["lm_head.weight"]
+    hf_state: dict[str, torch.Tensor] = {}
+    for ours, hf_names in _llama_names(c, list(state)).items():
+        rows = _llama_rows(c, ours, len(hf_names)) or [state[ours].shape[0]]
+        for name, part in zip(hf_names, torch.split(state[ours], rows, dim=0), strict=True):
+            hf_state[name] = part.clone()  # safetensors refuses tensors that share storage
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(hf_state, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    hf_config = llama_hf_config(c)
+    (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    return directory
+
+
+def llama_hf_config(c: GPTConfig) -> dict[str, Any]:
+    """The HF config.json dict of a Llama-family GPTConfig."""
+    scaling = None
+    if c.rope_scaling_factor != 1.0:
+        scaling = {"rope_type": "llama3", "factor": c.rope_scaling_factor,
+                   "low_freq_factor": c.rope_low_freq_factor, "high_freq_factor": c.rope_high_freq_factor,
+                   "original_max_position_embeddings": c.rope_original_context}
+    return {  # transformers 4's layout (top-level rope_theta, rope_scaling): 4 and 5 both read it
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.d_model,
+        "intermediate_size": c.ffn_hidden,
+        "num_hidden_layers": c.n_layer,
+        "num_attention_heads": c.n_head,
+        "num_key_value_heads": c.kv_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": c.context_length,
+        "rms_norm_eps": c.layer_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_scaling": scaling,
+        "attention_bias": c.linear_attn_bias,
+        "attention_dropout": c.dropout,
+        "mlp_bias": c.linear_mlp_bias,
+        "tie_word_embeddings": c.tie_embeddings,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "torch_dtype": "float32",
+    }

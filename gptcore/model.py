@@ -1,9 +1,13 @@
-"""The GPT: a decoder-only transformer in the GPT-2 layout, read top to bottom.
+"""The GPT: a decoder-only transformer, GPT-2 or Llama family, read top to bottom.
 
-Attention, MLP, Block, GPT, in that order, plus the KV cache used for incremental decoding.
-Pre-LayerNorm blocks, causal multi-head self-attention through torch's
-scaled_dot_product_attention, tanh-GELU MLP (as GPT-2), learned positions, LM head tied to the
-token embedding. The model knows nothing of distribution, precision policy or tracking.
+Norms and rotary positions, attention, MLP, Block, GPT, in that order, plus the KV cache used for
+incremental decoding. Pre-norm blocks, causal self-attention through torch's
+scaled_dot_product_attention. GPT-2 by default: LayerNorm, learned positions, tanh-GELU MLP, LM
+head tied to the token embedding. The Llama family by the config's switches, each read where it
+acts: RMSNorm, rotary positions (Hugging Face's rotate-half layout, Llama-3 scaling),
+grouped-query attention, SwiGLU MLP, separate bias switches, an untied head. Parameter names are
+GPT-2's for both (Llama's q/k/v live in one `c_attn`, its gate and up in one `c_fc`: one product
+each). The model knows nothing of distribution, precision policy or tracking.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from gptcore.packed import Linear
 
 
 class KVCache:
-    """Keys and values of every layer for the positions decoded so far: kv (L, 2, B, nh, T_max, hs).
+    """Keys and values of every layer for the positions decoded so far: kv (L, 2, B, nkv, T_max, hs),
+    nkv the key/value heads (n_head, or fewer under grouped-query attention). Keys are stored after
+    their rotary rotation, so a cached position never needs its position again.
 
     Attention over the cache runs in the cache's dtype, which may be wider than the model's: a
     bf16 model's keys and values are exact in an fp32 cache (generation uses one on CPU, where
@@ -31,7 +37,7 @@ class KVCache:
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
-        shape = (config.n_layer, 2, batch_size, config.n_head, max_len, config.head_dim)
+        shape = (config.n_layer, 2, batch_size, config.kv_heads, max_len, config.head_dim)
         self.kv = torch.zeros(shape, device=device, dtype=dtype)  # keys and values side by side: one copy per step
         self.layers = [self.kv[i] for i in range(config.n_layer)]  # per-layer (2, B, nh, T_max, hs) views, made once
         self.max_len = max_len
@@ -39,7 +45,7 @@ class KVCache:
 
     @classmethod
     def over(cls, kv: torch.Tensor) -> KVCache:
-        """A cache that reads and writes `kv` (L, 2, B, nh, T_max, hs) in place, e.g. a view of some
+        """A cache that reads and writes `kv` (L, 2, B, nkv, T_max, hs) in place, e.g. a view of some
         rows of a larger cache (continuous batching prefills one request into its row this way)."""
         cache = cls.__new__(cls)
         cache.kv = kv
@@ -49,7 +55,7 @@ class KVCache:
         return cache
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, nh, T, hs) keys/values; return all so far, (B, nh, pos+T, hs)."""
+        """Store this step's (B, nkv, T, hs) keys/values; return all so far, (B, nkv, pos+T, hs)."""
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
@@ -64,30 +70,93 @@ def _dropout(module: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
     return module(x) if module.training and module.p > 0 else x
 
 
+class RMSNorm(nn.Module):
+    """Llama's norm: x / rms(x) * weight, no mean, no bias; computed in fp32 whatever the input's
+    dtype, then cast back (as Hugging Face's LlamaRMSNorm, so bf16 runs match it)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    y = F.rms_norm(x.float(), (x.size(-1),), eps=eps)
+    return weight * y.to(x.dtype)
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.d_model, config.layer_norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+
+
+def rope_frequencies(config: GPTConfig) -> torch.Tensor:
+    """RoPE's inverse frequencies (hs/2,), fp32, with Llama-3's scaling when its factor is not 1:
+    long wavelengths divided by the factor, short ones kept, those between interpolated smoothly
+    (Hugging Face's `_compute_llama3_parameters`, step for step, so the floats agree)."""
+    hs = config.head_dim
+    steps = torch.arange(0, hs, 2, dtype=torch.int64, device="cpu").float()  # CPU even under a meta-device init
+    inv_freq = 1.0 / (config.rope_theta ** (steps / hs))
+    factor = config.rope_scaling_factor
+    if factor == 1.0:
+        return inv_freq
+    low, high, old = config.rope_low_freq_factor, config.rope_high_freq_factor, config.rope_original_context
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (*positions.shape, hs) for integer positions (any shape), in `dtype`."""
+    freqs = positions[..., None].float() * inv_freq  # (..., hs/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (..., hs): rotate-half pairs i with i + hs/2
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., hs) by its positions' angles: x*cos + rotate_half(x)*sin, rotate_half(x) =
+    cat(-x2, x1) (Hugging Face's layout; the interleaved-pair layout would need permuted weights)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.n_head = config.n_head
-        self.c_attn = Linear(config.d_model, 3 * config.d_model, bias=config.bias)
-        self.c_proj = Linear(config.d_model, config.d_model, bias=config.bias)
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
+        qkv = (self.n_head + 2 * self.n_kv_head) * self.head_dim  # q, then k and v (fewer heads under GQA)
+        self.c_attn = Linear(config.d_model, qkv, bias=config.linear_attn_bias)
+        self.c_proj = Linear(config.d_model, config.d_model, bias=config.linear_attn_bias)
         self.c_proj.residual_scaled = True  # GPT-2 init: scaled by 1/sqrt(2 * n_layer)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        qkv = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head)  # (B, T, 3, nh, hs)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, nh, T, hs)
+        nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
+        qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, hs).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
+        q, k, v = qkv.split((nh, nkv, nkv), dim=1)  # (B, nh, T, hs), (B, nkv, T, hs) twice
+        if rope is not None:  # rotary positions: cos, sin (B, 1, T, hs)
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dtype = q.dtype
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)  # (B, nh, S, hs), S = past + T
+            k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hs), S = past + T
             q = q.to(k.dtype)  # attention in the cache's dtype (see KVCache)
         dropout = self.dropout if self.training else 0.0
+        gqa = nkv != nh  # each group of nh / nkv query heads shares a key/value head (HF's repeat_kv)
         if mask is None:  # causal over a fresh sequence, or one new query that sees every key
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1, enable_gqa=gqa)
         else:  # (B, 1, T, S) boolean: cached prefix, left padding
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, C).to(dtype)  # (B, T, C); a view when T == 1
         return _dropout(self.resid_dropout, self.c_proj(y))
 
@@ -95,33 +164,42 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = Linear(config.d_model, 4 * config.d_model, bias=config.bias)
+        self.swiglu = config.mlp == "swiglu"
+        hidden = config.ffn_hidden
+        # SwiGLU's gate and up projections are one matrix, gate rows first: one product.
+        self.c_fc = Linear(config.d_model, 2 * hidden if self.swiglu else hidden, bias=config.linear_mlp_bias)
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
-        self.c_proj = Linear(4 * config.d_model, config.d_model, bias=config.bias)
+        self.c_proj = Linear(hidden, config.d_model, bias=config.linear_mlp_bias)
         self.c_proj.residual_scaled = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _dropout(self.dropout, self.c_proj(self.gelu(self.c_fc(x))))
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = self.gelu(h)
+        return _dropout(self.dropout, self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig, layer: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config, layer)
-        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), mask, cache)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), mask, cache, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
 
 
 class LMHead(Linear):
-    """The output projection (tied to the token embedding). Given targets, it returns the summed
+    """The output projection (tied to the token embedding unless the config unties it). Given targets, it returns the summed
     cross-entropy instead of logits, fused and chunked (see fused_loss.py). Being this module's
     forward matters under ZeRO-3, whose hooks gather a module's weights only around its forward."""
 
@@ -143,12 +221,17 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
-        self.wpe = nn.Embedding(config.context_length, config.d_model)
+        if config.positions == "learned":
+            self.wpe = nn.Embedding(config.context_length, config.d_model)
+        else:  # rotary: no parameters; the frequencies are a plain fp32 tensor, so a bf16 cast leaves them exact
+            self.wpe = None
+            self.rope_freq = rope_frequencies(config)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.lm_head = LMHead(config.d_model, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied
+        if config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -164,6 +247,12 @@ class GPT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotary cos and sin (*positions.shape, hs) for these positions."""
+        if self.rope_freq.device != positions.device:
+            self.rope_freq = self.rope_freq.to(positions.device)
+        return rope_tables(self.rope_freq, positions, dtype)
 
     def forward(
         self,
@@ -212,7 +301,7 @@ class GPT(nn.Module):
 
     def features(self, idx: torch.Tensor, *, cache: KVCache | None = None,
                  padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The final hidden states (B, T, C), after the last LayerNorm: what the LM head reads.
+        """The final hidden states (B, T, C), after the last norm: what the LM head reads.
 
         A teacher hands these (and its head weight) to a student's distillation loss; see forward
         for `cache` and `padding_mask`.
@@ -222,12 +311,19 @@ class GPT(nn.Module):
         if past + T > self.config.context_length:
             raise ValueError(f"sequence of {past + T} tokens exceeds context_length {self.config.context_length}")
         positions, mask = self._positions_and_mask(B, T, past, padding_mask, idx.device)
-        x = _dropout(self.drop, self.wte(idx) + self.wpe(positions))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        else:  # each row's own positions (left padding shifts them), as cos, sin (B, 1, T, hs)
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            rope = tuple(t.unsqueeze(1) for t in self.rope(positions, dtype))
+        x = _dropout(self.drop, x)
         for block in self.blocks:
             if self.config.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x = checkpoint(block, x, mask, None, rope, use_reentrant=False)
             else:
-                x = block(x, mask, cache)
+                x = block(x, mask, cache, rope)
         if cache is not None:
             cache.pos += T
         return self.ln_f(x)
