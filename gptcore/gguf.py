@@ -110,11 +110,7 @@ def load_gguf(path: str | Path) -> tuple[Any, Tokenizer]:
     from gptcore.hf import model_from_hf  # the Llama importer: one table for HF and GGUF names
 
     g = read_gguf(path)
-    try:
-        model = model_from_hf(g.hf_config, g.tensors)
-    except ValueError as e:
-        raise ValueError(f"{g.path}: {e}") from e
-    return model, g.tokenizer
+    return model_from_hf(g.hf_config, g.tensors, source=g.path), g.tokenizer
 
 
 # ---------------------------------------------------------------------- reading

@@ -4,11 +4,11 @@ with gguf.GGUFWriter, so transformers' own GGUF loader is the reference that rea
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer as HFTokenizer
 
 from gptcore import Tokenizer
 
@@ -22,6 +22,7 @@ TEXT = ("The quick brown fox jumps over the lazy dog. " * 20 + "def f(x):\n    r
 
 def tiny_tokenizer(vocab_size: int = 400) -> Tokenizer:
     """A byte-level BPE trained here, with ChatML's special tokens at ids 0, 1, 2."""
+    from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers, trainers
 
     hf = HFTokenizer(models.BPE())
@@ -68,9 +69,10 @@ _NAMES = {
 
 def write_gguf(path: Path, model: torch.nn.Module, tok: Tokenizer, qtype: str = "F32",
                pre: str = "gpt2", arch: str = "llama", template: str | None = CHATML,
-               vocab_size: int | None = None, token_types: bool = True) -> Path:
+               extra_tokens: tuple[str, ...] = (), raw: dict[str, str] | None = None) -> Path:
     """`model` as llama.cpp writes it; `qtype` (F32, F16, Q8_0, ...) for the 2-D weights, as
-    llama.cpp keeps norms in F32."""
+    llama.cpp keeps norms in F32. `extra_tokens` go after the vocabulary (a tokenizer bigger than
+    the embedding); `raw` stores the named tensors as zero bytes of another type (e.g. Q8_1)."""
     import gguf
 
     c = model.config
@@ -82,19 +84,16 @@ def write_gguf(path: Path, model: torch.nn.Module, tok: Tokenizer, qtype: str = 
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"] if hasattr(c, "rope_parameters") and c.rope_parameters
-                               else c.rope_theta))
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(vocab_size or c.vocab_size)
+    w.add_vocab_size(c.vocab_size)
     w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(pre)
     vocab = tok._hf.get_vocab(with_added_tokens=True)
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])] + list(extra_tokens)
     w.add_token_list(tokens)
-    if token_types:
-        w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
-    import json
+    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
     merges = json.loads(tok.to_json())["model"]["merges"]
     w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in merges])
     w.add_bos_token_id(1)
@@ -116,7 +115,11 @@ def write_gguf(path: Path, model: torch.nn.Module, tok: Tokenizer, qtype: str = 
             data = _permute(data, c.num_attention_heads)
         elif gname.endswith("attn_k.weight"):
             data = _permute(data, c.num_key_value_heads)
-        if data.ndim == 1 or q == gguf.GGMLQuantizationType.F32:
+        if gname in (raw or {}):
+            rq = getattr(gguf.GGMLQuantizationType, raw[gname])
+            block, size = gguf.GGML_QUANT_SIZES[rq]
+            w.add_tensor(gname, np.zeros((data.shape[0], data.shape[1] // block * size), np.uint8), raw_dtype=rq)
+        elif data.ndim == 1 or q == gguf.GGMLQuantizationType.F32:
             w.add_tensor(gname, np.ascontiguousarray(data, dtype=np.float32))
         elif q == gguf.GGMLQuantizationType.F16:
             w.add_tensor(gname, data.astype(np.float16))
