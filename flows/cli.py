@@ -129,9 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, help="sequences per GPU per step (default: pretrain.micro_batch_size)")
     p.add_argument("--precision", help="fp32, bf16, bf16-autocast or fp16 (default: pretrain.precision)")
 
+    p = sub.add_parser("import", help="a pretrained model (HF directory, .gguf, builtin:NAME) -> a model bundle")
+    p.add_argument("source", help="HF directory (llama or gpt2), a .gguf file, or builtin:smollm2-135m-instruct")
+    p.add_argument("--out", required=True, help="bundle directory to write")
+    p.add_argument("--dtype", default="fp32", help="weights in the bundle: fp32 (default) or bf16")
+
+    p = sub.add_parser("export", help="a model bundle -> a Hugging Face directory transformers loads")
+    p.add_argument("bundle", help="model bundle directory")
+    p.add_argument("--out", required=True, help="directory to write (new or empty)")
+
     p = sub.add_parser("generate", help="generate text from a model bundle")
     p.add_argument("bundle", help="model bundle directory")
-    p.add_argument("prompt", help="prompt text")
+    p.add_argument("prompt", nargs="?", help="prompt text (or --chat)")
+    p.add_argument("--chat", help="a user message: rendered with the model's chat template, answered until "
+                                  "the end of the turn; prints the answer alone")
+    p.add_argument("--system", help="with --chat: a system message")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int)
@@ -206,6 +218,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "generate":
             print(_generate(args))
+            return 0
+        if args.command in ("import", "export"):
+            from flows.models import importer
+
+            if args.command == "import":
+                print(importer.import_model(args.source, args.out, args.dtype), flush=True)
+            else:
+                print(importer.export_model(args.bundle, args.out), flush=True)
             return 0
         if args.command == "explain":
             print(_explain(args))
@@ -361,11 +381,19 @@ def _generate(args: argparse.Namespace) -> str:
         check_sampling(args.temperature, args.top_k, args.top_p)
     except ValueError as e:
         raise ValueError("--" + str(e).replace("_", "-", 1)) from None
+    if (args.prompt is None) == (args.chat is None):
+        raise ValueError("give a prompt or --chat MESSAGE (one of the two)")
     model, tok, _ = load_bundle(args.bundle)
-    ids = generate(model, tok.encode(args.prompt) or [tok.eot_id], args.max_new_tokens,
+    if args.chat is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.chat}]
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    else:
+        prompt = args.prompt
+    ids = generate(model, tok.encode(prompt) or [tok.eot_id], args.max_new_tokens,
                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   stop_ids=[tok.eot_id], seed=args.seed)
-    return args.prompt + tok.decode(ids)
+                   stop_ids=tok.stop_ids, seed=args.seed)
+    return tok.decode(ids) if args.chat is not None else prompt + tok.decode(ids)
 
 
 def _explain(args: argparse.Namespace) -> str:

@@ -1,6 +1,6 @@
 """gptcore: a clean GPT you can read — config, model, byte-level BPE tokenizer, generation, bundles.
 
-Depends on torch, tokenizers, safetensors and numpy only: no Ray, DeepSpeed or MLflow.
+Depends on torch, tokenizers, safetensors, numpy, gguf and jinja2 only: no Ray, DeepSpeed or MLflow.
 Names load on first use (PEP 562), so `from gptcore import Tokenizer` in a preprocessing worker
 does not pay for importing torch. No submodule shares a name with an export: importing such a
 submodule would rebind the package attribute (`gptcore.generate`) to the module.

@@ -1,7 +1,9 @@
 """Model bundle: the one on-disk form of a trained model that everything downstream loads.
 
 A directory of four files: config.json (GPTConfig), model.safetensors (weights; the tied LM head
-is not stored twice), tokenizer.json, metadata.json (format version, parameter count, lineage).
+is not stored twice), tokenizer.json, metadata.json (format version, parameter count, lineage);
+and a fifth, tokenizer_config.json (special tokens, chat template, stop tokens), for a tokenizer
+that has more of those than `<|endoftext|>` (a bundle without one is read as before).
 Loading never unpickles. Every failure names the file and what is wrong with it.
 
 Saving is crash-safe: metadata.json goes first and comes back last, so a directory that has it is a
@@ -55,6 +57,11 @@ def save_bundle(
     _atomic(directory / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
     _atomic(directory / "config.json", lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n"))
     _atomic(directory / "tokenizer.json", lambda p: p.write_text(tokenizer.to_json(), encoding="utf-8"))
+    settings = directory / "tokenizer_config.json"  # special tokens, chat template, stop tokens
+    if tokenizer.has_settings:
+        _atomic(settings, lambda p: p.write_text(json.dumps(tokenizer.config(), indent=2) + "\n", encoding="utf-8"))
+    else:
+        settings.unlink(missing_ok=True)
     meta = {**(metadata or {}), "format_version": FORMAT_VERSION, "num_params": model.num_params()}
     _atomic(directory / "metadata.json", lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
     return directory

@@ -1,35 +1,75 @@
-"""Byte-level BPE tokenizer: train, save, load (tokenizer.json, or GPT-2's vocab.json + merges.txt).
+"""Byte-level BPE tokenizer: train, save, load (tokenizer.json, or GPT-2's vocab.json + merges.txt),
+with the model's special tokens, chat template and stop tokens.
 
 A thin, typed wrapper over Hugging Face `tokenizers`. Byte-level means every byte has a token, so
 any Unicode string encodes, and decode(encode(s)) == s. No normalizer runs, for the same reason.
+
+Beside tokenizer.json a tokenizer may have a tokenizer_config.json in Hugging Face's layout
+(bos/eos/pad/unk tokens, `chat_template`, and gptcore's `stop_tokens`: where generation ends);
+a Hugging Face directory may also hold chat_template.jinja and generation_config.json (its eos
+ids). A tokenizer without any of these is a GPT trained here: `<|endoftext|>` ends the text.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from gptcore.chat_template import check_template, render
+
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+# Tokens that end an assistant's turn in the chat formats in use (ChatML, Llama 3, Phi-3, Gemma).
+# One of them that the vocabulary has and the chat template writes is a stop token.
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
 
 
 class Tokenizer:
-    """Byte-level BPE with an end-of-text token (and a pad token, or eot standing in for it)."""
+    """Byte-level BPE with an end-of-text token, the model's special tokens and chat template.
 
-    def __init__(self, hf: HFTokenizer):
+    `eot_id` separates documents in training data: `<|endoftext|>` where the vocabulary has it,
+    else the eos token. `stop_ids` end generation: eos, the `stop_tokens`, then eot.
+    """
+
+    def __init__(self, hf: HFTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
+                 pad_token: str | None = None, unk_token: str | None = None,
+                 chat_template: str | None = None, stop_tokens: Sequence[str] = ()):
         self._hf = hf
         self._literal: HFTokenizer | None = None
+        if eos_token is None and hf.token_to_id(EOT) is not None:
+            eos_token = EOT
+        self.special_tokens: dict[str, str] = {}
+        for key, token in zip(SPECIAL_KEYS, (bos_token, eos_token, unk_token, pad_token), strict=True):
+            if token is None:
+                continue
+            if hf.token_to_id(token) is None:
+                raise ValueError(f"{key} {token!r} is not in the vocabulary")
+            self.special_tokens[key] = token
         eot = hf.token_to_id(EOT)
         if eot is None:
-            raise ValueError(f"tokenizer has no {EOT} token")
+            eot = hf.token_to_id(eos_token) if eos_token is not None else None
+        if eot is None:
+            raise ValueError(f"tokenizer has no {EOT} token and no eos_token")
         self.eot_id: int = eot
-        pad = hf.token_to_id(PAD)
+        pad = hf.token_to_id(pad_token or PAD)
         self.pad_id: int = pad if pad is not None else eot  # GPT-2 has no pad token
+        if chat_template is not None:
+            check_template(chat_template)
+        self.chat_template: str | None = chat_template
+        missing = [t for t in stop_tokens if hf.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"stop tokens {missing} are not in the vocabulary")
+        self.stop_tokens: tuple[str, ...] = tuple(dict.fromkeys(stop_tokens))
+        ids = [hf.token_to_id(eos_token)] if eos_token is not None else []
+        ids += [hf.token_to_id(t) for t in self.stop_tokens] + [eot]
+        self.stop_ids: tuple[int, ...] = tuple(dict.fromkeys(ids))
 
     # ------------------------------------------------------------------ build
 
@@ -53,7 +93,8 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load tokenizer.json (a file, or a directory holding one) or GPT-2's vocab.json + merges.txt."""
+        """Load tokenizer.json (a file, or a directory holding one, with the tokenizer_config.json,
+        chat_template.jinja and generation_config.json beside it) or GPT-2's vocab.json + merges.txt."""
         path = Path(path)
         if path.is_dir():
             if (path / "tokenizer.json").is_file():
@@ -65,9 +106,14 @@ class Tokenizer:
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
         try:
-            return cls(HFTokenizer.from_file(str(path)))
+            hf = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
             raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from e
+        settings = _read_settings(path.parent, hf)
+        try:
+            return cls(hf, **settings)
+        except ValueError as e:
+            raise ValueError(f"{path.parent / 'tokenizer_config.json'}: {e}") from e
 
     @classmethod
     def from_gpt2_files(cls, vocab: str | Path, merges: str | Path) -> Tokenizer:
@@ -86,8 +132,15 @@ class Tokenizer:
         return cls(hf)
 
     @classmethod
-    def from_json(cls, text: str) -> Tokenizer:
-        return cls(HFTokenizer.from_str(text))
+    def from_json(cls, text: str, config: dict[str, Any] | None = None) -> Tokenizer:
+        """From tokenizer.json text and the tokenizer_config.json object (see config())."""
+        hf = HFTokenizer.from_str(text)
+        return cls(hf, **_settings_from_config(config or {}, hf))
+
+    def with_settings(self, **changes: Any) -> Tokenizer:
+        """The same vocabulary with other special tokens, chat template or stop tokens."""
+        settings = {**self.special_tokens, "chat_template": self.chat_template, "stop_tokens": self.stop_tokens}
+        return Tokenizer(HFTokenizer.from_str(self._hf.to_str()), **{**settings, **changes})
 
     # ------------------------------------------------------------------ save
 
@@ -98,13 +151,33 @@ class Tokenizer:
     def sha256(self) -> str:
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
 
+    def config(self) -> dict[str, Any]:
+        """tokenizer_config.json: the special tokens, chat template and stop tokens, in Hugging
+        Face's layout (`stop_tokens` is gptcore's; transformers reads stop ids from
+        generation_config.json)."""
+        out: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", **self.special_tokens}
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
+        if self.stop_tokens:
+            out["stop_tokens"] = list(self.stop_tokens)
+        return out
+
+    @property
+    def has_settings(self) -> bool:
+        """Whether config() says more than a tokenizer trained here implies (and so needs saving)."""
+        return self.config() != {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT}
+
     def save(self, path: str | Path) -> Path:
-        """Write tokenizer.json to `path` (a file path, or a directory to put it in)."""
+        """Write tokenizer.json to `path` (a file path, or a directory to put it in), and
+        tokenizer_config.json beside it when has_settings."""
         path = Path(path)
         if path.is_dir() or not path.suffix:
             path = path / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_json(), encoding="utf-8")
+        if self.has_settings:
+            (path.parent / "tokenizer_config.json").write_text(json.dumps(self.config(), indent=2) + "\n",
+                                                               encoding="utf-8")
         return path
 
     # ------------------------------------------------------------------ use
@@ -136,6 +209,15 @@ class Tokenizer:
     def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
         return self._hf.decode_batch([list(ids) for ids in batch], skip_special_tokens=False)
 
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                            **variables: Any) -> str:
+        """The text of `messages` ({role, content} dicts) in the model's own chat template, as
+        transformers' apply_chat_template(..., tokenize=False) renders it."""
+        if self.chat_template is None:
+            raise ValueError("this tokenizer has no chat template (a model trained without one)")
+        return render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                      special_tokens=self.special_tokens, **variables)
+
     def id_to_token(self, i: int) -> str | None:
         return self._hf.id_to_token(i)
 
@@ -143,7 +225,66 @@ class Tokenizer:
         return self._hf.token_to_id(token)
 
     def __repr__(self) -> str:
-        return f"Tokenizer(vocab_size={self.vocab_size}, eot_id={self.eot_id}, pad_id={self.pad_id})"
+        return (f"Tokenizer(vocab_size={self.vocab_size}, eot_id={self.eot_id}, pad_id={self.pad_id}, "
+                f"stop_ids={self.stop_ids}, chat_template={self.chat_template is not None})")
+
+
+def end_of_turn_tokens(hf: HFTokenizer, template: str | None) -> list[str]:
+    """The END_OF_TURN tokens the vocabulary has and the chat template writes."""
+    return [t for t in END_OF_TURN if template and t in template and hf.token_to_id(t) is not None]
+
+
+def _token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken object."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _settings_from_config(config: dict[str, Any], hf: HFTokenizer) -> dict[str, Any]:
+    settings: dict[str, Any] = {key: _token_text(config.get(key)) for key in SPECIAL_KEYS}
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: the default one is the chat's
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    settings["chat_template"] = template if isinstance(template, str) else None
+    stop = config.get("stop_tokens")
+    if stop is None:  # not a gptcore bundle's: the template's end-of-turn tokens
+        stop = end_of_turn_tokens(hf, settings["chat_template"])
+    settings["stop_tokens"] = list(stop)
+    return settings
+
+
+def _read_settings(directory: Path, hf: HFTokenizer) -> dict[str, Any]:
+    """The constructor's settings from the files beside tokenizer.json (none is required)."""
+    config: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
+        if (directory / name).is_file():
+            data = _read_object(directory / name)
+            config.update({k: v for k, v in data.items() if v is not None})
+    jinja = directory / "chat_template.jinja"
+    if jinja.is_file():  # transformers 5 writes the template here, and prefers it
+        config["chat_template"] = jinja.read_text(encoding="utf-8")
+    settings = _settings_from_config(config, hf)
+    generation = directory / "generation_config.json"
+    if generation.is_file() and "stop_tokens" not in config:
+        eos = _read_object(generation).get("eos_token_id")
+        for i in eos if isinstance(eos, list) else [eos] if eos is not None else []:
+            token = hf.id_to_token(i) if isinstance(i, int) and not isinstance(i, bool) else None
+            if token is None:
+                raise ValueError(f"{generation}: eos_token_id {i!r} is not a token id of this vocabulary")
+            settings["stop_tokens"].append(token)
+    return settings
+
+
+def _read_object(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not readable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _check_vocab_json(path: Path) -> None:

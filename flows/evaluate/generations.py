@@ -73,14 +73,15 @@ def smoke_failures(ids: Sequence[int], text: str, cut_by_length: bool) -> list[s
 
 
 def generate_samples(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
-    """Greedy continuation of each prompt up to `max_new_tokens`, stopping at <|endoftext|>."""
+    """Greedy continuation of each prompt up to `max_new_tokens`, stopping at the model's stop ids
+    (<|endoftext|>, or its eos and end-of-turn tokens)."""
     records = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt) or [tokenizer.eot_id]  # an empty prompt starts a fresh document
         # pack_weights=False: packing keeps a second copy of the weights for fast CPU decoding,
         # worth it for a server, not for a handful of prompts, and it would outlive this call.
         out = generate(model, ids[-model.config.context_length:], max_new_tokens,
-                       stop_ids=(tokenizer.eot_id,), pack_weights=False)
+                       stop_ids=tokenizer.stop_ids, pack_weights=False)
         stopped = "length" if len(out) == max_new_tokens else "eot"
         text = tokenizer.decode(out)
         record = Generation(prompt, text, len(out), stopped,

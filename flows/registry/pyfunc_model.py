@@ -78,7 +78,7 @@ class GPTPyfunc(PythonModel):
         for prompt in prompts_of(model_input):
             ids = generate(self.model, tok.encode(prompt) or [tok.eot_id], g["max_tokens"],
                            temperature=g["temperature"], top_p=g["top_p"] if g["top_p"] < 1 else None,
-                           stop_ids=[tok.eot_id], seed=g["seed"])
+                           stop_ids=tok.stop_ids, seed=g["seed"])
             text = tok.decode(ids)
             cuts = [i for i in (text.find(s) for s in g["stop"]) if i >= 0]
             out.append(text[: min(cuts)] if cuts else text)

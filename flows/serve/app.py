@@ -149,7 +149,11 @@ class GPTServer:
             self._auth(request)
             body = await self._body(request)
             loaded = self._lease()
-            gen = (protocol.parse_chat if chat else protocol.parse_completion)(body, loaded.limits)
+            if chat:  # the model's own chat template where it has one
+                template = loaded.tokenizer if getattr(loaded.tokenizer, "chat_template", None) else None
+                gen = protocol.parse_chat(body, loaded.limits, template)
+            else:
+                gen = protocol.parse_completion(body, loaded.limits)
             if gen.model is not None and gen.model not in self._names():
                 raise APIError(404, f"model {gen.model!r} does not exist here; this server serves "
                                f"{self.settings.served_name!r}", type="not_found_error", param="model",
@@ -225,7 +229,7 @@ class GPTServer:
     def _sequences(self, gen: Generation, loaded: Loaded) -> list[dict[str, Any]]:
         """The engine's sequences for a request: n per prompt, in OpenAI's choice order."""
         limits, tok = loaded.limits, loaded.tokenizer
-        stops = gen.stop + (CHAT_TURN_STOPS if gen.chat else ())
+        stops = gen.stop + (CHAT_TURN_STOPS if gen.chat and not gen.templated else ())  # else: stop_ids
         out = []
         for i, prompt in enumerate(gen.prompts):
             ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)

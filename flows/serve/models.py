@@ -69,7 +69,7 @@ def load(bundle: str | Path, version: str | None, cfg: ServeConfig, stats: Runne
     engine = BatchEngine(model, max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens,
                          tokenizer=tokenizer)
     runner = EngineRunner(engine, cfg.max_queue, stats)
-    return Loaded(version, str(bundle), model, tokenizer, runner, limits, frozenset({tokenizer.eot_id}))
+    return Loaded(version, str(bundle), model, tokenizer, runner, limits, frozenset(tokenizer.stop_ids))
 
 
 def registry(settings: ServeSettings):

@@ -74,6 +74,7 @@ class Generation:
     include_usage: bool
     logprobs: int | None  # top-k alternatives per token; None: no logprobs
     model: str | None
+    templated: bool = False  # a chat rendered with the model's chat template (its end-of-turn token stops it)
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -88,7 +89,9 @@ def parse_completion(body: Any, limits: Limits) -> Generation:
                        max_tokens=_int(body, "max_tokens", 1, limits.max_tokens_limit))
 
 
-def parse_chat(body: Any, limits: Limits) -> Generation:
+def parse_chat(body: Any, limits: Limits, template: Any = None) -> Generation:
+    """`template`: a tokenizer whose apply_chat_template renders the messages (the model's own
+    format); without one, gptflow's fine-tuning format (flows.data.sft)."""
     body = _object(body, CHAT_KEYS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -120,8 +123,16 @@ def parse_chat(body: Any, limits: Limits) -> Generation:
     max_tokens = _int(body, "max_completion_tokens", 1, limits.max_tokens_limit)
     if max_tokens is None:
         max_tokens = _int(body, "max_tokens", 1, limits.max_tokens_limit)
-    return _generation(body, limits, chat=True, prompts=[render_chat_prompt(turns)], logprobs=logprobs,
-                       max_tokens=max_tokens)
+    if template is None:
+        prompt = render_chat_prompt(turns)
+    else:
+        try:
+            prompt = template.apply_chat_template(turns, add_generation_prompt=True)
+        except ValueError as e:  # the template refused these messages (e.g. roles out of order)
+            raise invalid("messages", str(e)) from None
+    gen = _generation(body, limits, chat=True, prompts=[prompt], logprobs=logprobs, max_tokens=max_tokens)
+    gen.templated = template is not None
+    return gen
 
 
 def _generation(body: dict[str, Any], limits: Limits, *, chat: bool, prompts: list[str | list[int]],

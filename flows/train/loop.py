@@ -173,7 +173,7 @@ def _samples(engine: Any, tokenizer: Any, cfg: LoopConfig) -> str:
     lines = []
     for prompt in cfg.sample_prompts:
         ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-        out = generate(engine.module, ids, max_new_tokens=cfg.sample_tokens, stop_ids=(tokenizer.eot_id,))
+        out = generate(engine.module, ids, max_new_tokens=cfg.sample_tokens, stop_ids=tokenizer.stop_ids)
         lines.append(f"--- {prompt!r}\n{prompt}{tokenizer.decode(out)}\n")
     engine.module.train()
     return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Pretrained base models: where they come from (sources) and how they become bundles (importer)."""
