@@ -347,6 +347,23 @@ class Registry:
         for k, v in tags.items():
             self._call(f"tagging {name}", self.client.set_registered_model_tag, name, k, str(v))
 
+    def create_model(self, name: str, tags: Mapping[str, Any], description: str) -> bool:
+        """Create registered model `name`; False when it exists already. Creation is atomic in the store
+        (the name is unique), so it is a mutex every process using this registry sees."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, tags={k: str(v) for k, v in tags.items()},
+                                                description=description)
+            return True
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_ALREADY_EXISTS":
+                return False
+            raise RegistryError(f"creating {name!r}: {e.message} (registry {self.uri})") from e
+
+    def delete_model(self, name: str) -> None:
+        self._call(f"deleting {name!r}", self.client.delete_registered_model, name)
+
     def download(self, name: str, version: str | int, dst: str | Path) -> Path:
         """The version's model directory, downloaded under `dst`."""
         import mlflow
