@@ -338,8 +338,10 @@ def select(cfg: PipelineConfig, steps: Sequence[Step], only: Sequence[str] = (),
 def run(cfg: PipelineConfig, only: Sequence[str] = (), start: str | None = None, force: Sequence[str] = (),
         steps: Sequence[Step] = STEPS) -> list[PlannedStep]:
     """Run the pipeline (or the selected steps); return the planned steps with their outcome."""
-    from flows.tracking import stage_run
+    from flows.tracking import check_reachable, stage_run, tracking_uri
 
+    if cfg.tracking.enabled:  # a tracking server that is down: one line now, not minutes of retries later
+        check_reachable(tracking_uri(cfg.tracking, cfg.workdir))
     started = time.time()
     base = context(cfg)
     chosen, forced = select(cfg, steps, only, start, force)
