@@ -209,11 +209,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch  # noqa: F401
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from flows.data.inputs import RedactingFilter
+    from flows.data.inputs import redact_logs
     from flows.pipeline import PipelineError
 
-    for handler in logging.getLogger().handlers:  # input URLs may carry credentials: none is printed
-        handler.addFilter(RedactingFilter())
+    redact_logs()  # input and tracking URLs may carry credentials: none is printed
 
     try:
         if args.command == "generate":
@@ -239,8 +238,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = resolve_config(args)
         if args.command == "config":
             from flows.config import to_dict
+            from flows.data.inputs import redact
 
-            print(json.dumps(to_dict(cfg), indent=2))
+            print(json.dumps(redact(to_dict(cfg)), indent=2))
             return 0
         out = _run_command(args, cfg)
     except PipelineError as e:

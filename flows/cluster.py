@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 _DRIVER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 
 
+# Every worker process of this job redacts credentials in URLs from its logs, as the driver does.
+_WORKER_ENV = {"worker_process_setup_hook": "flows.data.inputs.redact_logs"}
+
+
 def ensure_ray(cfg: ClusterConfig | None = None) -> None:
     """Connect to (or start) Ray unless this process already did."""
     import ray
@@ -44,11 +48,12 @@ def ensure_ray(cfg: ClusterConfig | None = None) -> None:
     if address:
         probe(address, source)
         log.info("connecting to Ray at %s (%s)", address, source)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, runtime_env=_WORKER_ENV)
     else:
         log.info("starting a local Ray instance")
         # "local", not None: None would join the cluster /tmp/ray/ray_current_cluster names.
-        ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=True)  # dashboard binds 127.0.0.1
+        ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=True,  # dashboard binds 127.0.0.1
+                 runtime_env=_WORKER_ENV)
     try:
         check_token_auth(_auth_enforced(), address or "the local Ray instance", cfg.allow_no_auth)
     except ConfigError:

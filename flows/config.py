@@ -381,6 +381,12 @@ class ServeConfig:
     port: int = 8000
     api_key_env: str = "GPTFLOW_API_KEY"
     """Environment variable holding the API key; when it is set, requests need `Authorization: Bearer <key>`."""
+    allow_no_auth: bool = False
+    """Serve on a non-loopback host without an API key (refused otherwise: auth fails closed)."""
+    max_prompts: int = 32
+    """Prompts in one completions request (a list prompt); past it, 400."""
+    stall_s: float = 60.0
+    """/healthz fails (503) when the decode loop has work but has not finished a step for this long."""
     max_batch_size: int = 16
     """Sequences decoded together in a replica (continuous batching); 1 turns batching off."""
     max_batch_tokens: int | None = None
@@ -414,13 +420,14 @@ class ServeConfig:
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(1 <= self.port <= 65535, "port", self.port, "in [1, 65535]")
-        for key in ("max_batch_size", "max_queue", "max_tokens_limit", "max_n", "max_body_bytes", "min_replicas"):
+        for key in ("max_batch_size", "max_queue", "max_tokens_limit", "max_n", "max_body_bytes", "min_replicas",
+                    "max_prompts"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
         _check(self.max_replicas >= self.min_replicas, "max_replicas", self.max_replicas, ">= min_replicas")
         for key in ("max_batch_tokens", "max_prompt_tokens"):
             value = getattr(self, key)
             _check(value is None or value >= 1, key, value, ">= 1 (or empty for the default)")
-        for key in ("request_timeout_s", "target_ongoing_requests", "num_cpus"):
+        for key in ("request_timeout_s", "target_ongoing_requests", "num_cpus", "stall_s"):
             _check(getattr(self, key) > 0, key, getattr(self, key), "> 0")
         for key in ("poll_s", "num_gpus"):
             _check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from flows.config import (
     to_dict,
 )
 from flows.context import StepContext
-from flows.store import DONE, FingerprintCache, is_done, locked, mark_done, stage_dir
+from flows.store import DONE, FingerprintCache, discard, is_done, locked, mark_done, stage_dir
 
 log = logging.getLogger(__name__)
 
@@ -339,8 +338,10 @@ def select(cfg: PipelineConfig, steps: Sequence[Step], only: Sequence[str] = (),
 def run(cfg: PipelineConfig, only: Sequence[str] = (), start: str | None = None, force: Sequence[str] = (),
         steps: Sequence[Step] = STEPS) -> list[PlannedStep]:
     """Run the pipeline (or the selected steps); return the planned steps with their outcome."""
-    from flows.tracking import stage_run
+    from flows.tracking import check_reachable, stage_run, tracking_uri
 
+    if cfg.tracking.enabled:  # a tracking server that is down: one line now, not minutes of retries later
+        check_reachable(tracking_uri(cfg.tracking, cfg.workdir))
     started = time.time()
     base = context(cfg)
     chosen, forced = select(cfg, steps, only, start, force)
@@ -387,7 +388,7 @@ def _run_step(cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: boo
             p.status = "done"
             return done_info(p.out).get("run_id")
         if fresh and p.out.exists():
-            shutil.rmtree(p.out)
+            discard(p.out)  # DONE first: a kill half-way must not leave DONE beside missing files
         p.out.mkdir(parents=True, exist_ok=True)
         try:
             with stage_run(cfg.tracking, cfg.workdir, p.step.name) as tracker:

@@ -72,7 +72,9 @@ def _evaluation(out: Path, what: str) -> list[str]:
         gens = json.loads(gens_file.read_text(encoding="utf-8"))
         records = gens["generations"]
         passed = m.get("smoke_passed")
-        lines.append(f"  smoke checks on the generations: {'passed' if passed else 'FAILED'}")
+        from flows.evaluate.stage import SMOKE_WORDS
+
+        lines.append(f"  smoke checks on the generations: {SMOKE_WORDS.get(passed, 'FAILED')}")
         lines.append(f"greedy answers of {what}:")
         for g in records:
             answer = g["text"].strip().replace("\n", " ")

@@ -33,6 +33,20 @@ def mark_done(path: str | Path, info: dict[str, Any] | None = None) -> None:
     atomic_write_text(Path(path) / DONE, json.dumps(info or {}, indent=2, sort_keys=True) + "\n")
 
 
+def discard(path: str | Path) -> None:
+    """Delete an output directory so that no crash half-way leaves it looking finished: DONE goes first
+    (and that removal is made durable), then the rest."""
+    import shutil
+
+    path = Path(path)
+    marker = path / DONE
+    if marker.exists():
+        marker.unlink()
+        fsync_dir(path)
+    if path.exists():
+        shutil.rmtree(path)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 

@@ -38,6 +38,76 @@ def tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
     return f"sqlite:///{db}"  # absolute path: sqlite:////abs/path
 
 
+def without_credentials(uri: str) -> str:
+    """`uri` without user:password: what may travel (a Ray job's environment, a config file) while the
+    credentials stay where they are (MLFLOW_TRACKING_USERNAME/PASSWORD on the nodes that use it)."""
+    import urllib.parse
+
+    if "://" not in uri:
+        return uri
+    parts = urllib.parse.urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def shareable_config(cfg: Any) -> dict[str, Any]:
+    """The resolved config as a dict for files that leave this process (a Ray job's config, the
+    scheduler's run config): tracking.uri without its credentials."""
+    from flows.config import to_dict
+
+    out = to_dict(cfg)
+    uri = out.get("tracking", {}).get("uri")
+    if uri:
+        out["tracking"]["uri"] = without_credentials(uri)
+    return out
+
+
+PROBE_TIMEOUT_S = 15.0
+_PROBED: dict[str, float] = {}  # uri -> when it last answered (a probe per process per half minute at most)
+
+
+def _redacted(text: str) -> str:
+    from flows.data.inputs import redact_text
+
+    return redact_text(text)
+
+
+def check_reachable(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """Fail fast when an HTTP tracking server does not answer: one bounded request to its /health
+    (any HTTP answer counts, 401 included), instead of MLflow's minutes of retries ending in chained
+    tracebacks that print the URI with its password. ConfigError names the redacted URI and what to
+    do. Local stores (sqlite, files) have nothing to probe."""
+    import base64
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from flows.config import ConfigError
+
+    if not uri.startswith(("http://", "https://")) or time.time() - _PROBED.get(uri, -1e9) < 30:
+        return
+    parts = urllib.parse.urlsplit(uri)
+    host = parts.netloc.rpartition("@")[2]
+    url = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
+    headers = {}
+    if parts.username is not None:  # MLflow's basic auth: the same credentials, never in the URL sent
+        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answered
+    except (OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise ConfigError(
+            f"the MLflow tracking server {_redacted(uri)} does not answer ({_redacted(str(reason))}; waited at most "
+            f"{timeout_s:.0f} s): start it or fix MLFLOW_TRACKING_URI / tracking.uri, or run with --no-tracking "
+            "(tracking.enabled=false)") from None
+    _PROBED[uri] = time.time()
+
+
 def _use_store(uri: str) -> None:
     """Point MLflow's process-wide client at `uri` without changing MLFLOW_TRACKING_URI.
 
@@ -118,11 +188,13 @@ class Tracker:
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         if self._client:
-            self._client.log_dict(self.run_id, dict(data), name)
+            from flows.data.inputs import redact
+
+            self._client.log_dict(self.run_id, redact(dict(data)), name)
 
     def log_text(self, text: str, name: str) -> None:
         if self._client:
-            self._client.log_text(self.run_id, text, name)
+            self._client.log_text(self.run_id, _redacted(text), name)
 
     def log_figure(self, figure: Any, name: str) -> None:
         """Log a matplotlib figure as a PNG artifact."""
@@ -164,6 +236,7 @@ def stage_run(
     import mlflow
 
     uri = tracking_uri(cfg, workdir)
+    check_reachable(uri)
     _use_store(uri)
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is None:
@@ -191,6 +264,7 @@ def record_event(cfg: TrackingConfig, workdir: str | Path, name: str, tags: Mapp
     from mlflow.tracking import MlflowClient
 
     uri = tracking_uri(cfg, workdir)
+    check_reachable(uri)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(cfg.experiment)
     experiment_id = (experiment.experiment_id if experiment is not None else
@@ -241,7 +315,7 @@ def download_model(uri: str, dst: str | Path, cfg: TrackingConfig | None = None,
         return Path(mlflow.artifacts.download_artifacts(
             artifact_uri=uri, dst_path=str(dst), tracking_uri=store, registry_uri=store))
     except MlflowException as e:
-        raise ValueError(f"cannot download model {uri} from {store}: {e.message}") from e
+        raise ValueError(_redacted(f"cannot download model {uri} from {store}: {e.message}")) from None
 
 
 # --------------------------------------------------------------------------- the model registry
@@ -261,6 +335,7 @@ class Registry:
         from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(cfg, workdir)
+        check_reachable(self.uri)
         _use_store(self.uri)
         self.client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
 
@@ -270,9 +345,9 @@ class Registry:
         try:
             return fn(*args, **kwargs)
         except MlflowException as e:
-            raise RegistryError(f"{what}: {e.message} (registry {self.uri})") from e
+            raise RegistryError(_redacted(f"{what}: {e.message} (registry {self.uri})")) from None
         except (OSError, ConnectionError) as e:
-            raise RegistryError(f"{what}: the registry at {self.uri} is unreachable ({e})") from e
+            raise RegistryError(_redacted(f"{what}: the registry at {self.uri} is unreachable ({e})")) from None
 
     def log_bundle_model(self, bundle: str | Path, code: str | Path, code_paths: list[str],
                          pip_requirements: list[str], params: Mapping[str, Any], example: list[str]) -> str:
@@ -331,7 +406,7 @@ class Registry:
         try:
             return _version_dict(self.client.get_model_version_by_alias(name, alias))
         except MlflowException as e:
-            raise RegistryError(f"model {name!r} alias {alias!r}: {e.message}") from e
+            raise RegistryError(_redacted(f"model {name!r} alias {alias!r}: {e.message}")) from None
 
     def set_alias(self, name: str, alias: str, version: str | int) -> None:
         self._call(f"setting {name}@{alias}", self.client.set_registered_model_alias, name, alias, str(version))
@@ -346,6 +421,23 @@ class Registry:
     def set_model_tags(self, name: str, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
             self._call(f"tagging {name}", self.client.set_registered_model_tag, name, k, str(v))
+
+    def create_model(self, name: str, tags: Mapping[str, Any], description: str) -> bool:
+        """Create registered model `name`; False when it exists already. Creation is atomic in the store
+        (the name is unique), so it is a mutex every process using this registry sees."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, tags={k: str(v) for k, v in tags.items()},
+                                                description=description)
+            return True
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_ALREADY_EXISTS":
+                return False
+            raise RegistryError(_redacted(f"creating {name!r}: {e.message} (registry {self.uri})")) from None
+
+    def delete_model(self, name: str) -> None:
+        self._call(f"deleting {name!r}", self.client.delete_registered_model, name)
 
     def download(self, name: str, version: str | int, dst: str | Path) -> Path:
         """The version's model directory, downloaded under `dst`."""

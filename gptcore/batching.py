@@ -25,7 +25,14 @@ from dataclasses import dataclass, field
 import torch
 
 from gptcore.decode import RaggedDecoder, can_decode_flat
-from gptcore.generation import _cache_dtype, _ends_with_prefix, _pick, _stop_cut, check_sampling
+from gptcore.generation import (
+    MAX_STOP_CHARS,
+    _cache_dtype,
+    _ends_with_prefix,
+    _pick,
+    _stop_cut,
+    check_sampling,
+)
 from gptcore.model import GPT, KVCache
 from gptcore.packed import pack_linears
 
@@ -124,6 +131,8 @@ class BatchEngine:
                              f"budget of {self.max_batch_tokens}")
         if request.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need the engine's tokenizer")
+        if any(len(s) > MAX_STOP_CHARS for s in request.stop_strings):
+            raise ValueError(f"a stop string is longer than {MAX_STOP_CHARS} characters")
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt):
             raise ValueError(f"a prompt token id is outside the vocabulary [0, {vocab})")

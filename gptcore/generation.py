@@ -22,6 +22,10 @@ from gptcore.decode import Decoder, can_decode_flat
 from gptcore.model import GPT, KVCache
 from gptcore.packed import pack_linears
 
+MAX_STOP_CHARS = 256
+"""Longest stop string a serving engine accepts: holding back a possible stop string costs up to its
+length squared in character comparisons per decode step."""
+
 
 def generate(
     model: GPT,
@@ -298,5 +302,11 @@ def _stop_cut(tokenizer: Any, ids: list[int], stop_strings: Sequence[str]) -> in
 
 
 def _ends_with_prefix(text: str, stop: str) -> bool:
-    """Whether text ends with a proper prefix of `stop` (the start of a stop string may be coming)."""
-    return any(text.endswith(stop[:n]) for n in range(1, len(stop)))
+    """Whether text ends with a proper prefix of `stop` (the start of a stop string may be coming).
+
+    Only prefixes that fit in the text are tried, and only against the text's last len(stop) - 1
+    characters: the cost per call is bounded by len(stop) squared, whatever the text's length (it
+    used to build every prefix of the stop string on every decode step, which a stop string of
+    240 K characters turned into seconds per step for every client of a server)."""
+    tail = text[-(len(stop) - 1):] if len(stop) > 1 else ""
+    return any(stop.startswith(tail[i:]) for i in range(len(tail)))

@@ -240,3 +240,41 @@ def test_a_url_without_etag_or_version_is_fingerprinted_by_its_content():
     after = describe([url])[0].fingerprint
     fs.rm(url)
     assert before.startswith("sha256:") and after != before
+
+
+_FORCE_KILLED = """
+import os, shutil, sys
+from flows import pipeline
+from flows.config import PipelineConfig, TrackingConfig
+
+def build(cfg, inputs, out, ctx):
+    for i in range(5):
+        (out / f"part{i}.bin").write_bytes(b"x" * 100)
+
+step = pipeline.Step("toy", build, (), lambda cfg: {})
+cfg = PipelineConfig(workdir=sys.argv[1], tracking=TrackingConfig(enabled=False))
+if sys.argv[2] == "kill":  # the process dies inside the deletion, after its first file is gone
+    def rmtree(path, *a, **k):
+        first = sorted(p for p in os.listdir(path) if p.startswith("part"))[0]
+        os.unlink(os.path.join(path, first))
+        os._exit(9)
+    shutil.rmtree = rmtree
+pipeline.run(cfg, force=["toy"] if sys.argv[2] == "kill" else [], steps=[step])
+"""
+
+
+def test_a_force_rerun_killed_while_deleting_leaves_no_done_beside_missing_files(tmp_path):
+    """--force deletes a finished output: DONE goes first (durably), so a kill half-way through the
+    deletion leaves an output that is rebuilt, never one that is trusted with files missing."""
+    import subprocess
+    import sys
+
+    work = tmp_path / "w"
+    run = [sys.executable, "-c", _FORCE_KILLED, str(work)]
+    assert subprocess.run([*run, "build"], capture_output=True, timeout=120).returncode == 0
+    (out,) = [p for p in (work / "toy").iterdir() if p.is_dir()]
+    assert is_done(out) and len(list(out.glob("part*.bin"))) == 5
+    killed = subprocess.run([*run, "kill"], capture_output=True, timeout=120)
+    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert len(list(out.glob("part*.bin"))) < 5
+    assert not is_done(out)

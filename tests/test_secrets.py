@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -72,12 +73,16 @@ def test_tracker_params_tags_and_dataset_sources_are_redacted(tmp_path):
     with stage_run(TrackingConfig(), tmp_path, "pipeline", {"config": to_dict(cfg)}) as tracker:
         tracker.set_tags({"gptflow.source": _url("example.invalid")})
         tracker.log_input_dataset(_url("example.invalid"), _url("example.invalid"), "0" * 32, context="preprocess")
+        tracker.log_dict({"train": {"init": _url("example.invalid")}}, "train_config.json")
+        tracker.log_text(f"loaded {_url('example.invalid')}", "notes.txt")
         run_id, uri = tracker.run_id, tracker.uri
     run = MlflowClient(tracking_uri=uri).get_run(run_id)
     assert "***@example.invalid" in run.data.params["config.data.inputs"]
     assert not _leaks(json.dumps(run.data.params)) and not _leaks(json.dumps(run.data.tags))
     assert not _leaks(json.dumps([d.dataset.source + d.dataset.name for d in run.inputs.dataset_inputs]))
-    assert not _leaks((tmp_path / "mlflow.db").read_bytes().decode("latin-1"))
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.name == "train_config.json" for p in files)
+    assert not [p for p in files if _leaks(p.read_bytes().decode("latin-1"))]
 
 
 @pytest.fixture
@@ -171,3 +176,142 @@ def test_a_ray_instance_without_token_auth_is_refused_and_left(tmp_path):
                          timeout=300)
     assert "REFUSED" in out.stdout and "accepts requests without a token" in out.stdout, out.stdout + out.stderr
     assert out.stdout.strip().endswith("False"), out.stdout  # ray.shutdown() ran: nothing left connected
+
+
+# --------------------------------------------------------------------------- the tracking URI's credentials
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gptflow(*args: str, cwd, env: dict[str, str] | None = None, timeout: int = 120):
+    full = {**os.environ, **(env or {})}
+    full.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=full, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_tracking_server_that_is_down_is_one_redacted_line_and_exit_2(tmp_path):
+    """It used to be 4 min 20 s of urllib3 retries, then five chained tracebacks ending in the URI with
+    its password. Now a bounded probe before any stage, for the pipeline, the registry and serving."""
+    port = _closed_port()
+    env = {"MLFLOW_TRACKING_URI": f"http://user:hunter2@127.0.0.1:{port}"}
+    for args in (("run",), ("models", "gpt"), ("promote", "gpt", "--version", "1"), ("serve",)):
+        out = _gptflow(*args, "--workdir", str(tmp_path / "w"), cwd=tmp_path, env=env)
+        assert out.returncode == 2, (args, out.stderr[-3000:])
+        lines = [line for line in out.stderr.splitlines() if "error:" in line]
+        assert len(lines) == 1 and f"http://***@127.0.0.1:{port} does not answer" in lines[0], out.stderr[-3000:]
+        assert "--no-tracking" in lines[0] and "Traceback" not in out.stderr
+        assert not _leaks(out.stdout + out.stderr), out.stderr[-3000:]
+    assert not (tmp_path / "w" / "preprocess").exists()  # no stage started
+
+
+@pytest.fixture
+def failing_api():
+    """An HTTP server on 127.0.0.1 that answers /health and fails every MLflow API call with a 500."""
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server interface
+            ok = self.path.startswith("/health")
+            self.send_response(200 if ok else 500)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b"OK" if ok else json.dumps({"error_code": "INTERNAL_ERROR",
+                                                         "message": "database is on fire"}).encode())
+
+        do_POST = do_PATCH = do_DELETE = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_port
+    server.shutdown()
+    server.server_close()
+
+
+def test_registry_and_download_errors_name_the_server_without_its_credentials(tmp_path, failing_api, monkeypatch):
+    from flows.tracking import Registry, RegistryError, download_model
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracking = TrackingConfig(uri=f"http://user:hunter2@127.0.0.1:{failing_api}")
+    registry = Registry(tracking, tmp_path)
+    for call in (lambda: registry.versions("gpt"), lambda: registry.by_alias("gpt", "champion"),
+                 lambda: registry.download("gpt", "1", tmp_path / "dl"),
+                 lambda: download_model("models:/gpt/1", tmp_path / "dl2", tracking, tmp_path)):
+        with pytest.raises((RegistryError, ValueError)) as e:
+            call()
+        assert f"127.0.0.1:{failing_api}" in str(e.value) or "gpt" in str(e.value)
+        assert not _leaks(str(e.value)), str(e.value)
+        assert e.value.__cause__ is None or not _leaks(str(e.value.__cause__))
+
+
+def test_credentials_in_the_tracking_uri_reach_no_output_and_no_file(tmp_path):
+    """A planted password in tracking.uri: `gptflow config`, a Ray job's environment and its
+    gptflow-job.yaml, and a scheduler's run (its config.yaml, run log and state) hold none of it,
+    while the scheduled run still gets the full URI (through its environment)."""
+    from flows.ops.jobs import job_env, stage_working_dir
+
+    uri = f"http://user:hunter2@127.0.0.1:{_closed_port()}"
+    work = tmp_path / "w"
+    out = _gptflow("config", "--set", f"tracking.uri={uri}", "--workdir", str(work), cwd=tmp_path)
+    assert out.returncode == 0 and '"uri": "http://***@127.0.0.1' in out.stdout and not _leaks(out.stdout)
+
+    cfg = PipelineConfig(workdir=str(work), tracking=TrackingConfig(uri=uri))
+    staged = tmp_path / "job"
+    staged.mkdir()
+    stage_working_dir(cfg, staged)
+    job_yaml = (staged / "gptflow-job.yaml").read_text()
+    assert "uri: http://127.0.0.1:" in job_yaml and not _leaks(job_yaml)
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        env = job_env()
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI") if saved is None else os.environ.update(MLFLOW_TRACKING_URI=saved)
+    assert env["MLFLOW_TRACKING_URI"].startswith("http://127.0.0.1:") and not _leaks(json.dumps(env))
+
+    sched = _gptflow("schedule", "--once", "--set", f"tracking.uri={uri}", "--workdir", str(work), cwd=tmp_path,
+                     timeout=300)
+    assert sched.returncode != 0 and not _leaks(sched.stdout + sched.stderr), sched.stderr[-3000:]
+    (run_log,) = work.rglob("runs/*.log")
+    assert "http://***@127.0.0.1" in run_log.read_text()  # the child had the full URI: its probe names it
+    files = [p for p in work.rglob("*") if p.is_file()]
+    assert any(p.name == "config.yaml" for p in files)
+    leaks = {str(p): _leaks(p.read_bytes().decode("latin-1")) for p in files}
+    assert not {p: s for p, s in leaks.items() if s}, leaks
+
+
+def test_ray_workers_redact_credentials_in_their_logs(ray_local):
+    """The redacting log filter is installed in every worker process (worker_process_setup_hook), not
+    only in the CLI's: a worker's log files hold no password."""
+    import time
+
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def opens(url: str) -> bool:
+        logging.getLogger("gptflow.test").warning("worker opening %s", url)
+        try:
+            raise OSError(f"cannot reach {url}")
+        except OSError:
+            logging.getLogger("gptflow.test").exception("worker failed")
+        return True
+
+    marker = _url("worker-redaction.invalid")
+    assert ray.get(opens.remote(marker))
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    deadline = time.time() + 20
+    while True:
+        text = "".join(p.read_text(errors="replace") for p in logs.glob("worker-*") if p.is_file())
+        if "worker-redaction.invalid" in text or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert "***@worker-redaction.invalid" in text
+    assert not _leaks(text)

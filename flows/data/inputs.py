@@ -150,7 +150,23 @@ class RedactingFilter(logging.Filter):
         message = record.getMessage()
         if "://" in message:
             record.msg, record.args = redact_text(message), None
+        if record.exc_info and not record.exc_text:  # a traceback's messages carry URLs too
+            import traceback
+
+            record.exc_text = redact_text("".join(traceback.format_exception(*record.exc_info))).rstrip("\n")
         return True
+
+
+def redact_logs() -> None:
+    """Put the RedactingFilter on every handler of the root logger (configuring one when there is
+    none): the CLI calls it, and so does every Ray worker (``worker_process_setup_hook``) and serve
+    replica, whose logs end up in files and dashboards too."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(level=logging.INFO)
+    for handler in root.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 def classify(path: str) -> tuple[str, str | None] | None:

@@ -114,10 +114,11 @@ def _sft_figures(cfg: EvaluateConfig, model: Any, dataset: Path, manifest: dict[
 
 
 def _generations(cfg: EvaluateConfig, model: Any, tokenizer: Any, out_dir: Path,
-                 notes: dict[str, str]) -> tuple[bool, list[Path]]:
-    """generations.json and .txt; whether every generation passed its smoke checks."""
+                 notes: dict[str, str]) -> tuple[bool | None, list[Path]]:
+    """generations.json and .txt; whether every generation passed its smoke checks (None: no prompts,
+    so not checked -- never a vacuous pass)."""
     records = generate_samples(model, tokenizer, cfg.prompts, cfg.max_new_tokens)
-    passed = all(r.passed for r in records)
+    passed = all(r.passed for r in records) if records else None
     if not records:
         notes["smoke_passed"] = "no prompts configured (evaluate.prompts): nothing was generated or checked"
     record = {"smoke_passed": passed, "generations": [r.to_dict() for r in records]}
@@ -143,9 +144,12 @@ def _explain_sample(cfg: EvaluateConfig, model: Any, tokenizer: Any, dataset: Pa
     return [Path(f) for f in summary["files"]]
 
 
+SMOKE_WORDS = {True: "passed", False: "FAILED", None: "not checked"}
+
+
 def _log_summary(results: dict[str, Any], out_dir: Path) -> None:
     figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items()) if isinstance(v, float))
     log.info("evaluate -> %s: %s; smoke checks %s", out_dir, figures or "no loss figures",
-             "passed" if results["smoke_passed"] else "FAILED")
+             SMOKE_WORDS[results["smoke_passed"]])
     for key, why in results["notes"].items():
         log.warning("evaluate: %s: %s", key, why)

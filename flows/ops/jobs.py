@@ -6,7 +6,8 @@ configs/, pyproject.toml) plus the *resolved* config as one YAML file, so the jo
 config the submitter saw, whatever the cluster's copy of the project says. The job's driver is
 ``python -m flows.cli run --config gptflow-job.yaml`` on the head; it joins the cluster through
 RAY_ADDRESS, which the job supervisor sets. ``MLFLOW_TRACKING_URI`` of the submitting shell goes
-with the job; cloud credentials do not (nodes have their own: instance roles, their environment).
+with the job, without the user:password it may carry; credentials do not travel (nodes have their
+own: instance roles, MLFLOW_TRACKING_USERNAME/PASSWORD in their environment).
 
 Token authentication stays on: the client sends the token (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or
 Ray's token file ``~/.ray/auth_token``), and before submitting checks that the Jobs API refuses a
@@ -136,7 +137,9 @@ def stage_working_dir(cfg: PipelineConfig, into: Path) -> Path:
             shutil.copytree(src, into / name, ignore=ignore)
         elif src.is_file():
             shutil.copy2(src, into / name)
-    (into / JOB_CONFIG).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    from flows.tracking import shareable_config
+
+    (into / JOB_CONFIG).write_text(yaml.safe_dump(shareable_config(cfg), sort_keys=False), encoding="utf-8")
     return into
 
 
@@ -171,7 +174,7 @@ def submit(cfg: PipelineConfig, address: str | None, run_args: list[str] | None 
     if submission_id and _exists(jobs, submission_id):
         log.info("job %s exists already: not submitted again", submission_id)
         return submission_id, False
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    env = job_env()
     with tempfile.TemporaryDirectory(prefix="gptflow-job-") as tmp:
         working_dir = stage_working_dir(cfg, Path(tmp))
         deadline = time.time() + AGENT_WAIT_S
@@ -191,6 +194,22 @@ def submit(cfg: PipelineConfig, address: str | None, run_args: list[str] | None 
                     raise
                 log.info("the cluster's job agent is not up yet; retrying")
                 time.sleep(2)
+
+
+def job_env() -> dict[str, str]:
+    """The environment a job gets from this shell: the tracking URI without its credentials (a job's
+    environment is visible in the dashboard to anyone with cluster access); the nodes provide them
+    (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD in their own environment)."""
+    from flows.tracking import without_credentials
+
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    uri = env.get("MLFLOW_TRACKING_URI")
+    if uri and without_credentials(uri) != uri:
+        env["MLFLOW_TRACKING_URI"] = without_credentials(uri)
+        log.warning("MLFLOW_TRACKING_URI carries credentials: the job gets it without them (%s); set "
+                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD on the cluster's nodes",
+                    env["MLFLOW_TRACKING_URI"])
+    return env
 
 
 def _exists(jobs: Any, submission_id: str) -> bool:

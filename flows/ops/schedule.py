@@ -152,7 +152,13 @@ class Scheduler:
         """`gptflow run` as a child process that holds the run lock too; its output in runs/<when>.log."""
         self.dir.mkdir(parents=True, exist_ok=True)
         config = self.dir / "config.yaml"
-        atomic_write_text(config, yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        from flows.tracking import shareable_config, tracking_uri
+
+        # The file holds no credentials: the child gets the full tracking URI through its environment.
+        atomic_write_text(config, yaml.safe_dump(shareable_config(self.cfg), sort_keys=False))
+        env = dict(os.environ)
+        if self.cfg.tracking.enabled:
+            env["MLFLOW_TRACKING_URI"] = tracking_uri(self.cfg.tracking, self.cfg.workdir)
         log_path = self.dir / "runs" / f"{_stamp(when)}.log"
         log_path.parent.mkdir(exist_ok=True)
         cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(config), *self.run_args]
@@ -160,7 +166,7 @@ class Scheduler:
         with open(log_path, "wb") as out:
             # Its own session: a SIGTERM/SIGINT meant for the scheduler does not cut the run short.
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, pass_fds=(lock_fd,),
-                                    start_new_session=True)
+                                    start_new_session=True, env=env)
             code = proc.wait()
         detail: dict[str, Any] = {"log": str(log_path), "exit_code": code}
         if code == 0:

@@ -8,6 +8,7 @@ it compares models with different tokenizers (the champion is then scored on the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -22,6 +23,8 @@ class Figures:
     bits_per_byte: float
     perplexity: float
     smoke_passed: bool = True
+    smoke_checked: bool = True
+    """False when there were no prompts to check (evaluate.prompts empty): said in the decision."""
 
 
 @dataclass(frozen=True)
@@ -58,9 +61,15 @@ def decide(challenger: Figures, champion: Figures | None, margin: float = 0.01,
     if not math.isfinite(ours):
         return Decision(False, f"the challenger's {metric} is not finite ({ours})", metric, ours,
                         getattr(champion, metric) if champion else None, margin)
+    if not challenger.smoke_checked:
+        decision = decide(dataclasses.replace(challenger, smoke_checked=True), champion, margin, metric)
+        return dataclasses.replace(decision, reason=f"{decision.reason}; smoke checks: not checked (no prompts)")
     if champion is None:
         return Decision(True, "first model: there is no champion yet", metric, ours, None, margin)
     theirs = getattr(champion, metric)
+    if not math.isfinite(theirs):  # else NaN would refuse every challenger forever
+        return Decision(True, f"the champion's {metric} is not finite ({theirs}): the challenger's finite "
+                        f"{ours:.4f} replaces it", metric, ours, theirs, margin)
     needed = (1 - margin) * theirs
     if ours <= needed:
         return Decision(True, f"{metric} {ours:.4f} <= {needed:.4f} (champion {theirs:.4f} less {margin:.1%})",

@@ -7,18 +7,26 @@ tokenizer, on its text otherwise (bits per byte compare across tokenizers). The 
 figures go on the version's tags and the promote step's run; the registered model keeps the history
 of champions (tag ``gptflow.champion_history``) so that :func:`rollback` finds the previous one.
 
-The read-compare-set runs under an exclusive lock per model name (``<workdir>/registry/<name>.lock``),
-so two pipelines finishing at once never lose a decision or leave the worse model champion. The lock
-is a file lock: it serialises processes that share the workdir (one machine, or a shared filesystem
-whose locks work across nodes).
+The read-compare-set runs under an exclusive lock per model name held in the registry itself
+(:func:`promotion_lock`: a registered model whose creation is atomic), so two pipelines finishing at
+once -- in one workdir or in two that share the registry -- never lose a decision or leave the worse
+model champion. The gate's verdict is tagged on the version before the alias moves, and a version's
+downloaded weights are checked against its ``gptflow.bundle_sha256`` tag (:func:`bundle_of`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import random
 import shutil
+import socket
+import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +34,17 @@ from flows.config import EvaluateConfig, RegistryConfig
 from flows.context import StepContext
 from flows.registry.gate import Decision, Figures, decide
 from flows.registry.register import RESULT as REGISTERED
-from flows.store import atomic_write_text, locked
+from flows.store import (
+    DONE,
+    atomic_write_text,
+    discard,
+    fsync_dir,
+    is_done,
+    locked,
+    mark_done,
+    sha256_file,
+    tmp_suffix,
+)
 from flows.tracking import Registry, RegistryError, Tracker
 
 log = logging.getLogger(__name__)
@@ -38,6 +56,67 @@ DECISION = "decision.json"
 
 def lock_path(workdir: str | Path, name: str) -> Path:
     return Path(workdir) / "registry" / f"{name}.lock"
+
+
+LOCK_SUFFIX = ".gptflow-promote-lock"
+LOCK_STALE_S = 120.0  # a holder refreshes its heartbeat every LOCK_STALE_S / 4; silent this long, it is gone
+LOCK_WAIT_S = 1800.0
+
+
+@contextlib.contextmanager
+def promotion_lock(registry: Registry, name: str, workdir: str | Path, stale_s: float = LOCK_STALE_S,
+                   wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+    """Exclusive right to read-compare-set `name`'s aliases and history, across every workdir, process
+    and machine that uses this registry.
+
+    The lock lives in the registry itself: a registered model ``<name>.gptflow-promote-lock``, whose
+    creation the store makes atomic. Its holder keeps a heartbeat tag fresh; a lock whose heartbeat
+    is older than `stale_s` belonged to a process that died and is broken. The workdir's file lock
+    is taken first, so processes of one workdir queue cheaply without polling the registry.
+    """
+    lock = f"{name}{LOCK_SUFFIX}"
+    token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    with locked(lock_path(workdir, name)):
+        deadline = time.time() + wait_s
+        while not registry.create_model(lock, {"gptflow.lock.token": token, "gptflow.lock.heartbeat": time.time()},
+                                        f"held while gptflow promotes {name!r}; deleted when done"):
+            _break_if_stale(registry, lock, stale_s)
+            if time.time() > deadline:
+                raise RegistryError(f"model {name!r}: another promotion has held {lock!r} for over {wait_s:.0f} s")
+            time.sleep(0.2 + random.random() * 0.3)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(stale_s / 4):
+                try:
+                    registry.set_model_tags(lock, {"gptflow.lock.heartbeat": time.time()})
+                except RegistryError as e:  # the next beat may get through; a missed one is not fatal
+                    log.warning("promotion lock heartbeat: %s", e)
+
+        heart = threading.Thread(target=beat, name="gptflow-promote-lock", daemon=True)
+        heart.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            heart.join()
+            registry.delete_model(lock)
+
+
+def _break_if_stale(registry: Registry, lock: str, stale_s: float) -> None:
+    try:
+        tags = registry.model_tags(lock)
+        beat = float(tags.get("gptflow.lock.heartbeat", "0"))
+    except (RegistryError, ValueError):
+        return  # released meanwhile (or being created): try again
+    if time.time() - beat > stale_s:
+        try:
+            if registry.model_tags(lock).get("gptflow.lock.token") == tags.get("gptflow.lock.token"):
+                log.warning("breaking promotion lock %r: its holder %s stopped beating %.0f s ago", lock,
+                            tags.get("gptflow.lock.token"), time.time() - beat)
+                registry.delete_model(lock)
+        except RegistryError:
+            pass
 
 
 def _history(registry: Registry, name: str) -> list[str]:
@@ -61,19 +140,70 @@ def _become_champion(registry: Registry, name: str, version: str, why: str) -> s
     return before["version"] if before else None
 
 
-def bundle_of(registry: Registry, name: str, version: str, cache: Path) -> Path:
-    """The bundle directory inside a version's downloaded model (cached by version)."""
+class BundleMismatch(RegistryError):
+    """A version's downloaded weights are not the ones its ``gptflow.bundle_sha256`` tag names."""
+
+
+SHA_TAG = "gptflow.bundle_sha256"
+
+
+def bundle_of(registry: Registry, name: str, version: str, cache: Path, require_sha: bool = False) -> Path:
+    """The bundle directory inside a version's downloaded model, cached by version and verified.
+
+    The download goes to a temporary directory beside the cache entry; its model.safetensors is
+    checked against the version's ``gptflow.bundle_sha256`` tag, the directory renamed into place,
+    then marked DONE. A killed download leaves only a temporary directory (removed by the next try),
+    never an entry that looks complete; an entry whose weights are not the version's (a registry
+    reset that reused the number, a corrupted file) is downloaded again. A version without the tag
+    is served only when not `require_sha`; weights that do not match it raise BundleMismatch.
+    """
+    want = registry.version(name, version)["tags"].get(SHA_TAG)
+    if require_sha and not want:
+        raise BundleMismatch(f"model {name!r} version {version} has no {SHA_TAG} tag: its weights cannot be "
+                             "verified (register it through the pipeline)")
     dst = cache / f"{name}-v{version}"
     cache.mkdir(parents=True, exist_ok=True)
     with locked(cache / f".{dst.name}.lock"):  # another run's download in progress is not "missing"
-        found = next((p for p in dst.rglob("model.safetensors")), None) if dst.exists() else None
+        found = _verified(dst, want)
         if found is None:
-            shutil.rmtree(dst, ignore_errors=True)
-            registry.download(name, version, dst)
-            found = next((p for p in dst.rglob("model.safetensors")), None)
-    if found is None:
-        raise RegistryError(f"model {name!r} version {version}: its artifacts hold no bundle (model.safetensors)")
-    return found.parent
+            discard(dst)
+            tmp = cache / f".{dst.name}.{tmp_suffix()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                registry.download(name, version, tmp)
+                weights = next((p for p in tmp.rglob("model.safetensors")), None)
+                if weights is None:
+                    raise RegistryError(f"model {name!r} version {version}: its artifacts hold no bundle "
+                                        "(model.safetensors)")
+                digest = sha256_file(weights)
+                if want and digest != want:
+                    raise BundleMismatch(f"model {name!r} version {version}: the downloaded weights have sha256 "
+                                         f"{digest[:12]}..., its {SHA_TAG} tag says {want[:12]}...: refused")
+                inner = weights.parent.relative_to(tmp)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            os.replace(tmp, dst)
+            fsync_dir(cache)
+            mark_done(dst, {"name": name, "version": str(version), "sha256": digest, "bundle": str(inner)})
+            found = dst / inner
+    return found
+
+
+def _verified(dst: Path, want: str | None) -> Path | None:
+    """The cached bundle directory when its download finished and its weights still hash to `want`."""
+    if not is_done(dst):
+        return None
+    try:
+        info = json.loads((dst / DONE).read_text(encoding="utf-8"))
+        bundle = dst / info["bundle"]
+        digest = sha256_file(bundle / "model.safetensors")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if digest != info.get("sha256") or (want and digest != want):
+        log.warning("%s: cached weights are not the version's (sha256 %s...); downloading again", dst, digest[:12])
+        return None
+    return bundle
 
 
 def figures_on(bundle: Path, dataset: Path, cfg: EvaluateConfig) -> Figures:
@@ -101,7 +231,8 @@ def challenger_figures(evaluation: Path) -> Figures:
     m = json.loads((Path(evaluation) / "metrics.json").read_text(encoding="utf-8"))
     if "val_bits_per_byte" not in m:
         raise RegistryError(f"{evaluation / 'metrics.json'}: no validation figures to gate on ({m.get('notes')})")
-    return Figures(m["val_bits_per_byte"], m["val_perplexity"], bool(m.get("smoke_passed")))
+    return Figures(m["val_bits_per_byte"], m["val_perplexity"], m.get("smoke_passed") is not False,
+                   smoke_checked=m.get("smoke_passed") is not None)
 
 
 def promote_version(registry: Registry, name: str, version: str, cfg: RegistryConfig, eval_cfg: EvaluateConfig,
@@ -112,7 +243,7 @@ def promote_version(registry: Registry, name: str, version: str, cfg: RegistryCo
     re-evaluated on the challenger's dataset (tag ``gptflow.eval_dataset``). Returns the decision record.
     """
     tracker = tracker or Tracker()
-    with locked(lock_path(workdir, name)):
+    with promotion_lock(registry, name, workdir):
         mv = registry.version(name, version)
         tags = mv["tags"]
         registry.set_alias(name, CHALLENGER, version)
@@ -134,8 +265,10 @@ def promote_version(registry: Registry, name: str, version: str, cfg: RegistryCo
                 cache = workdir / "registry" / "cache"
                 theirs_figures = figures_on(bundle_of(registry, name, champion["version"], cache), Path(dataset), eval_cfg)
             decision = decide(ours, theirs_figures, cfg.margin, cfg.metric)
-        previous = _become_champion(registry, name, version, decision.reason) if decision.promote else None
+        # The gate's verdict goes on the version before the alias moves: a replica that follows the
+        # alias serves only a version whose gptflow.gate tag says passed.
         registry.set_version_tags(name, version, decision.tags())
+        previous = _become_champion(registry, name, version, decision.reason) if decision.promote else None
         record = {"name": name, "version": version, "promoted": decision.promote, "reason": decision.reason,
                   "decision": decision.to_dict(), "champion_before": champion["version"] if champion else None,
                   "previous_champion": previous,
@@ -150,7 +283,7 @@ def promote_version(registry: Registry, name: str, version: str, cfg: RegistryCo
 
 def rollback(registry: Registry, name: str, workdir: Path) -> dict[str, Any]:
     """Move ``champion`` back to the champion before the current one; recorded on both versions."""
-    with locked(lock_path(workdir, name)):
+    with promotion_lock(registry, name, workdir):
         current = registry.by_alias(name, CHAMPION)
         if current is None:
             raise RegistryError(f"model {name!r} has no champion to roll back")

@@ -30,10 +30,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve import metrics
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flows.serve import protocol
-from flows.serve.models import Loaded, ServeSettings, alias_version, fetch, load
+from flows.serve.models import Loaded, Refused, ServeSettings, alias_version, fetch, load
 from flows.serve.protocol import APIError, Generation
 from flows.serve.runner import RunnerStats
 
@@ -51,6 +52,68 @@ def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def _check_key(headers: Headers, want: str | None) -> None:
+    if want is None:
+        return
+    scheme, _, key = headers.get("authorization", "").partition(" ")
+    given = hashlib.sha256(key.strip().encode()).hexdigest() if scheme.lower() == "bearer" else ""
+    if not hmac.compare_digest(given, want):
+        raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
+                       type="authentication_error", code="invalid_api_key")
+
+
+class _RequireKey:
+    """Every /v1 route -- an unknown one and a wrong method included -- answers 401 without the key.
+    ASGI middleware (not BaseHTTPMiddleware, which would buffer streams and hide disconnects)."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            path = path[len(root):] if root and path.startswith(root) else path
+            if path == "/v1" or path.startswith("/v1/"):
+                from flows.serve import models  # see models.REPLICA_KEY
+
+                try:
+                    _check_key(Headers(scope=scope), models.REPLICA_KEY["sha256"])
+                except APIError as e:
+                    await _error(e)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+api.add_middleware(_RequireKey)
+
+
+class _LeasedStream:
+    """A streamed body that holds a model lease until the stream ends -- or, when the client went away
+    before the first byte and the body is never iterated, until the response is dropped (an async
+    generator that never started never runs its `finally`)."""
+
+    def __init__(self, body: AsyncIterator[str], release: Any):
+        self._body, self._release = body, release
+
+    def __aiter__(self) -> "_LeasedStream":
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            return await self._body.__anext__()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __del__(self) -> None:
+        self.close()
+
+
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
@@ -61,15 +124,23 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @serve.ingress(api)
 class GPTServer:
     def __init__(self, settings: ServeSettings):
+        from flows.data.inputs import redact_logs
+
         logging.basicConfig(level=logging.INFO)
+        redact_logs()  # a replica's log reaches files and the dashboard: no credentials in it
         self.settings = settings
         self.cfg = settings.serve
         self._lock = threading.Lock()
         self._leases: dict[int, int] = {}  # id(Loaded) -> requests using it
         self._refused: dict[str, str] = {}  # version -> why it is not served
+        self._recheck: set[str] = set()  # refused for now (gate not passed): looked at again each poll
         self._stop = threading.Event()
         self._started = time.time()
         self._swaps = 0
+        self._registry_problem: str | None = None  # why the alias cannot be read now, while still serving
+        from flows.serve import models
+
+        models.REPLICA_KEY["sha256"] = settings.api_key_sha256
         self._requests = metrics.Counter("gptflow_requests", "requests by route and status", ("route", "status"))
         self._tokens = metrics.Counter("gptflow_generated_tokens", "tokens generated")
         self._latency = metrics.Histogram("gptflow_latency_s", "request latency", [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
@@ -92,12 +163,27 @@ class GPTServer:
     # ------------------------------------------------------------------ routes
 
     @api.get("/healthz")
-    async def healthz(self) -> dict[str, Any]:
+    async def healthz(self) -> JSONResponse:
+        """200 while the decode loop lives and keeps stepping; 503 when it died or is wedged (has had
+        work without finishing a step for serve.stall_s). A registry that cannot be read is reported
+        but is not a failure: the replica keeps serving the version it has."""
         loaded = self.current
-        engine, stats = loaded.runner.engine, loaded.runner.stats
-        return {"status": "ok", "model": self.settings.served_name, "version": loaded.version,
-                "running": engine.running, "waiting": engine.waiting, "requests": stats.requests,
-                "cancelled": stats.cancelled, "rejected": stats.rejected, "refused_versions": sorted(self._refused)}
+        runner = loaded.runner
+        engine, stats = runner.engine, runner.stats
+        stalled = runner.stalled_s()
+        problem = None
+        if not runner.alive:
+            problem = "the decode loop has stopped"
+        elif stalled > self.cfg.stall_s:
+            problem = f"the decode loop has had work but no finished step for {stalled:.0f} s (stall_s={self.cfg.stall_s})"
+        body = {"status": "ok" if problem is None else "unhealthy", "model": self.settings.served_name,
+                "version": loaded.version, "running": engine.running, "waiting": engine.waiting,
+                "requests": stats.requests, "cancelled": stats.cancelled, "rejected": stats.rejected,
+                "refused_versions": sorted(self._refused), "last_step_age_s": round(time.time() - runner.last_step, 3),
+                "leases": sum(self._leases.values()), "registry": self._registry_problem or "ok"}
+        if problem:
+            body["problem"] = problem
+        return JSONResponse(body, status_code=200 if problem is None else 503)
 
     @api.get("/")
     async def playground(self) -> HTMLResponse:
@@ -106,10 +192,6 @@ class GPTServer:
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
-        try:
-            self._auth(request)
-        except APIError as e:
-            return _error(e)
         loaded = self.current
         card = {"id": self.settings.served_name, "object": "model", "created": int(self._started),
                 "owned_by": "gptflow", "version": loaded.version, "source": self._describe(loaded),
@@ -146,7 +228,6 @@ class GPTServer:
         start = time.perf_counter()
         loaded = None
         try:
-            self._auth(request)
             body = await self._body(request)
             loaded = self._lease()
             if chat:  # the model's own chat template where it has one
@@ -158,11 +239,14 @@ class GPTServer:
                 raise APIError(404, f"model {gen.model!r} does not exist here; this server serves "
                                f"{self.settings.served_name!r}", type="not_found_error", param="model",
                                code="model_not_found")
-            sequences = self._sequences(gen, loaded)
+            # Off the event loop: tokenizing long prompts must not stall every other client's stream.
+            sequences = await asyncio.to_thread(self._sequences, gen, loaded)
             loaded.runner.check_capacity(len(sequences))
             if gen.stream:
-                stream = self._stream(gen, loaded, sequences, start, route)
-                loaded = None  # the stream releases the lease when it ends
+                leased = loaded
+                stream = _LeasedStream(self._stream(gen, loaded, sequences, start, route),
+                                       lambda: self._release(leased))
+                loaded = None  # the stream releases the lease when it ends (or is dropped unstarted)
                 return StreamingResponse(stream, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             try:
@@ -175,24 +259,17 @@ class GPTServer:
         except APIError as e:
             self._record(route, e.status, start, 0)
             return _error(e)
-        except Exception as e:  # a bug: answer it, keep the replica
+        except Exception:  # a bug: answer it, keep the replica; the detail goes to the log only
             log.exception("%s failed", route)
             self._record(route, 500, start, 0)
-            return _error(APIError(500, f"internal error: {type(e).__name__}", type="server_error"))
+            return _error(APIError(500, "internal error (logged on the server)", type="server_error"))
         finally:
             if loaded is not None:
                 self._release(loaded)
 
-    def _auth(self, request: Request) -> None:
-        want = self.settings.api_key_sha256
-        if want is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        given = hashlib.sha256(key.strip().encode()).hexdigest() if scheme.lower() == "bearer" else ""
-        if not hmac.compare_digest(given, want):
-            raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                           type="authentication_error", code="invalid_api_key")
+    def auth_required(self) -> bool:
+        """Whether this app asks for an API key (a redeploy reads it so as never to turn auth off)."""
+        return self.settings.api_key_sha256 is not None
 
     async def _body(self, request: Request) -> Any:
         limit = self.cfg.max_body_bytes
@@ -317,7 +394,6 @@ class GPTServer:
         finally:
             await events.aclose()  # cancels what is still running (client gone, timeout)
             self._record(route, status, start, total, ttft)
-            self._release(loaded)
 
     def _logprobs(self, gen: Generation, loaded: Loaded, entries: list) -> dict[str, Any]:
         tok = loaded.tokenizer
@@ -359,18 +435,49 @@ class GPTServer:
             log.info("stopped %s: its last request finished", self._describe(m))
 
     def _follow_alias(self) -> None:
+        """Poll NAME@ALIAS; load a new version beside the current one, then swap. A version that is not
+        vetted (gate not passed, weights not matching their sha256 tag) or fails to load is refused; a
+        fetch that fails for a passing reason (the registry away) is retried with backoff, and the
+        current version keeps serving meanwhile (/healthz says so)."""
+        from flows.data.inputs import redact_text
+
         s = self.settings
+        retry: dict[str, tuple[int, float]] = {}  # version -> (failed fetches, when to try again)
         while not self._stop.wait(self.cfg.poll_s):
             try:
                 version = alias_version(s)
             except Exception as e:  # noqa: BLE001 - a registry hiccup must not stop the server
-                log.warning("cannot read %s@%s from the registry (%s); still serving version %s",
-                            s.registry_name, s.alias, e, self.current.version)
+                self._registry_problem = (f"cannot read {s.registry_name}@{s.alias} since "
+                                          f"{time.strftime('%H:%M:%S')}: {redact_text(str(e))[:300]}; "
+                                          f"still serving version {self.current.version}")
+                log.warning("%s", self._registry_problem)
                 continue
-            if version == self.current.version or version in self._refused:
+            self._registry_problem = None
+            if version == self.current.version or (version in self._refused and version not in self._recheck):
+                continue
+            failures, not_before = retry.get(version, (0, 0.0))
+            if time.time() < not_before:
                 continue
             try:
-                new = load(fetch(s, version), version, self.cfg, self._stats)
+                bundle = fetch(s, version)
+            except Refused as e:
+                if self._refused.get(version) != str(e):  # said once, not at every poll
+                    log.error("refusing %s version %s: %s; still serving version %s", s.registry_name, version,
+                              e, self.current.version)
+                self._refused[version] = str(e)
+                (self._recheck.discard if e.final else self._recheck.add)(version)
+                continue
+            except Exception as e:  # noqa: BLE001 - transient: try again later, keep serving
+                delay = min(self.cfg.poll_s * 2 ** failures, 300.0)
+                retry[version] = (failures + 1, time.time() + delay)
+                log.warning("cannot fetch %s version %s (%s); retrying in %.0f s, still serving version %s",
+                            s.registry_name, version, redact_text(str(e))[:300], delay, self.current.version)
+                continue
+            retry.pop(version, None)
+            self._refused.pop(version, None)
+            self._recheck.discard(version)
+            try:
+                new = load(bundle, version, self.cfg, self._stats)
             except Exception as e:  # noqa: BLE001 - whatever is wrong with it, it is not served
                 self._refused[version] = str(e)
                 log.error("refusing %s version %s: %s; still serving version %s", s.registry_name, version, e,

@@ -33,14 +33,40 @@ def parse_model(ref: str) -> tuple[str, str]:
     return name, alias
 
 
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name: it may resolve to anything
+
+
+def check_auth(cfg: ServeConfig, key_sha: str | None, host: str | None = None) -> None:
+    """Auth fails closed: a server reachable from other machines needs an API key, unless the config
+    says serve.allow_no_auth: true."""
+    host = host or cfg.host
+    if key_sha is None and not is_loopback(host) and not cfg.allow_no_auth:
+        raise ConfigError(f"serve.host={host} is reachable from other machines and {cfg.api_key_env} is not set: "
+                          f"export {cfg.api_key_env}=<key> (clients send `Authorization: Bearer <key>`), bind "
+                          "127.0.0.1, or set serve.allow_no_auth: true to serve without authentication")
+    if key_sha is None and not is_loopback(host):
+        log.warning("serve: %s without an API key (serve.allow_no_auth: true): anyone who reaches it may use it",
+                    host)
+
+
 def settings_for(cfg: PipelineConfig, model: str | None = None, bundle: str | None = None) -> ServeSettings:
-    """What the replicas serve; ConfigError when it does not exist (yet)."""
+    """What the replicas serve; ConfigError when it does not exist (yet), or when it would be served
+    to other machines without an API key."""
     from flows.tracking import tracking_uri
 
     s = cfg.serve
     workdir = Path(cfg.workdir).resolve()
     key = os.environ.get(s.api_key_env)
     key_sha = hashlib.sha256(key.strip().encode()).hexdigest() if key and key.strip() else None
+    check_auth(s, key_sha)
     bundle = bundle or (None if model else (s.model if s.model and "@" not in s.model else None))
     if bundle:
         path = Path(bundle).resolve()
@@ -54,10 +80,21 @@ def settings_for(cfg: PipelineConfig, model: str | None = None, bundle: str | No
     settings = ServeSettings(s, s.served_name or name, None, name, alias, tracking_uri(cfg.tracking, workdir),
                              str(workdir / "serve" / "cache"), key_sha)
     try:
-        alias_version(settings)
+        check_servable(settings, alias_version(settings))
     except ValueError as e:
         raise ConfigError(f"serve: {e}") from None
     return settings
+
+
+def check_servable(settings: ServeSettings, version: str) -> None:
+    """The replicas would refuse this version (gate not passed): say so before deploying."""
+    from flows.serve.models import registry
+
+    gate = registry(settings).version(settings.registry_name, version)["tags"].get("gptflow.gate")
+    if gate != "passed":
+        raise ConfigError(f"{settings.registry_name}@{settings.alias} is version {version}, which has not passed the "
+                          f"promotion gate (gptflow.gate={gate!r}): replicas serve only gated versions; "
+                          "promote it with `gptflow promote` (or --force)")
 
 
 def application(cfg: ServeConfig, settings: ServeSettings):
@@ -79,12 +116,17 @@ def application(cfg: ServeConfig, settings: ServeSettings):
 
 def app(args: dict[str, str] | None = None):
     """Application builder: ``serve run flows.serve.deploy:app [config=FILE] [workdir=DIR]
-    [model=NAME@ALIAS | bundle=DIR]`` (or a ``serve deploy`` config naming it) runs the same
-    application as `gptflow serve`."""
+    [model=NAME@ALIAS | bundle=DIR] [host=ADDR]`` (or a ``serve deploy`` config naming it) runs the
+    same application as `gptflow serve`. `host` is the Serve proxy's http_options.host: the builder
+    cannot see it, so without it the app is taken to be reachable from other machines (an API key
+    is then required, or serve.allow_no_auth)."""
+    import json
+
     from flows.config import load_config
 
     args = dict(args or {})
     overrides = [f"workdir={args['workdir']}"] if args.get("workdir") else []
+    overrides.append(f"serve.host={json.dumps(args.get('host') or '0.0.0.0')}")
     cfg = load_config(args.get("config"), overrides)
     return application(cfg.serve, settings_for(cfg, model=args.get("model"), bundle=args.get("bundle")))
 
@@ -97,7 +139,31 @@ def start(cfg: PipelineConfig, settings: ServeSettings):
 
     ensure_ray(cfg.cluster)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    keep_auth(settings, cfg.serve.api_key_env)
     return serve.run(application(cfg.serve, settings), name=APP_NAME, route_prefix="/")
+
+
+def keep_auth(settings: ServeSettings, api_key_env: str, app_name: str = APP_NAME) -> None:
+    """A redeploy never turns auth off: when the running app asks for an API key and this deploy has
+    none (a pipeline step, a Ray job or `serve deploy` whose environment lacks it), refuse."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    if settings.api_key_sha256 is not None:
+        return
+    try:
+        handle = serve.get_app_handle(app_name)
+    except (RayServeException, KeyError, ValueError):
+        return  # nothing running under that name
+    try:
+        required = handle.auth_required.remote().result(timeout_s=30)
+    except Exception as e:  # noqa: BLE001 - unknown: do not risk turning auth off
+        raise ConfigError(f"serve: cannot tell whether the running app {app_name!r} requires an API key ({e}); "
+                          f"export {api_key_env} or delete the app first (serve shutdown)") from None
+    if required:
+        raise ConfigError(f"serve: the running app {app_name!r} requires an API key and {api_key_env} is not set "
+                          f"here: redeploying would turn authentication off. Export {api_key_env} (the key "
+                          "clients use), or delete the app first (serve shutdown)")
 
 
 DEPLOYMENT = "deployment.json"

@@ -19,6 +19,11 @@ from flows.serve.runner import EngineRunner, RunnerStats
 
 log = logging.getLogger(__name__)
 
+# The API key hash of the replica in this process (Serve runs one per process), read by the app's
+# auth middleware. It lives here, in a module both import by name, because Serve pickles the
+# deployment class by value: a global of app.py written in __init__ would be a copy's.
+REPLICA_KEY: dict[str, str | None] = {"sha256": None}
+
 
 @dataclass(frozen=True)
 class ServeSettings:
@@ -65,7 +70,7 @@ def load(bundle: str | Path, version: str | None, cfg: ServeConfig, stats: Runne
         raise ValueError(f"the model at {bundle} fails to generate: {e}") from e
     ctx = model.config.context_length
     limits = Limits(context_length=ctx, max_prompt_tokens=min(cfg.max_prompt_tokens or ctx - 1, ctx - 1),
-                    max_tokens_limit=cfg.max_tokens_limit, max_n=cfg.max_n)
+                    max_tokens_limit=cfg.max_tokens_limit, max_n=cfg.max_n, max_prompts=cfg.max_prompts)
     engine = BatchEngine(model, max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens,
                          tokenizer=tokenizer)
     runner = EngineRunner(engine, cfg.max_queue, stats)
@@ -88,8 +93,28 @@ def alias_version(settings: ServeSettings) -> str:
     return found["version"]
 
 
-def fetch(settings: ServeSettings, version: str) -> Path:
-    """The bundle of `version`, downloaded once into the cache."""
-    from flows.registry.promote import bundle_of
+class Refused(ValueError):
+    """A version a replica will not serve. `final`: its weights are wrong, it stays refused; otherwise
+    (the gate has not passed it) it is looked at again at the next poll."""
 
-    return bundle_of(registry(settings), settings.registry_name, version, Path(settings.cache_dir))
+    def __init__(self, message: str, final: bool):
+        super().__init__(message)
+        self.final = final
+
+
+def fetch(settings: ServeSettings, version: str) -> Path:
+    """The bundle of `version`, downloaded once into the cache, once the registry says it passed the
+    promotion gate (tag ``gptflow.gate``) and its weights hash to its ``gptflow.bundle_sha256`` tag:
+    an alias moved by hand to an unvetted or tampered version is not served. Other errors (the
+    registry unreachable) are the caller's to retry."""
+    from flows.registry.promote import BundleMismatch, bundle_of
+
+    reg, name = registry(settings), settings.registry_name
+    gate = reg.version(name, version)["tags"].get("gptflow.gate")
+    if gate != "passed":
+        raise Refused(f"model {name!r} version {version} has not passed the promotion gate (gptflow.gate="
+                      f"{gate!r}); promote it with `gptflow promote` (or --force)", final=False)
+    try:
+        return bundle_of(reg, name, version, Path(settings.cache_dir), require_sha=True)
+    except BundleMismatch as e:
+        raise Refused(str(e), final=True) from e

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.data.sft import ROLES, render_chat_prompt
+from gptcore.generation import MAX_STOP_CHARS
 
 # Parameters OpenAI defines that gptflow accepts at their neutral value only: a client that sends
 # the default (the openai client never sends unset ones) works; asking for the feature is a 400.
@@ -55,6 +56,9 @@ class Limits:
     max_prompt_tokens: int
     max_tokens_limit: int
     max_n: int
+    max_prompts: int = 32
+    """Prompts in one completions request (each is tokenized and queued: a list of 10,000 filled a
+    replica's queue in one request)."""
 
 
 @dataclass
@@ -84,6 +88,9 @@ def parse_completion(body: Any, limits: Limits) -> Generation:
     if "prompt" not in body:
         raise invalid("prompt", "'prompt' is required")
     prompts = _prompts(body["prompt"])
+    if len(prompts) > limits.max_prompts:
+        raise invalid("prompt", f"{len(prompts)} prompts in one request; this server accepts at most "
+                      f"{limits.max_prompts}")
     logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
     return _generation(body, limits, chat=False, prompts=prompts, logprobs=logprobs,
                        max_tokens=_int(body, "max_tokens", 1, limits.max_tokens_limit))
@@ -207,6 +214,9 @@ def _stop(value: Any) -> tuple[str, ...]:
         raise invalid("stop", "'stop' must be a non-empty string or a list of them")
     if len(value) > MAX_STOP:
         raise invalid("stop", f"at most {MAX_STOP} stop sequences")
+    longest = max(len(s) for s in value)
+    if longest > MAX_STOP_CHARS:
+        raise invalid("stop", f"a stop sequence of {longest} characters; at most {MAX_STOP_CHARS}")
     return tuple(value)
 
 

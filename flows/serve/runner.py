@@ -10,6 +10,7 @@ new request is refused with 429 rather than queued without end. Counts what the 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import threading
@@ -23,9 +24,17 @@ from gptcore.batching import BatchEngine, SequenceOutput, SequenceRequest
 log = logging.getLogger(__name__)
 
 
+LATENCY_WINDOW = 2048  # latest requests kept for percentiles: a replica's lists must not grow forever
+
+
+def _window() -> collections.deque:
+    return collections.deque(maxlen=LATENCY_WINDOW)
+
+
 @dataclass
 class RunnerStats:
-    """Totals since the runner started (the server turns them into rates and percentiles)."""
+    """Totals since the runner started (the server turns them into rates and percentiles); latency
+    and time to first token over the latest LATENCY_WINDOW requests."""
 
     requests: int = 0
     rejected: int = 0
@@ -34,8 +43,8 @@ class RunnerStats:
     steps: int = 0
     occupied_rows: int = 0  # summed over steps: mean batch occupancy = occupied_rows / steps
     busy_s: float = 0.0
-    ttft_s: list[float] = field(default_factory=list)
-    latency_s: list[float] = field(default_factory=list)
+    ttft_s: collections.deque = field(default_factory=_window)
+    latency_s: collections.deque = field(default_factory=_window)
 
 
 class EngineRunner:
@@ -50,8 +59,19 @@ class EngineRunner:
         self._pending: dict[int, SequenceOutput] = {}  # non-streaming sequences: tokens so far, sent at the end
         self._wake = threading.Event()
         self._stopped = False
+        self.last_step = time.time()  # when the loop last finished a step (or went idle): /healthz reads it
         self._thread = threading.Thread(target=self._loop, name="gptflow-decode", daemon=True)
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stalled_s(self) -> float:
+        """Seconds the loop has had work without finishing a step (0 when idle or keeping up)."""
+        if not self.engine.has_work():
+            return 0.0
+        return max(0.0, time.time() - self.last_step)
 
     @property
     def active(self) -> int:
@@ -99,8 +119,9 @@ class EngineRunner:
             self._wake.set()
             while open_ids:
                 item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise APIError(500, f"generation failed: {item}", type="server_error") from item
+                if isinstance(item, BaseException):  # the detail (device memory, paths) is in the log only
+                    raise APIError(500, "generation failed: internal error (logged on the server)",
+                                   type="server_error") from item
                 if first and item.tokens and stream:  # (a non-streamed sequence arrives whole)
                     self.stats.ttft_s.append(time.perf_counter() - start)
                     first = False
@@ -120,6 +141,7 @@ class EngineRunner:
     def _loop(self) -> None:
         while not self._stopped:
             if not self.engine.has_work():
+                self.last_step = time.time()
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
@@ -133,6 +155,7 @@ class EngineRunner:
                 for loop, queue in list(self._subscribers.values()):
                     loop.call_soon_threadsafe(queue.put_nowait, e)
                 continue
+            self.last_step = time.time()
             self.stats.steps += 1
             self.stats.occupied_rows += rows
             self.stats.busy_s += time.perf_counter() - t0

@@ -29,3 +29,17 @@ def test_smoke_failures_and_non_finite_figures_are_refused():
     assert not decide(Figures(math.nan, math.nan), None).promote
     with pytest.raises(ValueError, match="margin"):
         decide(Figures(1.0, 2.0), None, margin=1.5)
+
+
+def test_a_finite_challenger_replaces_a_champion_whose_figure_is_not_finite():
+    """A NaN champion figure used to refuse every challenger forever."""
+    for bad in (math.nan, math.inf):
+        d = decide(Figures(2.0, 30.0), Figures(bad, bad))
+        assert d.promote and "champion's bits_per_byte is not finite" in d.reason, d.reason
+    assert not decide(Figures(math.nan, math.nan), Figures(math.nan, math.nan)).promote
+
+
+def test_a_challenger_with_no_prompts_is_said_not_checked_not_passed():
+    d = decide(Figures(1.9, 29.0, smoke_checked=False), Figures(2.0, 30.0))
+    assert d.promote and d.reason.endswith("smoke checks: not checked (no prompts)"), d.reason
+    assert "not checked" in decide(Figures(1.9, 29.0, smoke_checked=False), None).reason

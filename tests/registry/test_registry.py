@@ -102,21 +102,63 @@ def test_bad_requests_are_clear_errors_and_move_no_alias(store, registered, tmp_
         check_bundle(broken)
 
 
+def _stored_weights(store, name: str, version: str) -> Path:
+    """The version's model.safetensors in the registry's own artifact store (not a download of it)."""
+    from flows.store import sha256_file
+
+    want = store["registry"]().version(name, version)["tags"]["gptflow.bundle_sha256"]
+    return next(p for p in (store["root"] / "mlartifacts").rglob("model.safetensors") if sha256_file(p) == want)
+
+
 def test_corrupt_champion_artifacts_refuse_the_promotion(store, registered):
+    """Weights in the registry that are not the ones the version's sha256 tag names are refused; a
+    corrupt copy in the download cache is not trusted either: it is downloaded again."""
     registry = store["registry"]()
     good, best = registered("good"), registered("best")
     registry.set_alias("gpt", "champion", good)
     cache = store["root"] / "registry" / "cache"
-    bundle = promoting.bundle_of(registry, "gpt", good, cache)
-    weights = bundle / "model.safetensors"
+    cached = promoting.bundle_of(registry, "gpt", good, cache) / "model.safetensors"
+    cached.write_bytes(b"not a safetensors file")
+    assert promoting.bundle_of(registry, "gpt", good, cache).joinpath("model.safetensors").read_bytes() != \
+        b"not a safetensors file"
+    weights = _stored_weights(store, "gpt", good)
     saved = weights.read_bytes()
     weights.write_bytes(b"not a safetensors file")
+    promoting.discard(cache / f"gpt-v{good}")
     try:
-        with pytest.raises(RegistryError, match="cannot load the model"):
+        with pytest.raises(promoting.BundleMismatch, match=f"version {good}: the downloaded weights have sha256"):
             promoting.promote_version(registry, "gpt", best, RegistryConfig(), EVAL, store["root"])
         assert _aliases(registry)["champion"] == good
+        assert not any(p.name.startswith(".gpt-v") and p.is_dir() for p in cache.iterdir())  # no temp dir left
     finally:
         weights.write_bytes(saved)
+
+
+def test_a_killed_download_is_not_reused_and_a_stale_one_is_downloaded_again(store, registered, bundles, tmp_path):
+    """What a download killed half-way leaves (a truncated model.safetensors, no DONE) and what a
+    registry reset leaves (a complete bundle of another model under the same version number) are both
+    replaced by the version's own weights."""
+    from flows.store import sha256_file
+
+    registry = store["registry"]()
+    good = registered("good")
+    want = registry.version("gpt", good)["tags"]["gptflow.bundle_sha256"]
+    cache = tmp_path / "cache"
+    entry = cache / f"gpt-v{good}" / "model" / "bundle"
+    entry.mkdir(parents=True)
+    for f in ("config.json", "tokenizer.json", "metadata.json"):
+        (entry / f).write_bytes((bundles["good"] / f).read_bytes())
+    (entry / "model.safetensors").write_bytes((bundles["good"] / "model.safetensors").read_bytes()[:1000])
+    assert sha256_file(promoting.bundle_of(registry, "gpt", good, cache) / "model.safetensors") == want
+
+    stale = cache / f"gpt-v{good}"
+    promoting.discard(stale)
+    (stale / "bundle").mkdir(parents=True)
+    for f in ("config.json", "tokenizer.json", "metadata.json", "model.safetensors"):
+        (stale / "bundle" / f).write_bytes((bundles["worst"] / f).read_bytes())
+    (stale / "DONE").write_text(json.dumps({"sha256": sha256_file(stale / "bundle" / "model.safetensors"),
+                                            "bundle": "bundle"}))
+    assert sha256_file(promoting.bundle_of(registry, "gpt", good, cache) / "model.safetensors") == want
 
 
 def test_pyfunc_loads_in_a_fresh_process_and_matches_generate(store, registered, bundles):
@@ -202,32 +244,48 @@ from pathlib import Path
 from flows.config import EvaluateConfig, RegistryConfig, TrackingConfig
 from flows.registry.promote import promote_version
 from flows.tracking import Registry
-root, uri, version = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+root, workdir, uri, version = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
 Path(root, f"ready-{version}").touch()
-while not all(Path(root, f"ready-{v}").exists() for v in sys.argv[4:]):
+while not all(Path(root, f"ready-{v}").exists() for v in sys.argv[5:]):
     pass
-registry = Registry(TrackingConfig(uri=uri), root)
+registry = Registry(TrackingConfig(uri=uri), workdir)
 evaluate = EvaluateConfig(max_new_tokens=4, sample_tokens=16, prompts=("The ",))
-promote_version(registry, "race", version, RegistryConfig(name="race"), evaluate, root)
+promote_version(registry, "race", version, RegistryConfig(name="race"), evaluate, workdir)
 """
 
 
 @pytest.mark.slow
-def test_two_promotions_racing_leave_the_better_model_champion(store, bundles):
-    """Both processes start gating at once against the same champion; the lock serialises them, so the
-    second compares against the first's result and both decisions are recorded."""
-    base, good, best = (store["add"](bundles[w], name="race") for w in ("worst", "good", "best"))
+@pytest.mark.parametrize("workdirs", ["one", "two"])
+def test_two_promotions_racing_leave_the_better_model_champion(store, bundles, workdirs, tmp_path):
+    """Both processes start gating at once against the same champion, from one workdir or from two
+    that share the registry; the lock serialises them, so the second compares against the first's
+    result and every decision is recorded: each promoted version is in the champion history."""
+    model = f"race-{workdirs}"
+    base, good, best = (store["add"](bundles[w], name=model) for w in ("worst", "good", "best"))
     registry = store["registry"]()
-    registry.set_alias("race", "champion", base)
-    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(store["root"]), store["tracking"].uri, v, good, best],
-                              cwd=store["root"], stderr=subprocess.PIPE, text=True) for v in (good, best)]
+    registry.set_alias(model, "champion", base)
+    dirs = {good: store["root"], best: store["root"] if workdirs == "one" else tmp_path / "elsewhere"}
+    script = _RACE.replace('"race"', repr(model))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(dirs[v]), store["tracking"].uri, v,
+                               good, best], cwd=store["root"], stderr=subprocess.PIPE, text=True) for v in (good, best)]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
-    assert _aliases(registry, "race")["champion"] == best
-    gates = {v: registry.version("race", v)["tags"].get("gptflow.gate") for v in (good, best)}
+    assert _aliases(registry, model)["champion"] == best
+    gates = {v: registry.version(model, v)["tags"].get("gptflow.gate") for v in (good, best)}
     assert gates[best] == "passed" and gates[good] in ("passed", "refused")
-    history = json.loads(registry.model_tags("race")[promoting.HISTORY_TAG])
-    assert history[-1] == best
+    history = json.loads(registry.model_tags(model)[promoting.HISTORY_TAG])
+    assert history[-1] == best and {v for v, g in gates.items() if g == "passed"} <= set(history), (history, gates)
+    assert not [m for m in registry.client.search_registered_models() if m.name.endswith(promoting.LOCK_SUFFIX)]
+
+
+def test_a_promotion_lock_left_by_a_dead_process_is_broken(store, registered):
+    registry = store["registry"]()
+    lock = f"gpt{promoting.LOCK_SUFFIX}"
+    assert registry.create_model(lock, {"gptflow.lock.token": "dead", "gptflow.lock.heartbeat": 0}, "test")
+    assert not registry.create_model(lock, {}, "a second holder")
+    with promoting.promotion_lock(registry, "gpt", store["root"], wait_s=30):
+        assert registry.model_tags(lock)["gptflow.lock.token"] != "dead"
+    assert not [m for m in registry.client.search_registered_models() if m.name == lock]
 
 
 @pytest.mark.slow

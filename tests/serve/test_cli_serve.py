@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 def test_gptflow_serve_answers_and_logs_a_summary_when_stopped(store, tok, tmp_path):
     version = store["add"](make_bundle(tmp_path / "bundle", tok, seed=20))
+    store["registry"]().set_version_tags("gpt", version, {"gptflow.gate": "passed"})
     store["registry"]().set_alias("gpt", "champion", version)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,5 +77,5 @@ def test_the_shipped_serve_deploy_config_is_valid_for_ray_serve():
     (app,) = schema.applications
     module, _, name = app.import_path.partition(":")
     builder = getattr(importlib.import_module(module), name)
-    assert callable(builder) and set(app.args) <= {"workdir", "model", "bundle", "config"}
-    assert schema.http_options.host == "127.0.0.1"
+    assert callable(builder) and set(app.args) <= {"workdir", "model", "bundle", "config", "host"}
+    assert schema.http_options.host == "127.0.0.1" == app.args["host"]

@@ -9,6 +9,7 @@ import json
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -23,8 +24,23 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def versions(store, tok, tmp_path_factory) -> dict[str, str]:
-    return {k: store["add"](make_bundle(tmp_path_factory.mktemp(k), tok, seed=seed))
-            for k, seed in (("a", 10), ("b", 11), ("corrupt", 12), ("mismatch", 13))}
+    """Registered versions; all but "ungated" passed the promotion gate (as `gptflow promote` records)."""
+    found = {k: store["add"](make_bundle(tmp_path_factory.mktemp(k), tok, seed=seed))
+             for k, seed in (("a", 10), ("b", 11), ("corrupt", 12), ("mismatch", 13), ("ungated", 14))}
+    registry = store["registry"]()
+    for k, v in found.items():
+        if k != "ungated":
+            registry.set_version_tags("gpt", v, {"gptflow.gate": "passed"})
+    return found
+
+
+def _stored(store, version: str, name: str) -> Path:
+    """A file of the version's bundle in the registry's own artifact store (what every replica downloads)."""
+    from flows.store import sha256_file
+
+    want = store["registry"]().version("gpt", version)["tags"]["gptflow.bundle_sha256"]
+    weights = next(p for p in (store["root"] / "mlartifacts").rglob("model.safetensors") if sha256_file(p) == want)
+    return weights.parent / name
 
 
 def _reference(store, version: str, tmp_path):
@@ -104,17 +120,19 @@ def test_promotion_under_load_swaps_without_a_failed_request_and_bad_versions_ar
     assert client.completions.create(model="gpt", prompt="The cat", max_tokens=20).choices[0].text == \
         new("The cat", 20)
 
-    # A version whose weights are corrupt, then one whose tokenizer does not match its weights: both
-    # are refused (they sit in the server's download cache as it would find them) and b keeps serving.
-    cache = store["root"] / "serve" / "cache"
-    bundle_of(registry, "gpt", versions["corrupt"], cache).joinpath("model.safetensors").write_bytes(b"garbage")
-    config = bundle_of(registry, "gpt", versions["mismatch"], cache) / "config.json"
+    # A version whose stored weights are not the ones its sha256 tag names, one whose tokenizer does not
+    # match its weights, and one that never passed the gate: all are refused and b keeps serving.
+    _stored(store, versions["corrupt"], "model.safetensors").write_bytes(b"garbage")
+    config = _stored(store, versions["mismatch"], "config.json")
     config.write_text(json.dumps({**json.loads(config.read_text()), "vocab_size": 999}))
-    for bad in ("corrupt", "mismatch"):
+    for bad in ("corrupt", "mismatch", "ungated"):
         registry.set_alias("gpt", "champion", versions[bad])
         _wait(lambda bad=bad: versions[bad] in wait_healthy(url)["refused_versions"], 30, f"{bad} was not refused")
         assert _version_served(url) == versions["b"]
         assert client.completions.create(model="gpt", prompt="A dog", max_tokens=8).choices[0].text == new("A dog", 8)
+    # the gate passes it later (gptflow promote --force): it is served at the next poll
+    registry.set_version_tags("gpt", versions["ungated"], {"gptflow.gate": "passed"})
+    _wait(lambda: _version_served(url) == versions["ungated"], 30, "the gated version was not served")
 
 
 def test_the_serve_step_deploys_the_champion_on_the_configured_ray(store, versions, serve_url, tmp_path):

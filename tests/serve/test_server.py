@@ -168,6 +168,11 @@ BAD = [
     ("completions", {"prompt": "a", "stream": "yes"}, 400, "stream", "true or false"),
     ("completions", {"prompt": "a", "stop": ["x"] * 5}, 400, "stop", "at most"),
     ("completions", {"prompt": "a", "stop": 3}, 400, "stop", "stop"),
+    # hostile stop strings (four of 240 K characters with n=8 once cost ~24 s per decode step; this
+    # app's body limit is 64 KiB)
+    ("completions", {"prompt": "a", "n": 8, "stop": ["ab" * 7_500] * 4}, 400, "stop", "at most 256"),
+    ("completions", {"prompt": "a", "stop": ["x" * 257]}, 400, "stop", "at most 256"),
+    ("completions", {"prompt": ["a"] * 10_000}, 400, "prompt", "at most 32"),
     ("completions", {"prompt": "a", "presence_penalty": 1.5}, 400, "presence_penalty", "not supported"),
     ("completions", {"prompt": "a", "frobnicate": 1}, 400, "frobnicate", "unrecognized"),
     ("completions", {"prompt": "a", "model": "gpt-4"}, 404, "model", "does not exist"),
@@ -227,6 +232,41 @@ def test_api_key_is_required_when_configured(apps):
     with pytest.raises(openai.AuthenticationError):
         _client(url, key="wrong").models.list()
     assert wait_healthy(url)["status"] == "ok"  # health checks need no key
+
+
+def test_every_v1_route_answers_401_without_the_key(apps):
+    """Every /v1 route of the app -- and an unknown one, and a known one with the wrong method -- is
+    behind the key; only /healthz and the playground page are not."""
+    from flows.serve.app import api
+
+    url = apps["auth"]
+    paths = api.openapi()["paths"]
+    routes = sorted((m.upper(), path) for path, ops in paths.items() if path.startswith("/v1") for m in ops)
+    assert ("POST", "/v1/completions") in routes and ("GET", "/v1/models") in routes
+    for method, path in [*routes, ("POST", "/v1/embeddings"), ("GET", "/v1/completions"), ("GET", "/v1")]:
+        req = urllib.request.Request(f"{url}{path}", b"{}" if method == "POST" else None, method=method,
+                                     headers={"Content-Type": "application/json"})
+        try:
+            urllib.request.urlopen(req, timeout=30)
+            status, payload = 200, {}
+        except urllib.error.HTTPError as e:
+            status, payload = e.code, json.loads(e.read())
+        assert status == 401 and payload["error"]["type"] == "authentication_error", (method, path, status)
+    with urllib.request.urlopen(f"{url}/", timeout=30) as r:
+        assert r.status == 200
+
+
+def test_a_redeploy_without_the_key_is_refused_where_the_running_app_asks_for_one(apps, bundle, tmp_path):
+    from flows.config import ConfigError, PipelineConfig, ServeConfig, TrackingConfig
+    from flows.serve.deploy import keep_auth, settings_for
+
+    open_settings = settings_for(PipelineConfig(workdir=str(tmp_path), tracking=TrackingConfig(enabled=False),
+                                                serve=ServeConfig(api_key_env="GPTFLOW_TEST_UNSET")),
+                                 bundle=str(bundle))
+    assert open_settings.api_key_sha256 is None
+    with pytest.raises(ConfigError, match="running app 'auth' requires an API key and GPTFLOW_TEST_UNSET"):
+        keep_auth(open_settings, "GPTFLOW_TEST_UNSET", app_name="auth")
+    keep_auth(open_settings, "GPTFLOW_TEST_UNSET", app_name="open")  # no auth there: nothing to lose
 
 
 def test_past_the_queue_requests_get_429_with_retry_after(apps, reference):
