@@ -44,6 +44,7 @@ from flows.config import DataConfig, stable_hash, to_dict
 from flows.context import StepContext
 from flows.data import formats, inputs, sft
 from flows.data.clean import UnitStats, merge_locations, pieces
+from flows.data.curate import driver as curate_stage
 from flows.data.dataset import FORMAT_VERSION
 from flows.data.inputs import InputError, InputFile, WorkUnit
 from flows.data.shards import UnitWriter, load_index, pack_sft, pack_tokens
@@ -177,11 +178,15 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
     timings: dict[str, float] = {}
 
     t = time.time()
-    clean_meta = _run_units(clean_unit, units, workers, "clean", work / "clean", data=data, work=str(work))
+    eval_path = curate_stage.eval_ngrams(data, work)
+    clean_meta = _run_units(clean_unit, units, workers, "clean", work / "clean", data=data, work=str(work),
+                            eval_path=eval_path)
     timings["clean"] = time.time() - t
 
     t = time.time()
     keep, duplicates = _dedup(units, work, data.dedup)
+    near = curate_stage.duplicates(units, work, keep, data, workers, clean_meta, duplicates)
+    timings["curate"] = time.time() - t
     tokenizer = _tokenizer(sources.tokenizer, units, keep, work, data, out)
     assignment, spans = assign_val(units, keep, work, data, tokenizer) if units else ({"mode": "none"}, {})
     timings["tokenizer"] = time.time() - t
@@ -218,6 +223,8 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
         sft.merge_counts(repaired, m["repaired"])
     if duplicates:
         dropped["duplicate"] += duplicates
+    if near.count:
+        dropped["near_duplicate"] += near.count
     sft_dropped: Counter = Counter()
     for m in sft_meta.values():
         sft.merge_counts(sft_dropped, m["dropped"])
@@ -240,7 +247,10 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
                                 if m.get("node_id")).items()))
     cpu = {name: round(sum(m.get("cpu_s", 0.0) for m in metas.values()), 3)
            for name, metas in (("clean", clean_meta), ("tokenize", tok_meta))}
+    curation = curate_stage.finish(out, units, work, data, clean_meta, near, kept, total,
+                                   sum(int(np.diff(load_index(work, u.key)[0])[keep[u.key]].sum()) for u in units))
     return {
+        "curation": curation,
         "format_version": FORMAT_VERSION,
         "dtype": dtype,
         "tokenizer_sha256": sha256_file(out / "tokenizer.json"),
@@ -323,20 +333,27 @@ def doc_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def clean_unit(unit: WorkUnit, data: DataConfig, work: str) -> dict[str, Any]:
-    """Ray task: the unit's cleaned documents (concatenated UTF-8), their offsets and hashes, and
-    the offsets and hashes of their pieces (for the val split, see assign_val). Memory: one
-    document, the readers' bounded blocks, and 24 bytes per document and per piece for the index."""
+def clean_unit(unit: WorkUnit, data: DataConfig, work: str, eval_path: str | None = None) -> dict[str, Any]:
+    """Ray task: the unit's cleaned and curated documents (concatenated UTF-8), their offsets and
+    hashes, and the offsets and hashes of their pieces (for the val split, see assign_val); where
+    each came from, what was dropped, and their LSH band keys (flows/data/curate/unit.py). Memory:
+    one document, the readers' bounded blocks, and ~60 bytes per document (and 24 per piece)."""
+    from flows.data.curate.unit import UnitCuration
+
     cpu = time.process_time()
     stats = UnitStats()
     out = UnitWriter(Path(work) / "clean", unit.key)
     f = out.open(".txt")
+    curation = UnitCuration(data, unit.index, stats, eval_path, out.open(".dropped.jsonl"))
     offsets = array("q", [0])
     hashes = bytearray()
     piece_starts = array("q")
     piece_hashes = bytearray()
     for doc in formats.iter_documents(unit, data, stats):
-        body = doc.strip()
+        body = curation.apply(doc.strip())
+        if body is None:
+            continue
+        curation.kept(len(offsets) - 1, body)
         raw = body.encode("utf-8")  # never raises: the cleaner replaced lone surrogates
         f.write(raw)
         digest = hashlib.blake2b(raw, digest_size=16).digest()
@@ -357,10 +374,12 @@ def clean_unit(unit: WorkUnit, data: DataConfig, work: str) -> dict[str, Any]:
              hashes=np.frombuffer(hashes, dtype=np.uint8).reshape(-1, 16),
              piece_starts=np.frombuffer(piece_starts, dtype=np.int64),
              piece_hashes=np.frombuffer(piece_hashes, dtype=np.uint8).reshape(-1, 16))
+    nd = data.curate.near_dedup
+    curated = curation.write(out.open(".loc.npz"), out.open(".bands.npy") if nd.enabled else None, nd.partitions)
     return out.commit({
         "documents": len(offsets) - 1, "bytes": offsets[-1], "dropped": dict(stats.dropped),
         "repaired": dict(stats.repaired), "locations": stats.locations, "peak_rss_mb": _peak_rss_mb(),
-        "cpu_s": time.process_time() - cpu, "node_id": _node_id(),
+        "cpu_s": time.process_time() - cpu, "node_id": _node_id(), "curation": curated,
     })
 
 
