@@ -9,9 +9,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.config import CurateConfig, DataConfig, NearDedupConfig, PipelineConfig, QualityConfig, TrackingConfig
+from flows.config import (
+    CurateConfig,
+    DataConfig,
+    NearDedupConfig,
+    PipelineConfig,
+    QualityConfig,
+    TrackingConfig,
+)
 from flows.data.curate.minhash import MinHasher, jaccard
-from flows.data.curate.shuffle import RECORD, bucket_partition, components, label_components, write_bands
+from flows.data.curate.shuffle import (
+    RECORD,
+    bucket_partition,
+    components,
+    label_components,
+    write_bands,
+)
 from tests.data.curate.texts import edited, prose, unrelated
 
 
