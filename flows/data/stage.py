@@ -96,6 +96,9 @@ def fingerprint(data: DataConfig, ctx: StepContext) -> dict[str, Any]:
         if data.hf_dataset else None,
         "tokenizer": ctx.fingerprints.sha256(data.tokenizer_path) if data.tokenizer_path
         and Path(data.tokenizer_path).is_file() else data.tokenizer_path,
+        # The evaluation sets decontamination removes: their content, not only their paths.
+        **({"decontaminate": [ctx.fingerprints.sha256(p) if Path(p).is_file() else p
+                              for p in data.curate.decontaminate]} if data.curate.decontaminate else {}),
     }
 
 
@@ -149,6 +152,9 @@ def _resolve(data: DataConfig, ctx: StepContext) -> _Sources:
         raise InputError("data.inputs: no input files (and no data.hf_dataset or data.sft_inputs)")
     if sft_files:
         inputs.check_usable(sft_files, "data.sft_inputs")
+    for p in data.curate.decontaminate:
+        if not Path(p).is_file():
+            raise InputError(f"data.curate.decontaminate: {p} is not a file (JSONL, JSON or text of an evaluation set)")
     if data.tokenizer_path:
         from gptcore import Tokenizer
 
@@ -586,8 +592,13 @@ def summary(manifest: dict[str, Any], out: Path, seconds: float) -> str:
     splits = "; ".join(
         f"{name}: {e['tokens']:,} tokens in {len(e['shards'])} shards" for name, e in manifest["splits"].items()
     )
+    curation = ""
+    if (out / "curation" / "report.json").is_file():
+        from flows.data.curate.report import table
+
+        curation = "\n" + table(json.loads((out / "curation" / "report.json").read_text()), out / "curation")
     return (
-        f"preprocess done in {seconds:.1f} s -> {out}\n"
+        f"preprocess done in {seconds:.1f} s -> {out}{curation}\n"
         f"  documents kept {docs['kept']:,}; dropped: {dropped}; repaired: {repaired}\n"
         f"  {splits} ({manifest['dtype']}, vocab {manifest['vocab_size']})"
     )
@@ -612,8 +623,15 @@ def _log_tracking(tracker: Any, out: Path, manifest: dict[str, Any], sources: _S
     if stats.get("worker_peak_rss_mb"):
         metrics["worker_peak_rss_mb"] = stats["worker_peak_rss_mb"]
     metrics.update({f"seconds.{k}": v for k, v in stats.get("seconds", {}).items()})
+    curation = manifest.get("curation", {})
+    metrics.update({f"curation.pii.{k}": v for k, v in curation.get("pii", {}).items()})
+    if "near_dedup" in curation:
+        metrics["curation.near_dedup.clusters"] = curation["near_dedup"]["clusters"]
     tracker.log_metrics(metrics)
     tracker.log_artifact(out / "manifest.json")
+    for name in ("report.json", "quality_scores.png", "near_dup_clusters.png"):
+        if (out / "curation" / name).is_file():
+            tracker.log_artifact(out / "curation" / name, "curation")
     tracker.log_artifact(out / "tokenizer.json")
     files = manifest["inputs"]
     tracker.log_input_dataset(

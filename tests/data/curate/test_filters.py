@@ -100,6 +100,7 @@ def test_pii_is_found_and_replaced_by_placeholders(text, kinds):
     "private and documentation addresses 192.168.0.1, 10.0.0.7, 127.0.0.1, 192.0.2.1, 2001:db8::1",
     "prices 1,234,567.89 and 12 345 678; pi is 3.14159265358979",
     "not an address: user@localhost or @handle",
+    "format specs give +000000120 and '+3.140000'",  # signed numbers, not phone numbers
 ])
 def test_pii_near_misses_survive(text):
     assert pii.redact(text) == (text, {})
