@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import re
 import string
-from collections import Counter
 from dataclasses import dataclass
+
+import numpy as np
 
 _PUNCT = frozenset(string.punctuation) | frozenset("…«»“”‘’„–—•·")
 _STRIP = "".join(sorted(_PUNCT))
 _PARAGRAPH = re.compile(r"\n{2,}")
+_LETTER = re.compile(r"[^\W\d_]")
 _LINES = re.compile(r"\n+")
 
 STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")  # Gopher's list
@@ -61,7 +63,7 @@ class GopherQuality:
             "ellipsis_ratio": (text.count("...") + text.count("…")) / n,
             "bullet_lines": sum(s.lstrip().startswith(("•", "-", "*", "·")) for s in lines) / len(lines),
             "ellipsis_lines": sum(s.rstrip().endswith(("...", "…")) for s in lines) / len(lines),
-            "alpha_words": sum(any(c.isalpha() for c in w) for w in raw) / n,
+            "alpha_words": sum(1 for w in raw if _LETTER.search(w)) / n,
             "stop_words": float(len(set(self.stop_words).intersection(words))),
         }
 
@@ -98,27 +100,37 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
     return count, chars
 
 
-def _top_ngram_chars(words: list[str], n: int) -> int:
-    """Characters covered by the most frequent n-gram (its length times its count); 0 when no
-    n-gram repeats (a 4-word document's only 2-gram is not repetition)."""
-    grams = Counter(zip(*(words[i:] for i in range(n)), strict=False))
-    if not grams:
-        return 0
-    gram, count = grams.most_common(1)[0]
-    return count * sum(map(len, gram)) if count > 1 else 0
+# Odd 64-bit multipliers: an n-gram of word ids becomes one uint64 (collisions ~ 2**-64 a pair).
+_MULT = np.random.default_rng(0x6F706865).integers(1, 1 << 63, size=16, dtype=np.uint64) | np.uint64(1)
 
 
-def _dup_ngram_chars(words: list[str], n: int) -> int:
-    """Characters of the words inside n-grams that occurred before (overlaps counted once)."""
-    seen: set[tuple[str, ...]] = set()
-    covered = bytearray(len(words))
-    for i in range(len(words) - n + 1):
-        gram = tuple(words[i : i + n])
-        if gram in seen:
-            covered[i : i + n] = b"\x01" * n
-        else:
-            seen.add(gram)
-    return sum(len(w) for w, c in zip(words, covered, strict=True) if c)
+def _ngram_keys(ids: np.ndarray, n: int) -> np.ndarray:
+    count = len(ids) - n + 1
+    with np.errstate(over="ignore"):  # arithmetic modulo 2**64 is the point
+        key = ids[:count] * _MULT[0]
+        for k in range(1, n):
+            key = key + ids[k : k + count] * _MULT[k]
+    return key
+
+
+def _ngram_stats(ids: np.ndarray, lens: np.ndarray, n: int) -> tuple[int, int]:
+    """(characters of the most frequent n-gram times its count, 0 when no n-gram repeats;
+    characters of the words inside n-grams that occurred before, overlaps counted once)."""
+    if len(ids) < n:
+        return 0, 0
+    keys = _ngram_keys(ids, n)
+    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+    top = int(np.argmax(counts))
+    wchars = np.concatenate([[0], np.cumsum(lens)])
+    top_chars = int(counts[top]) * int(wchars[first[top] + n] - wchars[first[top]]) if counts[top] > 1 else 0
+    repeated = np.flatnonzero(first[inverse] != np.arange(len(keys)))
+    if not len(repeated):
+        return top_chars, 0
+    edge = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.add.at(edge, repeated, 1)
+    np.add.at(edge, repeated + n, -1)
+    covered = np.cumsum(edge[:-1]) > 0
+    return top_chars, int(lens[covered].sum())
 
 
 @dataclass(frozen=True)
@@ -143,13 +155,16 @@ class GopherRepetition:
         words = [w for w in words_of(text) if w]
         # n-gram characters over the characters of the words (not of the whole text, as datatrove
         # does): whitespace and punctuation then neither hide nor inflate repetition.
-        word_chars = max(1, sum(map(len, words)))
+        vocab: dict[str, int] = {}
+        ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.uint64, count=len(words))
+        lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        word_chars = max(1, int(lens.sum()))
         out = {"dup_para_frac": p_count / len(paragraphs), "dup_para_char_frac": p_chars / size,
                "dup_line_frac": l_count / len(lines), "dup_line_char_frac": l_chars / size}
         for n, _ in self.top_n_grams:
-            out[f"top_{n}_gram"] = _top_ngram_chars(words, n) / word_chars
+            out[f"top_{n}_gram"] = _ngram_stats(ids, lens, n)[0] / word_chars
         for n, _ in self.dup_n_grams:
-            out[f"dup_{n}_gram"] = _dup_ngram_chars(words, n) / word_chars
+            out[f"dup_{n}_gram"] = _ngram_stats(ids, lens, n)[1] / word_chars
         return out
 
     def filter(self, text: str, s: dict[str, float] | None = None) -> str | None:
@@ -169,6 +184,7 @@ class GopherRepetition:
 
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies",
            "use cookies")
+_POLICY_RE = re.compile("|".join(map(re.escape, _POLICY)))
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 _END_PUNCT = (".", "?", "!", '"', "'")
 
@@ -211,12 +227,12 @@ class C4Quality:
             words = line.split()
             if self.remove_citations:  # "...as shown [12]." ends a sentence all the same
                 line = _CITATION.sub("", line).rstrip()
-            if ((self.max_word_length and any(len(w) > self.max_word_length for w in words))
+            if ((self.max_word_length and max(map(len, words)) > self.max_word_length)
                     or (self.filter_no_terminal_punct
                         and (not line.endswith(_END_PUNCT) or line.endswith("...")))
                     or (self.min_words_per_line and len(words) < self.min_words_per_line)
                     or (self.filter_javascript and "javascript" in lower)
-                    or (self.filter_policy and any(p in lower for p in _POLICY))):
+                    or (self.filter_policy and _POLICY_RE.search(lower))):
                 removed += 1
                 continue
             sentences += max(1, sum(line.count(p) for p in ".?!"))
