@@ -205,9 +205,10 @@ def memory(corpus: Path, tok: Path, tmp: Path, scale: int) -> dict:
     for factor in (1, scale):
         dest = tmp / f"x{factor}"
         dest.mkdir()
-        for k in range(factor):  # copies differ in a first line: near-duplicates of each other
-            for f in sorted(corpus.glob("*.txt")):
-                (dest / f"{k:02d}-{f.name}").write_text(f"copy {k}\n" + f.read_text())
+        for k in range(factor):  # the first copy as it is, the others with 30 % of the words edited:
+            for i, f in enumerate(sorted(corpus.glob("*.txt"))):  # distinct documents, not near-dups
+                text = f.read_text()
+                (dest / f"{k:02d}-{f.name}").write_text(edited(text, 0.3, seed=k * 100_000 + i) if k else text)
         res = subprocess.run([sys.executable, __file__, "--child", str(dest), str(tok), str(tmp / f"w{factor}")],
                              check=True, capture_output=True, text=True)
         out[f"x{factor}"] = json.loads(res.stdout.strip().splitlines()[-1])
