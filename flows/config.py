@@ -67,21 +67,33 @@ class QualityConfig:
     """Off by default: on the builtin Python-docs corpus the published rules drop 46 % of its
     documents and 28 % of its bytes (short modules, repetitive reference text); on for web text."""
     min_doc_words: int | None = 50
+    """Fewest words (not counting pure symbols) a document may have."""
     max_doc_words: int | None = 100_000
+    """Most words a document may have."""
     min_avg_word_length: float | None = 3.0
+    """Shortest mean word length."""
     max_avg_word_length: float | None = 10.0
+    """Longest mean word length."""
     max_symbol_word_ratio: float | None = 0.1
     """'#' and '...' per word, each."""
     max_bullet_lines_ratio: float | None = 0.9
+    """Most lines that may start with a bullet."""
     max_ellipsis_lines_ratio: float | None = 0.3
+    """Most lines that may end with an ellipsis."""
     min_alpha_words_ratio: float | None = 0.8
+    """Least share of words with a letter in them."""
     min_stop_words: int | None = 2
+    """Fewest distinct stop words (the, be, to, of, and, that, have, with)."""
     repetition: bool = True
     """Gopher's repetition rules (duplicate lines/paragraphs, top and duplicate n-gram fractions)."""
     dup_line_frac: float | None = 0.30
+    """Most lines that may repeat an earlier line."""
     dup_para_frac: float | None = 0.30
+    """Most paragraphs that may repeat an earlier paragraph."""
     dup_line_char_frac: float | None = 0.20
+    """Most characters in repeated lines."""
     dup_para_char_frac: float | None = 0.20
+    """Most characters in repeated paragraphs."""
     top_ngram_fracs: tuple[float, ...] = (0.20, 0.18, 0.16)
     """Top 2-, 3- and 4-gram character fractions."""
     dup_ngram_fracs: tuple[float, ...] = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)
