@@ -24,6 +24,7 @@ import numpy as np
 
 from flows.config import DataConfig
 from flows.data.clean import UnitStats
+from flows.data.curate import pii
 from flows.data.curate.apply import Curator, Histogram
 from flows.data.curate.minhash import MinHasher
 from flows.data.curate.shuffle import write_bands
@@ -60,10 +61,13 @@ class UnitCuration:
         self.bytes: Counter = Counter()  # UTF-8 bytes dropped, by reason
         self.samples: dict[str, list[str]] = {}
         self._dropped = dropped_file
+        self._extra: dict[str, Any] = {}  # fields for the next dropped.jsonl row
         stats.every = self._log_drop  # the readers' drops too
 
     def _log_drop(self, reason: str, where: dict[str, Any]) -> None:
-        self._dropped.write((json.dumps({**where, "reason": reason}, sort_keys=True) + "\n").encode())
+        row = {**where, "reason": reason, **self._extra}
+        self._extra = {}
+        self._dropped.write((json.dumps(row, sort_keys=True) + "\n").encode())
 
     def apply(self, body: str) -> str | None:
         """The document to keep (PII redacted, C4's lines removed), or None (dropped and logged)."""
@@ -74,11 +78,14 @@ class UnitCuration:
             self.hist.add(v.scores)
         self.pii.update(v.pii)
         if v.reason is not None:
+            if "language_score" in v.scores:  # the language ID's verdict goes into dropped.jsonl
+                self._extra = {"language": v.language, "language_score": round(v.scores["language_score"], 3)}
             self.stats.drop(v.reason)
             self.bytes[v.reason] += len(body.encode("utf-8"))
             first = self.samples.setdefault(v.reason, [])
             if len(first) < self.cfg.samples_per_reason:
-                first.append(body[:SAMPLE_CHARS])
+                # Redacted whatever data.curate.pii says: the report is no place for personal data.
+                first.append(pii.redact(body[:SAMPLE_CHARS])[0])
             return None
         if v.language:
             self.languages[v.language] += 1

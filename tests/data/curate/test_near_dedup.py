@@ -173,8 +173,10 @@ def test_curation_config_names_the_dataset_and_every_filter_reports(tmp_path):
     rows = [json.loads(line) for line in (strict / "curation" / "dropped.jsonl").read_text().splitlines()]
     assert [(r["line"], r["reason"]) for r in rows] == [
         (2, "pii"), (3, "decontaminated"), (9, "c4_lorem_ipsum"), (10, "language.de")]
+    assert rows[3]["language"] == "de" and rows[3]["language_score"] > 0.9
     report = json.loads((strict / "curation" / "report.json").read_text())
     assert report["samples"]["language.de"][0].startswith("Das ist")
+    assert "<EMAIL>" in report["samples"]["pii"][0] and "jane.doe" not in json.dumps(report)
     assert report["languages"] == {"en": 6} and sum(report["histograms"]["words"]) >= 7
     assert (strict / "curation" / "quality_scores.png").is_file()
     plain_m = read_manifest(plain)
