@@ -85,7 +85,7 @@ class UnitCuration:
             first = self.samples.setdefault(v.reason, [])
             if len(first) < self.cfg.samples_per_reason:
                 # Redacted whatever data.curate.pii says: the report is no place for personal data.
-                first.append(pii.redact(body[:SAMPLE_CHARS])[0])
+                first.append(pii.redact(body)[0][:SAMPLE_CHARS])  # redact first: no half address
             return None
         if v.language:
             self.languages[v.language] += 1

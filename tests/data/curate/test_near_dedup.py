@@ -152,7 +152,7 @@ def test_curation_config_names_the_dataset_and_every_filter_reports(tmp_path):
     root = tmp_path / "in"
     root.mkdir()
     texts = [prose(300 + i, 12) for i in range(8)]
-    texts[1] += " Write to jane.doe@example.com for details."
+    texts[1] = "Write to jane.doe@example.com for details. " + texts[1]
     texts.append(prose(400, 10) + "Lorem ipsum dolor sit amet, consectetur adipiscing elit.")
     texts.append("Das ist ein ganz normaler deutscher Text über das Wetter und die Stadt. " * 6)
     eval_q = " ".join(texts[2].split()[10:30])
