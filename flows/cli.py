@@ -301,7 +301,13 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> str:
         return pipeline.describe(planned)
     if args.command in _STEP_COMMANDS:
         planned = pipeline.run(cfg, only=[args.command])
-        return str(pipeline.step_output(planned, args.command))
+        out = pipeline.step_output(planned, args.command)
+        if args.command == "preprocess" and out is not None and (out / "curation" / "report.json").is_file():
+            from flows.data.curate.report import table
+
+            report = json.loads((out / "curation" / "report.json").read_text(encoding="utf-8"))
+            return table(report, out / "curation") + "\n" + str(out)  # the directory stays the last line
+        return str(out)
     if args.command == "distill":
         from flows.report import distill_report
 

@@ -35,6 +35,110 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class NearDedupConfig:
+    """Near-duplicate removal: MinHash LSH over word n-grams, clusters by connected components."""
+
+    enabled: bool = True
+    """Drop every near-duplicate but the first (in input order) of its cluster (`near_duplicate`)."""
+    num_bands: int = 14
+    """LSH bands; with rows_per_band they set the similarity threshold, (1/b)**(1/r) ~ 0.72."""
+    rows_per_band: int = 8
+    """MinHash values per band (num_bands * rows_per_band hashes a document)."""
+    ngram: int = 5
+    """Words per shingle."""
+    seed: int = 0
+    """Seed of the MinHash permutations."""
+    partitions: int = 16
+    """Hash partitions of the band shuffle (one Ray task each); the result does not depend on it."""
+
+    def __post_init__(self) -> None:
+        for name in ("num_bands", "rows_per_band", "ngram", "partitions"):
+            _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        _check(self.num_bands <= 1024, "num_bands", self.num_bands, "<= 1024")
+        _check(self.seed >= 0, "seed", self.seed, ">= 0")
+
+
+@dataclass(frozen=True)
+class QualityConfig:
+    """Gopher quality and repetition rules and C4's rules; thresholds default to the published ones
+    (a threshold of null switches that rule off)."""
+
+    enabled: bool = False
+    """Off by default: on the builtin Python-docs corpus the published rules drop 46 % of its
+    documents and 28 % of its bytes (short modules, repetitive reference text); on for web text."""
+    min_doc_words: int | None = 50
+    """Fewest words (not counting pure symbols) a document may have."""
+    max_doc_words: int | None = 100_000
+    """Most words a document may have."""
+    min_avg_word_length: float | None = 3.0
+    """Shortest mean word length."""
+    max_avg_word_length: float | None = 10.0
+    """Longest mean word length."""
+    max_symbol_word_ratio: float | None = 0.1
+    """'#' and '...' per word, each."""
+    max_bullet_lines_ratio: float | None = 0.9
+    """Most lines that may start with a bullet."""
+    max_ellipsis_lines_ratio: float | None = 0.3
+    """Most lines that may end with an ellipsis."""
+    min_alpha_words_ratio: float | None = 0.8
+    """Least share of words with a letter in them."""
+    min_stop_words: int | None = 2
+    """Fewest distinct stop words (the, be, to, of, and, that, have, with)."""
+    repetition: bool = True
+    """Gopher's repetition rules (duplicate lines/paragraphs, top and duplicate n-gram fractions)."""
+    dup_line_frac: float | None = 0.30
+    """Most lines that may repeat an earlier line."""
+    dup_para_frac: float | None = 0.30
+    """Most paragraphs that may repeat an earlier paragraph."""
+    dup_line_char_frac: float | None = 0.20
+    """Most characters in repeated lines."""
+    dup_para_char_frac: float | None = 0.20
+    """Most characters in repeated paragraphs."""
+    top_ngram_fracs: tuple[float, ...] = (0.20, 0.18, 0.16)
+    """Top 2-, 3- and 4-gram character fractions."""
+    dup_ngram_fracs: tuple[float, ...] = (0.15, 0.14, 0.13, 0.12, 0.11, 0.10)
+    """Duplicate 5- to 10-gram character fractions."""
+    c4: bool = True
+    """C4's rules: lorem ipsum, javascript and cookie/terms lines, and the switches below."""
+    c4_curly_bracket: bool = False
+    """Drop documents with a '{' (C4 does; code and docs have them)."""
+    c4_terminal_punct: bool = False
+    """Remove lines that do not end in terminal punctuation (C4 does; chat and lists do not)."""
+    c4_min_words_per_line: int = 0
+    """Remove lines with fewer words (C4: 3); 0 keeps them."""
+    c4_min_sentences: int = 0
+    """Drop documents left with fewer sentences (C4: 5); 0 disables."""
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    """Curation of pretraining text: near-duplicates, quality, language, PII, decontamination."""
+
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
+    languages: tuple[str, ...] = ()
+    """Keep documents in these languages (ISO 639-1, e.g. [en]); empty keeps all."""
+    language_min_score: float = 0.5
+    """Least share of a document's text in its language (CLD2's score) for it to count."""
+    pii: Literal["redact", "drop", "off"] = "redact"
+    """E-mail, phone, IP, payment card and IBAN: replaced by placeholders, the document dropped, or left."""
+    decontaminate: tuple[str, ...] = ()
+    """Evaluation files (.jsonl/.json/text); training documents sharing a word n-gram with them are dropped."""
+    decontaminate_ngram: int = 13
+    """Words per n-gram of the decontamination check."""
+    samples_per_reason: int = 3
+    """Dropped documents shown per reason in the curation report."""
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.language_min_score <= 1.0, "language_min_score", self.language_min_score, "in [0, 1]")
+        _check(self.decontaminate_ngram >= 1, "decontaminate_ngram", self.decontaminate_ngram, ">= 1")
+        _check(self.samples_per_reason >= 0, "samples_per_reason", self.samples_per_reason, ">= 0")
+        for code in self.languages:
+            _check(len(code) in (2, 3) and code.isalpha() and code.islower(), "languages", code,
+                   "ISO 639-1 codes such as en, de, fr")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Preprocessing: raw text in, a versioned dataset directory of token shards out."""
 
@@ -98,6 +202,8 @@ class DataConfig:
     """Remove control characters (all but newline and tab) while cleaning."""
     dedup: bool = True
     """Drop exact duplicate documents (same cleaned content), keeping the first in input order."""
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    """Curation filters applied to pretraining text (flows/data/curate/)."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "in [0, 1)")

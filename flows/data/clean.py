@@ -14,7 +14,7 @@ import logging
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,18 +51,24 @@ class UnitStats:
     line: int | None = None  # line number from 1, when the reader started at the file's start
     row: int | None = None  # parquet row
 
+    # Called with (reason, where) for every drop when set: curation's dropped.jsonl (curate/unit.py).
+    every: Callable[[str, dict[str, Any]], None] | None = None
+
     def drop(self, reason: str) -> None:
         """Count one record or document dropped for `reason`, located at the record being read."""
         self.dropped[reason] += 1
         if self.file is None:
             return
         first = self.locations.setdefault(reason, [])
-        if len(first) < MAX_LOCATIONS:
+        if len(first) < MAX_LOCATIONS or self.every is not None:
             where: dict[str, Any] = {"file": self.file}
             for key in ("line", "offset", "row"):
                 if (value := getattr(self, key)) is not None:
                     where[key] = value
-            first.append(where)
+            if len(first) < MAX_LOCATIONS:
+                first.append(where)
+            if self.every is not None:
+                self.every(reason, where)
 
 
 def merge_locations(into: dict[str, list[dict[str, Any]]], other: dict[str, list[dict[str, Any]]]) -> None:

@@ -44,6 +44,7 @@ from flows.config import DataConfig, stable_hash, to_dict
 from flows.context import StepContext
 from flows.data import formats, inputs, sft
 from flows.data.clean import UnitStats, merge_locations, pieces
+from flows.data.curate import driver as curate_stage
 from flows.data.dataset import FORMAT_VERSION
 from flows.data.inputs import InputError, InputFile, WorkUnit
 from flows.data.shards import UnitWriter, load_index, pack_sft, pack_tokens
@@ -95,6 +96,9 @@ def fingerprint(data: DataConfig, ctx: StepContext) -> dict[str, Any]:
         if data.hf_dataset else None,
         "tokenizer": ctx.fingerprints.sha256(data.tokenizer_path) if data.tokenizer_path
         and Path(data.tokenizer_path).is_file() else data.tokenizer_path,
+        # The evaluation sets decontamination removes: their content, not only their paths.
+        **({"decontaminate": [ctx.fingerprints.sha256(p) if Path(p).is_file() else p
+                              for p in data.curate.decontaminate]} if data.curate.decontaminate else {}),
     }
 
 
@@ -148,6 +152,9 @@ def _resolve(data: DataConfig, ctx: StepContext) -> _Sources:
         raise InputError("data.inputs: no input files (and no data.hf_dataset or data.sft_inputs)")
     if sft_files:
         inputs.check_usable(sft_files, "data.sft_inputs")
+    for p in data.curate.decontaminate:
+        if not Path(p).is_file():
+            raise InputError(f"data.curate.decontaminate: {p} is not a file (JSONL, JSON or text of an evaluation set)")
     if data.tokenizer_path:
         from gptcore import Tokenizer
 
@@ -177,11 +184,15 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
     timings: dict[str, float] = {}
 
     t = time.time()
-    clean_meta = _run_units(clean_unit, units, workers, "clean", work / "clean", data=data, work=str(work))
+    eval_path = curate_stage.eval_ngrams(data, work)
+    clean_meta = _run_units(clean_unit, units, workers, "clean", work / "clean", data=data, work=str(work),
+                            eval_path=eval_path)
     timings["clean"] = time.time() - t
 
     t = time.time()
     keep, duplicates = _dedup(units, work, data.dedup)
+    near = curate_stage.duplicates(units, work, keep, data, workers, clean_meta, duplicates)
+    timings["curate"] = time.time() - t
     tokenizer = _tokenizer(sources.tokenizer, units, keep, work, data, out)
     assignment, spans = assign_val(units, keep, work, data, tokenizer) if units else ({"mode": "none"}, {})
     timings["tokenizer"] = time.time() - t
@@ -218,6 +229,8 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
         sft.merge_counts(repaired, m["repaired"])
     if duplicates:
         dropped["duplicate"] += duplicates
+    if near.count:
+        dropped["near_duplicate"] += near.count
     sft_dropped: Counter = Counter()
     for m in sft_meta.values():
         sft.merge_counts(sft_dropped, m["dropped"])
@@ -240,7 +253,10 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
                                 if m.get("node_id")).items()))
     cpu = {name: round(sum(m.get("cpu_s", 0.0) for m in metas.values()), 3)
            for name, metas in (("clean", clean_meta), ("tokenize", tok_meta))}
+    curation = curate_stage.finish(out, units, work, data, clean_meta, near, kept, total,
+                                   sum(int(np.diff(load_index(work, u.key)[0])[keep[u.key]].sum()) for u in units))
     return {
+        "curation": curation,
         "format_version": FORMAT_VERSION,
         "dtype": dtype,
         "tokenizer_sha256": sha256_file(out / "tokenizer.json"),
@@ -323,20 +339,27 @@ def doc_hash(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
-def clean_unit(unit: WorkUnit, data: DataConfig, work: str) -> dict[str, Any]:
-    """Ray task: the unit's cleaned documents (concatenated UTF-8), their offsets and hashes, and
-    the offsets and hashes of their pieces (for the val split, see assign_val). Memory: one
-    document, the readers' bounded blocks, and 24 bytes per document and per piece for the index."""
+def clean_unit(unit: WorkUnit, data: DataConfig, work: str, eval_path: str | None = None) -> dict[str, Any]:
+    """Ray task: the unit's cleaned and curated documents (concatenated UTF-8), their offsets and
+    hashes, and the offsets and hashes of their pieces (for the val split, see assign_val); where
+    each came from, what was dropped, and their LSH band keys (flows/data/curate/unit.py). Memory:
+    one document, the readers' bounded blocks, and ~60 bytes per document (and 24 per piece)."""
+    from flows.data.curate.unit import UnitCuration
+
     cpu = time.process_time()
     stats = UnitStats()
     out = UnitWriter(Path(work) / "clean", unit.key)
     f = out.open(".txt")
+    curation = UnitCuration(data, unit.index, stats, eval_path, out.open(".dropped.jsonl"))
     offsets = array("q", [0])
     hashes = bytearray()
     piece_starts = array("q")
     piece_hashes = bytearray()
     for doc in formats.iter_documents(unit, data, stats):
-        body = doc.strip()
+        body = curation.apply(doc.strip())
+        if body is None:
+            continue
+        curation.kept(len(offsets) - 1, body)
         raw = body.encode("utf-8")  # never raises: the cleaner replaced lone surrogates
         f.write(raw)
         digest = hashlib.blake2b(raw, digest_size=16).digest()
@@ -357,10 +380,12 @@ def clean_unit(unit: WorkUnit, data: DataConfig, work: str) -> dict[str, Any]:
              hashes=np.frombuffer(hashes, dtype=np.uint8).reshape(-1, 16),
              piece_starts=np.frombuffer(piece_starts, dtype=np.int64),
              piece_hashes=np.frombuffer(piece_hashes, dtype=np.uint8).reshape(-1, 16))
+    nd = data.curate.near_dedup
+    curated = curation.write(out.open(".loc.npz"), out.open(".bands.npy") if nd.enabled else None, nd.partitions)
     return out.commit({
         "documents": len(offsets) - 1, "bytes": offsets[-1], "dropped": dict(stats.dropped),
         "repaired": dict(stats.repaired), "locations": stats.locations, "peak_rss_mb": _peak_rss_mb(),
-        "cpu_s": time.process_time() - cpu, "node_id": _node_id(),
+        "cpu_s": time.process_time() - cpu, "node_id": _node_id(), "curation": curated,
     })
 
 
@@ -567,8 +592,13 @@ def summary(manifest: dict[str, Any], out: Path, seconds: float) -> str:
     splits = "; ".join(
         f"{name}: {e['tokens']:,} tokens in {len(e['shards'])} shards" for name, e in manifest["splits"].items()
     )
+    curation = ""
+    if (out / "curation" / "report.json").is_file():
+        from flows.data.curate.report import table
+
+        curation = "\n" + table(json.loads((out / "curation" / "report.json").read_text()), out / "curation")
     return (
-        f"preprocess done in {seconds:.1f} s -> {out}\n"
+        f"preprocess done in {seconds:.1f} s -> {out}{curation}\n"
         f"  documents kept {docs['kept']:,}; dropped: {dropped}; repaired: {repaired}\n"
         f"  {splits} ({manifest['dtype']}, vocab {manifest['vocab_size']})"
     )
@@ -593,8 +623,15 @@ def _log_tracking(tracker: Any, out: Path, manifest: dict[str, Any], sources: _S
     if stats.get("worker_peak_rss_mb"):
         metrics["worker_peak_rss_mb"] = stats["worker_peak_rss_mb"]
     metrics.update({f"seconds.{k}": v for k, v in stats.get("seconds", {}).items()})
+    curation = manifest.get("curation", {})
+    metrics.update({f"curation.pii.{k}": v for k, v in curation.get("pii", {}).items()})
+    if "near_dedup" in curation:
+        metrics["curation.near_dedup.clusters"] = curation["near_dedup"]["clusters"]
     tracker.log_metrics(metrics)
     tracker.log_artifact(out / "manifest.json")
+    for name in ("report.json", "quality_scores.png", "near_dup_clusters.png"):
+        if (out / "curation" / name).is_file():
+            tracker.log_artifact(out / "curation" / name, "curation")
     tracker.log_artifact(out / "tokenizer.json")
     files = manifest["inputs"]
     tracker.log_input_dataset(
