@@ -39,6 +39,7 @@ from flows.config import (
     to_dict,
 )
 from flows.context import StepContext
+from flows.progress import Progress
 from flows.store import DONE, FingerprintCache, is_done, locked, mark_done, stage_dir
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ def _trainer(stage: str) -> Callable[[PipelineConfig, Mapping[str, Any], Path, S
 def _evaluate(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
     from flows.evaluate import evaluate
 
-    return evaluate(cfg.evaluate, Path(inputs["bundle"]), Path(inputs["dataset"]), out, ctx.tracker)
+    return evaluate(cfg.evaluate, Path(inputs["bundle"]), Path(inputs["dataset"]), out, ctx.tracker, ctx.progress)
 
 
 def _register(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
@@ -337,12 +338,15 @@ def select(cfg: PipelineConfig, steps: Sequence[Step], only: Sequence[str] = (),
 
 
 def run(cfg: PipelineConfig, only: Sequence[str] = (), start: str | None = None, force: Sequence[str] = (),
-        steps: Sequence[Step] = STEPS) -> list[PlannedStep]:
-    """Run the pipeline (or the selected steps); return the planned steps with their outcome."""
+        steps: Sequence[Step] = STEPS, progress: Progress | None = None) -> list[PlannedStep]:
+    """Run the pipeline (or the selected steps); return the planned steps with their outcome.
+
+    `progress` (the CLI's console) is where steps report; each step runs inside its ``step()``.
+    """
     from flows.tracking import stage_run
 
     started = time.time()
-    base = context(cfg)
+    base = context(cfg, progress=progress or Progress())
     chosen, forced = select(cfg, steps, only, start, force)
     planned = plan(cfg, steps, base, wanted=chosen)
     todo = [p for p in planned if p.step.name in chosen and (not p.done or p.step.name in forced)]
@@ -382,7 +386,7 @@ def _run_step(cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: boo
     from flows.tracking import stage_run
 
     t0 = time.time()
-    with locked(p.out.parent / f".{p.out.name}.lock"):
+    with base.progress.step(p.step.name), locked(p.out.parent / f".{p.out.name}.lock"):
         if is_done(p.out) and not fresh:  # another run built it while this one waited for the lock
             p.status = "done"
             return done_info(p.out).get("run_id")
