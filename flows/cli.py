@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
 
+    p = sub.add_parser("status", help="the last run's steps, the registry's champion and challenger, what serve "
+                                      "would load, the schedule: one screen")
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("config", help="print the resolved configuration as JSON")
     _config_args(p)
 
@@ -284,6 +289,11 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig, progress: object
         return _registry_command(args, cfg)
     if args.command == "capacity":
         return _capacity(args, cfg)
+    if args.command == "status":
+        from flows.status import render, status
+
+        facts = status(cfg)
+        return json.dumps(facts, indent=2, default=str) if args.json else render(facts)
     if args.command == "serve":
         from flows.serve.deploy import serve_forever, settings_for
 

@@ -40,6 +40,7 @@ from flows.config import (
 )
 from flows.context import StepContext
 from flows.progress import Progress
+from flows.runstate import RunState
 from flows.store import DONE, FingerprintCache, is_done, locked, mark_done, stage_dir
 
 log = logging.getLogger(__name__)
@@ -366,29 +367,38 @@ def run(cfg: PipelineConfig, only: Sequence[str] = (), start: str | None = None,
         log.info("pipeline: every step is done; nothing to run (%.1f s)", time.time() - started)
         return planned
 
-    with stage_run(cfg.tracking, cfg.workdir, "pipeline", {"config": to_dict(cfg)}) as parent:
-        parent.set_tags({f"gptflow.step.{p.step.name}": str(p.out) for p in planned})
-        runs = {p.step.name: done_info(p.out).get("run_id") for p in planned if p.done and p not in todo}
-        for p in planned:
-            if p not in todo:
-                if p.status == "pending":
-                    p.status = "done"
-                continue
-            ctx = dataclasses.replace(base, parent_run_id=parent.run_id,
-                                      step_runs={k: v for k, v in runs.items() if v})
-            runs[p.step.name] = _run_step(cfg, p, ctx, p.step.name in forced)
-        parent.set_tags({"gptflow.steps": json.dumps({p.step.name: p.status for p in planned})})
+    state = RunState(cfg.workdir, planned)  # for `gptflow status`
+    state.write()
+    parent_id = None
+    try:
+        with stage_run(cfg.tracking, cfg.workdir, "pipeline", {"config": to_dict(cfg)}) as parent:
+            parent_id = parent.run_id
+            parent.set_tags({f"gptflow.step.{p.step.name}": str(p.out) for p in planned})
+            runs = {p.step.name: done_info(p.out).get("run_id") for p in planned if p.done and p not in todo}
+            for p in planned:
+                if p not in todo:
+                    if p.status == "pending":
+                        p.status = "done"
+                    continue
+                ctx = dataclasses.replace(base, parent_run_id=parent.run_id,
+                                          step_runs={k: v for k, v in runs.items() if v})
+                runs[p.step.name] = _run_step(cfg, p, ctx, p.step.name in forced, state)
+            parent.set_tags({"gptflow.steps": json.dumps({p.step.name: p.status for p in planned})})
+    finally:
+        state.finish(parent_id)
     return planned
 
 
-def _run_step(cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: bool) -> str | None:
+def _run_step(cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: bool, state: RunState) -> str | None:
     """Build one step's output under its lock; return the step's MLflow run id."""
     from flows.tracking import stage_run
 
     t0 = time.time()
-    with base.progress.step(p.step.name), locked(p.out.parent / f".{p.out.name}.lock"):
+    with base.progress.step(p.step.name) as log_file, locked(p.out.parent / f".{p.out.name}.lock"):
+        state.step(p.step.name, "running", log=log_file)
         if is_done(p.out) and not fresh:  # another run built it while this one waited for the lock
             p.status = "done"
+            state.step(p.step.name, "done")
             return done_info(p.out).get("run_id")
         if fresh and p.out.exists():
             shutil.rmtree(p.out)
@@ -405,8 +415,10 @@ def _run_step(cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: boo
                                   "inputs": {k: str(v) if v else None for k, v in p.inputs.items()}})
         except Exception as e:
             p.status, p.seconds = "failed", time.time() - t0
+            state.step(p.step.name, "failed", p.seconds, error=str(e))
             raise PipelineError(f"step {p.step.name!r} failed: {e}") from e
     p.status = "ran"
+    state.step(p.step.name, "ran", p.seconds)
     log.info("step %s: done in %.1f s -> %s", p.step.name, p.seconds, p.out)
     return tracker.run_id
 
