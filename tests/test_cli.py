@@ -91,7 +91,8 @@ def test_run_pipeline_prints_bundle_last_and_generate_uses_it(tmp_path):
     sft.write_text("\n".join(json.dumps({"prompt": f"Q{i}: ", "completion": f"answer {i}"}) for i in range(60)))
     args = ["--workdir", str(tmp_path / "w"), "--set", f"data.inputs=[{corpus}]",
             "--set", f"data.sft_inputs=[{sft}]", "--set", "data.vocab_size=400",
-            "--set", "data.val_fraction=0.1", "--set", "data.val_min_tokens=500", "--set", "model.context_length=32",
+            "--set", "data.val_fraction=0.1", "--set", "data.val_min_tokens=500", "--set", "model.preset=tiny",
+            "--set", "model.context_length=32",
             "--set", "pretrain.steps=6", "--set", "pretrain.micro_batch_size=4",
             "--set", "pretrain.eval_every=6", "--set", "pretrain.checkpoint_every=6",
             "--set", "finetune.steps=4", "--set", "finetune.micro_batch_size=4",
