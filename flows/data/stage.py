@@ -49,6 +49,7 @@ from flows.data.dataset import FORMAT_VERSION
 from flows.data.inputs import InputError, InputFile, WorkUnit
 from flows.data.shards import UnitWriter, load_index, pack_sft, pack_tokens
 from flows.data.splits import assign_val, check_val_possible, sft_holdout
+from flows.progress import Progress
 from flows.store import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,8 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
 
     t = time.time()
     eval_path = curate_stage.eval_ngrams(data, work)
-    clean_meta = _run_units(clean_unit, units, workers, "clean", work / "clean", data=data, work=str(work),
-                            eval_path=eval_path)
+    clean_meta = _run_units(clean_unit, units, workers, "clean", work / "clean", progress=ctx.progress,
+                            data=data, work=str(work), eval_path=eval_path)
     timings["clean"] = time.time() - t
 
     t = time.time()
@@ -201,11 +202,11 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
     t = time.time()
     tok_path = str(out / "tokenizer.json")
     tok_meta = _run_units(
-        tokenize_unit, units, workers, "tokenize", work / "tok", per_unit=spans,
+        tokenize_unit, units, workers, "tokenize", work / "tok", per_unit=spans, progress=ctx.progress,
         data=data, work=str(work), tokenizer_path=tok_path, dtype=dtype,
     )
     sft_meta = _run_units(
-        sft_unit, sft_units, workers, "sft", work / "sft",
+        sft_unit, sft_units, workers, "sft", work / "sft", progress=ctx.progress,
         data=data, work=str(work), tokenizer_path=tok_path, dtype=dtype,
     )
     timings["tokenize"] = time.time() - t
@@ -288,13 +289,14 @@ def _remove_partial_files(out: Path) -> None:
 
 
 def _run_units(fn: Callable[..., dict], units: Sequence[WorkUnit], workers: int, desc: str, meta_dir: Path,
-               per_unit: dict[str, dict[str, Any]] | None = None, **kwargs: Any) -> dict[str, dict]:
-    """Run `fn(unit, **kwargs)` as one Ray task per unfinished unit, at most `workers` at once.
+               per_unit: dict[str, dict[str, Any]] | None = None, progress: Progress | None = None,
+               **kwargs: Any) -> dict[str, dict]:
+    """Run `fn(unit, **kwargs)` as one Ray task per unfinished unit, at most `workers` at once,
+    reporting units done and documents/s to `progress`.
 
     A unit whose ``<key>.json`` exists finished in an earlier (killed) run and is not redone.
     """
     import ray
-    from tqdm import tqdm
 
     results: dict[str, dict] = {}
     todo = []
@@ -311,16 +313,21 @@ def _run_units(fn: Callable[..., dict], units: Sequence[WorkUnit], workers: int,
     remote = ray.remote(fn).options(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")
     pending: dict[Any, str] = {}
     queue = iter(todo)
-    with tqdm(total=len(units), initial=len(results), desc=desc, unit="unit", disable=None) as bar:
-        while True:
-            while len(pending) < workers and (unit := next(queue, None)) is not None:
-                pending[remote.remote(unit, **kwargs, **(per_unit or {}).get(unit.key, {}))] = unit.key
-            if not pending:
-                break
-            done, _ = ray.wait(list(pending), num_returns=1)
-            for ref in done:
-                results[pending.pop(ref)] = ray.get(ref)
-                bar.update(1)
+    progress = progress or Progress()
+    started, docs = time.monotonic(), 0
+    if todo:
+        progress.update(f"preprocess {desc}", len(results), len(units), "units")
+    while True:
+        while len(pending) < workers and (unit := next(queue, None)) is not None:
+            pending[remote.remote(unit, **kwargs, **(per_unit or {}).get(unit.key, {}))] = unit.key
+        if not pending:
+            break
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            results[pending.pop(ref)] = result = ray.get(ref)
+            docs += result["documents"] if isinstance(result.get("documents"), int) else 0  # pass 1's count
+            rate = {"docs_per_s": docs / (time.monotonic() - started)} if docs else {}
+            progress.update(f"preprocess {desc}", len(results), len(units), "units", **rate)
     return results
 
 

@@ -25,6 +25,7 @@ from flows.data.dataset import DataError, read_manifest, read_shard
 from flows.evaluate.explain import explain_ids
 from flows.evaluate.generations import as_text, generate_samples
 from flows.evaluate.metrics import has_tokens, sft_val_loss, val_loss
+from flows.progress import Progress
 from flows.store import atomic_write_text
 from flows.tracking import Tracker
 
@@ -34,7 +35,7 @@ SFT_VAL = "sft_val"
 
 
 def evaluate(cfg: EvaluateConfig, bundle: Path, dataset: Path, out_dir: Path,
-             tracker: Tracker | None = None) -> Path:
+             tracker: Tracker | None = None, progress: Progress | None = None) -> Path:
     """Evaluate the model in `bundle` on `dataset`; write metrics.json and the artifacts to `out_dir`.
 
     Raises ValueError (BundleError or DataError, naming the file) when the bundle or the dataset is
@@ -43,8 +44,9 @@ def evaluate(cfg: EvaluateConfig, bundle: Path, dataset: Path, out_dir: Path,
     from gptcore import load_bundle
 
     bundle, dataset, out_dir = Path(bundle), Path(dataset), Path(out_dir)
-    tracker = tracker or Tracker()
+    tracker, progress = tracker or Tracker(), progress or Progress()
     manifest = check_inputs(bundle, dataset)
+    progress.note(f"loading {bundle.name} and scoring the validation splits")
     model, tokenizer, _ = load_bundle(bundle, device="cuda" if torch.cuda.is_available() else "cpu")
     T = cfg.context_length or model.config.context_length
     if T > model.config.context_length:
@@ -56,7 +58,9 @@ def evaluate(cfg: EvaluateConfig, bundle: Path, dataset: Path, out_dir: Path,
     results |= _val_figures(cfg, model, tokenizer, dataset, manifest, T, notes)
     results |= _sft_figures(cfg, model, dataset, manifest, T, notes)
 
+    progress.note(f"generating answers to {len(cfg.prompts)} prompts")
     results["smoke_passed"], files = _generations(cfg, model, tokenizer, out_dir, notes)
+    progress.note("drawing the per-token loss and attention pictures")
     files += _explain_sample(cfg, model, tokenizer, dataset, manifest, T, out_dir, notes)
     results["notes"] = notes
     # Written last: whoever finds metrics.json finds every other file complete too.

@@ -109,6 +109,9 @@ class Scheduler:
         return {"counts": {}, "last_fire": None, "last_success_fingerprint": None, "history": []}
 
     def _save(self) -> None:
+        if self.trigger is not None:  # for `gptflow status`: the schedule, and when it fires next
+            upcoming = self.trigger.get_next_fire_time(None, _now())
+            self.state |= {"cron": self.cron, "next_fire": upcoming.isoformat() if upcoming else None}
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.state_path, json.dumps(self.state, indent=2, sort_keys=True) + "\n")
 

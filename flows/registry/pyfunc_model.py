@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import mlflow
+import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 # Defaults of the MLflow params (the model signature's ParamSchema carries the same).
@@ -63,13 +64,15 @@ def generation_params(params: dict[str, Any] | None) -> dict[str, Any]:
 class GPTPyfunc(PythonModel):
     """Greedy (or sampled) text generation from the bundle in the model's ``bundle`` artifact."""
 
-    # No type hints on the two methods below: MLflow would read them as a competing signature.
+    # No list/dict type hints below: MLflow would read them as a competing signature. A DataFrame is
+    # what MLflow hands `predict` under the logged signature, and a hint it infers no schema from; without
+    # any hint MLflow warns "Add type hints to the `predict` method" at every log and load.
     def load_context(self, context):  # noqa: ANN001
         from gptcore import load_bundle
 
         self.model, self.tokenizer, self.metadata = load_bundle(context.artifacts["bundle"])
 
-    def predict(self, context, model_input, params=None):  # noqa: ANN001
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None):  # noqa: ANN001
         from gptcore import generate
 
         g = generation_params(params)

@@ -30,6 +30,7 @@ retried: every restart would reach it again (flows.train.checkpoint.TrainingStop
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -78,7 +79,12 @@ def train(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Pat
                           "gptflow.teacher_bundle": p.teacher["bundle"]})
     tracker.log_input_dataset(Path(p.dataset.path).name, p.dataset.path, p.dataset.manifest_sha256,
                               context="training", profile=p.dataset.split_tokens)
-    metrics = run_trainer(p, loop_config(p, tracker.run_id, tracker.uri))
+    from flows.progress import relayed
+
+    ctx.progress.note(f"starting {p.train.num_workers} Ray Train worker(s): {p.train.steps} steps, "
+                      f"ZeRO-{p.train.zero_stage}, {p.train.precision}")
+    with relayed(ctx.progress, stage) as relay:
+        metrics = run_trainer(p, dataclasses.replace(loop_config(p, tracker.run_id, tracker.uri), progress=relay))
     missing = [f for f in BUNDLE_FILES if not (p.output_dir / f).is_file()]
     if missing:
         raise RuntimeError(f"training finished but the bundle in {p.output_dir} lacks {', '.join(missing)}")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from flows.progress import Sender
 from flows.train.checkpoint import (
     LoopState,
     TrainingStopped,
@@ -266,6 +267,7 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
     tracker = attach(cfg.run_id, cfg.tracking_uri) if rank == 0 else attach(None, None)
     logger = AsyncLogger(tracker) if tracker.enabled else None
 
+    progress = Sender(cfg.progress if rank == 0 else None)  # the driver's terminal line
     tokens_per_step = cfg.micro_batch_size * cfg.grad_accum * T * world
     flops_per_step = cfg.flops_per_token * tokens_per_step
     peak = (cfg.peak_flops_per_device
@@ -380,6 +382,8 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
             if peak > 0:
                 metrics["mfu"] = flops_per_step / dt / peak
             logger.metrics(metrics, state.step)
+
+        progress.step(state.step, steps, loss=step_loss, tokens_per_s=tokens_per_step / dt)
 
         if state.step % cfg.checkpoint_every == 0 or is_last:
             report = {"step": state.step, "loss": step_loss, "skipped_updates": state.skipped_total}

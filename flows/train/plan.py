@@ -356,6 +356,8 @@ class LoopConfig:
     """Distillation: the teacher's bundle directory, loaded on every worker in inference mode."""
     distill_alpha: float = 1.0
     distill_temperature: float = 1.0
+    progress: Any = None
+    """The driver's progress relay (a Ray actor handle, flows/progress.py); rank 0 sends its step to it."""
 
 
 def loop_config(p: Plan, run_id: str | None, uri: str | None) -> LoopConfig:
