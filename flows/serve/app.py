@@ -149,6 +149,7 @@ class GPTServer:
             self._auth(request)
             body = await self._body(request)
             loaded = self._lease()
+            body, facts = self._ground(body, loaded) if chat else (body, None)
             gen = (protocol.parse_chat if chat else protocol.parse_completion)(body, loaded.limits)
             if gen.model is not None and gen.model not in self._names():
                 raise APIError(404, f"model {gen.model!r} does not exist here; this server serves "
@@ -157,7 +158,7 @@ class GPTServer:
             sequences = self._sequences(gen, loaded)
             loaded.runner.check_capacity(len(sequences))
             if gen.stream:
-                stream = self._stream(gen, loaded, sequences, start, route)
+                stream = self._stream(gen, loaded, sequences, start, route, facts)
                 loaded = None  # the stream releases the lease when it ends
                 return StreamingResponse(stream, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -167,6 +168,8 @@ class GPTServer:
                 raise APIError(504, f"generation took longer than request_timeout_s={self.cfg.request_timeout_s}",
                                type="timeout_error", code="timeout") from None
             self._record(route, 200, start, result["usage"]["completion_tokens"])
+            if facts is not None:
+                result["knowledge"] = {"facts": facts}  # which rows grounded the answer
             return JSONResponse(result)
         except APIError as e:
             self._record(route, e.status, start, 0)
@@ -178,6 +181,15 @@ class GPTServer:
         finally:
             if loaded is not None:
                 self._release(loaded)
+
+    def _ground(self, body: Any, loaded: Loaded) -> tuple[Any, list[dict[str, Any]] | None]:
+        """serve.knowledge: the facts that match the last user turn, put before the conversation."""
+        if loaded.grounder is None or not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return body, None
+        from flows.serve.grounding import ground_messages
+
+        messages, facts = ground_messages(body["messages"], loaded.grounder, self.cfg.knowledge_top_k)
+        return {**body, "messages": messages}, facts
 
     def _auth(self, request: Request) -> None:
         want = self.settings.api_key_sha256
@@ -268,7 +280,7 @@ class GPTServer:
         return protocol.response(gen, self.settings.served_name, choices, usage)
 
     async def _stream(self, gen: Generation, loaded: Loaded, sequences: list[dict[str, Any]], start: float,
-                      route: str) -> AsyncIterator[str]:
+                      route: str, facts: list[dict[str, Any]] | None = None) -> AsyncIterator[str]:
         model, tok = self.settings.served_name, loaded.tokenizer
         ids: list[list[int]] = [[] for _ in sequences]
         sent = [""] * len(sequences)
@@ -280,7 +292,8 @@ class GPTServer:
         try:
             if gen.chat:
                 for i in range(len(sequences)):
-                    yield _sse(protocol.chunk(gen, model, i, None, None, first=True))
+                    first = protocol.chunk(gen, model, i, None, None, first=True)
+                    yield _sse(first if facts is None else {**first, "knowledge": {"facts": facts}})
             while True:
                 try:
                     i, out = await asyncio.wait_for(events.__anext__(), max(deadline - time.perf_counter(), 0.001))
