@@ -19,7 +19,15 @@ from flows.data import knowledge
 from flows.data.inputs import InputError
 from flows.ops.schedule import Scheduler
 from flows.store import FingerprintCache, sha256_file
-from tests.knowledge_helpers import CAPITALS, NUMBER, SYMBOL, elements, make_db, rdf_source, sql_source
+from tests.knowledge_helpers import (
+    CAPITALS,
+    NUMBER,
+    SYMBOL,
+    elements,
+    make_db,
+    rdf_source,
+    sql_source,
+)
 
 
 def _cfg(tmp_path: Path, *sources: dict, **data) -> PipelineConfig:
