@@ -47,11 +47,6 @@ class KnowledgeTemplate:
     answer: str = ""
     """The fine-tuning completion and the expected answer (required with `ask`)."""
 
-    def __post_init__(self) -> None:
-        _check(bool(self.text or self.ask), "text", self.text, "a statement, or `ask` questions (or both)")
-        _check(bool(self.answer) or not self.ask, "answer", self.answer, "given when `ask` is")
-        _check(all(self.ask), "ask", self.ask, "non-empty questions")
-
 
 @dataclass(frozen=True)
 class KnowledgeSource:
@@ -69,9 +64,7 @@ class KnowledgeSource:
     holdout_fraction: float = 0.1
     """Share of the rows (chosen by a stable hash of the row) never trained on: the held-out facts."""
 
-    def __post_init__(self) -> None:
-        _check(bool(self.source), "source", self.source, "a database URL or a file path")
-        _check(bool(self.templates), "templates", self.templates, "at least one template")
+    def __post_init__(self) -> None:  # what a source needs (a source, templates) is checked where it is read
         _check(0.0 <= self.holdout_fraction < 1.0, "holdout_fraction", self.holdout_fraction, "in [0, 1)")
 
 

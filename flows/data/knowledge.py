@@ -84,7 +84,8 @@ def label(src: KnowledgeSource) -> str:
 
 
 def kind(src: KnowledgeSource, key: str) -> str:
-    """sql, rdf or rows; InputError when the source is none of them or misses its setting."""
+    """sql, rdf or rows; InputError when the source is none of them or misses a setting."""
+    check_templates(src, key)
     suffix = Path(urllib.parse.urlsplit(src.source).path if "://" in src.source else src.source).suffix.lower()
     if "://" in src.source and not src.source.startswith("file://"):
         found = "sql"
@@ -104,6 +105,22 @@ def kind(src: KnowledgeSource, key: str) -> str:
     if found != "rdf" and src.predicate:
         raise InputError(f"{key}.predicate: {label(src)} is not an RDF graph: remove the predicate")
     return found
+
+
+def check_templates(src: KnowledgeSource, key: str) -> None:
+    """A source and templates that can say something: a statement or questions, an answer to questions."""
+    if not src.source:
+        raise InputError(f"{key}.source: missing: give a database URL or a file path")
+    if not src.templates:
+        raise InputError(f"{key}.templates: missing: give at least one template (text, ask, answer)")
+    for j, t in enumerate(src.templates):
+        where = f"{key}.templates[{j}]"
+        if not t.text and not t.ask:
+            raise InputError(f"{where}: give a statement (text) or questions (ask), or both")
+        if t.ask and not t.answer:
+            raise InputError(f"{where}.answer: missing: questions (ask) need the answer they expect")
+        if not all(q.strip() for q in t.ask):
+            raise InputError(f"{where}.ask: an empty question")
 
 
 def _local(src: KnowledgeSource, key: str) -> Path:

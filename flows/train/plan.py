@@ -69,12 +69,15 @@ _HF_IMPORT_VERSION = 1
 
 
 def _feeds(manifest: dict[str, Any], split: str, T: int, world: int) -> bool:
-    """Whether `split` gives every rank a validation window. A split too small for that (the held-out
-    facts of a small knowledge source) is left to the evaluate stage, which scores it whole."""
+    """Whether to validate on `split` during training. A val split made of the held-out facts of
+    knowledge sources alone (see flows/data/knowledge.py) may be too small to give every rank a
+    window: it is then left to the evaluate stage, which scores it whole. Any other split too small
+    is the dataset check's error."""
     shards = (manifest["splits"].get(split) or {}).get("shards") or []
     if not shards:
         return False
-    if sum((s["tokens"] - 1) // T for s in shards) >= world:
+    knowledge_only = split == "val" and manifest.get("val_assignment", {}).get("mode") == "fixed"
+    if not knowledge_only or sum((s["tokens"] - 1) // T for s in shards) >= world:
         return True
     log.warning("split %r is too small for a validation window per worker (%d tokens, context %d, %d workers): "
                 "no validation on it during training", split, sum(s["tokens"] for s in shards), T, world)

@@ -162,11 +162,13 @@ def _bad_sources(tmp_path: Path, db: Path) -> dict[str, tuple[dict, list[str]]]:
         "bad rdf": (rdf_source(broken), [str(broken), "does not parse as turtle"]),
         "no triples": ({**rdf_source(), "predicate": "http://example.org/population"},
                        ["http://example.org/population has no triples", str(CAPITALS)]),
+        "no answer": (sql_source(db, templates=[{"ask": ["What is {name}?"]}]),
+                      ["data.knowledge[0].templates[0].answer", "missing"]),
     }
 
 
 CASES = ("two statements", "a write", "a missing field", "not a database", "unreachable", "no driver", "bad rdf",
-         "no triples")
+         "no triples", "no answer")
 
 
 @pytest.mark.parametrize("case", CASES)
