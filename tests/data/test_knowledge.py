@@ -136,6 +136,32 @@ def test_a_changed_row_is_a_new_dataset_and_new_data_for_the_scheduler(tmp_path,
     assert Scheduler(cfg, on_new_data=True).fingerprint() != fp
 
 
+def test_knowledge_beside_a_text_corpus_trains_only_the_trained_facts(tmp_path, db, ray_local):
+    from flows.data.dataset import read_manifest, read_shard
+    from gptcore import Tokenizer
+    from tests.steps import preprocess
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Note {i}: the lab keeps its samples in cabinet {i % 7}." for i in range(400)))
+    cfg = _cfg(tmp_path, sql_source(db, (SYMBOL, NUMBER)), inputs=[str(corpus)], val_min_tokens=200,
+               val_fraction=0.05, vocab_size=400)
+    out = preprocess(cfg)
+    manifest = read_manifest(out)
+    tok = Tokenizer.load(out / "tokenizer.json")
+
+    def text(split: str) -> str:
+        return "".join(tok.decode(read_shard(out, s, manifest["dtype"]).tolist())
+                       for s in manifest["splits"][split]["shards"])
+
+    train, val = text("train"), text("val")
+    assert manifest["val_assignment"]["fixed_units"] >= 1 and "Note " in val  # the corpus's own val share
+    facts = knowledge.read_jsonl(out / "knowledge" / "facts.jsonl")
+    for f in facts:
+        assert (f["statements"][0] in train) == f["trained"] and (f["statements"][0] in val) != f["trained"]
+    assert [i["kind"] for i in manifest["inputs"]] == ["text", "knowledge"]
+    assert manifest["knowledge"]["sources"][0]["facts"]["trained"] == sum(f["trained"] for f in facts)
+
+
 def _preprocess(tmp_path: Path, *sources: dict) -> subprocess.CompletedProcess:
     config = tmp_path / "bad.yaml"
     config.write_text(yaml.safe_dump({"workdir": str(tmp_path / "w"), "tracking": {"enabled": False},

@@ -73,3 +73,9 @@ def test_the_server_grounds_chat_answers_and_names_the_facts_used(deploy, datase
     # The facts were in the prompt the model read, exactly as evaluation's grounded prompt has them.
     prompt = knowledge.question_prompt(question, [f["text"] for f in facts])
     assert answer["usage"]["prompt_tokens"] == len(tok.encode(prompt))
+    # Streamed, the first event names the facts.
+    req = urllib.request.Request(f"{url}/v1/chat/completions", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        first = next(line for line in r.read().decode().splitlines() if line.startswith("data: "))
+    assert json.loads(first.removeprefix("data: "))["knowledge"]["facts"] == facts
