@@ -199,5 +199,8 @@ def _log_summary(results: dict[str, Any], out_dir: Path) -> None:
     figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items()) if isinstance(v, float))
     log.info("evaluate -> %s: %s; smoke checks %s", out_dir, figures or "no loss figures",
              "passed" if results["smoke_passed"] else "FAILED")
+    if results.get("knowledge"):
+        lines = knowledge.summary_lines(results["knowledge"], results.get("base", {}).get("knowledge"))
+        log.info("evaluate:\n%s\n  every answer: %s", "\n".join(lines), out_dir / "knowledge_answers.csv")
     for key, why in results["notes"].items():
         log.warning("evaluate: %s: %s", key, why)
