@@ -102,7 +102,7 @@ def test_accuracy_per_group_from_real_generations(learned):
     assert all(r["facts_used"] for r in grounded)  # BM25 found facts for every question
     assert {r["model"] for r in rows} == {"model"}
 
-    base, _ = knowledge_accuracy(untrained, dataset, max_new_tokens=6)
+    base, _ = knowledge_accuracy(untrained, dataset, max_new_tokens=6, per_group=10)
     assert closed["trained_phrasing"]["accuracy"] > base["closed_book"]["trained_phrasing"]["accuracy"] + 0.5
 
 
