@@ -139,6 +139,40 @@ class CurateConfig:
 
 
 @dataclass(frozen=True)
+class KnowledgeTemplate:
+    """How one row of a knowledge source is put into words; `{field}` names a column (or, for RDF,
+    `{subject}` and `{object}`)."""
+
+    text: str = ""
+    """A statement: pretraining text (empty: none)."""
+    ask: tuple[str, ...] = ()
+    """Questions about the row: each becomes a fine-tuning prompt, except the last, which is held out
+    from training (asked in evaluation only) when there are two or more."""
+    answer: str = ""
+    """The fine-tuning completion and the expected answer (required with `ask`)."""
+
+
+@dataclass(frozen=True)
+class KnowledgeSource:
+    """A database table, knowledge graph or row file verbalised into training data (flows/data/knowledge.py)."""
+
+    source: str = ""
+    """A SQLAlchemy URL (sqlite:///path.db, postgresql://...), an RDF file (.nt, .ttl, .rdf/.xml/.owl)
+    or a row file (.csv, .jsonl)."""
+    query: str = ""
+    """For a database: one SELECT statement; its columns are the template fields."""
+    predicate: str = ""
+    """For RDF: the predicate IRI; one row per (subject, object) of it."""
+    templates: tuple[KnowledgeTemplate, ...] = ()
+    """How each row is put into words."""
+    holdout_fraction: float = 0.1
+    """Share of the rows (chosen by a stable hash of the row) never trained on: the held-out facts."""
+
+    def __post_init__(self) -> None:  # what a source needs (a source, templates) is checked where it is read
+        _check(0.0 <= self.holdout_fraction < 1.0, "holdout_fraction", self.holdout_fraction, "in [0, 1)")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     """Preprocessing: raw text in, a versioned dataset directory of token shards out."""
 
@@ -204,6 +238,9 @@ class DataConfig:
     """Drop exact duplicate documents (same cleaned content), keeping the first in input order."""
     curate: CurateConfig = field(default_factory=CurateConfig)
     """Curation filters applied to pretraining text (flows/data/curate/)."""
+    knowledge: tuple[KnowledgeSource, ...] = ()
+    """Databases, knowledge graphs and row files whose rows become statements and question/answer
+    pairs (their content, not only their names, enters the dataset's identity)."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "in [0, 1)")
@@ -415,11 +452,16 @@ class EvaluateConfig:
     """Tokens of the validation sample drawn as a per-token loss heatmap and attention maps."""
     worst_tokens: int = 25
     """Rows in the table of the tokens the model predicts worst."""
+    knowledge_max_new_tokens: int = 16
+    """New tokens per knowledge question (greedy) when the dataset has knowledge sources."""
+    knowledge_max_questions: int = 0
+    """Questions asked per group (0: all), the first by a stable hash, when the dataset has knowledge."""
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "context_length"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
-        for name in ("batch_size", "max_new_tokens", "sample_tokens", "worst_tokens"):
+        _check(self.knowledge_max_questions >= 0, "knowledge_max_questions", self.knowledge_max_questions, ">= 0")
+        for name in ("batch_size", "max_new_tokens", "sample_tokens", "worst_tokens", "knowledge_max_new_tokens"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
 
 
@@ -522,12 +564,17 @@ class ServeConfig:
     """GPUs per replica (the model runs on cuda when > 0)."""
     deploy: bool = False
     """Run the serve step after promote: (re)deploy on the configured Ray cluster."""
+    knowledge: bool = False
+    """Ground chat answers on the model's knowledge sources: BM25 retrieval over the verbalised
+    statements of its dataset, the facts put in the prompt, the rows used named in the response."""
+    knowledge_top_k: int = 3
+    """Facts retrieved per question when `knowledge` is on."""
 
     def __post_init__(self) -> None:
         _check_finite(self)
         _check(1 <= self.port <= 65535, "port", self.port, "in [1, 65535]")
         for key in ("max_batch_size", "max_queue", "max_tokens_limit", "max_n", "max_body_bytes", "min_replicas",
-                    "max_prompts"):
+                    "max_prompts", "knowledge_top_k"):
             _check(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
         _check(self.max_replicas >= self.min_replicas, "max_replicas", self.max_replicas, ">= min_replicas")
         for key in ("max_batch_tokens", "max_prompt_tokens"):

@@ -152,7 +152,8 @@ def _registers(cfg: PipelineConfig) -> bool:
 
 
 def _finetunes(cfg: PipelineConfig) -> bool:
-    return bool(cfg.data.sft_inputs or cfg.finetune.data)
+    asks = any(t.ask for source in cfg.data.knowledge for t in source.templates)  # knowledge becomes SFT pairs
+    return bool(cfg.data.sft_inputs or cfg.finetune.data or asks)
 
 
 def _final_model(cfg: PipelineConfig) -> StepRef:

@@ -65,6 +65,11 @@ def _evaluation(out: Path, what: str) -> list[str]:
         lines.append(f"  held-out fine-tuning loss: {m['sft_val_loss']:.3f} nats/token "
                      f"(perplexity {math.exp(min(m['sft_val_loss'], 50.0)):.1f}) over {int(m['sft_val_tokens']):,} "
                      "completion tokens")
+    if m.get("knowledge"):
+        from flows.evaluate.knowledge import summary_lines
+
+        lines += summary_lines(m["knowledge"], m.get("base", {}).get("knowledge"))
+        lines.append(f"    every answer: {out / 'knowledge_answers.csv'}")
     for key, why in m.get("notes", {}).items():
         lines.append(f"  note: {key}: {why}")
     gens_file = out / "generations.json"

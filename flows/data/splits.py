@@ -103,10 +103,32 @@ def _bytes_per_token(tok: Any, units: Sequence[WorkUnit], keep: dict[str, np.nda
 
 
 def assign_val(units: Sequence[WorkUnit], keep: dict[str, np.ndarray], work: Path, data: DataConfig,
-                tok: Any) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+               tok: Any, fixed: dict[str, bool] | None = None) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """What the manifest records about the val split, and per unit the spans pass 2 writes (byte
     ranges of the unit's cleaned text, each becoming one <|endoftext|>-terminated sequence) with
-    their split. Raises InputError when the corpus is too small for the split asked for."""
+    their split. Raises InputError when the corpus is too small for the split asked for.
+
+    Units in `fixed` (key -> val?) go whole to the split given, outside the share and the floor:
+    knowledge statements, whose held-out facts are the val split of a dataset of knowledge alone.
+    """
+    fixed = fixed or {}
+    free = [u for u in units if u.key not in fixed]
+    spans = {}
+    for u in units:
+        if u.key in fixed:
+            offsets = load_index(work, u.key)[0]
+            spans[u.key] = _document_spans(offsets, keep[u.key], np.full(int(keep[u.key].sum()), fixed[u.key]))
+    if not free:
+        return {"mode": "fixed", "fixed_units": len(fixed), "target_fraction": 0.0, "target_tokens": 0,
+                "min_tokens": data.val_min_tokens, "piece_chars": data.val_piece_chars}, spans
+    info, free_spans = _assign_free(free, keep, work, data, tok)
+    if fixed:
+        info["fixed_units"] = len(fixed)
+    return info, spans | free_spans
+
+
+def _assign_free(units: Sequence[WorkUnit], keep: dict[str, np.ndarray], work: Path, data: DataConfig,
+                 tok: Any) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     index = {u.key: load_index(work, u.key) for u in units}
     sizes = [np.diff(index[u.key][0])[keep[u.key]] for u in units]
     doc_sizes = np.concatenate(sizes)
@@ -188,9 +210,17 @@ def sft_val_count(examples: int, data: DataConfig) -> int:
     return min(n, examples // 2)
 
 
-def sft_holdout(src: Path, keys: list[str], data: DataConfig) -> dict[str, np.ndarray]:
+def sft_holdout(src: Path, keys: list[str], data: DataConfig, fixed: dict[str, bool] | None = None
+                ) -> dict[str, np.ndarray]:
     """Per unit, which examples are held out: the sft_val_count lowest content hashes, so the same
-    examples whatever the worker count, and identical examples on one side."""
+    examples whatever the worker count, and identical examples on one side. Units in `fixed`
+    (key -> held out?) go whole to the side given, outside the count (knowledge pairs)."""
+    fixed = fixed or {}
+    held = {k: np.full(len(np.load(src / f"{k}.hash.npy")), fixed[k]) for k in keys if k in fixed}
+    return held | _holdout_free(src, [k for k in keys if k not in fixed], data)
+
+
+def _holdout_free(src: Path, keys: list[str], data: DataConfig) -> dict[str, np.ndarray]:
     hashes = [hash_rank(np.load(src / f"{k}.hash.npy")) for k in keys]
     h64 = np.concatenate(hashes) if hashes else np.zeros(0, dtype="<u8")
     n = sft_val_count(len(h64), data)

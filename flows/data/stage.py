@@ -42,7 +42,7 @@ import numpy as np
 
 from flows.config import DataConfig, stable_hash, to_dict
 from flows.context import StepContext
-from flows.data import formats, inputs, sft
+from flows.data import formats, inputs, knowledge, sft
 from flows.data.clean import UnitStats, merge_locations, pieces
 from flows.data.curate import driver as curate_stage
 from flows.data.dataset import FORMAT_VERSION
@@ -88,7 +88,8 @@ def fingerprint(data: DataConfig, ctx: StepContext) -> dict[str, Any]:
     calls it to name the output directory before deciding whether anything must run.
     """
     sources = _locate(data, ctx)
-    return {
+    extra = {"knowledge": knowledge.fingerprint(data, ctx.fingerprints)} if data.knowledge else {}
+    return extra | {
         "format_version": FORMAT_VERSION,
         "text": [f.fingerprint for f in sources.text],
         "sft": [f.fingerprint for f in sources.sft],
@@ -110,6 +111,19 @@ class _Sources:
     tokenizer: Any  # gptcore.Tokenizer given by data.tokenizer_path, or None
     labels: list[str]  # what the inputs were called (for the MLflow dataset)
     skipped: Counter
+    knowledge: knowledge.Built | None = None  # data.knowledge verbalised (flows/data/knowledge.py)
+
+    def knowledge_files(self) -> tuple[list[tuple[InputFile, bool]], list[tuple[InputFile, bool]]]:
+        """The verbalised knowledge as (pretraining, fine-tuning) inputs, each file with whether it
+        is held out whole (validation only): held-out facts and phrasings are never trained on."""
+        if self.knowledge is None:
+            return [], []
+        k = self.knowledge
+
+        def files(*pairs: tuple[Path | None, bool]) -> list[tuple[InputFile, bool]]:
+            return [(inputs.describe([str(p)])[0], held) for p, held in pairs if p is not None]
+
+        return files((k.text_train, False), (k.text_val, True)), files((k.sft_train, False), (k.sft_val, True))
 
 
 def _builtin(spec: str, key: str, workdir: Path) -> str:
@@ -140,6 +154,10 @@ def _resolve(data: DataConfig, ctx: StepContext) -> _Sources:
     and the given tokenizer: every input error surfaces here, before Ray work."""
     sources = _locate(data, ctx)
     text, sft_files = sources.text, sources.sft
+    if data.knowledge:  # read, checked and verbalised here: a bad source stops the run before Ray work
+        sources.knowledge = knowledge.materialize(data, ctx.workdir / STAGE / "_knowledge", ctx.fingerprints)
+        sources.labels += [knowledge.label(k) for k in data.knowledge]
+    know_text, know_sft = sources.knowledge_files()
     if data.hf_dataset:
         text.append(inputs.export_hf_dataset(data, ctx.workdir / STAGE / "_hf"))
     for f in sft_files:
@@ -149,8 +167,8 @@ def _resolve(data: DataConfig, ctx: StepContext) -> _Sources:
     if text:
         inputs.check_usable(text, "data.inputs")
         inputs.check_parquet_field(text, data.text_field, "data.inputs")
-    elif not sft_files:
-        raise InputError("data.inputs: no input files (and no data.hf_dataset or data.sft_inputs)")
+    elif not sft_files and not data.knowledge:
+        raise InputError("data.inputs: no input files (and no data.hf_dataset, data.sft_inputs or data.knowledge)")
     if sft_files:
         inputs.check_usable(sft_files, "data.sft_inputs")
     for p in data.curate.decontaminate:
@@ -163,7 +181,7 @@ def _resolve(data: DataConfig, ctx: StepContext) -> _Sources:
             sources.tokenizer = Tokenizer.load(data.tokenizer_path)
         except (OSError, ValueError) as e:
             raise InputError(f"data.tokenizer_path={data.tokenizer_path!r}: {e}") from e
-    elif not text:
+    elif not text and not know_text:
         raise InputError("data.tokenizer_path is required when there is no pretraining text to train one on")
     return sources
 
@@ -179,6 +197,12 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
     sft_units = inputs.plan_units(sources.sft, data) if sources.sft else []
     if units:
         check_val_possible(sources.text, data)  # from the file sizes alone, before any Ray work
+    # Knowledge files are units of their own whose split is fixed (unit key -> held out?): trained
+    # facts train, held-out facts and phrasings are validation only. A dataset of knowledge alone
+    # thus has the held-out facts' statements as its val split, whatever its size.
+    know_text, know_sft = sources.knowledge_files()
+    fixed_text = _append_units(units, know_text, data)
+    fixed_sft = _append_units(sft_units, know_sft, data)
     ensure_ray(ctx.cluster)
     workers = data.num_workers or cluster_cpus()
     log.info("preprocess -> %s: %d work units (+%d fine-tuning) on %d workers", out, len(units), len(sft_units), workers)
@@ -195,7 +219,7 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
     near = curate_stage.duplicates(units, work, keep, data, workers, clean_meta, duplicates)
     timings["curate"] = time.time() - t
     tokenizer = _tokenizer(sources.tokenizer, units, keep, work, data, out)
-    assignment, spans = assign_val(units, keep, work, data, tokenizer) if units else ({"mode": "none"}, {})
+    assignment, spans = assign_val(units, keep, work, data, tokenizer, fixed_text) if units else ({"mode": "none"}, {})
     timings["tokenizer"] = time.time() - t
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
 
@@ -217,7 +241,7 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
         for split in ("train", "val")
     }
     sft_keys = [u.key for u in sft_units]
-    held_out = sft_holdout(work / "sft", sft_keys, data)
+    held_out = sft_holdout(work / "sft", sft_keys, data, fixed_sft)
     splits["sft"] = pack_sft(work / "sft", sft_keys, out, "sft", dtype, data.shard_tokens,
                              {k: ~v for k, v in held_out.items()})
     splits["sft_val"] = pack_sft(work / "sft", sft_keys, out, "sft_val", dtype, data.shard_tokens, held_out)
@@ -268,7 +292,8 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
         "config": inputs.redact(to_dict(data)),
         "inputs": [{"path": inputs.redact_url(f.path), "fingerprint": f.fingerprint, "kind": "text"}
                    for f in sources.text]
-        + [{"path": inputs.redact_url(f.path), "fingerprint": f.fingerprint, "kind": "sft"} for f in sources.sft],
+        + [{"path": inputs.redact_url(f.path), "fingerprint": f.fingerprint, "kind": "sft"} for f in sources.sft]
+        + _knowledge_inputs(data, sources),
         "documents": {"kept": kept, "dropped": dict(sorted(dropped.items())),
                       "repaired": dict(sorted(repaired.items())), "locations": dict(sorted(locations.items()))},
         "sft_examples": {"kept": splits["sft"]["examples"] + splits["sft_val"]["examples"],
@@ -276,10 +301,42 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
                          "locations": dict(sorted(sft_locations.items()))},
         "splits": splits,
         "val_assignment": assignment,
+        **({"knowledge": k} if (k := _copy_knowledge(sources, out)) else {}),
         "work_units": {"text": len(units), "sft": len(sft_units), "workers": workers},
         "stats": {"seconds": {k: round(v, 3) for k, v in timings.items()}, "worker_peak_rss_mb": peak,
                   "worker_cpu_seconds": cpu, "worker_nodes": nodes},
     }
+
+
+def _append_units(units: list[WorkUnit], files: list[tuple[InputFile, bool]], data: DataConfig) -> dict[str, bool]:
+    """Plan each knowledge file as units of its own after `units` (in place); their fixed split
+    (held out or not) by unit key."""
+    fixed: dict[str, bool] = {}
+    for f, held_out in files:
+        for u in inputs.plan_units([f], data):
+            unit = WorkUnit(len(units), u.segments)
+            units.append(unit)
+            fixed[unit.key] = held_out
+    return fixed
+
+
+def _knowledge_inputs(data: DataConfig, sources: _Sources) -> list[dict[str, Any]]:
+    """The manifest's entries for the knowledge sources: where (no credentials) and their content."""
+    if sources.knowledge is None:
+        return []
+    return [{"path": knowledge.label(s), "fingerprint": stable_hash(p, length=32), "kind": "knowledge",
+             "content": p} for s, p in zip(data.knowledge, sources.knowledge.fingerprints, strict=True)]
+
+
+def _copy_knowledge(sources: _Sources, out: Path) -> dict[str, Any] | None:
+    """The facts and questions tables into the dataset (evaluation and serving read them there)."""
+    if sources.knowledge is None:
+        return None
+    (out / "knowledge").mkdir(exist_ok=True)
+    for table in sources.knowledge.tables:
+        shutil.copyfile(table, out / "knowledge" / table.name)
+    return {"sources": sources.knowledge.summary, "facts": "knowledge/facts.jsonl",
+            "questions": "knowledge/questions.jsonl"}
 
 
 def _remove_partial_files(out: Path) -> None:

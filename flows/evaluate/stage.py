@@ -22,6 +22,7 @@ import torch
 
 from flows.config import EvaluateConfig
 from flows.data.dataset import DataError, read_manifest, read_shard
+from flows.evaluate import knowledge
 from flows.evaluate.explain import explain_ids
 from flows.evaluate.generations import as_text, generate_samples
 from flows.evaluate.metrics import has_tokens, sft_val_loss, val_loss
@@ -62,12 +63,17 @@ def evaluate(cfg: EvaluateConfig, bundle: Path, dataset: Path, out_dir: Path,
     results["smoke_passed"], files = _generations(cfg, model, tokenizer, out_dir, notes)
     progress.note("drawing the per-token loss and attention pictures")
     files += _explain_sample(cfg, model, tokenizer, dataset, manifest, T, out_dir, notes)
+    if knowledge.has_knowledge(dataset):
+        files += _knowledge_figures(cfg, bundle, dataset, out_dir, results, notes)
     results["notes"] = notes
     # Written last: whoever finds metrics.json finds every other file complete too.
     atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
     files.append(out_dir / "metrics.json")
 
     tracker.log_metrics({k: float(v) for k, v in results.items() if isinstance(v, int | float)})
+    if "knowledge" in results:
+        tracker.log_metrics(knowledge.flat(results["knowledge"], "knowledge")
+                            | knowledge.flat(results.get("base", {}).get("knowledge", {}), "base.knowledge"))
     for path in files:
         tracker.log_artifact(path)
     _log_summary(results, out_dir)
@@ -151,9 +157,58 @@ def _explain_sample(cfg: EvaluateConfig, model: Any, tokenizer: Any, dataset: Pa
 SMOKE_WORDS = {True: "passed", False: "FAILED", None: "not checked"}
 
 
+def _knowledge_figures(cfg: EvaluateConfig, bundle: Path, dataset: Path, out_dir: Path, results: dict[str, Any],
+                       notes: dict[str, str]) -> list[Path]:
+    """Factual accuracy of the model and, when its bundle names a parent with the same tokenizer,
+    of that base (results["knowledge"], results["base"]["knowledge"]); the table of every answer."""
+    import csv
+    import io
+
+    def score(path: Path, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        return knowledge.knowledge_accuracy(path, dataset, cfg.knowledge_max_new_tokens, cfg.knowledge_max_questions,
+                                            name=name)
+
+    results["knowledge"], rows = score(bundle, "model")
+    base = _base_bundle(bundle, notes)
+    if base is not None:
+        figures, base_rows = score(base, "base")
+        results["base"] = {**results.get("base", {}), "bundle": str(base), "knowledge": figures}
+        rows += base_rows
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=knowledge.TABLE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "knowledge_answers.csv", table.getvalue())
+    return [out_dir / "knowledge_answers.csv"]
+
+
+def _base_bundle(bundle: Path, notes: dict[str, str]) -> Path | None:
+    """The bundle the evaluated one was trained from (its metadata's parent), when it is still there
+    and speaks the same tokenizer; else None, with the reason in `notes` when there was a parent."""
+    from gptcore import Tokenizer
+
+    try:
+        parent = json.loads((bundle / "metadata.json").read_text(encoding="utf-8")).get("parent") or {}
+    except (OSError, ValueError):
+        return None
+    path = Path(parent["bundle"]) if isinstance(parent, dict) and parent.get("bundle") else None
+    if path is None:
+        return None
+    if not (path / "model.safetensors").is_file():
+        notes["base.knowledge"] = f"the base bundle {path} is gone: no base figures"
+        return None
+    if Tokenizer.load(path / "tokenizer.json").sha256() != Tokenizer.load(bundle / "tokenizer.json").sha256():
+        notes["base.knowledge"] = f"the base bundle {path} has another tokenizer: no base figures"
+        return None
+    return path
+
+
 def _log_summary(results: dict[str, Any], out_dir: Path) -> None:
     figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items()) if isinstance(v, float))
     log.info("evaluate -> %s: %s; smoke checks %s", out_dir, figures or "no loss figures",
              SMOKE_WORDS[results["smoke_passed"]])
+    if results.get("knowledge"):
+        lines = knowledge.summary_lines(results["knowledge"], results.get("base", {}).get("knowledge"))
+        log.info("evaluate:\n%s\n  every answer: %s", "\n".join(lines), out_dir / "knowledge_answers.csv")
     for key, why in results["notes"].items():
         log.warning("evaluate: %s: %s", key, why)

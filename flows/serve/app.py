@@ -230,6 +230,7 @@ class GPTServer:
         try:
             body = await self._body(request)
             loaded = self._lease()
+            body, facts = self._ground(body, loaded) if chat else (body, None)
             if chat:  # the model's own chat template where it has one
                 template = loaded.tokenizer if getattr(loaded.tokenizer, "chat_template", None) else None
                 gen = protocol.parse_chat(body, loaded.limits, template)
@@ -244,7 +245,7 @@ class GPTServer:
             loaded.runner.check_capacity(len(sequences))
             if gen.stream:
                 leased = loaded
-                stream = _LeasedStream(self._stream(gen, loaded, sequences, start, route),
+                stream = _LeasedStream(self._stream(gen, loaded, sequences, start, route, facts),
                                        lambda: self._release(leased))
                 loaded = None  # the stream releases the lease when it ends (or is dropped unstarted)
                 return StreamingResponse(stream, media_type="text/event-stream",
@@ -255,6 +256,8 @@ class GPTServer:
                 raise APIError(504, f"generation took longer than request_timeout_s={self.cfg.request_timeout_s}",
                                type="timeout_error", code="timeout") from None
             self._record(route, 200, start, result["usage"]["completion_tokens"])
+            if facts is not None:
+                result["knowledge"] = {"facts": facts}  # which rows grounded the answer
             return JSONResponse(result)
         except APIError as e:
             self._record(route, e.status, start, 0)
@@ -270,6 +273,15 @@ class GPTServer:
     def auth_required(self) -> bool:
         """Whether this app asks for an API key (a redeploy reads it so as never to turn auth off)."""
         return self.settings.api_key_sha256 is not None
+
+    def _ground(self, body: Any, loaded: Loaded) -> tuple[Any, list[dict[str, Any]] | None]:
+        """serve.knowledge: the facts that match the last user turn, put before the conversation."""
+        if loaded.grounder is None or not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return body, None
+        from flows.serve.grounding import ground_messages
+
+        messages, facts = ground_messages(body["messages"], loaded.grounder, self.cfg.knowledge_top_k)
+        return {**body, "messages": messages}, facts
 
     async def _body(self, request: Request) -> Any:
         limit = self.cfg.max_body_bytes
@@ -349,7 +361,7 @@ class GPTServer:
         return protocol.response(gen, self.settings.served_name, choices, usage)
 
     async def _stream(self, gen: Generation, loaded: Loaded, sequences: list[dict[str, Any]], start: float,
-                      route: str) -> AsyncIterator[str]:
+                      route: str, facts: list[dict[str, Any]] | None = None) -> AsyncIterator[str]:
         model, tok = self.settings.served_name, loaded.tokenizer
         ids: list[list[int]] = [[] for _ in sequences]
         sent = [""] * len(sequences)
@@ -361,7 +373,8 @@ class GPTServer:
         try:
             if gen.chat:
                 for i in range(len(sequences)):
-                    yield _sse(protocol.chunk(gen, model, i, None, None, first=True))
+                    first = protocol.chunk(gen, model, i, None, None, first=True)
+                    yield _sse(first if facts is None else {**first, "knowledge": {"facts": facts}})
             while True:
                 try:
                     i, out = await asyncio.wait_for(events.__anext__(), max(deadline - time.perf_counter(), 0.001))

@@ -72,6 +72,8 @@ def settings_for(cfg: PipelineConfig, model: str | None = None, bundle: str | No
         path = Path(bundle).resolve()
         if not (path / "model.safetensors").is_file():
             raise ConfigError(f"serve: {bundle} is not a model bundle (no model.safetensors)")
+        if s.knowledge:
+            _check_knowledge(path)
         return ServeSettings(s, s.served_name or path.name, str(path), None, None, None,
                              str(workdir / "serve" / "cache"), key_sha)
     if not cfg.tracking.enabled:
@@ -95,6 +97,21 @@ def check_servable(settings: ServeSettings, version: str) -> None:
         raise ConfigError(f"{settings.registry_name}@{settings.alias} is version {version}, which has not passed the "
                           f"promotion gate (gptflow.gate={gate!r}): replicas serve only gated versions; "
                           "promote it with `gptflow promote` (or --force)")
+
+
+def _check_knowledge(bundle: Path) -> None:
+    """serve.knowledge needs the facts of the bundle's dataset: refused here, before any deploy."""
+    import json
+
+    from flows.serve.grounding import FACTS
+
+    try:
+        dataset = json.loads((bundle / "metadata.json").read_text(encoding="utf-8")).get("dataset")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"serve.knowledge: cannot read {bundle / 'metadata.json'}: {e}") from None
+    if not dataset or not (Path(dataset) / FACTS).is_file():
+        raise ConfigError(f"serve.knowledge: the dataset of {bundle} ({dataset or 'none named'}) has no "
+                          f"{FACTS} (it was built without data.knowledge)")
 
 
 def application(cfg: ServeConfig, settings: ServeSettings):

@@ -50,6 +50,7 @@ class Loaded:
     runner: EngineRunner
     limits: Limits
     stop_ids: frozenset[int]
+    grounder: object | None = None  # serve.knowledge: BM25 over the facts of the model's dataset (grounding.py)
 
 
 def load(bundle: str | Path, version: str | None, cfg: ServeConfig, stats: RunnerStats | None = None) -> Loaded:
@@ -61,9 +62,10 @@ def load(bundle: str | Path, version: str | None, cfg: ServeConfig, stats: Runne
 
     device = "cuda" if cfg.num_gpus > 0 and torch.cuda.is_available() else "cpu"
     try:
-        model, tokenizer, _ = load_bundle(bundle, device=device)
+        model, tokenizer, metadata = load_bundle(bundle, device=device)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ValueError(f"cannot load the model at {bundle}: {e}") from e
+    grounder = _grounder(bundle, metadata) if cfg.knowledge else None
     try:  # it must generate before it may serve
         generate(model, [tokenizer.eot_id], 1)
     except Exception as e:  # noqa: BLE001 - any failure here means "do not serve this"
@@ -74,7 +76,17 @@ def load(bundle: str | Path, version: str | None, cfg: ServeConfig, stats: Runne
     engine = BatchEngine(model, max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens,
                          tokenizer=tokenizer)
     runner = EngineRunner(engine, cfg.max_queue, stats)
-    return Loaded(version, str(bundle), model, tokenizer, runner, limits, frozenset(tokenizer.stop_ids))
+    return Loaded(version, str(bundle), model, tokenizer, runner, limits, frozenset(tokenizer.stop_ids), grounder)
+
+
+def _grounder(bundle: str | Path, metadata: dict) -> object:
+    """serve.knowledge: the facts of the dataset the model was trained on (its metadata names it)."""
+    from flows.serve.grounding import Grounder
+
+    dataset = metadata.get("dataset")
+    if not dataset:
+        raise ValueError(f"serve.knowledge: the model at {bundle} names no dataset in its metadata.json")
+    return Grounder.from_dataset(dataset)
 
 
 def registry(settings: ServeSettings):

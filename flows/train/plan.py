@@ -68,6 +68,22 @@ class Plan:
 _HF_IMPORT_VERSION = 1
 
 
+def _feeds(manifest: dict[str, Any], split: str, T: int, world: int) -> bool:
+    """Whether to validate on `split` during training. A val split made of the held-out facts of
+    knowledge sources alone (see flows/data/knowledge.py) may be too small to give every rank a
+    window: it is then left to the evaluate stage, which scores it whole. Any other split too small
+    is the dataset check's error."""
+    shards = (manifest["splits"].get(split) or {}).get("shards") or []
+    if not shards:
+        return False
+    knowledge_only = split == "val" and manifest.get("val_assignment", {}).get("mode") == "fixed"
+    if not knowledge_only or sum((s["tokens"] - 1) // T for s in shards) >= world:
+        return True
+    log.warning("split %r is too small for a validation window per worker (%d tokens, context %d, %d workers): "
+                "no validation on it during training", split, sum(s["tokens"] for s in shards), T, world)
+    return False
+
+
 def resolve_init(init: str, ctx: StepContext, stage: str, key: str = "init") -> tuple[Path, dict[str, Any]]:
     """A local bundle directory for `init` (a bundle dir, models:/... URI, or HF GPT-2 dir) and its lineage.
 
@@ -210,8 +226,8 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
     # Validation during training: held-out fine-tuning examples when fine-tuning (masked like sft), else
     # the pretraining text's val split; none when the dataset has neither.
     candidates = ("sft_val", "val") if split == "sft" else ("val",)
-    eval_split = next((s for s in candidates if (manifest["splits"].get(s) or {}).get("shards")), None)
     T = mc.context_length or gpt.context_length
+    eval_split = next((s for s in candidates if _feeds(manifest, s, T, tc.num_workers)), None)
     info = check_dataset(data_root, (split, eval_split) if eval_split else (split,), T, world=tc.num_workers)
 
     data_tok_path = data_root / "tokenizer.json"
