@@ -109,6 +109,14 @@ class QualityConfig:
     c4_min_sentences: int = 0
     """Drop documents left with fewer sentences (C4: 5); 0 disables."""
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or value is None:
+                continue
+            for v in value if isinstance(value, tuple) else (value,):
+                _check(math.isfinite(v) and v >= 0, f.name, value, "a finite number >= 0 (null switches it off)")
+
 
 @dataclass(frozen=True)
 class CurateConfig:
