@@ -19,6 +19,11 @@ from typing import Any
 DONE = "DONE"
 
 
+def cache_dir() -> Path:
+    """The machine's cache shared by every workdir: $GPTFLOW_CACHE, else ~/.cache/gptflow."""
+    return Path(os.environ.get("GPTFLOW_CACHE") or Path.home() / ".cache" / "gptflow")
+
+
 def stage_dir(workdir: str | Path, stage: str, key: str) -> Path:
     """The output directory of `stage` for hash `key`."""
     return Path(workdir) / stage / key

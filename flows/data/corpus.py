@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.store import atomic_write_text, is_done, locked, mark_done
+from flows.store import DONE, atomic_write_text, cache_dir, is_done, locked, mark_done
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,34 @@ def _write_once(dest: Path, name: str, files: Callable[[], Iterator[tuple[str, s
     # Two runs planning at once in one workdir: one writes, the other waits and finds it done (without
     # the lock the second would delete the first's half-written files as "a run killed half-way").
     with locked(dest.parent / f".{dest.name}.lock"):
-        return dest if is_done(dest) else _write(dest, name, files)
+        if is_done(dest):
+            return dest
+        shared = _shared(name, files)
+        return _write(dest, name, files) if shared is None else _copy(shared, dest)
+
+
+def _shared(name: str, files: Callable[[], Iterator[tuple[str, str]]]) -> Path | None:
+    """The corpus built once per machine in the shared cache (parsing the stdlib costs ~15 s; every
+    new workdir would pay it), keyed by the Python install and this file's code. None when the cache
+    cannot be written (a read-only home): each workdir then builds its own."""
+    install = f"{sys.version}\0{_stdlib()}\0".encode()
+    key = hashlib.sha256(install + Path(__file__).read_bytes()).hexdigest()[:16]
+    shared = cache_dir() / "corpus" / f"{name}-{key}"
+    try:
+        with locked(shared.parent / f".{shared.name}.lock"):
+            return shared if is_done(shared) else _write(shared, name, files)
+    except PermissionError as e:  # OSError beyond that (a full disk) is an error worth seeing
+        log.info("no shared corpus cache (%s): building %s in the workdir", e, name)
+        return None
+
+
+def _copy(shared: Path, dest: Path) -> Path:
+    """`shared`'s files into `dest`, DONE last: the workdir holds its own copy of what it trains on."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(shared, dest, ignore=shutil.ignore_patterns(DONE, ".*"))
+    atomic_write_text(dest / DONE, (shared / DONE).read_text(encoding="utf-8"))
+    return dest
 
 
 def _write(dest: Path, name: str, files: Callable[[], Iterator[tuple[str, str]]]) -> Path:

