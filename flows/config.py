@@ -577,6 +577,8 @@ class ServeConfig:
     statements of its dataset, the facts put in the prompt, the rows used named in the response."""
     knowledge_top_k: int = 3
     """Facts retrieved per question when `knowledge` is on."""
+    access_log: bool = True
+    """Ray Serve's access log: one line per request in the replicas' logs."""
 
     def __post_init__(self) -> None:
         _check_finite(self)

@@ -131,12 +131,6 @@ class Tokenizer:
         hf.add_special_tokens([EOT])  # so "<|endoftext|>" in text maps to its single id
         return cls(hf)
 
-    @classmethod
-    def from_json(cls, text: str, config: dict[str, Any] | None = None) -> Tokenizer:
-        """From tokenizer.json text and the tokenizer_config.json object (see config())."""
-        hf = HFTokenizer.from_str(text)
-        return cls(hf, **_settings_from_config(config or {}, hf))
-
     def with_settings(self, **changes: Any) -> Tokenizer:
         """The same vocabulary with other special tokens, chat template or stop tokens."""
         settings = {**self.special_tokens, "chat_template": self.chat_template, "stop_tokens": self.stop_tokens}

@@ -399,10 +399,6 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def doc_hash(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
-
-
 def clean_unit(unit: WorkUnit, data: DataConfig, work: str, eval_path: str | None = None) -> dict[str, Any]:
     """Ray task: the unit's cleaned and curated documents (concatenated UTF-8), their offsets and
     hashes, and the offsets and hashes of their pieces (for the val split, see assign_val); where

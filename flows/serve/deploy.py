@@ -122,6 +122,7 @@ def application(cfg: ServeConfig, settings: ServeSettings):
         # Serve queues past max_ongoing_requests on its own, without bound; let requests reach the
         # replica, whose bounded queue answers 429.
         "max_ongoing_requests": 2 * (cfg.max_batch_size + cfg.max_queue),
+        "logging_config": {"enable_access_log": cfg.access_log},
     }
     if cfg.max_replicas > cfg.min_replicas:
         options["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,

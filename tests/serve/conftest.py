@@ -54,6 +54,7 @@ def deploy(serve_url) -> Callable[..., str]:
     def run(name: str, workdir: Path, bundle: Path | None = None, model: str | None = None,
             tracking: TrackingConfig | None = None, env: dict[str, str] | None = None, **serve_keys) -> str:
         serve_keys.setdefault("num_cpus", 0.1)  # several apps share the session's 2-CPU Ray
+        serve_keys.setdefault("access_log", False)  # a line per request would bury a failure's output
         cfg = PipelineConfig(workdir=str(workdir), serve=ServeConfig(**serve_keys),
                              tracking=tracking or TrackingConfig(enabled=False))
         saved = {k: os.environ.get(k) for k in (env or {})}

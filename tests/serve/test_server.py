@@ -9,6 +9,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import openai
 import pytest
@@ -39,7 +40,7 @@ def apps(deploy, bundle, tmp_path_factory):
         "open": deploy("open", work, bundle=bundle, served_name="tiny", max_batch_size=8, max_tokens_limit=1000,
                        max_body_bytes=65536),
         "auth": deploy("auth", work, bundle=bundle, served_name="tiny", api_key_env="GPTFLOW_TEST_KEY",
-                       env={"GPTFLOW_TEST_KEY": KEY}),
+                       env={"GPTFLOW_TEST_KEY": KEY}, access_log=True),
         "tight": deploy("tight", work, bundle=bundle, served_name="tiny", max_batch_size=1, max_queue=1,
                         max_tokens_limit=1000),
         "hasty": deploy("hasty", work, bundle=bundle, served_name="tiny", max_tokens_limit=1000,
@@ -325,6 +326,24 @@ def test_models_lists_the_served_model_and_unknown_routes_are_openai_404s(apps):
     assert [m.id for m in models.data] == ["tiny"]
     status, payload, _ = _post(f"{apps['open']}/v1/embeddings", json.dumps({"input": "a"}))
     assert status == 404 and payload["error"]["type"] == "not_found_error"
+
+
+def test_the_access_log_is_written_only_where_the_config_asks_for_it(apps):
+    import ray
+
+    _client(apps["open"]).models.list()
+    _client(apps["auth"], KEY).models.list()
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+
+    def lines(app: str) -> list[str]:
+        return [line for f in logs.glob(f"replica_{app}_*.log")
+                for line in f.read_text(errors="replace").splitlines() if f"GET /{app}/v1/models 200" in line]
+
+    deadline = time.monotonic() + 30  # replica log files are flushed by their own process
+    while not lines("auth") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert lines("auth"), f"no access line for the app that asked for one in {logs}"
+    assert not lines("open"), "serve.access_log=false still logged the request"
 
 
 def test_playground_streams_into_the_page_in_a_headless_browser(apps, reference):
