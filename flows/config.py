@@ -532,6 +532,25 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """`gptflow schedule`: how a trigger waits for its inputs and for its Ray job (when it fires and
+    what it runs are the command's --cron, --on-new-data and --address)."""
+
+    settle_s: float = 60.0
+    """Seconds the local input files must have kept their size and mtime before a data-triggered run
+    (--on-new-data) fingerprints them: a file still being written defers the trigger to the next fire
+    time (`deferred: inputs still changing: FILE`). 0 turns the wait off."""
+    job_timeout_s: float = 6 * 3600.0
+    """Longest wait for a submitted run's Ray job (--address), from its submission; then the job is
+    stopped and the trigger recorded as `failed (timeout)`."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self)
+        _check(self.settle_s >= 0, "settle_s", self.settle_s, ">= 0 (0: no wait)")
+        _check(self.job_timeout_s > 0, "job_timeout_s", self.job_timeout_s, "> 0")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Ray Serve: the OpenAI-compatible HTTP server (`gptflow serve`) and the optional deploy step."""
 
@@ -656,6 +675,7 @@ class PipelineConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:

@@ -104,6 +104,18 @@ def fingerprint(data: DataConfig, ctx: StepContext) -> dict[str, Any]:
     }
 
 
+def local_input_files(data: DataConfig) -> list[str]:
+    """The local files `data` reads (data.inputs, data.sft_inputs, data.hf_data_files), found without
+    reading them: what a scheduler checks for being settled before it fingerprints them. URLs and
+    builtin corpora are left out: a store's object appears whole, and a builtin is written whole."""
+    skipped: Counter = Counter()
+    files: list[str] = []
+    for key, specs in (("data.inputs", data.inputs), ("data.sft_inputs", data.sft_inputs)):
+        local = tuple(s for s in specs if not s.startswith("builtin:") and not inputs.is_url(s))
+        files += inputs.resolve_paths(local, key, skipped)
+    return files + [str(Path(p).resolve()) for p in data.hf_data_files if not inputs.is_url(p) and Path(p).is_file()]
+
+
 @dataclasses.dataclass
 class _Sources:
     text: list[InputFile]
