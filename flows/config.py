@@ -249,6 +249,12 @@ class DataConfig:
     knowledge: tuple[KnowledgeSource, ...] = ()
     """Databases, knowledge graphs and row files whose rows become statements and question/answer
     pairs (their content, not only their names, enters the dataset's identity)."""
+    max_drop_fraction: float = 0.05
+    """Most of the input records (documents; fine-tuning examples apart) that may be dropped because
+    they could not be read as written -- unreadable files, truncated archives, malformed JSON, records
+    without the text field -- before preprocessing fails naming the worst files (instead of training
+    on partial data). The filters that drop by design (empty, too short, binary, duplicates,
+    curation) do not count. 1 accepts any loss."""
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "in [0, 1)")
@@ -267,12 +273,14 @@ class DataConfig:
         _check(self.tokenizer_sample_chars >= 1, "tokenizer_sample_chars", self.tokenizer_sample_chars, ">= 1")
         _check(self.seed >= 0, "seed", self.seed, ">= 0")
         _check(self.max_line_bytes >= 1, "max_line_bytes", self.max_line_bytes, ">= 1")
+        _check(0.0 <= self.max_drop_fraction <= 1.0, "max_drop_fraction", self.max_drop_fraction, "in [0, 1]")
 
 
 # DataConfig keys that name the inputs rather than shape the dataset: a dataset's identity holds
-# the inputs' content fingerprints instead (and the worker count never changes the output).
+# the inputs' content fingerprints instead (the worker count never changes the output, and
+# max_drop_fraction only decides whether a build is accepted: raising it after a failure resumes it).
 DATA_INPUT_KEYS = ("inputs", "sft_inputs", "hf_dataset", "hf_config", "hf_split", "hf_data_files",
-                   "tokenizer_path", "num_workers")
+                   "tokenizer_path", "num_workers", "max_drop_fraction")
 
 
 @dataclass(frozen=True)
@@ -524,6 +532,25 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class ScheduleConfig:
+    """`gptflow schedule`: how a trigger waits for its inputs and for its Ray job (when it fires and
+    what it runs are the command's --cron, --on-new-data and --address)."""
+
+    settle_s: float = 60.0
+    """Seconds the local input files must have kept their size and mtime before a data-triggered run
+    (--on-new-data) fingerprints them: a file still being written defers the trigger to the next fire
+    time (`deferred: inputs still changing: FILE`). 0 turns the wait off."""
+    job_timeout_s: float = 6 * 3600.0
+    """Longest wait for a submitted run's Ray job (--address), from its submission; then the job is
+    stopped and the trigger recorded as `failed (timeout)`."""
+
+    def __post_init__(self) -> None:
+        _check_finite(self)
+        _check(self.settle_s >= 0, "settle_s", self.settle_s, ">= 0 (0: no wait)")
+        _check(self.job_timeout_s > 0, "job_timeout_s", self.job_timeout_s, "> 0")
+
+
+@dataclass(frozen=True)
 class ServeConfig:
     """Ray Serve: the OpenAI-compatible HTTP server (`gptflow serve`) and the optional deploy step."""
 
@@ -650,6 +677,7 @@ class PipelineConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
 def _check(ok: bool, key: str, value: Any, valid: str) -> None:

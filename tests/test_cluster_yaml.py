@@ -50,6 +50,17 @@ def test_cluster_yaml_has_a_head_and_gpu_workers_and_sets_up_the_project():
     assert "~/.ray/auth_token" in cfg["file_mounts"]
 
 
+def test_the_mlflow_server_listens_on_the_heads_private_address_only():
+    cfg = yaml.safe_load(TEXT)
+    (server,) = [c for c in cfg["head_start_ray_commands"] if "mlflow server" in c]
+    host = re.search(r"--host[ =](\$\(.*?\)|\S+)", server)
+    assert host, server
+    assert host.group(1) not in ("0.0.0.0", "::", "[::]", "*"), server  # every interface: anyone who reaches the head
+    assert host.group(1) == "$(hostname -I | awk '{print $1}')", server  # the address the nodes' MLFLOW_TRACKING_URI names
+    start = "\n".join(cfg["head_start_ray_commands"])
+    assert "MLFLOW_TRACKING_URI=http://$(hostname -I | awk '{print $1}'):5000" in start
+
+
 def test_every_key_of_cluster_yaml_is_commented():
     lines = TEXT.splitlines()
     missing = []

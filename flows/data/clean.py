@@ -36,6 +36,19 @@ _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 MAX_LOCATIONS = 5  # where the first few drops of each reason were, kept per unit and in the manifest
 
+# Drop reasons that mean a record could not be read as it was meant to be written -- a broken or
+# half-written file, a malformed record -- as opposed to the filters that drop by design (empty,
+# too_short, binary, blank_line, the size limits, duplicates, curation): what data.max_drop_fraction
+# bounds.
+BAD_RECORD_REASONS = frozenset({"unreadable", "truncated_archive", "malformed_json", "json_too_deep",
+                                "missing_text_field", "bad_text_field", "bad_sft_record",
+                                "missing_prompt_or_completion"})
+_BAD_RECORD_PREFIXES = ("read_error.", "record_error.")
+
+
+def is_bad_record(reason: str) -> bool:
+    return reason in BAD_RECORD_REASONS or reason.startswith(_BAD_RECORD_PREFIXES)
+
 
 @dataclass
 class UnitStats:
@@ -45,6 +58,8 @@ class UnitStats:
     dropped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
     locations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # Bad-record drops (is_bad_record) per file and reason: which files data.max_drop_fraction names.
+    bad_files: dict[str, Counter] = field(default_factory=dict)
     # The record being read, set by the readers: a drop is located there.
     file: str | None = None
     offset: int | None = None  # byte offset in the (decompressed) file
@@ -59,6 +74,8 @@ class UnitStats:
         self.dropped[reason] += 1
         if self.file is None:
             return
+        if is_bad_record(reason):
+            self.bad_files.setdefault(self.file, Counter())[reason] += 1
         first = self.locations.setdefault(reason, [])
         if len(first) < MAX_LOCATIONS or self.every is not None:
             where: dict[str, Any] = {"file": self.file}

@@ -43,7 +43,7 @@ import numpy as np
 from flows.config import DataConfig, stable_hash, to_dict
 from flows.context import StepContext
 from flows.data import formats, inputs, knowledge, sft
-from flows.data.clean import UnitStats, merge_locations, pieces
+from flows.data.clean import UnitStats, is_bad_record, merge_locations, pieces
 from flows.data.curate import driver as curate_stage
 from flows.data.dataset import FORMAT_VERSION
 from flows.data.inputs import InputError, InputFile, WorkUnit
@@ -102,6 +102,18 @@ def fingerprint(data: DataConfig, ctx: StepContext) -> dict[str, Any]:
         **({"decontaminate": [ctx.fingerprints.sha256(p) if Path(p).is_file() else p
                               for p in data.curate.decontaminate]} if data.curate.decontaminate else {}),
     }
+
+
+def local_input_files(data: DataConfig) -> list[str]:
+    """The local files `data` reads (data.inputs, data.sft_inputs, data.hf_data_files), found without
+    reading them: what a scheduler checks for being settled before it fingerprints them. URLs and
+    builtin corpora are left out: a store's object appears whole, and a builtin is written whole."""
+    skipped: Counter = Counter()
+    files: list[str] = []
+    for key, specs in (("data.inputs", data.inputs), ("data.sft_inputs", data.sft_inputs)):
+        local = tuple(s for s in specs if not s.startswith("builtin:") and not inputs.is_url(s))
+        files += inputs.resolve_paths(local, key, skipped)
+    return files + [str(Path(p).resolve()) for p in data.hf_data_files if not inputs.is_url(p) and Path(p).is_file()]
 
 
 @dataclasses.dataclass
@@ -213,6 +225,7 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
     clean_meta = _run_units(clean_unit, units, workers, "clean", work / "clean", progress=ctx.progress,
                             data=data, work=str(work), eval_path=eval_path)
     timings["clean"] = time.time() - t
+    check_drops(clean_meta, "documents", "data.inputs", data.max_drop_fraction)
 
     t = time.time()
     keep, duplicates = _dedup(units, work, data.dedup)
@@ -233,6 +246,7 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
         sft_unit, sft_units, workers, "sft", work / "sft", progress=ctx.progress,
         data=data, work=str(work), tokenizer_path=tok_path, dtype=dtype,
     )
+    check_drops(sft_meta, "examples", "data.sft_inputs", data.max_drop_fraction)
     timings["tokenize"] = time.time() - t
 
     t = time.time()
@@ -337,6 +351,34 @@ def _copy_knowledge(sources: _Sources, out: Path) -> dict[str, Any] | None:
         shutil.copyfile(table, out / "knowledge" / table.name)
     return {"sources": sources.knowledge.summary, "facts": "knowledge/facts.jsonl",
             "questions": "knowledge/questions.jsonl"}
+
+
+def check_drops(metas: dict[str, dict[str, Any]], kept: str, key: str, limit: float) -> None:
+    """Fail (InputError naming the worst files) when more than `limit` of the records the work units
+    read were dropped for a bad-record reason (clean.is_bad_record): a truncated archive, a file still
+    being written, a broken export. `kept` names a unit's count of records kept ("documents",
+    "examples"). The units' files stay: a rerun with a higher limit resumes from them."""
+    bad: Counter = Counter()
+    files: dict[str, Counter] = {}
+    seen = 0
+    for m in metas.values():
+        seen += m[kept] + sum(m["dropped"].values())
+        bad.update({r: n for r, n in m["dropped"].items() if is_bad_record(r)})
+        for path, reasons in m.get("bad_files", {}).items():
+            files.setdefault(path, Counter()).update(reasons)
+    total = sum(bad.values())
+    if not total or total <= limit * seen:
+        return
+    worst = sorted(files.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:3]
+    where = f"worst files: {'; '.join(f'{path}: {_counts(c)}' for path, c in worst)}" if worst else _counts(bad)
+    more = f" (+{len(files) - len(worst)} more files)" if len(files) > len(worst) else ""
+    raise InputError(f"{key}: {total} of {seen} records ({total / seen:.1%}) could not be read, more than "
+                     f"data.max_drop_fraction={limit:g} allows; {where}{more}. Fix or remove them (a file "
+                     "still being written? a truncated download?), or raise data.max_drop_fraction")
+
+
+def _counts(c: Counter) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(c.items()))
 
 
 def _remove_partial_files(out: Path) -> None:
@@ -444,8 +486,9 @@ def clean_unit(unit: WorkUnit, data: DataConfig, work: str, eval_path: str | Non
     curated = curation.write(out.open(".loc.npz"), out.open(".bands.npy") if nd.enabled else None, nd.partitions)
     return out.commit({
         "documents": len(offsets) - 1, "bytes": offsets[-1], "dropped": dict(stats.dropped),
-        "repaired": dict(stats.repaired), "locations": stats.locations, "peak_rss_mb": _peak_rss_mb(),
-        "cpu_s": time.process_time() - cpu, "node_id": _node_id(), "curation": curated,
+        "repaired": dict(stats.repaired), "locations": stats.locations, "bad_files": stats.bad_files,
+        "peak_rss_mb": _peak_rss_mb(), "cpu_s": time.process_time() - cpu, "node_id": _node_id(),
+        "curation": curated,
     })
 
 
@@ -637,7 +680,8 @@ def sft_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: str, d
     np.save(out.open(".hash.npy"), np.frombuffer(bytes(hashes), dtype=np.uint8).reshape(-1, 16))
     return out.commit({
         "examples": len(lengths), "tokens": int(sum(lengths)), "dropped": dict(stats.dropped),
-        "repaired": dict(stats.repaired), "locations": stats.locations, "peak_rss_mb": _peak_rss_mb(),
+        "repaired": dict(stats.repaired), "locations": stats.locations, "bad_files": stats.bad_files,
+        "peak_rss_mb": _peak_rss_mb(),
     })
 
 

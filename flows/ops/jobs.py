@@ -157,9 +157,15 @@ def entrypoint(run_args: list[str], verbose: bool = False) -> str:
                      *map(shlex.quote, run_args)])
 
 
+def run_identity(cfg: PipelineConfig) -> dict[str, Any]:
+    """The config as far as it decides what a run does: the schedule section (how a scheduler waits)
+    apart, so that changing it neither renames triggers nor loses a scheduler's state."""
+    return {k: v for k, v in to_dict(cfg).items() if k != "schedule"}
+
+
 def trigger_id(cfg: PipelineConfig, when: str) -> str:
     """The submission id of a scheduled trigger: the same config and trigger time give the same id."""
-    return f"gptflow-{stable_hash(to_dict(cfg), length=12)}-{when}"
+    return f"gptflow-{stable_hash(run_identity(cfg), length=12)}-{when}"
 
 
 def submit(cfg: PipelineConfig, address: str | None, run_args: list[str] | None = None,
@@ -265,11 +271,15 @@ def stop(jobs: Any, job_id: str, wait_s: float = 60) -> str:
     return status(jobs, job_id)["status"]
 
 
+class NoSuchJob(ConfigError):
+    """The cluster knows no job of that id (a wrong id, or a cluster started afresh since)."""
+
+
 def _call(fn: Any, job_id: str) -> Any:
     try:
         return fn(job_id)
     except RuntimeError as e:
         text = str(e)
         if "404" in text or "does not exist" in text.lower() or "not found" in text.lower():
-            raise ConfigError(f"no job {job_id!r} on this cluster (`ray job list` shows the ids)") from None
+            raise NoSuchJob(f"no job {job_id!r} on this cluster (`ray job list` shows the ids)") from None
         raise

@@ -8,21 +8,33 @@ runs of one scheduler can never overlap. Each trigger:
 1. takes the workdir's run lock (``<workdir>/schedule/run.lock``, a non-blocking ``fcntl`` lock that
    dies with its holders, so a crashed scheduler never leaves it held); held elsewhere (another
    scheduler's run): ``skipped: run in progress``;
-2. with ``--on-new-data``, compares the corpus fingerprint (what names the preprocess output: the
-   input files' content fingerprints, one ``stat`` per unchanged local file) with the one of the
-   last successful run: unchanged: ``skipped: no new data``;
+2. with ``--on-new-data``, first checks that the local input files are settled (size and mtime
+   unchanged for ``schedule.settle_s``: the newest mtime that old, or a second look that long after
+   the first): a file still being written is neither fingerprinted nor trained on, ``deferred: inputs
+   still changing: FILE``, and the next fire time looks again; then compares the corpus fingerprint
+   (what names the preprocess output: the input files' content fingerprints, one ``stat`` per
+   unchanged local file) with the one of the last successful run: unchanged: ``skipped: no new data``;
 3. runs the pipeline: here, as a child process ``gptflow run`` that inherits the lock (so the lock is
    held while either lives, and a crash or out-of-memory kill of a run never takes the scheduler
    down), or with ``--address`` as a Ray job (a deterministic submission id per trigger time, so a
-   resubmitted trigger is a no-op) that the scheduler waits for; ``ran`` or ``failed: step X``.
+   resubmitted trigger is a no-op) that the scheduler waits for; ``ran`` or ``failed (STEP)``.
+
+A submitted job is recorded in the state (``in_flight``) before the wait: a scheduler that was
+killed or restarted re-attaches to it and waits for it before any new trigger fires. The wait is
+bounded: ``schedule.job_timeout_s`` after the submission the job is stopped, ``failed (timeout)``.
+A Jobs API that does not answer for a while is asked again (the job runs on regardless).
+
+Whatever goes wrong inside one trigger -- fingerprinting, a submission, a dashboard that is away --
+ends that trigger, not the scheduler: it is recorded as ``failed (PHASE error)`` with the error
+(credentials redacted), and the loop goes on to the next fire time.
 
 Fire times that pass while a run goes on are coalesced into one ``skipped: run in progress`` record
 that counts them; fire times missed while the scheduler was down are counted the same way when it
 starts again. Every trigger and its outcome is an MLflow run (``schedule`` in the pipeline's
 experiment, through flows/tracking.py), and in ``<workdir>/schedule/<config hash>/state.json``
-(counts, the last fire time, the last successful fingerprint, recent history): a restarted
-scheduler continues where it was. SIGTERM (or SIGINT) stops the loop between runs: a run in
-progress is finished first, then the state is written and the process exits 0.
+(counts, the last fire time, the last successful fingerprint, the job in flight, recent history): a
+restarted scheduler continues where it was. SIGTERM (or SIGINT) stops the loop between runs: a run
+in progress is finished first, then the state is written and the process exits 0.
 
 What it is not: a job queue. Unchanged steps are skipped by the pipeline itself; a retrain after new
 data re-does preprocessing and what is downstream of it (from ``models:/NAME@champion`` when the
@@ -40,7 +52,9 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +66,12 @@ from flows.store import atomic_write_text
 log = logging.getLogger(__name__)
 
 RAN, NO_NEW_DATA, IN_PROGRESS, FAILED = "ran", "skipped: no new data", "skipped: run in progress", "failed"
+DEFERRED = "deferred: inputs still changing"
 EVENT = "schedule"
+POLL_S = 2.0  # how often a submitted job's status is asked for
 _HISTORY = 50
+# Secrets a message may carry beside URLs' user:password (which redact_text replaces).
+_SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY")
 _FAILED_STEP = re.compile(r"step '([\w-]+)' failed")
 
 
@@ -92,7 +110,9 @@ class Scheduler:
         self.trigger = cron_trigger(cron) if cron else None
         root = Path(cfg.workdir).resolve() / "schedule"
         self.lock_path = root / "run.lock"
-        self.dir = root / stable_hash(to_dict(cfg), self.run_args, length=12)
+        from flows.ops.jobs import run_identity
+
+        self.dir = root / stable_hash(run_identity(cfg), self.run_args, length=12)
         self.state_path = self.dir / "state.json"
         self.state = self._load()
         self.stopping = threading.Event()
@@ -127,8 +147,9 @@ class Scheduler:
         ctx.fingerprints.save()
         return stable_hash(fp, to_dict(self.cfg.data), length=32)
 
-    def fire(self, when: dt.datetime, coalesced: int = 0) -> dict[str, Any]:
-        """Run one trigger for fire time `when`; record and return its outcome."""
+    @contextmanager
+    def _run_lock(self) -> Iterator[int | None]:
+        """The workdir's run lock, held while the block runs: its fd, or None when another run holds it."""
         import fcntl
 
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,19 +158,81 @@ class Scheduler:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return self._record(when, IN_PROGRESS, coalesced=coalesced)
+                yield None
+                return
             try:
-                fp = self.fingerprint() if self.on_new_data else None
-                if fp is not None and fp == self.state.get("last_success_fingerprint"):
-                    return self._record(when, NO_NEW_DATA, coalesced=coalesced)
-                outcome, detail = self._submit(when) if self.address else self._run_here(when, fd)
-                if outcome == RAN and fp is not None:
-                    self.state["last_success_fingerprint"] = fp
-                return self._record(when, outcome, coalesced=coalesced, **detail)
+                yield fd
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+    def fire(self, when: dt.datetime, coalesced: int = 0, reraise: bool = False) -> dict[str, Any]:
+        """Run one trigger for fire time `when`; record and return its outcome.
+
+        An exception inside the trigger is its outcome (``failed (PHASE error)``, recorded), not the
+        scheduler's end; `reraise`: raised again after it is recorded (``--once``)."""
+        with self._run_lock() as fd:
+            if fd is None:
+                return self._record(when, IN_PROGRESS, coalesced=coalesced)
+            if self.state.get("in_flight"):  # an earlier trigger's job: it ends before another starts
+                self._land(self.state["in_flight"])
+            phase = "inputs"
+            try:
+                fp = None
+                if self.on_new_data:
+                    changing = self._changing()
+                    if changing is not None:
+                        return self._record(when, DEFERRED, coalesced=coalesced, file=changing)
+                    fp = self.fingerprint()
+                    if fp == self.state.get("last_success_fingerprint"):
+                        return self._record(when, NO_NEW_DATA, coalesced=coalesced)
+                if self.address:
+                    phase = "submit"
+                    return self._submit(when, coalesced, fp)
+                phase = "run"
+                outcome, detail = self._run_here(when, fd)
+            except Exception as e:
+                error = _error_text(e)
+                log.error("trigger %s: %s failed: %s", _stamp(when), phase, error)
+                entry = self._record(when, FAILED, coalesced=coalesced, reason=f"{phase} error", error=error)
+                if reraise:
+                    raise
+                return entry
+            if outcome == RAN and fp is not None:
+                self.state["last_success_fingerprint"] = fp
+            return self._record(when, outcome, coalesced=coalesced, **detail)
+
+    def _changing(self) -> str | None:
+        """A local input file that may still be being written, or None when all are settled: each one's
+        mtime is at least schedule.settle_s old, or its size and mtime are what a look settle_s earlier
+        saw (a file server whose clock runs ahead makes mtimes look recent). The first look is kept in
+        the state until it is settle_s old, so ticks closer together than that still compare two looks
+        far enough apart."""
+        from flows.data.stage import local_input_files
+
+        settle = self.cfg.schedule.settle_s
+        if settle <= 0:
+            return None
+        now = time.time()
+        recent: dict[str, list[int]] = {}
+        for path in local_input_files(self.cfg.data):
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:  # renamed or removed since it was listed: changing
+                return path
+            if now - st.st_mtime < settle:
+                recent[path] = [st.st_size, st.st_mtime_ns]
+        before = self.state.get("settle_look")
+        old_enough = before is not None and now - before["at"] >= settle
+        if old_enough:
+            recent = {p: v for p, v in recent.items() if before["files"].get(p) != v}
+        if not recent:
+            self.state.pop("settle_look", None)
+            return None
+        if before is None or old_enough:
+            self.state["settle_look"] = {"at": now, "files": recent}
+        return next(iter(recent))
 
     def _run_here(self, when: dt.datetime, lock_fd: int) -> tuple[str, dict[str, Any]]:
         """`gptflow run` as a child process that holds the run lock too; its output in runs/<when>.log."""
@@ -176,22 +259,99 @@ class Scheduler:
             return RAN, detail
         return FAILED, detail | {"step": _failed_step(log_path.read_text(encoding="utf-8", errors="replace"))}
 
-    def _submit(self, when: dt.datetime) -> tuple[str, dict[str, Any]]:
-        """Submit the pipeline as a Ray job under the trigger's id and wait for it to end."""
+    def _submit(self, when: dt.datetime, coalesced: int, fp: str | None) -> dict[str, Any]:
+        """Submit the pipeline as a Ray job under the trigger's id, note it in the state (a restarted
+        scheduler re-attaches to it), then wait for it and record the trigger."""
         from flows.ops import jobs
 
         sid = jobs.trigger_id(self.cfg, _stamp(when))
         job_id, new = jobs.submit(self.cfg, self.address, self.run_args, submission_id=sid)
-        client = jobs.client(self.address, self.cfg.cluster.allow_no_auth)
+        self.state["in_flight"] = {"submission_id": job_id, "fire_time": when.isoformat(), "coalesced": coalesced,
+                                   "fingerprint": fp, "address": self.address, "resubmitted": not new,
+                                   "submitted_at": time.time()}
+        self._save()
+        return self._land(self.state["in_flight"])
+
+    def resume(self) -> dict[str, Any] | None:
+        """Re-attach to the job the state names in flight (the scheduler was stopped or killed while it
+        waited): wait for it and record its trigger before anything new fires. None when there is none,
+        or another run holds the lock (then the next trigger re-attaches)."""
+        if not self.state.get("in_flight"):
+            return None
+        with self._run_lock() as fd:
+            if fd is None:
+                log.warning("job %s is still in flight, but another run holds %s: re-attaching at the next "
+                            "trigger", self.state["in_flight"]["submission_id"], self.lock_path)
+                return None
+            return self._land(self.state["in_flight"])
+
+    def _land(self, flight: dict[str, Any]) -> dict[str, Any]:
+        """Wait for the job in flight, record its trigger's outcome (under its own fire time), forget it."""
+        when = dt.datetime.fromisoformat(flight["fire_time"])
+        log.info("trigger %s: waiting for job %s", _stamp(when), flight["submission_id"])
+        try:
+            outcome, detail = self._await(flight)
+        except Exception as e:  # what _await does not expect: still this trigger's outcome, not the loop's end
+            outcome, detail = FAILED, {"reason": "job error", "error": _error_text(e)}
+        detail = {"job_id": flight["submission_id"], "resubmitted": flight.get("resubmitted", False), **detail}
+        self.state.pop("in_flight", None)
+        if outcome == RAN and flight.get("fingerprint"):
+            self.state["last_success_fingerprint"] = flight["fingerprint"]
+        return self._record(when, outcome, coalesced=flight.get("coalesced", 0), **detail)
+
+    def _await(self, flight: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The outcome of the job in flight once it ends, or once schedule.job_timeout_s has passed since
+        its submission (then it is stopped). A Jobs API that does not answer is asked again until then;
+        a stop request does not abandon the job: it is waited for."""
+        from flows.ops import jobs
+
+        job_id = flight["submission_id"]
+        address = self.address or flight.get("address")
+        deadline = flight["submitted_at"] + self.cfg.schedule.job_timeout_s
+        client, state, failing = None, None, False
         while True:
-            state = jobs.status(client, job_id)["status"]
+            try:
+                client = client or jobs.client(address, self.cfg.cluster.allow_no_auth)
+                state = jobs.status(client, job_id)["status"]
+                if failing:
+                    log.info("job %s: the Jobs API answers again", job_id)
+                failing = False
+            except jobs.NoSuchJob as e:
+                return FAILED, {"reason": "job lost", "error": _error_text(e)}
+            except Exception as e:  # a dashboard blip: said once per spell, then asked again
+                if not failing:
+                    log.warning("job %s: the Jobs API does not answer (%s); asking again until it does or the "
+                                "job's time is up", job_id, _error_text(e))
+                failing = True
             if state in jobs.TERMINAL:
                 break
-            self.stopping.wait(2.0)  # a stop request does not abandon the job: it is waited for
-        detail = {"job_id": job_id, "resubmitted": not new, "job_status": state}
+            if time.time() >= deadline:
+                return FAILED, {"reason": "timeout", "job_status": self._stop(client, job_id)}
+            time.sleep(POLL_S)  # not stopping.wait: once a stop is requested, that would ask without a pause
+        detail: dict[str, Any] = {"job_status": state}
         if state == "SUCCEEDED":
             return RAN, detail
-        return FAILED, detail | {"step": _failed_step(jobs.logs(client, job_id))}
+        try:
+            step = _failed_step(jobs.logs(client, job_id))
+        except Exception as e:
+            log.warning("job %s: its logs could not be read (%s)", job_id, _error_text(e))
+            step = None
+        return FAILED, detail | {"step": step}
+
+    def _stop(self, client: Any, job_id: str) -> str:
+        """Stop a job that ran out of time; its last status, or why it could not be stopped."""
+        from flows.ops import jobs
+
+        log.error("job %s: still running after schedule.job_timeout_s=%g s: stopping it", job_id,
+                  self.cfg.schedule.job_timeout_s)
+        try:
+            if client is None:
+                raise ConnectionError("no answer from the Jobs API")
+            return jobs.stop(client, job_id)
+        except Exception as e:
+            error = _error_text(e)
+            log.error("job %s: could not be stopped (%s); stop it with `gptflow jobs stop %s`", job_id, error, job_id)
+            return f"not stopped: {error}"
 
     def _record(self, when: dt.datetime, outcome: str, coalesced: int = 0, **detail: Any) -> dict[str, Any]:
         from flows.tracking import record_event
@@ -200,7 +360,11 @@ class Scheduler:
         counts["triggers"] = counts.get("triggers", 0) + 1
         counts[outcome] = counts.get(outcome, 0) + 1
         counts["coalesced"] = counts.get("coalesced", 0) + coalesced
-        shown = f"{outcome} ({detail['step']})" if outcome == FAILED and detail.get("step") else outcome
+        shown = outcome
+        if outcome == FAILED and (why := detail.get("step") or detail.get("reason")):
+            shown = f"{outcome} ({why})"
+        elif outcome == DEFERRED:
+            shown = f"{outcome}: {detail['file']}"
         entry = {"fire_time": when.isoformat(), "outcome": shown, "coalesced": coalesced,
                  "seq": counts["triggers"], **detail}
         self.state["last_fire"] = when.isoformat()
@@ -235,6 +399,7 @@ class Scheduler:
         if install_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: self.stopping.set())
+        self.resume()  # a job a killed scheduler was waiting for: it ends before anything new fires
         pending = 0
         if self.state.get("last_fire"):  # continue where we were: what passed while we were down
             missed, _ = self._missed(dt.datetime.fromisoformat(self.state["last_fire"]), _now())
@@ -264,6 +429,19 @@ class Scheduler:
         return 0
 
 
+def _error_text(e: BaseException) -> str:
+    """An exception as one line for the state file, MLflow and logs: credentials in URLs and the
+    secrets this process holds (MLflow password or token, Ray token) replaced by ***."""
+    from flows.data.inputs import REDACTED, redact_text
+
+    text = redact_text(f"{type(e).__name__}: {e}")
+    for name in _SECRET_ENV:
+        secret = os.environ.get(name, "")
+        if len(secret) >= 4:
+            text = text.replace(secret, REDACTED)
+    return " ".join(text.split())[:1000]
+
+
 def _failed_step(text: str) -> str | None:
     found = _FAILED_STEP.findall(text)
     return found[-1] if found else None
@@ -276,7 +454,8 @@ def run_schedule(cfg: PipelineConfig, cron: str | None, on_new_data: bool, addre
     if on_start:
         on_start(scheduler)
     if once:
-        entry = scheduler.fire(_now())
+        scheduler.resume()
+        entry = scheduler.fire(_now(), reraise=True)
         if entry["outcome"].startswith(FAILED):
             raise RuntimeError(f"scheduled run failed: {entry['outcome']} (log: {entry.get('log') or entry.get('job_id')})")
         return entry["outcome"]

@@ -356,7 +356,8 @@ def test_the_manifest_says_where_hostile_records_were(tmp_path, ray_local):
     sft_file.write_text(json.dumps({"prompt": "Q \ud800?", "completion": " A \udfff."}) + "\n[1, 2]\n")
     cfg = PipelineConfig(workdir=str(tmp_path / "w"), tracking=TrackingConfig(enabled=False), data=DataConfig(
         inputs=(str(root),), sft_inputs=(str(sft_file),), vocab_size=300, min_chars=16, val_fraction=0.0,
-        val_min_tokens=0, sft_val_fraction=0.0, sft_val_min_examples=0, max_line_bytes=300_000))
+        val_min_tokens=0, sft_val_fraction=0.0, sft_val_min_examples=0, max_line_bytes=300_000,
+        max_drop_fraction=1.0))  # mostly hostile on purpose: the counts are the point, not the limit
     m = read_manifest(preprocess(cfg), verify=True)
     docs = m["documents"]
     assert docs["kept"] == 4 + 4  # the text files, the two fine records, the surrogate one, the huge id

@@ -214,7 +214,8 @@ def test_sft_examples_carry_a_mask_over_the_completion_only(corpus, dataset, tmp
     ]
     sft_file.write_text("\n".join(json.dumps(r) for r in records) + "\n{not json\n")
     out = preprocess(config(tmp_path, inputs=(), sft_inputs=(str(sft_file),), sft_val_fraction=0.0,
-                            sft_val_min_examples=0, tokenizer_path=str(dataset / "tokenizer.json")))
+                            sft_val_min_examples=0, tokenizer_path=str(dataset / "tokenizer.json"),
+                            max_drop_fraction=0.5))  # 2 of the 5 records are broken on purpose
     m = load_manifest(out, verify=True)
     assert m["sft_examples"] == {"kept": 2, "dropped": {
         "malformed_json": 1, "missing_prompt_or_completion": 1, "no_assistant_turn": 1}, "locations": {

@@ -132,6 +132,43 @@ def test_all_counts_add_up(result):
     assert m["documents"]["kept"] == len(docs)
 
 
+def test_more_unreadable_records_than_max_drop_fraction_fail_and_name_the_file(tmp_path, ray_local):
+    """A truncated .gz (a download cut short, a file still being written) is one document of four lost:
+    over data.max_drop_fraction, the preprocess fails naming it and the dataset is not marked done.
+    The same inputs with a limit that allows the loss: built, in the same place (the limit shapes
+    nothing), from the work units the failed attempt already read."""
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(3):
+        (root / f"good{i}.txt").write_text(document(500 + i, 120))
+    (root / "cut.txt.gz").write_bytes(_gzip_truncated(document(510, 3000).encode()))
+    with pytest.raises(InputError, match=r"data.inputs: 1 of 4 records \(25.0%\) could not be read, more than "
+                       r"data.max_drop_fraction=0.05 allows; worst files: .*cut.txt.gz: 1 truncated_archive"):
+        preprocess(config(tmp_path / "w", inputs=(str(root),)))
+    assert not list((tmp_path / "w" / "preprocess").glob("*/DONE"))
+    assert not list((tmp_path / "w" / "preprocess").glob("*/manifest.json"))
+
+    out = preprocess(config(tmp_path / "w", inputs=(str(root),), max_drop_fraction=0.25))
+    assert (out / "DONE").is_file()
+    assert load_manifest(out)["documents"]["dropped"] == {"truncated_archive": 1}
+    assert [p.parent for p in (tmp_path / "w" / "preprocess").glob("*/DONE")] == [out]
+
+
+def test_drops_by_design_do_not_count_against_max_drop_fraction(tmp_path, ray_local):
+    """Exact duplicates, too-short documents and empty files are dropped on purpose: with none
+    unreadable, even max_drop_fraction=0 accepts a corpus that is mostly such drops."""
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "a.txt").write_text(document(600, 120))
+    for i in range(3):
+        (root / f"copy{i}.txt").write_text(document(600, 120))
+    (root / "short.txt").write_text("tiny")
+    (root / "empty.txt").write_bytes(b"")
+    m = load_manifest(preprocess(config(tmp_path / "w", inputs=(str(root),), max_drop_fraction=0.0)))
+    assert m["documents"]["kept"] == 1
+    assert m["documents"]["dropped"] == {"duplicate": 3, "empty": 1, "too_short": 1}
+
+
 def test_a_missing_path_fails_before_ray(tmp_path, monkeypatch):
     import flows.cluster
 
@@ -204,7 +241,7 @@ def test_bom_json_and_literal_special_tokens_and_corrupt_zst(tmp_path, ray_local
     quoted = document(310, 60) + "The separator token is written <|endoftext|> in GPT-2 code.\n"
     (root / "quoted.txt").write_text(quoted)
     (root / "broken.txt.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(200)))
-    out = preprocess(config(tmp_path / "w", inputs=(str(root),)))
+    out = preprocess(config(tmp_path / "w", inputs=(str(root),), max_drop_fraction=0.2))  # 1 of 6 lost
     manifest = load_manifest(out)
     assert manifest["documents"]["kept"] == 5, manifest["documents"]
     assert "malformed_json" not in manifest["documents"]["dropped"]
