@@ -288,7 +288,8 @@ class ModelConfig:
     """Which GPT to build: a gptcore preset plus a few overrides (vocab_size comes from the tokenizer)."""
 
     preset: str = "tiny"
-    """A name in gptcore.PRESETS: tiny, small, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b."""
+    """A name in gptcore.PRESETS: tiny, small, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b (GPT-2);
+    tiny-llama, smollm2-135m, smollm2-360m, llama-3.2-1b (the Llama family)."""
     context_length: int | None = None
     """Override the preset's context length."""
     dropout: float = 0.0

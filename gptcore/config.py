@@ -175,6 +175,10 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-350m": GPTConfig(n_layer=24, n_head=16, d_model=1024),
     "gpt2-774m": GPTConfig(n_layer=36, n_head=20, d_model=1280),
     "gpt2-1.5b": GPTConfig(n_layer=48, n_head=25, d_model=1600),
+    # The Llama family's tiny: every switch of the family on the tiny shape (RMSNorm, RoPE, SwiGLU,
+    # grouped-query attention, an untied head), for tests and for trying the family on a CPU.
+    "tiny-llama": GPTConfig(vocab_size=4096, context_length=128, n_layer=4, n_head=4, d_model=64,
+                            **_LLAMA, n_kv_head=2, mlp_hidden=160, tie_embeddings=False),
     # The Llama family, shapes from the published Hugging Face configs.
     "smollm2-135m": GPTConfig(vocab_size=49152, context_length=8192, n_layer=30, n_head=9, d_model=576,
                               **_LLAMA, n_kv_head=3, mlp_hidden=1536, rope_theta=100000.0),

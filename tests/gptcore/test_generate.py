@@ -42,6 +42,21 @@ def test_cache_equals_no_cache_including_past_the_context(model):
     assert with_cache == without
 
 
+def test_kv_cache_holds_what_the_generation_needs_not_the_whole_context(model, monkeypatch):
+    """A long-context model (SmolLM2: 8192) must not zero a context-sized cache for a short answer; past
+    the context the window still slides (test above), with a cache of the context."""
+    import gptcore.generation
+
+    sizes, real = [], gptcore.generation.KVCache
+    monkeypatch.setattr(gptcore.generation, "KVCache", lambda *a, **k: sizes.append(a[2]) or real(*a, **k))
+    assert generate(model, [[5, 6, 7], [8]], max_new_tokens=6) == [generate(model, p, max_new_tokens=6)
+                                                                    for p in ([5, 6, 7], [8])]
+    assert sizes[0] == 3 + 6 - 1  # the prompt and every new token but the last, which is never stored
+    sizes.clear()
+    generate(model, list(range(3, 43)), max_new_tokens=30)
+    assert sizes[0] == 48 and set(sizes) == {48}
+
+
 def test_no_cache_reference_is_argmax_of_full_forward(model):
     prompt = [9, 10, 11]
     ids = list(prompt)

@@ -48,6 +48,10 @@ def test_presets_and_flops():
     assert PRESETS["tiny"].num_params() < 1_000_000
     assert 123e6 < PRESETS["gpt2-124m"].num_params() < 125e6  # 124,439,808 with tied head
     assert {"gpt2-124m", "gpt2-350m", "gpt2-774m", "gpt2-1.5b"} <= set(PRESETS)
+    t = PRESETS["tiny-llama"]  # every switch of the family, on the tiny shape
+    assert (t.norm, t.positions, t.mlp, t.kv_heads, t.tie_embeddings, t.bias) == ("rmsnorm", "rotary", "swiglu", 2,
+                                                                                  False, False)
+    assert (t.n_layer, t.d_model, t.context_length) == (PRESETS["tiny"].n_layer, PRESETS["tiny"].d_model, 128)
     c = PRESETS["gpt2-124m"]
     assert c.flops_per_token() > 6 * (c.num_params() - c.context_length * c.d_model)
 

@@ -2,7 +2,8 @@
 (fast, no Ray), and real Ray Train + DeepSpeed runs on CPU with the tiny preset on real text (slow).
 
 The slow tests share a handful of TorchTrainer fits (each 10-20 s here): one ZeRO-0 fp32 pretraining
-run (learning, MLflow, reuse), one ZeRO-3 run (bundle export), an uninterrupted 2-worker ZeRO-2 run
+run (learning, MLflow, reuse), two ZeRO-3 runs (bundle export and its Hugging Face export, GPT-2's tiny
+preset and the Llama family's tiny-llama), an uninterrupted 2-worker ZeRO-2 run
 with one injected NaN loss that three other ways of getting there must reproduce exactly (a worker
 SIGKILLed from outside under the default max_failures; a worker lost with restarts off, then the
 same command again; N steps then 2N under the same run name), a fine-tuning run from that
@@ -408,13 +409,17 @@ def test_pretrain_learns_tracks_and_is_reused(pretrained, dataset):
 
 
 @pytest.mark.slow
-def test_zero3_two_workers_exports_consolidated_bundle(ray_local, dataset, tmp_path):
-    cfg = _cfg(tmp_path, dataset, "pretrain.zero_stage=3", "pretrain.num_workers=2", "pretrain.steps=8",
-               "pretrain.eval_every=8", "pretrain.checkpoint_every=8", "pretrain.eval_batches=2",
+@pytest.mark.parametrize("model_preset", ["tiny", "tiny-llama"])
+def test_zero3_two_workers_exports_consolidated_bundle(ray_local, dataset, tmp_path, model_preset):
+    """GPT-2 and the Llama family (RoPE, GQA, SwiGLU, RMSNorm, an untied head) through the same
+    pipeline: ZeRO-3 sharded over two workers, consolidated into one bundle."""
+    cfg = _cfg(tmp_path, dataset, f"model.preset={model_preset}", "pretrain.zero_stage=3", "pretrain.num_workers=2",
+               "pretrain.steps=8", "pretrain.eval_every=8", "pretrain.checkpoint_every=8", "pretrain.eval_batches=2",
                "pretrain.micro_batch_size=4")
     bundle = train(cfg)
     reported = json.loads((bundle / "train_result.json").read_text())["metrics"]["val_loss"]
     model, tok, _ = load_bundle(bundle)
+    assert model.config == preset(model_preset, vocab_size=tok.vocab_size)
     # The gathered weights reproduce the validation loss the sharded engine measured.
     total, n = 0.0, 0
     with torch.no_grad():
@@ -426,6 +431,15 @@ def test_zero3_two_workers_exports_consolidated_bundle(ray_local, dataset, tmp_p
     assert math.isclose(total / n, reported, rel_tol=1e-4), (total / n, reported)
     out = generate(model, tok.encode("The"), max_new_tokens=8)
     assert len(out) == 8 and all(0 <= t < tok.vocab_size for t in out)
+    # Exported to Hugging Face (gptflow export), transformers computes the same logits from it.
+    transformers = pytest.importorskip("transformers")
+    from flows.models.importer import export_model
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_model(bundle, tmp_path / "hf")).eval()
+    assert type(hf).__name__ == ("LlamaForCausalLM" if model_preset == "tiny-llama" else "GPT2LMHeadModel")
+    ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog.")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=1e-4, rtol=1e-4)
 
 
 # Shared by the uninterrupted ZeRO-2 run and the two other ways of getting to it. min_lr_ratio=1 makes
