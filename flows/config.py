@@ -285,13 +285,20 @@ DATA_INPUT_KEYS = ("inputs", "sft_inputs", "hf_dataset", "hf_config", "hf_split"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which GPT to build: a gptcore preset plus a few overrides (vocab_size comes from the tokenizer)."""
+    """Which GPT to build: a pretrained base, or a gptcore preset plus a few overrides (vocab_size comes
+    from the tokenizer)."""
 
+    base: str = ""
+    """A pretrained base model to start from: what `gptflow import` takes (builtin:smollm2-135m-instruct,
+    a Hugging Face directory, a .gguf file), a bundle directory or models:/NAME@ALIAS. The pipeline then
+    imports it (step `import`), tokenizes with its tokenizer and chat template, and pretraining continues
+    from it. Empty: a GPT from scratch (`preset`) with a BPE vocabulary trained on the corpus."""
     preset: str = "tiny"
     """A name in gptcore.PRESETS: tiny, small, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b (GPT-2);
     tiny-llama, smollm2-135m, smollm2-360m, llama-3.2-1b (the Llama family)."""
     context_length: int | None = None
-    """Override the preset's context length."""
+    """Override the preset's context length; with `base` (or an init model): the training windows,
+    capped by the model's own context length."""
     dropout: float = 0.0
     """Dropout probability in attention and MLP outputs."""
     activation_checkpointing: bool = False
@@ -312,7 +319,7 @@ class TrainConfig:
     init: str | None = None
     """Start from: a bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION, or a HF GPT-2 directory."""
     steps: int = 200
-    """Optimizer steps."""
+    """Optimizer steps; 0 skips the step (pretraining from a model.base: fine-tune the base itself)."""
     micro_batch_size: int = 8
     """Sequences per worker per forward pass."""
     grad_accum: int = 1
@@ -384,7 +391,8 @@ class TrainConfig:
         _check(self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
         _check(self.precision in PRECISIONS, "precision", self.precision, ", ".join(PRECISIONS))
         _check_finite(self)
-        for name in ("steps", "micro_batch_size", "grad_accum", "num_workers", "cpus_per_worker",
+        _check(self.steps >= 0, "steps", self.steps, ">= 0 (0: skip the step)")
+        for name in ("micro_batch_size", "grad_accum", "num_workers", "cpus_per_worker",
                      "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "max_skipped_updates"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         for name in ("warmup_steps", "max_failures", "sample_tokens", "weight_decay", "grad_clip", "loss_spike_factor",
@@ -473,12 +481,18 @@ class EvaluateConfig:
     """New tokens per knowledge question (greedy) when the dataset has knowledge sources."""
     knowledge_max_questions: int = 0
     """Questions asked per group (0: all), the first by a stable hash, when the dataset has knowledge."""
+    task_max_examples: int = 32
+    """Held-out fine-tuning examples answered (greedy) and scored against their references (0: none)."""
+    task_max_new_tokens: int = 96
+    """Most new tokens per held-out answer (fewer when the references are shorter)."""
 
     def __post_init__(self) -> None:
         for name in ("max_tokens", "context_length"):
             _check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         _check(self.knowledge_max_questions >= 0, "knowledge_max_questions", self.knowledge_max_questions, ">= 0")
-        for name in ("batch_size", "max_new_tokens", "sample_tokens", "worst_tokens", "knowledge_max_new_tokens"):
+        _check(self.task_max_examples >= 0, "task_max_examples", self.task_max_examples, ">= 0")
+        for name in ("batch_size", "max_new_tokens", "sample_tokens", "worst_tokens", "knowledge_max_new_tokens",
+                     "task_max_new_tokens"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
 
 
@@ -490,8 +504,10 @@ class RegistryConfig:
     """Register the final model and gate its promotion (needs tracking)."""
     name: str = "gpt"
     """Registered model name."""
-    metric: Literal["bits_per_byte", "perplexity"] = "bits_per_byte"
-    """What the gate compares: bits per byte (comparable across tokenizers) or perplexity."""
+    metric: Literal["bits_per_byte", "perplexity", "sft_val_loss"] = "bits_per_byte"
+    """What the gate compares: bits per byte (comparable across tokenizers), perplexity, or the loss on
+    the held-out fine-tuning answers (sft_val_loss: for a tuned model, the figure the tuning is for;
+    a champion with another tokenizer has none, and is replaced)."""
     margin: float = 0.01
     """A challenger must beat the champion by this fraction of the champion's figure."""
 

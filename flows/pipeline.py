@@ -78,16 +78,30 @@ DISTILL_STEPS = ("distill", "distill_evaluate", "distill_register", "distill_pro
 # --------------------------------------------------------------------------- the steps
 
 
-def _preprocess(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
-    from flows.data.stage import preprocess
+def _import(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
+    from flows.models.base import build
 
-    return preprocess(cfg.data, out, ctx)
+    return build(cfg.model.base, out, ctx)
+
+
+def _base_identity(cfg: PipelineConfig, ctx: StepContext) -> Any:
+    from flows.models.base import identity
+
+    return identity(cfg.model.base, ctx)
+
+
+def _preprocess(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
+    from flows.data.stage import BaseModel, preprocess
+
+    base = inputs.get("base")
+    return preprocess(cfg.data, out, ctx, BaseModel.of(Path(base), cfg.model.context_length) if base else None)
 
 
 def _data_fingerprint(cfg: PipelineConfig, ctx: StepContext) -> Any:
     from flows.data.stage import fingerprint
 
-    return fingerprint(cfg.data, ctx)
+    # With a base model the context caps the fine-tuning examples (longer ones are dropped, counted).
+    return fingerprint(cfg.data, ctx) | ({"context_length": cfg.model.context_length} if cfg.model.base else {})
 
 
 def _trainer(stage: str) -> Callable[[PipelineConfig, Mapping[str, Any], Path, StepContext], Path]:
@@ -102,7 +116,9 @@ def _trainer(stage: str) -> Callable[[PipelineConfig, Mapping[str, Any], Path, S
 def _evaluate(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
     from flows.evaluate import evaluate
 
-    return evaluate(cfg.evaluate, Path(inputs["bundle"]), Path(inputs["dataset"]), out, ctx.tracker, ctx.progress)
+    base = inputs.get("base")
+    return evaluate(cfg.evaluate, Path(inputs["bundle"]), Path(inputs["dataset"]), out, ctx.tracker, ctx.progress,
+                    base=Path(base) if base else None)
 
 
 def _register(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
@@ -156,8 +172,22 @@ def _finetunes(cfg: PipelineConfig) -> bool:
     return bool(cfg.data.sft_inputs or cfg.finetune.data or asks)
 
 
+def _based(cfg: PipelineConfig) -> bool:
+    return bool(cfg.model.base)
+
+
+def _pretrains(cfg: PipelineConfig) -> bool:
+    """Pretraining runs unless it would continue a base model for 0 steps."""
+    return not (_based(cfg) and cfg.pretrain.steps == 0)
+
+
+def _trained_model(cfg: PipelineConfig) -> StepRef:
+    """What fine-tuning starts from: the (continued) pretraining, or the base itself."""
+    return StepRef("pretrain" if _pretrains(cfg) else "import")
+
+
 def _final_model(cfg: PipelineConfig) -> StepRef:
-    return StepRef("finetune" if _finetunes(cfg) else "pretrain")
+    return StepRef("finetune") if _finetunes(cfg) else _trained_model(cfg)
 
 
 def _distills(cfg: PipelineConfig) -> bool:
@@ -175,18 +205,32 @@ _TRAIN_UNHASHED = ("data", "init", "run_name", "storage_path")
 # The distill step's keys that name inputs or places, or only what happens to the student afterwards.
 _DISTILL_UNHASHED = (*_TRAIN_UNHASHED, "enabled", "teacher", "registry_name")
 
+def _base_ref(cfg: PipelineConfig) -> StepRef | None:
+    return StepRef("import") if _based(cfg) else None
+
+
+# The model section's keys that name the base (it enters as the import step's output, by content).
+_MODEL_UNHASHED = ("base",)
+
 STEPS: tuple[Step, ...] = (
-    Step("preprocess", _preprocess, ("data",), bind=lambda cfg: {}, fingerprint=_data_fingerprint,
-         unhashed={"data": DATA_INPUT_KEYS}),  # the inputs enter by content, not by name
-    Step("pretrain", _trainer("pretrain"), ("model", "pretrain"), unhashed={"pretrain": _TRAIN_UNHASHED},
-         bind=lambda cfg: {"dataset": cfg.pretrain.data or StepRef("preprocess"), "init": cfg.pretrain.init}),
-    Step("finetune", _trainer("finetune"), ("model", "finetune"), unhashed={"finetune": _TRAIN_UNHASHED},
+    # model.base (off by default): the base model as a bundle, named by the source's content (a step of
+    # no sections and no inputs: flows/models/base.py's ensure() finds the same directory).
+    Step("import", _import, (), bind=lambda cfg: {}, fingerprint=_base_identity, enabled=_based),
+    Step("preprocess", _preprocess, ("data",), bind=lambda cfg: {"base": _base_ref(cfg)} if _based(cfg) else {},
+         fingerprint=_data_fingerprint, unhashed={"data": DATA_INPUT_KEYS}),  # the inputs enter by content
+    Step("pretrain", _trainer("pretrain"), ("model", "pretrain"),
+         unhashed={"pretrain": _TRAIN_UNHASHED, "model": _MODEL_UNHASHED},
+         bind=lambda cfg: {"dataset": cfg.pretrain.data or StepRef("preprocess"),
+                           "init": cfg.pretrain.init or _base_ref(cfg)}, enabled=_pretrains),
+    Step("finetune", _trainer("finetune"), ("model", "finetune"),
+         unhashed={"finetune": _TRAIN_UNHASHED, "model": _MODEL_UNHASHED},
          bind=lambda cfg: {"dataset": cfg.finetune.data or StepRef("preprocess"),
-                           "init": cfg.finetune.init or StepRef("pretrain")},
+                           "init": cfg.finetune.init or _trained_model(cfg)},
          enabled=_finetunes),
     Step("evaluate", _evaluate, ("evaluate",), unhashed={"evaluate": ("bundle", "data")},
          bind=lambda cfg: {"bundle": cfg.evaluate.bundle or _final_model(cfg),
-                           "dataset": cfg.evaluate.data or StepRef("preprocess")}),
+                           "dataset": cfg.evaluate.data or StepRef("preprocess"),
+                           **({"base": _base_ref(cfg)} if _based(cfg) else {})}),
     Step("register", _register, ("registry",), unhashed={"registry": ("metric", "margin")},
          bind=lambda cfg: {"bundle": cfg.evaluate.bundle or _final_model(cfg), "evaluation": StepRef("evaluate"),
                            "dataset": cfg.evaluate.data or StepRef("preprocess")}, enabled=_registers),
@@ -243,13 +287,9 @@ def _outside_identity(value: str, ctx: StepContext) -> Any:
     path = Path(value)
     if value.startswith("models:/"):
         # An alias moves: the identity is the version it names now, so a new champion re-runs the step.
-        from flows.registry.lineage import resolve
-        from flows.tracking import Registry
+        from flows.models.base import identity
 
-        registry = Registry(ctx.tracking, ctx.workdir)
-        name, version = resolve(registry, value)
-        return {"uri": value, "version": version,
-                "bundle_sha256": registry.version(name, version)["tags"].get("gptflow.bundle_sha256")}
+        return identity(value, ctx)
     if "://" in value or not path.exists():
         return value  # a URL: named, not read here (the stage resolves it)
     for name in ("manifest.json", "model.safetensors"):  # a dataset directory, or a model bundle

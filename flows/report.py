@@ -21,7 +21,7 @@ def run_report(cfg: PipelineConfig, planned: list[PlannedStep]) -> str:
     lines += _model(cfg, planned, "evaluate", "promote", "the final model")
     lines += _model(cfg, planned, "distill_evaluate", "distill_promote", "the distilled student", student=True)
     lines += _tracking(cfg)
-    final = step_output(planned, "finetune") or step_output(planned, "pretrain")
+    final = step_output(planned, "finetune") or step_output(planned, "pretrain") or step_output(planned, "import")
     lines.append(str(final) if final is not None else str(planned[-1].out))
     return "\n".join(lines)
 
@@ -55,6 +55,19 @@ def _model(cfg: PipelineConfig, planned: list[PlannedStep], evaluate: str, promo
     return lines
 
 
+# The figures shown as base -> tuned when the evaluation scored the base too.
+_BASE_FIGURES = (("val_bits_per_byte", "validation bits/byte"), ("sft_val_loss", "held-out fine-tuning loss"),
+                 ("task_score", "held-out task score"), ("task_rouge_l", "held-out ROUGE-L"),
+                 ("task_contains", "held-out contains"))
+
+
+_SHOWN_ANSWERS = 3
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def _evaluation(out: Path, what: str) -> list[str]:
     m: dict[str, Any] = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     lines = [f"evaluation of {what} ({out / 'metrics.json'}):"]
@@ -65,6 +78,27 @@ def _evaluation(out: Path, what: str) -> list[str]:
         lines.append(f"  held-out fine-tuning loss: {m['sft_val_loss']:.3f} nats/token "
                      f"(perplexity {math.exp(min(m['sft_val_loss'], 50.0)):.1f}) over {int(m['sft_val_tokens']):,} "
                      "completion tokens")
+    if m.get("task_examples"):
+        lines.append(f"  held-out answers ({int(m['task_examples'])}): task score {m['task_score']:.3f} "
+                     f"(exact {m['task_exact_match']:.2f}, contains {m['task_contains']:.2f}, "
+                     f"ROUGE-L {m['task_rouge_l']:.3f}, token F1 {m['task_token_f1']:.3f})")
+    base = m.get("base") or {}
+    shown = [(k, label) for k, label in _BASE_FIGURES if isinstance(base.get(k), float) and isinstance(m.get(k), float)]
+    if shown:
+        lines.append(f"  base -> tuned (base {base.get('bundle')}):")
+        for k, label in shown:
+            better = (m[k] < base[k]) if k.endswith(("loss", "bits_per_byte")) else (m[k] > base[k])
+            lines.append(f"    {label:<28} {base[k]:8.4f} -> {m[k]:8.4f}  {'better' if better else 'not better'}")
+    if (out / "task_answers.jsonl").is_file():
+        rows = [json.loads(line) for line in (out / "task_answers.jsonl").read_text(encoding="utf-8").splitlines()]
+        lines.append("  held-out prompts (reference, then the base's and the tuned model's answers):")
+        for row in rows[:_SHOWN_ANSWERS]:
+            lines.append(f"    prompt: ...{_one_line(row['prompt'])[-100:]}")
+            lines.append(f"      reference: {_one_line(row['reference'])[:160]}")
+            if "base_answer" in row:
+                lines.append(f"      base:      {_one_line(row['base_answer'])[:160]}")
+            lines.append(f"      tuned:     {_one_line(row['answer'])[:160]}")
+        lines.append(f"    every held-out answer: {out / 'task_answers.jsonl'}")
     if m.get("knowledge"):
         from flows.evaluate.knowledge import summary_lines
 

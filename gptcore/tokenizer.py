@@ -212,6 +212,10 @@ class Tokenizer:
         return render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                       special_tokens=self.special_tokens, **variables)
 
+    def special_texts(self) -> tuple[str, ...]:
+        """The text of every special (control) token: in plain text it would encode as that token."""
+        return tuple(t.content for t in self._hf.get_added_tokens_decoder().values() if t.special)
+
     def id_to_token(self, i: int) -> str | None:
         return self._hf.id_to_token(i)
 

@@ -60,16 +60,39 @@ _BATCH_CHARS = 1 << 20  # characters per encode_batch call: amortises the call, 
 _READ_BYTES = 4 * _BATCH_CHARS  # most bytes of cleaned text pass 2 reads at once (beyond one document)
 
 
-def preprocess(data: DataConfig, out_dir: Path, ctx: StepContext) -> Path:
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+    """The pretrained base a dataset is made for (``model.base``): its bundle, whose tokenizer (and chat
+    template) the data is written with, and the context length fine-tuning examples must fit."""
+
+    bundle: Path
+    context_length: int
+
+    @classmethod
+    def of(cls, bundle: Path, context_length: int | None) -> BaseModel:
+        """The base in `bundle` with the pipeline's context length (None: the model's), capped by the model's."""
+        own = int(json.loads((bundle / "config.json").read_text(encoding="utf-8"))["context_length"])
+        return cls(bundle, min(context_length or own, own))
+
+
+def preprocess(data: DataConfig, out_dir: Path, ctx: StepContext, base: BaseModel | None = None) -> Path:
     """Build the dataset directory `out_dir` from the inputs `data` names; return it.
 
-    The pipeline runner decided that `out_dir` (named by :func:`fingerprint` and `data`) must be
-    built; it writes DONE after this returns. A killed earlier attempt's finished work units are
-    reused.
+    With `base`, the data is tokenized with the base's tokenizer (no BPE training; data.tokenizer_path
+    must then be empty) and fine-tuning records are written in its chat template; an example longer
+    than the base's context is dropped (counted). The pipeline runner decided that `out_dir` (named by
+    :func:`fingerprint` and `data`) must be built; it writes DONE after this returns. A killed earlier
+    attempt's finished work units are reused.
     """
     started = time.time()
     out = Path(out_dir)
+    if base is not None:
+        if data.tokenizer_path:
+            raise InputError(f"data.tokenizer_path={data.tokenizer_path!r} and model.base are both set: with a base "
+                             "model the data is tokenized with the base's tokenizer; leave data.tokenizer_path empty")
+        data = dataclasses.replace(data, tokenizer_path=str(base.bundle))
     sources = _resolve(data, ctx)  # every input error surfaces here, before Ray work
+    sources.base = base
     ctx.tracker.log_params({"data": to_dict(data)})
     ctx.tracker.set_tags({"gptflow.dataset_dir": str(out.resolve())})
     manifest = _build(data, ctx, sources, out)
@@ -124,6 +147,7 @@ class _Sources:
     labels: list[str]  # what the inputs were called (for the MLflow dataset)
     skipped: Counter
     knowledge: knowledge.Built | None = None  # data.knowledge verbalised (flows/data/knowledge.py)
+    base: BaseModel | None = None  # the base model the data is for
 
     def knowledge_files(self) -> tuple[list[tuple[InputFile, bool]], list[tuple[InputFile, bool]]]:
         """The verbalised knowledge as (pretraining, fine-tuning) inputs, each file with whether it
@@ -231,7 +255,7 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
     keep, duplicates = _dedup(units, work, data.dedup)
     near = curate_stage.duplicates(units, work, keep, data, workers, clean_meta, duplicates)
     timings["curate"] = time.time() - t
-    tokenizer = _tokenizer(sources.tokenizer, units, keep, work, data, out)
+    tokenizer = _tokenizer(sources.tokenizer, units, keep, work, data, out, keep_settings=sources.base is not None)
     assignment, spans = assign_val(units, keep, work, data, tokenizer, fixed_text) if units else ({"mode": "none"}, {})
     timings["tokenizer"] = time.time() - t
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
@@ -245,6 +269,7 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
     sft_meta = _run_units(
         sft_unit, sft_units, workers, "sft", work / "sft", progress=ctx.progress,
         data=data, work=str(work), tokenizer_path=tok_path, dtype=dtype,
+        chat=sources.base is not None, max_tokens=sources.base.context_length if sources.base else 0,
     )
     check_drops(sft_meta, "examples", "data.sft_inputs", data.max_drop_fraction)
     timings["tokenize"] = time.time() - t
@@ -299,6 +324,9 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
         "format_version": FORMAT_VERSION,
         "dtype": dtype,
         "tokenizer_sha256": sha256_file(out / "tokenizer.json"),
+        **({"base_model": {"bundle": str(sources.base.bundle), "tokenizer_sha256": tokenizer.sha256(),
+                           "chat_template": tokenizer.chat_template is not None,
+                           "context_length": sources.base.context_length}} if sources.base else {}),
         "vocab_size": tokenizer.vocab_size,
         "eot_id": tokenizer.eot_id,
         "pad_id": tokenizer.pad_id,
@@ -525,13 +553,18 @@ def _kept_docs(work: Path, key: str, select: np.ndarray) -> Iterator[str]:
 
 
 def _tokenizer(given: Any, units: Sequence[WorkUnit], keep: dict[str, np.ndarray], work: Path,
-               data: DataConfig, out: Path) -> Any:
-    """The given tokenizer, one a killed run already trained, or a new one from a sample."""
+               data: DataConfig, out: Path, keep_settings: bool = False) -> Any:
+    """The given tokenizer, one a killed run already trained, or a new one from a sample.
+
+    `keep_settings`: a base model's tokenizer keeps its tokenizer_config.json (special tokens, chat
+    template, stop tokens) beside tokenizer.json, for the workers that render its chat template."""
     from gptcore import Tokenizer
 
     path = out / "tokenizer.json"
     if given is not None:
         atomic_write_text(path, given.to_json())
+        if keep_settings and given.has_settings:
+            atomic_write_text(out / "tokenizer_config.json", json.dumps(given.config(), indent=2) + "\n")
         return given
     if path.is_file():
         return Tokenizer.load(path)
@@ -648,36 +681,51 @@ def _with_eot(docs: list[list[int]], eot: int) -> Iterator[int]:
         yield eot
 
 
-def sft_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: str, dtype: str) -> dict[str, Any]:
+def sft_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: str, dtype: str, chat: bool = False,
+             max_tokens: int = 0) -> dict[str, Any]:
     """Ray task: fine-tuning examples as token ids, a parallel uint8 loss mask, example lengths and
-    content hashes (the driver holds out sft_val by hash, see sft_holdout)."""
+    content hashes (the driver holds out sft_val by hash, see sft_holdout).
+
+    `chat`: the records are for a base model, written in its tokenizer's chat template; `max_tokens`
+    (0: no limit): a longer example is dropped (``longer_than_context``)."""
     tok = _load_tokenizer(tokenizer_path)
+    fmt = sft.ChatFormat(tok) if chat else None
     stats = UnitStats()
     np_dtype = np.dtype(dtype).newbyteorder("<")
     out = UnitWriter(Path(work) / "sft", unit.key)
     ids_f, mask_f = out.open(".bin"), out.open(".mask.bin")
     lengths: list[int] = []
-    hashes = bytearray()
+    hashes: list[bytes] = []
+    where: list[tuple[str | None, int | None, int | None]] = []  # each example's record, for a later drop
 
-    def examples() -> Iterator[list[tuple[str, bool]]]:
-        nonlocal hashes
+    def examples() -> Iterator[list[sft.Piece]]:
         for record in formats.iter_unit_records(unit, data, stats):  # unreadable files are counted there
             try:  # the record boundary: one record's surprise costs that record only
-                parts = sft.segments(record, data, stats)
+                parts = sft.segments(record, data, stats, fmt)
             except Exception as e:
                 stats.drop(f"record_error.{type(e).__name__}")
                 continue
             if parts is not None:
-                hashes += hashlib.blake2b(json.dumps(parts).encode("utf-8"), digest_size=16).digest()
+                hashes.append(hashlib.blake2b(json.dumps(parts).encode("utf-8"), digest_size=16).digest())
+                where.append((stats.file, stats.line, stats.offset))
                 yield parts
 
-    for ids, mask in sft.tokenize_examples(examples(), tok, _BATCH_CHARS):
+    kept_hashes = bytearray()
+    for i, (ids, mask) in enumerate(sft.tokenize_examples(examples(), tok, _BATCH_CHARS)):
+        reason = ("longer_than_context" if max_tokens and len(ids) - 1 > max_tokens
+                  # evaluation finds examples by their one <|endoftext|>; a template that writes it mid-way
+                  else "end_of_text_inside" if chat and tok.eot_id in ids[:-1] else None)
+        if reason:
+            stats.file, stats.line, stats.offset = where[i]
+            stats.drop(reason)
+            continue
+        kept_hashes += hashes[i]
         ids_f.write(np.asarray(ids, dtype=np_dtype).tobytes())
         mask_f.write(np.asarray(mask, dtype=np.uint8).tobytes())
         lengths.append(len(ids))
     # Left open: commit() fsyncs and closes every file of the unit.
     np.save(out.open(".len.npy"), np.asarray(lengths, dtype=np.int64))
-    np.save(out.open(".hash.npy"), np.frombuffer(bytes(hashes), dtype=np.uint8).reshape(-1, 16))
+    np.save(out.open(".hash.npy"), np.frombuffer(bytes(kept_hashes), dtype=np.uint8).reshape(-1, 16))
     return out.commit({
         "examples": len(lengths), "tokens": int(sum(lengths)), "dropped": dict(stats.dropped),
         "repaired": dict(stats.repaired), "locations": stats.locations, "bad_files": stats.bad_files,

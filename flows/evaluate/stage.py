@@ -9,6 +9,10 @@ logs them to the tracker.
 What it is not: the decision to run or the DONE marker (the pipeline runner owns both), nor the
 promotion gate (flows/registry compares two metrics.json). It reads only its own config section.
 A split that is missing or empty skips its figures, with the reason in ``metrics.json["notes"]``.
+
+Given the `base` the model was tuned from (the pipeline's ``model.base``), the base is scored on the
+same data with the same figures (``metrics.json["base"]``: bits per byte, held-out fine-tuning loss,
+task scores), and ``task_answers.jsonl`` holds both models' answers to the held-out prompts.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from flows.evaluate import knowledge
 from flows.evaluate.explain import explain_ids
 from flows.evaluate.generations import as_text, generate_samples
 from flows.evaluate.metrics import has_tokens, sft_val_loss, val_loss
+from flows.evaluate.tasks import heldout_pairs, task_figures
 from flows.progress import Progress
 from flows.store import atomic_write_text
 from flows.tracking import Tracker
@@ -36,8 +41,10 @@ SFT_VAL = "sft_val"
 
 
 def evaluate(cfg: EvaluateConfig, bundle: Path, dataset: Path, out_dir: Path,
-             tracker: Tracker | None = None, progress: Progress | None = None) -> Path:
+             tracker: Tracker | None = None, progress: Progress | None = None, base: Path | None = None) -> Path:
     """Evaluate the model in `bundle` on `dataset`; write metrics.json and the artifacts to `out_dir`.
+
+    `base`: the bundle the model was tuned from, scored on the same data (``metrics.json["base"]``).
 
     Raises ValueError (BundleError or DataError, naming the file) when the bundle or the dataset is
     incomplete or they were made with different tokenizers. Returns `out_dir`.
@@ -58,19 +65,48 @@ def evaluate(cfg: EvaluateConfig, bundle: Path, dataset: Path, out_dir: Path,
     results: dict[str, Any] = {"context_length": T}
     results |= _val_figures(cfg, model, tokenizer, dataset, manifest, T, notes)
     results |= _sft_figures(cfg, model, dataset, manifest, T, notes)
+    pairs = heldout_pairs(dataset, manifest, tokenizer, cfg.task_max_examples) \
+        if cfg.task_max_examples and has_tokens(manifest, SFT_VAL) else []
+    files: list[Path] = []
+    if pairs:
+        progress.note(f"answering {len(pairs)} held-out prompts")
+        figures, tuned_answers = task_figures(model, tokenizer, pairs, cfg.task_max_new_tokens, cfg.batch_size)
+        results |= figures
+    if base is not None:
+        check_inputs(base, dataset)
+        progress.note(f"scoring the base model {base} on the same data")
+        base_model, base_tok, _ = load_bundle(base, device=next(model.parameters()).device)
+        if T > base_model.config.context_length:
+            raise ValueError(f"the evaluation context {T} exceeds the base model's {base_model.config.context_length} "
+                             f"({base / 'config.json'}); set evaluate.context_length")
+        base_notes: dict[str, str] = {}
+        figures = {"bundle": str(base)}
+        figures |= _val_figures(cfg, base_model, base_tok, dataset, manifest, T, base_notes)
+        figures |= _sft_figures(cfg, base_model, dataset, manifest, T, base_notes)
+        if pairs:
+            task, base_answers = task_figures(base_model, base_tok, pairs, cfg.task_max_new_tokens, cfg.batch_size)
+            figures |= task
+            files.append(_write_answers(out_dir, tokenizer, pairs, tuned_answers, base_answers))
+        results["base"] = figures
+        del base_model
+    elif pairs:
+        files.append(_write_answers(out_dir, tokenizer, pairs, tuned_answers, None))
 
     progress.note(f"generating answers to {len(cfg.prompts)} prompts")
-    results["smoke_passed"], files = _generations(cfg, model, tokenizer, out_dir, notes)
+    results["smoke_passed"], generated = _generations(cfg, model, tokenizer, out_dir, notes)
+    files += generated
     progress.note("drawing the per-token loss and attention pictures")
     files += _explain_sample(cfg, model, tokenizer, dataset, manifest, T, out_dir, notes)
     if knowledge.has_knowledge(dataset):
-        files += _knowledge_figures(cfg, bundle, dataset, out_dir, results, notes)
+        files += _knowledge_figures(cfg, bundle, dataset, out_dir, results, notes, base)
     results["notes"] = notes
     # Written last: whoever finds metrics.json finds every other file complete too.
     atomic_write_text(out_dir / "metrics.json", json.dumps(results, indent=2, sort_keys=True) + "\n")
     files.append(out_dir / "metrics.json")
 
     tracker.log_metrics({k: float(v) for k, v in results.items() if isinstance(v, int | float)})
+    tracker.log_metrics({f"base.{k}": float(v) for k, v in results.get("base", {}).items()
+                         if isinstance(v, int | float) and not isinstance(v, bool)})
     if "knowledge" in results:
         tracker.log_metrics(knowledge.flat(results["knowledge"], "knowledge")
                             | knowledge.flat(results.get("base", {}).get("knowledge", {}), "base.knowledge"))
@@ -99,6 +135,21 @@ def check_inputs(bundle: Path, dataset: Path) -> dict[str, Any]:
             "would mean different text. Evaluate on data preprocessed with data.tokenizer_path set to the bundle"
         )
     return manifest
+
+
+def _write_answers(out_dir: Path, tokenizer: Any, pairs: list[Any], tuned: list[str], base: list[str] | None) -> Path:
+    """task_answers.jsonl: each held-out prompt, its reference, and the model's (and the base's) answer."""
+    from flows.evaluate.tasks import score_answer
+
+    lines = []
+    for i, p in enumerate(pairs):
+        row = {"prompt": tokenizer.decode(p.prompt_ids), "reference": p.reference, "answer": tuned[i],
+               "score": score_answer(tuned[i], p.reference)["score"]}
+        if base is not None:
+            row |= {"base_answer": base[i], "base_score": score_answer(base[i], p.reference)["score"]}
+        lines.append(json.dumps(row, ensure_ascii=False))
+    atomic_write_text(out_dir / "task_answers.jsonl", "\n".join(lines) + "\n")
+    return out_dir / "task_answers.jsonl"
 
 
 def _val_figures(cfg: EvaluateConfig, model: Any, tokenizer: Any, dataset: Path, manifest: dict[str, Any],
@@ -158,7 +209,7 @@ SMOKE_WORDS = {True: "passed", False: "FAILED", None: "not checked"}
 
 
 def _knowledge_figures(cfg: EvaluateConfig, bundle: Path, dataset: Path, out_dir: Path, results: dict[str, Any],
-                       notes: dict[str, str]) -> list[Path]:
+                       notes: dict[str, str], given_base: Path | None = None) -> list[Path]:
     """Factual accuracy of the model and, when its bundle names a parent with the same tokenizer,
     of that base (results["knowledge"], results["base"]["knowledge"]); the table of every answer."""
     import csv
@@ -169,7 +220,7 @@ def _knowledge_figures(cfg: EvaluateConfig, bundle: Path, dataset: Path, out_dir
                                             name=name)
 
     results["knowledge"], rows = score(bundle, "model")
-    base = _base_bundle(bundle, notes)
+    base = given_base or _base_bundle(bundle, notes)
     if base is not None:
         figures, base_rows = score(base, "base")
         results["base"] = {**results.get("base", {}), "bundle": str(base), "knowledge": figures}
@@ -204,7 +255,12 @@ def _base_bundle(bundle: Path, notes: dict[str, str]) -> Path | None:
 
 
 def _log_summary(results: dict[str, Any], out_dir: Path) -> None:
-    figures = ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items()) if isinstance(v, float))
+    base = results.get("base", {})
+
+    def shown(k: str, v: float) -> str:
+        return f"{k}={base[k]:.4g} -> {v:.4g}" if isinstance(base.get(k), float) else f"{k}={v:.4g}"
+
+    figures = ", ".join(shown(k, v) for k, v in sorted(results.items()) if isinstance(v, float))
     log.info("evaluate -> %s: %s; smoke checks %s", out_dir, figures or "no loss figures",
              SMOKE_WORDS[results["smoke_passed"]])
     if results.get("knowledge"):

@@ -13,7 +13,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-Metric = Literal["bits_per_byte", "perplexity"]
+Metric = Literal["bits_per_byte", "perplexity", "sft_val_loss"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,8 @@ class Figures:
     smoke_passed: bool = True
     smoke_checked: bool = True
     """False when there were no prompts to check (evaluate.prompts empty): said in the decision."""
+    sft_val_loss: float = float("nan")
+    """Mean loss on the held-out fine-tuning examples' answers (NaN: the data has none)."""
 
 
 @dataclass(frozen=True)

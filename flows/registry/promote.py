@@ -217,14 +217,18 @@ def figures_on(bundle: Path, dataset: Path, cfg: EvaluateConfig) -> Figures:
         model, tok, _ = load_bundle(bundle)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise RegistryError(f"{bundle}: cannot load the model ({e}); its artifacts are missing or corrupt") from e
-    manifest = read_manifest(dataset, splits=("val",), verify=True)
+    manifest = read_manifest(dataset, splits=("val", "sft_val"), verify=True)
     data_tok = Tokenizer.load(Path(dataset) / "tokenizer.json")
     T = cfg.context_length or model.config.context_length
+    sft = float("nan")
     if tok.sha256() == data_tok.sha256():
         totals = metrics.val_loss(model, tok, dataset, manifest, T, cfg.batch_size, cfg.max_tokens)
+        if metrics.has_tokens(manifest, "sft_val"):  # by token ids only: the loss mask is the data's
+            sft_totals = metrics.sft_val_loss(model, dataset, manifest, T, cfg.batch_size)
+            sft = sft_totals.mean_loss if sft_totals.tokens else sft
     else:
         totals = metrics.val_text_loss(model, tok, dataset, manifest, data_tok, T, cfg.batch_size, cfg.max_tokens)
-    return Figures(bits_per_byte=totals.bits_per_byte, perplexity=totals.perplexity)
+    return Figures(bits_per_byte=totals.bits_per_byte, perplexity=totals.perplexity, sft_val_loss=sft)
 
 
 def challenger_figures(evaluation: Path) -> Figures:
@@ -232,7 +236,7 @@ def challenger_figures(evaluation: Path) -> Figures:
     if "val_bits_per_byte" not in m:
         raise RegistryError(f"{evaluation / 'metrics.json'}: no validation figures to gate on ({m.get('notes')})")
     return Figures(m["val_bits_per_byte"], m["val_perplexity"], m.get("smoke_passed") is not False,
-                   smoke_checked=m.get("smoke_passed") is not None)
+                   smoke_checked=m.get("smoke_passed") is not None, sft_val_loss=m.get("sft_val_loss", float("nan")))
 
 
 def promote_version(registry: Registry, name: str, version: str, cfg: RegistryConfig, eval_cfg: EvaluateConfig,

@@ -40,9 +40,10 @@ from typing import Any
 
 from flows.config import ModelConfig, TrainConfig, to_dict
 from flows.context import StepContext
+from flows.models.base import BUNDLE_FILES
 from flows.store import atomic_write_text
 from flows.train.checkpoint import check_resume, resume_step, take_stop
-from flows.train.plan import BUNDLE_FILES, LoopConfig, Plan, check_cluster, loop_config, plan
+from flows.train.plan import LoopConfig, Plan, check_cluster, loop_config, plan
 
 # The run's last checkpointed metrics, beside the bundle (not part of the bundle contract).
 RESULT_FILE = "train_result.json"

@@ -243,7 +243,7 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
                if cfg.teacher_bundle else None)
     if cfg.compile:
         engine.compile()  # lazily: the first forward pays the compile; checkpoints and export use engine.module
-    T = engine.module.config.context_length
+    T = cfg.context_length
     data = TokenWindows(cfg.dataset, cfg.split, T, rank, world)
     val = TokenWindows(cfg.dataset, cfg.eval_split, T, rank, world) if cfg.eval_split else None
 

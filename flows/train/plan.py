@@ -17,26 +17,21 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.config import ConfigError, ModelConfig, TrainConfig, stable_hash, to_dict
+from flows.config import ConfigError, ModelConfig, TrainConfig, to_dict
 from flows.context import StepContext
 from flows.data.dataset import DataError, DatasetInfo, check_dataset
 from flows.storage import require_driver
-from flows.store import is_done, locked, mark_done, sha256_file
+from flows.store import sha256_file
 from flows.train.ds_config import deepspeed_config
 
 log = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "finetune", "distill")
-
-BUNDLE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "metadata.json")
-
 
 # Steps after each (re)start left out of the steady-state throughput: allocator and thread-pool warm-up.
 WARMUP_TIMING_STEPS = 3
@@ -49,6 +44,8 @@ class Plan:
     stage: str
     train: TrainConfig
     gpt_config: dict[str, Any]
+    context_length: int
+    """Training windows: the model's context, or less (model.context_length, capped by the init model's)."""
     dataset: DatasetInfo
     split: str
     eval_split: str | None
@@ -61,11 +58,6 @@ class Plan:
     deepspeed_config: dict[str, Any]
     teacher: dict[str, Any] | None = None
     """Distillation only: the teacher's bundle, lineage, alpha and temperature."""
-
-
-# Part of the Hugging Face import cache's key: bump it when import_gpt2 or Tokenizer.load change what
-# they produce from the same files.
-_HF_IMPORT_VERSION = 1
 
 
 def _feeds(manifest: dict[str, Any], split: str, T: int, world: int) -> bool:
@@ -85,85 +77,30 @@ def _feeds(manifest: dict[str, Any], split: str, T: int, world: int) -> bool:
 
 
 def resolve_init(init: str, ctx: StepContext, stage: str, key: str = "init") -> tuple[Path, dict[str, Any]]:
-    """A local bundle directory for `init` (a bundle dir, models:/... URI, or HF GPT-2 dir) and its lineage.
+    """A local bundle directory for `init` and its lineage: a bundle directory as it is; any other model
+    source (models:/NAME@ALIAS, a Hugging Face directory, a .gguf file, builtin:NAME) through the one
+    import (flows/models/base.py), into the workdir's content-addressed ``import/<hash>/``.
 
     `key`: the config key that named it (``init``, or ``teacher`` for distillation), for error messages.
     """
-    cache = Path(ctx.workdir) / stage / "init"
-    if init.startswith("models:/"):
-        from flows.tracking import download_model
+    from flows.models.base import ensure, find_bundle, is_bundle
 
-        # An alias may point at a new version since last time, so every resolution downloads; the copy
-        # is then kept under its content hash, never deleted or rewritten: another run in this workdir
-        # may be training from it right now.
-        key = stable_hash(init)
-        cache.mkdir(parents=True, exist_ok=True)
-        with locked(cache / f".{key}.lock"):
-            tmp = cache / f".{key}.tmp-{socket.gethostname()}-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
-            downloaded = download_model(init, tmp, ctx.tracking, ctx.workdir)
-            bundle = _find_bundle(downloaded)
-            if bundle is None:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise ConfigError(f"{stage}.{key}={init!r}: the downloaded model holds no bundle "
-                                  f"({', '.join(BUNDLE_FILES)})")
-            sha = sha256_file(bundle / "model.safetensors")
-            final = cache / f"{key}-{sha[:16]}"
-            if is_done(final):
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                shutil.rmtree(final, ignore_errors=True)  # a copy without DONE: an interrupted rename
-                os.replace(tmp, final)
-                mark_done(final)
-        bundle = _find_bundle(final)
-        assert bundle is not None
-        return bundle, {"uri": init, "model_sha256": sha}
     path = Path(init)
-    if not path.is_dir():
-        raise ConfigError(f"{stage}.{key}={init!r}: no such directory (and not a models:/NAME@ALIAS or "
-                          "models:/NAME/VERSION URI)")
-    bundle = _find_bundle(path)
-    if bundle is not None and bundle == path:
-        meta = {"bundle": str(path.resolve()), "model_sha256": sha256_file(path / "model.safetensors")}
-        return path, meta
-    if (path / "config.json").is_file():  # a Hugging Face GPT-2 directory: import it once, as a bundle
-        from gptcore import Tokenizer, save_bundle
-        from gptcore.hf import import_gpt2
-
-        weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
-        if weights is None:
-            raise ConfigError(f"{stage}.{key}={init!r}: {path} has config.json but no model.safetensors or pytorch_model.bin")
-        # The cache is keyed on every file the import reads (the weights, config.json, the tokenizer
-        # files Tokenizer.load picks): a changed tokenizer or config is a new import, not a stale hit.
-        tok_files = ["tokenizer.json"] if (path / "tokenizer.json").is_file() else ["vocab.json", "merges.txt"]
-        sources = {n: ctx.fingerprints.sha256(path / n) for n in ["config.json", weights.name, *tok_files]
-                   if (path / n).is_file()}
-        dst = cache / f"hf-{stable_hash(_HF_IMPORT_VERSION, sources)}"
-        if not is_done(dst):
-            with locked(cache / f".{dst.name}.lock"):  # two runs importing at once: one imports
-                if not is_done(dst):
-                    try:
-                        model = import_gpt2(path)
-                        tokenizer = Tokenizer.load(path)
-                    except (ValueError, FileNotFoundError) as e:
-                        raise ConfigError(f"{stage}.{key}={init!r}: cannot import as GPT-2: {e}") from e
-                    save_bundle(dst, model, tokenizer, {"imported_from": str(path.resolve()),
-                                                        "source_sha256": sources})
-                    mark_done(dst)
-        return dst, {"hf_gpt2": str(path.resolve()), "model_sha256": sha256_file(dst / "model.safetensors")}
-    if bundle is not None:
-        return bundle, {"bundle": str(bundle.resolve()), "model_sha256": sha256_file(bundle / "model.safetensors")}
-    raise ConfigError(f"{stage}.{key}={init!r}: {path} is neither a model bundle ({', '.join(BUNDLE_FILES)}) "
-                      "nor a Hugging Face GPT-2 directory (config.json + weights)")
-
-
-def _find_bundle(root: Path) -> Path | None:
-    """`root` itself if it holds the bundle files, else the shallowest folder under it that does."""
-    candidates = [root] + sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts))
-    for d in candidates:
-        if all((d / f).is_file() for f in BUNDLE_FILES):
-            return d
-    return None
+    # A bundle directory, or a folder holding one (a downloaded MLflow model) that is no HF directory.
+    found = find_bundle(path) if path.is_dir() and not (path / "config.json").is_file() or is_bundle(path) else None
+    if found is not None:
+        return found, {"bundle": str(found.resolve()), "model_sha256": sha256_file(found / "model.safetensors")}
+    if not init.startswith(("models:/", "builtin:")) and not path.exists():
+        raise ConfigError(f"{stage}.{key}={init!r}: no such directory or file (and not a models:/NAME@ALIAS, "
+                          "models:/NAME/VERSION URI or builtin:NAME)")
+    try:
+        bundle = ensure(init, ctx)
+    except ValueError as e:  # ConfigError, RegistryError, a reader's error naming the file
+        raise ConfigError(f"{stage}.{key}={init!r}: {e}") from e
+    sha = sha256_file(bundle / "model.safetensors")
+    if init.startswith("models:/"):
+        return bundle, {"uri": init, "model_sha256": sha}
+    return bundle, {"source": init, "bundle": str(bundle), "model_sha256": sha}
 
 
 def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path | None, out_dir: str | Path,
@@ -183,6 +120,9 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
     if stage == "finetune" and not init:
         raise ConfigError("finetune.init is empty: fine-tuning starts from a model (--init BUNDLE_DIR, "
                           "models:/NAME@ALIAS or a Hugging Face GPT-2 directory)")
+    if tc.steps == 0:
+        raise ConfigError(f"{stage}.steps=0: nothing to train (pretrain.steps: 0 skips pretraining in the pipeline "
+                          "only with a model.base, whose fine-tuning then starts from the base itself)")
     if tc.precision == "fp16" and not tc.use_gpu:
         raise ConfigError(f"{stage}.precision='fp16' needs GPUs (use_gpu: true); on CPU use bf16 or fp32")
     if tc.offload_optimizer and tc.zero_stage == 0:
@@ -206,9 +146,11 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
     if init:
         init_bundle, parent = resolve_init(str(init), ctx, stage)
         gpt = GPTConfig.from_dict(json.loads((init_bundle / "config.json").read_text(encoding="utf-8")))
-        if mc.context_length not in (None, gpt.context_length):
-            raise ConfigError(f"model.context_length={mc.context_length} differs from the init model's "
-                              f"{gpt.context_length} ({init_bundle / 'config.json'}); leave it unset")
+        # The training windows: the pipeline's context, capped by the model's (which the bundle keeps).
+        T = min(mc.context_length or gpt.context_length, gpt.context_length)
+        if mc.context_length and mc.context_length > gpt.context_length:
+            log.warning("model.context_length=%d is capped at the init model's %d (%s)", mc.context_length,
+                        gpt.context_length, init_bundle / "config.json")
         gpt = dataclasses.replace(gpt, dropout=mc.dropout, activation_checkpointing=mc.activation_checkpointing)
         model_tok = Tokenizer.load(init_bundle / "tokenizer.json")
     else:
@@ -217,6 +159,7 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
         except ValueError as e:
             raise ConfigError(f"{'distill.student_preset' if stage == 'distill' else 'model.preset'}: {e}") from None
         model_tok = None
+        T = mc.context_length or gpt.context_length
 
     split = {"pretrain": "train", "finetune": "sft"}.get(stage) or tc.split  # type: ignore[attr-defined]
     data_root = Path(dataset)
@@ -226,7 +169,6 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
     # Validation during training: held-out fine-tuning examples when fine-tuning (masked like sft), else
     # the pretraining text's val split; none when the dataset has neither.
     candidates = ("sft_val", "val") if split == "sft" else ("val",)
-    T = mc.context_length or gpt.context_length
     eval_split = next((s for s in candidates if _feeds(manifest, s, T, tc.num_workers)), None)
     info = check_dataset(data_root, (split, eval_split) if eval_split else (split,), T, world=tc.num_workers)
 
@@ -254,14 +196,14 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
     from flows.train.capacity import preflight
 
     ds_config = deepspeed_config(tc, gpt.num_params())
-    preflight(tc, gpt, stage, local=not (os.environ.get("RAY_ADDRESS") or getattr(ctx.cluster, "address", None)),
+    preflight(tc, dataclasses.replace(gpt, context_length=T) if gpt.positions != "learned" else gpt, stage, local=not (os.environ.get("RAY_ADDRESS") or getattr(ctx.cluster, "address", None)),
               teacher=teacher_info["gpt"] if teacher_info else None)
     out = Path(out_dir).resolve()
     key = out.name  # the runner named the output after everything that determines the weights
     storage = tc.storage_path or str((Path(ctx.workdir) / "ray_results").resolve())
     require_driver(storage, f"{stage}.storage_path={storage!r}")  # s3://: the resume guard reads it with fsspec
     return Plan(
-        stage=stage, train=tc, gpt_config=gpt.to_dict(), dataset=info, split=split, eval_split=eval_split,
+        stage=stage, train=tc, gpt_config=gpt.to_dict(), context_length=T, dataset=info, split=split, eval_split=eval_split,
         init_bundle=str(init_bundle.resolve()) if init_bundle else None, parent=parent, key=key,
         output_dir=out, run_name=tc.run_name or f"{stage}-{key}", storage_path=storage, deepspeed_config=ds_config,
         teacher=None if teacher_info is None else {
@@ -349,6 +291,8 @@ class LoopConfig:
     sample_tokens: int
     sample_prompts: tuple[str, ...]
     gpt_config: dict[str, Any]
+    context_length: int
+    """Tokens per training window (at most the model's context length)."""
     flops_per_token: float
     dataset: str
     split: str
@@ -388,7 +332,9 @@ def loop_config(p: Plan, run_id: str | None, uri: str | None) -> LoopConfig:
             "compile", "lr", "weight_decay", "beta1", "beta2", "eval_every", "eval_batches", "checkpoint_every",
             "loss_spike_factor", "max_skipped_updates", "peak_flops_per_device", "seed", "sample_tokens",
             "sample_prompts", "fail_at_step")},
-        stage=p.stage, gpt_config=p.gpt_config, flops_per_token=gpt.flops_per_token(),
+        stage=p.stage, gpt_config=p.gpt_config, context_length=p.context_length,
+        flops_per_token=(dataclasses.replace(gpt, context_length=p.context_length)
+                         if gpt.positions != "learned" else gpt).flops_per_token(),
         dataset=p.dataset.path, split=p.split, eval_split=p.eval_split, init_bundle=p.init_bundle,
         deepspeed_config=p.deepspeed_config, output_dir=str(p.output_dir),
         run_name=p.run_name, storage_path=p.storage_path,

@@ -16,7 +16,7 @@ from gptcore import Tokenizer
 
 QUICK = EvaluateConfig(batch_size=4, prompts=("The ", "A dog"), max_new_tokens=8, sample_tokens=16, worst_tokens=5)
 ARTIFACTS = ("metrics.json", "generations.json", "generations.txt", "loss_heatmap.html", "loss_heatmap.png",
-             "attention.png", "worst_tokens.md", "worst_tokens.csv", "worst_tokens.json")
+             "attention.png", "worst_tokens.md", "worst_tokens.csv", "worst_tokens.json", "task_answers.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +30,7 @@ def test_writes_metrics_generations_and_pictures(evaluated):
     assert m["notes"] == {} and m["context_length"] == 32 and isinstance(m["smoke_passed"], bool)
     assert 0 < m["val_loss"] < m["sft_val_loss"] + 10 and m["val_perplexity"] > 1 and m["val_tokens"] > 0
     assert m["val_bits_per_byte"] > 0 and m["sft_val_tokens"] > 0
+    assert m["task_examples"] > 0 and 0 <= m["task_score"] <= 1 and "base" not in m  # no base given
     gens = json.loads((evaluated / "generations.json").read_text())
     assert gens["smoke_passed"] == m["smoke_passed"] == all(g["passed"] for g in gens["generations"])
     assert [g["prompt"] for g in gens["generations"]] == list(QUICK.prompts)
