@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 
 from gptcore.config import GPTConfig
 from gptcore.model import GPT
@@ -399,8 +400,18 @@ def _llama_names(c: GPTConfig, ours: list[str]) -> dict[str, tuple[str, ...]]:
     return table
 
 
+class _NoDraws(TorchFunctionMode):
+    """Skips `nn.init.normal_`, initial values that a meta-device model cannot hold anyway: torch's meta
+    normal_ imports torch._dynamo on first use, 1.2-2 s here (as long as the rest of building the model)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.nn.init.normal_, torch.Tensor.normal_):
+            return args[0] if args else kwargs["tensor"]
+        return func(*args, **(kwargs or {}))
+
+
 def _llama_model(config: GPTConfig, tensors: dict[str, torch.Tensor], source: Path | str) -> GPT:
-    with torch.device("meta"):  # no random init of weights about to be replaced
+    with torch.device("meta"), _NoDraws():  # no random init of weights about to be replaced
         model = GPT(config)
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     if config.tie_embeddings:
