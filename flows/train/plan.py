@@ -100,7 +100,8 @@ def resolve_init(init: str, ctx: StepContext, stage: str, key: str = "init") -> 
     sha = sha256_file(bundle / "model.safetensors")
     if init.startswith("models:/"):
         return bundle, {"uri": init, "model_sha256": sha}
-    return bundle, {"source": init, "bundle": str(bundle), "model_sha256": sha}
+    source = str(path.resolve()) if path.exists() else init  # a file or directory: where it is
+    return bundle, {"source": source, "bundle": str(bundle), "model_sha256": sha}
 
 
 def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path | None, out_dir: str | Path,
