@@ -58,12 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a model on prompt/completion data")
     _config_args(p)
     _train_args(p)
-    p.add_argument("--init", help="bundle dir, models:/NAME@ALIAS, or a HF GPT-2 directory")
+    p.add_argument("--init", help="bundle dir, models:/NAME@ALIAS, builtin:NAME, a .gguf or a HF directory")
 
     p = sub.add_parser("distill", help="train a smaller student from a teacher model, then evaluate, register "
                                        "and promote it under its own name")
     _config_args(p)
-    p.add_argument("--teacher", help="bundle dir, models:/NAME@ALIAS, or a HF GPT-2 directory "
+    p.add_argument("--teacher", help="bundle dir, models:/NAME@ALIAS, builtin:NAME, a .gguf or a HF directory "
                                      "(default: the pipeline's final model)")
     p.add_argument("--student-preset", help="the student's model preset (default: distill.student_preset)")
     p.add_argument("--data", help="dataset directory from `gptflow preprocess` (tokenized with the teacher's tokenizer)")

@@ -311,13 +311,35 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (gptcore/lora.py): train r x (in + out) numbers per targeted matrix instead of
+    the matrix; they are merged into the weights when the bundle is written. Off when r is 0."""
+
+    r: int = 0
+    """Rank of the adapters; 0 trains every weight (full fine-tuning)."""
+    alpha: float = 16.0
+    """Scale of the update: alpha / r times B A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    targets: tuple[str, ...] = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    """Suffixes of the linear layers adapted: attention's fused q/k/v and output, the MLP's in and out."""
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 0, "r", self.r, ">= 0 (0: off)")
+        _check(math.isfinite(self.alpha) and self.alpha > 0, "alpha", self.alpha, "> 0")
+        _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
+        _check(bool(self.targets), "targets", self.targets, "at least one layer name suffix")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """One training run: pretraining from scratch, or fine-tuning from a model (same loop)."""
 
     data: str = ""
     """Dataset directory from preprocessing; empty means the pipeline's own preprocess output."""
     init: str | None = None
-    """Start from: a bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION, or a HF GPT-2 directory."""
+    """Start from: a bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION, or what `gptflow import` takes
+    (builtin:NAME, a Hugging Face directory, a .gguf file), imported once into <workdir>/import/<hash>/."""
     steps: int = 200
     """Optimizer steps; 0 skips the step (pretraining from a model.base: fine-tune the base itself)."""
     micro_batch_size: int = 8
@@ -386,9 +408,15 @@ class TrainConfig:
     """New tokens generated per sample prompt at each evaluation."""
     fail_at_step: int = -1
     """Testing only: at this step rank 1 (rank 0 if alone) exits once, to exercise fault tolerance; -1 = never."""
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    """Low-rank adapters instead of training every weight (needs an init model; ZeRO 0-2)."""
 
     def __post_init__(self) -> None:
         _check(self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
+        # ZeRO-3 partitions every parameter, the frozen ones too, and the merge at export would need
+        # them gathered beside the adapters; not supported (yet).
+        _check(not (self.lora.r and self.zero_stage == 3), "zero_stage", self.zero_stage,
+               "0, 1 or 2 with lora (ZeRO-3 with LoRA adapters is not supported)")
         _check(self.precision in PRECISIONS, "precision", self.precision, ", ".join(PRECISIONS))
         _check_finite(self)
         _check(self.steps >= 0, "steps", self.steps, ">= 0 (0: skip the step)")
@@ -420,8 +448,8 @@ class DistillConfig(TrainConfig):
     enabled: bool = False
     """Run the distill step (and evaluate, register and promote the student) in `gptflow run`."""
     teacher: str = ""
-    """The teacher: a bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION, or a Hugging Face GPT-2
-    directory; empty = the pipeline's own final model (fine-tuned, else pretrained)."""
+    """The teacher: a bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION, or what `gptflow import`
+    takes (imported once); empty = the pipeline's own final model (fine-tuned, else pretrained)."""
     student_preset: str = "tiny"
     """The student's architecture (gptcore preset); its vocabulary is the teacher's and the data's."""
     context_length: int | None = None

@@ -292,6 +292,8 @@ def _outside_identity(value: str, ctx: StepContext) -> Any:
         return identity(value, ctx)
     if "://" in value or not path.exists():
         return value  # a URL: named, not read here (the stage resolves it)
+    if path.is_file():  # a model file (.gguf)
+        return {path.name: ctx.fingerprints.sha256(path)}
     for name in ("manifest.json", "model.safetensors"):  # a dataset directory, or a model bundle
         if (path / name).is_file():
             return {name: ctx.fingerprints.sha256(path / name)}

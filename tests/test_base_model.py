@@ -54,7 +54,7 @@ def test_the_import_step_is_addressed_by_the_sources_content_and_shared_with_ini
 
     # finetune.init naming the same file resolves through the same import, into the same directory.
     bundle, lineage = resolve_init(str(gguf_base), ctx, "finetune")
-    assert bundle == planned[0].out and lineage["source"] == str(gguf_base)
+    assert bundle == planned[0].out and lineage["source"] == str(gguf_base.resolve())
     assert ensure(str(gguf_base), ctx) == bundle  # done: not imported again
     assert pipeline.plan(cfg)[0].done
     assert json.loads((bundle / "tokenizer_config.json").read_text())["chat_template"] == CHATML

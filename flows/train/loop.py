@@ -90,6 +90,10 @@ def _build_model(cfg: LoopConfig):
         del loaded
     else:
         tokenizer = Tokenizer.load(Path(cfg.dataset) / "tokenizer.json")
+    if cfg.lora:  # adapters beside frozen weights (same seed on every rank: the same A everywhere)
+        from gptcore.lora import apply_lora
+
+        apply_lora(model, cfg.lora["r"], cfg.lora["alpha"], cfg.lora["dropout"], cfg.lora["targets"])
     return model, tokenizer
 
 
@@ -186,6 +190,9 @@ def _export_bundle(engine: Any, tokenizer: Any, cfg: LoopConfig, rank: int, meta
 
     from gptcore import GPT, GPTConfig, save_bundle
 
+    if cfg.lora:
+        _export_merged(engine, tokenizer, cfg, rank, metadata)
+        return
     state = None
     if cfg.precision in ("bf16", "fp16"):
         # The fp32 master weights, not their bf16/fp16 rounding. Each call is a collective under
@@ -204,6 +211,29 @@ def _export_bundle(engine: Any, tokenizer: Any, cfg: LoopConfig, rank: int, meta
     sd.setdefault("lm_head.weight", sd["wte.weight"])  # tied; a gather may list it only once
     model.load_state_dict(sd)
     save_bundle(cfg.output_dir, model, tokenizer, metadata)
+
+
+def _export_merged(engine: Any, tokenizer: Any, cfg: LoopConfig, rank: int, metadata: dict[str, Any]) -> None:
+    """LoRA: the adapters (their fp32 master copies under bf16/fp16) merged into the init bundle's own
+    fp32 weights, which stayed frozen -- not their bf16 rounding in the engine. A plain bundle of the
+    base's size. Every rank joins the gathers (collectives under ZeRO); rank 0 writes."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from gptcore import GPT, GPTConfig, load_bundle, save_bundle
+    from gptcore.lora import merge_state_dict
+
+    adapters = {}
+    for name, p in engine.module.named_parameters():
+        if p.requires_grad:
+            full = safe_get_full_fp32_param(p) if cfg.precision in ("bf16", "fp16") else None
+            adapters[name] = (full if full is not None else p).detach().float().cpu()
+    if rank != 0:
+        return
+    base, _, _ = load_bundle(cfg.init_bundle)
+    state = merge_state_dict({**base.state_dict(), **adapters}, cfg.lora["r"], cfg.lora["alpha"])
+    model = GPT(GPTConfig.from_dict(engine.module.config.to_dict()))  # the run's dropout, as for full training
+    model.load_state_dict(state)
+    save_bundle(cfg.output_dir, model, tokenizer, metadata | {"lora": cfg.lora})
 
 
 def _stop(cfg: LoopConfig, message: str) -> TrainingStopped:

@@ -100,7 +100,8 @@ def resolve_init(init: str, ctx: StepContext, stage: str, key: str = "init") -> 
     sha = sha256_file(bundle / "model.safetensors")
     if init.startswith("models:/"):
         return bundle, {"uri": init, "model_sha256": sha}
-    return bundle, {"source": init, "bundle": str(bundle), "model_sha256": sha}
+    source = str(path.resolve()) if path.exists() else init  # a file or directory: where it is
+    return bundle, {"source": source, "bundle": str(bundle), "model_sha256": sha}
 
 
 def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path | None, out_dir: str | Path,
@@ -119,10 +120,13 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
         raise ConfigError(f"{stage}.data is empty: give the dataset directory (--data DIR or --set {stage}.data=DIR)")
     if stage == "finetune" and not init:
         raise ConfigError("finetune.init is empty: fine-tuning starts from a model (--init BUNDLE_DIR, "
-                          "models:/NAME@ALIAS or a Hugging Face GPT-2 directory)")
+                          "models:/NAME@ALIAS, builtin:NAME, a .gguf file or a Hugging Face directory)")
     if tc.steps == 0:
         raise ConfigError(f"{stage}.steps=0: nothing to train (pretrain.steps: 0 skips pretraining in the pipeline "
                           "only with a model.base, whose fine-tuning then starts from the base itself)")
+    if tc.lora.r and not init:
+        raise ConfigError(f"{stage}.lora.r={tc.lora.r}: LoRA adapts a pretrained model; give {stage}.init "
+                          "(or model.base), or set lora.r: 0")
     if tc.precision == "fp16" and not tc.use_gpu:
         raise ConfigError(f"{stage}.precision='fp16' needs GPUs (use_gpu: true); on CPU use bf16 or fp32")
     if tc.offload_optimizer and tc.zero_stage == 0:
@@ -132,7 +136,7 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
     if stage == "distill":
         if not teacher:
             raise ConfigError("distill.teacher is empty: distillation learns from a model (--teacher BUNDLE_DIR, "
-                              "models:/NAME@ALIAS or a Hugging Face GPT-2 directory)")
+                              "models:/NAME@ALIAS, builtin:NAME, a .gguf file or a Hugging Face directory)")
         teacher_info = _resolve_teacher(str(teacher), ctx)
         student = tc.student_model()  # type: ignore[attr-defined]
         T_teacher = teacher_info["gpt"].context_length
@@ -308,6 +312,8 @@ class LoopConfig:
     bundle_metadata: dict[str, Any]
     fail_at_step: int = -1
     """Testing only: at this step rank 1 (rank 0 if alone) exits once (see TrainConfig.fail_at_step)."""
+    lora: dict[str, Any] | None = None
+    """LoRA adapters (r, alpha, dropout, targets) on the init model, merged at export; None: full training."""
     fail_marker: str = ""
     """Where the injected failure records that it happened, so the restarted worker passes the step."""
     nan_at_step: int = -1
@@ -341,6 +347,7 @@ def loop_config(p: Plan, run_id: str | None, uri: str | None) -> LoopConfig:
         fail_marker=str(Path(p.storage_path) / p.run_name / f"injected_failure_step{tc.fail_at_step}")
         if tc.fail_at_step >= 0 and "://" not in p.storage_path else "",
         run_id=run_id, tracking_uri=uri, warmup_timing_steps=WARMUP_TIMING_STEPS,
+        lora=to_dict(tc.lora) if tc.lora.r else None,
         **({"teacher_bundle": p.teacher["bundle"], "distill_alpha": p.teacher["alpha"],
             "distill_temperature": p.teacher["temperature"]} if p.teacher else {}),
         bundle_metadata={

@@ -43,3 +43,13 @@ def test_a_challenger_with_no_prompts_is_said_not_checked_not_passed():
     d = decide(Figures(1.9, 29.0, smoke_checked=False), Figures(2.0, 30.0))
     assert d.promote and d.reason.endswith("smoke checks: not checked (no prompts)"), d.reason
     assert "not checked" in decide(Figures(1.9, 29.0, smoke_checked=False), None).reason
+
+
+def test_the_gate_can_compare_the_held_out_fine_tuning_loss():
+    """A tuned model that lost a little general text but answers its task better passes on sft_val_loss."""
+    champion = Figures(bits_per_byte=1.0, perplexity=10.0, sft_val_loss=2.0)
+    tuned = Figures(bits_per_byte=1.1, perplexity=11.0, sft_val_loss=1.5)
+    assert not decide(tuned, champion).promote  # on bits per byte it is worse
+    d = decide(tuned, champion, metric="sft_val_loss")
+    assert d.promote and d.reason.startswith("sft_val_loss 1.5000 <=")
+    assert not decide(Figures(1.0, 10.0), None, metric="sft_val_loss").promote  # no SFT figure: NaN, refused

@@ -596,7 +596,8 @@ def test_finetune_from_hf_gpt2_dir_learns_completions(pretrained, dataset, tmp_p
                "finetune.checkpoint_every=30", stage="finetune")
     bundle = train(cfg, "finetune")
     model, _, meta = load_bundle(bundle)
-    assert meta["stage"] == "finetune" and meta["parent"]["hf_gpt2"] == str(hf_dir.resolve())
+    assert meta["stage"] == "finetune" and meta["parent"]["source"] == str(hf_dir.resolve())
+    assert Path(meta["parent"]["bundle"]).parent.name == "import"  # imported once, into <workdir>/import/<hash>/
     assert meta["train_config"]["compile"] is True
     # bf16 training exports the fp32 master weights, not their bf16 rounding.
     w = model.blocks[0].mlp.c_fc.weight
