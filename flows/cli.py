@@ -430,7 +430,7 @@ def _generate(args: argparse.Namespace) -> str:
 
 
 def _explain(args: argparse.Namespace) -> str:
-    from flows.evaluate import explain
+    from flows.evaluate.explain import explain
 
     out = Path(args.out)
     explain(Path(args.bundle), args.text, out)

@@ -6,8 +6,9 @@ it takes; its ``run`` hands exactly those to the stage function (``preprocess(da
 which never reads another section and never decides whether it should run. The runner owns:
 
 - the output path ``<workdir>/<step>/<hash>/``: the hash of the step's name, its own sections
-  (less the keys that only name inputs), its inputs' hashes and, for inputs from outside the
-  pipeline (raw files, a given model or dataset), their content fingerprints;
+  (less the keys their fields declare unhashed: those that only name inputs or places, see
+  flows/configlib.py), its inputs' hashes and, for inputs from outside the pipeline (raw files, a
+  given model or dataset), their content fingerprints;
 - skip-if-done: ``DONE`` is written by the runner, last; a finished output is never rewritten;
 - a lock per output directory, so two runs in one workdir never build the same output at once;
 - the parent MLflow run and one nested run per step that runs;
@@ -25,18 +26,12 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.config import (
-    DATA_INPUT_KEYS,
-    DistillConfig,
-    PipelineConfig,
-    RegistryConfig,
-    stable_hash,
-    to_dict,
-)
+from flows.config import PipelineConfig, RegistryConfig, stable_hash, to_dict
+from flows.configlib import hashed
 from flows.context import StepContext
 from flows.progress import Progress
 from flows.runstate import RunState
@@ -61,11 +56,10 @@ class Step:
     run: Callable[[PipelineConfig, Mapping[str, Path | str | None], Path, StepContext], Any]
     """Calls the stage with its own sections, its inputs and its output directory."""
     sections: tuple[str, ...]
-    """The config sections the stage receives; they enter the output hash."""
+    """The config sections the stage receives (``section.key``: the one key of it that it reads); they
+    enter the output hash, less the fields declared unhashed where they are (flows/configlib.py)."""
     bind: Callable[[PipelineConfig], Binding]
     """The step's inputs: another step's output (StepRef) or an outside path, by parameter name."""
-    unhashed: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    """Per section, keys that name inputs or places rather than shape the output."""
     fingerprint: Callable[[PipelineConfig, StepContext], Any] | None = None
     """Content identity of outside inputs the step finds itself (raw corpus files)."""
     enabled: Callable[[PipelineConfig], bool] = lambda cfg: True
@@ -114,7 +108,7 @@ def _trainer(stage: str) -> Callable[[PipelineConfig, Mapping[str, Any], Path, S
 
 
 def _evaluate(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
-    from flows.evaluate import evaluate
+    from flows.evaluate.stage import evaluate
 
     base = inputs.get("base")
     return evaluate(cfg.evaluate, Path(inputs["bundle"]), Path(inputs["dataset"]), out, ctx.tracker, ctx.progress,
@@ -199,59 +193,44 @@ def _student_eval_data(cfg: PipelineConfig) -> StepRef | str:
     return cfg.evaluate.data or cfg.distill.data or StepRef("preprocess")
 
 
-
-# Keys that name where inputs come from or where resume state lives, not what the output holds.
-_TRAIN_UNHASHED = ("data", "init", "run_name", "storage_path")
-# The distill step's keys that name inputs or places, or only what happens to the student afterwards.
-_DISTILL_UNHASHED = (*_TRAIN_UNHASHED, "enabled", "teacher", "registry_name")
-
 def _base_ref(cfg: PipelineConfig) -> StepRef | None:
     return StepRef("import") if _based(cfg) else None
 
-
-# The model section's keys that name the base (it enters as the import step's output, by content).
-_MODEL_UNHASHED = ("base",)
 
 STEPS: tuple[Step, ...] = (
     # model.base (off by default): the base model as a bundle, named by the source's content (a step of
     # no sections and no inputs: flows/models/base.py's ensure() finds the same directory).
     Step("import", _import, (), bind=lambda cfg: {}, fingerprint=_base_identity, enabled=_based),
     Step("preprocess", _preprocess, ("data",), bind=lambda cfg: {"base": _base_ref(cfg)} if _based(cfg) else {},
-         fingerprint=_data_fingerprint, unhashed={"data": DATA_INPUT_KEYS}),  # the inputs enter by content
+         fingerprint=_data_fingerprint),  # the inputs enter by content
     Step("pretrain", _trainer("pretrain"), ("model", "pretrain"),
-         unhashed={"pretrain": _TRAIN_UNHASHED, "model": _MODEL_UNHASHED},
          bind=lambda cfg: {"dataset": cfg.pretrain.data or StepRef("preprocess"),
                            "init": cfg.pretrain.init or _base_ref(cfg)}, enabled=_pretrains),
     Step("finetune", _trainer("finetune"), ("model", "finetune"),
-         unhashed={"finetune": _TRAIN_UNHASHED, "model": _MODEL_UNHASHED},
          bind=lambda cfg: {"dataset": cfg.finetune.data or StepRef("preprocess"),
                            "init": cfg.finetune.init or _trained_model(cfg)},
          enabled=_finetunes),
-    Step("evaluate", _evaluate, ("evaluate",), unhashed={"evaluate": ("bundle", "data")},
+    Step("evaluate", _evaluate, ("evaluate",),
          bind=lambda cfg: {"bundle": cfg.evaluate.bundle or _final_model(cfg),
                            "dataset": cfg.evaluate.data or StepRef("preprocess"),
                            **({"base": _base_ref(cfg)} if _based(cfg) else {})}),
-    Step("register", _register, ("registry",), unhashed={"registry": ("metric", "margin")},
+    Step("register", _register, ("registry",),
          bind=lambda cfg: {"bundle": cfg.evaluate.bundle or _final_model(cfg), "evaluation": StepRef("evaluate"),
                            "dataset": cfg.evaluate.data or StepRef("preprocess")}, enabled=_registers),
-    Step("promote", _promote, ("registry", "evaluate"), unhashed={"evaluate": ("bundle", "data")},
+    Step("promote", _promote, ("registry", "evaluate"),
          bind=lambda cfg: {"registered": StepRef("register")}, enabled=_registers),
     # Distillation (off by default): a student learns from the final model (or distill.teacher), then is
     # evaluated, registered under its own name and promoted through the same gate as any model.
-    Step("distill", _distill, ("distill",), unhashed={"distill": _DISTILL_UNHASHED},
+    Step("distill", _distill, ("distill",),
          bind=lambda cfg: {"dataset": cfg.distill.data or StepRef("preprocess"),
                            "teacher": cfg.distill.teacher or _final_model(cfg), "init": cfg.distill.init},
          enabled=_distills),
-    Step("distill_evaluate", _evaluate, ("evaluate",), unhashed={"evaluate": ("bundle", "data")},
+    Step("distill_evaluate", _evaluate, ("evaluate",),
          bind=lambda cfg: {"bundle": StepRef("distill"), "dataset": _student_eval_data(cfg)}, enabled=_distills),
-    Step("distill_register", _register_student, ("registry", "distill"),
-         unhashed={"registry": ("metric", "margin"),
-                   "distill": tuple(f.name for f in dataclasses.fields(DistillConfig) if f.name != "registry_name")},
+    Step("distill_register", _register_student, ("registry", "distill.registry_name"),
          bind=lambda cfg: {"bundle": StepRef("distill"), "evaluation": StepRef("distill_evaluate"),
                            "dataset": _student_eval_data(cfg)}, enabled=lambda cfg: _registers(cfg) and _distills(cfg)),
-    Step("distill_promote", _promote_student, ("registry", "evaluate", "distill"),
-         unhashed={"evaluate": ("bundle", "data"),
-                   "distill": tuple(f.name for f in dataclasses.fields(DistillConfig) if f.name != "registry_name")},
+    Step("distill_promote", _promote_student, ("registry", "evaluate", "distill.registry_name"),
          bind=lambda cfg: {"registered": StepRef("distill_register")},
          enabled=lambda cfg: _registers(cfg) and _distills(cfg)),
     Step("serve", _serve, ("serve",), bind=lambda cfg: {"promoted": StepRef("promote")},
@@ -278,8 +257,13 @@ class PlannedStep:
     seconds: float = 0.0
 
 
-def _section(cfg: PipelineConfig, name: str, unhashed: tuple[str, ...]) -> dict[str, Any]:
-    return {k: v for k, v in to_dict(getattr(cfg, name)).items() if k not in unhashed}
+def _hashed_sections(cfg: PipelineConfig, step: Step) -> dict[str, dict[str, Any]]:
+    """The part of each of the step's sections that enters its key (what the fields declare)."""
+    out: dict[str, dict[str, Any]] = {}
+    for spec in step.sections:
+        name, _, key = spec.partition(".")
+        out[name] = hashed(getattr(cfg, name), step.name, only=(key,) if key else ())
+    return out
 
 
 def _outside_identity(value: str, ctx: StepContext) -> Any:
@@ -327,10 +311,8 @@ def plan(cfg: PipelineConfig, steps: Sequence[Step] = STEPS, ctx: StepContext | 
             else:
                 inputs[name] = binding
                 identities[name] = _outside_identity(binding, ctx) if binding else None
-        key = stable_hash(
-            step.name, {s: _section(cfg, s, step.unhashed.get(s, ())) for s in step.sections}, identities,
-            step.fingerprint(cfg, ctx) if step.fingerprint else None,
-        )
+        key = stable_hash(step.name, _hashed_sections(cfg, step), identities,
+                          step.fingerprint(cfg, ctx) if step.fingerprint else None)
         out = stage_dir(cfg.workdir, step.name, key).resolve()
         planned[step.name] = PlannedStep(step, key, out, inputs, tuple(upstream), is_done(out))
     ctx.fingerprints.save()

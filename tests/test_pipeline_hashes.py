@@ -11,13 +11,16 @@ machine's Python docs.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
 
 from flows import pipeline
-from flows.config import PipelineConfig, load_config, stable_hash, to_dict
-from flows.pipeline import StepRef
+from flows.config import EvaluateConfig, PipelineConfig, load_config, stable_hash, to_dict
+from flows.configlib import HASHED, hashed, unhashed
+from flows.pipeline import STEPS, StepRef
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -176,6 +179,49 @@ def test_step_keys_follow_mains_rules(name, tmp_path):
         fingerprint = p.step.fingerprint(cfg, ctx) if p.step.fingerprint else None
         keys[p.step.name] = stable_hash(p.step.name, sections, identities, fingerprint)
         assert p.key == keys[p.step.name], p.step.name
+
+
+# --------------------------------------------------------------------------- the rules on the fields
+
+
+def test_a_new_field_is_hashed_unless_declared_otherwise(tmp_path):
+    """A field added without a word about hashing changes the keys of the steps that receive it."""
+    cfg = load_config(None, [f"workdir={tmp_path}"])
+    grown = dataclasses.make_dataclass(
+        "GrownEvaluate", [("new_knob", int, dataclasses.field(default=0)),
+                          ("new_input", str, unhashed("", why="an input"))],
+        bases=(EvaluateConfig,), frozen=True)
+    assert set(hashed(grown(), "evaluate")) == set(hashed(EvaluateConfig(), "evaluate")) | {"new_knob"}
+
+    def key(**values) -> str:
+        section = grown(**dataclasses.asdict(cfg.evaluate), **values)
+        return {p.step.name: p.key for p in pipeline.plan(dataclasses.replace(cfg, evaluate=section))}["evaluate"]
+
+    assert key(new_knob=1) != key(new_knob=0) == key(new_knob=0, new_input="elsewhere")
+    fresh = dataclasses.make_dataclass("Fresh", [("knob", int, dataclasses.field(default=3))], frozen=True)
+    assert hashed(fresh(), "any step") == {"knob": 3}
+
+
+def _fields(cls: type, name: str):
+    """(dotted name, dataclass field) for every field under section `name`, nested sections too."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        yield f"{name}.{f.name}", f
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _fields(hints[f.name], f"{name}.{f.name}")
+
+
+def test_steps_named_by_the_fields_exist_and_receive_the_field():
+    hints = typing.get_type_hints(PipelineConfig)
+    steps = {s.name: s for s in STEPS}
+    for section in (f.name for f in dataclasses.fields(PipelineConfig) if dataclasses.is_dataclass(hints[f.name])):
+        for dotted, f in _fields(hints[section], section):
+            rule = f.metadata.get(HASHED, True)
+            if isinstance(rule, bool):
+                continue
+            for name in rule:
+                assert name in steps, f"{dotted} names step {name!r}, which is not in the pipeline"
+                assert section in steps[name].sections or dotted in steps[name].sections, (dotted, name)
 
 
 if __name__ == "__main__":  # print the table to paste into EXPECTED

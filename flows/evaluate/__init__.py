@@ -2,11 +2,7 @@
 generations with smoke checks, and interpretability artifacts (per-token loss, attention maps,
 worst tokens, gradient x input attribution).
 
-:func:`evaluate` is the pipeline stage; :func:`explain` draws the interpretability artifacts for
-any text and bundle, e.g. from a notebook.
+:func:`flows.evaluate.stage.evaluate` is the pipeline stage; :func:`flows.evaluate.explain.explain`
+draws the interpretability artifacts for any text and bundle, e.g. from a notebook. (Nothing is
+imported here: flows.evaluate.config, which flows/config.py reads, must load without torch.)
 """
-
-from flows.evaluate.explain import explain
-from flows.evaluate.stage import evaluate
-
-__all__ = ["evaluate", "explain"]

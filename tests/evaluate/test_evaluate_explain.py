@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flows.evaluate import explain
-from flows.evaluate.explain import attention_maps, input_attribution, token_texts
+from flows.evaluate.explain import attention_maps, explain, input_attribution, token_texts
 from gptcore import load_bundle
 
 TEXT = "A cat sat on a <b>bold</b> & café box."  # 28 tokens: within the 32-token context

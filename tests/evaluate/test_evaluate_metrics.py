@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from flows.config import EvaluateConfig
 from flows.data.dataset import DataError, read_manifest
-from flows.evaluate import evaluate, metrics
+from flows.evaluate import metrics
+from flows.evaluate.stage import evaluate
 from gptcore import load_bundle
 
 QUICK = EvaluateConfig(batch_size=4, prompts=("The ",), max_new_tokens=8, sample_tokens=16, worst_tokens=5)

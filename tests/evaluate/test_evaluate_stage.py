@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.config import EvaluateConfig, TrackingConfig
-from flows.evaluate import evaluate
+from flows.evaluate.stage import evaluate
 from flows.tracking import stage_run
 from gptcore import Tokenizer
 

@@ -11,7 +11,7 @@ import pytest
 
 from flows.config import EvaluateConfig, RegistryConfig, TrackingConfig
 from flows.context import StepContext
-from flows.evaluate import evaluate
+from flows.evaluate.stage import evaluate
 from flows.registry.register import RESULT, register
 from flows.tracking import Registry, stage_run
 from gptcore import Tokenizer, save_bundle

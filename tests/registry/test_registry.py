@@ -293,7 +293,7 @@ def test_against_a_real_mlflow_server(tmp_path, bundles, tok):
     """register -> promote -> pyfunc load through `mlflow server` on 127.0.0.1 (artifacts proxied)."""
     from flows.config import TrackingConfig
     from flows.context import StepContext
-    from flows.evaluate import evaluate
+    from flows.evaluate.stage import evaluate
     from flows.registry.register import RESULT, register
     from flows.tracking import Registry, stage_run
     from tests.evaluate.conftest import corpus, write_dataset
