@@ -2,8 +2,9 @@
 
 ``STEPS`` below is the whole pipeline. A step names the config sections it reads and the inputs
 it takes; its ``run`` hands exactly those to the stage function (``preprocess(data, out, ctx)``,
-``train(train, model, dataset, init, out, ctx)``, ``evaluate(evaluate, bundle, dataset, out, ctx)``),
-which never reads another section and never decides whether it should run. The runner owns:
+``train(train, model, dataset, init, out, ctx)``, ``evaluate(evaluate, bundle, dataset, out, ctx)``,
+``deploy_step(serve, registry, out, ctx)``), which never reads another section and never decides
+whether it should run. The runner owns:
 
 - the output path ``<workdir>/<step>/<hash>/``: the hash of the step's name, its own sections
   (less the keys their fields declare unhashed: those that only name inputs or places, see
@@ -128,9 +129,9 @@ def _promote(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: Ste
 
 
 def _distill(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
-    from flows.train.driver import train
+    from flows.train.driver import distill
 
-    return train(cfg.distill, cfg.model, inputs["dataset"], inputs["init"], out, ctx, "distill", inputs["teacher"])
+    return distill(cfg.distill, inputs["dataset"], inputs["teacher"], inputs["init"], out, ctx)
 
 
 def student_registry(cfg: PipelineConfig) -> RegistryConfig:
@@ -154,7 +155,7 @@ def _promote_student(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, 
 def _serve(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
     from flows.serve.deploy import deploy_step
 
-    return deploy_step(cfg, out)
+    return deploy_step(cfg.serve, cfg.registry, out, ctx)
 
 
 def _registers(cfg: PipelineConfig) -> bool:
@@ -233,6 +234,7 @@ STEPS: tuple[Step, ...] = (
     Step("distill_promote", _promote_student, ("registry", "evaluate", "distill.registry_name"),
          bind=lambda cfg: {"registered": StepRef("distill_register")},
          enabled=lambda cfg: _registers(cfg) and _distills(cfg)),
+    # deploy_step also reads registry.name (the alias it follows): it enters the key through promote's.
     Step("serve", _serve, ("serve",), bind=lambda cfg: {"promoted": StepRef("promote")},
          enabled=lambda cfg: _registers(cfg) and cfg.serve.deploy),
 )

@@ -18,7 +18,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from flows.config import ConfigError, PipelineConfig, ServeConfig
+from flows.config import (
+    ClusterConfig,
+    ConfigError,
+    PipelineConfig,
+    RegistryConfig,
+    ServeConfig,
+    TrackingConfig,
+)
+from flows.context import StepContext
 from flows.serve.models import ServeSettings, alias_version
 
 log = logging.getLogger(__name__)
@@ -60,10 +68,14 @@ def check_auth(cfg: ServeConfig, key_sha: str | None, host: str | None = None) -
 def settings_for(cfg: PipelineConfig, model: str | None = None, bundle: str | None = None) -> ServeSettings:
     """What the replicas serve; ConfigError when it does not exist (yet), or when it would be served
     to other machines without an API key."""
+    return _settings(cfg.serve, cfg.registry, cfg.tracking, Path(cfg.workdir), model, bundle)
+
+
+def _settings(s: ServeConfig, registry: RegistryConfig, tracking: TrackingConfig, workdir: Path,
+              model: str | None = None, bundle: str | None = None) -> ServeSettings:
     from flows.tracking import tracking_uri
 
-    s = cfg.serve
-    workdir = Path(cfg.workdir).resolve()
+    workdir = workdir.resolve()
     key = os.environ.get(s.api_key_env)
     key_sha = hashlib.sha256(key.strip().encode()).hexdigest() if key and key.strip() else None
     check_auth(s, key_sha)
@@ -76,10 +88,10 @@ def settings_for(cfg: PipelineConfig, model: str | None = None, bundle: str | No
             _check_knowledge(path)
         return ServeSettings(s, s.served_name or path.name, str(path), None, None, None,
                              str(workdir / "serve" / "cache"), key_sha)
-    if not cfg.tracking.enabled:
+    if not tracking.enabled:
         raise ConfigError("serve: following a registry alias needs tracking.enabled=true (or give --bundle DIR)")
-    name, alias = parse_model(model or s.model or f"{cfg.registry.name}@champion")
-    settings = ServeSettings(s, s.served_name or name, None, name, alias, tracking_uri(cfg.tracking, workdir),
+    name, alias = parse_model(model or s.model or f"{registry.name}@champion")
+    settings = ServeSettings(s, s.served_name or name, None, name, alias, tracking_uri(tracking, workdir),
                              str(workdir / "serve" / "cache"), key_sha)
     try:
         check_servable(settings, alias_version(settings))
@@ -149,16 +161,16 @@ def app(args: dict[str, str] | None = None):
     return application(cfg.serve, settings_for(cfg, model=args.get("model"), bundle=args.get("bundle")))
 
 
-def start(cfg: PipelineConfig, settings: ServeSettings):
+def start(cfg: ServeConfig, cluster: ClusterConfig, settings: ServeSettings):
     """Deploy on this process's Ray (started or joined by cluster.py); the ingress handle."""
     from ray import serve
 
     from flows.cluster import ensure_ray
 
-    ensure_ray(cfg.cluster)
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    keep_auth(settings, cfg.serve.api_key_env)
-    return serve.run(application(cfg.serve, settings), name=APP_NAME, route_prefix="/")
+    ensure_ray(cluster)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    keep_auth(settings, cfg.api_key_env)
+    return serve.run(application(cfg, settings), name=APP_NAME, route_prefix="/")
 
 
 def keep_auth(settings: ServeSettings, api_key_env: str, app_name: str = APP_NAME) -> None:
@@ -187,22 +199,22 @@ def keep_auth(settings: ServeSettings, api_key_env: str, app_name: str = APP_NAM
 DEPLOYMENT = "deployment.json"
 
 
-def deploy_step(cfg: PipelineConfig, out_dir: Path) -> Path:
+def deploy_step(cfg: ServeConfig, registry: RegistryConfig, out_dir: Path, ctx: StepContext) -> Path:
     """The pipeline's serve step (serve.deploy: true): (re)deploy on the configured Ray cluster after a
-    promotion and record where. The replicas follow the alias themselves; this makes sure the
-    application exists with the current serve settings."""
+    promotion and record where. The replicas follow the alias (default: registry.name@champion)
+    themselves; this makes sure the application exists with the current serve settings."""
     import json
 
     from flows.store import atomic_write_text
 
-    settings = settings_for(cfg)
+    settings = _settings(cfg, registry, ctx.tracking, ctx.workdir)
     if settings.bundle is None and settings.alias is None:
         raise ConfigError("serve: nothing to serve")
-    if not (cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+    if not (ctx.cluster.address or os.environ.get("RAY_ADDRESS")):
         log.warning("serve: deploying on this process's own local Ray, which stops when the pipeline exits; "
                     "set cluster.address to deploy on a cluster, or run `gptflow serve` for a server that stays")
-    start(cfg, settings)
-    record = {"app": APP_NAME, "url": f"http://{cfg.serve.host}:{cfg.serve.port}/v1",
+    start(cfg, ctx.cluster, settings)
+    record = {"app": APP_NAME, "url": f"http://{cfg.host}:{cfg.port}/v1",
               "model": settings.bundle or f"models:/{settings.registry_name}@{settings.alias}",
               "version": None if settings.bundle else alias_version(settings), "served_name": settings.served_name}
     atomic_write_text(Path(out_dir) / DEPLOYMENT, json.dumps(record, indent=2) + "\n")
@@ -225,7 +237,7 @@ def serve_forever(cfg: PipelineConfig, settings: ServeSettings) -> dict[str, Any
 
     from flows.tracking import stage_run
 
-    handle = start(cfg, settings)
+    handle = start(cfg.serve, cfg.cluster, settings)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stop.set())

@@ -1,10 +1,12 @@
-"""Training stage, driver side: ``train(train_cfg, model_cfg, dataset, init, out_dir, ctx)`` -> bundle.
+"""Training stage, driver side: ``train(train_cfg, model_cfg, dataset, init, out_dir, ctx)`` -> bundle,
+and ``distill(distill_cfg, dataset, teacher, init, out_dir, ctx)`` -> the student's bundle.
 
 What it is: the stage: plan (flows/train/plan.py, every check before any worker starts), the resume
 guard (flows/train/checkpoint.py), the stage's MLflow run, a Ray Train ``TorchTrainer`` over
 flows/train/loop.py, and the finished bundle. Fine-tuning is not a second code path: it is this
 stage with ``stage="finetune"``, an ``init`` model and the ``sft`` split, whose loss mask the loop
-applies; distillation is this stage with ``stage="distill"`` and a teacher (flows/train/teacher.py).
+applies; distillation (:func:`distill`) is this stage with ``stage="distill"`` and a teacher
+(flows/train/teacher.py), the student's architecture read from its own section.
 
 Resuming.  The Ray run ``<storage_path>/<run_name>`` is the "place" of a run: a fit under a name that
 already holds checkpoints resumes from the latest one (Ray Train's behaviour). The default name is
@@ -38,7 +40,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from flows.config import ModelConfig, TrainConfig, to_dict
+from flows.config import DistillConfig, ModelConfig, TrainConfig, to_dict
 from flows.context import StepContext
 from flows.models.base import BUNDLE_FILES
 from flows.store import atomic_write_text
@@ -96,6 +98,13 @@ def train(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Pat
         {"stage": stage, "ray_run_name": p.run_name, "metrics": metrics}, indent=2, sort_keys=True) + "\n")
     log.info("%s: bundle written to %s", stage, p.output_dir)
     return p.output_dir
+
+
+def distill(dc: DistillConfig, dataset: str | Path, teacher: str | Path, init: str | Path | None,
+            out_dir: str | Path, ctx: StepContext) -> Path:
+    """Distill `teacher` into a student described by `dc` (its preset, context and dropout; or `init`)
+    into the model bundle `out_dir`; return it."""
+    return train(dc, dc.student_model(), dataset, init, out_dir, ctx, "distill", teacher)
 
 
 def run_trainer(p: Plan, loop_cfg: LoopConfig) -> dict[str, Any]:

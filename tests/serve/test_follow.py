@@ -148,7 +148,7 @@ def test_the_serve_step_deploys_the_champion_on_the_configured_ray(store, versio
     step = next(s for s in pipeline.STEPS if s.name == "serve")
     assert step.enabled(cfg) and not step.enabled(PipelineConfig())
     try:
-        out = step.run(cfg, {"promoted": str(tmp_path)}, tmp_path, None)
+        out = step.run(cfg, {"promoted": str(tmp_path)}, tmp_path, pipeline.context(cfg))
         record = json.loads((out / "deployment.json").read_text())
         assert record["version"] == versions["b"] and record["url"] == f"{serve_url}/v1"
         assert _version_served(serve_url) == versions["b"]
