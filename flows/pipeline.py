@@ -1,10 +1,10 @@
 """The pipeline as data: the list of steps, who feeds whom, and one small runner.
 
 ``STEPS`` below is the whole pipeline. A step names the config sections it reads and the inputs
-it takes; its ``run`` hands exactly those to the stage function (``preprocess(data, out, ctx)``,
-``train(train, model, dataset, init, out, ctx)``, ``evaluate(evaluate, bundle, dataset, out, ctx)``,
-``deploy_step(serve, registry, out, ctx)``), which never reads another section and never decides
-whether it should run. The runner owns:
+it takes; its ``run`` (flows/stages.py) hands exactly those to the stage function
+(``preprocess(data, out, ctx)``, ``train(train, model, dataset, init, out, ctx)``,
+``evaluate(evaluate, bundle, dataset, out, ctx)``, ``deploy_step(serve, registry, out, ctx)``),
+which never reads another section and never decides whether it should run. The runner owns:
 
 - the output path ``<workdir>/<step>/<hash>/``: the hash of the step's name, its own sections
   (less the keys their fields declare unhashed: those that only name inputs or places, see
@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.config import PipelineConfig, RegistryConfig, stable_hash, to_dict
+from flows import stages
+from flows.config import PipelineConfig, stable_hash, to_dict
 from flows.configlib import hashed
 from flows.context import StepContext
 from flows.progress import Progress
@@ -70,92 +71,7 @@ class Step:
 DISTILL_STEPS = ("distill", "distill_evaluate", "distill_register", "distill_promote")
 
 
-# --------------------------------------------------------------------------- the steps
-
-
-def _import(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
-    from flows.models.base import build
-
-    return build(cfg.model.base, out, ctx)
-
-
-def _base_identity(cfg: PipelineConfig, ctx: StepContext) -> Any:
-    from flows.models.base import identity
-
-    return identity(cfg.model.base, ctx)
-
-
-def _preprocess(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
-    from flows.data.stage import BaseModel, preprocess
-
-    base = inputs.get("base")
-    return preprocess(cfg.data, out, ctx, BaseModel.of(Path(base), cfg.model.context_length) if base else None)
-
-
-def _data_fingerprint(cfg: PipelineConfig, ctx: StepContext) -> Any:
-    from flows.data.stage import fingerprint
-
-    # With a base model the context caps the fine-tuning examples (longer ones are dropped, counted).
-    return fingerprint(cfg.data, ctx) | ({"context_length": cfg.model.context_length} if cfg.model.base else {})
-
-
-def _trainer(stage: str) -> Callable[[PipelineConfig, Mapping[str, Any], Path, StepContext], Path]:
-    def run(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
-        from flows.train.driver import train
-
-        return train(getattr(cfg, stage), cfg.model, inputs["dataset"], inputs["init"], out, ctx, stage)
-
-    return run
-
-
-def _evaluate(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
-    from flows.evaluate.stage import evaluate
-
-    base = inputs.get("base")
-    return evaluate(cfg.evaluate, Path(inputs["bundle"]), Path(inputs["dataset"]), out, ctx.tracker, ctx.progress,
-                    base=Path(base) if base else None)
-
-
-def _register(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
-    from flows.registry.register import register
-
-    return register(cfg.registry, Path(inputs["bundle"]), Path(inputs["evaluation"]), Path(inputs["dataset"]), out, ctx)
-
-
-def _promote(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
-    from flows.registry.promote import promote
-
-    return promote(cfg.registry, cfg.evaluate, Path(inputs["registered"]), out, ctx)
-
-
-def _distill(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
-    from flows.train.driver import distill
-
-    return distill(cfg.distill, inputs["dataset"], inputs["teacher"], inputs["init"], out, ctx)
-
-
-def student_registry(cfg: PipelineConfig) -> RegistryConfig:
-    """The registry section the student is registered and promoted under: its own model name."""
-    return dataclasses.replace(cfg.registry, name=cfg.distill.registry_name or f"{cfg.registry.name}-student")
-
-
-def _register_student(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
-    from flows.registry.register import register
-
-    return register(student_registry(cfg), Path(inputs["bundle"]), Path(inputs["evaluation"]), Path(inputs["dataset"]),
-                    out, ctx, stage_steps=("distill", "distill_evaluate"), teacher_model=cfg.registry.name)
-
-
-def _promote_student(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
-    from flows.registry.promote import promote
-
-    return promote(student_registry(cfg), cfg.evaluate, Path(inputs["registered"]), out, ctx)
-
-
-def _serve(cfg: PipelineConfig, inputs: Mapping[str, Any], out: Path, ctx: StepContext) -> Path:
-    from flows.serve.deploy import deploy_step
-
-    return deploy_step(cfg.serve, cfg.registry, out, ctx)
+# --------------------------------------------------------------------------- the steps: when, from what
 
 
 def _registers(cfg: PipelineConfig) -> bool:
@@ -201,41 +117,41 @@ def _base_ref(cfg: PipelineConfig) -> StepRef | None:
 STEPS: tuple[Step, ...] = (
     # model.base (off by default): the base model as a bundle, named by the source's content (a step of
     # no sections and no inputs: flows/models/base.py's ensure() finds the same directory).
-    Step("import", _import, (), bind=lambda cfg: {}, fingerprint=_base_identity, enabled=_based),
-    Step("preprocess", _preprocess, ("data",), bind=lambda cfg: {"base": _base_ref(cfg)} if _based(cfg) else {},
-         fingerprint=_data_fingerprint),  # the inputs enter by content
-    Step("pretrain", _trainer("pretrain"), ("model", "pretrain"),
+    Step("import", stages.import_base, (), bind=lambda cfg: {}, fingerprint=stages.base_identity, enabled=_based),
+    Step("preprocess", stages.preprocess, ("data",), bind=lambda cfg: {"base": _base_ref(cfg)} if _based(cfg) else {},
+         fingerprint=stages.data_fingerprint),  # the inputs enter by content
+    Step("pretrain", stages.trainer("pretrain"), ("model", "pretrain"),
          bind=lambda cfg: {"dataset": cfg.pretrain.data or StepRef("preprocess"),
                            "init": cfg.pretrain.init or _base_ref(cfg)}, enabled=_pretrains),
-    Step("finetune", _trainer("finetune"), ("model", "finetune"),
+    Step("finetune", stages.trainer("finetune"), ("model", "finetune"),
          bind=lambda cfg: {"dataset": cfg.finetune.data or StepRef("preprocess"),
                            "init": cfg.finetune.init or _trained_model(cfg)},
          enabled=_finetunes),
-    Step("evaluate", _evaluate, ("evaluate",),
+    Step("evaluate", stages.evaluate, ("evaluate",),
          bind=lambda cfg: {"bundle": cfg.evaluate.bundle or _final_model(cfg),
                            "dataset": cfg.evaluate.data or StepRef("preprocess"),
                            **({"base": _base_ref(cfg)} if _based(cfg) else {})}),
-    Step("register", _register, ("registry",),
+    Step("register", stages.register, ("registry",),
          bind=lambda cfg: {"bundle": cfg.evaluate.bundle or _final_model(cfg), "evaluation": StepRef("evaluate"),
                            "dataset": cfg.evaluate.data or StepRef("preprocess")}, enabled=_registers),
-    Step("promote", _promote, ("registry", "evaluate"),
+    Step("promote", stages.promote, ("registry", "evaluate"),
          bind=lambda cfg: {"registered": StepRef("register")}, enabled=_registers),
     # Distillation (off by default): a student learns from the final model (or distill.teacher), then is
     # evaluated, registered under its own name and promoted through the same gate as any model.
-    Step("distill", _distill, ("distill",),
+    Step("distill", stages.distill, ("distill",),
          bind=lambda cfg: {"dataset": cfg.distill.data or StepRef("preprocess"),
                            "teacher": cfg.distill.teacher or _final_model(cfg), "init": cfg.distill.init},
          enabled=_distills),
-    Step("distill_evaluate", _evaluate, ("evaluate",),
+    Step("distill_evaluate", stages.evaluate, ("evaluate",),
          bind=lambda cfg: {"bundle": StepRef("distill"), "dataset": _student_eval_data(cfg)}, enabled=_distills),
-    Step("distill_register", _register_student, ("registry", "distill.registry_name"),
+    Step("distill_register", stages.register_student, ("registry", "distill.registry_name"),
          bind=lambda cfg: {"bundle": StepRef("distill"), "evaluation": StepRef("distill_evaluate"),
                            "dataset": _student_eval_data(cfg)}, enabled=lambda cfg: _registers(cfg) and _distills(cfg)),
-    Step("distill_promote", _promote_student, ("registry", "evaluate", "distill.registry_name"),
+    Step("distill_promote", stages.promote_student, ("registry", "evaluate", "distill.registry_name"),
          bind=lambda cfg: {"registered": StepRef("distill_register")},
          enabled=lambda cfg: _registers(cfg) and _distills(cfg)),
     # deploy_step also reads registry.name (the alias it follows): it enters the key through promote's.
-    Step("serve", _serve, ("serve",), bind=lambda cfg: {"promoted": StepRef("promote")},
+    Step("serve", stages.serve, ("serve",), bind=lambda cfg: {"promoted": StepRef("promote")},
          enabled=lambda cfg: _registers(cfg) and cfg.serve.deploy),
 )
 

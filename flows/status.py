@@ -99,7 +99,7 @@ def _registry(cfg: PipelineConfig) -> tuple[dict[str, Any] | None, dict[str, Any
 
     names = [cfg.registry.name]
     if cfg.distill.enabled:
-        from flows.pipeline import student_registry
+        from flows.stages import student_registry
 
         names.append(student_registry(cfg).name)
     if not (Path(cfg.workdir) / "mlflow.db").is_file() and not os.environ.get("MLFLOW_TRACKING_URI"):

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from flows import pipeline
+from flows import pipeline, stages
 from flows.config import ConfigError, load_config
 from flows.data.dataset import DataError
 from flows.train.plan import plan as plan_training
@@ -177,9 +177,9 @@ def test_the_pipeline_distills_only_when_asked_under_the_students_own_name(tmp_p
     assert set(pipeline.DISTILL_STEPS) <= set(planned)
     assert planned["distill"].inputs["teacher"] == planned["finetune"].out  # the final model teaches by default
     assert planned["distill_evaluate"].inputs["bundle"] == planned["distill"].out
-    assert pipeline.student_registry(on).name == "gpt-student"
+    assert stages.student_registry(on).name == "gpt-student"
     named = load_config(None, [f"workdir={tmp_path}", "distill.enabled=true", "distill.registry_name=small-gpt"])
-    assert pipeline.student_registry(named).name == "small-gpt"
+    assert stages.student_registry(named).name == "small-gpt"
     # The distillation settings shape the student: a new alpha is a new output; a new registry name is not.
     alpha = load_config(None, [f"workdir={tmp_path}", "distill.enabled=true", "distill.alpha=0.9"])
     assert pipeline.plan(alpha, wanted=["distill"])[-1].out != planned["distill"].out
