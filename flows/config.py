@@ -50,6 +50,8 @@ __all__ = [
 ]
 
 
+# The seams' sections (flows/tracking.py, flows/cluster.py): every step's context carries them, so
+# they live with the whole rather than beside one stage.
 @dataclass(frozen=True)
 class TrackingConfig:
     """MLflow: where runs go. The MLFLOW_TRACKING_URI environment variable wins over `uri`."""
@@ -79,7 +81,6 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus", self.num_cpus, ">= 1 (or empty for all)")
-
 
 
 # The pipeline's defaults (the embedded configs/local.yaml): pretrain the small preset on the builtin
@@ -136,7 +137,6 @@ class PipelineConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> PipelineConfig:

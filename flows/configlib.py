@@ -220,7 +220,6 @@ def _coerce(tp: Any, value: Any, source: str, key: str, base: Any = None) -> Any
     raise ConfigError(f"{source}: {key}: unsupported type {tp}")
 
 
-
 # --------------------------------------------------------------------------- hashing
 
 
