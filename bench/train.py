@@ -42,7 +42,7 @@ from flows.config import ClusterConfig, load_config  # noqa: E402
 from flows.context import StepContext  # noqa: E402
 from flows.pipeline import run as run_pipeline  # noqa: E402
 from flows.train.loop import compute_loss  # noqa: E402
-from flows.train.plan import WARMUP_TIMING_STEPS, plan  # noqa: E402
+from flows.train.prepare import WARMUP_TIMING_STEPS, prepare  # noqa: E402
 from flows.train.telemetry import default_peak_flops  # noqa: E402
 from flows.train.windows import TokenWindows  # noqa: E402
 
@@ -211,7 +211,7 @@ def main() -> None:
     from flows.cluster import ensure_ray
 
     ensure_ray(ClusterConfig(num_cpus=2))
-    p = plan(one.pretrain, one.model, one.pretrain.data, None, root / "plan" / "pretrain" / "bench",
+    p = prepare(one.pretrain, one.model, one.pretrain.data, None, root / "plan" / "pretrain" / "bench",
              StepContext(workdir=root / "plan"))
     from gptcore import GPTConfig
 

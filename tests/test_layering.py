@@ -102,7 +102,7 @@ def test_stage_packages_import_only_downward_and_never_the_runner():
         and not (pkg in ("flows.store", "flows.config") and d in ("flows",))
     ]
     assert not offenders, offenders
-    assert {"flows.data.dataset"} <= graph["flows.train.plan"] | graph["flows.train.windows"]
+    assert {"flows.data.dataset"} <= graph["flows.train.prepare"] | graph["flows.train.windows"]
     assert "flows.data.dataset" in graph["flows.evaluate.stage"]
 
 

@@ -37,7 +37,7 @@ from flows.train.checkpoint import (
     record_stop,
     save_checkpoint,
 )
-from flows.train.plan import LoopConfig
+from flows.train.prepare import LoopConfig
 from flows.train.teacher import Teacher, loss_parts
 from flows.train.telemetry import (
     AsyncLogger,

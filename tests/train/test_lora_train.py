@@ -82,10 +82,10 @@ def test_bf16_weights_without_zero_merge_into_the_bases_fp32_weights(ray_local, 
 
 
 def test_configs_lora_cannot_serve_are_refused_before_any_worker_starts(dataset, base, tmp_path):
-    from tests.steps import plan
+    from tests.steps import prepare
 
     with pytest.raises(ConfigError, match=r"finetune.zero_stage=3 is invalid: must be 0, 1 or 2 with lora"):
         _cfg(tmp_path, dataset, base, "finetune.zero_stage=3")
     with pytest.raises(ConfigError, match=r"pretrain.lora.r=2: LoRA adapts a pretrained model"):
-        plan(load_config(None, [f"workdir={tmp_path}", "tracking.enabled=false", f"pretrain.data={dataset}",
+        prepare(load_config(None, [f"workdir={tmp_path}", "tracking.enabled=false", f"pretrain.data={dataset}",
                                 "pretrain.lora.r=2", "model.preset=tiny"]))

@@ -1,6 +1,6 @@
-"""Training plan, driver side: everything decided before any worker starts.
+"""Preparing a training run, driver side: everything decided before any worker starts.
 
-What it is: :func:`plan` checks the config and the data before any
+What it is: :func:`prepare` checks the config and the data before any
 worker starts (missing or corrupt shards, tokenizer/model vocabulary mismatch, a context the data
 cannot fill, a GPU that is not there, ...), resolves the initial model, generates the DeepSpeed config
 from the typed :class:`~flows.config.TrainConfig` and the typed, frozen :class:`LoopConfig` every
@@ -38,7 +38,7 @@ WARMUP_TIMING_STEPS = 3
 
 
 @dataclass(frozen=True)
-class Plan:
+class RunSpec:
     """Everything the driver decided before starting workers (all JSON-serialisable)."""
 
     stage: str
@@ -104,8 +104,8 @@ def resolve_init(init: str, ctx: StepContext, stage: str, key: str = "init") -> 
     return bundle, {"source": source, "bundle": str(bundle), "model_sha256": sha}
 
 
-def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path | None, out_dir: str | Path,
-         ctx: StepContext, stage: str = "pretrain", teacher: str | Path | None = None) -> Plan:
+def prepare(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path | None, out_dir: str | Path,
+         ctx: StepContext, stage: str = "pretrain", teacher: str | Path | None = None) -> RunSpec:
     """Check config, initial model and data; decide the model, DeepSpeed config and resume place.
 
     Distillation (``stage="distill"``, `tc` a DistillConfig) also resolves and checks the `teacher`;
@@ -206,7 +206,7 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
     key = out.name  # the runner named the output after everything that determines the weights
     storage = tc.storage_path or str((Path(ctx.workdir) / "ray_results").resolve())
     require_driver(storage, f"{stage}.storage_path={storage!r}")  # s3://: the resume guard reads it with fsspec
-    return Plan(
+    return RunSpec(
         stage=stage, train=tc, gpt_config=gpt.to_dict(), context_length=T, dataset=info, split=split, eval_split=eval_split,
         init_bundle=str(init_bundle.resolve()) if init_bundle else None, parent=parent, key=key,
         output_dir=out, run_name=tc.run_name or f"{stage}-{key}", storage_path=storage, deepspeed_config=ds_config,
@@ -326,8 +326,8 @@ class LoopConfig:
     """The driver's progress relay (a Ray actor handle, flows/progress.py); rank 0 sends its step to it."""
 
 
-def loop_config(p: Plan, run_id: str | None, uri: str | None) -> LoopConfig:
-    """The worker's config for a plan and the stage's MLflow run."""
+def loop_config(p: RunSpec, run_id: str | None, uri: str | None) -> LoopConfig:
+    """The worker's config for a run spec and the stage's MLflow run."""
     from gptcore import GPTConfig
 
     tc = p.train
