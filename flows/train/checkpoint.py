@@ -48,7 +48,7 @@ class CheckpointError(ValueError):
 # or retried, where it runs) -- plus `steps`, which is what resuming into more steps changes.
 _RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
                       "max_failures", "max_skipped_updates", "peak_flops_per_device", "sample_prompts",
-                      "sample_tokens", "fail_at_step", "cpus_per_worker", "global_batch_size")
+                      "sample_tokens", "cpus_per_worker", "global_batch_size")
 
 
 def resume_identity(p: RunSpec) -> dict[str, Any]:

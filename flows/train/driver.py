@@ -42,6 +42,7 @@ from flows.config import ModelConfig, TrainConfig, to_dict
 from flows.context import StepContext
 from flows.models.base import BUNDLE_FILES
 from flows.store import atomic_write_text
+from flows.train import faults
 from flows.train.checkpoint import check_resume, resume_step, take_stop
 from flows.train.prepare import LoopConfig, RunSpec, check_cluster, loop_config, prepare
 
@@ -110,6 +111,7 @@ def run_trainer(p: RunSpec, loop_cfg: LoopConfig) -> dict[str, Any]:
     env = {"OMP_NUM_THREADS": str(tc.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false"}
     if not tc.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # no probing for CUDA/XPU on CPU workers
+    env |= faults.worker_env()  # test-only fault injection, when the driver's environment asks for it
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,

@@ -29,7 +29,7 @@ from flows.data.dataset import DataError
 from flows.train.prepare import prepare as prepare_training
 from flows.train.windows import TokenWindows
 from gptcore import GPT, Tokenizer, load_bundle, preset, save_bundle
-from tests.train.train_fixtures import make_dataset, stdlib_docs
+from tests.train.train_fixtures import injected_faults, make_dataset, stdlib_docs
 
 ROOT = Path(__file__).resolve().parents[2]
 T = 64
@@ -273,8 +273,9 @@ def test_a_lost_worker_resumes_the_distillation_to_identical_weights(distilled, 
     """Rank 1 exits once at step 25 (after the step-20 checkpoint); Ray restarts the group, which reloads
     the teacher and resumes: the student ends bit-identical to the uninterrupted run."""
     _, outs = distilled
-    cfg = _cfg(tmp_path, dataset, f"distill.teacher={teacher}", "distill.fail_at_step=25")
-    bundle = pipeline.step_output(_steps(cfg, ["distill"]), "distill")
+    cfg = _cfg(tmp_path, dataset, f"distill.teacher={teacher}")
+    with injected_faults(fail_at_step=25):
+        bundle = pipeline.step_output(_steps(cfg, ["distill"]), "distill")
     meta = load_bundle(bundle)[2]
     assert meta["resumed_from_step"] == 20, meta
     a, b = load_bundle(outs["distill"])[0].state_dict(), load_bundle(bundle)[0].state_dict()

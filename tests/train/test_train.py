@@ -24,13 +24,11 @@ import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-import flows.train.driver
 from flows.config import ConfigError, TrainConfig, load_config
 from flows.context import StepContext
 from flows.data.dataset import DataError, check_dataset
@@ -43,6 +41,7 @@ from flows.train.windows import TokenWindows
 from gptcore import GPT, Tokenizer, generate, load_bundle, preset
 from tests.steps import prepare, train
 from tests.train.train_fixtures import (
+    injected_faults,
     make_dataset,
     stdlib_docs,
     unigram_entropy,
@@ -86,14 +85,9 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-7, msg=k)
 
 
-@contextlib.contextmanager
-def _nan_loss_at(step: int) -> Iterator[None]:
-    """Rank 0's first micro-batch loss at `step` becomes NaN (the loop's test-only `nan_at_step` key)."""
-    original = flows.train.driver.loop_config
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flows.train.driver, "loop_config",
-                   lambda p, run_id, uri: dataclasses.replace(original(p, run_id, uri), nan_at_step=step))
-        yield
+def _nan_loss_at(step: int) -> contextlib.AbstractContextManager[None]:
+    """Rank 0's first micro-batch loss at `step` becomes NaN (the test-only fault `nan_at_step`)."""
+    return injected_faults(nan_at_step=step)
 
 
 def _ckpt_file(run_dir: Path, step: int, name: str) -> dict:
@@ -314,15 +308,13 @@ def test_skipped_update_and_resumed_lr_on_a_real_engine(one_process_group, tmp_p
     the lr schedule advances; resuming an N-step checkpoint under a 2N-step config makes the very next
     step use the 2N schedule's lr (the optimizer's saved lr is the N schedule's)."""
     from flows.train.checkpoint import STATE_FILE, load_checkpoint, record_files
-    from flows.train.loop import _init_engine
+    from flows.train.engine import init_engine
 
     def engine_for(steps: int):
         tc = load_config(None, [f"pretrain.steps={steps}", "pretrain.warmup_steps=1", f"pretrain.zero_stage={zero_stage}",
                                 "pretrain.micro_batch_size=4", "pretrain.num_workers=1", "pretrain.precision=fp32"]).pretrain
-        cfg = SimpleNamespace(deepspeed_config=deepspeed_config(tc), weight_decay=tc.weight_decay, lr=tc.lr,
-                              beta1=tc.beta1, beta2=tc.beta2, use_gpu=False)
         torch.manual_seed(0)
-        return _init_engine(cfg, torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)))
+        return init_engine(tc, deepspeed_config(tc), torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)))
 
     def train_step(engine) -> None:
         x = torch.randn(4, 8)
@@ -515,10 +507,10 @@ def test_worker_killed_from_outside_resumes_by_default_to_identical_weights(zero
 def test_exhausted_restarts_say_how_to_resume_and_the_same_command_does(zero2_uninterrupted, dataset, tmp_path):
     """Rank 1 exits at step 6 with restarts off: the error says so, where the checkpoints are and
     that a re-run resumes from step 4; the same command then does, to the uninterrupted weights."""
-    cfg = _cfg(tmp_path, dataset, *ZERO2, "pretrain.fail_at_step=6", "pretrain.max_failures=0")
+    cfg = _cfg(tmp_path, dataset, *ZERO2, "pretrain.max_failures=0")
     p = prepare(cfg)
     run_dir = Path(p.storage_path) / p.run_name
-    with _nan_loss_at(NAN_STEP), pytest.raises(RuntimeError) as failed:
+    with injected_faults(fail_at_step=6), _nan_loss_at(NAN_STEP), pytest.raises(RuntimeError) as failed:
         train(cfg)
     message = str(failed.value)
     assert (run_dir / "injected_failure_step6").is_file()  # rank 1 really exited at step 6
@@ -527,7 +519,8 @@ def test_exhausted_restarts_say_how_to_resume_and_the_same_command_does(zero2_un
     assert "re-run the same command (without --force) to resume from step 4" in message, message
     assert not (p.output_dir / "DONE").exists()
 
-    with _nan_loss_at(NAN_STEP):  # the same command (the injected failure happens once per run)
+    # the same command (the injected failure happens once per run)
+    with injected_faults(fail_at_step=6), _nan_loss_at(NAN_STEP):
         bundle = train(cfg)
     _assert_same_weights(zero2_uninterrupted, bundle)
     meta = load_bundle(bundle)[2]
