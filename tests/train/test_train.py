@@ -187,6 +187,26 @@ def test_preflight_rejects_tokenizer_mismatch_with_init_model(dataset, tmp_path)
         prepare(_cfg(tmp_path, dataset, f"finetune.init={tmp_path / 'nope'}", stage="finetune"), "finetune")
 
 
+def test_a_model_source_error_names_the_config_key_that_gave_it(tmp_path, monkeypatch):
+    """Resolving an init or teacher names the key the user set (distill.teacher, finetune.init), never an
+    internal name: here a registered model whose download holds no bundle, and an unknown builtin."""
+    import flows.models.base
+    import flows.tracking
+    from flows.train.prepare import resolve_init
+
+    def download(uri, dst, *args, **kwargs):  # a registered model without the bundle files
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(dst)
+
+    monkeypatch.setattr(flows.tracking, "download_model", download)
+    monkeypatch.setattr(flows.models.base, "identity", lambda source, ctx: {"uri": source}, raising=False)
+    ctx = StepContext(workdir=tmp_path)
+    with pytest.raises(ConfigError, match=r"^distill\.teacher='models:/m@champion': .*holds no bundle"):
+        resolve_init("models:/m@champion", ctx, "distill", key="teacher")
+    with pytest.raises(ConfigError, match=r"^finetune\.init='builtin:no-such-model': "):
+        resolve_init("builtin:no-such-model", ctx, "finetune")
+
+
 def test_preflight_rejects_gpu_and_cpus_the_cluster_lacks(ray_local):
     tc = load_config(None, ["pretrain.use_gpu=true"]).pretrain
     with pytest.raises(ConfigError, match="use_gpu=true.*0 GPUs"):
