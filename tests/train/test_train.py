@@ -266,6 +266,23 @@ def test_failure_message_says_what_gave_up_where_and_how_to_resume(dataset, tmp_
     assert "exhausted" not in other and "resume from step 6" in other, other
 
 
+def test_fault_injection_is_read_from_the_environment_only(monkeypatch):
+    """The test-only faults are no TrainConfig key; GPTFLOW_FAULT_INJECT carries them to the workers
+    and a typo in it is an error, not a silent no-op."""
+    from flows.train import faults
+
+    assert "fail_at_step" not in {f.name for f in dataclasses.fields(TrainConfig)}
+    assert faults.parse("fail_at_step=6, nan_at_step=1") == faults.Faults(fail_at_step=6, nan_at_step=1)
+    assert faults.parse(faults.encode(faults.Faults(nan_at_step=3))) == faults.Faults(nan_at_step=3)
+    monkeypatch.delenv(faults.ENV, raising=False)
+    assert faults.from_env() == faults.Faults() and faults.worker_env() == {}
+    monkeypatch.setenv(faults.ENV, "fail_at_step=2")
+    assert faults.worker_env() == {faults.ENV: "fail_at_step=2"}
+    monkeypatch.setenv(faults.ENV, "fail_at=2")
+    with pytest.raises(ValueError, match="GPTFLOW_FAULT_INJECT='fail_at=2': 'fail_at=2' is not one of"):
+        faults.worker_env()
+
+
 def test_bad_loss_detection():
     assert is_bad_loss(float("nan"), None, 0.0) and is_bad_loss(float("inf"), 2.0, 0.0)
     assert not is_bad_loss(9.0, 2.0, 0.0)  # spike detection off
