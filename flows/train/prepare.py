@@ -36,21 +36,31 @@ STAGES = ("pretrain", "finetune", "distill")
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything the driver decided before starting workers (all JSON-serialisable)."""
+    """A training run as the workers will run it: everything the driver decided before starting
+    them (all JSON-serialisable). Handed whole to every worker inside its LoopConfig."""
 
     stage: str
+    """pretrain, finetune or distill."""
     train: TrainConfig
+    """The stage's section as the user wrote it (a DistillConfig for distillation)."""
     gpt_config: dict[str, Any]
+    """The model to build (GPTConfig.to_dict()): the preset or init model, the data's vocabulary."""
     context_length: int
     """Training windows: the model's context, or less (model.context_length, capped by the init model's)."""
     dataset: DatasetInfo
     split: str
+    """The split trained on: train, sft, or distillation's choice."""
     eval_split: str | None
+    """The split validated on during training; None when the dataset has none that feeds every worker."""
     init_bundle: str | None
+    """The initial model's local bundle directory; None from scratch."""
     parent: dict[str, Any] | None
+    """The initial model's lineage, recorded in the bundle's metadata."""
     key: str
+    """The output directory's name: the runner's hash of everything that determines the weights."""
     output_dir: Path
     run_name: str
+    """The Ray Train run (under storage_path) that holds the resume checkpoints."""
     storage_path: str
     deepspeed_config: dict[str, Any]
     teacher: dict[str, Any] | None = None
