@@ -11,7 +11,7 @@ What it measures (CPU, defaults sized for a 2-core machine):
      1 B tokens (and a 10 M-token masked fine-tuning split): time and memory to open it, time per
      micro-batch drawn; target: near-constant in the dataset size (the masked split's one pass over
      its mask bytes is linear by design; those splits are small).
-Steady state leaves out the first steps after start (flows.train.WARMUP_TIMING_STEPS); evaluation and
+Steady state leaves out the first steps after start (flows.train.telemetry.WARMUP_TIMING_STEPS); evaluation and
 checkpoints are outside the timed steps in both loops. Tracking is off, so MLflow costs nothing here.
 
 What it is not: a GPU benchmark (bench/gpu_train.sh) or a test (nothing here asserts).
@@ -42,8 +42,8 @@ from flows.config import ClusterConfig, load_config  # noqa: E402
 from flows.context import StepContext  # noqa: E402
 from flows.pipeline import run as run_pipeline  # noqa: E402
 from flows.train.loop import compute_loss  # noqa: E402
-from flows.train.plan import WARMUP_TIMING_STEPS, plan  # noqa: E402
-from flows.train.telemetry import default_peak_flops  # noqa: E402
+from flows.train.prepare import prepare  # noqa: E402
+from flows.train.telemetry import WARMUP_TIMING_STEPS, default_peak_flops  # noqa: E402
 from flows.train.windows import TokenWindows  # noqa: E402
 
 log = logging.getLogger("bench.train")
@@ -211,7 +211,7 @@ def main() -> None:
     from flows.cluster import ensure_ray
 
     ensure_ray(ClusterConfig(num_cpus=2))
-    p = plan(one.pretrain, one.model, one.pretrain.data, None, root / "plan" / "pretrain" / "bench",
+    p = prepare(one.pretrain, one.model, one.pretrain.data, None, root / "plan" / "pretrain" / "bench",
              StepContext(workdir=root / "plan"))
     from gptcore import GPTConfig
 

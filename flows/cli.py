@@ -45,7 +45,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptflow", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+    # In the order `gptflow --help` lists them.
+    for add in (_stage_parsers, _pipeline_parsers, _evaluation_parsers, _registry_parsers, _serve_parser,
+                _capacity_parser, _model_file_parsers, _info_parsers):
+        add(sub)
+    from flows.ops import commands as ops  # submit, jobs, schedule
 
+    ops.add_parsers(sub, _config_args, _step_args)
+    return parser
+
+
+_MODEL_SOURCES = "bundle dir, models:/NAME@ALIAS, builtin:NAME, a .gguf or a HF directory"
+
+
+def _stage_parsers(sub: argparse._SubParsersAction) -> None:
+    """preprocess, pretrain, finetune, distill: one pipeline step each (distill: its steps)."""
     p = sub.add_parser("preprocess", help="raw text -> tokenizer + packed token shards")
     _config_args(p)
     p.add_argument("--input", action="append", default=[], help="file, folder, glob or URL (repeatable)")
@@ -58,13 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="fine-tune a model on prompt/completion data")
     _config_args(p)
     _train_args(p)
-    p.add_argument("--init", help="bundle dir, models:/NAME@ALIAS, builtin:NAME, a .gguf or a HF directory")
+    p.add_argument("--init", help=_MODEL_SOURCES)
 
     p = sub.add_parser("distill", help="train a smaller student from a teacher model, then evaluate, register "
                                        "and promote it under its own name")
     _config_args(p)
-    p.add_argument("--teacher", help="bundle dir, models:/NAME@ALIAS, builtin:NAME, a .gguf or a HF directory "
-                                     "(default: the pipeline's final model)")
+    p.add_argument("--teacher", help=f"{_MODEL_SOURCES} (default: the pipeline's final model)")
     p.add_argument("--student-preset", help="the student's model preset (default: distill.student_preset)")
     p.add_argument("--data", help="dataset directory from `gptflow preprocess` (tokenized with the teacher's tokenizer)")
     p.add_argument("--steps", type=int, help="optimizer steps")
@@ -72,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="weight of the labels' cross-entropy (distill.alpha)")
     p.add_argument("--temperature", type=float, help="softmax temperature of the KL term (distill.temperature)")
 
+
+def _pipeline_parsers(sub: argparse._SubParsersAction) -> None:
+    """run and plan: the whole pipeline, or what it would do."""
     p = sub.add_parser("run", help="the pipeline: preprocess -> pretrain -> finetune -> evaluate")
     _config_args(p)
     _step_args(p)
@@ -80,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(p)
     _step_args(p)
 
+
+def _evaluation_parsers(sub: argparse._SubParsersAction) -> None:
+    """evaluate and explain: a bundle's figures on data, and one text explained."""
     p = sub.add_parser("evaluate", help="evaluate a model bundle on a dataset's validation splits")
     _config_args(p)
     p.add_argument("bundle", help="model bundle directory")
@@ -90,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", help="the text to explain")
     p.add_argument("--out", default="explain", help="directory for the HTML/PNG/JSON files (default: ./explain)")
 
+
+def _registry_parsers(sub: argparse._SubParsersAction) -> None:
+    """promote, rollback, models, lineage: the MLflow registry."""
     p = sub.add_parser("promote", help="promote a registered version to @champion through the gate (or --force)")
     _config_args(p)
     p.add_argument("name", help="registered model name")
@@ -109,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", help="NAME@ALIAS or NAME/VERSION")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model over OpenAI's HTTP API (Ray Serve, continuous batching)")
     _config_args(p)
     which = p.add_mutually_exclusive_group()
@@ -117,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 8000)")
 
+
+def _capacity_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("capacity", help="memory per GPU for ZeRO 0-3, whether it fits, and the training time")
     _config_args(p)
     p.add_argument("--preset", help="model preset (default: model.preset); --set model.context_length=N to change it")
@@ -129,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--micro-batch", type=int, help="sequences per GPU per step (default: pretrain.micro_batch_size)")
     p.add_argument("--precision", help="fp32, bf16, bf16-autocast or fp16 (default: pretrain.precision)")
 
+
+def _model_file_parsers(sub: argparse._SubParsersAction) -> None:
+    """import, export, generate: model files and bundles, no config."""
     p = sub.add_parser("import", help="a pretrained model (HF directory, .gguf, builtin:NAME) -> a model bundle")
     p.add_argument("source", help="HF directory (llama or gpt2), a .gguf file, or builtin:smollm2-135m-instruct")
     p.add_argument("--out", required=True, help="bundle directory to write")
@@ -150,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int)
 
+
+def _info_parsers(sub: argparse._SubParsersAction) -> None:
+    """status and config: what is there, and what the configuration resolves to."""
     p = sub.add_parser("status", help="the last run's steps, the registry's champion and challenger, what serve "
                                       "would load, the schedule: one screen")
     _config_args(p)
@@ -157,11 +189,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("config", help="print the resolved configuration as JSON")
     _config_args(p)
-
-    from flows.ops import commands as ops  # submit, jobs, schedule
-
-    ops.add_parsers(sub, _config_args, _step_args)
-    return parser
 
 
 def resolve_config(args: argparse.Namespace) -> PipelineConfig:

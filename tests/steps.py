@@ -7,8 +7,8 @@ from pathlib import Path
 
 from flows import pipeline
 from flows.config import PipelineConfig
-from flows.train.plan import Plan
-from flows.train.plan import plan as plan_training
+from flows.train.prepare import RunSpec
+from flows.train.prepare import prepare as prepare_training
 
 
 def run_step(cfg: PipelineConfig, name: str) -> Path:
@@ -29,12 +29,12 @@ def train(cfg: PipelineConfig, stage: str = "pretrain") -> Path:
     return run_step(cfg, stage)
 
 
-def plan(cfg: PipelineConfig, stage: str = "pretrain") -> Plan:
-    """The training stage's plan for the output directory the runner would give it."""
+def prepare(cfg: PipelineConfig, stage: str = "pretrain") -> RunSpec:
+    """The training run's spec (flows/train/prepare.py) for the output directory the runner would give it."""
     planned = {p.step.name: p for p in pipeline.plan(cfg, wanted=[stage])} if stage in ("pretrain", "finetune") else {}
     if stage not in planned:  # an unknown stage, or finetune disabled: let the stage's own check speak
-        return plan_training(getattr(cfg, stage, cfg.pretrain), cfg.model, "", None, Path(cfg.workdir) / stage,
+        return prepare_training(getattr(cfg, stage, cfg.pretrain), cfg.model, "", None, Path(cfg.workdir) / stage,
                              pipeline.context(cfg), stage)
     p = planned[stage]
-    return plan_training(getattr(cfg, stage), cfg.model, p.inputs["dataset"], p.inputs["init"], p.out,
+    return prepare_training(getattr(cfg, stage), cfg.model, p.inputs["dataset"], p.inputs["init"], p.out,
                          pipeline.context(cfg), stage)

@@ -40,7 +40,7 @@ def _cfg(tmp_path: Path, *overrides: str):
 def test_the_import_step_is_addressed_by_the_sources_content_and_shared_with_init(tmp_path, gguf_base):
     from flows import pipeline
     from flows.models.base import ensure, identity, import_dir
-    from flows.train.plan import resolve_init
+    from flows.train.prepare import resolve_init
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("hello world\n" * 50)
@@ -71,7 +71,7 @@ def test_the_import_step_is_addressed_by_the_sources_content_and_shared_with_ini
 
 def test_a_changed_source_is_a_new_import_and_a_missing_one_an_error(tmp_path, tok):
     from flows.models.base import identity
-    from flows.train.plan import resolve_init
+    from flows.train.prepare import resolve_init
 
     path = write_gguf(tmp_path / "m.gguf", random_llama(tok.vocab_size, tied=True, seed=1), tok)
     ctx = StepContext(workdir=tmp_path / "w")

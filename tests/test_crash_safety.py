@@ -201,7 +201,7 @@ def test_a_checkpoint_file_changed_in_storage_is_refused_before_anything_unpickl
 def test_the_hugging_face_import_cache_keys_on_every_source_file(tmp_path):
     """Same weights, another tokenizer or config.json: a new import, not the stale cached bundle."""
     from flows.context import StepContext
-    from flows.train.plan import resolve_init
+    from flows.train.prepare import resolve_init
     from gptcore import Tokenizer, load_bundle
     from gptcore.hf import export_gpt2
 

@@ -116,7 +116,7 @@ def test_stage_packages_import_only_downward_and_never_the_runner():
     config = {m for m in graph if m in ("flows.config", "flows.configlib") or m.endswith(".config")}
     offenders += [f"{m} imports {d}" for m in sorted(config) for d in graph[m] if d not in config]
     assert not offenders, offenders
-    assert {"flows.data.dataset"} <= graph["flows.train.plan"] | graph["flows.train.windows"]
+    assert {"flows.data.dataset"} <= graph["flows.train.prepare"] | graph["flows.train.windows"]
     assert "flows.data.dataset" in graph["flows.evaluate.stage"]
 
 

@@ -143,7 +143,7 @@ def test_a_hugging_face_config_that_is_no_object_or_has_wrong_types_names_the_fi
 
 def test_a_corrupt_safetensors_file_in_a_hugging_face_directory_names_the_file(hf_dir, tmp_path):
     from flows.context import StepContext
-    from flows.train.plan import resolve_init
+    from flows.train.prepare import resolve_init
     from gptcore.hf import import_gpt2
 
     weights = hf_dir / "model.safetensors"

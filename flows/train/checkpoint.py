@@ -32,7 +32,7 @@ from flows.config import ConfigError, flatten, to_dict
 from flows.store import atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
-    from flows.train.plan import Plan
+    from flows.train.prepare import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,10 @@ class CheckpointError(ValueError):
 # or retried, where it runs) -- plus `steps`, which is what resuming into more steps changes.
 _RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
                       "max_failures", "max_skipped_updates", "peak_flops_per_device", "sample_prompts",
-                      "sample_tokens", "fail_at_step", "cpus_per_worker", "global_batch_size")
+                      "sample_tokens", "cpus_per_worker", "global_batch_size")
 
 
-def resume_identity(p: Plan) -> dict[str, Any]:
+def resume_identity(p: RunSpec) -> dict[str, Any]:
     """What a run's checkpoints depend on, beside its step count: must match to resume under its name."""
     train = {k: v for k, v in to_dict(p.train).items()
              if k not in _RESUMABLE_CHANGES and k not in _NAMES_ONLY}
@@ -66,7 +66,7 @@ def resume_identity(p: Plan) -> dict[str, Any]:
 _NAMES_ONLY = ("data", "init", "run_name", "storage_path", "enabled", "teacher", "registry_name")
 
 
-def check_resume(p: Plan) -> None:
+def check_resume(p: RunSpec) -> None:
     """Refuse to resume the run ``<storage_path>/<run_name>`` with a config it was not trained with.
 
     Ray resumes any run under a re-used name; without this check a changed lr, model or dataset would

@@ -138,8 +138,6 @@ class TrainConfig:
     """Where resume checkpoints go (shared by all nodes: a path or s3://...); empty = <workdir>/ray_results."""
     sample_tokens: int = 32
     """New tokens generated per sample prompt at each evaluation."""
-    fail_at_step: int = -1
-    """Testing only: at this step rank 1 (rank 0 if alone) exits once, to exercise fault tolerance; -1 = never."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     """Low-rank adapters instead of training every weight (needs an init model; ZeRO 0-2)."""
 
@@ -160,7 +158,6 @@ class TrainConfig:
             check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         for name in ("beta1", "beta2"):
             check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
-        check(self.fail_at_step >= -1, "fail_at_step", self.fail_at_step, ">= -1 (-1: never)")
         check(self.lr > 0, "lr", self.lr, "> 0")
         check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         expected = self.micro_batch_size * self.grad_accum * self.num_workers

@@ -1,7 +1,7 @@
 """Training stage, driver side: ``train(train_cfg, model_cfg, dataset, init, out_dir, ctx)`` -> bundle,
 and ``distill(distill_cfg, dataset, teacher, init, out_dir, ctx)`` -> the student's bundle.
 
-What it is: the stage: plan (flows/train/plan.py, every check before any worker starts), the resume
+What it is: the stage: prepare (flows/train/prepare.py, every check before any worker starts), the resume
 guard (flows/train/checkpoint.py), the stage's MLflow run, a Ray Train ``TorchTrainer`` over
 flows/train/loop.py, and the finished bundle. Fine-tuning is not a second code path: it is this
 stage with ``stage="finetune"``, an ``init`` model and the ``sft`` split, whose loss mask the loop
@@ -44,8 +44,9 @@ from flows.config import DistillConfig, ModelConfig, TrainConfig, to_dict
 from flows.context import StepContext
 from flows.models.base import BUNDLE_FILES
 from flows.store import atomic_write_text
+from flows.train import faults
 from flows.train.checkpoint import check_resume, resume_step, take_stop
-from flows.train.plan import LoopConfig, Plan, check_cluster, loop_config, plan
+from flows.train.prepare import LoopConfig, RunSpec, check_cluster, loop_config, prepare
 
 # The run's last checkpointed metrics, beside the bundle (not part of the bundle contract).
 RESULT_FILE = "train_result.json"
@@ -62,7 +63,7 @@ def train(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Pat
     """
     from flows.cluster import ensure_ray
 
-    p = plan(tc, mc, dataset, init, out_dir, ctx, stage, teacher)
+    p = prepare(tc, mc, dataset, init, out_dir, ctx, stage, teacher)
     if ctx.fresh and not tc.run_name:
         # --force: a fresh run, not a resume from the last run's final checkpoint under the same name.
         shutil.rmtree(Path(p.storage_path) / p.run_name, ignore_errors=True)
@@ -107,7 +108,7 @@ def distill(dc: DistillConfig, dataset: str | Path, teacher: str | Path, init: s
     return train(dc, dc.student_model(), dataset, init, out_dir, ctx, "distill", teacher)
 
 
-def run_trainer(p: Plan, loop_cfg: LoopConfig) -> dict[str, Any]:
+def run_trainer(p: RunSpec, loop_cfg: LoopConfig) -> dict[str, Any]:
     """Run the TorchTrainer; returns the last checkpointed report's metrics."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -119,6 +120,7 @@ def run_trainer(p: Plan, loop_cfg: LoopConfig) -> dict[str, Any]:
     env = {"OMP_NUM_THREADS": str(tc.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false"}
     if not tc.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # no probing for CUDA/XPU on CPU workers
+    env |= faults.worker_env()  # test-only fault injection, when the driver's environment asks for it
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
@@ -143,7 +145,7 @@ def run_trainer(p: Plan, loop_cfg: LoopConfig) -> dict[str, Any]:
     return dict(result.metrics or {})
 
 
-def failure_message(p: Plan, error: BaseException) -> str:
+def failure_message(p: RunSpec, error: BaseException) -> str:
     """What a failed fit tells the user: why it gave up, where its checkpoints are, how to resume."""
     from ray.train import WorkerGroupError
 

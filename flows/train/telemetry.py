@@ -1,4 +1,5 @@
-"""Training telemetry: MFU, memory, gradient norms, rank 0's asynchronous MLflow writes, loss curves.
+"""Training telemetry: throughput and MFU, memory, gradient norms, rank 0's asynchronous MLflow writes,
+loss curves.
 """
 
 from __future__ import annotations
@@ -7,12 +8,17 @@ import logging
 import queue
 import resource
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+# Steps after each (re)start left out of the steady-state throughput: allocator and thread-pool warm-up.
+WARMUP_TIMING_STEPS = 3
 
 
 def gradient_norm(model: torch.nn.Module) -> float:
@@ -112,3 +118,45 @@ def loss_figure(history: list[list[float]], title: str):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+@dataclass
+class Throughput:
+    """Tokens and FLOPs per step, and the steady-state clock: the steps timed after each (re)start's
+    warm-up (WARMUP_TIMING_STEPS)."""
+
+    tokens_per_step: int
+    flops_per_token: float
+    peak: float
+    """Peak FLOP/s of all the workers' devices together; 0: unknown (no MFU)."""
+    first_step: int
+    timed_steps: int = 0
+    timed_seconds: float = 0.0
+
+    def add(self, step: int, dt: float) -> None:
+        """`step` (just done) took `dt` seconds."""
+        if step - self.first_step > WARMUP_TIMING_STEPS:
+            self.timed_steps += 1
+            self.timed_seconds += dt
+
+    def tokens_per_s(self) -> float:
+        return self.tokens_per_step * self.timed_steps / self.timed_seconds if self.timed_seconds > 0 else float("nan")
+
+    def figures(self, tokens_seen: int) -> dict[str, Any]:
+        """The run's steady-state speed, for the last checkpoint's report."""
+        tps = self.tokens_per_s()
+        return {"tokens_per_s": tps, "mfu": tps * self.flops_per_token / self.peak if self.peak > 0 else float("nan"),
+                "timed_steps": self.timed_steps, "tokens_seen": tokens_seen}
+
+
+def memory_figures(rss_before_model: int, use_gpu: bool, device: torch.device, world: int) -> dict[str, float]:
+    """The most memory any rank used (a collective), and rank 0's GPU peak, for the last report."""
+    mem = torch.tensor([float(peak_rss_bytes()), float(peak_rss_bytes() - rss_before_model)],
+                       dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+    figures = {"peak_rss_bytes_max_rank": float(mem[0]),
+               "rss_growth_bytes_max_rank": float(mem[1])}  # peak minus before the model was built
+    if use_gpu:
+        figures["peak_gpu_bytes_rank0"] = float(torch.cuda.max_memory_allocated(device))
+    return figures

@@ -24,7 +24,7 @@ from flows.train.capacity import (
     training_days,
 )
 from gptcore import GPT, preset
-from tests.steps import plan, train
+from tests.steps import prepare, train
 from tests.train.train_fixtures import make_dataset
 
 CLUSTERS = [(1, 1), (8, 1), (8, 2), (4, 4)]
@@ -117,8 +117,8 @@ def _cfg(workdir: Path, data: Path, *overrides: str):
 def test_a_run_that_cannot_fit_fails_before_any_worker_starts_with_the_planners_figures(dataset, tmp_path):
     cfg = _cfg(tmp_path, dataset, "model.preset=gpt2-1.5b", "model.context_length=64", "pretrain.num_workers=2")
     with pytest.raises(ConfigError, match=r"capacity planner estimates [\d.]+ GiB per worker \(weights"):
-        plan(cfg)
-    assert plan(_cfg(tmp_path, dataset, "model.preset=tiny", "model.context_length=64")).gpt_config["n_layer"] == 4
+        prepare(cfg)
+    assert prepare(_cfg(tmp_path, dataset, "model.preset=tiny", "model.context_length=64")).gpt_config["n_layer"] == 4
 
 
 # What 2 CPU workers really hold, against the planner. gpt2-124m at vocab 512 and context 64 is 85M
@@ -139,7 +139,7 @@ def test_memory_model_matches_what_two_cpu_workers_measure(ray_local, dataset, t
     cfg = _cfg(tmp_path, dataset, "model.preset=gpt2-124m", "model.context_length=64", "pretrain.num_workers=2",
                f"pretrain.zero_stage={zero_stage}", "pretrain.steps=2", "pretrain.micro_batch_size=2",
                "pretrain.eval_every=2", "pretrain.checkpoint_every=2", "pretrain.eval_batches=1")
-    p = plan(cfg)
+    p = prepare(cfg)
     from gptcore import GPTConfig
 
     gpt = GPTConfig.from_dict(p.gpt_config)

@@ -26,10 +26,10 @@ import torch
 from flows import pipeline, stages
 from flows.config import ConfigError, load_config
 from flows.data.dataset import DataError
-from flows.train.plan import plan as plan_training
+from flows.train.prepare import prepare as prepare_training
 from flows.train.windows import TokenWindows
 from gptcore import GPT, Tokenizer, load_bundle, preset, save_bundle
-from tests.train.train_fixtures import make_dataset, stdlib_docs
+from tests.train.train_fixtures import injected_faults, make_dataset, stdlib_docs
 
 ROOT = Path(__file__).resolve().parents[2]
 T = 64
@@ -108,7 +108,7 @@ def test_a_teacher_with_another_tokenizer_is_refused_before_any_worker(dataset, 
     bad = _mismatched_teacher(dataset, tmp_path / "bad")
     cfg = _cfg(tmp_path / "w", dataset)
     with pytest.raises(DataError) as e:
-        plan_training(cfg.distill, cfg.model, dataset, None, tmp_path / "out", pipeline.context(cfg), "distill", bad)
+        prepare_training(cfg.distill, cfg.model, dataset, None, tmp_path / "out", pipeline.context(cfg), "distill", bad)
     message = str(e.value)
     assert "tokenizer mismatch" in message and str(bad / "tokenizer.json") in message, message
     assert str(dataset / "tokenizer.json") in message and f"data.tokenizer_path={bad}" in message, message
@@ -126,24 +126,24 @@ def test_a_teacher_shorter_than_the_student_or_none_is_refused(dataset, teacher,
     cfg = _cfg(tmp_path, dataset, f"distill.context_length={2 * T}")
     ctx = pipeline.context(cfg)
     with pytest.raises(ConfigError, match=rf"distill.context_length={2 * T} exceeds the teacher's context \({T}"):
-        plan_training(cfg.distill, cfg.model, dataset, None, tmp_path / "o", ctx, "distill", teacher)
+        prepare_training(cfg.distill, cfg.model, dataset, None, tmp_path / "o", ctx, "distill", teacher)
     with pytest.raises(ConfigError, match="distill.teacher is empty"):
-        plan_training(cfg.distill, cfg.model, dataset, None, tmp_path / "o", ctx, "distill", None)
+        prepare_training(cfg.distill, cfg.model, dataset, None, tmp_path / "o", ctx, "distill", None)
     with pytest.raises(ConfigError, match=r"distill.teacher='/nope': no such directory"):
-        plan_training(cfg.distill, cfg.model, dataset, None, tmp_path / "o", ctx, "distill", "/nope")
+        prepare_training(cfg.distill, cfg.model, dataset, None, tmp_path / "o", ctx, "distill", "/nope")
     with pytest.raises(ConfigError, match="distill.student_preset"):
-        plan_training(_cfg(tmp_path, dataset, "distill.student_preset=huge").distill, cfg.model, dataset, None,
+        prepare_training(_cfg(tmp_path, dataset, "distill.student_preset=huge").distill, cfg.model, dataset, None,
                       tmp_path / "o", ctx, "distill", teacher)
 
 
 def test_the_student_takes_the_teachers_vocabulary_and_context(dataset, teacher, tmp_path):
     cfg = _cfg(tmp_path, dataset, "distill.student_preset=tiny")
-    p = plan_training(cfg.distill, cfg.model, dataset, None, tmp_path / "o", pipeline.context(cfg), "distill", teacher)
+    p = prepare_training(cfg.distill, cfg.model, dataset, None, tmp_path / "o", pipeline.context(cfg), "distill", teacher)
     assert p.gpt_config["context_length"] == T and p.gpt_config["vocab_size"] == 512
     assert p.gpt_config["d_model"] == preset("tiny").d_model and p.split == "train" and p.eval_split == "val"
     assert p.teacher["bundle"] == str(teacher.resolve()) and p.teacher["alpha"] == 0.2
     sft = _cfg(tmp_path, dataset, "distill.split=sft", "distill.context_length=32")
-    p = plan_training(sft.distill, sft.model, dataset, None, tmp_path / "o", pipeline.context(sft), "distill", teacher)
+    p = prepare_training(sft.distill, sft.model, dataset, None, tmp_path / "o", pipeline.context(sft), "distill", teacher)
     assert (p.split, p.gpt_config["context_length"]) == ("sft", 32)
 
 
@@ -273,8 +273,9 @@ def test_a_lost_worker_resumes_the_distillation_to_identical_weights(distilled, 
     """Rank 1 exits once at step 25 (after the step-20 checkpoint); Ray restarts the group, which reloads
     the teacher and resumes: the student ends bit-identical to the uninterrupted run."""
     _, outs = distilled
-    cfg = _cfg(tmp_path, dataset, f"distill.teacher={teacher}", "distill.fail_at_step=25")
-    bundle = pipeline.step_output(_steps(cfg, ["distill"]), "distill")
+    cfg = _cfg(tmp_path, dataset, f"distill.teacher={teacher}")
+    with injected_faults(fail_at_step=25):
+        bundle = pipeline.step_output(_steps(cfg, ["distill"]), "distill")
     meta = load_bundle(bundle)[2]
     assert meta["resumed_from_step"] == 20, meta
     a, b = load_bundle(outs["distill"])[0].state_dict(), load_bundle(bundle)[0].state_dict()

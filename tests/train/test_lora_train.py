@@ -12,7 +12,7 @@ import torch
 from flows.config import ConfigError, load_config
 from gptcore import GPT, Tokenizer, load_bundle, preset, save_bundle
 from tests.steps import train
-from tests.train.train_fixtures import make_dataset
+from tests.train.train_fixtures import injected_faults, make_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +64,8 @@ def test_the_bundle_is_the_base_plus_a_merged_low_rank_update_on_the_targets(uni
 
 
 def test_a_worker_that_dies_mid_run_resumes_to_identical_weights(uninterrupted, dataset, base, tmp_path):
-    bundle = train(_cfg(tmp_path, dataset, base, *ZERO2, "finetune.fail_at_step=5"), "finetune")
+    with injected_faults(fail_at_step=5):
+        bundle = train(_cfg(tmp_path, dataset, base, *ZERO2), "finetune")
     meta = load_bundle(bundle)[2]
     # Rank 1 exited at step 5; the group restarted from the newest checkpoint Ray had registered by then.
     assert 0 < meta["resumed_from_step"] < 5, meta
@@ -82,10 +83,10 @@ def test_bf16_weights_without_zero_merge_into_the_bases_fp32_weights(ray_local, 
 
 
 def test_configs_lora_cannot_serve_are_refused_before_any_worker_starts(dataset, base, tmp_path):
-    from tests.steps import plan
+    from tests.steps import prepare
 
     with pytest.raises(ConfigError, match=r"finetune.zero_stage=3 is invalid: must be 0, 1 or 2 with lora"):
         _cfg(tmp_path, dataset, base, "finetune.zero_stage=3")
     with pytest.raises(ConfigError, match=r"pretrain.lora.r=2: LoRA adapts a pretrained model"):
-        plan(load_config(None, [f"workdir={tmp_path}", "tracking.enabled=false", f"pretrain.data={dataset}",
+        prepare(load_config(None, [f"workdir={tmp_path}", "tracking.enabled=false", f"pretrain.data={dataset}",
                                 "pretrain.lora.r=2", "model.preset=tiny"]))

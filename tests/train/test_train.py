@@ -24,25 +24,24 @@ import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-import flows.train.driver
 from flows.config import ConfigError, TrainConfig, load_config
 from flows.context import StepContext
 from flows.data.dataset import DataError, check_dataset
 from flows.train.checkpoint import check_resume, resume_step
 from flows.train.ds_config import deepspeed_config
 from flows.train.loop import compute_loss, is_bad_loss
-from flows.train.plan import check_cluster
-from flows.train.plan import plan as plan_training
+from flows.train.prepare import check_cluster
+from flows.train.prepare import prepare as prepare_training
 from flows.train.windows import TokenWindows
 from gptcore import GPT, Tokenizer, generate, load_bundle, preset
-from tests.steps import plan, train
+from tests.steps import prepare, train
 from tests.train.train_fixtures import (
+    injected_faults,
     make_dataset,
     stdlib_docs,
     unigram_entropy,
@@ -86,14 +85,9 @@ def _assert_same_weights(a: Path, b: Path) -> None:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=1e-7, msg=k)
 
 
-@contextlib.contextmanager
-def _nan_loss_at(step: int) -> Iterator[None]:
-    """Rank 0's first micro-batch loss at `step` becomes NaN (the loop's test-only `nan_at_step` key)."""
-    original = flows.train.driver.loop_config
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(flows.train.driver, "loop_config",
-                   lambda p, run_id, uri: dataclasses.replace(original(p, run_id, uri), nan_at_step=step))
-        yield
+def _nan_loss_at(step: int) -> contextlib.AbstractContextManager[None]:
+    """Rank 0's first micro-batch loss at `step` becomes NaN (the test-only fault `nan_at_step`)."""
+    return injected_faults(nan_at_step=step)
 
 
 def _ckpt_file(run_dir: Path, step: int, name: str) -> dict:
@@ -136,29 +130,29 @@ def test_bad_config_values_are_rejected_at_load(overrides, match):
 def test_preflight_rejects_bad_setups(dataset, tmp_path):
     cfg = load_config(None, [f"workdir={tmp_path}", *_TEST_DEFAULTS])
     with pytest.raises(ConfigError, match="pretrain.data is empty"):  # the stage called without a dataset
-        plan_training(cfg.pretrain, cfg.model, "", None, tmp_path / "out", StepContext(workdir=tmp_path))
+        prepare_training(cfg.pretrain, cfg.model, "", None, tmp_path / "out", StepContext(workdir=tmp_path))
     with pytest.raises(ConfigError, match="finetune.init is empty"):  # in the pipeline it is pretrain's output
-        plan_training(cfg.finetune, cfg.model, dataset, None, tmp_path / "out", StepContext(workdir=tmp_path),
+        prepare_training(cfg.finetune, cfg.model, dataset, None, tmp_path / "out", StepContext(workdir=tmp_path),
                       "finetune")
     with pytest.raises(ConfigError, match="fp16.*needs GPUs"):
-        plan(_cfg(tmp_path, dataset, "pretrain.precision=fp16"))
+        prepare(_cfg(tmp_path, dataset, "pretrain.precision=fp16"))
     with pytest.raises(ConfigError, match="offload_optimizer.*zero_stage"):
-        plan(_cfg(tmp_path, dataset, "pretrain.offload_optimizer=true"))
+        prepare(_cfg(tmp_path, dataset, "pretrain.offload_optimizer=true"))
     with pytest.raises(ConfigError, match="stage='eval'"):
-        plan(_cfg(tmp_path, dataset), "eval")
+        prepare(_cfg(tmp_path, dataset), "eval")
     with pytest.raises(DataError, match="manifest.json: missing"):
-        plan(_cfg(tmp_path, tmp_path / "nowhere"))
+        prepare(_cfg(tmp_path, tmp_path / "nowhere"))
     # The val split holds ~9k tokens in one shard: a 16k context cannot be filled.
     with pytest.raises(DataError, match="cannot fill context_length=16384"):
-        plan(_cfg(tmp_path, dataset, "model.context_length=16384"))
+        prepare(_cfg(tmp_path, dataset, "model.context_length=16384"))
     with pytest.raises(DataError, match="split 'val' holds 2 sequences of 4097 tokens, fewer than the 3 workers"):
-        plan(_cfg(tmp_path, dataset, "model.context_length=4096", "pretrain.num_workers=3"))
-    ok = plan(_cfg(tmp_path, dataset))
+        prepare(_cfg(tmp_path, dataset, "model.context_length=4096", "pretrain.num_workers=3"))
+    ok = prepare(_cfg(tmp_path, dataset))
     assert ok.gpt_config["vocab_size"] == 512 and ok.output_dir.parent == (tmp_path / "pretrain").resolve()
     # The Ray run name is derived from the output hash, so re-running a stopped config resumes it;
     # an explicit run_name (to resume a run by name) does not change what is trained.
     assert ok.run_name == f"pretrain-{ok.key}"
-    named = plan(_cfg(tmp_path, dataset, "pretrain.run_name=my-run"))
+    named = prepare(_cfg(tmp_path, dataset, "pretrain.run_name=my-run"))
     assert named.run_name == "my-run" and named.key == ok.key
 
 
@@ -166,14 +160,14 @@ def test_preflight_rejects_missing_and_corrupt_shards(dataset, tmp_path):
     missing = _copy_dataset(dataset, tmp_path / "missing")
     (missing / "train" / "00001.bin").unlink()
     with pytest.raises(DataError, match=r"train/00001.bin: shard listed in .* is missing"):
-        plan(_cfg(tmp_path, missing))
+        prepare(_cfg(tmp_path, missing))
     corrupt = _copy_dataset(dataset, tmp_path / "corrupt")
     shard = corrupt / "train" / "00000.bin"
     data = bytearray(shard.read_bytes())
     data[100] ^= 0xFF  # same size, different bytes
     shard.write_bytes(bytes(data))
     with pytest.raises(DataError, match="00000.bin: sha256 does not match"):
-        plan(_cfg(tmp_path, corrupt))
+        prepare(_cfg(tmp_path, corrupt))
     truncated = _copy_dataset(dataset, tmp_path / "truncated")
     mask = truncated / "sft" / "00000.mask.bin"
     mask.write_bytes(mask.read_bytes()[:-10])
@@ -188,9 +182,29 @@ def test_preflight_rejects_tokenizer_mismatch_with_init_model(dataset, tmp_path)
     bundle = save_bundle(tmp_path / "other", GPT(preset("tiny", vocab_size=other.vocab_size)), other)
     cfg = _cfg(tmp_path, dataset, f"finetune.init={bundle}", stage="finetune")
     with pytest.raises(DataError, match="tokenizer mismatch"):
-        plan(cfg, "finetune")
+        prepare(cfg, "finetune")
     with pytest.raises(ConfigError, match="no such directory"):
-        plan(_cfg(tmp_path, dataset, f"finetune.init={tmp_path / 'nope'}", stage="finetune"), "finetune")
+        prepare(_cfg(tmp_path, dataset, f"finetune.init={tmp_path / 'nope'}", stage="finetune"), "finetune")
+
+
+def test_a_model_source_error_names_the_config_key_that_gave_it(tmp_path, monkeypatch):
+    """Resolving an init or teacher names the key the user set (distill.teacher, finetune.init), never an
+    internal name: here a registered model whose download holds no bundle, and an unknown builtin."""
+    import flows.models.base
+    import flows.tracking
+    from flows.train.prepare import resolve_init
+
+    def download(uri, dst, *args, **kwargs):  # a registered model without the bundle files
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        return Path(dst)
+
+    monkeypatch.setattr(flows.tracking, "download_model", download)
+    monkeypatch.setattr(flows.models.base, "identity", lambda source, ctx: {"uri": source}, raising=False)
+    ctx = StepContext(workdir=tmp_path)
+    with pytest.raises(ConfigError, match=r"^distill\.teacher='models:/m@champion': .*holds no bundle"):
+        resolve_init("models:/m@champion", ctx, "distill", key="teacher")
+    with pytest.raises(ConfigError, match=r"^finetune\.init='builtin:no-such-model': "):
+        resolve_init("builtin:no-such-model", ctx, "finetune")
 
 
 def test_preflight_rejects_gpu_and_cpus_the_cluster_lacks(ray_local):
@@ -236,7 +250,7 @@ def test_failure_message_says_what_gave_up_where_and_how_to_resume(dataset, tmp_
 
     from flows.train.driver import failure_message
 
-    p = plan(_cfg(tmp_path, dataset))  # the default max_failures
+    p = prepare(_cfg(tmp_path, dataset))  # the default max_failures
     run_dir = Path(p.storage_path) / p.run_name
     lost = WorkerGroupError("rank 1: ActorDiedError", {1: RuntimeError("died")})
     fresh = failure_message(p, lost)
@@ -252,6 +266,23 @@ def test_failure_message_says_what_gave_up_where_and_how_to_resume(dataset, tmp_
     assert "exhausted" not in other and "resume from step 6" in other, other
 
 
+def test_fault_injection_is_read_from_the_environment_only(monkeypatch):
+    """The test-only faults are no TrainConfig key; GPTFLOW_FAULT_INJECT carries them to the workers
+    and a typo in it is an error, not a silent no-op."""
+    from flows.train import faults
+
+    assert "fail_at_step" not in {f.name for f in dataclasses.fields(TrainConfig)}
+    assert faults.parse("fail_at_step=6, nan_at_step=1") == faults.Faults(fail_at_step=6, nan_at_step=1)
+    assert faults.parse(faults.encode(faults.Faults(nan_at_step=3))) == faults.Faults(nan_at_step=3)
+    monkeypatch.delenv(faults.ENV, raising=False)
+    assert faults.from_env() == faults.Faults() and faults.worker_env() == {}
+    monkeypatch.setenv(faults.ENV, "fail_at_step=2")
+    assert faults.worker_env() == {faults.ENV: "fail_at_step=2"}
+    monkeypatch.setenv(faults.ENV, "fail_at=2")
+    with pytest.raises(ValueError, match="GPTFLOW_FAULT_INJECT='fail_at=2': 'fail_at=2' is not one of"):
+        faults.worker_env()
+
+
 def test_bad_loss_detection():
     assert is_bad_loss(float("nan"), None, 0.0) and is_bad_loss(float("inf"), 2.0, 0.0)
     assert not is_bad_loss(9.0, 2.0, 0.0)  # spike detection off
@@ -260,21 +291,21 @@ def test_bad_loss_detection():
 
 
 def test_resume_by_name_refuses_a_changed_config(dataset, tmp_path):
-    first = plan(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=10"))
+    first = prepare(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=10"))
     check_resume(first)
     # More steps, other logging/checkpoint intervals: the same run, resumable (and a new output hash).
-    longer = plan(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=20", "pretrain.eval_every=5",
+    longer = prepare(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=20", "pretrain.eval_every=5",
                        "pretrain.keep_checkpoints=4"))
     check_resume(longer)
     assert longer.key != first.key and longer.output_dir != first.output_dir
     with pytest.raises(ConfigError, match=r"run_name='r'.*different train\.lr, train\.warmup_steps"):
-        check_resume(plan(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.lr=5e-4",
+        check_resume(prepare(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.lr=5e-4",
                                "pretrain.warmup_steps=3")))
-    check_resume(plan(_cfg(tmp_path, dataset, "pretrain.run_name=other", "pretrain.lr=5e-4")))  # a new name is fine
+    check_resume(prepare(_cfg(tmp_path, dataset, "pretrain.run_name=other", "pretrain.lr=5e-4")))  # a new name is fine
 
 
 def test_resume_by_name_refuses_fewer_steps_than_its_checkpoint(dataset, tmp_path):
-    first = plan(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=10"))
+    first = prepare(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=10"))
     check_resume(first)
     run_dir = Path(first.storage_path) / "r"
     from flows.train.checkpoint import STATE_FILE, record_files
@@ -285,9 +316,9 @@ def test_resume_by_name_refuses_fewer_steps_than_its_checkpoint(dataset, tmp_pat
         (ckpt / STATE_FILE).write_text(json.dumps({"step": step, "tag": f"step{step:08d}"}))
         record_files(ckpt, rank=0, world_size=1)
     (run_dir / "checkpoint_00000009").mkdir()  # incomplete (a run killed while Ray gathered it): not counted
-    check_resume(plan(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=8")))  # same step: fine
+    check_resume(prepare(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=8")))  # same step: fine
     with pytest.raises(ConfigError, match=r"pretrain\.steps=6: run 'r' .* checkpoint at step 8.*never fewer"):
-        check_resume(plan(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=6")))
+        check_resume(prepare(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=6")))
 
 
 @pytest.fixture(scope="module")
@@ -314,15 +345,13 @@ def test_skipped_update_and_resumed_lr_on_a_real_engine(one_process_group, tmp_p
     the lr schedule advances; resuming an N-step checkpoint under a 2N-step config makes the very next
     step use the 2N schedule's lr (the optimizer's saved lr is the N schedule's)."""
     from flows.train.checkpoint import STATE_FILE, load_checkpoint, record_files
-    from flows.train.loop import _init_engine
+    from flows.train.engine import init_engine
 
     def engine_for(steps: int):
         tc = load_config(None, [f"pretrain.steps={steps}", "pretrain.warmup_steps=1", f"pretrain.zero_stage={zero_stage}",
                                 "pretrain.micro_batch_size=4", "pretrain.num_workers=1", "pretrain.precision=fp32"]).pretrain
-        cfg = SimpleNamespace(deepspeed_config=deepspeed_config(tc), weight_decay=tc.weight_decay, lr=tc.lr,
-                              beta1=tc.beta1, beta2=tc.beta2, use_gpu=False)
         torch.manual_seed(0)
-        return _init_engine(cfg, torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)))
+        return init_engine(tc, deepspeed_config(tc), torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)))
 
     def train_step(engine) -> None:
         x = torch.randn(4, 8)
@@ -480,7 +509,7 @@ def test_worker_killed_from_outside_resumes_by_default_to_identical_weights(zero
     # checkpoint_every does not enter the weights: a checkpoint every 2 steps leaves 8 to kill in.
     cfg = _cfg(tmp_path, dataset, *ZERO2, "pretrain.checkpoint_every=2")
     assert cfg.pretrain.max_failures == TrainConfig().max_failures > 0  # the default, not a test override
-    p = plan(cfg)
+    p = prepare(cfg)
     killed: list[tuple[int, int]] = []
     done = threading.Event()
     since = time.time() - 1  # psutil's create_time is rounded
@@ -515,10 +544,10 @@ def test_worker_killed_from_outside_resumes_by_default_to_identical_weights(zero
 def test_exhausted_restarts_say_how_to_resume_and_the_same_command_does(zero2_uninterrupted, dataset, tmp_path):
     """Rank 1 exits at step 6 with restarts off: the error says so, where the checkpoints are and
     that a re-run resumes from step 4; the same command then does, to the uninterrupted weights."""
-    cfg = _cfg(tmp_path, dataset, *ZERO2, "pretrain.fail_at_step=6", "pretrain.max_failures=0")
-    p = plan(cfg)
+    cfg = _cfg(tmp_path, dataset, *ZERO2, "pretrain.max_failures=0")
+    p = prepare(cfg)
     run_dir = Path(p.storage_path) / p.run_name
-    with _nan_loss_at(NAN_STEP), pytest.raises(RuntimeError) as failed:
+    with injected_faults(fail_at_step=6), _nan_loss_at(NAN_STEP), pytest.raises(RuntimeError) as failed:
         train(cfg)
     message = str(failed.value)
     assert (run_dir / "injected_failure_step6").is_file()  # rank 1 really exited at step 6
@@ -527,7 +556,8 @@ def test_exhausted_restarts_say_how_to_resume_and_the_same_command_does(zero2_un
     assert "re-run the same command (without --force) to resume from step 4" in message, message
     assert not (p.output_dir / "DONE").exists()
 
-    with _nan_loss_at(NAN_STEP):  # the same command (the injected failure happens once per run)
+    # the same command (the injected failure happens once per run)
+    with injected_faults(fail_at_step=6), _nan_loss_at(NAN_STEP):
         bundle = train(cfg)
     _assert_same_weights(zero2_uninterrupted, bundle)
     meta = load_bundle(bundle)[2]
@@ -626,7 +656,7 @@ def test_repeated_bad_updates_stop_the_run_with_a_clear_error(ray_local, dataset
     assert cfg.pretrain.max_failures > 0
     with pytest.raises(RuntimeError, match=r"^training stopped at step \d+: 3 consecutive updates had a NaN/inf loss"):
         train(cfg)
-    p = plan(cfg)
+    p = prepare(cfg)
     assert not (p.output_dir / "DONE").exists()
     assert resume_step(p.storage_path, p.run_name) is None  # checkpoint_every=10: none was written
     assert not (Path(p.storage_path) / p.run_name / "gptflow_stopped.txt").exists()  # taken by the driver
@@ -655,10 +685,10 @@ def test_init_from_a_registered_model_alias(dataset, tmp_path, monkeypatch):
     client.set_registered_model_alias("tiny-docs", "champion", version.version)
 
     cfg = _cfg(tmp_path, dataset, "finetune.init=models:/tiny-docs@champion", f"tracking.uri={uri}", stage="finetune")
-    p = plan(cfg, "finetune")
+    p = prepare(cfg, "finetune")
     assert p.parent == {"uri": "models:/tiny-docs@champion", "model_sha256": sha256_file(bundle / "model.safetensors")}
     assert p.gpt_config["context_length"] == 64 and Path(p.init_bundle).is_relative_to(tmp_path.resolve())
     # planning resolves the alias to a version (a moved alias re-runs the step): an unknown one is named there
     with pytest.raises(ValueError, match="model .tiny-docs. has no alias .nobody."):
-        plan(_cfg(tmp_path, dataset, "finetune.init=models:/tiny-docs@nobody", f"tracking.uri={uri}",
+        prepare(_cfg(tmp_path, dataset, "finetune.init=models:/tiny-docs@nobody", f"tracking.uri={uri}",
                   stage="finetune"), "finetune")

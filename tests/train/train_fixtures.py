@@ -8,13 +8,18 @@ with sft loss masks), written directly so training tests do not depend on the pr
 from __future__ import annotations
 
 import ast
+import contextlib
+import dataclasses
 import hashlib
 import json
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from flows.train import faults
 from gptcore import Tokenizer
 
 STDLIB_MODULES = ("argparse", "collections/__init__", "functools", "inspect", "json/__init__", "pathlib",
@@ -115,3 +120,12 @@ def unigram_entropy(root: Path, split: str = "train") -> float:
         counts += np.bincount(arr, minlength=len(counts))
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+@contextlib.contextmanager
+def injected_faults(**wanted: int) -> Iterator[None]:
+    """The training runs inside suffer these test-only faults (flows/train/faults.py: fail_at_step,
+    nan_at_step), besides any already injected."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(faults.ENV, faults.encode(dataclasses.replace(faults.from_env(), **wanted)))
+        yield

@@ -1,6 +1,6 @@
-"""Training plan, driver side: everything decided before any worker starts.
+"""Preparing a training run, driver side: everything decided before any worker starts.
 
-What it is: :func:`plan` checks the config and the data before any
+What it is: :func:`prepare` checks the config and the data before any
 worker starts (missing or corrupt shards, tokenizer/model vocabulary mismatch, a context the data
 cannot fill, a GPU that is not there, ...), resolves the initial model, generates the DeepSpeed config
 from the typed :class:`~flows.config.TrainConfig` and the typed, frozen :class:`LoopConfig` every
@@ -33,27 +33,34 @@ log = logging.getLogger(__name__)
 
 STAGES = ("pretrain", "finetune", "distill")
 
-# Steps after each (re)start left out of the steady-state throughput: allocator and thread-pool warm-up.
-WARMUP_TIMING_STEPS = 3
-
 
 @dataclass(frozen=True)
-class Plan:
-    """Everything the driver decided before starting workers (all JSON-serialisable)."""
+class RunSpec:
+    """A training run as the workers will run it: everything the driver decided before starting
+    them (all JSON-serialisable). Handed whole to every worker inside its LoopConfig."""
 
     stage: str
+    """pretrain, finetune or distill."""
     train: TrainConfig
+    """The stage's section as the user wrote it (a DistillConfig for distillation)."""
     gpt_config: dict[str, Any]
+    """The model to build (GPTConfig.to_dict()): the preset or init model, the data's vocabulary."""
     context_length: int
     """Training windows: the model's context, or less (model.context_length, capped by the init model's)."""
     dataset: DatasetInfo
     split: str
+    """The split trained on: train, sft, or distillation's choice."""
     eval_split: str | None
+    """The split validated on during training; None when the dataset has none that feeds every worker."""
     init_bundle: str | None
+    """The initial model's local bundle directory; None from scratch."""
     parent: dict[str, Any] | None
+    """The initial model's lineage, recorded in the bundle's metadata."""
     key: str
+    """The output directory's name: the runner's hash of everything that determines the weights."""
     output_dir: Path
     run_name: str
+    """The Ray Train run (under storage_path) that holds the resume checkpoints."""
     storage_path: str
     deepspeed_config: dict[str, Any]
     teacher: dict[str, Any] | None = None
@@ -104,16 +111,54 @@ def resolve_init(init: str, ctx: StepContext, stage: str, key: str = "init") -> 
     return bundle, {"source": source, "bundle": str(bundle), "model_sha256": sha}
 
 
-def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path | None, out_dir: str | Path,
-         ctx: StepContext, stage: str = "pretrain", teacher: str | Path | None = None) -> Plan:
+def prepare(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path | None, out_dir: str | Path,
+            ctx: StepContext, stage: str = "pretrain", teacher: str | Path | None = None) -> RunSpec:
     """Check config, initial model and data; decide the model, DeepSpeed config and resume place.
 
     Distillation (``stage="distill"``, `tc` a DistillConfig) also resolves and checks the `teacher`;
     the student's architecture comes from `tc` (its preset, or `init`), `mc` is not read.
     Raises ConfigError / DataError before any worker starts. Reads files; starts nothing.
     """
-    from gptcore import GPTConfig, Tokenizer, preset
+    _check_request(tc, dataset, init, stage)
+    teacher_info = None
+    if stage == "distill":
+        teacher_info, mc = _distill_student(tc, init, teacher, ctx)
+    init_bundle, parent = (resolve_init(str(init), ctx, stage) if init else (None, None))
+    gpt, T, model_tok = _initial_model(mc, init_bundle, stage)
+    split = {"pretrain": "train", "finetune": "sft"}.get(stage) or tc.split  # type: ignore[attr-defined]
+    info, eval_split, data_tok = _check_data(Path(dataset), split, T, tc.num_workers)
+    gpt = _match_data(gpt, mc, T, data_tok, Path(dataset), init_bundle, model_tok)
+    if teacher_info is not None:
+        _check_teacher(teacher_info, data_tok, Path(dataset) / "tokenizer.json", Path(dataset), T)
 
+    from flows.train.capacity import preflight
+
+    ds_config = deepspeed_config(tc, gpt.num_params())
+    local = not (os.environ.get("RAY_ADDRESS") or getattr(ctx.cluster, "address", None))
+    preflight(tc, windowed(gpt, T), stage, local=local, teacher=teacher_info["gpt"] if teacher_info else None)
+    out = Path(out_dir).resolve()
+    key = out.name  # the runner named the output after everything that determines the weights
+    storage = tc.storage_path or str((Path(ctx.workdir) / "ray_results").resolve())
+    require_driver(storage, f"{stage}.storage_path={storage!r}")  # s3://: the resume guard reads it with fsspec
+    return RunSpec(
+        stage=stage, train=tc, gpt_config=gpt.to_dict(), context_length=T, dataset=info, split=split, eval_split=eval_split,
+        init_bundle=str(init_bundle.resolve()) if init_bundle else None, parent=parent, key=key,
+        output_dir=out, run_name=tc.run_name or f"{stage}-{key}", storage_path=storage, deepspeed_config=ds_config,
+        teacher=None if teacher_info is None else {
+            "bundle": str(teacher_info["bundle"].resolve()), "lineage": teacher_info["lineage"],
+            "alpha": tc.alpha, "temperature": tc.temperature,  # type: ignore[attr-defined]
+        },
+    )
+
+
+def windowed(gpt: Any, T: int) -> Any:
+    """The model as trained on windows of T tokens: RoPE models cost (and hold) what T needs; learned
+    positions keep their table whole."""
+    return dataclasses.replace(gpt, context_length=T) if gpt.positions != "learned" else gpt
+
+
+def _check_request(tc: TrainConfig, dataset: str | Path, init: str | Path | None, stage: str) -> None:
+    """What the config alone must satisfy, before any file is read."""
     if stage not in STAGES:
         raise ConfigError(f"stage={stage!r} is invalid: must be one of {', '.join(STAGES)}")
     if not dataset:
@@ -132,89 +177,82 @@ def plan(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path
     if tc.offload_optimizer and tc.zero_stage == 0:
         raise ConfigError(f"{stage}.offload_optimizer=true needs zero_stage 1, 2 or 3 (got 0)")
     deepspeed_config(tc)  # its checks, before any file is read
-    teacher_info = None
-    if stage == "distill":
-        if not teacher:
-            raise ConfigError("distill.teacher is empty: distillation learns from a model (--teacher BUNDLE_DIR, "
-                              "models:/NAME@ALIAS, builtin:NAME, a .gguf file or a Hugging Face directory)")
-        teacher_info = _resolve_teacher(str(teacher), ctx)
-        student = tc.student_model()  # type: ignore[attr-defined]
-        T_teacher = teacher_info["gpt"].context_length
-        if student.context_length is not None and student.context_length > T_teacher:
-            raise ConfigError(f"distill.context_length={student.context_length} exceeds the teacher's context "
-                              f"({T_teacher}, {teacher_info['bundle'] / 'config.json'}): the teacher must see "
-                              "every window the student trains on")
-        mc = dataclasses.replace(student, context_length=student.context_length or (None if init else T_teacher))
 
-    init_bundle, parent = (None, None)
-    if init:
-        init_bundle, parent = resolve_init(str(init), ctx, stage)
-        gpt = GPTConfig.from_dict(json.loads((init_bundle / "config.json").read_text(encoding="utf-8")))
-        # The training windows: the pipeline's context, capped by the model's (which the bundle keeps).
-        T = min(mc.context_length or gpt.context_length, gpt.context_length)
-        if mc.context_length and mc.context_length > gpt.context_length:
-            log.warning("model.context_length=%d is capped at the init model's %d (%s)", mc.context_length,
-                        gpt.context_length, init_bundle / "config.json")
-        gpt = dataclasses.replace(gpt, dropout=mc.dropout, activation_checkpointing=mc.activation_checkpointing)
-        model_tok = Tokenizer.load(init_bundle / "tokenizer.json")
-    else:
+
+def _distill_student(tc: TrainConfig, init: str | Path | None, teacher: str | Path | None,
+                     ctx: StepContext) -> tuple[dict[str, Any], ModelConfig]:
+    """Distillation: the teacher (resolved and loaded) and the student's model section, whose context
+    defaults to the teacher's."""
+    if not teacher:
+        raise ConfigError("distill.teacher is empty: distillation learns from a model (--teacher BUNDLE_DIR, "
+                          "models:/NAME@ALIAS, builtin:NAME, a .gguf file or a Hugging Face directory)")
+    teacher_info = _resolve_teacher(str(teacher), ctx)
+    student = tc.student_model()  # type: ignore[attr-defined]
+    T_teacher = teacher_info["gpt"].context_length
+    if student.context_length is not None and student.context_length > T_teacher:
+        raise ConfigError(f"distill.context_length={student.context_length} exceeds the teacher's context "
+                          f"({T_teacher}, {teacher_info['bundle'] / 'config.json'}): the teacher must see "
+                          "every window the student trains on")
+    return teacher_info, dataclasses.replace(student, context_length=student.context_length or (
+        None if init else T_teacher))
+
+
+def _initial_model(mc: ModelConfig, init_bundle: Path | None, stage: str) -> tuple[Any, int, Any]:
+    """The architecture to train, the window length T, and the init model's tokenizer (None from scratch)."""
+    from gptcore import GPTConfig, Tokenizer, preset
+
+    if init_bundle is None:
         try:
             gpt = preset(mc.preset)
         except ValueError as e:
             raise ConfigError(f"{'distill.student_preset' if stage == 'distill' else 'model.preset'}: {e}") from None
-        model_tok = None
-        T = mc.context_length or gpt.context_length
+        return gpt, mc.context_length or gpt.context_length, None
+    gpt = GPTConfig.from_dict(json.loads((init_bundle / "config.json").read_text(encoding="utf-8")))
+    # The training windows: the pipeline's context, capped by the model's (which the bundle keeps).
+    T = min(mc.context_length or gpt.context_length, gpt.context_length)
+    if mc.context_length and mc.context_length > gpt.context_length:
+        log.warning("model.context_length=%d is capped at the init model's %d (%s)", mc.context_length,
+                    gpt.context_length, init_bundle / "config.json")
+    gpt = dataclasses.replace(gpt, dropout=mc.dropout, activation_checkpointing=mc.activation_checkpointing)
+    return gpt, T, Tokenizer.load(init_bundle / "tokenizer.json")
 
-    split = {"pretrain": "train", "finetune": "sft"}.get(stage) or tc.split  # type: ignore[attr-defined]
-    data_root = Path(dataset)
+
+def _check_data(data_root: Path, split: str, T: int, world: int) -> tuple[DatasetInfo, str | None, Any]:
+    """The dataset checked for `split` and the validation split (if any), and its tokenizer."""
     from flows.data.dataset import read_manifest
+    from gptcore import Tokenizer
 
     manifest = read_manifest(data_root)
     # Validation during training: held-out fine-tuning examples when fine-tuning (masked like sft), else
     # the pretraining text's val split; none when the dataset has neither.
     candidates = ("sft_val", "val") if split == "sft" else ("val",)
-    eval_split = next((s for s in candidates if _feeds(manifest, s, T, tc.num_workers)), None)
-    info = check_dataset(data_root, (split, eval_split) if eval_split else (split,), T, world=tc.num_workers)
-
+    eval_split = next((s for s in candidates if _feeds(manifest, s, T, world)), None)
+    info = check_dataset(data_root, (split, eval_split) if eval_split else (split,), T, world=world)
     data_tok_path = data_root / "tokenizer.json"
     data_tok = Tokenizer.load(data_tok_path)
     if data_tok.vocab_size != info.vocab_size:
         raise DataError(f"{data_tok_path}: {data_tok.vocab_size} tokens, but {data_root / 'manifest.json'} says "
                         f"vocab_size={info.vocab_size}")
-    if model_tok is not None:
-        if model_tok.sha256() != data_tok.sha256():
-            raise DataError(
-                f"tokenizer mismatch: the data in {data_root} was tokenized with {data_tok_path} "
-                f"({data_tok.vocab_size} tokens) but the init model uses {init_bundle / 'tokenizer.json'} "
-                f"({model_tok.vocab_size} tokens); preprocess with data.tokenizer_path={init_bundle}"
-            )
-        if gpt.vocab_size != data_tok.vocab_size:
-            raise DataError(f"{init_bundle / 'config.json'}: vocab_size={gpt.vocab_size} does not match the data's "
-                            f"tokenizer ({data_tok.vocab_size} tokens, {data_tok_path})")
-    else:
-        gpt = dataclasses.replace(gpt, vocab_size=data_tok.vocab_size, context_length=T, dropout=mc.dropout,
-                                  activation_checkpointing=mc.activation_checkpointing)
-    if teacher_info is not None:
-        _check_teacher(teacher_info, data_tok, data_tok_path, data_root, T)
+    return info, eval_split, data_tok
 
-    from flows.train.capacity import preflight
 
-    ds_config = deepspeed_config(tc, gpt.num_params())
-    preflight(tc, dataclasses.replace(gpt, context_length=T) if gpt.positions != "learned" else gpt, stage, local=not (os.environ.get("RAY_ADDRESS") or getattr(ctx.cluster, "address", None)),
-              teacher=teacher_info["gpt"] if teacher_info else None)
-    out = Path(out_dir).resolve()
-    key = out.name  # the runner named the output after everything that determines the weights
-    storage = tc.storage_path or str((Path(ctx.workdir) / "ray_results").resolve())
-    require_driver(storage, f"{stage}.storage_path={storage!r}")  # s3://: the resume guard reads it with fsspec
-    return Plan(
-        stage=stage, train=tc, gpt_config=gpt.to_dict(), context_length=T, dataset=info, split=split, eval_split=eval_split,
-        init_bundle=str(init_bundle.resolve()) if init_bundle else None, parent=parent, key=key,
-        output_dir=out, run_name=tc.run_name or f"{stage}-{key}", storage_path=storage, deepspeed_config=ds_config,
-        teacher=None if teacher_info is None else {
-            "bundle": str(teacher_info["bundle"].resolve()), "lineage": teacher_info["lineage"],
-            "alpha": tc.alpha, "temperature": tc.temperature,  # type: ignore[attr-defined]
-        },
-    )
+def _match_data(gpt: Any, mc: ModelConfig, T: int, data_tok: Any, data_root: Path, init_bundle: Path | None,
+                model_tok: Any) -> Any:
+    """An init model must share the data's tokenizer; a fresh model takes the data's vocabulary and T."""
+    data_tok_path = data_root / "tokenizer.json"
+    if model_tok is None:
+        return dataclasses.replace(gpt, vocab_size=data_tok.vocab_size, context_length=T, dropout=mc.dropout,
+                                   activation_checkpointing=mc.activation_checkpointing)
+    if model_tok.sha256() != data_tok.sha256():
+        raise DataError(
+            f"tokenizer mismatch: the data in {data_root} was tokenized with {data_tok_path} "
+            f"({data_tok.vocab_size} tokens) but the init model uses {init_bundle / 'tokenizer.json'} "
+            f"({model_tok.vocab_size} tokens); preprocess with data.tokenizer_path={init_bundle}"
+        )
+    if gpt.vocab_size != data_tok.vocab_size:
+        raise DataError(f"{init_bundle / 'config.json'}: vocab_size={gpt.vocab_size} does not match the data's "
+                        f"tokenizer ({data_tok.vocab_size} tokens, {data_tok_path})")
+    return gpt
 
 
 def _resolve_teacher(teacher: str, ctx: StepContext) -> dict[str, Any]:
@@ -270,92 +308,38 @@ def _git_commit() -> str | None:
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """What each training worker receives: typed, frozen, complete (nothing read from the environment)."""
+    """What each training worker receives: the run spec whole, plus what the driver adds to it for
+    the workers. Typed, frozen, picklable (Ray sends it to every worker); nothing read from the
+    environment but the test-only fault injection (flows/train/faults.py)."""
 
-    stage: str
-    steps: int
-    micro_batch_size: int
-    grad_accum: int
-    use_gpu: bool
-    cpus_per_worker: int
-    zero_stage: int
-    precision: str
-    compile: bool
-    lr: float
-    weight_decay: float
-    beta1: float
-    beta2: float
-    eval_every: int
-    eval_batches: int
-    checkpoint_every: int
-    loss_spike_factor: float
-    max_skipped_updates: int
-    peak_flops_per_device: float
-    seed: int
-    sample_tokens: int
-    sample_prompts: tuple[str, ...]
-    gpt_config: dict[str, Any]
-    context_length: int
-    """Tokens per training window (at most the model's context length)."""
+    spec: RunSpec
     flops_per_token: float
-    dataset: str
-    split: str
-    eval_split: str | None
-    init_bundle: str | None
-    deepspeed_config: dict[str, Any]
-    output_dir: str
-    run_name: str
-    storage_path: str
+    """Training FLOPs per token of the model on its windows (for MFU)."""
     run_id: str | None
+    """The stage's MLflow run, which rank 0 logs into (None: tracking off)."""
     tracking_uri: str | None
-    warmup_timing_steps: int
     bundle_metadata: dict[str, Any]
-    fail_at_step: int = -1
-    """Testing only: at this step rank 1 (rank 0 if alone) exits once (see TrainConfig.fail_at_step)."""
-    lora: dict[str, Any] | None = None
-    """LoRA adapters (r, alpha, dropout, targets) on the init model, merged at export; None: full training."""
-    fail_marker: str = ""
-    """Where the injected failure records that it happened, so the restarted worker passes the step."""
-    nan_at_step: int = -1
-    """Testing only: rank 0's first micro-batch loss at this step becomes NaN (no TrainConfig field)."""
-    teacher_bundle: str | None = None
-    """Distillation: the teacher's bundle directory, loaded on every worker in inference mode."""
-    distill_alpha: float = 1.0
-    distill_temperature: float = 1.0
+    """What the exported bundle's metadata.json says beside the loop's own figures (lineage)."""
     progress: Any = None
     """The driver's progress relay (a Ray actor handle, flows/progress.py); rank 0 sends its step to it."""
 
 
-def loop_config(p: Plan, run_id: str | None, uri: str | None) -> LoopConfig:
-    """The worker's config for a plan and the stage's MLflow run."""
+def loop_config(p: RunSpec, run_id: str | None, uri: str | None) -> LoopConfig:
+    """The worker's config for a run spec and the stage's MLflow run."""
     from gptcore import GPTConfig
 
-    tc = p.train
-    gpt = GPTConfig.from_dict(p.gpt_config)
-    return LoopConfig(
-        **{k: getattr(tc, k) for k in (
-            "steps", "micro_batch_size", "grad_accum", "use_gpu", "cpus_per_worker", "zero_stage", "precision",
-            "compile", "lr", "weight_decay", "beta1", "beta2", "eval_every", "eval_batches", "checkpoint_every",
-            "loss_spike_factor", "max_skipped_updates", "peak_flops_per_device", "seed", "sample_tokens",
-            "sample_prompts", "fail_at_step")},
-        stage=p.stage, gpt_config=p.gpt_config, context_length=p.context_length,
-        flops_per_token=(dataclasses.replace(gpt, context_length=p.context_length)
-                         if gpt.positions != "learned" else gpt).flops_per_token(),
-        dataset=p.dataset.path, split=p.split, eval_split=p.eval_split, init_bundle=p.init_bundle,
-        deepspeed_config=p.deepspeed_config, output_dir=str(p.output_dir),
-        run_name=p.run_name, storage_path=p.storage_path,
-        fail_marker=str(Path(p.storage_path) / p.run_name / f"injected_failure_step{tc.fail_at_step}")
-        if tc.fail_at_step >= 0 and "://" not in p.storage_path else "",
-        run_id=run_id, tracking_uri=uri, warmup_timing_steps=WARMUP_TIMING_STEPS,
-        lora=to_dict(tc.lora) if tc.lora.r else None,
-        **({"teacher_bundle": p.teacher["bundle"], "distill_alpha": p.teacher["alpha"],
-            "distill_temperature": p.teacher["temperature"]} if p.teacher else {}),
-        bundle_metadata={
-            "stage": p.stage, "config_hash": p.key, "git_commit": _git_commit(),
-            "dataset": p.dataset.path, "dataset_manifest_sha256": p.dataset.manifest_sha256,
-            "tokenizer_sha256": p.dataset.tokenizer_sha256, "parent": p.parent,
-            "train_config": to_dict(tc), "deepspeed_config": p.deepspeed_config,
-            **({"teacher": p.teacher["lineage"], "distillation": {
-                "alpha": p.teacher["alpha"], "temperature": p.teacher["temperature"]}} if p.teacher else {}),
-        },
-    )
+    flops = windowed(GPTConfig.from_dict(p.gpt_config), p.context_length).flops_per_token()
+    return LoopConfig(spec=p, flops_per_token=flops, run_id=run_id, tracking_uri=uri,
+                      bundle_metadata=_bundle_metadata(p))
+
+
+def _bundle_metadata(p: RunSpec) -> dict[str, Any]:
+    """The bundle's lineage: stage, config hash, code, data, parent (and teacher), and the configs."""
+    return {
+        "stage": p.stage, "config_hash": p.key, "git_commit": _git_commit(),
+        "dataset": p.dataset.path, "dataset_manifest_sha256": p.dataset.manifest_sha256,
+        "tokenizer_sha256": p.dataset.tokenizer_sha256, "parent": p.parent,
+        "train_config": to_dict(p.train), "deepspeed_config": p.deepspeed_config,
+        **({"teacher": p.teacher["lineage"], "distillation": {
+            "alpha": p.teacher["alpha"], "temperature": p.teacher["temperature"]}} if p.teacher else {}),
+    }
