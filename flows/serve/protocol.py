@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.data.sft import ROLES, render_chat_prompt
-from gptcore.generation import MAX_STOP_CHARS
+from gptcore.sampling import MAX_STOP_CHARS
 
 # Parameters OpenAI defines that gptflow accepts at their neutral value only: a client that sends
 # the default (the openai client never sends unset ones) works; asking for the feature is a 400.
