@@ -125,7 +125,7 @@ class _Running:
         return None
 
     def release(self, reason: str | None = None) -> SequenceOutput:
-        """What is new and ready since the last release; all of it once the sequence has finished."""
+        """What is new and ready since the last release; all of it once the sequence finished."""
         end = self.ready if reason is None else len(self.out)
         new = self.out[self.released:end]
         lps = self.logprobs[self.released:end] if self.request.logprobs is not None else None
@@ -255,7 +255,7 @@ class BatchEngine:
 
     def _accept(self, seq: _Running, token: int, logits: torch.Tensor,
                 outputs: list[SequenceOutput]) -> str | None:
-        """Give `seq` its next token and release what is ready; why the sequence ends, if it does."""
+        """Give `seq` its next token, release what is ready; why the sequence ends, if it does."""
         reason = seq.accept(token, logits, self.tokenizer)
         if reason is None and seq.ready > seq.released:
             outputs.append(seq.release())

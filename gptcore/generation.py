@@ -191,13 +191,14 @@ class _Forward:
         self.model, self.use_cache, self.max_new_tokens = model, use_cache, max_new_tokens
         self.device = next(model.parameters()).device
         self.ctx = model.config.context_length
-        self.flat = use_cache and can_decode_flat(model)  # whether the flat decoding step computes what forward would
+        # Whether the flat decoding step computes what forward would (no hooks, inference mode).
+        self.flat = use_cache and can_decode_flat(model)
         self.cache: KVCache | None = None
         self.mask: torch.Tensor | None = None  # (B, T) real tokens; None without padding
         self.decoder: Decoder | None = None
 
     def next_logits(self, rows: list[list[int]], taken: int) -> torch.Tensor:
-        """Each row's logits for its next token, (B, vocab); `taken` tokens were generated so far."""
+        """Each row's logits for its next token (B, vocab); `taken` tokens were generated so far."""
         cache = self.cache
         if not self.use_cache or cache is None or cache.pos >= cache.max_len or max(map(len, rows)) > self.ctx:
             return self._encode(rows, taken)
@@ -209,7 +210,8 @@ class _Forward:
         """(Re-)encode the last ctx tokens of every row into a new cache."""
         model, ctx = self.model, self.ctx
         idx, mask = _left_pad([r[-ctx:] for r in rows], self.device)
-        self.mask = None if bool(mask.all()) else mask  # no padding: the cheaper plain-causal attention path
+        # No padding: the cheaper plain-causal attention path.
+        self.mask = None if bool(mask.all()) else mask
         # Only as long as this generation can get: a cache of the whole context is zeroed
         # memory a long-context model pays for every call (SmolLM2's 8192 positions at batch
         # 8: 2.9 GB, seconds on this machine, for a 160-token generation).

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 
-def read_json_object(path: str | Path, what: str = "a JSON object",
-                     error: type[ValueError] = ValueError) -> dict[str, Any]:
+def read_json_object(
+    path: str | Path, what: str = "a JSON object", error: type[ValueError] = ValueError
+) -> dict[str, Any]:
     """The object in `path`; `error` (a ValueError) naming the file when it cannot be read, is not
     JSON, or holds something else than `what` expects (reported as "expected {what}, got list")."""
     path = Path(path)

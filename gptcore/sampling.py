@@ -1,4 +1,4 @@
-"""How the next token is chosen: :class:`SamplingParams`, checked once, and the functions that apply it.
+"""How the next token is chosen: :class:`SamplingParams`, checked once, and the code applying it.
 
 One definition of every decoding setting (temperature, top-k, top-p, repetition penalty, stop ids
 and strings, seed) shared by :func:`gptcore.generate`, the continuous-batching engine
@@ -26,7 +26,7 @@ length squared in character comparisons per decode step."""
 
 
 class SamplingError(ValueError):
-    """A sampling setting out of its range; `field` names the setting (the server's error `param`)."""
+    """A sampling setting out of its range; `field` names the setting (the server's `param`)."""
 
     def __init__(self, field: str, message: str):
         super().__init__(message)
@@ -63,21 +63,32 @@ class SamplingParams:
         object.__setattr__(self, "stop_strings", tuple(_strings("stop_strings", self.stop_strings)))
         t, k, p, rp = self.temperature, self.top_k, self.top_p, self.repetition_penalty
         if not (isinstance(t, int | float) and math.isfinite(t) and t >= 0):
-            raise SamplingError("temperature", f"temperature={t!r} must be a finite number >= 0 (0 is greedy search)")
+            raise SamplingError(
+                "temperature",
+                f"temperature={t!r} must be a finite number >= 0 (0 is greedy search)",
+            )
         if k is not None and not (_is_int(k) and k >= 1):
-            raise SamplingError("top_k", f"top_k={k!r} must be an integer >= 1 (omit it for no top-k filter)")
+            raise SamplingError(
+                "top_k", f"top_k={k!r} must be an integer >= 1 (omit it for no top-k filter)"
+            )
         if p is not None and not (isinstance(p, int | float) and 0 < p <= 1):
-            raise SamplingError("top_p", f"top_p={p!r} must be in (0, 1]: > 0 and at most 1 "
-                                "(omit it for no nucleus filter)")
+            raise SamplingError(
+                "top_p",
+                f"top_p={p!r} must be in (0, 1]: > 0 and at most 1 (omit it for no nucleus filter)",
+            )
         if not (isinstance(rp, int | float) and math.isfinite(rp) and rp > 0):
-            raise SamplingError("repetition_penalty",
-                                f"repetition_penalty={rp!r} must be a finite number > 0 (1 is none)")
+            raise SamplingError(
+                "repetition_penalty",
+                f"repetition_penalty={rp!r} must be a finite number > 0 (1 is none)",
+            )
         if self.seed is not None and not _is_int(self.seed):
-            raise SamplingError("seed", f"seed={self.seed!r} must be an integer (omit it for an unseeded sample)")
+            raise SamplingError(
+                "seed", f"seed={self.seed!r} must be an integer (omit it for an unseeded sample)"
+            )
 
     @property
     def plain_argmax(self) -> bool:
-        """Whether the next token is the argmax of the raw logits: a batch picks all such rows at once."""
+        """Whether the next token is the raw logits' argmax (a batch picks those rows at once)."""
         return self.temperature == 0 and self.repetition_penalty == 1.0
 
 
@@ -98,7 +109,9 @@ def _ints(name: str, values: Iterable[Any]) -> list[int]:
 
 def _strings(name: str, values: Iterable[Any]) -> list[str]:
     if isinstance(values, str) or not isinstance(values, Iterable):
-        raise SamplingError(name, f"{name}={values!r} must be a list of strings (a single one in a list)")
+        raise SamplingError(
+            name, f"{name}={values!r} must be a list of strings (a single one in a list)"
+        )
     out = list(values)
     bad = next((v for v in out if not isinstance(v, str)), None)
     if bad is not None:
@@ -116,8 +129,12 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return torch.Generator(device=device).manual_seed(params.seed)
 
 
-def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-           histories: Sequence[Sequence[int]] = ()) -> torch.Tensor:
+def sample(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    histories: Sequence[Sequence[int]] = (),
+) -> torch.Tensor:
     """Next token per row of `logits` (B, vocab), float: the repetition penalty over each row's
     `histories` (its tokens so far, prompt included), then argmax or a filtered sample. (B,)"""
     if params.repetition_penalty != 1.0:
@@ -125,7 +142,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return pick(logits, params, generator)
 
 
-def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
+def pick(
+    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
+) -> torch.Tensor:
     """Next token per row: argmax at temperature 0, else a sample from the filtered distribution."""
     if params.temperature == 0:
         return logits.argmax(dim=-1)
@@ -144,7 +163,9 @@ def pick(logits: torch.Tensor, params: SamplingParams, generator: torch.Generato
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def penalize_repeats(logits: torch.Tensor, rows: Sequence[Sequence[int]], penalty: float) -> torch.Tensor:
+def penalize_repeats(
+    logits: torch.Tensor, rows: Sequence[Sequence[int]], penalty: float
+) -> torch.Tensor:
     """CTRL-style penalty on every token already in the row (divide positive, multiply negative)."""
     logits = logits.clone()
     for i, r in enumerate(rows):
@@ -160,7 +181,7 @@ def penalize_repeats(logits: torch.Tensor, rows: Sequence[Sequence[int]], penalt
 
 
 def stop_cut(tokenizer: Any, ids: list[int], stop_strings: Sequence[str]) -> int | None:
-    """Tokens to keep if the decoded text contains a stop string (up to where it starts), else None."""
+    """Tokens to keep if the decoded text holds a stop string (up to where it starts), or None."""
     text = tokenizer.decode(ids)
     starts = [text.find(s) for s in stop_strings if s and s in text]
     if not starts:
@@ -186,5 +207,5 @@ def ends_with_prefix(text: str, stop: str) -> bool:
     characters: the cost per call is bounded by len(stop) squared, whatever the text's length (it
     used to build every prefix of the stop string on every decode step, which a stop string of
     240 K characters turned into seconds per step for every client of a server)."""
-    tail = text[-(len(stop) - 1):] if len(stop) > 1 else ""
+    tail = text[-(len(stop) - 1) :] if len(stop) > 1 else ""
     return any(stop.startswith(tail[i:]) for i in range(len(tail)))

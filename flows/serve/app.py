@@ -224,7 +224,8 @@ class GPTServer:
     def _sequences(self, gen: Generation, loaded: Loaded) -> list[dict[str, Any]]:
         """The engine's sequences for a request: n per prompt, in OpenAI's choice order."""
         limits, tok = loaded.limits, loaded.tokenizer
-        stops = gen.sampling.stop_strings + (CHAT_TURN_STOPS if gen.chat and not gen.templated else ())  # else: stop_ids
+        # A templated chat ends at the model's end-of-turn token (stop_ids); gptflow's own format at a next turn.
+        stops = gen.sampling.stop_strings + (CHAT_TURN_STOPS if gen.chat and not gen.templated else ())
         sampling = replace(gen.sampling, stop_ids=loaded.stop_ids, stop_strings=stops)
         seed = sampling.seed
         out = []

@@ -34,8 +34,12 @@ def check_key(headers: Headers, want: str | None) -> None:
     scheme, _, key = headers.get("authorization", "").partition(" ")
     given = hashlib.sha256(key.strip().encode()).hexdigest() if scheme.lower() == "bearer" else ""
     if not hmac.compare_digest(given, want):
-        raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                       type="authentication_error", code="invalid_api_key")
+        raise APIError(
+            401,
+            "missing or wrong API key: send `Authorization: Bearer <key>`",
+            type="authentication_error",
+            code="invalid_api_key",
+        )
 
 
 class RequireKey:
@@ -48,11 +52,13 @@ class RequireKey:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             path, root = scope.get("path", ""), scope.get("root_path", "")
-            path = path[len(root):] if root and path.startswith(root) else path
+            path = path[len(root) :] if root and path.startswith(root) else path
             if path == "/v1" or path.startswith("/v1/"):
                 try:
                     check_key(Headers(scope=scope), _REPLICA_KEY["sha256"])
                 except APIError as e:
-                    await JSONResponse(e.body(), status_code=e.status, headers=e.headers)(scope, receive, send)
+                    await JSONResponse(e.body(), status_code=e.status, headers=e.headers)(
+                        scope, receive, send
+                    )
                     return
         await self.app(scope, receive, send)

@@ -33,9 +33,13 @@ class HotSwap:
         self._leases: dict[int, int] = {}  # id(Loaded) -> requests using it
         self._retired: list[Loaded] = []  # swapped out, still leased
         self.refused: dict[str, str] = {}  # version -> why it is not served
-        self._recheck: set[str] = set()  # refused for now (gate not passed): looked at again each poll
+        self._recheck: set[str] = (
+            set()
+        )  # refused for now (gate not passed): looked at again each poll
         self.swaps = 0
-        self.registry_problem: str | None = None  # why the alias cannot be read now, while still serving
+        self.registry_problem: str | None = (
+            None  # why the alias cannot be read now, while still serving
+        )
         self._stop = threading.Event()
         version = None
         if settings.bundle:
@@ -87,10 +91,10 @@ class HotSwap:
     # ------------------------------------------------------------------ following the alias
 
     def _follow_alias(self) -> None:
-        """Poll NAME@ALIAS; load a new version beside the current one, then swap. A version that is not
-        vetted (gate not passed, weights not matching their sha256 tag) or fails to load is refused; a
-        fetch that fails for a passing reason (the registry away) is retried with backoff, and the
-        current version keeps serving meanwhile (/healthz says so)."""
+        """Poll NAME@ALIAS; load a new version beside the current one, then swap. A version that
+        is not vetted (gate not passed, weights not matching their sha256 tag) or fails to load is
+        refused; a fetch that fails for a passing reason (the registry away) is retried with
+        backoff, and the current version keeps serving meanwhile (/healthz says so)."""
         from flows.data.inputs import redact_text
 
         s = self.settings
@@ -99,13 +103,17 @@ class HotSwap:
             try:
                 version = alias_version(s)
             except Exception as e:  # noqa: BLE001 - a registry hiccup must not stop the server
-                self.registry_problem = (f"cannot read {s.registry_name}@{s.alias} since "
-                                         f"{time.strftime('%H:%M:%S')}: {redact_text(str(e))[:300]}; "
-                                         f"still serving version {self.current.version}")
+                self.registry_problem = (
+                    f"cannot read {s.registry_name}@{s.alias} since "
+                    f"{time.strftime('%H:%M:%S')}: {redact_text(str(e))[:300]}; "
+                    f"still serving version {self.current.version}"
+                )
                 log.warning("%s", self.registry_problem)
                 continue
             self.registry_problem = None
-            if version == self.current.version or (version in self.refused and version not in self._recheck):
+            if version == self.current.version or (
+                version in self.refused and version not in self._recheck
+            ):
                 continue
             failures, not_before = retry.get(version, (0, 0.0))
             if time.time() < not_before:
@@ -114,16 +122,27 @@ class HotSwap:
                 bundle = fetch(s, version)
             except Refused as e:
                 if self.refused.get(version) != str(e):  # said once, not at every poll
-                    log.error("refusing %s version %s: %s; still serving version %s", s.registry_name, version,
-                              e, self.current.version)
+                    log.error(
+                        "refusing %s version %s: %s; still serving version %s",
+                        s.registry_name,
+                        version,
+                        e,
+                        self.current.version,
+                    )
                 self.refused[version] = str(e)
                 (self._recheck.discard if e.final else self._recheck.add)(version)
                 continue
             except Exception as e:  # noqa: BLE001 - transient: try again later, keep serving
-                delay = min(self.cfg.poll_s * 2 ** failures, 300.0)
+                delay = min(self.cfg.poll_s * 2**failures, 300.0)
                 retry[version] = (failures + 1, time.time() + delay)
-                log.warning("cannot fetch %s version %s (%s); retrying in %.0f s, still serving version %s",
-                            s.registry_name, version, redact_text(str(e))[:300], delay, self.current.version)
+                log.warning(
+                    "cannot fetch %s version %s (%s); retrying in %.0f s, still serving version %s",
+                    s.registry_name,
+                    version,
+                    redact_text(str(e))[:300],
+                    delay,
+                    self.current.version,
+                )
                 continue
             retry.pop(version, None)
             self.refused.pop(version, None)
@@ -132,13 +151,19 @@ class HotSwap:
                 new = load(bundle, version, self.cfg, self.stats)
             except Exception as e:  # noqa: BLE001 - whatever is wrong with it, it is not served
                 self.refused[version] = str(e)
-                log.error("refusing %s version %s: %s; still serving version %s", s.registry_name, version, e,
-                          self.current.version)
+                log.error(
+                    "refusing %s version %s: %s; still serving version %s",
+                    s.registry_name,
+                    version,
+                    e,
+                    self.current.version,
+                )
                 continue
             self._swap(new)
 
     def _swap(self, new: Loaded) -> None:
-        """Serve `new` from now on; the old model stops now if no request holds it, else at its last."""
+        """Serve `new` from now on; the old model stops now if no request holds it, else after its
+        last one."""
         s = self.settings
         with self._lock:
             old, self.current = self.current, new
@@ -146,15 +171,21 @@ class HotSwap:
             idle = self._leases.get(id(old), 0) == 0
             if not idle:
                 self._retired.append(old)
-        log.info("%s@%s moved: now serving version %s (was %s)", s.registry_name, s.alias, new.version, old.version)
+        log.info(
+            "%s@%s moved: now serving version %s (was %s)",
+            s.registry_name,
+            s.alias,
+            new.version,
+            old.version,
+        )
         if idle:
             old.runner.stop()
 
 
 class LeasedStream:
-    """A streamed body that holds a model lease until the stream ends -- or, when the client went away
-    before the first byte and the body is never iterated, until the response is dropped (an async
-    generator that never started never runs its `finally`)."""
+    """A streamed body that holds a model lease until the stream ends -- or, when the client went
+    away before the first byte and the body is never iterated, until the response is dropped (an
+    async generator that never started never runs its `finally`)."""
 
     def __init__(self, body: AsyncIterator[str], release: Callable[[], None]):
         self._body, self._release = body, release

@@ -4,8 +4,8 @@ Pure functions of JSON values, no Ray and no model: a request body becomes a :cl
 (what to generate, already checked) or an :class:`APIError` that names the offending parameter
 with OpenAI's error JSON and the right 4xx status. What a setting may be is gptcore's
 SamplingParams' to say (its errors become 400s naming the parameter); what is checked here is the
-JSON (types, OpenAI's ranges and counts) and this server's own limits. Responses and stream chunks are built here in
-OpenAI's shapes, so the official `openai` client reads them unmodified.
+JSON (types, OpenAI's ranges and counts) and this server's own limits. Responses and stream chunks
+are built here in OpenAI's shapes, so the official `openai` client reads them unmodified.
 """
 
 from __future__ import annotations
@@ -165,7 +165,7 @@ def _generation(body: dict[str, Any], limits: Limits, *, chat: bool, prompts: li
     )
 
 
-_PARAM_OF = {"stop_strings": "stop", "stop_ids": "stop"}  # SamplingParams' fields by their API names
+_PARAM_OF = {"stop_strings": "stop", "stop_ids": "stop"}  # SamplingParams fields -> API parameters
 
 
 def _sampling(**settings: Any) -> SamplingParams:

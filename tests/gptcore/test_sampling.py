@@ -11,18 +11,25 @@ from gptcore.batching import BatchEngine, SequenceRequest, generate_alone
 from gptcore.sampling import SamplingError, SamplingParams
 
 
-@pytest.mark.parametrize("kwargs, field, words", [
-    ({"temperature": -0.5}, "temperature", "temperature=-0.5 must be a finite number >= 0"),
-    ({"temperature": float("inf")}, "temperature", "temperature=inf"),
-    ({"top_k": 0}, "top_k", "top_k=0 must be an integer >= 1"),
-    ({"top_k": 2.5}, "top_k", "top_k=2.5"),
-    ({"top_p": 0.0}, "top_p", "top_p=0.0 must be in (0, 1]"),
-    ({"top_p": 1.5}, "top_p", "top_p=1.5 must be in (0, 1]"),
-    ({"repetition_penalty": 0}, "repetition_penalty", "repetition_penalty=0 must be a finite number > 0"),
-    ({"seed": "7"}, "seed", "seed='7' must be an integer"),
-    ({"stop_ids": [1, "2"]}, "stop_ids", "'2' is not a token id"),
-    ({"stop_strings": "\n"}, "stop_strings", "must be a list of strings"),
-])
+@pytest.mark.parametrize(
+    "kwargs, field, words",
+    [
+        ({"temperature": -0.5}, "temperature", "temperature=-0.5 must be a finite number >= 0"),
+        ({"temperature": float("inf")}, "temperature", "temperature=inf"),
+        ({"top_k": 0}, "top_k", "top_k=0 must be an integer >= 1"),
+        ({"top_k": 2.5}, "top_k", "top_k=2.5"),
+        ({"top_p": 0.0}, "top_p", "top_p=0.0 must be in (0, 1]"),
+        ({"top_p": 1.5}, "top_p", "top_p=1.5 must be in (0, 1]"),
+        (
+            {"repetition_penalty": 0},
+            "repetition_penalty",
+            "repetition_penalty=0 must be a finite number > 0",
+        ),
+        ({"seed": "7"}, "seed", "seed='7' must be an integer"),
+        ({"stop_ids": [1, "2"]}, "stop_ids", "'2' is not a token id"),
+        ({"stop_strings": "\n"}, "stop_strings", "must be a list of strings"),
+    ],
+)
 def test_out_of_range_settings_name_the_field_and_the_value(kwargs, field, words):
     with pytest.raises(SamplingError) as e:
         SamplingParams(**kwargs)
@@ -43,7 +50,9 @@ def model() -> GPT:
 
 
 def test_sampling_whole_equals_the_settings_one_by_one(model):
-    settings = dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3, stop_ids=[5], seed=3)
+    settings = dict(
+        temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3, stop_ids=[5], seed=3
+    )
     alone = generate(model, [1, 2, 3], 12, **settings)
     assert generate(model, [1, 2, 3], 12, sampling=SamplingParams(**settings)) == alone
     assert list(generate_stream(model, [1, 2, 3], 12, sampling=SamplingParams(**settings))) == alone
@@ -53,9 +62,15 @@ def test_sampling_whole_equals_the_settings_one_by_one(model):
 
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_the_batch_engine_applies_the_repetition_penalty_as_generate_does(model, temperature):
-    reqs = [SequenceRequest(i, tuple(range(1 + i, 6 + 2 * i)), 14,
-                            SamplingParams(temperature=temperature, repetition_penalty=1.8, seed=10 + i))
-            for i in range(3)]
+    reqs = [
+        SequenceRequest(
+            i,
+            tuple(range(1 + i, 6 + 2 * i)),
+            14,
+            SamplingParams(temperature=temperature, repetition_penalty=1.8, seed=10 + i),
+        )
+        for i in range(3)
+    ]
     engine = BatchEngine(model, max_batch_size=2)
     for r in reqs:
         engine.submit(r)
