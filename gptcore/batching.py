@@ -2,11 +2,19 @@
 
 Static batching (``generate`` on a list of prompts, or Ray Serve's ``@serve.batch``) starts a batch
 together and holds it until its longest member ends. Here, as in vLLM and TGI, the schedule is per
-iteration: each :meth:`BatchEngine.step` admits waiting requests (each prompt prefilled alone into
-its own row of the KV cache, yielding its first token), then advances every running sequence by one
-token in a single batched call, each row at its own position (decode.RaggedDecoder). A sequence
-that stops (stop id, stop string, length, cancelled) leaves at once and frees its row for the next
-request; rows stay packed at the front of the cache, so attention reads one contiguous block.
+iteration. Each :meth:`BatchEngine.step` is three named parts, in vLLM's terms:
+
+- the *decode step* advances every running sequence by one token in a single batched call, each
+  row at its own position (decode.RaggedDecoder), and samples each row's next token;
+- *retirement*: a sequence that stops (stop id, stop string, length, cancelled) leaves at once and
+  frees its row for the next request; rows stay packed at the front of the cache, so attention
+  reads one contiguous block;
+- *admission* moves waiting requests into free rows (waiting -> running), each prompt prefilled
+  alone into its own row of the KV cache, yielding its first token.
+
+How a token is picked is not the scheduler's: sampling.py does it, as it does for ``generate``.
+What a sequence keeps of each token (stop conditions, held-back text, logprobs) is its own
+(:class:`_Running`).
 
 Admission is bounded by `max_batch_size` rows and a token budget (the sum over running sequences
 of prompt + max_new_tokens, i.e. the KV cache positions they may come to need). Under greedy search
@@ -21,35 +29,32 @@ import threading
 from collections import deque
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from gptcore.decode import RaggedDecoder, can_decode_flat
-from gptcore.generation import (
-    MAX_STOP_CHARS,
-    _cache_dtype,
-    _ends_with_prefix,
-    _pick,
-    _stop_cut,
-    check_sampling,
-)
+from gptcore.generation import _cache_dtype, generate
 from gptcore.model import GPT, KVCache
 from gptcore.packed import pack_linears
+from gptcore.sampling import (
+    MAX_STOP_CHARS,
+    SamplingParams,
+    make_generator,
+    may_become_stop,
+    sample,
+    stop_cut,
+)
 
 
 @dataclass(frozen=True)
 class SequenceRequest:
-    """One sequence to generate: its prompt ids and how to decode it."""
+    """One sequence to generate: its prompt ids, how many tokens at most and how to pick them."""
 
     id: Hashable
     prompt: tuple[int, ...]
     max_new_tokens: int
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-    stop_ids: frozenset[int] = frozenset()
-    stop_strings: tuple[str, ...] = ()
-    seed: int | None = None
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     logprobs: int | None = None
     """Also return, per generated token, its log-probability and the `logprobs` most likely ones."""
 
@@ -76,13 +81,56 @@ class SequenceOutput:
 
 @dataclass
 class _Running:
+    """A sequence in the batch: its cache row's length and what it generated so far."""
+
     request: SequenceRequest
     generator: torch.Generator | None
     length: int  # positions in its cache row
     last: int = -1  # newest token, not yet run through the model
     out: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
-    released: int = 0
+    ready: int = 0  # tokens of `out` clear of any stop string
+    released: int = 0  # tokens of `out` already in a SequenceOutput
+
+    @property
+    def history(self) -> list[int]:
+        """Prompt and generated tokens: what the repetition penalty looks at."""
+        return [*self.request.prompt, *self.out]
+
+    def accept(self, token: int, logits: torch.Tensor, tokenizer: Any) -> str | None:
+        """Take the picked `token` (logits (vocab,) for its logprobs); why the sequence ends, if it
+        does. Tokens that may begin a stop string are held back: not `ready` to release yet."""
+        r = self.request
+        if token in r.sampling.stop_ids:
+            return "stop"
+        self.last = token
+        self.out.append(token)
+        if r.logprobs is not None:
+            lp = torch.log_softmax(logits, dim=-1)
+            top = torch.topk(lp, r.logprobs) if r.logprobs else None
+            self.logprobs.append(TokenLogprob(token, float(lp[token]), [] if top is None else
+                                              list(zip(top.indices.tolist(), top.values.tolist(), strict=True))))
+        stops = r.sampling.stop_strings
+        if stops:
+            cut = stop_cut(tokenizer, self.out, stops)
+            if cut is not None:
+                del self.out[cut:]
+                del self.logprobs[cut:]
+                return "stop"
+            if may_become_stop(tokenizer, self.out, stops):
+                return "length" if len(self.out) >= r.max_new_tokens else None  # held back
+        if len(self.out) >= r.max_new_tokens:
+            return "length"
+        self.ready = len(self.out)
+        return None
+
+    def release(self, reason: str | None = None) -> SequenceOutput:
+        """What is new and ready since the last release; all of it once the sequence finished."""
+        end = self.ready if reason is None else len(self.out)
+        new = self.out[self.released:end]
+        lps = self.logprobs[self.released:end] if self.request.logprobs is not None else None
+        self.released = end
+        return SequenceOutput(self.request.id, new, lps, reason, len(self.request.prompt), len(self.out))
 
 
 class BatchEngine:
@@ -118,7 +166,8 @@ class BatchEngine:
     # ----------------------------------------------------------------- from any thread
 
     def submit(self, request: SequenceRequest) -> None:
-        """Queue a sequence; it joins the batch at a coming step. Bad settings raise ValueError now."""
+        """Queue a sequence; it joins the batch at a coming step. A request that cannot fit raises
+        ValueError now (its sampling settings were checked when its SamplingParams was made)."""
         if not request.prompt:
             raise ValueError("a prompt is empty: give at least one token")
         if request.max_new_tokens < 1:
@@ -129,14 +178,14 @@ class BatchEngine:
         if len(request.prompt) + request.max_new_tokens > self.max_batch_tokens:
             raise ValueError(f"{len(request.prompt) + request.max_new_tokens} tokens exceed the batch token "
                              f"budget of {self.max_batch_tokens}")
-        if request.stop_strings and self.tokenizer is None:
+        stops = request.sampling.stop_strings
+        if stops and self.tokenizer is None:
             raise ValueError("stop strings need the engine's tokenizer")
-        if any(len(s) > MAX_STOP_CHARS for s in request.stop_strings):
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"a stop string is longer than {MAX_STOP_CHARS} characters")
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt):
             raise ValueError(f"a prompt token id is outside the vocabulary [0, {vocab})")
-        check_sampling(request.temperature, request.top_k, request.top_p)
         with self._lock:
             self._waiting.append(request)
 
@@ -167,7 +216,55 @@ class BatchEngine:
 
     @torch.inference_mode()
     def step(self) -> list[SequenceOutput]:
-        """Advance every running sequence by one token and admit what fits; what each released."""
+        """One iteration: retire cancelled sequences, advance the running ones by one token, retire
+        those that finished, admit what fits; what each sequence released."""
+        outputs = self._retire_cancelled()
+        finished = self._decode_step(outputs)
+        for row, reason in reversed(finished):  # from the back: a row's removal moves the last one in
+            outputs.append(self._retire(row, reason))
+        for request in self._admit():
+            outputs.extend(self._prefill(request))
+        return outputs
+
+    # ----------------------------------------------------------------- the decode step
+
+    def _decode_step(self, outputs: list[SequenceOutput]) -> list[tuple[int, str]]:
+        """One batched forward over every running sequence, each at its own position, and each
+        one's next token; (row, why) of the sequences that finished."""
+        if not self._running:
+            return []
+        ids = torch.tensor([s.last for s in self._running], device=self.device)
+        positions = torch.tensor([s.length for s in self._running], device=self.device)
+        logits = self.decoder(ids, positions).float()  # (B, vocab)
+        tokens = self._sample(logits)
+        finished: list[tuple[int, str]] = []
+        for row, (seq, token) in enumerate(zip(self._running, tokens, strict=True)):
+            seq.length += 1
+            reason = self._accept(seq, token, logits[row], outputs)
+            if reason:
+                finished.append((row, reason))
+        return finished
+
+    def _sample(self, logits: torch.Tensor) -> list[int]:
+        """Each running sequence's next token under its own settings and generator: one argmax for
+        every greedy row at once, sampling.sample for each of the others."""
+        argmax = logits.argmax(dim=-1).tolist()
+        return [argmax[row] if seq.request.sampling.plain_argmax else
+                int(sample(logits[row:row + 1], seq.request.sampling, seq.generator, [seq.history])[0])
+                for row, seq in enumerate(self._running)]
+
+    def _accept(self, seq: _Running, token: int, logits: torch.Tensor,
+                outputs: list[SequenceOutput]) -> str | None:
+        """Give `seq` its next token, release what is ready; why the sequence ends, if it does."""
+        reason = seq.accept(token, logits, self.tokenizer)
+        if reason is None and seq.ready > seq.released:
+            outputs.append(seq.release())
+        return reason
+
+    # ----------------------------------------------------------------- retirement
+
+    def _retire_cancelled(self) -> list[SequenceOutput]:
+        """Take the sequences cancelled since the last step out of the queue and the batch."""
         outputs: list[SequenceOutput] = []
         with self._lock:
             cancelled, self._cancelled = self._cancelled, set()
@@ -181,26 +278,26 @@ class BatchEngine:
                 self._waiting = kept
         for row in reversed(range(len(self._running))):
             if self._running[row].request.id in cancelled:
-                outputs.append(self._finish(row, "cancelled"))
-        finished: list[tuple[int, str]] = []
-        if self._running:
-            ids = torch.tensor([s.last for s in self._running], device=self.device)
-            positions = torch.tensor([s.length for s in self._running], device=self.device)
-            logits = self.decoder(ids, positions).float()
-            greedy = logits.argmax(dim=-1).tolist()  # one call for every greedy row
-            for row, seq in enumerate(self._running):
-                seq.length += 1
-                token = greedy[row] if seq.request.temperature == 0 else None
-                reason = self._accept(seq, logits[row:row + 1], outputs, token)
-                if reason:
-                    finished.append((row, reason))
-        for row, reason in reversed(finished):  # from the back: a row's removal moves the last one in
-            outputs.append(self._finish(row, reason))
-        for request in self._admit():
-            outputs.extend(self._prefill(request))
+                outputs.append(self._retire(row, "cancelled"))
         return outputs
 
+    def _retire(self, row: int, reason: str) -> SequenceOutput:
+        """Release the rest of row's sequence and free the row: the last row moves into it."""
+        seq = self._running[row]
+        last = len(self._running) - 1
+        if row != last:
+            moved = self._running[last]
+            kv = self.cache.kv
+            kv[:, :, row, :, :moved.length].copy_(kv[:, :, last, :, :moved.length])
+            self._running[row] = moved
+        self._running.pop()
+        return seq.release(reason)
+
+    # ----------------------------------------------------------------- admission
+
     def _admit(self) -> list[SequenceRequest]:
+        """Waiting requests that fit now, first come first served: a free row each, and their
+        prompt + max_new_tokens within the token budget the running sequences leave."""
         budget = self.max_batch_tokens - sum(len(s.request.prompt) + s.request.max_new_tokens for s in self._running)
         admitted: list[SequenceRequest] = []
         with self._lock:
@@ -215,75 +312,21 @@ class BatchEngine:
     def _prefill(self, request: SequenceRequest) -> list[SequenceOutput]:
         """Run a new sequence's prompt into the next free cache row; its first token."""
         row = len(self._running)
-        generator = None
-        if request.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(request.seed)
-        seq = _Running(request, generator, length=len(request.prompt))
+        seq = _Running(request, make_generator(request.sampling, self.device), length=len(request.prompt))
         self._running.append(seq)
         cache = KVCache.over(self.cache.kv[:, :, row:row + 1])
         idx = torch.tensor([request.prompt], device=self.device)
-        logits = self.model(idx, cache=cache, last_logits_only=True)[0][:, -1, :].float()
+        logits = self.model(idx, cache=cache, last_logits_only=True)[0][:, -1, :].float()  # (1, vocab)
+        token = int(sample(logits, request.sampling, seq.generator, [seq.history])[0])
         outputs: list[SequenceOutput] = []
-        reason = self._accept(seq, logits, outputs)
+        reason = self._accept(seq, token, logits[0], outputs)
         if reason:
-            outputs.append(self._finish(row, reason))
+            outputs.append(self._retire(row, reason))
         return outputs
-
-    def _accept(self, seq: _Running, logits: torch.Tensor, outputs: list[SequenceOutput],
-                token: int | None = None) -> str | None:
-        """Pick `seq`'s next token from logits (1, vocab) unless given (greedy, picked for the whole
-        batch at once); release what is safe; why the sequence ends, if it does."""
-        r = seq.request
-        if token is None:
-            token = int(_pick(logits, r.temperature, r.top_k, r.top_p, seq.generator)[0])
-        if token in r.stop_ids:
-            return "stop"
-        seq.last = token
-        seq.out.append(token)
-        if r.logprobs is not None:
-            lp = torch.log_softmax(logits[0], dim=-1)
-            top = torch.topk(lp, r.logprobs) if r.logprobs else None
-            seq.logprobs.append(TokenLogprob(token, float(lp[token]), [] if top is None else
-                                             list(zip(top.indices.tolist(), top.values.tolist(), strict=True))))
-        if r.stop_strings:
-            cut = _stop_cut(self.tokenizer, seq.out, r.stop_strings)
-            if cut is not None:
-                del seq.out[cut:]
-                del seq.logprobs[cut:]
-                return "stop"
-            text = self.tokenizer.decode(seq.out)
-            if any(_ends_with_prefix(text, s) for s in r.stop_strings):
-                return "length" if len(seq.out) >= r.max_new_tokens else None  # held back
-        if len(seq.out) >= r.max_new_tokens:
-            return "length"
-        outputs.append(self._release(seq, None))
-        return None
-
-    def _release(self, seq: _Running, reason: str | None) -> SequenceOutput:
-        new = seq.out[seq.released:]
-        lps = seq.logprobs[seq.released:] if seq.request.logprobs is not None else None
-        seq.released = len(seq.out)
-        return SequenceOutput(seq.request.id, new, lps, reason, len(seq.request.prompt), len(seq.out))
-
-    def _finish(self, row: int, reason: str) -> SequenceOutput:
-        """Release the rest of row's sequence and free the row: the last row moves into it."""
-        seq = self._running[row]
-        last = len(self._running) - 1
-        if row != last:
-            moved = self._running[last]
-            kv = self.cache.kv
-            kv[:, :, row, :, :moved.length].copy_(kv[:, :, last, :, :moved.length])
-            self._running[row] = moved
-        self._running.pop()
-        return self._release(seq, reason)
 
 
 def generate_alone(model: GPT, request: SequenceRequest, tokenizer: object | None = None) -> list[int]:
     """The reference the engine is held to: `generate` for this one sequence (used by tests and
     benchmarks)."""
-    from gptcore.generation import generate
-
-    return generate(model, list(request.prompt), request.max_new_tokens, temperature=request.temperature,
-                    top_k=request.top_k, top_p=request.top_p, stop_ids=sorted(request.stop_ids),
-                    stop_strings=request.stop_strings, tokenizer=tokenizer, seed=request.seed)
-
+    return generate(model, list(request.prompt), request.max_new_tokens, sampling=request.sampling,
+                    tokenizer=tokenizer)

@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from gptcore.config import GPTConfig
+from gptcore.jsonio import read_json_object
 from gptcore.model import GPT
 from gptcore.tokenizer import Tokenizer
 
@@ -78,7 +79,7 @@ def load_bundle(
         if not (directory / name).is_file():
             raise BundleError(f"{directory / name}: missing (a bundle needs {', '.join(FILES)})")
 
-    metadata = _read_json(directory / "metadata.json")
+    metadata = read_json_object(directory / "metadata.json", error=BundleError)
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{directory / 'metadata.json'}: format_version {version!r}, expected {FORMAT_VERSION}")
@@ -121,7 +122,7 @@ def read_config(path: str | Path) -> GPTConfig:
     """A bundle's config.json as a GPTConfig; BundleError naming the file, the key and the problem
     (not an object, an unknown key, a value of the wrong type or out of range)."""
     path = Path(path)
-    data = _read_json(path)
+    data = read_json_object(path, error=BundleError)
     kinds = {f.name: f.type for f in dataclasses.fields(GPTConfig)}  # "int", "float", "bool" (postponed annotations)
     for key, value in data.items():
         kind = kinds.get(key)
@@ -138,16 +139,6 @@ def read_config(path: str | Path) -> GPTConfig:
         return GPTConfig.from_dict(data)
     except (TypeError, ValueError) as e:
         raise BundleError(f"{path}: {e}") from e
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise BundleError(f"{path}: not readable JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise BundleError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
 
 
 def _atomic(path: Path, write: Any) -> None:

@@ -12,7 +12,6 @@ hooks), else through GPT.forward.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,10 +20,7 @@ import torch
 from gptcore.decode import Decoder, can_decode_flat
 from gptcore.model import GPT, KVCache
 from gptcore.packed import pack_linears
-
-MAX_STOP_CHARS = 256
-"""Longest stop string a serving engine accepts: holding back a possible stop string costs up to its
-length squared in character comparisons per decode step."""
+from gptcore.sampling import SamplingParams, make_generator, may_become_stop, sample, stop_cut
 
 
 def generate(
@@ -42,6 +38,7 @@ def generate(
     seed: int | None = None,
     use_cache: bool = True,
     pack_weights: bool = True,
+    sampling: SamplingParams | None = None,
 ) -> list[int] | list[list[int]]:
     """New token ids for one prompt (list[int]) or a batch (list[list[int]]).
 
@@ -49,19 +46,22 @@ def generate(
     and the top_p probability mass. A stop id or stop string (needs `tokenizer`) ends a row and is
     not part of its output; the cut is at token granularity (the token in which a stop string
     begins is dropped whole, text before it in that token included). `seed` makes sampling
-    reproducible. `pack_weights` (CPU only) keeps a oneDNN-packed copy of the large weight matrices
+    reproducible. The same settings may come as one `sampling=SamplingParams(...)` instead (not
+    both). `pack_weights` (CPU only) keeps a oneDNN-packed copy of the large weight matrices
     for faster decoding (see packed.py); it costs that much memory again, so turn it off for a model
     that barely fits.
     """
+    params = _sampling_params(sampling, temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, stop_ids=stop_ids,
+                              stop_strings=stop_strings, seed=seed)
     prompts, single = _as_batch(prompt_ids)
     outputs: list[list[int]] = [[] for _ in prompts]
-    for step in _decode(model, prompts, max_new_tokens, temperature, top_k, top_p,
-                        repetition_penalty, stop_ids, stop_strings, tokenizer, seed, use_cache, pack_weights):
+    for step in _decode(model, prompts, max_new_tokens, params, tokenizer, use_cache, pack_weights):
         for row, token in enumerate(step):
             if token is not None:
                 outputs[row].append(token)
     for row, out in enumerate(outputs):  # a stop string and what follows it are not output
-        cut = _stop_cut(tokenizer, out, stop_strings) if stop_strings else None
+        cut = stop_cut(tokenizer, out, params.stop_strings) if params.stop_strings else None
         if cut is not None:
             outputs[row] = out[:cut]
     return outputs[0] if single else outputs
@@ -81,32 +81,56 @@ def generate_stream(
     tokenizer: Any = None,
     seed: int | None = None,
     pack_weights: bool = True,
+    sampling: SamplingParams | None = None,
 ) -> Iterator[int]:
     """Yield the new token ids of one prompt as they are produced; same results as generate().
 
     With stop strings, a token that might begin one is held back until it is clear it does not.
     """
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer to decode with")
+    params = _sampling_params(sampling, temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, stop_ids=stop_ids,
+                              stop_strings=stop_strings, seed=seed)
+    stops = params.stop_strings
     out: list[int] = []
     sent = 0
-    for step in _decode(model, [list(prompt_ids)], max_new_tokens, temperature, top_k, top_p,
-                        repetition_penalty, stop_ids, stop_strings, tokenizer, seed, True, pack_weights):
+    for step in _decode(model, [list(prompt_ids)], max_new_tokens, params, tokenizer, True, pack_weights):
         token = step[0]
         if token is None:
             break
         out.append(token)
-        if stop_strings:
-            cut = _stop_cut(tokenizer, out, stop_strings)
+        if stops:
+            cut = stop_cut(tokenizer, out, stops)
             if cut is not None:
                 yield from out[sent:cut]
                 return
-            text = tokenizer.decode(out)
-            if any(_ends_with_prefix(text, s) for s in stop_strings):
+            if may_become_stop(tokenizer, out, stops):
                 continue  # hold back: these tokens may become a stop string
         yield from out[sent:]
         sent = len(out)
     yield from out[sent:]
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
+                   repetition_penalty: float = 1.0) -> None:
+    """Refuse sampling settings outside their range (ValueError naming the setting), for a caller
+    that checks its flags before it has a model; the check is SamplingParams'."""
+    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+
+
+def _sampling_params(sampling: SamplingParams | None, **settings: Any) -> SamplingParams:
+    """The settings given one by one as SamplingParams (checked there), or `sampling` itself."""
+    loose = SamplingParams(**settings)
+    if sampling is None:
+        return loose
+    if loose != SamplingParams():
+        raise ValueError("give the sampling settings either as sampling=SamplingParams(...) or one by one "
+                         "(temperature=..., stop_ids=...), not both")
+    return sampling
+
+
+def _check_stop_strings(params: SamplingParams, tokenizer: Any) -> None:
+    if params.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode with")
 
 
 # --------------------------------------------------------------------------- the decoding loop
@@ -126,14 +150,8 @@ def _decode_steps(
     model: GPT,
     prompts: list[list[int]],
     max_new_tokens: int,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    repetition_penalty: float,
-    stop_ids: Sequence[int],
-    stop_strings: Sequence[str],
+    params: SamplingParams,
     tokenizer: Any,
-    seed: int | None,
     use_cache: bool,
     pack_weights: bool,
 ) -> Iterator[list[int | None]]:
@@ -142,87 +160,104 @@ def _decode_steps(
     A row stops at a stop id (not yielded) or once its output contains a stop string (the token
     completing it is yielded; callers cut the text at the stop string).
     """
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer to decode with")
+    _check_stop_strings(params, tokenizer)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    check_sampling(temperature, top_k, top_p, repetition_penalty)
     was_training = model.training
     model.eval()
     if pack_weights and torch.is_inference_mode_enabled():  # not under no_grad: ZeRO-3 sampling must use the live weights
         pack_linears(model)
-    device = next(model.parameters()).device
-    ctx = model.config.context_length
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    stop = set(stop_ids)
-    rows = [list(p) for p in prompts]  # full token history per row, prompt included
-    new: list[list[int]] = [[] for _ in prompts]  # generated tokens per row
-    done = [False] * len(rows)
-    cache: KVCache | None = None
-    mask: torch.Tensor | None = None
-    flat = use_cache and can_decode_flat(model)  # whether the flat decoding step computes what forward would
-    decoder: Decoder | None = None
+    forward = _Forward(model, use_cache, max_new_tokens)
+    generator = make_generator(params, forward.device)
+    rows = _Rows(prompts, params, tokenizer)
     try:
         for taken in range(max_new_tokens):
-            longest = max(len(r) for r in rows)
-            if not use_cache or cache is None or cache.pos >= cache.max_len or longest > ctx:
-                # (Re-)encode the last ctx tokens of every row: the first step, and each step
-                # once the window slides past the context length.
-                idx, mask = _left_pad([r[-ctx:] for r in rows], device)
-                if bool(mask.all()):
-                    mask = None  # no padding: the cheaper plain-causal attention path
-                # Only as long as this generation can get: a cache of the whole context is zeroed
-                # memory a long-context model pays for every call (SmolLM2's 8192 positions at batch
-                # 8: 2.9 GB, seconds on this machine, for a 160-token generation).
-                room = min(ctx, longest + max_new_tokens - taken - 1)  # the last token picked is never stored
-                cache = KVCache(model.config, len(rows), room, device, _cache_dtype(model)) if use_cache else None
-                logits, _ = model(idx, cache=cache, padding_mask=mask, last_logits_only=True)
-                logits = logits[:, -1, :]
-                decoder = Decoder(model, cache, mask) if flat else None
-            elif decoder is not None:
-                logits = decoder(torch.tensor([r[-1] for r in rows], device=device))  # (B, vocab)
-            else:
-                last = torch.tensor([[r[-1]] for r in rows], device=device)  # (B, 1)
-                if mask is not None:
-                    mask = torch.cat([mask, torch.ones(len(rows), 1, dtype=torch.bool, device=device)], dim=1)
-                logits = model(last, cache=cache, padding_mask=mask)[0][:, -1, :]
-            logits = logits.float()  # (B, vocab)
-            if repetition_penalty != 1.0:
-                logits = _penalize_repeats(logits, rows, repetition_penalty)
-            next_ids = _pick(logits, temperature, top_k, top_p, generator).tolist()
-            step: list[int | None] = []
-            for i, token in enumerate(next_ids):
-                rows[i].append(token)
-                if done[i] or token in stop:
-                    done[i] = True
-                    step.append(None)
-                    continue
-                step.append(token)
-                new[i].append(token)
-                if stop_strings and _stop_cut(tokenizer, new[i], stop_strings) is not None:
-                    done[i] = True
+            logits = forward.next_logits(rows.history, taken).float()  # (B, vocab)
+            step = rows.take(sample(logits, params, generator, rows.history).tolist())
             yield step
-            if all(done):
+            if rows.all_done:
                 return
     finally:
         model.train(was_training)
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
-                   repetition_penalty: float = 1.0) -> None:
-    """Refuse sampling settings outside their range rather than quietly ignore them (a top_p of 1.5
-    or a top_k of 0 used to mean "no filter", a NaN temperature sampled garbage)."""
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature={temperature!r} must be a finite number >= 0 (0 is greedy search)")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be an integer >= 1 (omit it for no top-k filter)")
-    if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
-        raise ValueError(f"top_p={top_p!r} must be in (0, 1] (omit it for no nucleus filter)")
-    if not (isinstance(repetition_penalty, int | float) and math.isfinite(repetition_penalty)
-            and repetition_penalty > 0):
-        raise ValueError(f"repetition_penalty={repetition_penalty!r} must be a finite number > 0 (1 is none)")
+class _Forward:
+    """The model run of each step: the first step (and each step once the window slides past the
+    context length) encodes every row's last context_length tokens into a fresh KV cache; the
+    others run one position per row, through the flat decoding step where it computes exactly what
+    GPT.forward would."""
+
+    def __init__(self, model: GPT, use_cache: bool, max_new_tokens: int):
+        self.model, self.use_cache, self.max_new_tokens = model, use_cache, max_new_tokens
+        self.device = next(model.parameters()).device
+        self.ctx = model.config.context_length
+        # Whether the flat decoding step computes what forward would (no hooks, inference mode).
+        self.flat = use_cache and can_decode_flat(model)
+        self.cache: KVCache | None = None
+        self.mask: torch.Tensor | None = None  # (B, T) real tokens; None without padding
+        self.decoder: Decoder | None = None
+
+    def next_logits(self, rows: list[list[int]], taken: int) -> torch.Tensor:
+        """Each row's logits for its next token (B, vocab); `taken` tokens were generated so far."""
+        cache = self.cache
+        if not self.use_cache or cache is None or cache.pos >= cache.max_len or max(map(len, rows)) > self.ctx:
+            return self._encode(rows, taken)
+        if self.decoder is not None:
+            return self.decoder(torch.tensor([r[-1] for r in rows], device=self.device))  # (B, vocab)
+        return self._extend(rows)
+
+    def _encode(self, rows: list[list[int]], taken: int) -> torch.Tensor:
+        """(Re-)encode the last ctx tokens of every row into a new cache."""
+        model, ctx = self.model, self.ctx
+        idx, mask = _left_pad([r[-ctx:] for r in rows], self.device)
+        # No padding: the cheaper plain-causal attention path.
+        self.mask = None if bool(mask.all()) else mask
+        # Only as long as this generation can get: a cache of the whole context is zeroed
+        # memory a long-context model pays for every call (SmolLM2's 8192 positions at batch
+        # 8: 2.9 GB, seconds on this machine, for a 160-token generation).
+        longest = max(len(r) for r in rows)
+        room = min(ctx, longest + self.max_new_tokens - taken - 1)  # the last token picked is never stored
+        self.cache = KVCache(model.config, len(rows), room, self.device, _cache_dtype(model)) if self.use_cache else None
+        logits, _ = model(idx, cache=self.cache, padding_mask=self.mask, last_logits_only=True)
+        self.decoder = Decoder(model, self.cache, self.mask) if self.flat else None
+        return logits[:, -1, :]
+
+    def _extend(self, rows: list[list[int]]) -> torch.Tensor:
+        """One position per row through GPT.forward (a model the flat step does not cover)."""
+        last = torch.tensor([[r[-1]] for r in rows], device=self.device)  # (B, 1)
+        if self.mask is not None:
+            self.mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=torch.bool, device=self.device)], dim=1)
+        return self.model(last, cache=self.cache, padding_mask=self.mask)[0][:, -1, :]
+
+
+class _Rows:
+    """Each row's tokens so far and whether it has stopped."""
+
+    def __init__(self, prompts: list[list[int]], params: SamplingParams, tokenizer: Any):
+        self.history = [list(p) for p in prompts]  # full token history per row, prompt included
+        self.new: list[list[int]] = [[] for _ in prompts]  # generated tokens per row
+        self.done = [False] * len(prompts)
+        self.params, self.tokenizer = params, tokenizer
+
+    @property
+    def all_done(self) -> bool:
+        return all(self.done)
+
+    def take(self, next_ids: list[int]) -> list[int | None]:
+        """Append each row's picked token; the step to yield (None for a row that has stopped)."""
+        stop_ids, stop_strings = self.params.stop_ids, self.params.stop_strings
+        step: list[int | None] = []
+        for i, token in enumerate(next_ids):
+            self.history[i].append(token)
+            if self.done[i] or token in stop_ids:
+                self.done[i] = True
+                step.append(None)
+                continue
+            step.append(token)
+            self.new[i].append(token)
+            if stop_strings and stop_cut(self.tokenizer, self.new[i], stop_strings) is not None:
+                self.done[i] = True
+        return step
 
 
 def _left_pad(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,37 +270,6 @@ def _left_pad(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor
             idx[i, T - len(r):] = torch.tensor(r, dtype=torch.long, device=device)
             mask[i, T - len(r):] = True
     return idx, mask
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-          generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row: argmax at temperature 0, else a sample from the filtered distribution."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits / temperature
-    if top_k is not None and 0 < top_k < logits.size(-1):
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum - sorted_logits.softmax(dim=-1) > top_p  # keep the smallest set reaching top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
-
-
-def _penalize_repeats(logits: torch.Tensor, rows: list[list[int]], penalty: float) -> torch.Tensor:
-    """CTRL-style penalty on every token already in the row (divide positive, multiply negative)."""
-    logits = logits.clone()
-    for i, r in enumerate(rows):
-        seen = torch.tensor(sorted(set(r)), dtype=torch.long, device=logits.device)
-        if seen.numel() == 0:
-            continue
-        vals = logits[i, seen]
-        logits[i, seen] = torch.where(vals > 0, vals / penalty, vals * penalty)
-    return logits
 
 
 def _cache_dtype(model: GPT) -> torch.dtype:
@@ -290,27 +294,3 @@ def _as_batch(prompt_ids: Any) -> tuple[list[list[int]], bool]:
     if any(len(p) == 0 for p in batch):
         raise ValueError("a prompt is empty: give at least one token (e.g. the end-of-text id)")
     return batch, single
-
-
-def _stop_cut(tokenizer: Any, ids: list[int], stop_strings: Sequence[str]) -> int | None:
-    """Tokens to keep if the decoded text contains a stop string (up to where it starts), else None."""
-    text = tokenizer.decode(ids)
-    starts = [text.find(s) for s in stop_strings if s and s in text]
-    if not starts:
-        return None
-    first = min(starts)
-    keep = len(ids)
-    while keep > 0 and len(tokenizer.decode(ids[:keep])) > first:
-        keep -= 1
-    return keep
-
-
-def _ends_with_prefix(text: str, stop: str) -> bool:
-    """Whether text ends with a proper prefix of `stop` (the start of a stop string may be coming).
-
-    Only prefixes that fit in the text are tried, and only against the text's last len(stop) - 1
-    characters: the cost per call is bounded by len(stop) squared, whatever the text's length (it
-    used to build every prefix of the stop string on every decode step, which a stop string of
-    240 K characters turned into seconds per step for every client of a server)."""
-    tail = text[-(len(stop) - 1):] if len(stop) > 1 else ""
-    return any(stop.startswith(tail[i:]) for i in range(len(tail)))

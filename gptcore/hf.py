@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 
 from gptcore.config import GPTConfig
+from gptcore.jsonio import read_json_object
 from gptcore.model import GPT
 from gptcore.tokenizer import Tokenizer
 
@@ -164,13 +165,7 @@ def read_hf_config(directory: str | Path, kind: str = "Hugging Face model") -> d
     config_path = Path(directory) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path}: missing (not a {kind} directory)")
-    try:
-        hf = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{config_path}: not readable JSON ({e})") from e
-    if not isinstance(hf, dict):
-        raise ValueError(f"{config_path}: expected a JSON object, got {type(hf).__name__}")
-    return hf
+    return read_json_object(config_path)
 
 
 def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -215,10 +210,7 @@ def load_hf_model(directory: str | Path) -> GPT:
 
 
 def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index}: not a safetensors index with a weight_map ({e})") from e
+    weight_map = read_json_object(index, "a safetensors index").get("weight_map")
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise ValueError(f"{index}: weight_map must map tensor names to file names")
     tensors: dict[str, torch.Tensor] = {}
@@ -271,7 +263,7 @@ def export_hf(model: GPT, directory: str | Path, *, config_extra: dict[str, Any]
             f"mlp={c.mlp}): GPT-2 needs layernorm/learned/gelu, Llama rmsnorm/rotary/swiglu")
     if config_extra:
         path = Path(directory) / "config.json"
-        path.write_text(json.dumps({**json.loads(path.read_text()), **config_extra}, indent=2) + "\n")
+        path.write_text(json.dumps({**read_json_object(path), **config_extra}, indent=2) + "\n")
     return Path(directory)
 
 

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from gptcore.chat_template import check_template, render
+from gptcore.jsonio import read_json_object
 
 EOT = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -258,7 +259,7 @@ def _read_settings(directory: Path, hf: HFTokenizer) -> dict[str, Any]:
     config: dict[str, Any] = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
         if (directory / name).is_file():
-            data = _read_object(directory / name)
+            data = read_json_object(directory / name)
             config.update({k: v for k, v in data.items() if v is not None})
     jinja = directory / "chat_template.jinja"
     if jinja.is_file():  # transformers 5 writes the template here, and prefers it
@@ -266,7 +267,7 @@ def _read_settings(directory: Path, hf: HFTokenizer) -> dict[str, Any]:
     settings = _settings_from_config(config, hf)
     generation = directory / "generation_config.json"
     if generation.is_file() and "stop_tokens" not in config:
-        eos = _read_object(generation).get("eos_token_id")
+        eos = read_json_object(generation).get("eos_token_id")
         for i in eos if isinstance(eos, list) else [eos] if eos is not None else []:
             token = hf.id_to_token(i) if isinstance(i, int) and not isinstance(i, bool) else None
             if token is None:
@@ -275,24 +276,9 @@ def _read_settings(directory: Path, hf: HFTokenizer) -> dict[str, Any]:
     return settings
 
 
-def _read_object(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not readable JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
-
-
 def _check_vocab_json(path: Path) -> None:
     """vocab.json must be a JSON object of token -> id (tokenizers' own messages do not name the file)."""
-    try:
-        vocab = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: not readable JSON ({e})") from e
-    if not isinstance(vocab, dict):
-        raise ValueError(f"{path}: expected a JSON object of token -> id, got {type(vocab).__name__}")
+    vocab = read_json_object(path, "a JSON object of token -> id")
     bad = next(((k, v) for k, v in vocab.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0), None)
     if bad is not None:
         raise ValueError(f"{path}: token {bad[0]!r} has id {bad[1]!r}; ids must be integers >= 0")

@@ -3,10 +3,10 @@
 `GPTServer` is a FastAPI-ingress deployment. Each replica loads the model (NAME@ALIAS from the
 registry, or a bundle directory), runs one continuous-batching decode loop (runner.py) and answers
 ``POST /v1/completions``, ``POST /v1/chat/completions`` (plain JSON or server-sent events),
-``GET /v1/models``, ``GET /healthz`` and the playground page at ``GET /``. It follows the alias:
-a thread polls the registry; a new version is loaded beside the old one, checked, then swapped in,
-while requests that started on the old one finish there; a version that fails to load is refused
-and logged, and the old one keeps serving.
+``GET /v1/models``, ``GET /healthz`` and the playground page at ``GET /``. This file holds the
+routes and what one request does; the rest sits beside it: the API key (auth.py), metrics and the
+end-of-run summary (metrics.py), which model serves now and the swap when the alias moves
+(hotswap.py), the decode loop (runner.py), request checking and response shapes (protocol.py).
 
 Every failure a client can cause is a 4xx in OpenAI's error JSON, never a 500 or a dead replica.
 deploy.py binds it (``gptflow serve``, ``serve run flows.serve.deploy:app``, ``serve deploy``).
@@ -14,33 +14,30 @@ deploy.py binds it (``gptflow serve``, ``serve run flows.serve.deploy:app``, ``s
 
 # No `from __future__ import annotations`: FastAPI reads the route parameters' annotations at runtime.
 import asyncio
-import hashlib
-import hmac
 import html
 import json
 import logging
-import statistics
-import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.serve import metrics
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from flows.serve import protocol
-from flows.serve.models import Loaded, Refused, ServeSettings, alias_version, fetch, load
+from flows.serve import auth, protocol
+from flows.serve.hotswap import HotSwap, LeasedStream
+from flows.serve.metrics import ServeMetrics, summary
+from flows.serve.models import Loaded, ServeSettings
 from flows.serve.protocol import APIError, Generation
-from flows.serve.runner import RunnerStats
 
 log = logging.getLogger("gptflow.serve")
 
 api = FastAPI(title="gptflow", docs_url=None, redoc_url=None)
+api.add_middleware(auth.RequireKey)
 CHAT_TURN_STOPS = ("\nuser: ", "\nsystem: ")  # the chat format's next turns: the answer is over
 
 
@@ -50,68 +47,6 @@ def _error(e: APIError) -> JSONResponse:
 
 def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-def _check_key(headers: Headers, want: str | None) -> None:
-    if want is None:
-        return
-    scheme, _, key = headers.get("authorization", "").partition(" ")
-    given = hashlib.sha256(key.strip().encode()).hexdigest() if scheme.lower() == "bearer" else ""
-    if not hmac.compare_digest(given, want):
-        raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`",
-                       type="authentication_error", code="invalid_api_key")
-
-
-class _RequireKey:
-    """Every /v1 route -- an unknown one and a wrong method included -- answers 401 without the key.
-    ASGI middleware (not BaseHTTPMiddleware, which would buffer streams and hide disconnects)."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            path, root = scope.get("path", ""), scope.get("root_path", "")
-            path = path[len(root):] if root and path.startswith(root) else path
-            if path == "/v1" or path.startswith("/v1/"):
-                from flows.serve import models  # see models.REPLICA_KEY
-
-                try:
-                    _check_key(Headers(scope=scope), models.REPLICA_KEY["sha256"])
-                except APIError as e:
-                    await _error(e)(scope, receive, send)
-                    return
-        await self.app(scope, receive, send)
-
-
-api.add_middleware(_RequireKey)
-
-
-class _LeasedStream:
-    """A streamed body that holds a model lease until the stream ends -- or, when the client went away
-    before the first byte and the body is never iterated, until the response is dropped (an async
-    generator that never started never runs its `finally`)."""
-
-    def __init__(self, body: AsyncIterator[str], release: Any):
-        self._body, self._release = body, release
-
-    def __aiter__(self) -> "_LeasedStream":
-        return self
-
-    async def __anext__(self) -> str:
-        try:
-            return await self._body.__anext__()
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        release, self._release = self._release, None
-        if release is not None:
-            release()
-
-    def __del__(self) -> None:
-        self.close()
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -130,35 +65,15 @@ class GPTServer:
         redact_logs()  # a replica's log reaches files and the dashboard: no credentials in it
         self.settings = settings
         self.cfg = settings.serve
-        self._lock = threading.Lock()
-        self._leases: dict[int, int] = {}  # id(Loaded) -> requests using it
-        self._refused: dict[str, str] = {}  # version -> why it is not served
-        self._recheck: set[str] = set()  # refused for now (gate not passed): looked at again each poll
-        self._stop = threading.Event()
         self._started = time.time()
-        self._swaps = 0
-        self._registry_problem: str | None = None  # why the alias cannot be read now, while still serving
-        from flows.serve import models
+        auth.set_replica_key(settings.api_key_sha256)
+        self.metrics = ServeMetrics()
+        self.swap = HotSwap(settings)
 
-        models.REPLICA_KEY["sha256"] = settings.api_key_sha256
-        self._requests = metrics.Counter("gptflow_requests", "requests by route and status", ("route", "status"))
-        self._tokens = metrics.Counter("gptflow_generated_tokens", "tokens generated")
-        self._latency = metrics.Histogram("gptflow_latency_s", "request latency", [0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30])
-        self._ttft = metrics.Histogram("gptflow_time_to_first_token_s", "time to first token",
-                                       [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5])
-        self._occupancy = metrics.Gauge("gptflow_batch_occupancy", "mean sequences per decode step")
-        version = None
-        if settings.bundle:
-            bundle = settings.bundle
-        else:
-            version = alias_version(settings)
-            bundle = fetch(settings, version)
-        self._stats = RunnerStats()
-        self.current: Loaded = load(bundle, version, self.cfg, self._stats)
-        self._retired: list[Loaded] = []
-        log.info("serving %s (%s)", settings.served_name, self._describe(self.current))
-        if not settings.bundle and self.cfg.poll_s > 0:
-            threading.Thread(target=self._follow_alias, name="gptflow-alias", daemon=True).start()
+    @property
+    def current(self) -> Loaded:
+        """The model serving new requests now."""
+        return self.swap.current
 
     # ------------------------------------------------------------------ routes
 
@@ -179,8 +94,9 @@ class GPTServer:
         body = {"status": "ok" if problem is None else "unhealthy", "model": self.settings.served_name,
                 "version": loaded.version, "running": engine.running, "waiting": engine.waiting,
                 "requests": stats.requests, "cancelled": stats.cancelled, "rejected": stats.rejected,
-                "refused_versions": sorted(self._refused), "last_step_age_s": round(time.time() - runner.last_step, 3),
-                "leases": sum(self._leases.values()), "registry": self._registry_problem or "ok"}
+                "refused_versions": sorted(self.swap.refused),
+                "last_step_age_s": round(time.time() - runner.last_step, 3),
+                "leases": self.swap.leases(), "registry": self.swap.registry_problem or "ok"}
         if problem:
             body["problem"] = problem
         return JSONResponse(body, status_code=200 if problem is None else 503)
@@ -194,7 +110,7 @@ class GPTServer:
     async def models(self, request: Request) -> Response:
         loaded = self.current
         card = {"id": self.settings.served_name, "object": "model", "created": int(self._started),
-                "owned_by": "gptflow", "version": loaded.version, "source": self._describe(loaded),
+                "owned_by": "gptflow", "version": loaded.version, "source": self.swap.describe(loaded),
                 "context_length": loaded.limits.context_length}
         return JSONResponse({"object": "list", "data": [card]})
 
@@ -208,18 +124,12 @@ class GPTServer:
 
     def stats(self) -> dict[str, Any]:
         """Totals and percentiles of this replica, for the summary `gptflow serve` logs at the end."""
-        s = self.current.runner.stats
-        out: dict[str, Any] = {"version": self.current.version, "swaps": self._swaps, "requests": s.requests,
-                               "rejected": s.rejected, "completion_tokens": s.completion_tokens,
-                               "decode_steps": s.steps, "uptime_s": time.time() - self._started}
-        if s.steps:
-            out["mean_batch_occupancy"] = s.occupied_rows / s.steps
-            out["decode_tokens_per_s"] = s.completion_tokens / max(s.busy_s, 1e-9)
-        for key, values in (("latency", s.latency_s), ("ttft", s.ttft_s)):
-            if values:
-                out[f"{key}_p50_s"] = statistics.median(values)
-                out[f"{key}_p90_s"] = statistics.quantiles(values, n=10)[-1] if len(values) > 1 else values[0]
-        return out
+        loaded = self.current
+        return summary(loaded.runner.stats, loaded.version, self.swap.swaps, self._started)
+
+    def auth_required(self) -> bool:
+        """Whether this app asks for an API key (a redeploy reads it so as never to turn auth off)."""
+        return self.settings.api_key_sha256 is not None
 
     # ------------------------------------------------------------------ one request
 
@@ -229,7 +139,7 @@ class GPTServer:
         loaded = None
         try:
             body = await self._body(request)
-            loaded = self._lease()
+            loaded = self.swap.lease()
             body, facts = self._ground(body, loaded) if chat else (body, None)
             if chat:  # the model's own chat template where it has one
                 template = loaded.tokenizer if getattr(loaded.tokenizer, "chat_template", None) else None
@@ -245,8 +155,8 @@ class GPTServer:
             loaded.runner.check_capacity(len(sequences))
             if gen.stream:
                 leased = loaded
-                stream = _LeasedStream(self._stream(gen, loaded, sequences, start, route, facts),
-                                       lambda: self._release(leased))
+                stream = LeasedStream(self._stream(gen, loaded, sequences, start, route, facts),
+                                      lambda: self.swap.release(leased))
                 loaded = None  # the stream releases the lease when it ends (or is dropped unstarted)
                 return StreamingResponse(stream, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -268,11 +178,7 @@ class GPTServer:
             return _error(APIError(500, "internal error (logged on the server)", type="server_error"))
         finally:
             if loaded is not None:
-                self._release(loaded)
-
-    def auth_required(self) -> bool:
-        """Whether this app asks for an API key (a redeploy reads it so as never to turn auth off)."""
-        return self.settings.api_key_sha256 is not None
+                self.swap.release(loaded)
 
     def _ground(self, body: Any, loaded: Loaded) -> tuple[Any, list[dict[str, Any]] | None]:
         """serve.knowledge: the facts that match the last user turn, put before the conversation."""
@@ -318,7 +224,10 @@ class GPTServer:
     def _sequences(self, gen: Generation, loaded: Loaded) -> list[dict[str, Any]]:
         """The engine's sequences for a request: n per prompt, in OpenAI's choice order."""
         limits, tok = loaded.limits, loaded.tokenizer
-        stops = gen.stop + (CHAT_TURN_STOPS if gen.chat and not gen.templated else ())  # else: stop_ids
+        # A templated chat ends at the model's end-of-turn token (stop_ids); gptflow's own format at a next turn.
+        stops = gen.sampling.stop_strings + (CHAT_TURN_STOPS if gen.chat and not gen.templated else ())
+        sampling = replace(gen.sampling, stop_ids=loaded.stop_ids, stop_strings=stops)
+        seed = sampling.seed
         out = []
         for i, prompt in enumerate(gen.prompts):
             ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -335,10 +244,8 @@ class GPTServer:
                                        f"tokens; {where} {i} has {len(ids)}, so max_tokens can be at most {room} "
                                        f"(asked: {max_tokens})")
             for j in range(gen.n):
-                out.append({"prompt": tuple(ids), "max_new_tokens": max_tokens, "temperature": gen.temperature,
-                            "top_k": gen.top_k, "top_p": gen.top_p, "stop_ids": loaded.stop_ids,
-                            "stop_strings": stops, "logprobs": gen.logprobs,
-                            "seed": None if gen.seed is None else gen.seed + j})
+                out.append({"prompt": tuple(ids), "max_new_tokens": max_tokens, "logprobs": gen.logprobs,
+                            "sampling": sampling if seed is None else replace(sampling, seed=seed + j)})
         return out
 
     async def _collect(self, gen: Generation, loaded: Loaded, sequences: list[dict[str, Any]]) -> dict[str, Any]:
@@ -417,100 +324,9 @@ class GPTServer:
         return protocol.completion_logprobs(texts, values, [{tok.decode([t]): v for t, v in e.top} for e in entries])
 
     def _record(self, route: str, status: int, start: float, tokens: int, ttft: float | None = None) -> None:
-        self._requests.inc(tags={"route": route, "status": str(status)})
-        if status == 200:
-            self._latency.observe(time.perf_counter() - start)
-            if tokens:
-                self._tokens.inc(tokens)
-        if ttft is not None:  # streams only: a non-streamed answer arrives whole
-            self._ttft.observe(ttft)
-        stats = self.current.runner.stats
-        if stats.steps:
-            self._occupancy.set(stats.occupied_rows / stats.steps)
-
-    # ------------------------------------------------------------------ following the alias
-
-    def _lease(self) -> Loaded:
-        with self._lock:
-            loaded = self.current
-            self._leases[id(loaded)] = self._leases.get(id(loaded), 0) + 1
-            return loaded
-
-    def _release(self, loaded: Loaded) -> None:
-        with self._lock:
-            self._leases[id(loaded)] -= 1
-            idle = [m for m in self._retired if self._leases.get(id(m), 0) == 0]
-            for m in idle:
-                self._retired.remove(m)
-                self._leases.pop(id(m), None)
-        for m in idle:
-            m.runner.stop()
-            log.info("stopped %s: its last request finished", self._describe(m))
-
-    def _follow_alias(self) -> None:
-        """Poll NAME@ALIAS; load a new version beside the current one, then swap. A version that is not
-        vetted (gate not passed, weights not matching their sha256 tag) or fails to load is refused; a
-        fetch that fails for a passing reason (the registry away) is retried with backoff, and the
-        current version keeps serving meanwhile (/healthz says so)."""
-        from flows.data.inputs import redact_text
-
-        s = self.settings
-        retry: dict[str, tuple[int, float]] = {}  # version -> (failed fetches, when to try again)
-        while not self._stop.wait(self.cfg.poll_s):
-            try:
-                version = alias_version(s)
-            except Exception as e:  # noqa: BLE001 - a registry hiccup must not stop the server
-                self._registry_problem = (f"cannot read {s.registry_name}@{s.alias} since "
-                                          f"{time.strftime('%H:%M:%S')}: {redact_text(str(e))[:300]}; "
-                                          f"still serving version {self.current.version}")
-                log.warning("%s", self._registry_problem)
-                continue
-            self._registry_problem = None
-            if version == self.current.version or (version in self._refused and version not in self._recheck):
-                continue
-            failures, not_before = retry.get(version, (0, 0.0))
-            if time.time() < not_before:
-                continue
-            try:
-                bundle = fetch(s, version)
-            except Refused as e:
-                if self._refused.get(version) != str(e):  # said once, not at every poll
-                    log.error("refusing %s version %s: %s; still serving version %s", s.registry_name, version,
-                              e, self.current.version)
-                self._refused[version] = str(e)
-                (self._recheck.discard if e.final else self._recheck.add)(version)
-                continue
-            except Exception as e:  # noqa: BLE001 - transient: try again later, keep serving
-                delay = min(self.cfg.poll_s * 2 ** failures, 300.0)
-                retry[version] = (failures + 1, time.time() + delay)
-                log.warning("cannot fetch %s version %s (%s); retrying in %.0f s, still serving version %s",
-                            s.registry_name, version, redact_text(str(e))[:300], delay, self.current.version)
-                continue
-            retry.pop(version, None)
-            self._refused.pop(version, None)
-            self._recheck.discard(version)
-            try:
-                new = load(bundle, version, self.cfg, self._stats)
-            except Exception as e:  # noqa: BLE001 - whatever is wrong with it, it is not served
-                self._refused[version] = str(e)
-                log.error("refusing %s version %s: %s; still serving version %s", s.registry_name, version, e,
-                          self.current.version)
-                continue
-            with self._lock:
-                old, self.current = self.current, new
-                self._swaps += 1
-                idle = self._leases.get(id(old), 0) == 0
-                if not idle:
-                    self._retired.append(old)
-            log.info("%s@%s moved: now serving version %s (was %s)", s.registry_name, s.alias, version, old.version)
-            if idle:
-                old.runner.stop()
-
-    def _describe(self, loaded: Loaded) -> str:
-        if loaded.version is None:
-            return f"bundle {loaded.source}"
-        return f"models:/{self.settings.registry_name}/{loaded.version}"
+        self.metrics.record(route, status, start, tokens, ttft, self.current.runner.stats)
 
     def __del__(self) -> None:
-        self._stop.set()
-
+        swap = getattr(self, "swap", None)  # None when __init__ failed
+        if swap is not None:
+            swap.stop()

@@ -19,12 +19,6 @@ from flows.serve.runner import EngineRunner, RunnerStats
 
 log = logging.getLogger(__name__)
 
-# The API key hash of the replica in this process (Serve runs one per process), read by the app's
-# auth middleware. It lives here, in a module both import by name, because Serve pickles the
-# deployment class by value: a global of app.py written in __init__ would be a copy's.
-REPLICA_KEY: dict[str, str | None] = {"sha256": None}
-
-
 @dataclass(frozen=True)
 class ServeSettings:
     """A replica's configuration: the serve section plus what the driver resolved."""

@@ -2,8 +2,10 @@
 
 Pure functions of JSON values, no Ray and no model: a request body becomes a :class:`Generation`
 (what to generate, already checked) or an :class:`APIError` that names the offending parameter
-with OpenAI's error JSON and the right 4xx status. Responses and stream chunks are built here in
-OpenAI's shapes, so the official `openai` client reads them unmodified.
+with OpenAI's error JSON and the right 4xx status. What a setting may be is gptcore's
+SamplingParams' to say (its errors become 400s naming the parameter); what is checked here is the
+JSON (types, OpenAI's ranges and counts) and this server's own limits. Responses and stream chunks
+are built here in OpenAI's shapes, so the official `openai` client reads them unmodified.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flows.data.sft import ROLES, render_chat_prompt
-from gptcore.generation import MAX_STOP_CHARS
+from gptcore.sampling import MAX_STOP_CHARS, SamplingError, SamplingParams
 
 # Parameters OpenAI defines that gptflow accepts at their neutral value only: a client that sends
 # the default (the openai client never sends unset ones) works; asking for the feature is a 400.
@@ -68,12 +70,8 @@ class Generation:
     chat: bool
     prompts: list[str | list[int]]
     max_tokens: int | None  # None: the default, clipped to the room the prompt leaves
-    temperature: float
-    top_p: float | None
-    top_k: int | None
+    sampling: SamplingParams  # the request's stop strings and seed (choice j samples with seed + j)
     n: int
-    stop: tuple[str, ...]
-    seed: int | None
     stream: bool
     include_usage: bool
     logprobs: int | None  # top-k alternatives per token; None: no logprobs
@@ -145,9 +143,9 @@ def parse_chat(body: Any, limits: Limits, template: Any = None) -> Generation:
 def _generation(body: dict[str, Any], limits: Limits, *, chat: bool, prompts: list[str | list[int]],
                 logprobs: int | None, max_tokens: int | None) -> Generation:
     temperature = _number(body, "temperature", 0.0, 2.0)
-    top_p = _number(body, "top_p", 0.0, 1.0)
-    if top_p is not None and top_p == 0:
-        raise invalid("top_p", "top_p must be > 0")
+    sampling = _sampling(temperature=0.0 if temperature is None else temperature,
+                         top_p=_number(body, "top_p", 0.0, 1.0), top_k=_int(body, "top_k", 1, 1 << 20),
+                         stop_strings=_stop(body.get("stop")), seed=_int(body, "seed", -(1 << 63), (1 << 63) - 1))
     stream = _bool(body, "stream", False)
     options = body.get("stream_options")
     include_usage = False
@@ -161,12 +159,21 @@ def _generation(body: dict[str, Any], limits: Limits, *, chat: bool, prompts: li
     if model is not None and not isinstance(model, str):
         raise invalid("model", "'model' must be a string")
     return Generation(
-        chat=chat, prompts=prompts, max_tokens=max_tokens,
-        temperature=0.0 if temperature is None else temperature, top_p=top_p,
-        top_k=_int(body, "top_k", 1, 1 << 20), n=_int(body, "n", 1, limits.max_n) or 1,
-        stop=_stop(body.get("stop")), seed=_int(body, "seed", -(1 << 63), (1 << 63) - 1),
-        stream=stream, include_usage=include_usage, logprobs=logprobs, model=model,
+        chat=chat, prompts=prompts, max_tokens=max_tokens, sampling=sampling,
+        n=_int(body, "n", 1, limits.max_n) or 1, stream=stream, include_usage=include_usage,
+        logprobs=logprobs, model=model,
     )
+
+
+_PARAM_OF = {"stop_strings": "stop", "stop_ids": "stop"}  # SamplingParams fields -> API parameters
+
+
+def _sampling(**settings: Any) -> SamplingParams:
+    """The request's SamplingParams; a setting it refuses is a 400 naming the API parameter."""
+    try:
+        return SamplingParams(**settings)
+    except SamplingError as e:
+        raise invalid(_PARAM_OF.get(e.field, e.field), str(e)) from None
 
 
 # --------------------------------------------------------------------------- field checks

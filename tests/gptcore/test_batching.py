@@ -4,12 +4,14 @@ changes under it (joins, leaves, cancels, a token budget)."""
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 from gptcore import GPT, GPTConfig, Tokenizer
 from gptcore.batching import BatchEngine, SequenceRequest, generate_alone
+from gptcore.sampling import SamplingParams
 
 TEXT = ["the cat sat on the mat and looked at the dog. ", "a café → naïve robots write about rivers. "]
 
@@ -48,7 +50,7 @@ def _drain(engine: BatchEngine, feed: dict[int, list[SequenceRequest]] | None = 
 def _requests(n: int, seed: int, **kw) -> list[SequenceRequest]:
     rng = random.Random(seed)
     return [SequenceRequest(i, tuple(rng.randrange(1, 300) for _ in range(rng.randint(1, 24))),
-                            rng.randint(1, 48), **kw) for i in range(n)]
+                            rng.randint(1, 48), SamplingParams(**kw)) for i in range(n)]
 
 
 def test_greedy_output_equals_generate_alone_for_mixed_lengths_and_late_joins(model):
@@ -82,7 +84,7 @@ def test_a_finished_sequence_frees_its_row_at_once(model):
 
 def test_seeded_sampling_matches_generate_alone(model):
     reqs = _requests(6, seed=2, temperature=0.9, top_p=0.9, top_k=50)
-    reqs = [SequenceRequest(r.id, r.prompt, r.max_new_tokens, r.temperature, r.top_k, r.top_p, seed=100 + r.id)
+    reqs = [SequenceRequest(r.id, r.prompt, r.max_new_tokens, replace(r.sampling, seed=100 + r.id))
             for r in reqs]
     tokens, _, _ = _drain(BatchEngine(model, max_batch_size=3), {0: reqs})
     for r in reqs:
@@ -95,7 +97,7 @@ def test_stop_strings_cut_as_generate_does(model, tok):
     free = generate_alone(model, SequenceRequest(0, tuple(prompts[0]), 30))
     text = tok.decode(free)
     stop = text[5:8] if len(text) > 8 else text[-2:]  # a string the model will produce
-    reqs = [SequenceRequest(i, tuple(p), 30, stop_strings=(stop,)) for i, p in enumerate(prompts)]
+    reqs = [SequenceRequest(i, tuple(p), 30, SamplingParams(stop_strings=(stop,))) for i, p in enumerate(prompts)]
     tokens, finish, _ = _drain(BatchEngine(model, max_batch_size=2, tokenizer=tok), {0: reqs})
     for r in reqs:
         assert tokens.get(r.id, []) == generate_alone(model, r, tok)
@@ -152,7 +154,7 @@ def test_requests_that_cannot_fit_are_refused_when_submitted(model, tok):
     with pytest.raises(ValueError, match="empty"):
         engine.submit(SequenceRequest(0, (), 1))
     with pytest.raises(ValueError, match="temperature"):
-        engine.submit(SequenceRequest(0, (1,), 1, temperature=float("nan")))
+        engine.submit(SequenceRequest(0, (1,), 1, SamplingParams(temperature=float("nan"))))
     assert not engine.has_work()
 
 

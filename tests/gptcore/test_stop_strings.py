@@ -8,7 +8,7 @@ import torch
 
 from gptcore import GPT, GPTConfig, Tokenizer
 from gptcore.batching import BatchEngine, SequenceRequest
-from gptcore.generation import MAX_STOP_CHARS, _ends_with_prefix
+from gptcore.sampling import MAX_STOP_CHARS, SamplingParams, ends_with_prefix
 
 
 class _Counting(str):
@@ -36,7 +36,7 @@ def test_ends_with_prefix_is_what_it_was_on_every_short_case():
         for s in range(1, 5):
             for text in map("".join, itertools.product("ab", repeat=t)):
                 for stop in map("".join, itertools.product("ab", repeat=s)):
-                    assert _ends_with_prefix(text, stop) == _reference(text, stop), (text, stop)
+                    assert ends_with_prefix(text, stop) == _reference(text, stop), (text, stop)
 
 
 @pytest.mark.parametrize("text_len", [3, 300, 30_000])
@@ -44,7 +44,7 @@ def test_the_check_compares_no_more_than_the_text_and_the_stop_string_allow(text
     stop = _Counting("ab" * 120_000)  # 240 K characters
     text = _Counting("x" * (text_len - 1) + "a")
     _Counting.calls = 0
-    assert _ends_with_prefix(text, stop)
+    assert ends_with_prefix(text, stop)
     assert _Counting.calls <= min(text_len, len(stop)), _Counting.calls  # it used to be 240 K, per row, per step
 
 
@@ -53,6 +53,6 @@ def test_the_serving_engine_refuses_stop_strings_past_the_cap():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.vocab_size, context_length=32, n_layer=1, n_head=2, d_model=16))
     engine = BatchEngine(model, max_batch_size=2, tokenizer=tok)
-    engine.submit(SequenceRequest(0, (1, 2), 4, stop_strings=("x" * MAX_STOP_CHARS,)))
+    engine.submit(SequenceRequest(0, (1, 2), 4, SamplingParams(stop_strings=("x" * MAX_STOP_CHARS,))))
     with pytest.raises(ValueError, match=f"longer than {MAX_STOP_CHARS} characters"):
-        engine.submit(SequenceRequest(1, (1, 2), 4, stop_strings=("x" * (MAX_STOP_CHARS + 1),)))
+        engine.submit(SequenceRequest(1, (1, 2), 4, SamplingParams(stop_strings=("x" * (MAX_STOP_CHARS + 1),))))

@@ -17,6 +17,7 @@ import pytest
 from flows.registry.promote import bundle_of
 from gptcore import load_bundle
 from gptcore.batching import SequenceRequest, generate_alone
+from gptcore.sampling import SamplingParams
 from tests.serve.conftest import make_bundle, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -47,7 +48,7 @@ def _reference(store, version: str, tmp_path):
     bundle = bundle_of(store["registry"](), "gpt", version, tmp_path / "ref")
     model, tok, _ = load_bundle(bundle)
     return lambda prompt, n: tok.decode(generate_alone(model, SequenceRequest(
-        0, tuple(tok.encode(prompt)), n, stop_ids=frozenset({tok.eot_id}))))
+        0, tuple(tok.encode(prompt)), n, SamplingParams(stop_ids=frozenset({tok.eot_id})))))
 
 
 def _version_served(url: str) -> str:

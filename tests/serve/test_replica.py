@@ -56,7 +56,7 @@ def _request(body: dict):
 
 
 def _leases(replica) -> int:
-    return replica._leases.get(id(replica.current), 0)
+    return replica.swap.leases(replica.current)
 
 
 def test_a_stream_dropped_before_its_first_byte_releases_its_model(server):

@@ -16,6 +16,7 @@ import pytest
 
 from gptcore import load_bundle
 from gptcore.batching import SequenceRequest, generate_alone
+from gptcore.sampling import SamplingParams
 from tests.serve.conftest import make_bundle, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -55,7 +56,7 @@ def _client(url: str, key: str = "none") -> openai.OpenAI:
 def _expected_ids(reference, prompt: str, max_tokens: int) -> list[int]:
     model, tok = reference
     return generate_alone(model, SequenceRequest(0, tuple(tok.encode(prompt)), max_tokens,
-                                                 stop_ids=frozenset({tok.eot_id})))
+                                                 SamplingParams(stop_ids=frozenset({tok.eot_id}))))
 
 
 def _expected(reference, prompt: str, max_tokens: int) -> str:
@@ -96,8 +97,8 @@ def test_openai_client_chat_plain_and_streaming_uses_the_fine_tuning_chat_format
     assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
     model, tok = reference
     prompt = render_chat_prompt(messages)
-    ids = generate_alone(model, SequenceRequest(0, tuple(tok.encode(prompt)), 10, stop_ids=frozenset({tok.eot_id}),
-                                                stop_strings=("\nuser: ", "\nsystem: ")), tok)
+    ids = generate_alone(model, SequenceRequest(0, tuple(tok.encode(prompt)), 10, SamplingParams(
+        stop_ids=frozenset({tok.eot_id}), stop_strings=("\nuser: ", "\nsystem: "))), tok)
     assert r.choices[0].message.content == tok.decode(ids)
     assert r.usage.prompt_tokens == len(tok.encode(prompt))
 
