@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.config import DataConfig, KnowledgeSource, stable_hash, to_dict
-from flows.data.inputs import InputError, redact_url
+from flows.data.inputs import InputError
+from flows.data.redact import redact_url
 from flows.data.sft import ASSISTANT, render_chat_prompt
 from flows.store import FingerprintCache, atomic_write_text
 

@@ -46,9 +46,11 @@ from flows.data import formats, inputs, knowledge, sft
 from flows.data.clean import UnitStats, is_bad_record, merge_locations, pieces
 from flows.data.curate import driver as curate_stage
 from flows.data.dataset import FORMAT_VERSION
-from flows.data.inputs import InputError, InputFile, WorkUnit
+from flows.data.inputs import InputError, InputFile
+from flows.data.redact import redact, redact_text, redact_url
 from flows.data.shards import UnitWriter, load_index, pack_sft, pack_tokens
 from flows.data.splits import assign_val, check_val_possible, sft_holdout
+from flows.data.units import WorkUnit, plan_units
 from flows.progress import Progress
 from flows.store import atomic_write_text, sha256_file
 
@@ -198,7 +200,7 @@ def _resolve(data: DataConfig, ctx: StepContext) -> _Sources:
         text.append(inputs.export_hf_dataset(data, ctx.workdir / STAGE / "_hf"))
     for f in sft_files:
         if f.fmt not in ("jsonl", "json"):
-            raise InputError(f"data.sft_inputs: {inputs.redact_url(f.path)} must be .jsonl or .json "
+            raise InputError(f"data.sft_inputs: {redact_url(f.path)} must be .jsonl or .json "
                              "(prompt/completion or messages records)")
     if text:
         inputs.check_usable(text, "data.inputs")
@@ -229,8 +231,8 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
     for sub in ("clean", "tok", "sft"):
         (work / sub).mkdir(parents=True, exist_ok=True)
     _remove_partial_files(out)
-    units = inputs.plan_units(sources.text, data) if sources.text else []
-    sft_units = inputs.plan_units(sources.sft, data) if sources.sft else []
+    units = plan_units(sources.text, data) if sources.text else []
+    sft_units = plan_units(sources.sft, data) if sources.sft else []
     if units:
         check_val_possible(sources.text, data)  # from the file sizes alone, before any Ray work
     # Knowledge files are units of their own whose split is fixed (unit key -> held out?): trained
@@ -331,10 +333,10 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
         "eot_id": tokenizer.eot_id,
         "pad_id": tokenizer.pad_id,
         # Input URLs without their credentials (the fingerprints hash the full URLs).
-        "config": inputs.redact(to_dict(data)),
-        "inputs": [{"path": inputs.redact_url(f.path), "fingerprint": f.fingerprint, "kind": "text"}
+        "config": redact(to_dict(data)),
+        "inputs": [{"path": redact_url(f.path), "fingerprint": f.fingerprint, "kind": "text"}
                    for f in sources.text]
-        + [{"path": inputs.redact_url(f.path), "fingerprint": f.fingerprint, "kind": "sft"} for f in sources.sft]
+        + [{"path": redact_url(f.path), "fingerprint": f.fingerprint, "kind": "sft"} for f in sources.sft]
         + _knowledge_inputs(data, sources),
         "documents": {"kept": kept, "dropped": dict(sorted(dropped.items())),
                       "repaired": dict(sorted(repaired.items())), "locations": dict(sorted(locations.items()))},
@@ -355,7 +357,7 @@ def _append_units(units: list[WorkUnit], files: list[tuple[InputFile, bool]], da
     (held out or not) by unit key."""
     fixed: dict[str, bool] = {}
     for f, held_out in files:
-        for u in inputs.plan_units([f], data):
+        for u in plan_units([f], data):
             unit = WorkUnit(len(units), u.segments)
             units.append(unit)
             fixed[unit.key] = held_out
@@ -787,7 +789,7 @@ def _log_tracking(tracker: Any, out: Path, manifest: dict[str, Any], sources: _S
     tracker.log_artifact(out / "tokenizer.json")
     files = manifest["inputs"]
     tracker.log_input_dataset(
-        name=inputs.redact_text(", ".join(sources.labels))[:200] or "corpus",
+        name=redact_text(", ".join(sources.labels))[:200] or "corpus",
         source=files[0]["path"] if len(files) == 1 else str(Path(files[0]["path"]).parent),
         digest=stable_hash([f["fingerprint"] for f in files], length=32),
         context="preprocess",
