@@ -16,7 +16,7 @@ import pytest
 import zstandard
 
 from flows.config import DataConfig
-from flows.data import formats, inputs, stage
+from flows.data import formats, inputs, stage, tasks
 from flows.data.clean import UnitStats
 from flows.data.units import Segment, WorkUnit, content_size, plan_units
 from tests.data.preprocess_data import document
@@ -142,9 +142,9 @@ def test_pass_2_reads_the_cleaned_unit_in_bounded_batches(tmp_path):
     tok_path = tmp_path / "tok.json"
     tok = Tokenizer.train([d.decode() for d in docs[:200]], vocab_size=400)
     tok.save(tok_path)
-    with mock.patch.object(stage, "_BATCH_CHARS", 16 << 10), mock.patch.object(stage, "_READ_BYTES", 64 << 10):
-        stage._load_tokenizer(str(tok_path))  # loaded once per worker, not what is measured
-        meta, peak = _peak_while(lambda: stage.tokenize_unit(
+    with mock.patch.object(tasks, "_BATCH_CHARS", 16 << 10), mock.patch.object(tasks, "_READ_BYTES", 64 << 10):
+        tasks._load_tokenizer(str(tok_path))  # loaded once per worker, not what is measured
+        meta, peak = _peak_while(lambda: tasks.tokenize_unit(
             WorkUnit(0, ()), _data(), str(work), str(tok_path), "uint16", spans=spans, val=val))
     total = offsets[-1]
     assert peak < total / 8, f"peak {peak:,} bytes for a {total:,}-byte unit"  # it read the unit whole
