@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from flows.config import DataConfig, stable_hash, to_dict
-from flows.data import knowledge
+from flows.data import knowledge_sources
 from flows.data.clean import is_bad_record, merge_locations
 from flows.data.curate import driver as curate_stage
 from flows.data.dataset import FORMAT_VERSION
@@ -149,7 +149,7 @@ def _knowledge_inputs(data: DataConfig, sources: Sources) -> list[dict[str, Any]
     """The manifest's entries for the knowledge sources: where (no credentials) and their content."""
     if sources.knowledge is None:
         return []
-    return [{"path": knowledge.label(s), "fingerprint": stable_hash(p, length=32), "kind": "knowledge",
+    return [{"path": knowledge_sources.label(s), "fingerprint": stable_hash(p, length=32), "kind": "knowledge",
              "content": p} for s, p in zip(data.knowledge, sources.knowledge.fingerprints, strict=True)]
 
 

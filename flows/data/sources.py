@@ -21,7 +21,7 @@ from typing import Any
 
 from flows.config import DataConfig
 from flows.context import StepContext
-from flows.data import inputs, knowledge
+from flows.data import inputs, knowledge, knowledge_sources
 from flows.data.inputs import InputError, InputFile
 from flows.data.redact import redact_url
 
@@ -97,7 +97,7 @@ def resolve(data: DataConfig, ctx: StepContext, cache: Path) -> Sources:
     text, sft_files = sources.text, sources.sft
     if data.knowledge:  # read, checked and verbalised here: a bad source stops the run before Ray work
         sources.knowledge = knowledge.materialize(data, cache / "_knowledge", ctx.fingerprints)
-        sources.labels += [knowledge.label(k) for k in data.knowledge]
+        sources.labels += [knowledge_sources.label(k) for k in data.knowledge]
     know_text, know_sft = sources.knowledge_files()
     if data.hf_dataset:
         text.append(inputs.export_hf_dataset(data, cache / "_hf"))

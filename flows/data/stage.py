@@ -42,7 +42,7 @@ import numpy as np
 
 from flows.config import DataConfig, to_dict
 from flows.context import StepContext
-from flows.data import inputs, knowledge, manifest, sources
+from flows.data import inputs, knowledge_sources, manifest, sources
 from flows.data.curate import driver as curate_stage
 from flows.data.dataset import FORMAT_VERSION
 from flows.data.inputs import InputError, InputFile
@@ -96,7 +96,7 @@ def fingerprint(data: DataConfig, ctx: StepContext) -> dict[str, Any]:
     calls it to name the output directory before deciding whether anything must run.
     """
     located = sources.locate(data, ctx)
-    extra = {"knowledge": knowledge.fingerprint(data, ctx.fingerprints)} if data.knowledge else {}
+    extra = {"knowledge": knowledge_sources.fingerprint(data, ctx.fingerprints)} if data.knowledge else {}
     return extra | {
         "format_version": FORMAT_VERSION,
         "text": [f.fingerprint for f in located.text],
