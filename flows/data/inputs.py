@@ -7,9 +7,9 @@ files, in input order), :func:`describe` (size and content fingerprint), the che
 any Ray work (:func:`check_usable`, :func:`check_parquet_field`), :func:`export_hf_dataset`, and
 opening an input, local or fsspec, decompressed (:func:`open_input`).
 
-What it is not: planning work units (flows/data/units.py), per-format reading (flows/data/formats.py),
-cleaning (flows/data/clean.py), redacting URLs (flows/data/redact.py), or Ray scheduling
-(flows/data/stage.py).
+What it is not: planning work units (flows/data/units.py), per-format reading
+(flows/data/formats.py), cleaning (flows/data/clean.py), redacting URLs (flows/data/redact.py), or
+Ray scheduling (flows/data/stage.py).
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ from flows.data.clean import UnitStats, decode
 _BOM = b"\xef\xbb\xbf"
 
 
-def line_values(blocks: Iterable[tuple[int, bytes]], cap: int, stats: UnitStats, numbered: bool) -> Iterator[Any]:
+def line_values(blocks: Iterable[tuple[int, bytes]], cap: int, stats: UnitStats,
+                numbered: bool) -> Iterator[Any]:
     """The JSON value of each line of a stream of (offset, bytes) blocks; lines are numbered from 1
     when `numbered` (the stream starts the file)."""
     return _parse_lines(_lines(blocks, cap, numbered), stats)

@@ -67,7 +67,8 @@ def build(data: DataConfig, sources: Sources, out: Path, p: Passes) -> dict[str,
     p.assignment["tokens"] = p.splits["val"]["tokens"]
     p.assignment["fraction"] = round(p.splits["val"]["tokens"] / total, 6) if total else 0.0
     kept_bytes = sum(int(np.diff(load_index(work, u.key)[0])[p.keep[u.key]].sum()) for u in p.units)
-    curation = curate_stage.finish(out, p.units, work, data, p.clean_meta, p.near, kept, total, kept_bytes)
+    curation = curate_stage.finish(out, p.units, work, data, p.clean_meta, p.near, kept, total,
+                                   kept_bytes)
     documents, sft_examples = _counts(sources, p, kept)
     knowledge_entry = _copy_knowledge(sources, out)
     tok = p.tokenizer
@@ -111,8 +112,8 @@ def _counts(sources: Sources, p: Passes, kept: int) -> tuple[dict[str, Any], dic
     for m in p.sft_meta.values():
         sft_dropped.update(m["dropped"])
         repaired.update(m["repaired"])
-    return ({"kept": kept, "dropped": dict(sorted(dropped.items())), "repaired": dict(sorted(repaired.items())),
-             "locations": _locations(p.clean_meta)},
+    return ({"kept": kept, "dropped": dict(sorted(dropped.items())),
+             "repaired": dict(sorted(repaired.items())), "locations": _locations(p.clean_meta)},
             {"kept": p.splits["sft"]["examples"] + p.splits["sft_val"]["examples"],
              "dropped": dict(sorted(sft_dropped.items())), "locations": _locations(p.sft_meta)})
 
@@ -127,8 +128,8 @@ def _locations(metas: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any
 
 def _worker_stats(p: Passes) -> dict[str, Any]:
     """Seconds per phase, and the workers' peak memory, CPU seconds per pass and nodes."""
-    peak = max([m["peak_rss_mb"] for m in (*p.clean_meta.values(), *p.tok_meta.values(), *p.sft_meta.values())]
-               or [0])
+    metas = (*p.clean_meta.values(), *p.tok_meta.values(), *p.sft_meta.values())
+    peak = max([m["peak_rss_mb"] for m in metas] or [0])
     # Which Ray nodes did the work (units per node id): on a cluster, more than one.
     nodes = dict(sorted(Counter(m["node_id"] for m in (*p.clean_meta.values(), *p.tok_meta.values())
                                 if m.get("node_id")).items()))
@@ -140,9 +141,9 @@ def _worker_stats(p: Passes) -> dict[str, Any]:
 
 def _inputs(data: DataConfig, sources: Sources) -> list[dict[str, Any]]:
     """The manifest's inputs: where each was (no credentials) and its fingerprint."""
-    return ([{"path": redact_url(f.path), "fingerprint": f.fingerprint, "kind": "text"} for f in sources.text]
-            + [{"path": redact_url(f.path), "fingerprint": f.fingerprint, "kind": "sft"} for f in sources.sft]
-            + _knowledge_inputs(data, sources))
+    files = [(f, "text") for f in sources.text] + [(f, "sft") for f in sources.sft]
+    return ([{"path": redact_url(f.path), "fingerprint": f.fingerprint, "kind": kind}
+             for f, kind in files] + _knowledge_inputs(data, sources))
 
 
 def _knowledge_inputs(data: DataConfig, sources: Sources) -> list[dict[str, Any]]:
@@ -213,7 +214,8 @@ def summary(manifest: dict[str, Any], out: Path, seconds: float) -> str:
     )
 
 
-def log_tracking(tracker: Any, out: Path, manifest: dict[str, Any], sources: Sources, seconds: float) -> None:
+def log_tracking(tracker: Any, out: Path, manifest: dict[str, Any], sources: Sources,
+                 seconds: float) -> None:
     """The run's metrics (counts, tokens, seconds, curation figures), the manifest, curation report
     and tokenizer as artifacts, and the inputs as the MLflow dataset."""
     docs = manifest["documents"]

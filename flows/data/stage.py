@@ -76,7 +76,8 @@ def preprocess(data: DataConfig, out_dir: Path, ctx: StepContext, base: BaseMode
             raise InputError(f"data.tokenizer_path={data.tokenizer_path!r} and model.base are both set: with a base "
                              "model the data is tokenized with the base's tokenizer; leave data.tokenizer_path empty")
         data = dataclasses.replace(data, tokenizer_path=str(base.bundle))
-    found = sources.resolve(data, ctx, ctx.workdir / STAGE)  # every input error surfaces here, before Ray work
+    # Every input error surfaces here, before Ray work.
+    found = sources.resolve(data, ctx, ctx.workdir / STAGE)
     found.base = base
     ctx.tracker.log_params({"data": to_dict(data)})
     ctx.tracker.set_tags({"gptflow.dataset_dir": str(out.resolve())})
@@ -132,7 +133,8 @@ def _build(data: DataConfig, ctx: StepContext, found: Sources, out: Path) -> dic
     units, sft_units, fixed_text, fixed_sft = _plan(data, found)
     ensure_ray(ctx.cluster)
     workers = data.num_workers or cluster_cpus()
-    log.info("preprocess -> %s: %d work units (+%d fine-tuning) on %d workers", out, len(units), len(sft_units), workers)
+    log.info("preprocess -> %s: %d work units (+%d fine-tuning) on %d workers", out, len(units),
+             len(sft_units), workers)
     timings: dict[str, float] = {}
 
     t = time.time()
@@ -146,13 +148,16 @@ def _build(data: DataConfig, ctx: StepContext, found: Sources, out: Path) -> dic
     keep, duplicates = _dedup(units, work, data.dedup)
     near = curate_stage.duplicates(units, work, keep, data, workers, clean_meta, duplicates)
     timings["curate"] = time.time() - t
-    tokenizer = _tokenizer(found.tokenizer, units, keep, work, data, out, keep_settings=found.base is not None)
-    assignment, spans = assign_val(units, keep, work, data, tokenizer, fixed_text) if units else ({"mode": "none"}, {})
+    tokenizer = _tokenizer(found.tokenizer, units, keep, work, data, out,
+                           keep_settings=found.base is not None)
+    assignment, spans = (assign_val(units, keep, work, data, tokenizer, fixed_text) if units
+                         else ({"mode": "none"}, {}))
     timings["tokenizer"] = time.time() - t  # from the curate step's start: it includes curation
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
 
     t = time.time()
-    tok_meta, sft_meta = _tokenize(data, work, out, units, sft_units, spans, workers, dtype, found.base, ctx.progress)
+    tok_meta, sft_meta = _tokenize_pass(data, work, out, units, sft_units, spans, workers, dtype,
+                                        found.base, ctx.progress)
     timings["tokenize"] = time.time() - t
 
     t = time.time()
@@ -173,9 +178,11 @@ def _work_dirs(out: Path) -> Path:
     return work
 
 
-def _plan(data: DataConfig, found: Sources) -> tuple[list[WorkUnit], list[WorkUnit], dict[str, bool], dict[str, bool]]:
-    """The work units of the pretraining text and of the fine-tuning records, each with the knowledge
-    files' units last, and those units' fixed splits (unit key -> held out?)."""
+def _plan(
+    data: DataConfig, found: Sources
+) -> tuple[list[WorkUnit], list[WorkUnit], dict[str, bool], dict[str, bool]]:
+    """The work units of the pretraining text and of the fine-tuning records, each with the
+    knowledge files' units last, and those units' fixed splits (unit key -> held out?)."""
     units = plan_units(found.text, data) if found.text else []
     sft_units = plan_units(found.sft, data) if found.sft else []
     if units:
@@ -184,12 +191,13 @@ def _plan(data: DataConfig, found: Sources) -> tuple[list[WorkUnit], list[WorkUn
     # facts and phrasings are validation only. A dataset of knowledge alone thus has the held-out
     # facts' statements as its val split, whatever its size.
     know_text, know_sft = found.knowledge_files()
-    return units, sft_units, _append_units(units, know_text, data), _append_units(sft_units, know_sft, data)
+    fixed_text = _append_units(units, know_text, data)
+    return units, sft_units, fixed_text, _append_units(sft_units, know_sft, data)
 
 
-def _tokenize(data: DataConfig, work: Path, out: Path, units: list[WorkUnit], sft_units: list[WorkUnit],
-              spans: dict[str, dict[str, Any]], workers: int, dtype: str, base: BaseModel | None,
-              progress: Progress) -> tuple[dict[str, dict], dict[str, dict]]:
+def _tokenize_pass(data: DataConfig, work: Path, out: Path, units: list[WorkUnit], sft_units: list[WorkUnit],
+                   spans: dict[str, dict[str, Any]], workers: int, dtype: str, base: BaseModel | None,
+                   progress: Progress) -> tuple[dict[str, dict], dict[str, dict]]:
     """Pass 2: the pretraining text's spans and the fine-tuning records as token ids, per unit."""
     tok_path = str(out / "tokenizer.json")
     tok_meta = _run_units(
@@ -205,8 +213,8 @@ def _tokenize(data: DataConfig, work: Path, out: Path, units: list[WorkUnit], sf
     return tok_meta, sft_meta
 
 
-def _pack(data: DataConfig, work: Path, out: Path, units: list[WorkUnit], sft_units: list[WorkUnit], dtype: str,
-          fixed_sft: dict[str, bool]) -> dict[str, dict[str, Any]]:
+def _pack(data: DataConfig, work: Path, out: Path, units: list[WorkUnit], sft_units: list[WorkUnit],
+          dtype: str, fixed_sft: dict[str, bool]) -> dict[str, dict[str, Any]]:
     """The per-unit token files packed into each split's shards, in unit order."""
     splits = {
         split: pack_tokens(work / "tok", [f"{u.key}.{split}" for u in units], out, split, dtype, data.shard_tokens)

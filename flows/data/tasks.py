@@ -1,4 +1,4 @@
-"""The preprocess stage's Ray tasks: each reads one work unit and writes its files (shards.UnitWriter).
+"""The preprocess stage's Ray tasks: each reads one work unit and writes that unit's files.
 
 What it is: :func:`clean_unit` (pass 1: read, clean, curate and hash a unit's documents and their
 ``val_piece_chars`` pieces, into ``_work/clean/``), :func:`tokenize_unit` (pass 2: token ids of the

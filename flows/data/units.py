@@ -1,4 +1,4 @@
-"""Work units: the pieces of the corpus the preprocess stage runs as Ray tasks, planned from the inputs.
+"""Work units: the pieces of the corpus that the preprocess stage runs as Ray tasks.
 
 What it is: :class:`Segment` (a byte range or row-group range of one input file), :class:`WorkUnit`
 (consecutive segments in input order) and :func:`plan_units`, which groups small files and splits
