@@ -6,7 +6,8 @@ after checking every shard exists with its recorded size and, on request, sha256
 :func:`read_shard` and :class:`DataError`. Preprocessing writes what this module reads; training
 and evaluation read datasets only through it.
 
-What it is not: writing datasets (flows/data/stage.py, shards.py) or batching (flows/train/windows.py).
+What it is not: writing datasets (flows/data/stage.py, shards.py, manifest.py) or batching
+(flows/train/windows.py).
 """
 
 from __future__ import annotations

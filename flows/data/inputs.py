@@ -1,13 +1,15 @@
-"""Preprocessing inputs: resolve the user's input specs to files, describe them, plan work units.
+"""Preprocessing inputs: the user's input specs resolved to files, described, checked and opened.
 
 What it is: everything between input specs (paths, folders, globs, fsspec URLs of ``.txt``/``.md``,
 ``.jsonl``/``.json``, ``.parquet``, optionally ``.gz``/``.zst``; a Hugging Face ``datasets`` source)
-and the list of work units the stage runs as Ray tasks. Work units are planned from the inputs alone
-(never from the worker count), so the output is the same however many workers run. Opening an
-input (local or fsspec, decompressed) lives here too, since planning sniffs file heads.
+and the list of :class:`InputFile` the stage plans work units from: :func:`resolve_paths` (specs to
+files, in input order), :func:`describe` (size and content fingerprint), the checks that fail before
+any Ray work (:func:`check_usable`, :func:`check_parquet_field`), :func:`export_hf_dataset`, and
+opening an input, local or fsspec, decompressed (:func:`open_input`).
 
-What it is not: per-format reading (flows/data/formats.py), cleaning (flows/data/clean.py), or Ray
-scheduling (flows/data/stage.py).
+What it is not: planning work units (flows/data/units.py), per-format reading
+(flows/data/formats.py), cleaning (flows/data/clean.py), redacting URLs (flows/data/redact.py), or
+Ray scheduling (flows/data/stage.py).
 """
 
 from __future__ import annotations
@@ -15,20 +17,28 @@ from __future__ import annotations
 import glob as globlib
 import gzip
 import hashlib
-import io
 import logging
-import math
 import os
-import re
 import urllib.parse
 import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 from flows.config import ConfigError, DataConfig
 from flows.data.clean import looks_binary
+
+# All but redact_text and redact_url are re-exported: callers outside flows/data (the CLI, tracking,
+# the console, serving, the scheduler, Ray's worker_process_setup_hook) import them from here.
+from flows.data.redact import (  # noqa: F401
+    REDACTED,
+    RedactingFilter,
+    redact,
+    redact_logs,
+    redact_text,
+    redact_url,
+)
 from flows.storage import require_driver
 from flows.store import DONE, FingerprintCache, tmp_suffix
 
@@ -40,8 +50,6 @@ COMPRESSIONS = {".gz": "gz", ".zst": "zst"}
 
 BLOCK_BYTES = 4 << 20  # bytes read at a time: bounds memory on any input
 _SNIFF = 8192
-
-_MIN_UNIT_BYTES = 64 << 10
 
 
 class InputError(ConfigError):
@@ -59,114 +67,8 @@ class InputFile:
     fingerprint: str
 
 
-@dataclass(frozen=True)
-class Segment:
-    """Part of one input file: a byte range (text, jsonl) or a row-group range (parquet)."""
-
-    file: InputFile
-    start: int = 0
-    end: int | None = None  # None: to the end of the file
-    sniff: bool = True  # check the file's head for binary content
-
-
-@dataclass(frozen=True)
-class WorkUnit:
-    """What one Ray task reads: consecutive segments in input order."""
-
-    index: int
-    segments: tuple[Segment, ...]
-
-    @property
-    def key(self) -> str:
-        return f"{self.index:05d}"
-
-
 def is_url(spec: str) -> bool:
     return "://" in spec
-
-
-# --------------------------------------------------------------------------- secrets in URLs
-
-# Query parameters that carry credentials: API tokens and keys, passwords, presigned-URL signatures
-# (S3's X-Amz-*, GCS's X-Goog-*, Azure SAS `sig`, CloudFront `Signature`/`Key-Pair-Id`).
-_SECRET_PARAM = re.compile(
-    r"token|key|secret|sig|password|passwd|pwd|credential|auth|session|^x-amz-|^x-goog-|^awsaccesskeyid$",
-    re.IGNORECASE,
-)
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"`<>]+")  # up to a space or a quote
-REDACTED = "***"
-
-
-def redact_url(url: str) -> str:
-    """`url` without its secrets: user:password becomes ``***``, and so does the value of every query
-    parameter named like a credential (token, key, secret, signature, password, X-Amz-*, ...).
-
-    What leaves the process (logs, errors, MLflow params and dataset sources, the manifest) carries
-    this form; the input's fingerprint keeps a hash of the full URL, so it still changes with it.
-    A string that is no URL comes back unchanged.
-    """
-    if not is_url(url):
-        return url
-    try:
-        parts = urllib.parse.urlsplit(url)
-    except ValueError:  # e.g. an unbalanced [ in the host: say nothing of what it holds
-        return url.split("://", 1)[0] + "://" + REDACTED
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = REDACTED + "@" + netloc.rpartition("@")[2]
-    query = "&".join(_redact_param(p) for p in parts.query.split("&")) if parts.query else ""
-    fragment = REDACTED if parts.fragment and "=" in parts.fragment else parts.fragment  # #access_token=...
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
-
-
-def _redact_param(param: str) -> str:
-    name, sep, value = param.partition("=")
-    if sep and value and _SECRET_PARAM.search(urllib.parse.unquote_plus(name)):
-        return f"{name}={REDACTED}"
-    return param
-
-
-def redact_text(text: str) -> str:
-    """`text` with every URL in it redacted (see :func:`redact_url`): for messages and param values."""
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text) if "://" in text else text
-
-
-def redact(value: Any) -> Any:
-    """A JSON-like value (a config as a dict, say) with every URL in its strings redacted."""
-    if isinstance(value, str):
-        return redact_text(value)
-    if isinstance(value, dict):
-        return {k: redact(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(redact(v) for v in value)
-    return value
-
-
-class RedactingFilter(logging.Filter):
-    """A logging filter that redacts URLs in every record a handler emits, third-party ones included
-    (fsspec logs each URL it opens at DEBUG)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if "://" in message:
-            record.msg, record.args = redact_text(message), None
-        if record.exc_info and not record.exc_text:  # a traceback's messages carry URLs too
-            import traceback
-
-            record.exc_text = redact_text("".join(traceback.format_exception(*record.exc_info))).rstrip("\n")
-        return True
-
-
-def redact_logs() -> None:
-    """Put the RedactingFilter on every handler of the root logger (configuring one when there is
-    none): the CLI calls it, and so does every Ray worker (``worker_process_setup_hook``) and serve
-    replica, whose logs end up in files and dashboards too."""
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=logging.INFO)
-    for handler in root.handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
 
 
 def classify(path: str) -> tuple[str, str | None] | None:
@@ -356,123 +258,6 @@ def read_head(f: InputFile) -> bytes | None:
     except TRUNCATED_ERRORS:
         return None
 
-
-def unit_size(data: DataConfig, total_bytes: int) -> int:
-    """Bytes per work unit: small enough that the corpus splits into ``min_work_units`` units
-    (so workers share it evenly), never more than ``work_unit_bytes`` (the memory bound)."""
-    even = math.ceil(total_bytes / max(1, data.min_work_units))
-    return max(1, min(data.work_unit_bytes, max(_MIN_UNIT_BYTES, even)))
-
-
-_RATIO_SAMPLE = 1 << 20  # compressed bytes decompressed to measure a file's ratio
-_RATIO_OUTPUT = 64 << 20  # at most this much output from them (a highly compressible head)
-
-
-def content_size(f: InputFile) -> int:
-    """Bytes a worker reads from `f`: its size, or for a compressed file its decompressed size,
-    estimated without reading it all -- the size in the gzip trailer or the zstd frame header when
-    it agrees (within 4x) with the ratio measured on the first MiB, else that measured estimate (a
-    multi-member gzip's trailer holds only its last member, and sizes over 4 GiB wrap)."""
-    if f.compression is None or f.size == 0:
-        return f.size
-    try:
-        with open_raw(f.path) as fh:
-            head = fh.read(_RATIO_SAMPLE)
-            exact: int | None = None
-            if f.compression == "gz":
-                fh.seek(max(0, f.size - 4))
-                exact = int.from_bytes(fh.read(4), "little")
-        if f.compression == "gz":
-            out = used = 0
-            rest = head
-            while rest and out < _RATIO_OUTPUT:  # member after member
-                d = zlib.decompressobj(wbits=47)  # 32 + 15: a gzip (or zlib) header
-                out += len(d.decompress(rest, _RATIO_OUTPUT - out))
-                used += len(rest) - len(d.unused_data) - len(d.unconsumed_tail)
-                rest = d.unused_data
-        else:
-            import zstandard
-
-            params = zstandard.get_frame_parameters(head)
-            if params.content_size != zstandard.CONTENTSIZE_UNKNOWN:
-                exact = params.content_size
-            raw = io.BytesIO(head)
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            out = len(reader.read(_RATIO_OUTPUT))
-            used = raw.tell()
-    except (OSError, ValueError, *TRUNCATED_ERRORS):
-        return f.size  # a broken archive is counted when its unit is read
-    measured = max(f.size, round(f.size * out / max(1, used)))
-    if exact is not None and measured / 4 <= exact <= measured * 4:
-        return exact
-    return measured
-
-
-def plan_units(files: list[InputFile], data: DataConfig) -> list[WorkUnit]:
-    """Group small files and split large ones into units of about :func:`unit_size` bytes, counted
-    as what a worker reads (:func:`content_size`: decompressed bytes of a compressed file, which is
-    one unit, since a compressed stream cannot be entered in the middle)."""
-    sizes = {f.path: content_size(f) for f in files}
-    target = unit_size(data, sum(sizes.values()))
-    # A text file is one document, so cutting it more finely than max_doc_chars would insert
-    # document boundaries that the piece size alone would not.
-    text_range = max(target, min(data.max_doc_chars, data.work_unit_bytes))
-    units: list[list[Segment]] = []
-    current: list[Segment] = []
-    current_bytes = 0
-
-    def flush() -> None:
-        nonlocal current, current_bytes
-        if current:
-            units.append(current)
-        current, current_bytes = [], 0
-
-    for f in files:
-        segments: list[Segment] = []
-        if f.fmt == "parquet":
-            segments = _parquet_segments(f, target)
-        elif f.compression is None and f.fmt in ("text", "jsonl"):
-            step = text_range if f.fmt == "text" else target
-            if f.size > step:
-                segments = [
-                    Segment(f, start, min(start + step, f.size), sniff=True)
-                    for start in range(0, f.size, step)
-                ]
-        if not segments:
-            segments = [Segment(f)]
-        for seg in segments:
-            size = _segment_bytes(seg, sizes[f.path])
-            if current and current_bytes + size > target:
-                flush()
-            current.append(seg)
-            current_bytes += size
-            if current_bytes >= target:
-                flush()
-    flush()
-    return [WorkUnit(i, tuple(segs)) for i, segs in enumerate(units)]
-
-
-def _segment_bytes(seg: Segment, content: int) -> int:
-    if seg.file.fmt == "parquet":
-        return max(1, seg.file.size)  # rough; row groups were already sized
-    end = content if seg.end is None else seg.end
-    return max(1, end - seg.start)
-
-
-def _parquet_segments(f: InputFile, target: int) -> list[Segment]:
-    import pyarrow.parquet as pq
-
-    with open_raw(f.path) as fh:
-        meta = pq.ParquetFile(fh).metadata
-    segments, start, acc = [], 0, 0
-    for rg in range(meta.num_row_groups):
-        acc += meta.row_group(rg).total_byte_size
-        if acc >= target:
-            segments.append(Segment(f, start, rg + 1, sniff=False))
-            start, acc = rg + 1, 0
-    if start < meta.num_row_groups or not segments:
-        segments.append(Segment(f, start, meta.num_row_groups, sniff=False))
-    return segments
 
 
 def check_parquet_field(files: list[InputFile], text_field: str, key: str) -> None:

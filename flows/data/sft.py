@@ -21,7 +21,6 @@ up to exactly what serving renders.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -212,7 +211,3 @@ def _encode(batch: list[list[Piece]], tokenizer: _Encoder) -> Iterator[tuple[lis
         mask.append(0 if ex and special(ex[-1]) else 1)
         yield ids, mask
 
-
-def merge_counts(into: Counter, other: dict[str, int]) -> None:
-    for k, v in other.items():
-        into[k] += v

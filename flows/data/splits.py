@@ -29,8 +29,9 @@ import numpy as np
 
 from flows.config import DataConfig
 from flows.data import inputs
-from flows.data.inputs import InputError, InputFile, WorkUnit
+from flows.data.inputs import InputError, InputFile
 from flows.data.shards import load_index, load_pieces
+from flows.data.units import WorkUnit
 
 _MIN_VAL_DOCUMENTS = 20  # whole documents only when val is made of at least this many ...
 

@@ -3,36 +3,36 @@
 What it is: :func:`preprocess` (the stage) and :func:`fingerprint` (what, besides the data
 section, names its output: the inputs' content). The stage runs as plain Ray tasks over work units:
 
-1. plan work units from the inputs (flows/data/inputs.py) -- before any Ray work, so a missing path or
-   a corpus without usable text fails fast;
-2. pass 1 (Ray): read, clean and hash each unit's documents (and their ``val_piece_chars`` pieces),
-   write them to ``_work/clean/``;
-3. driver: drop exact duplicates keeping the first in input order; train the tokenizer on a
-   deterministic sample (unless ``data.tokenizer_path`` is given); choose the val split by content
-   hash -- whole documents, or pieces of long ones (:func:`assign_val`);
+1. locate and check the inputs (flows/data/sources.py) and plan work units from them
+   (flows/data/units.py) -- before any Ray work, so a missing path or a corpus without usable text
+   fails fast;
+2. pass 1 (Ray, flows/data/tasks.py): read, clean and hash each unit's documents (and their
+   ``val_piece_chars`` pieces), write them to ``_work/clean/``;
+3. driver: drop exact duplicates keeping the first in input order (and near-duplicates,
+   flows/data/curate/); train the tokenizer on a deterministic sample (unless
+   ``data.tokenizer_path`` is given); choose the val split by content hash -- whole documents, or
+   pieces of long ones (flows/data/splits.py);
 4. pass 2 (Ray): tokenize each unit's spans into train/val, each followed by ``<|endoftext|>``,
    write ``_work/tok/``; fine-tuning records go the same way into ``_work/sft/``;
 5. driver: pack the per-unit files into shards in unit order (fine-tuning examples into ``sft``
-   and, held out by hash, ``sft_val``), then ``manifest.json``.
+   and, held out by hash, ``sft_val``), then ``manifest.json`` (flows/data/manifest.py).
 
 Every per-unit file is written under a temporary name and renamed, the unit's ``.json`` last, so a
 killed run resumes with the units it finished. The pipeline runner names the output directory
 ``<workdir>/preprocess/<hash of the data section and the inputs' fingerprints>/`` and writes its
-DONE; a finished one is reused. The split choice lives in flows/data/splits.py. What it is not: a reader of training batches (flows/train/windows.py), or a streaming
-pipeline for corpora that do not fit on the workdir's disk.
+DONE; a finished one is reused.
+
+What it is not: a reader of training batches (flows/train/windows.py), or a streaming pipeline for
+corpora that do not fit on the workdir's disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import os
-import resource
 import shutil
 import time
-from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -40,39 +40,24 @@ from typing import Any
 
 import numpy as np
 
-from flows.config import DataConfig, stable_hash, to_dict
+from flows.config import DataConfig, to_dict
 from flows.context import StepContext
-from flows.data import formats, inputs, knowledge, sft
-from flows.data.clean import UnitStats, is_bad_record, merge_locations, pieces
+from flows.data import inputs, knowledge_sources, manifest, sources
 from flows.data.curate import driver as curate_stage
 from flows.data.dataset import FORMAT_VERSION
-from flows.data.inputs import InputError, InputFile, WorkUnit
-from flows.data.shards import UnitWriter, load_index, pack_sft, pack_tokens
+from flows.data.inputs import InputError, InputFile
+from flows.data.manifest import check_drops
+from flows.data.shards import load_index, pack_sft, pack_tokens
+from flows.data.sources import BaseModel, Sources
 from flows.data.splits import assign_val, check_val_possible, sft_holdout
+from flows.data.tasks import clean_unit, sft_unit, tokenize_unit
+from flows.data.units import WorkUnit, plan_units
 from flows.progress import Progress
-from flows.store import atomic_write_text, sha256_file
+from flows.store import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 STAGE = "preprocess"
-
-_BATCH_CHARS = 1 << 20  # characters per encode_batch call: amortises the call, bounds memory
-_READ_BYTES = 4 * _BATCH_CHARS  # most bytes of cleaned text pass 2 reads at once (beyond one document)
-
-
-@dataclasses.dataclass(frozen=True)
-class BaseModel:
-    """The pretrained base a dataset is made for (``model.base``): its bundle, whose tokenizer (and chat
-    template) the data is written with, and the context length fine-tuning examples must fit."""
-
-    bundle: Path
-    context_length: int
-
-    @classmethod
-    def of(cls, bundle: Path, context_length: int | None) -> BaseModel:
-        """The base in `bundle` with the pipeline's context length (None: the model's), capped by the model's."""
-        own = int(json.loads((bundle / "config.json").read_text(encoding="utf-8"))["context_length"])
-        return cls(bundle, min(context_length or own, own))
 
 
 def preprocess(data: DataConfig, out_dir: Path, ctx: StepContext, base: BaseModel | None = None) -> Path:
@@ -91,16 +76,17 @@ def preprocess(data: DataConfig, out_dir: Path, ctx: StepContext, base: BaseMode
             raise InputError(f"data.tokenizer_path={data.tokenizer_path!r} and model.base are both set: with a base "
                              "model the data is tokenized with the base's tokenizer; leave data.tokenizer_path empty")
         data = dataclasses.replace(data, tokenizer_path=str(base.bundle))
-    sources = _resolve(data, ctx)  # every input error surfaces here, before Ray work
-    sources.base = base
+    # Every input error surfaces here, before Ray work.
+    found = sources.resolve(data, ctx, ctx.workdir / STAGE)
+    found.base = base
     ctx.tracker.log_params({"data": to_dict(data)})
     ctx.tracker.set_tags({"gptflow.dataset_dir": str(out.resolve())})
-    manifest = _build(data, ctx, sources, out)
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    built = _build(data, ctx, found, out)
+    atomic_write_text(out / "manifest.json", json.dumps(built, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(out / "_work", ignore_errors=True)
     seconds = time.time() - started
-    _log_tracking(ctx.tracker, out, manifest, sources, seconds)
-    log.info("%s", summary(manifest, out, seconds))
+    manifest.log_tracking(ctx.tracker, out, built, found, seconds)
+    log.info("%s", manifest.summary(built, out, seconds))
     return out
 
 
@@ -110,12 +96,12 @@ def fingerprint(data: DataConfig, ctx: StepContext) -> dict[str, Any]:
     Cheap on an unchanged corpus (file fingerprints are cached by path, size and mtime): the runner
     calls it to name the output directory before deciding whether anything must run.
     """
-    sources = _locate(data, ctx)
-    extra = {"knowledge": knowledge.fingerprint(data, ctx.fingerprints)} if data.knowledge else {}
+    located = sources.locate(data, ctx)
+    extra = {"knowledge": knowledge_sources.fingerprint(data, ctx.fingerprints)} if data.knowledge else {}
     return extra | {
         "format_version": FORMAT_VERSION,
-        "text": [f.fingerprint for f in sources.text],
-        "sft": [f.fingerprint for f in sources.sft],
+        "text": [f.fingerprint for f in located.text],
+        "sft": [f.fingerprint for f in located.sft],
         "hf": [data.hf_dataset, data.hf_config, data.hf_split,
                [ctx.fingerprints.sha256(p) if Path(p).is_file() else p for p in data.hf_data_files]]
         if data.hf_dataset else None,
@@ -139,109 +125,16 @@ def local_input_files(data: DataConfig) -> list[str]:
     return files + [str(Path(p).resolve()) for p in data.hf_data_files if not inputs.is_url(p) and Path(p).is_file()]
 
 
-@dataclasses.dataclass
-class _Sources:
-    text: list[InputFile]
-    sft: list[InputFile]
-    tokenizer: Any  # gptcore.Tokenizer given by data.tokenizer_path, or None
-    labels: list[str]  # what the inputs were called (for the MLflow dataset)
-    skipped: Counter
-    knowledge: knowledge.Built | None = None  # data.knowledge verbalised (flows/data/knowledge.py)
-    base: BaseModel | None = None  # the base model the data is for
-
-    def knowledge_files(self) -> tuple[list[tuple[InputFile, bool]], list[tuple[InputFile, bool]]]:
-        """The verbalised knowledge as (pretraining, fine-tuning) inputs, each file with whether it
-        is held out whole (validation only): held-out facts and phrasings are never trained on."""
-        if self.knowledge is None:
-            return [], []
-        k = self.knowledge
-
-        def files(*pairs: tuple[Path | None, bool]) -> list[tuple[InputFile, bool]]:
-            return [(inputs.describe([str(p)])[0], held) for p, held in pairs if p is not None]
-
-        return files((k.text_train, False), (k.text_val, True)), files((k.sft_train, False), (k.sft_val, True))
-
-
-def _builtin(spec: str, key: str, workdir: Path) -> str:
-    """A builtin corpus spec (``builtin:NAME``) as the folder its files are written to, once."""
-    from flows.data import corpus
-
-    make = corpus.BUILTINS.get(spec)
-    if make is None:
-        raise InputError(f"{key}: unknown builtin corpus {spec!r}; known: {', '.join(sorted(corpus.BUILTINS))}")
-    return str(make(workdir / "corpus" / spec.removeprefix("builtin:")))
-
-
-def _locate(data: DataConfig, ctx: StepContext) -> _Sources:
-    """The input files and their fingerprints, without reading more than a changed file's bytes."""
-    skipped: Counter = Counter()
-    specs = [_builtin(s, "data.inputs", ctx.workdir) if s.startswith("builtin:") else s for s in data.inputs]
-    sft_specs = [_builtin(s, "data.sft_inputs", ctx.workdir) if s.startswith("builtin:") else s
-                 for s in data.sft_inputs]
-    text = inputs.describe(inputs.resolve_paths(tuple(specs), "data.inputs", skipped), ctx.fingerprints)
-    sft_files = inputs.describe(inputs.resolve_paths(tuple(sft_specs), "data.sft_inputs", skipped), ctx.fingerprints)
-    ctx.fingerprints.save()
-    labels = list(data.inputs) + ([f"hf:{data.hf_dataset}"] if data.hf_dataset else [])
-    return _Sources(text, sft_files, None, labels or list(data.sft_inputs), skipped)
-
-
-def _resolve(data: DataConfig, ctx: StepContext) -> _Sources:
-    """The located inputs, checked (usable text, parquet fields, SFT formats), plus the HF export
-    and the given tokenizer: every input error surfaces here, before Ray work."""
-    sources = _locate(data, ctx)
-    text, sft_files = sources.text, sources.sft
-    if data.knowledge:  # read, checked and verbalised here: a bad source stops the run before Ray work
-        sources.knowledge = knowledge.materialize(data, ctx.workdir / STAGE / "_knowledge", ctx.fingerprints)
-        sources.labels += [knowledge.label(k) for k in data.knowledge]
-    know_text, know_sft = sources.knowledge_files()
-    if data.hf_dataset:
-        text.append(inputs.export_hf_dataset(data, ctx.workdir / STAGE / "_hf"))
-    for f in sft_files:
-        if f.fmt not in ("jsonl", "json"):
-            raise InputError(f"data.sft_inputs: {inputs.redact_url(f.path)} must be .jsonl or .json "
-                             "(prompt/completion or messages records)")
-    if text:
-        inputs.check_usable(text, "data.inputs")
-        inputs.check_parquet_field(text, data.text_field, "data.inputs")
-    elif not sft_files and not data.knowledge:
-        raise InputError("data.inputs: no input files (and no data.hf_dataset, data.sft_inputs or data.knowledge)")
-    if sft_files:
-        inputs.check_usable(sft_files, "data.sft_inputs")
-    for p in data.curate.decontaminate:
-        if not Path(p).is_file():
-            raise InputError(f"data.curate.decontaminate: {p} is not a file (JSONL, JSON or text of an evaluation set)")
-    if data.tokenizer_path:
-        from gptcore import Tokenizer
-
-        try:
-            sources.tokenizer = Tokenizer.load(data.tokenizer_path)
-        except (OSError, ValueError) as e:
-            raise InputError(f"data.tokenizer_path={data.tokenizer_path!r}: {e}") from e
-    elif not text and not know_text:
-        raise InputError("data.tokenizer_path is required when there is no pretraining text to train one on")
-    return sources
-
-
-def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> dict[str, Any]:
+def _build(data: DataConfig, ctx: StepContext, found: Sources, out: Path) -> dict[str, Any]:
+    """Run the passes over `found`'s work units into `out`; return the manifest."""
     from flows.cluster import cluster_cpus, ensure_ray
 
-    work = out / "_work"
-    for sub in ("clean", "tok", "sft"):
-        (work / sub).mkdir(parents=True, exist_ok=True)
-    _remove_partial_files(out)
-    units = inputs.plan_units(sources.text, data) if sources.text else []
-    sft_units = inputs.plan_units(sources.sft, data) if sources.sft else []
-    if units:
-        check_val_possible(sources.text, data)  # from the file sizes alone, before any Ray work
-    # Knowledge files are units of their own whose split is fixed (unit key -> held out?): trained
-    # facts train, held-out facts and phrasings are validation only. A dataset of knowledge alone
-    # thus has the held-out facts' statements as its val split, whatever its size.
-    know_text, know_sft = sources.knowledge_files()
-    fixed_text = _append_units(units, know_text, data)
-    fixed_sft = _append_units(sft_units, know_sft, data)
+    work = _work_dirs(out)
+    units, sft_units, fixed_text, fixed_sft = _plan(data, found)
     ensure_ray(ctx.cluster)
     workers = data.num_workers or cluster_cpus()
-    log.info("preprocess -> %s: %d work units (+%d fine-tuning) on %d workers", out, len(units), len(sft_units), workers)
+    log.info("preprocess -> %s: %d work units (+%d fine-tuning) on %d workers", out, len(units),
+             len(sft_units), workers)
     timings: dict[str, float] = {}
 
     t = time.time()
@@ -255,26 +148,74 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
     keep, duplicates = _dedup(units, work, data.dedup)
     near = curate_stage.duplicates(units, work, keep, data, workers, clean_meta, duplicates)
     timings["curate"] = time.time() - t
-    tokenizer = _tokenizer(sources.tokenizer, units, keep, work, data, out, keep_settings=sources.base is not None)
-    assignment, spans = assign_val(units, keep, work, data, tokenizer, fixed_text) if units else ({"mode": "none"}, {})
-    timings["tokenizer"] = time.time() - t
+    tokenizer = _tokenizer(found.tokenizer, units, keep, work, data, out,
+                           keep_settings=found.base is not None)
+    assignment, spans = (assign_val(units, keep, work, data, tokenizer, fixed_text) if units
+                         else ({"mode": "none"}, {}))
+    timings["tokenizer"] = time.time() - t  # from the curate step's start: it includes curation
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
 
     t = time.time()
-    tok_path = str(out / "tokenizer.json")
-    tok_meta = _run_units(
-        tokenize_unit, units, workers, "tokenize", work / "tok", per_unit=spans, progress=ctx.progress,
-        data=data, work=str(work), tokenizer_path=tok_path, dtype=dtype,
-    )
-    sft_meta = _run_units(
-        sft_unit, sft_units, workers, "sft", work / "sft", progress=ctx.progress,
-        data=data, work=str(work), tokenizer_path=tok_path, dtype=dtype,
-        chat=sources.base is not None, max_tokens=sources.base.context_length if sources.base else 0,
-    )
-    check_drops(sft_meta, "examples", "data.sft_inputs", data.max_drop_fraction)
+    tok_meta, sft_meta = _tokenize_pass(data, work, out, units, sft_units, spans, workers, dtype,
+                                        found.base, ctx.progress)
     timings["tokenize"] = time.time() - t
 
     t = time.time()
+    splits = _pack(data, work, out, units, sft_units, dtype, fixed_sft)
+    timings["pack"] = time.time() - t
+    return manifest.build(data, found, out, manifest.Passes(
+        units=units, sft_units=sft_units, workers=workers, clean_meta=clean_meta, keep=keep,
+        duplicates=duplicates, near=near, tokenizer=tokenizer, dtype=dtype, assignment=assignment,
+        tok_meta=tok_meta, sft_meta=sft_meta, splits=splits, timings=timings))
+
+
+def _work_dirs(out: Path) -> Path:
+    """``out/_work`` with the passes' folders; a killed run's temporary files removed."""
+    work = out / "_work"
+    for sub in ("clean", "tok", "sft"):
+        (work / sub).mkdir(parents=True, exist_ok=True)
+    _remove_partial_files(out)
+    return work
+
+
+def _plan(
+    data: DataConfig, found: Sources
+) -> tuple[list[WorkUnit], list[WorkUnit], dict[str, bool], dict[str, bool]]:
+    """The work units of the pretraining text and of the fine-tuning records, each with the
+    knowledge files' units last, and those units' fixed splits (unit key -> held out?)."""
+    units = plan_units(found.text, data) if found.text else []
+    sft_units = plan_units(found.sft, data) if found.sft else []
+    if units:
+        check_val_possible(found.text, data)  # from the file sizes alone, before any Ray work
+    # Knowledge files are units of their own whose split is fixed: trained facts train, held-out
+    # facts and phrasings are validation only. A dataset of knowledge alone thus has the held-out
+    # facts' statements as its val split, whatever its size.
+    know_text, know_sft = found.knowledge_files()
+    fixed_text = _append_units(units, know_text, data)
+    return units, sft_units, fixed_text, _append_units(sft_units, know_sft, data)
+
+
+def _tokenize_pass(data: DataConfig, work: Path, out: Path, units: list[WorkUnit], sft_units: list[WorkUnit],
+                   spans: dict[str, dict[str, Any]], workers: int, dtype: str, base: BaseModel | None,
+                   progress: Progress) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Pass 2: the pretraining text's spans and the fine-tuning records as token ids, per unit."""
+    tok_path = str(out / "tokenizer.json")
+    tok_meta = _run_units(
+        tokenize_unit, units, workers, "tokenize", work / "tok", per_unit=spans, progress=progress,
+        data=data, work=str(work), tokenizer_path=tok_path, dtype=dtype,
+    )
+    sft_meta = _run_units(
+        sft_unit, sft_units, workers, "sft", work / "sft", progress=progress,
+        data=data, work=str(work), tokenizer_path=tok_path, dtype=dtype,
+        chat=base is not None, max_tokens=base.context_length if base else 0,
+    )
+    check_drops(sft_meta, "examples", "data.sft_inputs", data.max_drop_fraction)
+    return tok_meta, sft_meta
+
+
+def _pack(data: DataConfig, work: Path, out: Path, units: list[WorkUnit], sft_units: list[WorkUnit],
+          dtype: str, fixed_sft: dict[str, bool]) -> dict[str, dict[str, Any]]:
+    """The per-unit token files packed into each split's shards, in unit order."""
     splits = {
         split: pack_tokens(work / "tok", [f"{u.key}.{split}" for u in units], out, split, dtype, data.shard_tokens)
         for split in ("train", "val")
@@ -284,70 +225,7 @@ def _build(data: DataConfig, ctx: StepContext, sources: _Sources, out: Path) -> 
     splits["sft"] = pack_sft(work / "sft", sft_keys, out, "sft", dtype, data.shard_tokens,
                              {k: ~v for k, v in held_out.items()})
     splits["sft_val"] = pack_sft(work / "sft", sft_keys, out, "sft_val", dtype, data.shard_tokens, held_out)
-    timings["pack"] = time.time() - t
-
-    dropped: Counter = Counter(sources.skipped)
-    repaired: Counter = Counter()
-    for m in clean_meta.values():
-        sft.merge_counts(dropped, m["dropped"])
-        sft.merge_counts(repaired, m["repaired"])
-    if duplicates:
-        dropped["duplicate"] += duplicates
-    if near.count:
-        dropped["near_duplicate"] += near.count
-    sft_dropped: Counter = Counter()
-    for m in sft_meta.values():
-        sft.merge_counts(sft_dropped, m["dropped"])
-        sft.merge_counts(repaired, m["repaired"])
-    # Where the first few drops of each reason were, in input order (units finish in any order).
-    locations: dict[str, list[dict[str, Any]]] = {}
-    sft_locations: dict[str, list[dict[str, Any]]] = {}
-    for into, metas in ((locations, clean_meta), (sft_locations, sft_meta)):
-        for key in sorted(metas):
-            merge_locations(into, metas[key].get("locations", {}))
-    kept = sum(int(keep[u.key].sum()) for u in units)
-    for split in ("train", "val"):
-        splits[split]["documents"] = sum(m["documents"][split] for m in tok_meta.values())
-    total = splits["train"]["tokens"] + splits["val"]["tokens"]
-    assignment["tokens"] = splits["val"]["tokens"]
-    assignment["fraction"] = round(splits["val"]["tokens"] / total, 6) if total else 0.0
-    peak = max([m["peak_rss_mb"] for m in (*clean_meta.values(), *tok_meta.values(), *sft_meta.values())] or [0])
-    # Which Ray nodes did the work (units per node id): on a cluster, more than one.
-    nodes = dict(sorted(Counter(m["node_id"] for m in (*clean_meta.values(), *tok_meta.values())
-                                if m.get("node_id")).items()))
-    cpu = {name: round(sum(m.get("cpu_s", 0.0) for m in metas.values()), 3)
-           for name, metas in (("clean", clean_meta), ("tokenize", tok_meta))}
-    curation = curate_stage.finish(out, units, work, data, clean_meta, near, kept, total,
-                                   sum(int(np.diff(load_index(work, u.key)[0])[keep[u.key]].sum()) for u in units))
-    return {
-        "curation": curation,
-        "format_version": FORMAT_VERSION,
-        "dtype": dtype,
-        "tokenizer_sha256": sha256_file(out / "tokenizer.json"),
-        **({"base_model": {"bundle": str(sources.base.bundle), "tokenizer_sha256": tokenizer.sha256(),
-                           "chat_template": tokenizer.chat_template is not None,
-                           "context_length": sources.base.context_length}} if sources.base else {}),
-        "vocab_size": tokenizer.vocab_size,
-        "eot_id": tokenizer.eot_id,
-        "pad_id": tokenizer.pad_id,
-        # Input URLs without their credentials (the fingerprints hash the full URLs).
-        "config": inputs.redact(to_dict(data)),
-        "inputs": [{"path": inputs.redact_url(f.path), "fingerprint": f.fingerprint, "kind": "text"}
-                   for f in sources.text]
-        + [{"path": inputs.redact_url(f.path), "fingerprint": f.fingerprint, "kind": "sft"} for f in sources.sft]
-        + _knowledge_inputs(data, sources),
-        "documents": {"kept": kept, "dropped": dict(sorted(dropped.items())),
-                      "repaired": dict(sorted(repaired.items())), "locations": dict(sorted(locations.items()))},
-        "sft_examples": {"kept": splits["sft"]["examples"] + splits["sft_val"]["examples"],
-                         "dropped": dict(sorted(sft_dropped.items())),
-                         "locations": dict(sorted(sft_locations.items()))},
-        "splits": splits,
-        "val_assignment": assignment,
-        **({"knowledge": k} if (k := _copy_knowledge(sources, out)) else {}),
-        "work_units": {"text": len(units), "sft": len(sft_units), "workers": workers},
-        "stats": {"seconds": {k: round(v, 3) for k, v in timings.items()}, "worker_peak_rss_mb": peak,
-                  "worker_cpu_seconds": cpu, "worker_nodes": nodes},
-    }
+    return splits
 
 
 def _append_units(units: list[WorkUnit], files: list[tuple[InputFile, bool]], data: DataConfig) -> dict[str, bool]:
@@ -355,58 +233,12 @@ def _append_units(units: list[WorkUnit], files: list[tuple[InputFile, bool]], da
     (held out or not) by unit key."""
     fixed: dict[str, bool] = {}
     for f, held_out in files:
-        for u in inputs.plan_units([f], data):
+        for u in plan_units([f], data):
             unit = WorkUnit(len(units), u.segments)
             units.append(unit)
             fixed[unit.key] = held_out
     return fixed
 
-
-def _knowledge_inputs(data: DataConfig, sources: _Sources) -> list[dict[str, Any]]:
-    """The manifest's entries for the knowledge sources: where (no credentials) and their content."""
-    if sources.knowledge is None:
-        return []
-    return [{"path": knowledge.label(s), "fingerprint": stable_hash(p, length=32), "kind": "knowledge",
-             "content": p} for s, p in zip(data.knowledge, sources.knowledge.fingerprints, strict=True)]
-
-
-def _copy_knowledge(sources: _Sources, out: Path) -> dict[str, Any] | None:
-    """The facts and questions tables into the dataset (evaluation and serving read them there)."""
-    if sources.knowledge is None:
-        return None
-    (out / "knowledge").mkdir(exist_ok=True)
-    for table in sources.knowledge.tables:
-        shutil.copyfile(table, out / "knowledge" / table.name)
-    return {"sources": sources.knowledge.summary, "facts": "knowledge/facts.jsonl",
-            "questions": "knowledge/questions.jsonl"}
-
-
-def check_drops(metas: dict[str, dict[str, Any]], kept: str, key: str, limit: float) -> None:
-    """Fail (InputError naming the worst files) when more than `limit` of the records the work units
-    read were dropped for a bad-record reason (clean.is_bad_record): a truncated archive, a file still
-    being written, a broken export. `kept` names a unit's count of records kept ("documents",
-    "examples"). The units' files stay: a rerun with a higher limit resumes from them."""
-    bad: Counter = Counter()
-    files: dict[str, Counter] = {}
-    seen = 0
-    for m in metas.values():
-        seen += m[kept] + sum(m["dropped"].values())
-        bad.update({r: n for r, n in m["dropped"].items() if is_bad_record(r)})
-        for path, reasons in m.get("bad_files", {}).items():
-            files.setdefault(path, Counter()).update(reasons)
-    total = sum(bad.values())
-    if not total or total <= limit * seen:
-        return
-    worst = sorted(files.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:3]
-    where = f"worst files: {'; '.join(f'{path}: {_counts(c)}' for path, c in worst)}" if worst else _counts(bad)
-    more = f" (+{len(files) - len(worst)} more files)" if len(files) > len(worst) else ""
-    raise InputError(f"{key}: {total} of {seen} records ({total / seen:.1%}) could not be read, more than "
-                     f"data.max_drop_fraction={limit:g} allows; {where}{more}. Fix or remove them (a file "
-                     "still being written? a truncated download?), or raise data.max_drop_fraction")
-
-
-def _counts(c: Counter) -> str:
-    return ", ".join(f"{n} {reason}" for reason, n in sorted(c.items()))
 
 
 def _remove_partial_files(out: Path) -> None:
@@ -457,67 +289,6 @@ def _run_units(fn: Callable[..., dict], units: Sequence[WorkUnit], workers: int,
             progress.update(f"preprocess {desc}", len(results), len(units), "units", **rate)
     return results
 
-
-def _node_id() -> str | None:
-    """The Ray node this task runs on (None outside Ray)."""
-    import ray
-
-    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-
-
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def clean_unit(unit: WorkUnit, data: DataConfig, work: str, eval_path: str | None = None) -> dict[str, Any]:
-    """Ray task: the unit's cleaned and curated documents (concatenated UTF-8), their offsets and
-    hashes, and the offsets and hashes of their pieces (for the val split, see assign_val); where
-    each came from, what was dropped, and their LSH band keys (flows/data/curate/unit.py). Memory:
-    one document, the readers' bounded blocks, and ~60 bytes per document (and 24 per piece)."""
-    from flows.data.curate.unit import UnitCuration
-
-    cpu = time.process_time()
-    stats = UnitStats()
-    out = UnitWriter(Path(work) / "clean", unit.key)
-    f = out.open(".txt")
-    curation = UnitCuration(data, unit.index, stats, eval_path, out.open(".dropped.jsonl"))
-    offsets = array("q", [0])
-    hashes = bytearray()
-    piece_starts = array("q")
-    piece_hashes = bytearray()
-    for doc in formats.iter_documents(unit, data, stats):
-        body = curation.apply(doc.strip())
-        if body is None:
-            continue
-        curation.kept(len(offsets) - 1, body)
-        raw = body.encode("utf-8")  # never raises: the cleaner replaced lone surrogates
-        f.write(raw)
-        digest = hashlib.blake2b(raw, digest_size=16).digest()
-        hashes += digest
-        if len(body) <= data.val_piece_chars:
-            piece_starts.append(offsets[-1])
-            piece_hashes += digest
-        else:
-            at = offsets[-1]
-            for piece in pieces(body, data.val_piece_chars):
-                b = piece.encode("utf-8")
-                piece_starts.append(at)
-                piece_hashes += hashlib.blake2b(b, digest_size=16).digest()
-                at += len(b)
-        offsets.append(offsets[-1] + len(raw))
-    # Left open: commit() fsyncs and closes every file of the unit.
-    np.savez(out.open(".npz"), offsets=np.frombuffer(offsets, dtype=np.int64),
-             hashes=np.frombuffer(hashes, dtype=np.uint8).reshape(-1, 16),
-             piece_starts=np.frombuffer(piece_starts, dtype=np.int64),
-             piece_hashes=np.frombuffer(piece_hashes, dtype=np.uint8).reshape(-1, 16))
-    nd = data.curate.near_dedup
-    curated = curation.write(out.open(".loc.npz"), out.open(".bands.npy") if nd.enabled else None, nd.partitions)
-    return out.commit({
-        "documents": len(offsets) - 1, "bytes": offsets[-1], "dropped": dict(stats.dropped),
-        "repaired": dict(stats.repaired), "locations": stats.locations, "bad_files": stats.bad_files,
-        "peak_rss_mb": _peak_rss_mb(), "cpu_s": time.process_time() - cpu, "node_id": _node_id(),
-        "curation": curated,
-    })
 
 
 def _dedup(units: Sequence[WorkUnit], work: Path, enabled: bool) -> tuple[dict[str, np.ndarray], int]:
@@ -594,202 +365,3 @@ def _tokenizer(given: Any, units: Sequence[WorkUnit], keep: dict[str, np.ndarray
     atomic_write_text(path, tok.to_json())
     log.info("trained a %d-token tokenizer in %.1f s", tok.vocab_size, time.time() - started)
     return tok
-
-_TOKENIZERS: dict[str, Any] = {}
-
-
-def _load_tokenizer(path: str) -> Any:
-    """One tokenizer per worker process; tokenizers' own thread pool is off (one CPU per task)."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if path not in _TOKENIZERS:
-        from gptcore import Tokenizer
-
-        _TOKENIZERS[path] = Tokenizer.load(path)
-    return _TOKENIZERS[path]
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-def tokenize_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: str, dtype: str,
-                  spans: np.ndarray, val: np.ndarray) -> dict[str, Any]:
-    """Ray task: token ids of the unit's spans (kept documents, or parts of them, as the driver
-    assigned them to splits), each followed by <|endoftext|>, per split. The cleaned text is read
-    one batch of spans at a time, never whole."""
-    tok = _load_tokenizer(tokenizer_path)
-    cpu = time.process_time()  # after the (once per worker) tokenizer load
-    wdir = Path(work)
-    np_dtype = np.dtype(dtype).newbyteorder("<")
-    out = UnitWriter(wdir / "tok", unit.key)
-    files = {"train": out.open(".train"), "val": out.open(".val")}
-    tokens = {"train": 0, "val": 0}
-    documents = {"train": 0, "val": 0}
-    src = open(wdir / "clean" / f"{unit.key}.txt", "rb")
-
-    def flush(first: int, stop: int) -> None:
-        bounds = spans[first:stop].tolist()
-        lo = min(start for start, _ in bounds)
-        src.seek(lo)
-        raw = src.read(max(end for _, end in bounds) - lo)
-        texts = [raw[start - lo : end - lo].decode("utf-8") for start, end in bounds]
-        encoded = tok.encode_batch(texts, allow_special=False)  # "<|endoftext|>" in text is just text
-        for split in ("train", "val"):
-            chosen = [ids for ids, v in zip(encoded, val[first:stop], strict=True) if v == (split == "val")]
-            if not chosen:
-                continue
-            n = sum(map(len, chosen)) + len(chosen)
-            arr = np.fromiter(_with_eot(chosen, tok.eot_id), dtype=np_dtype, count=n)
-            files[split].write(arr.tobytes())
-            tokens[split] += n
-            documents[split] += len(chosen)
-
-    # Batches of spans: up to the one that reaches _BATCH_CHARS of text, and never spanning more
-    # than _READ_BYTES of the file (dropped duplicates lie between spans): memory is one batch,
-    # whatever the unit. Spans are in file order, so both ends are found by binary search.
-    chars = np.cumsum(spans[:, 1] - spans[:, 0])
-    with src:
-        i = 0
-        while i < len(spans):
-            before = chars[i] - (spans[i, 1] - spans[i, 0])
-            by_chars = int(np.searchsorted(chars, before + _BATCH_CHARS, side="left")) + 1
-            by_bytes = int(np.searchsorted(spans[:, 1], spans[i, 0] + _READ_BYTES, side="right"))
-            stop = max(i + 1, min(by_chars, by_bytes))
-            flush(i, stop)
-            i = stop
-    return out.commit({"tokens": tokens, "documents": documents, "peak_rss_mb": _peak_rss_mb(),
-                       "cpu_s": time.process_time() - cpu, "node_id": _node_id()})
-
-
-def _with_eot(docs: list[list[int]], eot: int) -> Iterator[int]:
-    for ids in docs:
-        yield from ids
-        yield eot
-
-
-def sft_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: str, dtype: str, chat: bool = False,
-             max_tokens: int = 0) -> dict[str, Any]:
-    """Ray task: fine-tuning examples as token ids, a parallel uint8 loss mask, example lengths and
-    content hashes (the driver holds out sft_val by hash, see sft_holdout).
-
-    `chat`: the records are for a base model, written in its tokenizer's chat template; `max_tokens`
-    (0: no limit): a longer example is dropped (``longer_than_context``)."""
-    tok = _load_tokenizer(tokenizer_path)
-    fmt = sft.ChatFormat(tok) if chat else None
-    stats = UnitStats()
-    np_dtype = np.dtype(dtype).newbyteorder("<")
-    out = UnitWriter(Path(work) / "sft", unit.key)
-    ids_f, mask_f = out.open(".bin"), out.open(".mask.bin")
-    lengths: list[int] = []
-    hashes: list[bytes] = []
-    where: list[tuple[str | None, int | None, int | None]] = []  # each example's record, for a later drop
-
-    def examples() -> Iterator[list[sft.Piece]]:
-        for record in formats.iter_unit_records(unit, data, stats):  # unreadable files are counted there
-            try:  # the record boundary: one record's surprise costs that record only
-                parts = sft.segments(record, data, stats, fmt)
-            except Exception as e:
-                stats.drop(f"record_error.{type(e).__name__}")
-                continue
-            if parts is not None:
-                hashes.append(hashlib.blake2b(json.dumps(parts).encode("utf-8"), digest_size=16).digest())
-                where.append((stats.file, stats.line, stats.offset))
-                yield parts
-
-    kept_hashes = bytearray()
-    for i, (ids, mask) in enumerate(sft.tokenize_examples(examples(), tok, _BATCH_CHARS)):
-        reason = ("longer_than_context" if max_tokens and len(ids) - 1 > max_tokens
-                  # evaluation finds examples by their one <|endoftext|>; a template that writes it mid-way
-                  else "end_of_text_inside" if chat and tok.eot_id in ids[:-1] else None)
-        if reason:
-            stats.file, stats.line, stats.offset = where[i]
-            stats.drop(reason)
-            continue
-        kept_hashes += hashes[i]
-        ids_f.write(np.asarray(ids, dtype=np_dtype).tobytes())
-        mask_f.write(np.asarray(mask, dtype=np.uint8).tobytes())
-        lengths.append(len(ids))
-    # Left open: commit() fsyncs and closes every file of the unit.
-    np.save(out.open(".len.npy"), np.asarray(lengths, dtype=np.int64))
-    np.save(out.open(".hash.npy"), np.frombuffer(bytes(kept_hashes), dtype=np.uint8).reshape(-1, 16))
-    return out.commit({
-        "examples": len(lengths), "tokens": int(sum(lengths)), "dropped": dict(stats.dropped),
-        "repaired": dict(stats.repaired), "locations": stats.locations, "bad_files": stats.bad_files,
-        "peak_rss_mb": _peak_rss_mb(),
-    })
-
-
-
-
-
-
-def summary(manifest: dict[str, Any], out: Path, seconds: float) -> str:
-    docs = manifest["documents"]
-    dropped = ", ".join(f"{k}={v}" for k, v in docs["dropped"].items()) or "none"
-    repaired = ", ".join(f"{k}={v}" for k, v in docs.get("repaired", {}).items()) or "none"
-    splits = "; ".join(
-        f"{name}: {e['tokens']:,} tokens in {len(e['shards'])} shards" for name, e in manifest["splits"].items()
-    )
-    curation = ""
-    if (out / "curation" / "report.json").is_file():
-        from flows.data.curate.report import table
-
-        curation = "\n" + table(json.loads((out / "curation" / "report.json").read_text()), out / "curation")
-    return (
-        f"preprocess done in {seconds:.1f} s -> {out}{curation}\n"
-        f"  documents kept {docs['kept']:,}; dropped: {dropped}; repaired: {repaired}\n"
-        f"  {splits} ({manifest['dtype']}, vocab {manifest['vocab_size']})"
-    )
-
-
-def _log_tracking(tracker: Any, out: Path, manifest: dict[str, Any], sources: _Sources, seconds: float,
-                  reused: bool = False) -> None:
-    docs = manifest["documents"]
-    metrics: dict[str, float] = {"documents.kept": docs["kept"], "seconds": seconds}
-    metrics.update({f"documents.dropped.{k}": v for k, v in docs["dropped"].items()})
-    metrics.update({f"documents.repaired.{k}": v for k, v in docs.get("repaired", {}).items()})
-    metrics.update({f"sft_examples.dropped.{k}": v for k, v in manifest.get("sft_examples", {}).get("dropped", {}).items()})
-    for split, entry in manifest["splits"].items():
-        metrics[f"tokens.{split}"] = entry["tokens"]
-        metrics[f"shards.{split}"] = len(entry["shards"])
-    total = sum(e["tokens"] for e in manifest["splits"].values())
-    if "fraction" in manifest.get("val_assignment", {}):
-        metrics["val.fraction"] = manifest["val_assignment"]["fraction"]
-    if not reused and seconds > 0:
-        metrics["tokens_per_s"] = total / seconds
-    stats = manifest.get("stats", {})
-    if stats.get("worker_peak_rss_mb"):
-        metrics["worker_peak_rss_mb"] = stats["worker_peak_rss_mb"]
-    metrics.update({f"seconds.{k}": v for k, v in stats.get("seconds", {}).items()})
-    curation = manifest.get("curation", {})
-    metrics.update({f"curation.pii.{k}": v for k, v in curation.get("pii", {}).items()})
-    if "near_dedup" in curation:
-        metrics["curation.near_dedup.clusters"] = curation["near_dedup"]["clusters"]
-    tracker.log_metrics(metrics)
-    tracker.log_artifact(out / "manifest.json")
-    for name in ("report.json", "quality_scores.png", "near_dup_clusters.png"):
-        if (out / "curation" / name).is_file():
-            tracker.log_artifact(out / "curation" / name, "curation")
-    tracker.log_artifact(out / "tokenizer.json")
-    files = manifest["inputs"]
-    tracker.log_input_dataset(
-        name=inputs.redact_text(", ".join(sources.labels))[:200] or "corpus",
-        source=files[0]["path"] if len(files) == 1 else str(Path(files[0]["path"]).parent),
-        digest=stable_hash([f["fingerprint"] for f in files], length=32),
-        context="preprocess",
-        profile={"files": len(files), "documents": docs["kept"], "tokens": total},
-    )

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from flows.config import DataConfig, PipelineConfig, TrackingConfig
 from flows.data import formats, inputs, sft
 from flows.data.clean import MAX_LOCATIONS, UnitStats, emit_documents, looks_binary
+from flows.data.units import plan_units
 from tests.data.preprocess_data import document
 
 # Every code point, surrogates (Cs), controls (Cc), format (Cf) and unassigned ones included:
@@ -83,7 +84,7 @@ def _blocks_of(n: int):
 def read(path: Path, data: DataConfig) -> tuple[list[str], UnitStats]:
     """Plan and read `path` the way the stage's pass 1 does, without Ray."""
     stats = UnitStats()
-    units = inputs.plan_units(inputs.describe([str(path)]), data)
+    units = plan_units(inputs.describe([str(path)]), data)
     docs = [d for u in units for d in formats.iter_documents(u, data, stats)]
     for d in docs:
         d.encode("utf-8")  # what clean_unit does with each: must never raise
@@ -317,7 +318,7 @@ def test_a_corrupt_parquet_file_is_counted_not_raised(tmp_path):
 
     path = tmp_path / "corrupt.parquet"
     intact = _parquet(path)
-    units = inputs.plan_units(inputs.describe([str(path)]), _data())  # planned from the intact footer
+    units = plan_units(inputs.describe([str(path)]), _data())  # planned from the intact footer
     rng = random.Random(0)
     outcomes = set()
     for _ in range(40):  # pyarrow raises OSError, ArrowInvalid, IndexError, UnicodeDecodeError...

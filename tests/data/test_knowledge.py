@@ -15,7 +15,7 @@ import yaml
 
 from flows import pipeline
 from flows.config import PipelineConfig, build
-from flows.data import knowledge
+from flows.data import knowledge, knowledge_sources
 from flows.data.inputs import InputError
 from flows.ops.schedule import Scheduler
 from flows.store import FingerprintCache, sha256_file
@@ -108,12 +108,12 @@ def test_the_database_is_only_read(tmp_path, db):
     for query in ("DELETE FROM elements", "SELECT 1; DROP TABLE elements", "UPDATE elements SET name = 'x'",
                   "INSERT INTO elements VALUES (99, 'X', 'X')", "PRAGMA writable_schema = 1"):
         with pytest.raises(InputError, match="SELECT"):
-            knowledge.check_select(query, "data.knowledge[0].query")
+            knowledge_sources.check_select(query, "data.knowledge[0].query")
     # Even a write past the SELECT check meets a read-only connection.
     src = build(PipelineConfig, {"data": {"knowledge": [sql_source(db)]}}, "<test>").data.knowledge[0]
     import sqlalchemy as sa
 
-    engine = knowledge._read_only_engine(sa.engine.make_url(src.source), "test")
+    engine = knowledge_sources._read_only_engine(sa.engine.make_url(src.source), "test")
     with engine.connect() as conn, pytest.raises(sa.exc.OperationalError, match="readonly|read-only"):
         conn.exec_driver_sql("DELETE FROM elements")
     engine.dispose()

@@ -16,9 +16,9 @@ import pytest
 import zstandard
 
 from flows.config import DataConfig
-from flows.data import formats, inputs, stage
+from flows.data import formats, inputs, stage, tasks
 from flows.data.clean import UnitStats
-from flows.data.inputs import Segment, WorkUnit
+from flows.data.units import Segment, WorkUnit, content_size, plan_units
 from tests.data.preprocess_data import document
 
 BLOCK = 64 << 10
@@ -43,7 +43,7 @@ def _peak_while(fn):
 
 def _read(path: Path, data: DataConfig) -> tuple[list[str], UnitStats, int]:
     """Documents, counts and peak memory of reading `path` as planned (the plan made beforehand)."""
-    units = inputs.plan_units(inputs.describe([str(path)]), data)
+    units = plan_units(inputs.describe([str(path)]), data)
     stats = UnitStats()
     with mock.patch.object(formats, "BLOCK_BYTES", BLOCK):
         docs, peak = _peak_while(lambda: sum((len(d) for u in units for d in formats.iter_documents(u, data, stats)), 0))
@@ -73,8 +73,8 @@ def test_a_compressed_file_is_sized_by_what_it_decompresses_to(tmp_path):
     for i in range(3):
         (tmp_path / f"small{i}.txt").write_text(document(i, 100))
     files = inputs.describe([str(big), *(str(p) for p in sorted(tmp_path.glob("*.txt")))])
-    assert inputs.content_size(files[0]) == len(blob) > 3 * files[0].size
-    units = inputs.plan_units(files, _data(work_unit_bytes=len(blob) // 2))
+    assert content_size(files[0]) == len(blob) > 3 * files[0].size
+    units = plan_units(files, _data(work_unit_bytes=len(blob) // 2))
     # The archive fills a unit of its own; before, its (compressed) size let the small files join it.
     assert [[s.file.path for s in u.segments] for u in units][0] == [str(big)]
 
@@ -85,7 +85,7 @@ def test_content_size_of_compressed_files(tmp_path):
 
     def size_of(name: str, data: bytes) -> int:
         (tmp_path / name).write_bytes(data)
-        return inputs.content_size(inputs.describe([str(tmp_path / name)])[0])
+        return content_size(inputs.describe([str(tmp_path / name)])[0])
 
     assert size_of("a.jsonl.gz", gzip.compress(blob)) == len(blob)  # the gzip trailer
     assert size_of("b.jsonl.zst", zstandard.ZstdCompressor().compress(blob)) == len(blob)  # the frame header
@@ -142,9 +142,9 @@ def test_pass_2_reads_the_cleaned_unit_in_bounded_batches(tmp_path):
     tok_path = tmp_path / "tok.json"
     tok = Tokenizer.train([d.decode() for d in docs[:200]], vocab_size=400)
     tok.save(tok_path)
-    with mock.patch.object(stage, "_BATCH_CHARS", 16 << 10), mock.patch.object(stage, "_READ_BYTES", 64 << 10):
-        stage._load_tokenizer(str(tok_path))  # loaded once per worker, not what is measured
-        meta, peak = _peak_while(lambda: stage.tokenize_unit(
+    with mock.patch.object(tasks, "_BATCH_CHARS", 16 << 10), mock.patch.object(tasks, "_READ_BYTES", 64 << 10):
+        tasks._load_tokenizer(str(tok_path))  # loaded once per worker, not what is measured
+        meta, peak = _peak_while(lambda: tasks.tokenize_unit(
             WorkUnit(0, ()), _data(), str(work), str(tok_path), "uint16", spans=spans, val=val))
     total = offsets[-1]
     assert peak < total / 8, f"peak {peak:,} bytes for a {total:,}-byte unit"  # it read the unit whole

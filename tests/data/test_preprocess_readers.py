@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 from flows.config import DataConfig
 from flows.data import clean, formats, inputs
 from flows.data.clean import UnitStats
+from flows.data.units import plan_units
 
 
 def _docs(paths: list[Path], data: DataConfig) -> tuple[list[str], int, UnitStats]:
     files = inputs.describe([str(p) for p in paths])
-    units = inputs.plan_units(files, data)
+    units = plan_units(files, data)
     stats = UnitStats()
     docs = [d for u in units for d in formats.iter_documents(u, data, stats)]
     return docs, len(units), stats

@@ -65,7 +65,8 @@ def write_dropped(out: Path, keys: list[str], work: Path, duplicates: dict[str, 
     tmp.replace(path)
 
 
-def _merge(dicts: Iterator[dict[str, Any]]) -> dict[str, Any]:
+def merge_counts(dicts: Iterator[dict[str, Any]]) -> dict[str, Any]:
+    """The work units' counts summed per key, sorted by key (lists, such as histograms, element-wise)."""
     out: dict[str, Any] = {}
     for d in dicts:
         for k, v in d.items():
@@ -158,5 +159,3 @@ def table(report: dict[str, Any], path: Path | None = None) -> str:
                      f"copies; {nd['records']:,} band records in {nd['partitions']} partitions)")
     return "\n".join(lines)
 
-
-merge_counts = _merge
