@@ -243,8 +243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         import torch  # noqa: F401
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from flows.data.inputs import redact_logs
     from flows.pipeline import PipelineError
+    from flows.redact import redact_logs
 
     redact_logs()  # input and tracking URLs may carry credentials: none is printed
 
@@ -273,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = resolve_config(args)
         if args.command == "config":
             from flows.config import to_dict
-            from flows.data.inputs import redact
+            from flows.redact import redact
 
             print(json.dumps(redact(to_dict(cfg)), indent=2))
             return 0
@@ -315,7 +315,7 @@ def _print_error(args: argparse.Namespace, e: BaseException, shown: BaseExceptio
     traceback of `shown`."""
     import traceback
 
-    from flows.data.inputs import redact_text
+    from flows.redact import redact_text
 
     err = getattr(console, "terminal", sys.stderr)
     print(f"gptflow {args.command}: error: {redact_text(str(e))}", file=err)

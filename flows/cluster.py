@@ -32,7 +32,7 @@ _DRIVER_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
 
 
 # Every worker process of this job redacts credentials in URLs from its logs, as the driver does.
-_WORKER_ENV = {"worker_process_setup_hook": "flows.data.inputs.redact_logs"}
+_WORKER_ENV = {"worker_process_setup_hook": "flows.redact.redact_logs"}
 
 
 def ensure_ray(cfg: ClusterConfig | None = None) -> None:

@@ -141,7 +141,7 @@ class Console(Progress):
         self._saved = {fd: os.dup(fd) for fd in (1, 2)}
         self.terminal = os.fdopen(os.dup(self._saved[2]), "w", buffering=1, encoding="utf-8", errors="replace")
         self._route(self.logs / "gptflow.log", "a")
-        from flows.data.inputs import RedactingFilter
+        from flows.redact import RedactingFilter
 
         root = logging.getLogger()
         for h in list(root.handlers):  # the CLI's basicConfig handler: to the log file instead

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from flows.config import ClusterConfig, TrackingConfig
 from flows.progress import Progress
-from flows.store import FingerprintCache
 from flows.tracking import Tracker
+from flows.workdir import FingerprintCache
 
 
 @dataclass(frozen=True)

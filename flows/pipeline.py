@@ -37,7 +37,7 @@ from flows.configlib import hashed
 from flows.context import StepContext
 from flows.progress import Progress
 from flows.runstate import RunState
-from flows.store import DONE, FingerprintCache, discard, is_done, locked, mark_done, stage_dir
+from flows.workdir import DONE, FingerprintCache, discard, is_done, locked, mark_done, stage_dir
 
 log = logging.getLogger(__name__)
 

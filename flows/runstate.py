@@ -5,7 +5,7 @@ started, by which process, and per step its state (``done``: reused; ``ran``; ``
 ``failed`` with the error; ``not run``), start time, seconds, output directory and log file. It holds
 no figures: `gptflow status` reads those from the steps' outputs and MLflow.
 
-What it is not: the truth about outputs (each output's DONE is) or a lock (flows/store.py has those).
+What it is not: the truth about outputs (each output's DONE is) or a lock (flows/workdir.py has those).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.store import atomic_write_text
+from flows.workdir import atomic_write_text
 
 FILE = Path("logs") / "run.json"
 

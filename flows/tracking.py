@@ -68,7 +68,7 @@ _PROBED: dict[str, float] = {}  # uri -> when it last answered (a probe per proc
 
 
 def _redacted(text: str) -> str:
-    from flows.data.inputs import redact_text
+    from flows.redact import redact_text
 
     return redact_text(text)
 
@@ -151,7 +151,7 @@ class Tracker:
             return
         from mlflow.entities import Param
 
-        from flows.data.inputs import redact_text
+        from flows.redact import redact_text
 
         flat = flatten(dict(params))
         # Input URLs may carry credentials (user:password, tokens, presigned signatures): never logged.
@@ -174,7 +174,7 @@ class Tracker:
             return
         from mlflow.entities import RunTag
 
-        from flows.data.inputs import redact_text
+        from flows.redact import redact_text
 
         self._client.log_batch(self.run_id, tags=[RunTag(k, redact_text(str(v))) for k, v in tags.items()])
 
@@ -188,7 +188,7 @@ class Tracker:
 
     def log_dict(self, data: Mapping[str, Any], name: str) -> None:
         if self._client:
-            from flows.data.inputs import redact
+            from flows.redact import redact
 
             self._client.log_dict(self.run_id, redact(dict(data)), name)
 
@@ -210,7 +210,7 @@ class Tracker:
 
         from mlflow.entities import Dataset, DatasetInput, InputTag
 
-        from flows.data.inputs import redact_text
+        from flows.redact import redact_text
 
         name, source = redact_text(name), redact_text(source)
         ds = Dataset(

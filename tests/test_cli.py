@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from flows.cli import build_parser, resolve_config
-from flows.store import sha256_file
+from flows.workdir import sha256_file
 
 
 def _gptflow(*args: str, cwd: Path) -> subprocess.CompletedProcess:

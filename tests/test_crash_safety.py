@@ -14,8 +14,8 @@ import pytest
 
 from flows.config import TrainConfig
 from flows.data.shards import ShardWriter, UnitWriter
-from flows.store import atomic_write_text, is_done
 from flows.train import checkpoint as ckpt
+from flows.workdir import atomic_write_text, is_done
 from tests.data.preprocess_data import document
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.store import sha256_file
+from flows.workdir import sha256_file
 from tests.knowledge_helpers import NUMBER, SYMBOL, make_db, rdf_source, sql_source
 
 pytestmark = pytest.mark.slow

@@ -104,12 +104,12 @@ def test_stage_packages_import_only_downward_and_never_the_runner():
         "flows.train": ("flows.evaluate", "flows.pipeline", "flows.cli", "flows.report"),
         "flows.evaluate": ("flows.train", "flows.registry", "flows.pipeline", "flows.cli", "flows.report"),
         "flows.registry": ("flows.train", "flows.data.stage", "flows.pipeline", "flows.cli", "flows.report"),
-        "flows.store": ("flows.",),
+        "flows.workdir": ("flows.",),
     }
     offenders = [
         f"{m} imports {d}" for m, deps in graph.items() for pkg, banned in rules.items()
         if m == pkg or m.startswith(pkg + ".") for d in deps if d.startswith(banned) and d != m
-        and not (pkg == "flows.store" and d in ("flows",))
+        and not (pkg == "flows.workdir" and d in ("flows",))
     ]
     # The config modules (flows/config.py, the sections beside their stages, flows/configlib.py) import
     # only one another: a config is read without any stage.

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import ConfigError
-from flows.storage import require_driver
+from flows.object_storage import require_driver
 from tests.data.preprocess_data import document
 from tests.services import moto_s3
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-import flows.store
+import flows.workdir
 from flows import pipeline
 from flows.config import PipelineConfig, load_config
 from flows.pipeline import PipelineError, Step, StepRef
@@ -169,8 +169,8 @@ def test_default_pipeline_plans_every_step_and_fingerprints_each_file_once(tmp_p
         pipeline.plan(cfg)
     cfg = _cfg(tmp_path, f"data.inputs=[{corpus}]", "data.sft_inputs=[]")
     hashed: list[Path] = []
-    real = flows.store.sha256_file
-    monkeypatch.setattr(flows.store, "sha256_file", lambda p, *a: hashed.append(Path(p)) or real(p, *a))
+    real = flows.workdir.sha256_file
+    monkeypatch.setattr(flows.workdir, "sha256_file", lambda p, *a: hashed.append(Path(p)) or real(p, *a))
     first = pipeline.plan(cfg)
     assert [p.step.name for p in first] == ["preprocess", "pretrain", "evaluate"]  # no SFT data: no finetune
     assert hashed == [corpus.resolve()]

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from flows.config import ConfigError, DataConfig, PipelineConfig, TrackingConfig
-from flows.data.inputs import describe, redact, redact_text, redact_url
+from flows.data.inputs import describe
+from flows.redact import redact, redact_text, redact_url
 from tests.data.preprocess_data import document
 
 SECRETS = ("hunter2", "abc123", "deadbeef", "AKIDEXAMPLE")

@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.store import DONE, atomic_write_text, cache_dir, is_done, locked, mark_done
+from flows.workdir import DONE, atomic_write_text, cache_dir, is_done, locked, mark_done
 
 log = logging.getLogger(__name__)
 

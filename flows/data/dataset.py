@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from flows.store import sha256_file
+from flows.workdir import sha256_file
 
 log = logging.getLogger(__name__)
 

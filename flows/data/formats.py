@@ -26,8 +26,8 @@ from flows.config import DataConfig
 from flows.data import jsonstream
 from flows.data.clean import UnitStats, decode, emit_documents, looks_binary, pieces
 from flows.data.inputs import BLOCK_BYTES, TRUNCATED_ERRORS, open_input, open_raw, read_head
-from flows.data.redact import redact_text, redact_url
 from flows.data.units import Segment, WorkUnit
+from flows.redact import redact_text, redact_url
 
 log = logging.getLogger(__name__)
 

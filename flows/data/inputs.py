@@ -8,7 +8,7 @@ any Ray work (:func:`check_usable`, :func:`check_parquet_field`), :func:`export_
 opening an input, local or fsspec, decompressed (:func:`open_input`).
 
 What it is not: planning work units (flows/data/units.py), per-format reading
-(flows/data/formats.py), cleaning (flows/data/clean.py), redacting URLs (flows/data/redact.py), or
+(flows/data/formats.py), cleaning (flows/data/clean.py), redacting URLs (flows/redact.py), or
 Ray scheduling (flows/data/stage.py).
 """
 
@@ -28,19 +28,9 @@ from typing import IO
 
 from flows.config import ConfigError, DataConfig
 from flows.data.clean import looks_binary
-
-# All but redact_text and redact_url are re-exported: callers outside flows/data (the CLI, tracking,
-# the console, serving, the scheduler, Ray's worker_process_setup_hook) import them from here.
-from flows.data.redact import (  # noqa: F401
-    REDACTED,
-    RedactingFilter,
-    redact,
-    redact_logs,
-    redact_text,
-    redact_url,
-)
-from flows.storage import require_driver
-from flows.store import DONE, FingerprintCache, tmp_suffix
+from flows.object_storage import require_driver
+from flows.redact import redact_text, redact_url
+from flows.workdir import DONE, FingerprintCache, tmp_suffix
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from flows.data.knowledge_sources import (
     template_fields,
 )
 from flows.data.sft import ASSISTANT, render_chat_prompt
-from flows.store import FingerprintCache, atomic_write_text
+from flows.workdir import FingerprintCache, atomic_write_text
 
 log = logging.getLogger(__name__)
 

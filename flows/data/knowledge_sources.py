@@ -27,8 +27,8 @@ from typing import Any
 
 from flows.config import DataConfig, KnowledgeSource
 from flows.data.inputs import InputError
-from flows.data.redact import redact_url
-from flows.store import FingerprintCache
+from flows.redact import redact_url
+from flows.workdir import FingerprintCache
 
 RDF_FORMATS = {".nt": "nt", ".ttl": "turtle", ".n3": "n3", ".rdf": "xml", ".xml": "xml", ".owl": "xml"}
 ROW_FORMATS = (".csv", ".jsonl")

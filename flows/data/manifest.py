@@ -28,11 +28,11 @@ from flows.data.clean import is_bad_record, merge_locations
 from flows.data.curate import driver as curate_stage
 from flows.data.dataset import FORMAT_VERSION
 from flows.data.inputs import InputError
-from flows.data.redact import redact, redact_text, redact_url
 from flows.data.shards import load_index
 from flows.data.sources import Sources
 from flows.data.units import WorkUnit
-from flows.store import sha256_file
+from flows.redact import redact, redact_text, redact_url
+from flows.workdir import sha256_file
 
 
 @dataclasses.dataclass

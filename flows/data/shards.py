@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from flows.store import atomic_write_text, fsync_dir, fsync_file, tmp_suffix
+from flows.workdir import atomic_write_text, fsync_dir, fsync_file, tmp_suffix
 
 
 class UnitWriter:

@@ -23,7 +23,7 @@ from flows.config import DataConfig
 from flows.context import StepContext
 from flows.data import inputs, knowledge, knowledge_sources
 from flows.data.inputs import InputError, InputFile
-from flows.data.redact import redact_url
+from flows.redact import redact_url
 
 
 @dataclasses.dataclass(frozen=True)

@@ -53,7 +53,7 @@ from flows.data.splits import assign_val, check_val_possible, sft_holdout
 from flows.data.tasks import clean_unit, sft_unit, tokenize_unit
 from flows.data.units import WorkUnit, plan_units
 from flows.progress import Progress
-from flows.store import atomic_write_text
+from flows.workdir import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from flows.evaluate.metrics import token_bytes
-from flows.store import atomic_write_text
+from flows.workdir import atomic_write_text
 from gptcore.model import apply_rope
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ from flows.evaluate.generations import as_text, generate_samples
 from flows.evaluate.metrics import has_tokens, sft_val_loss, val_loss
 from flows.evaluate.tasks import heldout_pairs, task_figures
 from flows.progress import Progress
-from flows.store import atomic_write_text
 from flows.tracking import Tracker
+from flows.workdir import atomic_write_text
 
 log = logging.getLogger(__name__)
 

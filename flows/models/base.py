@@ -25,7 +25,7 @@ from typing import Any
 from flows.config import ConfigError, stable_hash
 from flows.context import StepContext
 from flows.models.sources import BUILTINS, PREFIX, is_builtin
-from flows.store import discard, is_done, locked, mark_done, stage_dir
+from flows.workdir import discard, is_done, locked, mark_done, stage_dir
 
 log = logging.getLogger(__name__)
 

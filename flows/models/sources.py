@@ -20,7 +20,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from flows.store import cache_dir
+from flows.workdir import cache_dir
 
 log = logging.getLogger(__name__)
 

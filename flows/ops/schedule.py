@@ -61,7 +61,7 @@ from typing import Any
 import yaml
 
 from flows.config import ConfigError, PipelineConfig, stable_hash, to_dict
-from flows.store import atomic_write_text
+from flows.workdir import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -432,7 +432,7 @@ class Scheduler:
 def _error_text(e: BaseException) -> str:
     """An exception as one line for the state file, MLflow and logs: credentials in URLs and the
     secrets this process holds (MLflow password or token, Ray token) replaced by ***."""
-    from flows.data.inputs import REDACTED, redact_text
+    from flows.redact import REDACTED, redact_text
 
     text = redact_text(f"{type(e).__name__}: {e}")
     for name in _SECRET_ENV:

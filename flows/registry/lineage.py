@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from flows.registry.promote import bundle_of
-from flows.store import sha256_file
 from flows.tracking import Registry, RegistryError
+from flows.workdir import sha256_file
 
 _REF = re.compile(r"^(?:models:/)?(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 

@@ -34,7 +34,8 @@ from flows.config import EvaluateConfig, RegistryConfig
 from flows.context import StepContext
 from flows.registry.gate import Decision, Figures, decide
 from flows.registry.register import RESULT as REGISTERED
-from flows.store import (
+from flows.tracking import Registry, RegistryError, Tracker
+from flows.workdir import (
     DONE,
     atomic_write_text,
     discard,
@@ -45,7 +46,6 @@ from flows.store import (
     sha256_file,
     tmp_suffix,
 )
-from flows.tracking import Registry, RegistryError, Tracker
 
 log = logging.getLogger(__name__)
 

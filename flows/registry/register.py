@@ -20,8 +20,8 @@ from typing import Any
 
 from flows.config import RegistryConfig
 from flows.context import StepContext
-from flows.store import atomic_write_text, sha256_file
 from flows.tracking import Registry, RegistryError
+from flows.workdir import atomic_write_text, sha256_file
 
 log = logging.getLogger(__name__)
 

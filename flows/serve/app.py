@@ -59,7 +59,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @serve.ingress(api)
 class GPTServer:
     def __init__(self, settings: ServeSettings):
-        from flows.data.inputs import redact_logs
+        from flows.redact import redact_logs
 
         logging.basicConfig(level=logging.INFO)
         redact_logs()  # a replica's log reaches files and the dashboard: no credentials in it

@@ -205,7 +205,7 @@ def deploy_step(cfg: ServeConfig, registry: RegistryConfig, out_dir: Path, ctx: 
     themselves; this makes sure the application exists with the current serve settings."""
     import json
 
-    from flows.store import atomic_write_text
+    from flows.workdir import atomic_write_text
 
     settings = _settings(cfg, registry, ctx.tracking, ctx.workdir)
     if settings.bundle is None and settings.alias is None:

@@ -95,7 +95,7 @@ class HotSwap:
         is not vetted (gate not passed, weights not matching their sha256 tag) or fails to load is
         refused; a fetch that fails for a passing reason (the registry away) is retried with
         backoff, and the current version keeps serving meanwhile (/healthz says so)."""
-        from flows.data.inputs import redact_text
+        from flows.redact import redact_text
 
         s = self.settings
         retry: dict[str, tuple[int, float]] = {}  # version -> (failed fetches, when to try again)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flows.config import ConfigError, flatten, to_dict
-from flows.store import atomic_write_text, sha256_file
+from flows.workdir import atomic_write_text, sha256_file
 
 if TYPE_CHECKING:
     from flows.train.prepare import RunSpec

@@ -43,10 +43,10 @@ from typing import Any
 from flows.config import DistillConfig, ModelConfig, TrainConfig, to_dict
 from flows.context import StepContext
 from flows.models.base import BUNDLE_FILES
-from flows.store import atomic_write_text
 from flows.train import faults
 from flows.train.checkpoint import check_resume, resume_step, take_stop
 from flows.train.prepare import LoopConfig, RunSpec, check_cluster, loop_config, prepare
+from flows.workdir import atomic_write_text
 
 # The run's last checkpointed metrics, beside the bundle (not part of the bundle contract).
 RESULT_FILE = "train_result.json"

@@ -25,9 +25,9 @@ from typing import Any
 from flows.config import ConfigError, ModelConfig, TrainConfig, to_dict
 from flows.context import StepContext
 from flows.data.dataset import DataError, DatasetInfo, check_dataset
-from flows.storage import require_driver
-from flows.store import sha256_file
+from flows.object_storage import require_driver
 from flows.train.ds_config import deepspeed_config
+from flows.workdir import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from flows.config import PipelineConfig, build
 from flows.data import knowledge, knowledge_sources
 from flows.data.inputs import InputError
 from flows.ops.schedule import Scheduler
-from flows.store import FingerprintCache, sha256_file
+from flows.workdir import FingerprintCache, sha256_file
 from tests.knowledge_helpers import (
     CAPITALS,
     NUMBER,

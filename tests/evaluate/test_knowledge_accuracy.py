@@ -14,7 +14,7 @@ import torch
 from flows.config import PipelineConfig, build
 from flows.data import knowledge
 from flows.evaluate.knowledge import is_correct, knowledge_accuracy, select
-from flows.store import FingerprintCache
+from flows.workdir import FingerprintCache
 from gptcore import GPT, Tokenizer, preset, save_bundle
 from tests.knowledge_helpers import SYMBOL, make_db, sql_source
 

@@ -104,7 +104,7 @@ def test_bad_requests_are_clear_errors_and_move_no_alias(store, registered, tmp_
 
 def _stored_weights(store, name: str, version: str) -> Path:
     """The version's model.safetensors in the registry's own artifact store (not a download of it)."""
-    from flows.store import sha256_file
+    from flows.workdir import sha256_file
 
     want = store["registry"]().version(name, version)["tags"]["gptflow.bundle_sha256"]
     return next(p for p in (store["root"] / "mlartifacts").rglob("model.safetensors") if sha256_file(p) == want)
@@ -138,7 +138,7 @@ def test_a_killed_download_is_not_reused_and_a_stale_one_is_downloaded_again(sto
     """What a download killed half-way leaves (a truncated model.safetensors, no DONE) and what a
     registry reset leaves (a complete bundle of another model under the same version number) are both
     replaced by the version's own weights."""
-    from flows.store import sha256_file
+    from flows.workdir import sha256_file
 
     registry = store["registry"]()
     good = registered("good")

@@ -37,7 +37,7 @@ def versions(store, tok, tmp_path_factory) -> dict[str, str]:
 
 def _stored(store, version: str, name: str) -> Path:
     """A file of the version's bundle in the registry's own artifact store (what every replica downloads)."""
-    from flows.store import sha256_file
+    from flows.workdir import sha256_file
 
     want = store["registry"]().version("gpt", version)["tags"]["gptflow.bundle_sha256"]
     weights = next(p for p in (store["root"] / "mlartifacts").rglob("model.safetensors") if sha256_file(p) == want)

@@ -14,7 +14,7 @@ from flows.config import ConfigError, PipelineConfig, ServeConfig, TrackingConfi
 from flows.data import knowledge
 from flows.serve.deploy import settings_for
 from flows.serve.grounding import Grounder, ground_messages
-from flows.store import FingerprintCache
+from flows.workdir import FingerprintCache
 from gptcore import load_bundle
 from tests.knowledge_helpers import NUMBER, SYMBOL, make_db, rdf_source, sql_source
 from tests.serve.conftest import make_bundle

@@ -670,7 +670,7 @@ def test_init_from_a_registered_model_alias(dataset, tmp_path, monkeypatch):
     # which would win over this test's tracking.uri.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
-    from flows.store import sha256_file
+    from flows.workdir import sha256_file
     from gptcore import save_bundle
 
     tok = Tokenizer.load(dataset / "tokenizer.json")

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from flows.data.curate.apply import SCORES
-from flows.store import atomic_write_text
+from flows.workdir import atomic_write_text
 
 DIR = "curation"
 
