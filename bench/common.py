@@ -28,8 +28,12 @@ def timed(fn: Callable[[], object], warmup: int, iters: int) -> float:
 
 def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
-    result = {**result, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine()}
+    result = {
+        **result,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -71,8 +71,12 @@ def near_dup_quality(n: int = 300) -> dict:
         docs.append(original)
         kind.append("original")
         o = len(docs) - 1
-        for k, text in (("exact", original), ("edit_2pct", edited(original, 0.02, seed=i)),
-                        ("edit_50pct", edited(original, 0.5, seed=i)), ("unrelated", unrelated(90_000 + i, 250))):
+        for k, text in (
+            ("exact", original),
+            ("edit_2pct", edited(original, 0.02, seed=i)),
+            ("edit_50pct", edited(original, 0.5, seed=i)),
+            ("unrelated", unrelated(90_000 + i, 250)),
+        ):
             docs.append(text)
             kind.append(k)
             if k in ("exact", "edit_2pct"):
@@ -89,12 +93,22 @@ def near_dup_quality(n: int = 300) -> dict:
         comp = components([f"{tmp}/{p}.npy" for p in range(8)], f"{tmp}/d.npy")
         pairs = np.load(f"{tmp}/d.npy")
     found = {int(d): int(r) for d, r in pairs.tolist()}
-    rate = {k: sum(found.get(i) == truth.get(i) and i in found for i, x in enumerate(kind) if x == k)
-            / kind.count(k) for k in ("exact", "edit_2pct")}
-    merged = {k: sum(i in found for i, x in enumerate(kind) if x == k) / kind.count(k)
-              for k in ("edit_50pct", "unrelated")}
-    return {"documents": len(docs), "found": rate, "merged_wrongly": merged, "clusters": comp["clusters"],
-            "signature_us_per_doc": hash_s / len(docs) * 1e6}
+    rate = {
+        k: sum(found.get(i) == truth.get(i) and i in found for i, x in enumerate(kind) if x == k)
+        / kind.count(k)
+        for k in ("exact", "edit_2pct")
+    }
+    merged = {
+        k: sum(i in found for i, x in enumerate(kind) if x == k) / kind.count(k)
+        for k in ("edit_50pct", "unrelated")
+    }
+    return {
+        "documents": len(docs),
+        "found": rate,
+        "merged_wrongly": merged,
+        "clusters": comp["clusters"],
+        "signature_us_per_doc": hash_s / len(docs) * 1e6,
+    }
 
 
 def hashing_speed(corpus: Path) -> dict:
@@ -114,7 +128,12 @@ def hashing_speed(corpus: Path) -> dict:
         m = MinHash(num_perm=112)
         m.update_batch([" ".join(w[i : i + 5]).encode() for i in range(max(1, len(w) - 4))])
     theirs = time.perf_counter() - t
-    return {"ours_s": ours, "datasketch_s": theirs, "speedup": theirs / ours, "documents": len(docs)}
+    return {
+        "ours_s": ours,
+        "datasketch_s": theirs,
+        "speedup": theirs / ours,
+        "documents": len(docs),
+    }
 
 
 def language() -> dict:
@@ -124,28 +143,44 @@ def language() -> dict:
 
     from flows.data.curate.language import LanguageFilter
 
-    rows = [json.loads(x) for x in (ROOT / "tests/data/curate/multilingual.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x)
+        for x in (ROOT / "tests/data/curate/multilingual.jsonl").read_text().splitlines()
+    ]
     ident = p3.LanguageIdentifier.from_model_file(p3.MODEL_FILE, norm_probs=True)
     old = langid.langid.LanguageIdentifier.from_modelstring(langid.langid.model, norm_probs=True)
-    tools = {"pycld2": lambda t: pycld2.detect(t)[2][0][1].split("-")[0],
-             "py3langid": lambda t: ident.classify(t)[0], "langid": lambda t: old.classify(t)[0]}
+    tools = {
+        "pycld2": lambda t: pycld2.detect(t)[2][0][1].split("-")[0],
+        "py3langid": lambda t: ident.classify(t)[0],
+        "langid": lambda t: old.classify(t)[0],
+    }
     out: dict = {"texts": len(rows), "languages": len({r["lang"] for r in rows})}
     for name, f in tools.items():
         f("warm up")
         t = time.perf_counter()
         preds = [f(r["text"]) for r in rows]
-        out[name] = {"us_per_text": (time.perf_counter() - t) / len(rows) * 1e6,
-                     "accuracy": sum(p == r["lang"] for p, r in zip(preds, rows, strict=True)) / len(rows)}
+        out[name] = {
+            "us_per_text": (time.perf_counter() - t) / len(rows) * 1e6,
+            "accuracy": sum(p == r["lang"] for p, r in zip(preds, rows, strict=True)) / len(rows),
+        }
     keep = LanguageFilter(("en",))
     kept = [r for r in rows if keep.filter(r["text"]) is None]
     english = sum(r["lang"] == "en" for r in rows)
-    out["filter_en"] = {"english_kept": sum(r["lang"] == "en" for r in kept) / english,
-                        "other_in_kept": sum(r["lang"] != "en" for r in kept) / max(1, len(kept))}
+    out["filter_en"] = {
+        "english_kept": sum(r["lang"] == "en" for r in kept) / english,
+        "other_in_kept": sum(r["lang"] != "en" for r in kept) / max(1, len(kept)),
+    }
     return out
 
 
 def quality(corpus: Path) -> dict:
-    c = Curator(CurateConfig(quality=QualityConfig(enabled=True), pii="off", near_dedup=NearDedupConfig(enabled=False)))
+    c = Curator(
+        CurateConfig(
+            quality=QualityConfig(enabled=True),
+            pii="off",
+            near_dedup=NearDedupConfig(enabled=False),
+        )
+    )
     kept = sum(c.apply(prose(s)).text is not None for s in range(500)) / 500
     dropped: Counter = Counter()
     total: Counter = Counter()
@@ -158,20 +193,33 @@ def quality(corpus: Path) -> dict:
     verdicts = [c.apply(d) for d in docs]
     seconds = time.perf_counter() - t
     size = sum(map(len, docs))
-    return {"prose_kept": kept, "bad_dropped": sum(dropped.values()) / sum(total.values()),
-            "bad_dropped_by_kind": {k: dropped[k] / total[k] for k in total},
-            "builtin": {"documents_dropped": sum(v.text is None for v in verdicts) / len(docs),
-                        "bytes_dropped": sum(len(d) for d, v in zip(docs, verdicts, strict=True) if v.text is None) / size,
-                        "reasons": dict(Counter(v.reason for v in verdicts if v.reason).most_common()),
-                        "ms_per_doc": seconds / len(docs) * 1e3}}
+    return {
+        "prose_kept": kept,
+        "bad_dropped": sum(dropped.values()) / sum(total.values()),
+        "bad_dropped_by_kind": {k: dropped[k] / total[k] for k in total},
+        "builtin": {
+            "documents_dropped": sum(v.text is None for v in verdicts) / len(docs),
+            "bytes_dropped": sum(
+                len(d) for d, v in zip(docs, verdicts, strict=True) if v.text is None
+            )
+            / size,
+            "reasons": dict(Counter(v.reason for v in verdicts if v.reason).most_common()),
+            "ms_per_doc": seconds / len(docs) * 1e3,
+        },
+    }
 
 
 def stage(corpus: Path, tok: Path, workdir: Path, workers: int, curate: CurateConfig) -> dict:
     from flows.data.dataset import read_manifest
     from flows.pipeline import run
 
-    cfg = PipelineConfig(workdir=str(workdir), tracking=TrackingConfig(enabled=False), data=DataConfig(
-        inputs=(str(corpus),), tokenizer_path=str(tok), num_workers=workers, curate=curate))
+    cfg = PipelineConfig(
+        workdir=str(workdir),
+        tracking=TrackingConfig(enabled=False),
+        data=DataConfig(
+            inputs=(str(corpus),), tokenizer_path=str(tok), num_workers=workers, curate=curate
+        ),
+    )
     t = time.perf_counter()
     out = run(cfg, only=["preprocess"])[0].out
     seconds = time.perf_counter() - t
@@ -206,8 +254,11 @@ def throughput(corpus: Path, tok: Path, tmp: Path) -> dict:
 
     ensure_ray(ClusterConfig(num_cpus=2))
     stage(corpus, tok, tmp / "warm", 2, ALL_OFF)  # worker processes and imports warm
-    r = {"on_1": stage(corpus, tok, tmp / "a", 1, ALL_ON), "on_2": stage(corpus, tok, tmp / "b", 2, ALL_ON),
-         "off_2": stage(corpus, tok, tmp / "c", 2, ALL_OFF)}
+    r = {
+        "on_1": stage(corpus, tok, tmp / "a", 1, ALL_ON),
+        "on_2": stage(corpus, tok, tmp / "b", 2, ALL_ON),
+        "off_2": stage(corpus, tok, tmp / "c", 2, ALL_OFF),
+    }
     r["speedup_2_vs_1"] = r["on_1"]["seconds"] / r["on_2"]["seconds"]
     r["machine_2_vs_1_ceiling"] = parallel_ceiling()
     r["curation_overhead"] = r["on_2"]["seconds"] / r["off_2"]["seconds"] - 1
@@ -228,14 +279,26 @@ def memory(corpus: Path, tok: Path, tmp: Path, scale: int) -> dict:
     for factor in (1, scale):
         dest = tmp / f"x{factor}"
         dest.mkdir()
-        for k in range(factor):  # the first copy as it is, the others with 30 % of the words edited:
-            for i, f in enumerate(sorted(corpus.glob("*.txt"))):  # distinct documents, not near-dups
+        for k in range(
+            factor
+        ):  # the first copy as it is, the others with 30 % of the words edited:
+            for i, f in enumerate(
+                sorted(corpus.glob("*.txt"))
+            ):  # distinct documents, not near-dups
                 text = f.read_text()
-                (dest / f"{k:02d}-{f.name}").write_text(edited(text, 0.3, seed=k * 100_000 + i) if k else text)
-        res = subprocess.run([sys.executable, __file__, "--child", str(dest), str(tok), str(tmp / f"w{factor}")],
-                             check=True, capture_output=True, text=True)
+                (dest / f"{k:02d}-{f.name}").write_text(
+                    edited(text, 0.3, seed=k * 100_000 + i) if k else text
+                )
+        res = subprocess.run(
+            [sys.executable, __file__, "--child", str(dest), str(tok), str(tmp / f"w{factor}")],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         out[f"x{factor}"] = json.loads(res.stdout.strip().splitlines()[-1])
-    out["driver_rss_ratio"] = out[f"x{scale}"]["driver_peak_rss_mb"] / out["x1"]["driver_peak_rss_mb"]
+    out["driver_rss_ratio"] = (
+        out[f"x{scale}"]["driver_peak_rss_mb"] / out["x1"]["driver_peak_rss_mb"]
+    )
     return out
 
 
@@ -256,9 +319,15 @@ def main() -> None:
     docs = builtin.materialize(RESULTS / "python-docs")
     tok = RESULTS / "curate-tokenizer.json"
     if not tok.is_file():
-        Tokenizer.train([f.read_text() for f in sorted(docs.glob("*.txt"))], vocab_size=4096).save(tok)
-    report: dict = {"near_dup": near_dup_quality(), "hashing": hashing_speed(docs), "language": language(),
-                    "quality": quality(docs)}
+        Tokenizer.train([f.read_text() for f in sorted(docs.glob("*.txt"))], vocab_size=4096).save(
+            tok
+        )
+    report: dict = {
+        "near_dup": near_dup_quality(),
+        "hashing": hashing_speed(docs),
+        "language": language(),
+        "quality": quality(docs),
+    }
     print(json.dumps(report, indent=2))
     with tempfile.TemporaryDirectory(prefix="bench-curate-") as tmp:
         report["throughput"] = throughput(docs, tok, Path(tmp))
@@ -270,13 +339,24 @@ def main() -> None:
             report["memory"] = memory(docs, tok, Path(tmp), args.scale)
     report["load_average"] = os.getloadavg()
     (RESULTS / "curate.json").write_text(json.dumps(report, indent=2) + "\n")
-    nd, lang, q, th = report["near_dup"], report["language"]["filter_en"], report["quality"], report["throughput"]
-    print(f"near-dup: exact {nd['found']['exact']:.0%}, 2%-edited {nd['found']['edit_2pct']:.0%} found; "
-          f"half-edited {nd['merged_wrongly']['edit_50pct']:.1%}, unrelated {nd['merged_wrongly']['unrelated']:.1%} merged")
-    print(f"language: {lang['english_kept']:.1%} of English kept, {lang['other_in_kept']:.1%} of kept not English")
+    nd, lang, q, th = (
+        report["near_dup"],
+        report["language"]["filter_en"],
+        report["quality"],
+        report["throughput"],
+    )
+    print(
+        f"near-dup: exact {nd['found']['exact']:.0%}, 2%-edited {nd['found']['edit_2pct']:.0%} found; "
+        f"half-edited {nd['merged_wrongly']['edit_50pct']:.1%}, unrelated {nd['merged_wrongly']['unrelated']:.1%} merged"
+    )
+    print(
+        f"language: {lang['english_kept']:.1%} of English kept, {lang['other_in_kept']:.1%} of kept not English"
+    )
     print(f"quality: {q['prose_kept']:.1%} prose kept, {q['bad_dropped']:.1%} bad text dropped")
-    print(f"throughput: 2 workers {th['speedup_2_vs_1']:.2f}x 1 worker (2 processes of pure CPU work: "
-          f"{th['machine_2_vs_1_ceiling']:.2f}x); curation overhead {th['curation_overhead']:+.0%}")
+    print(
+        f"throughput: 2 workers {th['speedup_2_vs_1']:.2f}x 1 worker (2 processes of pure CPU work: "
+        f"{th['machine_2_vs_1_ceiling']:.2f}x); curation overhead {th['curation_overhead']:+.0%}"
+    )
     if "memory" in report:
         print(f"driver peak RSS at {args.scale}x / 1x: {report['memory']['driver_rss_ratio']:.2f}")
 

@@ -26,16 +26,25 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--d-model", type=int, default=256, help="width (64 with vocab 4096 is the tiny preset)")
+    ap.add_argument(
+        "--d-model", type=int, default=256, help="width (64 with vocab 4096 is the tiny preset)"
+    )
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights of both models")
+    ap.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "bf16"], help="weights of both models"
+    )
     args = ap.parse_args()
     from transformers import GPT2LMHeadModel
 
-    cfg = GPTConfig(vocab_size=args.vocab, context_length=512, n_layer=args.layers, n_head=args.heads,
-                    d_model=args.d_model)
+    cfg = GPTConfig(
+        vocab_size=args.vocab,
+        context_length=512,
+        n_layer=args.layers,
+        n_head=args.heads,
+        d_model=args.d_model,
+    )
     torch.manual_seed(0)
     ours = GPT(cfg).eval()
     with tempfile.TemporaryDirectory() as d:
@@ -45,7 +54,12 @@ def main() -> None:
     ours.to(dtype)
     theirs.to(dtype)
     n = args.new_tokens
-    results: dict = {"bench": "greedy new tokens/s", "config": cfg.to_dict(), "new_tokens": n, "dtype": args.dtype}
+    results: dict = {
+        "bench": "greedy new tokens/s",
+        "config": cfg.to_dict(),
+        "new_tokens": n,
+        "dtype": args.dtype,
+    }
     for batch in (1, 8):
         prompts = torch.randint(0, cfg.vocab_size, (batch, args.prompt_len))
 
@@ -55,8 +69,14 @@ def main() -> None:
 
         def run_theirs(prompts=prompts):
             with torch.inference_mode():
-                out = theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+                out = theirs.generate(
+                    prompts,
+                    attention_mask=torch.ones_like(prompts),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
             assert out.shape[1] == args.prompt_len + n
 
         run_ours()
@@ -66,8 +86,14 @@ def main() -> None:
             t_ours.append(_time(run_ours))
             t_theirs.append(_time(run_theirs))
         t_nocache = _time(lambda: run_ours(False))
-        print(batch, "seconds per run: ours", [round(x, 3) for x in t_ours],
-              "transformers", [round(x, 3) for x in t_theirs], flush=True)
+        print(
+            batch,
+            "seconds per run: ours",
+            [round(x, 3) for x in t_ours],
+            "transformers",
+            [round(x, 3) for x in t_theirs],
+            flush=True,
+        )
         best_ours = min(t_ours)
         results[f"batch{batch}"] = {
             "gpt_kv_tokens_per_s": round(batch * n / best_ours, 1),

@@ -52,21 +52,38 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3, help="interleaved decoding runs per side and batch")
-    ap.add_argument("--train-iters", type=int, default=5, help="interleaved training steps per side")
-    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
-    ap.add_argument("--precision", choices=("auto", "fp32", "bf16-autocast"), default="auto",
-                    help="the training step's precision (auto: bf16 autocast where the CPU has bf16 matmuls)")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="interleaved decoding runs per side and batch"
+    )
+    ap.add_argument(
+        "--train-iters", type=int, default=5, help="interleaved training steps per side"
+    )
+    ap.add_argument(
+        "--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}"
+    )
+    ap.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16-autocast"),
+        default="auto",
+        help="the training step's precision (auto: bf16 autocast where the CPU has bf16 matmuls)",
+    )
     args = ap.parse_args()
     if args.precision == "auto":
         args.precision = "bf16-autocast" if has_fast_bf16() else "fp32"
     parts = set(args.only.split(","))
     if parts - set(PARTS):
-        ap.error(f"--only: unknown parts {sorted(parts - set(PARTS))}; choose from {', '.join(PARTS)}")
+        ap.error(
+            f"--only: unknown parts {sorted(parts - set(PARTS))}; choose from {', '.join(PARTS)}"
+        )
     gguf = fetch_builtin(SOURCE)
-    results: dict = {"bench": "SmolLM2-135M: gptcore vs transformers, same fp32 weights", "source": SOURCE,
-                     "load_avg_start": os.getloadavg()[0]}
-    rows: list[tuple[str, str, str, str, str]] = []  # what, gptcore, transformers / limit, ratio, target
+    results: dict = {
+        "bench": "SmolLM2-135M: gptcore vs transformers, same fp32 weights",
+        "source": SOURCE,
+        "load_avg_start": os.getloadavg()[0],
+    }
+    rows: list[
+        tuple[str, str, str, str, str]
+    ] = []  # what, gptcore, transformers / limit, ratio, target
     if "import" in parts:  # first: nothing else of this run in memory yet
         results["import"] = bench_import(gguf)
         r = results["import"]
@@ -84,17 +101,37 @@ def main() -> None:
             results["decode"] = bench_decode(ours, theirs, args)
             for batch in (1, 8):
                 r = results["decode"][f"batch{batch}"]
-                rows.append((f"greedy, {args.new_tokens} new tokens, batch {batch}", f"{r['gpt_tokens_per_s']} tok/s",
-                             f"{r['hf_tokens_per_s']} tok/s", f"{r['ratio_vs_hf']}x", ">= 1.5x"))
+                rows.append(
+                    (
+                        f"greedy, {args.new_tokens} new tokens, batch {batch}",
+                        f"{r['gpt_tokens_per_s']} tok/s",
+                        f"{r['hf_tokens_per_s']} tok/s",
+                        f"{r['ratio_vs_hf']}x",
+                        ">= 1.5x",
+                    )
+                )
             r = results["decode"]["bandwidth"]
-            rows.append(("batch 1 vs the bandwidth limit", f"{r['gpt_fraction_of_limit']:.0%} of it",
-                         f"{r['limit_tokens_per_s']} tok/s ({r['read_gb_per_s']} GB/s, {r['weight_mb']} MB)",
-                         f"hf {r['hf_fraction_of_limit']:.0%}", ""))
+            rows.append(
+                (
+                    "batch 1 vs the bandwidth limit",
+                    f"{r['gpt_fraction_of_limit']:.0%} of it",
+                    f"{r['limit_tokens_per_s']} tok/s ({r['read_gb_per_s']} GB/s, {r['weight_mb']} MB)",
+                    f"hf {r['hf_fraction_of_limit']:.0%}",
+                    "",
+                )
+            )
         if "train" in parts:
             results["train"] = bench_train(ours, theirs, args)
             r = results["train"]
-            rows.append((f"train step fwd+bwd, {args.precision}, 4 x 256", f"{r['gpt_tokens_per_s']} tok/s",
-                         f"{r['hf_tokens_per_s']} tok/s", f"{r['ratio']}x", ">= 1.2x"))
+            rows.append(
+                (
+                    f"train step fwd+bwd, {args.precision}, 4 x 256",
+                    f"{r['gpt_tokens_per_s']} tok/s",
+                    f"{r['hf_tokens_per_s']} tok/s",
+                    f"{r['ratio']}x",
+                    ">= 1.2x",
+                )
+            )
     results["load_avg_end"] = os.getloadavg()[0]
     print()
     widths = [max(len(r[i]) for r in rows + [_HEADER]) for i in range(5)]
@@ -120,9 +157,15 @@ def bench_decode(ours: GPT, theirs, args) -> dict:
 
         def run_theirs(prompts=prompts, got=got):
             with torch.inference_mode():
-                ids = theirs.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=n,
-                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
-            got["theirs"] = ids[:, args.prompt_len:].tolist()
+                ids = theirs.generate(
+                    prompts,
+                    attention_mask=torch.ones_like(prompts),
+                    max_new_tokens=n,
+                    min_new_tokens=n,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            got["theirs"] = ids[:, args.prompt_len :].tolist()
 
         run_ours()  # warm-up (packs the weights), then the baseline's
         run_theirs()
@@ -130,8 +173,11 @@ def bench_decode(ours: GPT, theirs, args) -> dict:
         for _ in range(args.repeats):
             t_ours.append(timed(run_ours, warmup=0, iters=1))
             t_theirs.append(timed(run_theirs, warmup=0, iters=1))
-        print(f"batch {batch} seconds per run: gptcore {[round(t, 2) for t in t_ours]}, "
-              f"transformers {[round(t, 2) for t in t_theirs]}", flush=True)
+        print(
+            f"batch {batch} seconds per run: gptcore {[round(t, 2) for t in t_ours]}, "
+            f"transformers {[round(t, 2) for t in t_theirs]}",
+            flush=True,
+        )
         same = sum(a == b for a, b in zip(got["ours"], got["theirs"], strict=True))
         out[f"batch{batch}"] = {
             "gpt_tokens_per_s": round(batch * n / min(t_ours), 1),
@@ -139,7 +185,9 @@ def bench_decode(ours: GPT, theirs, args) -> dict:
             "ratio_vs_hf": round(min(t_theirs) / min(t_ours), 2),
             "rows_with_identical_tokens": f"{same}/{batch}",
         }
-    out["bandwidth"] = bandwidth_limit(ours, out["batch1"]["gpt_tokens_per_s"], out["batch1"]["hf_tokens_per_s"])
+    out["bandwidth"] = bandwidth_limit(
+        ours, out["batch1"]["gpt_tokens_per_s"], out["batch1"]["hf_tokens_per_s"]
+    )
     out["target"] = 1.5
     return out
 
@@ -153,16 +201,23 @@ def bandwidth_limit(model: GPT, gpt_tps: float, hf_tps: float) -> dict:
         weight_bytes -= model.wte.weight.numel() * model.wte.weight.element_size()
     read, copy = stream_rates()
     limit = read / weight_bytes
-    return {"weight_mb": round(weight_bytes / 1e6), "read_gb_per_s": round(read / 1e9, 1),
-            "copy_gb_per_s": round(copy / 1e9, 1), "limit_tokens_per_s": round(limit, 1),
-            "gpt_fraction_of_limit": round(gpt_tps / limit, 3), "hf_fraction_of_limit": round(hf_tps / limit, 3),
-            "gpt_effective_gb_per_s": round(gpt_tps * weight_bytes / 1e9, 1),
-            "hf_effective_gb_per_s": round(hf_tps * weight_bytes / 1e9, 1)}
+    return {
+        "weight_mb": round(weight_bytes / 1e6),
+        "read_gb_per_s": round(read / 1e9, 1),
+        "copy_gb_per_s": round(copy / 1e9, 1),
+        "limit_tokens_per_s": round(limit, 1),
+        "gpt_fraction_of_limit": round(gpt_tps / limit, 3),
+        "hf_fraction_of_limit": round(hf_tps / limit, 3),
+        "gpt_effective_gb_per_s": round(gpt_tps * weight_bytes / 1e9, 1),
+        "hf_effective_gb_per_s": round(hf_tps * weight_bytes / 1e9, 1),
+    }
 
 
 def stream_rates() -> tuple[float, float]:
     """Bytes/s of reading a 1 GiB fp32 tensor (`sum`) and of copying it (read + write), medians."""
-    x = torch.ones(1 << 28)  # touched once before timing: a first touch is page faults, not bandwidth
+    x = torch.ones(
+        1 << 28
+    )  # touched once before timing: a first touch is page faults, not bandwidth
     y = torch.zeros_like(x)
     read = (1 << 30) / timed(lambda: x.sum(), warmup=2, iters=7)
     copy = 2 * (1 << 30) / timed(lambda: y.copy_(x), warmup=2, iters=7)
@@ -181,13 +236,17 @@ def bench_train(ours: GPT, theirs, args) -> dict:
 
     def step_ours():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            _, loss = ours(idx, targets, return_logits=False)  # the fused chunked loss, as training runs
+            _, loss = ours(
+                idx, targets, return_logits=False
+            )  # the fused chunked loss, as training runs
         loss.backward()
         ours.zero_grad(set_to_none=True)
 
     def step_theirs():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = theirs(input_ids=idx, labels=targets).loss  # shifted inside: same tokens, same work
+            loss = theirs(
+                input_ids=idx, labels=targets
+            ).loss  # shifted inside: same tokens, same work
         loss.backward()
         theirs.zero_grad(set_to_none=True)
 
@@ -197,15 +256,25 @@ def bench_train(ours: GPT, theirs, args) -> dict:
     for _ in range(args.train_iters):  # alternate single steps: the machine's other load hits both
         t_ours.append(timed(step_ours, warmup=0, iters=1))
         t_theirs.append(timed(step_theirs, warmup=0, iters=1))
-    print(f"train step seconds: gptcore {[round(t, 2) for t in t_ours]}, "
-          f"transformers {[round(t, 2) for t in t_theirs]}", flush=True)
+    print(
+        f"train step seconds: gptcore {[round(t, 2) for t in t_ours]}, "
+        f"transformers {[round(t, 2) for t in t_theirs]}",
+        flush=True,
+    )
     ours.eval()
     theirs.eval()
     med = lambda ts: sorted(ts)[len(ts) // 2]  # noqa: E731
     tokens = batch * seq
-    return {"batch": batch, "seq": seq, "precision": args.precision, "optimizer_step": False,
-            "gpt_tokens_per_s": round(tokens / med(t_ours)), "hf_tokens_per_s": round(tokens / med(t_theirs)),
-            "ratio": round(med(t_theirs) / med(t_ours), 3), "target": 1.2}
+    return {
+        "batch": batch,
+        "seq": seq,
+        "precision": args.precision,
+        "optimizer_step": False,
+        "gpt_tokens_per_s": round(tokens / med(t_ours)),
+        "hf_tokens_per_s": round(tokens / med(t_theirs)),
+        "ratio": round(med(t_theirs) / med(t_ours), 3),
+        "target": 1.2,
+    }
 
 
 def has_fast_bf16() -> bool:
@@ -230,8 +299,12 @@ def bench_import(gguf: Path) -> dict:
         if done.returncode != 0:
             raise SystemExit(f"gptflow import failed: {done.stderr.strip().splitlines()[-1:]}")
     print(f"import: in process {in_process:.1f} s, gptflow import {cli:.1f} s", flush=True)
-    return {"file_mb": round(gguf.stat().st_size / 1e6), "in_process_s": round(in_process, 2),
-            "cli_s": round(cli, 2), "target_s": 10}
+    return {
+        "file_mb": round(gguf.stat().st_size / 1e6),
+        "in_process_s": round(in_process, 2),
+        "cli_s": round(cli, 2),
+        "target_s": 10,
+    }
 
 
 if __name__ == "__main__":

@@ -24,8 +24,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--compile", action="store_true", help="torch.compile the GPT")
-    ap.add_argument("--plain-loss", action="store_true",
-                    help="full logits + cross_entropy instead of the fused chunked loss training uses")
+    ap.add_argument(
+        "--plain-loss",
+        action="store_true",
+        help="full logits + cross_entropy instead of the fused chunked loss training uses",
+    )
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
@@ -34,8 +37,16 @@ def main() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPTConfig(vocab_size=8192, context_length=args.seq, n_layer=4, n_head=4, d_model=256)
-    hf_cfg = GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.context_length, n_embd=cfg.d_model,
-                        n_layer=cfg.n_layer, n_head=cfg.n_head, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0)
+    hf_cfg = GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.context_length,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=0,
+        embd_pdrop=0,
+        attn_pdrop=0,
+    )
     torch.manual_seed(0)
     ours = GPT(cfg).train()
     theirs = GPT2LMHeadModel(hf_cfg).train()
@@ -77,13 +88,21 @@ def main() -> None:
     ours_tps = tokens / sorted(ours_t)[len(ours_t) // 2]
     theirs_tps = tokens / sorted(theirs_t)[len(theirs_t) // 2]
     name = f"model_{args.precision}{'_compile' if args.compile else ''}{'_plainloss' if args.plain_loss else ''}"
-    save(name, {
-        "bench": "train step tokens/s, GPT vs transformers GPT2LMHeadModel",
-        "config": cfg.to_dict(), "batch": args.batch, "precision": args.precision, "compile": args.compile,
-        "fused_loss": not args.plain_loss,
-        "gpt_tokens_per_s": round(ours_tps), "hf_tokens_per_s": round(theirs_tps),
-        "ratio": round(ours_tps / theirs_tps, 3), "target": 1.25,
-    })
+    save(
+        name,
+        {
+            "bench": "train step tokens/s, GPT vs transformers GPT2LMHeadModel",
+            "config": cfg.to_dict(),
+            "batch": args.batch,
+            "precision": args.precision,
+            "compile": args.compile,
+            "fused_loss": not args.plain_loss,
+            "gpt_tokens_per_s": round(ours_tps),
+            "hf_tokens_per_s": round(theirs_tps),
+            "ratio": round(ours_tps / theirs_tps, 3),
+            "target": 1.25,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ def build_corpus(dest: Path, megabytes: int) -> Path:
     if marker.is_file():
         return dest
     dest.mkdir(parents=True, exist_ok=True)
-    roots = sorted({Path(p) for p in sys.path if p.endswith("site-packages")}) + [Path(os.__file__).parent]
+    roots = sorted({Path(p) for p in sys.path if p.endswith("site-packages")}) + [
+        Path(os.__file__).parent
+    ]
     total, n = 0, 0
     for root in roots:
         for path in sorted(root.rglob("*.py")):
@@ -80,14 +82,19 @@ def scaled_corpus(base: Path, dest: Path, factor: int, json_gz: bool = False) ->
     files = sorted(base.glob("*.txt"))
     for k in range(factor):
         for f in files:
-            (dest / f"{k:02d}-{f.name}").write_text(f"copy {k}\n" + f.read_text(encoding="utf-8"), encoding="utf-8")
+            (dest / f"{k:02d}-{f.name}").write_text(
+                f"copy {k}\n" + f.read_text(encoding="utf-8"), encoding="utf-8"
+            )
     if json_gz:
         with gzip.open(dest / "records.json.gz", "wt", encoding="utf-8", compresslevel=6) as out:
             out.write("[\n")
             sep = ""
             for k in range(factor):
                 for f in files:
-                    out.write(sep + json.dumps({"text": f"json copy {k}\n" + f.read_text(encoding="utf-8")}))
+                    out.write(
+                        sep
+                        + json.dumps({"text": f"json copy {k}\n" + f.read_text(encoding="utf-8")})
+                    )
                     sep = ",\n"
             out.write("\n]\n")
     (dest / "DONE").write_text("done\n")
@@ -101,8 +108,12 @@ def _rss_mb() -> float:
 
 def memory_run(corpus: Path, tokenizer_path: Path, workdir: Path) -> dict:
     """The stage on `corpus` with 2 workers in a fresh process (own Ray): worker and driver peaks."""
-    out = subprocess.run([sys.executable, __file__, "--child", str(corpus), str(tokenizer_path), str(workdir)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(corpus), str(tokenizer_path), str(workdir)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -111,7 +122,9 @@ def child(corpus: Path, tokenizer_path: Path, workdir: Path) -> None:
     before = _rss_mb()
     r = stage(corpus, tokenizer_path, 2, workdir)
     r["driver_rss_after_ray_start_mb"] = before
-    r["driver_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    r["driver_peak_rss_mb"] = (
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )  # KiB on Linux
     r["input_bytes"] = sum(p.stat().st_size for p in corpus.iterdir() if p.name != "DONE")
     print(json.dumps(r))
 
@@ -131,18 +144,29 @@ def baseline(corpus: Path, tokenizer_path: Path) -> dict:
             batch, chars = [], 0
     batches.append(batch)
     start, cpu = time.perf_counter(), time.process_time()
-    tokens = sum(len(ids) + 1 for b in batches for ids in tok.encode_batch(b))  # +1: the eot per doc
+    tokens = sum(
+        len(ids) + 1 for b in batches for ids in tok.encode_batch(b)
+    )  # +1: the eot per doc
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "cpu_seconds": cpu, "tokens_per_cpu_s": tokens / cpu,
-            "bytes": sum(len(t.encode()) for t in texts)}
+    return {
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "cpu_seconds": cpu,
+        "tokens_per_cpu_s": tokens / cpu,
+        "bytes": sum(len(t.encode()) for t in texts),
+    }
 
 
 def stage(corpus: Path, tokenizer_path: Path, workers: int, workdir: Path) -> dict:
     cfg = PipelineConfig(
         workdir=str(workdir),
-        data=DataConfig(inputs=(str(corpus),), tokenizer_path=str(tokenizer_path), num_workers=workers,
-                        min_chars=1),
+        data=DataConfig(
+            inputs=(str(corpus),),
+            tokenizer_path=str(tokenizer_path),
+            num_workers=workers,
+            min_chars=1,
+        ),
         tracking=TrackingConfig(enabled=False),
     )
     start = time.perf_counter()
@@ -150,19 +174,32 @@ def stage(corpus: Path, tokenizer_path: Path, workers: int, workdir: Path) -> di
     seconds = time.perf_counter() - start
     m = load_manifest(out)
     tokens = sum(m["splits"][s]["tokens"] for s in ("train", "val"))
-    return {"workers": workers, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "documents": m["documents"], "work_units": m["work_units"]["text"],
-            "worker_peak_rss_mb": m["stats"]["worker_peak_rss_mb"], "phase_seconds": m["stats"]["seconds"],
-            "worker_cpu_seconds": m["stats"]["worker_cpu_seconds"],
-            "tokens_per_worker_cpu_s": tokens / sum(m["stats"]["worker_cpu_seconds"].values())}
+    return {
+        "workers": workers,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "documents": m["documents"],
+        "work_units": m["work_units"]["text"],
+        "worker_peak_rss_mb": m["stats"]["worker_peak_rss_mb"],
+        "phase_seconds": m["stats"]["seconds"],
+        "worker_cpu_seconds": m["stats"]["worker_cpu_seconds"],
+        "tokens_per_worker_cpu_s": tokens / sum(m["stats"]["worker_cpu_seconds"].values()),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mb", type=int, default=50, help="corpus size in MB of text")
-    parser.add_argument("--scale", type=int, default=0, help="also run on a corpus this many times larger")
-    parser.add_argument("--memory-only", action="store_true", help="only the memory runs (needs --scale)")
-    parser.add_argument("--child", nargs=3, metavar=("CORPUS", "TOKENIZER", "WORKDIR"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--scale", type=int, default=0, help="also run on a corpus this many times larger"
+    )
+    parser.add_argument(
+        "--memory-only", action="store_true", help="only the memory runs (needs --scale)"
+    )
+    parser.add_argument(
+        "--child", nargs=3, metavar=("CORPUS", "TOKENIZER", "WORKDIR"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.child:
@@ -184,13 +221,17 @@ def main() -> None:
             throughput(report, corpus, tok_path, Path(tmp))
         if args.scale:
             for factor in (1, args.scale):
-                mixed = scaled_corpus(corpus, RESULTS / f"corpus-{args.mb}mb-x{factor}-json", factor, json_gz=True)
+                mixed = scaled_corpus(
+                    corpus, RESULTS / f"corpus-{args.mb}mb-x{factor}-json", factor, json_gz=True
+                )
                 r = memory_run(mixed, tok_path, Path(tmp) / f"x{factor}")
                 report[f"memory_x{factor}"] = r
-                print(f"{factor}x corpus + .json.gz ({r['input_bytes'] / 1e6:.0f} MB on disk, {r['tokens']:,} tokens, "
-                      f"{r['work_units']} units, {r['seconds']:.0f} s): peak RSS per worker "
-                      f"{r['worker_peak_rss_mb']:.0f} MB, driver {r['driver_peak_rss_mb']:.0f} MB "
-                      f"({r['driver_rss_after_ray_start_mb']:.0f} MB after Ray started)")
+                print(
+                    f"{factor}x corpus + .json.gz ({r['input_bytes'] / 1e6:.0f} MB on disk, {r['tokens']:,} tokens, "
+                    f"{r['work_units']} units, {r['seconds']:.0f} s): peak RSS per worker "
+                    f"{r['worker_peak_rss_mb']:.0f} MB, driver {r['driver_peak_rss_mb']:.0f} MB "
+                    f"({r['driver_rss_after_ray_start_mb']:.0f} MB after Ray started)"
+                )
             one, big = report["memory_x1"], report[f"memory_x{args.scale}"]
             for key in ("worker_peak_rss_mb", "driver_peak_rss_mb"):
                 growth = big[key] / one[key] - 1
@@ -207,21 +248,34 @@ def throughput(report: dict, corpus: Path, tok_path: Path, tmp: Path) -> None:
     """Overhead and scaling (issue #3), in this process with one Ray instance."""
     ensure_ray(ClusterConfig(num_cpus=2))
     report["baseline"] = baseline(corpus, tok_path)
-    print(f"baseline encode_batch: {report['baseline']['tokens_per_s']:,.0f} tokens/s "
-          f"({report['baseline']['tokens']:,} tokens, {report['baseline']['bytes'] / 1e6:.1f} MB)")
+    print(
+        f"baseline encode_batch: {report['baseline']['tokens_per_s']:,.0f} tokens/s "
+        f"({report['baseline']['tokens']:,} tokens, {report['baseline']['bytes'] / 1e6:.1f} MB)"
+    )
     for workers in (1, 2):
         r = stage(corpus, tok_path, workers, tmp / f"w{workers}")
         report[f"stage_{workers}"] = r
-        print(f"stage, {workers} worker(s): {r['tokens_per_s']:,.0f} tokens/s in {r['seconds']:.1f} s, "
-              f"peak RSS/worker {r['worker_peak_rss_mb']:.0f} MB, phases {r['phase_seconds']}")
-    report["ratio_1_worker_vs_encode_batch"] = report["stage_1"]["tokens_per_s"] / report["baseline"]["tokens_per_s"]
-    report["ratio_2_vs_1_workers"] = report["stage_2"]["tokens_per_s"] / report["stage_1"]["tokens_per_s"]
-    print(f"1 worker / raw encode_batch: {report['ratio_1_worker_vs_encode_batch']:.2f} (target >= 0.70)")
+        print(
+            f"stage, {workers} worker(s): {r['tokens_per_s']:,.0f} tokens/s in {r['seconds']:.1f} s, "
+            f"peak RSS/worker {r['worker_peak_rss_mb']:.0f} MB, phases {r['phase_seconds']}"
+        )
+    report["ratio_1_worker_vs_encode_batch"] = (
+        report["stage_1"]["tokens_per_s"] / report["baseline"]["tokens_per_s"]
+    )
+    report["ratio_2_vs_1_workers"] = (
+        report["stage_2"]["tokens_per_s"] / report["stage_1"]["tokens_per_s"]
+    )
+    print(
+        f"1 worker / raw encode_batch: {report['ratio_1_worker_vs_encode_batch']:.2f} (target >= 0.70)"
+    )
     print(f"2 workers / 1 worker:        {report['ratio_2_vs_1_workers']:.2f} (target >= 1.60)")
     # Wall-clock ratios suffer when other processes share the cores; CPU time does not.
     report["cpu_ratio_stage_vs_encode_batch"] = (
-        report["stage_1"]["tokens_per_worker_cpu_s"] / report["baseline"]["tokens_per_cpu_s"])
-    print(f"tokens per CPU-second, stage workers / encode_batch: {report['cpu_ratio_stage_vs_encode_batch']:.2f}")
+        report["stage_1"]["tokens_per_worker_cpu_s"] / report["baseline"]["tokens_per_cpu_s"]
+    )
+    print(
+        f"tokens per CPU-second, stage workers / encode_batch: {report['cpu_ratio_stage_vs_encode_batch']:.2f}"
+    )
     shutdown_ray()
 
 

@@ -36,7 +36,9 @@ class _Counting(Progress):
     def __init__(self) -> None:
         self.updates = 0
 
-    def update(self, task: str, done: int, total: int | None = None, unit: str = "step", **figures: float) -> None:
+    def update(
+        self, task: str, done: int, total: int | None = None, unit: str = "step", **figures: float
+    ) -> None:
         self.updates += 1
 
 
@@ -56,7 +58,9 @@ def _steps(relay, preset: str, blocks: int, steps: int, micro_batch: int) -> dic
     y = torch.randint(0, V, (micro_batch, T))
     senders = {"off": Sender(None), "on": Sender(relay), "every_step": Sender(relay, every_s=0.0)}
     times: dict[str, list[float]] = {k: [] for k in senders}
-    send: dict[str, list[float]] = {k: [] for k in senders}  # the Sender call alone, inside each step
+    send: dict[str, list[float]] = {
+        k: [] for k in senders
+    }  # the Sender call alone, inside each step
     total = blocks * steps * len(senders)
     done = 0
     for _ in range(2):  # warm-up: allocator, autocast caches
@@ -99,19 +103,30 @@ def main() -> None:
     ensure_ray(ClusterConfig(num_cpus=2))
     seen = _Counting()
     with relayed(seen, "bench") as relay:
-        times = ray.get(ray.remote(num_cpus=1)(_steps).remote(relay, args.preset, args.blocks, args.steps,
-                                                              args.micro_batch))
+        times = ray.get(
+            ray.remote(num_cpus=1)(_steps).remote(
+                relay, args.preset, args.blocks, args.steps, args.micro_batch
+            )
+        )
     med = {k: statistics.median(v) for k, v in times["step"].items()}
     send = {k: statistics.fmean(v) for k, v in times["send"].items()}
-    save("progress", {
-        "preset": args.preset, "micro_batch": args.micro_batch, "steps_per_mode": len(times["step"]["off"]),
-        "median_step_s": med, "ratio_on_vs_off": med["on"] / med["off"],
-        "ratio_every_step_vs_off": med["every_step"] / med["off"],
-        # The step ratio carries the shared machine's noise; the Sender's own time inside the step does not.
-        "mean_sender_s_per_step": send, "overhead_on": send["on"] / med["off"],
-        "overhead_every_step": send["every_step"] / med["off"], "updates_forwarded": seen.updates,
-        "target": "overhead_on (and ratio_on_vs_off) <= 1.02 - 1",
-    })
+    save(
+        "progress",
+        {
+            "preset": args.preset,
+            "micro_batch": args.micro_batch,
+            "steps_per_mode": len(times["step"]["off"]),
+            "median_step_s": med,
+            "ratio_on_vs_off": med["on"] / med["off"],
+            "ratio_every_step_vs_off": med["every_step"] / med["off"],
+            # The step ratio carries the shared machine's noise; the Sender's own time inside the step does not.
+            "mean_sender_s_per_step": send,
+            "overhead_on": send["on"] / med["off"],
+            "overhead_every_step": send["every_step"] / med["off"],
+            "updates_forwarded": seen.updates,
+            "target": "overhead_on (and ratio_on_vs_off) <= 1.02 - 1",
+        },
+    )
     ray.shutdown()
 
 

@@ -44,7 +44,13 @@ from common import save
 from gptcore import GPT, GPTConfig, Tokenizer, generate, load_bundle, save_bundle
 
 MIX = (16, 32, 64, 128, 256)
-PROMPTS = ("The meaning of", "def parse(text):", "Once upon a time", "import os\n", "In the beginning")
+PROMPTS = (
+    "The meaning of",
+    "def parse(text):",
+    "Once upon a time",
+    "import os\n",
+    "In the beginning",
+)
 CLIENTS = 16
 
 
@@ -55,7 +61,9 @@ def free_port() -> int:
 
 
 def post(url: str, body: dict, timeout: float = 300) -> tuple[int, dict]:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             return r.status, json.loads(r.read())
@@ -66,7 +74,9 @@ def post(url: str, body: dict, timeout: float = 300) -> tuple[int, dict]:
 def stream(url: str, body: dict) -> tuple[int, float, str]:
     """(status, seconds to the first text event, whole text) of a streamed completion."""
     t0 = time.perf_counter()
-    req = urllib.request.Request(url, json.dumps({**body, "stream": True}).encode(), {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url, json.dumps({**body, "stream": True}).encode(), {"Content-Type": "application/json"}
+    )
     first, parts = None, []
     try:
         with urllib.request.urlopen(req, timeout=300) as r:
@@ -99,6 +109,7 @@ def wait_http(url: str, seconds: float = 180) -> None:
 
 def throughput(send, tok: Tokenizer, per_client: int) -> dict:
     """16 clients at once, each `per_client` requests of max_tokens cycling through MIX."""
+
     def client(c: int) -> list[tuple[int, int]]:
         out = []
         for i in range(per_client):
@@ -112,8 +123,13 @@ def throughput(send, tok: Tokenizer, per_client: int) -> dict:
         results = [r for rs in pool.map(client, range(CLIENTS)) for r in rs]
     wall = time.perf_counter() - t0
     ok = sum(1 for s, _ in results if s == 200)
-    return {"requests": len(results), "ok": ok, "wall_s": round(wall, 2),
-            "completions_per_s": round(ok / wall, 2), "tokens_per_s": round(sum(t for _, t in results) / wall, 1)}
+    return {
+        "requests": len(results),
+        "ok": ok,
+        "wall_s": round(wall, 2),
+        "completions_per_s": round(ok / wall, 2),
+        "tokens_per_s": round(sum(t for _, t in results) / wall, 1),
+    }
 
 
 def main() -> None:
@@ -132,21 +148,35 @@ def main() -> None:
     from flows.serve.deploy import application, settings_for
     from flows.tracking import Registry, stage_run
 
-    words = "the of and to in is for on that by with as data model text token train serve batch".split()
+    words = (
+        "the of and to in is for on that by with as data model text token train serve batch".split()
+    )
     gen = torch.Generator().manual_seed(0)
-    text = [" ".join(words[int(i)] for i in torch.randint(len(words), (400,), generator=gen)) for _ in range(50)]
+    text = [
+        " ".join(words[int(i)] for i in torch.randint(len(words), (400,), generator=gen))
+        for _ in range(50)
+    ]
     tok = Tokenizer.train(text + list(PROMPTS), vocab_size=1024)
     tracking = TrackingConfig(uri=f"sqlite:///{root / 'mlflow.db'}")
     registry = Registry(tracking, root)
     bundles = {}
     for seed in (0, 1):
         torch.manual_seed(seed)
-        model = GPT(GPTConfig(vocab_size=tok.vocab_size, context_length=512, n_layer=4, n_head=4, d_model=128))
+        model = GPT(
+            GPTConfig(
+                vocab_size=tok.vocab_size, context_length=512, n_layer=4, n_head=4, d_model=128
+            )
+        )
         bundles[seed] = save_bundle(root / f"bundle{seed}", model, tok, {"stage": "pretrain"})
         with stage_run(tracking, root, "bench"):
-            uri = registry.log_bundle_model(bundles[seed], pyfunc_model.__file__,
-                                            [str(Path(__import__("gptcore").__file__).parent)], pip_requirements(),
-                                            pyfunc_model.PARAMS, ["The "])
+            uri = registry.log_bundle_model(
+                bundles[seed],
+                pyfunc_model.__file__,
+                [str(Path(__import__("gptcore").__file__).parent)],
+                pip_requirements(),
+                pyfunc_model.PARAMS,
+                ["The "],
+            )
         registry.register(uri, "bench", {})
     registry.set_alias("bench", "champion", "1")
     model, tok, _ = load_bundle(bundles[0])
@@ -158,16 +188,29 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
-    results: dict = {"model": "4 layers d128 ctx512 vocab 1024, random weights", "clients": CLIENTS,
-                     "max_tokens_mix": MIX}
+    results: dict = {
+        "model": "4 layers d128 ctx512 vocab 1024, random weights",
+        "clients": CLIENTS,
+        "max_tokens_mix": MIX,
+    }
 
     def ours(name: str, **serve_keys):
         # One CPU per replica (the default; Ray gives an actor as many torch threads as CPUs it
         # reserves): a second torch thread made this small model's decoding slower here, not faster.
-        c = PipelineConfig(workdir=str(root), tracking=tracking, serve=ServeConfig(max_tokens_limit=512, **serve_keys))
-        serve.run(application(c.serve, settings_for(c, model="bench@champion")), name=name, route_prefix=f"/{name}")
+        c = PipelineConfig(
+            workdir=str(root),
+            tracking=tracking,
+            serve=ServeConfig(max_tokens_limit=512, **serve_keys),
+        )
+        serve.run(
+            application(c.serve, settings_for(c, model="bench@champion")),
+            name=name,
+            route_prefix=f"/{name}",
+        )
         wait_http(f"{base}/{name}/healthz")
-        return lambda p, n: _text(post(f"{base}/{name}/v1/completions", {"prompt": p, "max_tokens": n}))
+        return lambda p, n: _text(
+            post(f"{base}/{name}/v1/completions", {"prompt": p, "max_tokens": n})
+        )
 
     send = ours("continuous", max_batch_size=16)
     send("warm", 4)
@@ -184,11 +227,18 @@ def main() -> None:
         t0 = time.perf_counter()
         send(PROMPTS[0], 32)
         http.append(time.perf_counter() - t0)
-    ttft = [stream(f"{base}/continuous/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 32})[1] for _ in range(10)]
+    ttft = [
+        stream(f"{base}/continuous/v1/completions", {"prompt": PROMPTS[0], "max_tokens": 32})[1]
+        for _ in range(10)
+    ]
     p50_in, p50_http = statistics.median(inproc), statistics.median(http)
-    results["single_client"] = {"p50_inprocess_s": round(p50_in, 4), "p50_http_s": round(p50_http, 4),
-                                "allowed_s": round(1.15 * p50_in + 0.020, 4), "ttft_p50_s": round(statistics.median(ttft), 4),
-                                "within_target": p50_http <= 1.15 * p50_in + 0.020}
+    results["single_client"] = {
+        "p50_inprocess_s": round(p50_in, 4),
+        "p50_http_s": round(p50_http, 4),
+        "allowed_s": round(1.15 * p50_in + 0.020, 4),
+        "ttft_p50_s": round(statistics.median(ttft), 4),
+        "within_target": p50_http <= 1.15 * p50_in + 0.020,
+    }
     print("single client", results["single_client"], flush=True)
     serve.delete("continuous")
 
@@ -214,11 +264,17 @@ def main() -> None:
     serve.shutdown()
 
     c = results["continuous"]["completions_per_s"]
-    results["ratios"] = {k: round(c / max(results[k]["completions_per_s"], 1e-9), 2) for k in ("off", "static", "mlflow")}
-    results["targets"] = {"vs_off_3x": results["ratios"]["off"] >= 3, "vs_static_1.3x": results["ratios"]["static"] >= 1.3,
-                          "vs_mlflow_3x": results["ratios"]["mlflow"] >= 3,
-                          "single_client": results["single_client"]["within_target"],
-                          "load_zero_failures": results["load"]["failed"] == 0 and results["load"]["5xx"] == 0}
+    results["ratios"] = {
+        k: round(c / max(results[k]["completions_per_s"], 1e-9), 2)
+        for k in ("off", "static", "mlflow")
+    }
+    results["targets"] = {
+        "vs_off_3x": results["ratios"]["off"] >= 3,
+        "vs_static_1.3x": results["ratios"]["static"] >= 1.3,
+        "vs_mlflow_3x": results["ratios"]["mlflow"] >= 3,
+        "single_client": results["single_client"]["within_target"],
+        "load_zero_failures": results["load"]["failed"] == 0 and results["load"]["5xx"] == 0,
+    }
     save("serve", results)
 
 
@@ -229,19 +285,44 @@ def _text(reply: tuple[int, dict]) -> tuple[int, str]:
 
 def mlflow_serve(uri: str, root: Path, tok: Tokenizer, per_client: int) -> dict:
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/bench@champion",
-                             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=open(root / "mlflow.log", "w"),
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/bench@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=open(root / "mlflow.log", "w"),
+        start_new_session=True,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping")
 
         def send(prompt: str, n: int) -> tuple[int, str]:
-            status, body = post(f"http://127.0.0.1:{port}/invocations",
-                                {"dataframe_split": {"columns": ["prompt"], "data": [[prompt]]},
-                                 "params": {"max_tokens": n}})
+            status, body = post(
+                f"http://127.0.0.1:{port}/invocations",
+                {
+                    "dataframe_split": {"columns": ["prompt"], "data": [[prompt]]},
+                    "params": {"max_tokens": n},
+                },
+            )
             return status, body["predictions"][0] if status == 200 else ""
 
         send("warm", 4)
@@ -316,7 +397,9 @@ class StaticBatch:
     async def batch(self, requests: list[tuple[str, int]]) -> list[str]:
         prompts = [self.tok.encode(p) for p, _ in requests]
         longest = max(n for _, n in requests)
-        outs = await asyncio.to_thread(generate, self.model, prompts, longest, stop_ids=[self.tok.eot_id])
+        outs = await asyncio.to_thread(
+            generate, self.model, prompts, longest, stop_ids=[self.tok.eot_id]
+        )
         return [self.tok.decode(o[:n]) for o, (_, n) in zip(outs, requests, strict=True)]
 
 

@@ -59,8 +59,12 @@ def plain_loop(p, steps: int, threads: int) -> dict[str, float]:
     model = GPT(GPTConfig.from_dict(p.gpt_config))
     decay = [q for q in model.parameters() if q.dim() >= 2]
     rest = [q for q in model.parameters() if q.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=tc.lr, betas=(tc.beta1, tc.beta2), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tc.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=tc.lr,
+        betas=(tc.beta1, tc.beta2),
+        eps=1e-8,
+    )
     data = TokenWindows(p.dataset.path, p.split, model.config.context_length)
     tokens_per_step = tc.micro_batch_size * tc.grad_accum * model.config.context_length
     timed, seconds = 0, 0.0
@@ -88,7 +92,9 @@ def _sparse_dataset(root: Path, split: str, tokens: int, shard_tokens: int = 250
     """A dataset directory of all-zero uint16 shards stored as sparse files: no disk, no page cache
     until read. A masked split gets sparse mask files with one loss-mask bit per 1000 tokens."""
     (root / split).mkdir(parents=True)
-    (root / "tokenizer.json").write_text("{}")  # read_manifest checks it exists; nothing decodes here
+    (root / "tokenizer.json").write_text(
+        "{}"
+    )  # read_manifest checks it exists; nothing decodes here
     shards, left = [], tokens
     while left:
         n = min(left, shard_tokens)
@@ -104,8 +110,13 @@ def _sparse_dataset(root: Path, split: str, tokens: int, shard_tokens: int = 250
                     f.write(b"\x01")
         shards.append(entry)
         left -= n
-    manifest = {"format_version": 1, "dtype": "uint16", "vocab_size": 50257, "eot_id": 0,
-                "splits": {split: {"shards": shards, "tokens": tokens}}}
+    manifest = {
+        "format_version": 1,
+        "dtype": "uint16",
+        "vocab_size": 50257,
+        "eot_id": 0,
+        "splits": {split: {"shards": shards, "tokens": tokens}},
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -124,7 +135,9 @@ def index_bench(root: Path, context_length: int, world: int, micro_batch: int) -
     out: dict[str, dict] = {}
     for split, tokens in (("train", 10_000_000), ("train", 1_000_000_000), ("sft", 10_000_000)):
         data_dir = _sparse_dataset(root / f"index-{split}-{tokens}", split, tokens)
-        TokenWindows(data_dir, split, context_length, 0, world).train_batch(0, 0, 0, 1, 1)  # lazy imports
+        TokenWindows(data_dir, split, context_length, 0, world).train_batch(
+            0, 0, 0, 1, 1
+        )  # lazy imports
         anon0 = _anon_rss()
         tracemalloc.start()
         t0 = time.perf_counter()
@@ -141,12 +154,18 @@ def index_bench(root: Path, context_length: int, world: int, micro_batch: int) -
         # ...and a whole batch, reading the tokens (cold pages of a sparse file: the kernel's cost).
         t0 = time.perf_counter()
         for i in range(200):
-            data.train_batch(seed=0, step=i * 7919, micro=0, grad_accum=1, micro_batch_size=micro_batch)
+            data.train_batch(
+                seed=0, step=i * 7919, micro=0, grad_accum=1, micro_batch_size=micro_batch
+            )
         batch_ms = (time.perf_counter() - t0) / 200 * 1e3
         out[f"{split}_{tokens // 1_000_000}M_tokens"] = {
-            "tokens": tokens, "windows_this_rank": len(data), "build_s": build_s,
-            "build_peak_traced_bytes": build_peak, "anon_rss_delta_bytes": _anon_rss() - anon0,
-            "index_us_per_micro_batch": index_us, "batch_ms": batch_ms,
+            "tokens": tokens,
+            "windows_this_rank": len(data),
+            "build_s": build_s,
+            "build_peak_traced_bytes": build_peak,
+            "anon_rss_delta_bytes": _anon_rss() - anon0,
+            "index_us_per_micro_batch": index_us,
+            "batch_ms": batch_ms,
         }
         del data
     return out
@@ -167,28 +186,54 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--memory-steps", type=int, default=4)
     ap.add_argument("--skip-memory", action="store_true")
-    ap.add_argument("--index-only", action="store_true", help="only the data-index figures (seconds, no Ray)")
-    ap.add_argument("--index-context", type=int, default=1024, help="window length for the index figures")
-    ap.add_argument("--index-world", type=int, default=1, help="ranks the index is dealt to (figures of the last)")
+    ap.add_argument(
+        "--index-only", action="store_true", help="only the data-index figures (seconds, no Ray)"
+    )
+    ap.add_argument(
+        "--index-context", type=int, default=1024, help="window length for the index figures"
+    )
+    ap.add_argument(
+        "--index-world",
+        type=int,
+        default=1,
+        help="ranks the index is dealt to (figures of the last)",
+    )
     ap.add_argument("--out", default="bench/results/train.json")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     log.setLevel(logging.INFO)
 
     root = Path(tempfile.mkdtemp(prefix="gptflow-bench-train-"))
-    log.info("data index: %d-token windows, %d rank(s), synthetic sparse shards", args.index_context, args.index_world)
+    log.info(
+        "data index: %d-token windows, %d rank(s), synthetic sparse shards",
+        args.index_context,
+        args.index_world,
+    )
     index = index_bench(root, args.index_context, args.index_world, args.micro_batch)
-    print(f"| data index (T={args.index_context}, rank {args.index_world - 1} of {args.index_world}, "
-          f"micro-batch {args.micro_batch}) | windows | open s | open peak (traced) | anon RSS delta "
-          "| index µs per micro-batch | batch ms (reads) |\n|---|---|---|---|---|---|---|")
+    print(
+        f"| data index (T={args.index_context}, rank {args.index_world - 1} of {args.index_world}, "
+        f"micro-batch {args.micro_batch}) | windows | open s | open peak (traced) | anon RSS delta "
+        "| index µs per micro-batch | batch ms (reads) |\n|---|---|---|---|---|---|---|"
+    )
     for name, r in index.items():
-        print(f"| {name} | {r['windows_this_rank']:,} | {r['build_s']:.4f} | {r['build_peak_traced_bytes'] / 2**10:,.0f} KiB "
-              f"| {r['anon_rss_delta_bytes'] / 2**20:,.1f} MiB | {r['index_us_per_micro_batch']:,.0f} | {r['batch_ms']:.2f} |")
+        print(
+            f"| {name} | {r['windows_this_rank']:,} | {r['build_s']:.4f} | {r['build_peak_traced_bytes'] / 2**10:,.0f} KiB "
+            f"| {r['anon_rss_delta_bytes'] / 2**20:,.1f} MiB | {r['index_us_per_micro_batch']:,.0f} | {r['batch_ms']:.2f} |"
+        )
     if args.index_only:
         out = Path(args.out).with_name("train_index.json")
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"context_length": args.index_context, "world": args.index_world,
-                                   "micro_batch": args.micro_batch, "index": index}, indent=2))
+        out.write_text(
+            json.dumps(
+                {
+                    "context_length": args.index_context,
+                    "world": args.index_world,
+                    "micro_batch": args.micro_batch,
+                    "index": index,
+                },
+                indent=2,
+            )
+        )
         print(out)
         import shutil
 
@@ -200,19 +245,34 @@ def main() -> None:
         from train_fixtures import make_dataset
 
         data = str(make_dataset(root / "data", vocab_size=512))
-    base = [f"pretrain.data={data}", "tracking.enabled=false", f"model.preset={args.preset}",
-            f"pretrain.steps={args.steps}", f"pretrain.micro_batch_size={args.micro_batch}",
-            f"pretrain.eval_every={args.steps}", f"pretrain.checkpoint_every={args.steps}",
-            "pretrain.eval_batches=1", "pretrain.precision=fp32", "pretrain.cpus_per_worker=1",
-            "pretrain.warmup_steps=5", "pretrain.sample_tokens=4"]
+    base = [
+        f"pretrain.data={data}",
+        "tracking.enabled=false",
+        f"model.preset={args.preset}",
+        f"pretrain.steps={args.steps}",
+        f"pretrain.micro_batch_size={args.micro_batch}",
+        f"pretrain.eval_every={args.steps}",
+        f"pretrain.checkpoint_every={args.steps}",
+        "pretrain.eval_batches=1",
+        "pretrain.precision=fp32",
+        "pretrain.cpus_per_worker=1",
+        "pretrain.warmup_steps=5",
+        "pretrain.sample_tokens=4",
+    ]
     one = load_config(None, [*base, "pretrain.num_workers=1", "pretrain.zero_stage=0"])
     two = load_config(None, [*base, "pretrain.num_workers=2", "pretrain.zero_stage=0"])
 
     from flows.cluster import ensure_ray
 
     ensure_ray(ClusterConfig(num_cpus=2))
-    p = prepare(one.pretrain, one.model, one.pretrain.data, None, root / "plan" / "pretrain" / "bench",
-             StepContext(workdir=root / "plan"))
+    p = prepare(
+        one.pretrain,
+        one.model,
+        one.pretrain.data,
+        None,
+        root / "plan" / "pretrain" / "bench",
+        StepContext(workdir=root / "plan"),
+    )
     from gptcore import GPTConfig
 
     flops_per_token = GPTConfig.from_dict(p.gpt_config).flops_per_token()
@@ -221,7 +281,11 @@ def main() -> None:
 
     # Rounds interleave the three runs, so a burst of load from elsewhere on a shared machine hits
     # them alike; each run's figure is its best round (the least disturbed), all rounds are kept.
-    rounds: dict[str, list[float]] = {"plain_1proc": [], "ray_ds_1worker": [], "ray_ds_2workers": []}
+    rounds: dict[str, list[float]] = {
+        "plain_1proc": [],
+        "ray_ds_1worker": [],
+        "ray_ds_2workers": [],
+    }
     for r in range(args.rounds):
         log.info("round %d: plain PyTorch loop, 1 thread, %d steps", r, args.steps)
         rounds["plain_1proc"].append(plain_loop(p, args.steps, threads=1)["tokens_per_s"])
@@ -232,41 +296,78 @@ def main() -> None:
     for name, values in rounds.items():
         workers = 2 if "2workers" in name else 1
         best = max(values)
-        results[name] = {"tokens_per_s": best, "rounds_tokens_per_s": values,
-                         "mfu": best * flops_per_token / (peak1 * workers)}
+        results[name] = {
+            "tokens_per_s": best,
+            "rounds_tokens_per_s": values,
+            "mfu": best * flops_per_token / (peak1 * workers),
+        }
 
     if not args.skip_memory:
-        mem = [f"pretrain.data={data}", "tracking.enabled=false", "model.preset=gpt2-124m",
-               "model.context_length=128", f"pretrain.steps={args.memory_steps}", "pretrain.micro_batch_size=1",
-               f"pretrain.eval_every={args.memory_steps}", f"pretrain.checkpoint_every={args.memory_steps}",
-               "pretrain.eval_batches=1", "pretrain.num_workers=2", "pretrain.sample_tokens=2", "pretrain.warmup_steps=1"]
+        mem = [
+            f"pretrain.data={data}",
+            "tracking.enabled=false",
+            "model.preset=gpt2-124m",
+            "model.context_length=128",
+            f"pretrain.steps={args.memory_steps}",
+            "pretrain.micro_batch_size=1",
+            f"pretrain.eval_every={args.memory_steps}",
+            f"pretrain.checkpoint_every={args.memory_steps}",
+            "pretrain.eval_batches=1",
+            "pretrain.num_workers=2",
+            "pretrain.sample_tokens=2",
+            "pretrain.warmup_steps=1",
+        ]
         for stage in (0, 3):
             log.info("memory: gpt2-124m shape, ZeRO-%d, 2 workers", stage)
-            r = ray_run(load_config(None, [*mem, f"pretrain.zero_stage={stage}"]), root / f"mem{stage}")
-            results[f"memory_zero{stage}_2workers"] = {"peak_rss_gib_per_worker": r["peak_rss_bytes_max_rank"] / 2**30}
+            r = ray_run(
+                load_config(None, [*mem, f"pretrain.zero_stage={stage}"]), root / f"mem{stage}"
+            )
+            results[f"memory_zero{stage}_2workers"] = {
+                "peak_rss_gib_per_worker": r["peak_rss_bytes_max_rank"] / 2**30
+            }
 
     plain, r1, r2 = results["plain_1proc"], results["ray_ds_1worker"], results["ray_ds_2workers"]
     summary = {
-        "model": {"preset": args.preset, **{k: p.gpt_config[k] for k in ("vocab_size", "context_length", "d_model", "n_layer")},
-                  "flops_per_token": flops_per_token},
-        "steps": args.steps, "micro_batch_per_worker": args.micro_batch, "threads_per_worker": 1,
-        "peak_flops_per_core_fp32": peak1, "load_average_1min_at_end": os.getloadavg()[0], "results": results,
-        "index": {"context_length": args.index_context, "world": args.index_world, "figures": index},
+        "model": {
+            "preset": args.preset,
+            **{k: p.gpt_config[k] for k in ("vocab_size", "context_length", "d_model", "n_layer")},
+            "flops_per_token": flops_per_token,
+        },
+        "steps": args.steps,
+        "micro_batch_per_worker": args.micro_batch,
+        "threads_per_worker": 1,
+        "peak_flops_per_core_fp32": peak1,
+        "load_average_1min_at_end": os.getloadavg()[0],
+        "results": results,
+        "index": {
+            "context_length": args.index_context,
+            "world": args.index_world,
+            "figures": index,
+        },
         "ray_1worker_vs_plain": r1["tokens_per_s"] / plain["tokens_per_s"],
         "ray_2workers_vs_1worker": r2["tokens_per_s"] / r1["tokens_per_s"],
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=2))
-    rows = [f"| {n} | {r.get('tokens_per_s', float('nan')):,.0f} | {r.get('mfu', float('nan')):.1%} |"
-            for n, r in results.items() if "tokens_per_s" in r]
-    print("| run | tokens/s | MFU (vs fp32 matmul peak per core) |\n|---|---|---|\n" + "\n".join(rows))
-    print(f"Ray+DS 1 worker / plain: {summary['ray_1worker_vs_plain']:.3f}x; "
-          f"2 workers / 1 worker: {summary['ray_2workers_vs_1worker']:.3f}x")
+    rows = [
+        f"| {n} | {r.get('tokens_per_s', float('nan')):,.0f} | {r.get('mfu', float('nan')):.1%} |"
+        for n, r in results.items()
+        if "tokens_per_s" in r
+    ]
+    print(
+        "| run | tokens/s | MFU (vs fp32 matmul peak per core) |\n|---|---|---|\n" + "\n".join(rows)
+    )
+    print(
+        f"Ray+DS 1 worker / plain: {summary['ray_1worker_vs_plain']:.3f}x; "
+        f"2 workers / 1 worker: {summary['ray_2workers_vs_1worker']:.3f}x"
+    )
     for stage in (0, 3):
         r = results.get(f"memory_zero{stage}_2workers")
         if r:
-            print(f"peak RSS per worker, ZeRO-{stage}, 2 workers, gpt2-124m shape: {r['peak_rss_gib_per_worker']:.2f} GiB")
+            print(
+                f"peak RSS per worker, ZeRO-{stage}, 2 workers, gpt2-124m shape: {r['peak_rss_gib_per_worker']:.2f} GiB"
+            )
     print(out)
     import shutil
 

@@ -52,8 +52,12 @@ def ensure_ray(cfg: ClusterConfig | None = None) -> None:
     else:
         log.info("starting a local Ray instance")
         # "local", not None: None would join the cluster /tmp/ray/ray_current_cluster names.
-        ray.init(address="local", num_cpus=cfg.num_cpus, log_to_driver=True,  # dashboard binds 127.0.0.1
-                 runtime_env=_WORKER_ENV)
+        ray.init(
+            address="local",
+            num_cpus=cfg.num_cpus,
+            log_to_driver=True,  # dashboard binds 127.0.0.1
+            runtime_env=_WORKER_ENV,
+        )
     try:
         check_token_auth(_auth_enforced(), address or "the local Ray instance", cfg.allow_no_auth)
     except ConfigError:
@@ -80,11 +84,13 @@ def probe(address: str, source: str, timeout: float = PROBE_TIMEOUT_S) -> str:
     import socket
 
     if address.startswith(("http://", "https://")):
-        raise ConfigError(f"{source}={address!r} is a dashboard (Jobs) address: `gptflow submit --address` takes "
-                          "it; to run here on a cluster give its GCS address (host:6379, auto or ray://host:10001)")
+        raise ConfigError(
+            f"{source}={address!r} is a dashboard (Jobs) address: `gptflow submit --address` takes "
+            "it; to run here on a cluster give its GCS address (host:6379, auto or ray://host:10001)"
+        )
     client = address.startswith("ray://")
     try:
-        target = address[len("ray://"):] if client else _resolve(address)
+        target = address[len("ray://") :] if client else _resolve(address)
     except (ConnectionError, ValueError) as e:
         raise ConfigError(f"{source}={address!r}: no Ray cluster to join ({e})") from e
     host, _, port = target.rpartition(":")
@@ -93,8 +99,10 @@ def probe(address: str, source: str, timeout: float = PROBE_TIMEOUT_S) -> str:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
             pass
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{where}: no Ray answers there ({e}). Start the cluster (`ray start --head`), fix the "
-                          "address, or leave cluster.address and RAY_ADDRESS unset to run on a local Ray") from e
+        raise ConfigError(
+            f"{where}: no Ray answers there ({e}). Start the cluster (`ray start --head`), fix the "
+            "address, or leave cluster.address and RAY_ADDRESS unset to run on a local Ray"
+        ) from e
     if not client:
         _ask_gcs(target, where, timeout)
     return target
@@ -131,10 +139,15 @@ def _ask_gcs(target: str, where: str, timeout: float) -> None:
         try:
             stub.GetClusterId(gcs_service_pb2.GetClusterIdRequest(), timeout=timeout)
         except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                            grpc.StatusCode.UNIMPLEMENTED):
-                raise ConfigError(f"{where}: the port answers but no Ray GCS does within {timeout:.0f} s "
-                                  f"({e.code().name}); is it the cluster's GCS port (6379 by default)?") from e
+            if e.code() in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.UNIMPLEMENTED,
+            ):
+                raise ConfigError(
+                    f"{where}: the port answers but no Ray GCS does within {timeout:.0f} s "
+                    f"({e.code().name}); is it the cluster's GCS port (6379 by default)?"
+                ) from e
 
 
 def check_token_auth(enforced: bool | None, where: str, allow_no_auth: bool) -> None:
@@ -142,11 +155,17 @@ def check_token_auth(enforced: bool | None, where: str, allow_no_auth: bool) -> 
     enforcement could not be checked (None), unless the user opted out with cluster.allow_no_auth."""
     if enforced or allow_no_auth:
         if not enforced:
-            log.warning("Ray at %s: token authentication %s; going on because cluster.allow_no_auth is set",
-                        where, "is off" if enforced is False else "could not be checked")
+            log.warning(
+                "Ray at %s: token authentication %s; going on because cluster.allow_no_auth is set",
+                where,
+                "is off" if enforced is False else "could not be checked",
+            )
         return
-    why = ("accepts requests without a token" if enforced is False else
-           "could not be checked for token authentication (a ray:// client connection)")
+    why = (
+        "accepts requests without a token"
+        if enforced is False
+        else "could not be checked for token authentication (a ray:// client connection)"
+    )
     raise ConfigError(
         f"Ray at {where} {why}: anyone who can reach its ports can run code on it and read its data. "
         "Enable token authentication (`ray start --head` with RAY_AUTH_MODE=token, or leave the default on; "
@@ -174,8 +193,10 @@ def _auth_enforced() -> bool | None:
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.UNAUTHENTICATED:
                 return True
-            raise ConfigError(f"Ray GCS at {gcs}: cannot check its token authentication ({e.code().name}: "
-                              f"{e.details()})") from e
+            raise ConfigError(
+                f"Ray GCS at {gcs}: cannot check its token authentication ({e.code().name}: "
+                f"{e.details()})"
+            ) from e
     return False
 
 

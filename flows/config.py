@@ -43,10 +43,32 @@ from flows.serve.config import ServeConfig
 from flows.train.config import PRECISIONS, DistillConfig, LoRAConfig, ModelConfig, TrainConfig
 
 __all__ = [
-    "BUILTIN_CORPUS", "BUILTIN_SFT", "PRECISIONS", "ClusterConfig", "ConfigError", "CurateConfig", "DataConfig",
-    "DistillConfig", "EvaluateConfig", "KnowledgeSource", "KnowledgeTemplate", "LoRAConfig", "ModelConfig",
-    "NearDedupConfig", "PipelineConfig", "QualityConfig", "RegistryConfig", "ScheduleConfig", "ServeConfig",
-    "TrackingConfig", "TrainConfig", "build", "flatten", "load_config", "stable_hash", "to_dict",
+    "BUILTIN_CORPUS",
+    "BUILTIN_SFT",
+    "PRECISIONS",
+    "ClusterConfig",
+    "ConfigError",
+    "CurateConfig",
+    "DataConfig",
+    "DistillConfig",
+    "EvaluateConfig",
+    "KnowledgeSource",
+    "KnowledgeTemplate",
+    "LoRAConfig",
+    "ModelConfig",
+    "NearDedupConfig",
+    "PipelineConfig",
+    "QualityConfig",
+    "RegistryConfig",
+    "ScheduleConfig",
+    "ServeConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "build",
+    "flatten",
+    "load_config",
+    "stable_hash",
+    "to_dict",
 ]
 
 
@@ -80,7 +102,12 @@ class ClusterConfig:
     the token, and stops otherwise."""
 
     def __post_init__(self) -> None:
-        check(self.num_cpus is None or self.num_cpus >= 1, "num_cpus", self.num_cpus, ">= 1 (or empty for all)")
+        check(
+            self.num_cpus is None or self.num_cpus >= 1,
+            "num_cpus",
+            self.num_cpus,
+            ">= 1 (or empty for all)",
+        )
 
 
 # The pipeline's defaults (the embedded configs/local.yaml): pretrain the small preset on the builtin
@@ -96,28 +123,55 @@ def _model_defaults() -> ModelConfig:
 
 
 def _pretrain_defaults() -> TrainConfig:
-    return TrainConfig(steps=300, micro_batch_size=32, num_workers=2, precision="bf16-autocast", lr=3e-3,
-                       warmup_steps=20, eval_every=100, checkpoint_every=100)
+    return TrainConfig(
+        steps=300,
+        micro_batch_size=32,
+        num_workers=2,
+        precision="bf16-autocast",
+        lr=3e-3,
+        warmup_steps=20,
+        eval_every=100,
+        checkpoint_every=100,
+    )
 
 
 def _finetune_defaults() -> TrainConfig:
-    return TrainConfig(steps=100, micro_batch_size=32, num_workers=2, precision="bf16-autocast", lr=1e-3,
-                       warmup_steps=10, weight_decay=0.0, eval_every=50, checkpoint_every=50)
+    return TrainConfig(
+        steps=100,
+        micro_batch_size=32,
+        num_workers=2,
+        precision="bf16-autocast",
+        lr=1e-3,
+        warmup_steps=10,
+        weight_decay=0.0,
+        eval_every=50,
+        checkpoint_every=50,
+    )
 
 
 def _distill_defaults() -> DistillConfig:
-    return DistillConfig(steps=300, micro_batch_size=32, num_workers=2, precision="bf16-autocast", lr=3e-3,
-                         warmup_steps=20, eval_every=100, checkpoint_every=100)
+    return DistillConfig(
+        steps=300,
+        micro_batch_size=32,
+        num_workers=2,
+        precision="bf16-autocast",
+        lr=3e-3,
+        warmup_steps=20,
+        eval_every=100,
+        checkpoint_every=100,
+    )
 
 
 def _evaluate_defaults() -> EvaluateConfig:
     # Prompts in the fine-tuning format (see flows/data/corpus.py), for functions no stdlib has.
-    return EvaluateConfig(prompts=(
-        '# textutils.count_words\ndef count_words(text, sep=None):\n    """',
-        '# shapes.Circle.area\ndef area(self):\n    """',
-        '# netutils.parse_headers\ndef parse_headers(lines):\n    """',
-        "The ",
-    ))
+    return EvaluateConfig(
+        prompts=(
+            '# textutils.count_words\ndef count_words(text, sep=None):\n    """',
+            '# shapes.Circle.area\ndef area(self):\n    """',
+            '# netutils.parse_headers\ndef parse_headers(lines):\n    """',
+            "The ",
+        )
+    )
 
 
 @dataclass(frozen=True)
@@ -139,6 +193,8 @@ class PipelineConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> PipelineConfig:
+def load_config(
+    path: str | Path | None = None, overrides: typing.Sequence[str] = ()
+) -> PipelineConfig:
     """Defaults, then the YAML file at `path` (if any), then `section.key=value` overrides."""
     return load(PipelineConfig, path, overrides)

@@ -39,7 +39,9 @@ def check_finite(cfg: Any) -> None:
     """No float setting may be NaN or infinite (YAML reads .nan and .inf; `x >= 0` lets inf through)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
-        check(not isinstance(value, float) or math.isfinite(value), f.name, value, "a finite number")
+        check(
+            not isinstance(value, float) or math.isfinite(value), f.name, value, "a finite number"
+        )
 
 
 # --------------------------------------------------------------------------- what enters a step's hash
@@ -111,7 +113,9 @@ def load(cls: type, path: str | Path | None = None, overrides: typing.Sequence[s
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{path}: the top level must be a mapping of sections, got {type(loaded).__name__}"
+            )
         raw = loaded
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -156,11 +160,18 @@ def build(cls: type, raw: Any, source: str, prefix: str = "", base: Any = None) 
     unknown = sorted(set(raw) - fields)
     if unknown:
         key = f"{prefix}{unknown[0]}"
-        raise ConfigError(f"{source}: unknown key {key!r}; valid keys here: {', '.join(sorted(fields))}")
-    defaults = {f.name: f.default_factory() for f in dataclasses.fields(cls)
-                if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(hints[f.name])}
-    kwargs = {name: _coerce(hints[name], value, source, f"{prefix}{name}", defaults.get(name))
-              for name, value in raw.items()}
+        raise ConfigError(
+            f"{source}: unknown key {key!r}; valid keys here: {', '.join(sorted(fields))}"
+        )
+    defaults = {
+        f.name: f.default_factory()
+        for f in dataclasses.fields(cls)
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(hints[f.name])
+    }
+    kwargs = {
+        name: _coerce(hints[name], value, source, f"{prefix}{name}", defaults.get(name))
+        for name, value in raw.items()
+    }
     try:
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ConfigError as e:
@@ -241,6 +252,7 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def stable_hash(*parts: Any, length: int = 16) -> str:
     """sha256 of the canonical JSON of `parts` (dataclasses become dicts), truncated."""
+
     def default(o: Any) -> Any:
         if dataclasses.is_dataclass(o):
             return dataclasses.asdict(o)

@@ -70,15 +70,22 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-_FIGURES = {"loss": lambda v: f"loss {v:.3f}", "tokens_per_s": lambda v: f"{_human(v)} tok/s",
-            "docs_per_s": lambda v: f"{_human(v)} docs/s"}
+_FIGURES = {
+    "loss": lambda v: f"loss {v:.3f}",
+    "tokens_per_s": lambda v: f"{_human(v)} tok/s",
+    "docs_per_s": lambda v: f"{_human(v)} docs/s",
+}
 
 
 def render(task: _Task, now: float) -> str:
     """``pretrain  step 120/300  loss 3.412  14.2k tok/s  ETA 1m12s`` (or the task's note)."""
     if task.total is None and not task.done:
         return f"{task.name}  {task.note}  ({duration(now - task.started)})"
-    count = f"step {task.done}/{task.total}" if task.unit == "step" else f"{task.done}/{task.total} {task.unit}"
+    count = (
+        f"step {task.done}/{task.total}"
+        if task.unit == "step"
+        else f"{task.done}/{task.total} {task.unit}"
+    )
     parts = [task.name, count]
     parts += [_FIGURES[k](v) if k in _FIGURES else f"{k} {v:.4g}" for k, v in task.figures.items()]
     if task.total and task.done >= task.total:
@@ -95,8 +102,13 @@ class Console(Progress):
     Use as a context manager around the command; ``terminal`` is the real stderr while it is open.
     """
 
-    def __init__(self, workdir: str | Path, verbose: bool = False, every_s: float = 10.0,
-                 terminal: TextIO | None = None):
+    def __init__(
+        self,
+        workdir: str | Path,
+        verbose: bool = False,
+        every_s: float = 10.0,
+        terminal: TextIO | None = None,
+    ):
         self.logs = Path(workdir) / "logs"
         self.verbose, self.every_s = verbose, every_s
         self.terminal: TextIO = terminal or sys.stderr
@@ -121,7 +133,9 @@ class Console(Progress):
             try:
                 self.logs.mkdir(parents=True, exist_ok=True)
             except OSError:
-                self.verbose = True  # the stage reports the unwritable workdir itself, with its own error
+                self.verbose = (
+                    True  # the stage reports the unwritable workdir itself, with its own error
+                )
         if not self.verbose:
             self._start_routing()
         self.tty = self.terminal.isatty() and not self.verbose
@@ -139,7 +153,9 @@ class Console(Progress):
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         self._saved = {fd: os.dup(fd) for fd in (1, 2)}
-        self.terminal = os.fdopen(os.dup(self._saved[2]), "w", buffering=1, encoding="utf-8", errors="replace")
+        self.terminal = os.fdopen(
+            os.dup(self._saved[2]), "w", buffering=1, encoding="utf-8", errors="replace"
+        )
         self._route(self.logs / "gptflow.log", "a")
         from flows.redact import RedactingFilter
 
@@ -164,7 +180,9 @@ class Console(Progress):
             stream.flush()
         new = open(path, mode, encoding="utf-8", errors="replace")  # noqa: SIM115 -- closed on the next route
         if self._file is None:  # the command's first line in gptflow.log
-            new.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} gptflow {' '.join(sys.argv[1:])}\n")
+            new.write(
+                f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} gptflow {' '.join(sys.argv[1:])}\n"
+            )
             new.flush()
         os.dup2(new.fileno(), 1)
         os.dup2(new.fileno(), 2)
@@ -202,7 +220,10 @@ class Console(Progress):
     def step(self, name: str) -> Iterator[Path | None]:
         log_file = self.logs / f"{name}.log"
         routed = bool(self._saved)
-        self.line(f"{time.strftime('%H:%M:%S')} {name}: running" + (f" (log: {shown(log_file)})" if routed else ""))
+        self.line(
+            f"{time.strftime('%H:%M:%S')} {name}: running"
+            + (f" (log: {shown(log_file)})" if routed else "")
+        )
         with self._lock:
             self._step, self._task = (name, time.monotonic()), None
         if routed:
@@ -221,11 +242,15 @@ class Console(Progress):
 
     # ------------------------------------------------------------------ what stages report
 
-    def update(self, task: str, done: int, total: int | None = None, unit: str = "step", **figures: float) -> None:
+    def update(
+        self, task: str, done: int, total: int | None = None, unit: str = "step", **figures: float
+    ) -> None:
         with self._lock:
             now = time.monotonic()
             t = self._task
-            new = t is None or t.name != task or t.total is None or done < t.done  # (a note is no count)
+            new = (
+                t is None or t.name != task or t.total is None or done < t.done
+            )  # (a note is no count)
             if new:
                 t = self._task = _Task(task, unit, total, now, done)
             t.done, t.total, t.figures, t.last = done, total, figures, now
@@ -300,7 +325,9 @@ class Console(Progress):
                     elif task.total is None:  # a note: how long it has been doing it
                         self._write(MARK + render(task, now))
                     else:
-                        self._write(f"{MARK}{render(task, now)}  (last report {duration(now - task.last)} ago)")
+                        self._write(
+                            f"{MARK}{render(task, now)}  (last report {duration(now - task.last)} ago)"
+                        )
 
 
 class _TerminalHandler(logging.Handler):

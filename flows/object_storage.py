@@ -18,8 +18,17 @@ from __future__ import annotations
 from flows.config import ConfigError
 
 # protocol -> the package that provides its fsspec driver; the first two are the `cloud` extra.
-DRIVERS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs",
-           "abfss": "adlfs", "adl": "adlfs", "hf": "huggingface_hub"}
+DRIVERS = {
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "abfss": "adlfs",
+    "adl": "adlfs",
+    "hf": "huggingface_hub",
+}
 CLOUD_EXTRA = "pip install 'gptflow[cloud]'"
 
 
@@ -43,9 +52,16 @@ def require_driver(url: str, shown: str) -> None:
         fsspec.get_filesystem_class(proto)
     except ImportError as e:
         package = DRIVERS.get(proto)
-        fix = (f"{CLOUD_EXTRA} (or pip install {package})" if package in ("s3fs", "gcsfs")
-               else f"pip install {package}" if package else str(e))
-        raise ConfigError(f"{shown}: reading {proto}:// needs the fsspec driver {package or '?'}, which is not "
-                          f"installed: {fix}") from None
+        fix = (
+            f"{CLOUD_EXTRA} (or pip install {package})"
+            if package in ("s3fs", "gcsfs")
+            else f"pip install {package}"
+            if package
+            else str(e)
+        )
+        raise ConfigError(
+            f"{shown}: reading {proto}:// needs the fsspec driver {package or '?'}, which is not "
+            f"installed: {fix}"
+        ) from None
     except ValueError as e:  # fsspec: "Protocol not known"
         raise ConfigError(f"{shown}: unknown storage protocol {proto}:// ({e})") from None

@@ -79,7 +79,9 @@ def _registers(cfg: PipelineConfig) -> bool:
 
 
 def _finetunes(cfg: PipelineConfig) -> bool:
-    asks = any(t.ask for source in cfg.data.knowledge for t in source.templates)  # knowledge becomes SFT pairs
+    asks = any(
+        t.ask for source in cfg.data.knowledge for t in source.templates
+    )  # knowledge becomes SFT pairs
     return bool(cfg.data.sft_inputs or cfg.finetune.data or asks)
 
 
@@ -117,42 +119,115 @@ def _base_ref(cfg: PipelineConfig) -> StepRef | None:
 STEPS: tuple[Step, ...] = (
     # model.base (off by default): the base model as a bundle, named by the source's content (a step of
     # no sections and no inputs: flows/models/base.py's ensure() finds the same directory).
-    Step("import", stages.import_base, (), bind=lambda cfg: {}, fingerprint=stages.base_identity, enabled=_based),
-    Step("preprocess", stages.preprocess, ("data",), bind=lambda cfg: {"base": _base_ref(cfg)} if _based(cfg) else {},
-         fingerprint=stages.data_fingerprint),  # the inputs enter by content
-    Step("pretrain", stages.trainer("pretrain"), ("model", "pretrain"),
-         bind=lambda cfg: {"dataset": cfg.pretrain.data or StepRef("preprocess"),
-                           "init": cfg.pretrain.init or _base_ref(cfg)}, enabled=_pretrains),
-    Step("finetune", stages.trainer("finetune"), ("model", "finetune"),
-         bind=lambda cfg: {"dataset": cfg.finetune.data or StepRef("preprocess"),
-                           "init": cfg.finetune.init or _trained_model(cfg)},
-         enabled=_finetunes),
-    Step("evaluate", stages.evaluate, ("evaluate",),
-         bind=lambda cfg: {"bundle": cfg.evaluate.bundle or _final_model(cfg),
-                           "dataset": cfg.evaluate.data or StepRef("preprocess"),
-                           **({"base": _base_ref(cfg)} if _based(cfg) else {})}),
-    Step("register", stages.register, ("registry",),
-         bind=lambda cfg: {"bundle": cfg.evaluate.bundle or _final_model(cfg), "evaluation": StepRef("evaluate"),
-                           "dataset": cfg.evaluate.data or StepRef("preprocess")}, enabled=_registers),
-    Step("promote", stages.promote, ("registry", "evaluate"),
-         bind=lambda cfg: {"registered": StepRef("register")}, enabled=_registers),
+    Step(
+        "import",
+        stages.import_base,
+        (),
+        bind=lambda cfg: {},
+        fingerprint=stages.base_identity,
+        enabled=_based,
+    ),
+    Step(
+        "preprocess",
+        stages.preprocess,
+        ("data",),
+        bind=lambda cfg: {"base": _base_ref(cfg)} if _based(cfg) else {},
+        fingerprint=stages.data_fingerprint,
+    ),  # the inputs enter by content
+    Step(
+        "pretrain",
+        stages.trainer("pretrain"),
+        ("model", "pretrain"),
+        bind=lambda cfg: {
+            "dataset": cfg.pretrain.data or StepRef("preprocess"),
+            "init": cfg.pretrain.init or _base_ref(cfg),
+        },
+        enabled=_pretrains,
+    ),
+    Step(
+        "finetune",
+        stages.trainer("finetune"),
+        ("model", "finetune"),
+        bind=lambda cfg: {
+            "dataset": cfg.finetune.data or StepRef("preprocess"),
+            "init": cfg.finetune.init or _trained_model(cfg),
+        },
+        enabled=_finetunes,
+    ),
+    Step(
+        "evaluate",
+        stages.evaluate,
+        ("evaluate",),
+        bind=lambda cfg: {
+            "bundle": cfg.evaluate.bundle or _final_model(cfg),
+            "dataset": cfg.evaluate.data or StepRef("preprocess"),
+            **({"base": _base_ref(cfg)} if _based(cfg) else {}),
+        },
+    ),
+    Step(
+        "register",
+        stages.register,
+        ("registry",),
+        bind=lambda cfg: {
+            "bundle": cfg.evaluate.bundle or _final_model(cfg),
+            "evaluation": StepRef("evaluate"),
+            "dataset": cfg.evaluate.data or StepRef("preprocess"),
+        },
+        enabled=_registers,
+    ),
+    Step(
+        "promote",
+        stages.promote,
+        ("registry", "evaluate"),
+        bind=lambda cfg: {"registered": StepRef("register")},
+        enabled=_registers,
+    ),
     # Distillation (off by default): a student learns from the final model (or distill.teacher), then is
     # evaluated, registered under its own name and promoted through the same gate as any model.
-    Step("distill", stages.distill, ("distill",),
-         bind=lambda cfg: {"dataset": cfg.distill.data or StepRef("preprocess"),
-                           "teacher": cfg.distill.teacher or _final_model(cfg), "init": cfg.distill.init},
-         enabled=_distills),
-    Step("distill_evaluate", stages.evaluate, ("evaluate",),
-         bind=lambda cfg: {"bundle": StepRef("distill"), "dataset": _student_eval_data(cfg)}, enabled=_distills),
-    Step("distill_register", stages.register_student, ("registry", "distill.registry_name"),
-         bind=lambda cfg: {"bundle": StepRef("distill"), "evaluation": StepRef("distill_evaluate"),
-                           "dataset": _student_eval_data(cfg)}, enabled=lambda cfg: _registers(cfg) and _distills(cfg)),
-    Step("distill_promote", stages.promote_student, ("registry", "evaluate", "distill.registry_name"),
-         bind=lambda cfg: {"registered": StepRef("distill_register")},
-         enabled=lambda cfg: _registers(cfg) and _distills(cfg)),
+    Step(
+        "distill",
+        stages.distill,
+        ("distill",),
+        bind=lambda cfg: {
+            "dataset": cfg.distill.data or StepRef("preprocess"),
+            "teacher": cfg.distill.teacher or _final_model(cfg),
+            "init": cfg.distill.init,
+        },
+        enabled=_distills,
+    ),
+    Step(
+        "distill_evaluate",
+        stages.evaluate,
+        ("evaluate",),
+        bind=lambda cfg: {"bundle": StepRef("distill"), "dataset": _student_eval_data(cfg)},
+        enabled=_distills,
+    ),
+    Step(
+        "distill_register",
+        stages.register_student,
+        ("registry", "distill.registry_name"),
+        bind=lambda cfg: {
+            "bundle": StepRef("distill"),
+            "evaluation": StepRef("distill_evaluate"),
+            "dataset": _student_eval_data(cfg),
+        },
+        enabled=lambda cfg: _registers(cfg) and _distills(cfg),
+    ),
+    Step(
+        "distill_promote",
+        stages.promote_student,
+        ("registry", "evaluate", "distill.registry_name"),
+        bind=lambda cfg: {"registered": StepRef("distill_register")},
+        enabled=lambda cfg: _registers(cfg) and _distills(cfg),
+    ),
     # deploy_step also reads registry.name (the alias it follows): it enters the key through promote's.
-    Step("serve", stages.serve, ("serve",), bind=lambda cfg: {"promoted": StepRef("promote")},
-         enabled=lambda cfg: _registers(cfg) and cfg.serve.deploy),
+    Step(
+        "serve",
+        stages.serve,
+        ("serve",),
+        bind=lambda cfg: {"promoted": StepRef("promote")},
+        enabled=lambda cfg: _registers(cfg) and cfg.serve.deploy,
+    ),
 )
 
 
@@ -203,8 +278,12 @@ def _outside_identity(value: str, ctx: StepContext) -> Any:
     return {p.name: ctx.fingerprints.sha256(p) for p in weights if p.is_file()}
 
 
-def plan(cfg: PipelineConfig, steps: Sequence[Step] = STEPS, ctx: StepContext | None = None,
-         wanted: Sequence[str] | None = None) -> list[PlannedStep]:
+def plan(
+    cfg: PipelineConfig,
+    steps: Sequence[Step] = STEPS,
+    ctx: StepContext | None = None,
+    wanted: Sequence[str] | None = None,
+) -> list[PlannedStep]:
     """The enabled steps (or `wanted` and what they need) with their hash, output directory, inputs and
     whether each is done. Runs nothing."""
     ctx = ctx or context(cfg)
@@ -221,16 +300,22 @@ def plan(cfg: PipelineConfig, steps: Sequence[Step] = STEPS, ctx: StepContext | 
         for name, binding in bindings[step.name].items():
             if isinstance(binding, StepRef):
                 if binding.step not in planned:
-                    raise PipelineError(f"step {step.name!r} takes {name} from step {binding.step!r}, which is "
-                                        "not in the pipeline (disabled, or after it)")
+                    raise PipelineError(
+                        f"step {step.name!r} takes {name} from step {binding.step!r}, which is "
+                        "not in the pipeline (disabled, or after it)"
+                    )
                 inputs[name] = planned[binding.step].out
                 identities[name] = planned[binding.step].key
                 upstream.append(binding.step)
             else:
                 inputs[name] = binding
                 identities[name] = _outside_identity(binding, ctx) if binding else None
-        key = stable_hash(step.name, _hashed_sections(cfg, step), identities,
-                          step.fingerprint(cfg, ctx) if step.fingerprint else None)
+        key = stable_hash(
+            step.name,
+            _hashed_sections(cfg, step),
+            identities,
+            step.fingerprint(cfg, ctx) if step.fingerprint else None,
+        )
         out = stage_dir(cfg.workdir, step.name, key).resolve()
         planned[step.name] = PlannedStep(step, key, out, inputs, tuple(upstream), is_done(out))
     ctx.fingerprints.save()
@@ -251,12 +336,22 @@ def _with_upstream(names: Sequence[str], bindings: Mapping[str, Binding]) -> set
 
 def context(cfg: PipelineConfig, **kwargs: Any) -> StepContext:
     workdir = Path(cfg.workdir)
-    return StepContext(workdir=workdir, tracking=cfg.tracking, cluster=cfg.cluster,
-                       fingerprints=FingerprintCache(workdir / ".fingerprints.json"), **kwargs)
+    return StepContext(
+        workdir=workdir,
+        tracking=cfg.tracking,
+        cluster=cfg.cluster,
+        fingerprints=FingerprintCache(workdir / ".fingerprints.json"),
+        **kwargs,
+    )
 
 
-def select(cfg: PipelineConfig, steps: Sequence[Step], only: Sequence[str] = (), start: str | None = None,
-           force: Sequence[str] = ()) -> tuple[list[str], set[str]]:
+def select(
+    cfg: PipelineConfig,
+    steps: Sequence[Step],
+    only: Sequence[str] = (),
+    start: str | None = None,
+    force: Sequence[str] = (),
+) -> tuple[list[str], set[str]]:
     """(steps to run when not done, steps to re-run even when done) for --only / --from / --force.
 
     A forced step's output is rebuilt, so the steps downstream of it are rebuilt too (within --only).
@@ -266,7 +361,7 @@ def select(cfg: PipelineConfig, steps: Sequence[Step], only: Sequence[str] = (),
     for name in [*only, *([start] if start else []), *force]:
         if name not in names:
             raise PipelineError(f"no step {name!r} in this pipeline; its steps: {', '.join(names)}")
-    chosen = list(only) if only else names[names.index(start):] if start else names
+    chosen = list(only) if only else names[names.index(start) :] if start else names
     forced: set[str] = set()
     for s in enabled:
         takes = {b.step for b in s.bind(cfg).values() if isinstance(b, StepRef)}
@@ -280,15 +375,23 @@ def select(cfg: PipelineConfig, steps: Sequence[Step], only: Sequence[str] = (),
 # --------------------------------------------------------------------------- running
 
 
-def run(cfg: PipelineConfig, only: Sequence[str] = (), start: str | None = None, force: Sequence[str] = (),
-        steps: Sequence[Step] = STEPS, progress: Progress | None = None) -> list[PlannedStep]:
+def run(
+    cfg: PipelineConfig,
+    only: Sequence[str] = (),
+    start: str | None = None,
+    force: Sequence[str] = (),
+    steps: Sequence[Step] = STEPS,
+    progress: Progress | None = None,
+) -> list[PlannedStep]:
     """Run the pipeline (or the selected steps); return the planned steps with their outcome.
 
     `progress` (the CLI's console) is where steps report; each step runs inside its ``step()``.
     """
     from flows.tracking import check_reachable, stage_run, tracking_uri
 
-    if cfg.tracking.enabled:  # a tracking server that is down: one line now, not minutes of retries later
+    if (
+        cfg.tracking.enabled
+    ):  # a tracking server that is down: one line now, not minutes of retries later
         check_reachable(tracking_uri(cfg.tracking, cfg.workdir))
     started = time.time()
     base = context(cfg, progress=progress or Progress())
@@ -302,8 +405,10 @@ def run(cfg: PipelineConfig, only: Sequence[str] = (), start: str | None = None,
         for up in p.upstream:
             prior = next(q for q in planned if q.step.name == up)
             if not prior.done and prior not in todo:
-                raise PipelineError(f"step {p.step.name!r} needs the output of {up!r} ({prior.out}), which is not "
-                                    f"done; run it first (gptflow run --from {up}) or drop --only")
+                raise PipelineError(
+                    f"step {p.step.name!r} needs the output of {up!r} ({prior.out}), which is not "
+                    f"done; run it first (gptflow run --from {up}) or drop --only"
+                )
     if not todo:
         for p in planned:
             if p.step.name in chosen:
@@ -318,14 +423,21 @@ def run(cfg: PipelineConfig, only: Sequence[str] = (), start: str | None = None,
         with stage_run(cfg.tracking, cfg.workdir, "pipeline", {"config": to_dict(cfg)}) as parent:
             parent_id = parent.run_id
             parent.set_tags({f"gptflow.step.{p.step.name}": str(p.out) for p in planned})
-            runs = {p.step.name: done_info(p.out).get("run_id") for p in planned if p.done and p not in todo}
+            runs = {
+                p.step.name: done_info(p.out).get("run_id")
+                for p in planned
+                if p.done and p not in todo
+            }
             for p in planned:
                 if p not in todo:
                     if p.status == "pending":
                         p.status = "done"
                     continue
-                ctx = dataclasses.replace(base, parent_run_id=parent.run_id,
-                                          step_runs={k: v for k, v in runs.items() if v})
+                ctx = dataclasses.replace(
+                    base,
+                    parent_run_id=parent.run_id,
+                    step_runs={k: v for k, v in runs.items() if v},
+                )
                 runs[p.step.name] = _run_step(cfg, p, ctx, p.step.name in forced, state)
             parent.set_tags({"gptflow.steps": json.dumps({p.step.name: p.status for p in planned})})
     finally:
@@ -333,7 +445,9 @@ def run(cfg: PipelineConfig, only: Sequence[str] = (), start: str | None = None,
     return planned
 
 
-def _run_step(cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: bool, state: RunState) -> str | None:
+def _run_step(
+    cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: bool, state: RunState
+) -> str | None:
     """Build one step's output under its lock; return the step's MLflow run id."""
     from flows.tracking import stage_run
 
@@ -349,14 +463,26 @@ def _run_step(cfg: PipelineConfig, p: PlannedStep, base: StepContext, fresh: boo
         p.out.mkdir(parents=True, exist_ok=True)
         try:
             with stage_run(cfg.tracking, cfg.workdir, p.step.name) as tracker:
-                tracker.set_tags({"gptflow.step_key": p.key, "gptflow.output_dir": str(p.out),
-                                  **{f"gptflow.input.{k}": str(v) for k, v in p.inputs.items() if v}})
+                tracker.set_tags(
+                    {
+                        "gptflow.step_key": p.key,
+                        "gptflow.output_dir": str(p.out),
+                        **{f"gptflow.input.{k}": str(v) for k, v in p.inputs.items() if v},
+                    }
+                )
                 ctx = dataclasses.replace(base, tracker=tracker, fresh=fresh)
                 p.step.run(cfg, p.inputs, p.out, ctx)
                 p.seconds = time.time() - t0
-                mark_done(p.out, {"step": p.step.name, "key": p.key, "run_id": tracker.run_id,
-                                  "seconds": round(p.seconds, 3),
-                                  "inputs": {k: str(v) if v else None for k, v in p.inputs.items()}})
+                mark_done(
+                    p.out,
+                    {
+                        "step": p.step.name,
+                        "key": p.key,
+                        "run_id": tracker.run_id,
+                        "seconds": round(p.seconds, 3),
+                        "inputs": {k: str(v) if v else None for k, v in p.inputs.items()},
+                    },
+                )
         except Exception as e:
             p.status, p.seconds = "failed", time.time() - t0
             state.step(p.step.name, "failed", p.seconds, error=str(e))
@@ -378,10 +504,11 @@ def describe(planned: list[PlannedStep]) -> str:
         status = p.status if p.status != "pending" else ("done" if p.done else "to run")
         rows.append((p.step.name, status, f"{p.seconds:.1f} s" if p.seconds else "", str(p.out)))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows)
+    return "\n".join(
+        f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}" for r in rows
+    )
 
 
 def done_info(path: Path) -> dict[str, Any]:
     """The DONE record of a finished step output."""
     return json.loads((path / DONE).read_text(encoding="utf-8"))
-

@@ -26,7 +26,9 @@ from typing import Any
 class Progress:
     """Where stages report; this one discards every report (library use, tests)."""
 
-    def update(self, task: str, done: int, total: int | None = None, unit: str = "step", **figures: float) -> None:
+    def update(
+        self, task: str, done: int, total: int | None = None, unit: str = "step", **figures: float
+    ) -> None:
         """`task` has done `done` of `total` `unit`s; `figures` (loss, tokens_per_s, docs_per_s, ...) say how."""
 
     def note(self, text: str) -> None:
@@ -72,7 +74,9 @@ class Sender:
 
 
 @contextlib.contextmanager
-def relayed(progress: Progress, task: str, unit: str = "step", poll_s: float = 0.5) -> Iterator[Any]:
+def relayed(
+    progress: Progress, task: str, unit: str = "step", poll_s: float = 0.5
+) -> Iterator[Any]:
     """A :class:`Relay` actor for the workers (yielded; None when progress is not shown) and a thread
     forwarding its latest state to `progress` until the block ends."""
     if type(progress) is Progress:  # nobody is looking: no actor, no thread

@@ -45,7 +45,9 @@ def redact_url(url: str) -> str:
     if "@" in netloc:
         netloc = REDACTED + "@" + netloc.rpartition("@")[2]
     query = "&".join(_redact_param(p) for p in parts.query.split("&")) if parts.query else ""
-    fragment = REDACTED if parts.fragment and "=" in parts.fragment else parts.fragment  # #access_token=...
+    fragment = (
+        REDACTED if parts.fragment and "=" in parts.fragment else parts.fragment
+    )  # #access_token=...
     return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, fragment))
 
 
@@ -83,7 +85,9 @@ class RedactingFilter(logging.Filter):
         if record.exc_info and not record.exc_text:  # a traceback's messages carry URLs too
             import traceback
 
-            record.exc_text = redact_text("".join(traceback.format_exception(*record.exc_info))).rstrip("\n")
+            record.exc_text = redact_text(
+                "".join(traceback.format_exception(*record.exc_info))
+            ).rstrip("\n")
         return True
 
 

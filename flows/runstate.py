@@ -33,10 +33,22 @@ class RunState:
     def __init__(self, workdir: str | Path, planned: list[Any]):
         self.file = path(workdir)
         self.state: dict[str, Any] = {
-            "started": time.time(), "finished": None, "pid": os.getpid(), "host": socket.gethostname(),
-            "command": sys.argv[1:], "parent_run_id": None,
-            "steps": {p.step.name: {"state": "done" if p.done else "not run", "out": str(p.out),
-                                    "started": None, "seconds": None, "log": None} for p in planned},
+            "started": time.time(),
+            "finished": None,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "command": sys.argv[1:],
+            "parent_run_id": None,
+            "steps": {
+                p.step.name: {
+                    "state": "done" if p.done else "not run",
+                    "out": str(p.out),
+                    "started": None,
+                    "seconds": None,
+                    "log": None,
+                }
+                for p in planned
+            },
         }
 
     def write(self) -> None:
@@ -46,8 +58,14 @@ class RunState:
         except OSError:  # a read-only or full workdir fails the step itself, with its own error
             pass
 
-    def step(self, name: str, state: str, seconds: float | None = None, error: str | None = None,
-             log: Path | None = None) -> None:
+    def step(
+        self,
+        name: str,
+        state: str,
+        seconds: float | None = None,
+        error: str | None = None,
+        log: Path | None = None,
+    ) -> None:
         s = self.state["steps"][name]
         s["state"] = state
         if state == "running":

@@ -42,7 +42,9 @@ def data_fingerprint(cfg: PipelineConfig, ctx: StepContext) -> Any:
     from flows.data import stage
 
     # With a base model the context caps the fine-tuning examples (longer ones are dropped, counted).
-    return stage.fingerprint(cfg.data, ctx) | ({"context_length": cfg.model.context_length} if cfg.model.base else {})
+    return stage.fingerprint(cfg.data, ctx) | (
+        {"context_length": cfg.model.context_length} if cfg.model.base else {}
+    )
 
 
 def trainer(stage: str) -> Callable[[PipelineConfig, Inputs, Path, StepContext], Path]:
@@ -51,7 +53,9 @@ def trainer(stage: str) -> Callable[[PipelineConfig, Inputs, Path, StepContext],
     def run(cfg: PipelineConfig, inputs: Inputs, out: Path, ctx: StepContext) -> Path:
         from flows.train import driver
 
-        return driver.train(getattr(cfg, stage), cfg.model, inputs["dataset"], inputs["init"], out, ctx, stage)
+        return driver.train(
+            getattr(cfg, stage), cfg.model, inputs["dataset"], inputs["init"], out, ctx, stage
+        )
 
     return run
 
@@ -60,15 +64,28 @@ def evaluate(cfg: PipelineConfig, inputs: Inputs, out: Path, ctx: StepContext) -
     from flows.evaluate import stage
 
     base = inputs.get("base")
-    return stage.evaluate(cfg.evaluate, Path(inputs["bundle"]), Path(inputs["dataset"]), out, ctx.tracker,
-                          ctx.progress, base=Path(base) if base else None)
+    return stage.evaluate(
+        cfg.evaluate,
+        Path(inputs["bundle"]),
+        Path(inputs["dataset"]),
+        out,
+        ctx.tracker,
+        ctx.progress,
+        base=Path(base) if base else None,
+    )
 
 
 def register(cfg: PipelineConfig, inputs: Inputs, out: Path, ctx: StepContext) -> Path:
     from flows.registry import register
 
-    return register.register(cfg.registry, Path(inputs["bundle"]), Path(inputs["evaluation"]),
-                             Path(inputs["dataset"]), out, ctx)
+    return register.register(
+        cfg.registry,
+        Path(inputs["bundle"]),
+        Path(inputs["evaluation"]),
+        Path(inputs["dataset"]),
+        out,
+        ctx,
+    )
 
 
 def promote(cfg: PipelineConfig, inputs: Inputs, out: Path, ctx: StepContext) -> Path:
@@ -80,26 +97,39 @@ def promote(cfg: PipelineConfig, inputs: Inputs, out: Path, ctx: StepContext) ->
 def distill(cfg: PipelineConfig, inputs: Inputs, out: Path, ctx: StepContext) -> Path:
     from flows.train import driver
 
-    return driver.distill(cfg.distill, inputs["dataset"], inputs["teacher"], inputs["init"], out, ctx)
+    return driver.distill(
+        cfg.distill, inputs["dataset"], inputs["teacher"], inputs["init"], out, ctx
+    )
 
 
 def student_registry(cfg: PipelineConfig) -> RegistryConfig:
     """The registry section the student is registered and promoted under: its own model name."""
-    return dataclasses.replace(cfg.registry, name=cfg.distill.registry_name or f"{cfg.registry.name}-student")
+    return dataclasses.replace(
+        cfg.registry, name=cfg.distill.registry_name or f"{cfg.registry.name}-student"
+    )
 
 
 def register_student(cfg: PipelineConfig, inputs: Inputs, out: Path, ctx: StepContext) -> Path:
     from flows.registry import register
 
-    return register.register(student_registry(cfg), Path(inputs["bundle"]), Path(inputs["evaluation"]),
-                             Path(inputs["dataset"]), out, ctx, stage_steps=("distill", "distill_evaluate"),
-                             teacher_model=cfg.registry.name)
+    return register.register(
+        student_registry(cfg),
+        Path(inputs["bundle"]),
+        Path(inputs["evaluation"]),
+        Path(inputs["dataset"]),
+        out,
+        ctx,
+        stage_steps=("distill", "distill_evaluate"),
+        teacher_model=cfg.registry.name,
+    )
 
 
 def promote_student(cfg: PipelineConfig, inputs: Inputs, out: Path, ctx: StepContext) -> Path:
     from flows.registry import promote
 
-    return promote.promote(student_registry(cfg), cfg.evaluate, Path(inputs["registered"]), out, ctx)
+    return promote.promote(
+        student_registry(cfg), cfg.evaluate, Path(inputs["registered"]), out, ctx
+    )
 
 
 def serve(cfg: PipelineConfig, inputs: Inputs, out: Path, ctx: StepContext) -> Path:

@@ -20,15 +20,26 @@ from typing import Any
 from flows import runstate
 from flows.config import PipelineConfig
 
-_SHOWN = {"ran": "done", "done": "done", "running": "running", "failed": "failed", "not run": "not run"}
+_SHOWN = {
+    "ran": "done",
+    "done": "done",
+    "running": "running",
+    "failed": "failed",
+    "not run": "not run",
+}
 
 
 def status(cfg: PipelineConfig) -> dict[str, Any]:
     """Everything `gptflow status` shows, as data (``--json`` prints it as it is)."""
     workdir = Path(cfg.workdir)
     run = runstate.read(workdir)
-    out: dict[str, Any] = {"workdir": str(workdir.resolve()), "run": None, "registry": None, "serve": None,
-                           "schedule": _schedule(workdir)}
+    out: dict[str, Any] = {
+        "workdir": str(workdir.resolve()),
+        "run": None,
+        "registry": None,
+        "serve": None,
+        "schedule": _schedule(workdir),
+    }
     if run is not None:
         alive = _alive(run)
         steps = []
@@ -39,11 +50,24 @@ def status(cfg: PipelineConfig) -> dict[str, Any]:
             seconds = s.get("seconds")
             if state == "running" and s.get("started"):
                 seconds = time.time() - s["started"]
-            steps.append({"step": name, "state": state, "started": s.get("started"), "seconds": seconds,
-                          "figure": figure(name, Path(s["out"])) if state == "done" else s.get("error"),
-                          "out": s["out"], "log": s.get("log")})
-        out["run"] = {"started": run["started"], "finished": run.get("finished"), "pid": run.get("pid"),
-                      "running": alive and not run.get("finished"), "steps": steps}
+            steps.append(
+                {
+                    "step": name,
+                    "state": state,
+                    "started": s.get("started"),
+                    "seconds": seconds,
+                    "figure": figure(name, Path(s["out"])) if state == "done" else s.get("error"),
+                    "out": s["out"],
+                    "log": s.get("log"),
+                }
+            )
+        out["run"] = {
+            "started": run["started"],
+            "finished": run.get("finished"),
+            "pid": run.get("pid"),
+            "running": alive and not run.get("finished"),
+            "steps": steps,
+        }
     if cfg.tracking.enabled and cfg.registry.enabled:
         out["registry"], out["serve"] = _registry(cfg)
     return out
@@ -51,6 +75,7 @@ def status(cfg: PipelineConfig) -> dict[str, Any]:
 
 def figure(step: str, out: Path) -> str | None:
     """A step's key figure from its finished output: tokens, tokens/s and loss, bits per byte, a decision."""
+
     def read(name: str) -> dict[str, Any] | None:
         try:
             return json.loads((out / name).read_text(encoding="utf-8"))
@@ -59,8 +84,12 @@ def figure(step: str, out: Path) -> str | None:
 
     if (m := read("train_result.json")) is not None:
         metrics = m.get("metrics", {})
-        parts = [f"{metrics['tokens_per_s']:,.0f} tokens/s" if _num(metrics.get("tokens_per_s")) else None,
-                 f"loss {metrics['loss']:.3f}" if _num(metrics.get("loss")) else None]
+        parts = [
+            f"{metrics['tokens_per_s']:,.0f} tokens/s"
+            if _num(metrics.get("tokens_per_s"))
+            else None,
+            f"loss {metrics['loss']:.3f}" if _num(metrics.get("loss")) else None,
+        ]
         return ", ".join(p for p in parts if p) or None
     if (m := read("metrics.json")) is not None:
         bpb = m.get("val_bits_per_byte")
@@ -69,13 +98,21 @@ def figure(step: str, out: Path) -> str | None:
             return f"val bits/byte {base:.3f} (base) -> {bpb:.3f} (tuned)"
         return f"val bits/byte {bpb:.3f}" if _num(bpb) else None
     if (m := read("decision.json")) is not None:
-        return f"{m['name']}/{m['version']} " + ("champion" if m.get("promoted") else "stays challenger")
+        return f"{m['name']}/{m['version']} " + (
+            "champion" if m.get("promoted") else "stays challenger"
+        )
     if (m := read("registered.json")) is not None:
         return f"{m['name']} version {m['version']}"
     if (m := read("manifest.json")) is not None:
         splits = m.get("splits", {})
-        return ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in splits.items() if isinstance(v, dict)
-                         and v.get("tokens")) or None
+        return (
+            ", ".join(
+                f"{k} {v['tokens']:,} tokens"
+                for k, v in splits.items()
+                if isinstance(v, dict) and v.get("tokens")
+            )
+            or None
+        )
     return None
 
 
@@ -102,7 +139,9 @@ def _registry(cfg: PipelineConfig) -> tuple[dict[str, Any] | None, dict[str, Any
         from flows.stages import student_registry
 
         names.append(student_registry(cfg).name)
-    if not (Path(cfg.workdir) / "mlflow.db").is_file() and not os.environ.get("MLFLOW_TRACKING_URI"):
+    if not (Path(cfg.workdir) / "mlflow.db").is_file() and not os.environ.get(
+        "MLFLOW_TRACKING_URI"
+    ):
         return None, None  # nothing tracked here yet: no store to create by looking
     registry = Registry(cfg.tracking, cfg.workdir)
     models: dict[str, Any] = {}
@@ -112,22 +151,35 @@ def _registry(cfg: PipelineConfig) -> tuple[dict[str, Any] | None, dict[str, Any
         except RegistryError:
             models[name] = None
             continue
-        models[name] = {alias: _version(v) for v in versions for alias in v["aliases"]
-                        if alias in ("champion", "challenger")}
+        models[name] = {
+            alias: _version(v)
+            for v in versions
+            for alias in v["aliases"]
+            if alias in ("champion", "challenger")
+        }
         models[name]["versions"] = len(versions)
     serve = None
     champion = (models.get(cfg.registry.name) or {}).get("champion")
     if champion:
-        serve = {"model": f"{cfg.registry.name}@champion", "version": champion["version"],
-                 "bundle": champion["bundle"], "url": f"http://{cfg.serve.host}:{cfg.serve.port}/v1"}
+        serve = {
+            "model": f"{cfg.registry.name}@champion",
+            "version": champion["version"],
+            "bundle": champion["bundle"],
+            "url": f"http://{cfg.serve.host}:{cfg.serve.port}/v1",
+        }
     return models, serve
 
 
 def _version(v: dict[str, Any]) -> dict[str, Any]:
     t = v["tags"]
-    return {"version": v["version"], "bits_per_byte": t.get("gptflow.eval.val_bits_per_byte"),
-            "perplexity": t.get("gptflow.eval.val_perplexity"), "gate": t.get("gptflow.gate"),
-            "stage": t.get("gptflow.stage"), "bundle": t.get("gptflow.bundle")}
+    return {
+        "version": v["version"],
+        "bits_per_byte": t.get("gptflow.eval.val_bits_per_byte"),
+        "perplexity": t.get("gptflow.eval.val_perplexity"),
+        "gate": t.get("gptflow.gate"),
+        "stage": t.get("gptflow.stage"),
+        "bundle": t.get("gptflow.bundle"),
+    }
 
 
 def _schedule(workdir: Path) -> list[dict[str, Any]]:
@@ -140,9 +192,17 @@ def _schedule(workdir: Path) -> list[dict[str, Any]]:
             continue
         last = (s.get("history") or [{}])[-1]
         stopped = bool(s.get("stopped")) and s["stopped"] >= (s.get("started") or "")
-        found.append({"state": str(state_file), "cron": s.get("cron"), "last_fire": s.get("last_fire"),
-                      "last_outcome": last.get("outcome"), "running": not stopped,
-                      "next_fire": None if stopped else s.get("next_fire"), "counts": s.get("counts", {})})
+        found.append(
+            {
+                "state": str(state_file),
+                "cron": s.get("cron"),
+                "last_fire": s.get("last_fire"),
+                "last_outcome": last.get("outcome"),
+                "running": not stopped,
+                "next_fire": None if stopped else s.get("next_fire"),
+                "counts": s.get("counts", {}),
+            }
+        )
     return found
 
 
@@ -157,11 +217,17 @@ def render(facts: dict[str, Any]) -> str:
         lines.append(f"last run: started {when}" + (", still running" if run["running"] else ""))
         rows = [("step", "state", "started", "time", "figure")]
         for s in run["steps"]:
-            started = time.strftime("%H:%M:%S", time.localtime(s["started"])) if s["started"] else "-"
-            rows.append((s["step"], s["state"], started, _dur(s["seconds"]), (s["figure"] or "")[:90]))
+            started = (
+                time.strftime("%H:%M:%S", time.localtime(s["started"])) if s["started"] else "-"
+            )
+            rows.append(
+                (s["step"], s["state"], started, _dur(s["seconds"]), (s["figure"] or "")[:90])
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        lines += ["  " + "  ".join(f"{c:<{w}}" for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
-                  for r in rows]
+        lines += [
+            "  " + "  ".join(f"{c:<{w}}" for c, w in zip(r[:4], widths, strict=True)) + "  " + r[4]
+            for r in rows
+        ]
         failed = [s for s in run["steps"] if s["state"] in ("failed", "interrupted") and s["log"]]
         lines += [f"  {s['step']}'s log: {s['log']}" for s in failed]
     registry = facts["registry"]
@@ -172,18 +238,33 @@ def render(facts: dict[str, Any]) -> str:
                 continue
             for alias in ("champion", "challenger"):
                 v = m.get(alias)
-                lines.append(f"registry: {name} {alias}: " + (
-                    f"version {v['version']}, bits/byte {_short(v['bits_per_byte'])}, perplexity "
-                    f"{_short(v['perplexity'])}" + (f", gate {v['gate']}" if v.get("gate") else "") if v else "none"))
+                lines.append(
+                    f"registry: {name} {alias}: "
+                    + (
+                        f"version {v['version']}, bits/byte {_short(v['bits_per_byte'])}, perplexity "
+                        f"{_short(v['perplexity'])}"
+                        + (f", gate {v['gate']}" if v.get("gate") else "")
+                        if v
+                        else "none"
+                    )
+                )
     elif registry is None:
-        lines.append("registry: none (tracking or the registry is off, or nothing is registered yet)")
+        lines.append(
+            "registry: none (tracking or the registry is off, or nothing is registered yet)"
+        )
     serve = facts["serve"]
-    lines.append(f"serve would load: {serve['model']} = version {serve['version']} ({serve['bundle']}), "
-                 f"at {serve['url']}" if serve else "serve would load: nothing (no champion yet)")
+    lines.append(
+        f"serve would load: {serve['model']} = version {serve['version']} ({serve['bundle']}), "
+        f"at {serve['url']}"
+        if serve
+        else "serve would load: nothing (no champion yet)"
+    )
     for s in facts["schedule"]:
-        lines.append(f"schedule{' ' + repr(s['cron']) if s['cron'] else ''}: last trigger {s['last_fire'] or '-'}: "
-                     f"{s['last_outcome'] or '-'}; "
-                     + (f"next {s['next_fire']}" if s["next_fire"] else "the scheduler is not running"))
+        lines.append(
+            f"schedule{' ' + repr(s['cron']) if s['cron'] else ''}: last trigger {s['last_fire'] or '-'}: "
+            f"{s['last_outcome'] or '-'}; "
+            + (f"next {s['next_fire']}" if s["next_fire"] else "the scheduler is not running")
+        )
     if not facts["schedule"]:
         lines.append("schedule: none configured in this workdir")
     return "\n".join(lines)

@@ -64,7 +64,9 @@ def shareable_config(cfg: Any) -> dict[str, Any]:
 
 
 PROBE_TIMEOUT_S = 15.0
-_PROBED: dict[str, float] = {}  # uri -> when it last answered (a probe per process per half minute at most)
+_PROBED: dict[
+    str, float
+] = {}  # uri -> when it last answered (a probe per process per half minute at most)
 
 
 def _redacted(text: str) -> str:
@@ -91,11 +93,17 @@ def check_reachable(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
     host = parts.netloc.rpartition("@")[2]
     url = urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/") + "/health", "", ""))
     headers = {}
-    if parts.username is not None:  # MLflow's basic auth: the same credentials, never in the URL sent
-        pair = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+    if (
+        parts.username is not None
+    ):  # MLflow's basic auth: the same credentials, never in the URL sent
+        pair = (
+            f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        )
         headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s):
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers), timeout=timeout_s
+        ):
             pass
     except urllib.error.HTTPError:
         pass  # it answered
@@ -104,7 +112,8 @@ def check_reachable(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
         raise ConfigError(
             f"the MLflow tracking server {_redacted(uri)} does not answer ({_redacted(str(reason))}; waited at most "
             f"{timeout_s:.0f} s): start it or fix MLFLOW_TRACKING_URI / tracking.uri, or run with --no-tracking "
-            "(tracking.enabled=false)") from None
+            "(tracking.enabled=false)"
+        ) from None
     _PROBED[uri] = time.time()
 
 
@@ -176,7 +185,9 @@ class Tracker:
 
         from flows.redact import redact_text
 
-        self._client.log_batch(self.run_id, tags=[RunTag(k, redact_text(str(v))) for k, v in tags.items()])
+        self._client.log_batch(
+            self.run_id, tags=[RunTag(k, redact_text(str(v))) for k, v in tags.items()]
+        )
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self._client:
@@ -201,8 +212,14 @@ class Tracker:
         if self._client:
             self._client.log_figure(self.run_id, figure, name)
 
-    def log_input_dataset(self, name: str, source: str, digest: str, context: str = "training",
-                          profile: Mapping[str, Any] | None = None) -> None:
+    def log_input_dataset(
+        self,
+        name: str,
+        source: str,
+        digest: str,
+        context: str = "training",
+        profile: Mapping[str, Any] | None = None,
+    ) -> None:
         """Record an input dataset (name, where it came from, its content digest) on the run."""
         if not self._client:
             return
@@ -214,11 +231,15 @@ class Tracker:
 
         name, source = redact_text(name), redact_text(source)
         ds = Dataset(
-            name=name, digest=digest[:36], source_type="local" if "://" not in source else "uri",
-            source=json.dumps({"uri": source}), profile=json.dumps(dict(profile or {})),
+            name=name,
+            digest=digest[:36],
+            source_type="local" if "://" not in source else "uri",
+            source=json.dumps({"uri": source}),
+            profile=json.dumps(dict(profile or {})),
         )
         self._client.log_inputs(
-            self.run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])]
+            self.run_id,
+            datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])],
         )
 
 
@@ -241,7 +262,9 @@ def stage_run(
     experiment = mlflow.get_experiment_by_name(cfg.experiment)
     if experiment is None:
         # Explicit artifact location: otherwise artifacts land in ./mlruns of the cwd.
-        experiment_id = mlflow.create_experiment(cfg.experiment, artifact_location=_artifact_location(workdir))
+        experiment_id = mlflow.create_experiment(
+            cfg.experiment, artifact_location=_artifact_location(workdir)
+        )
     else:
         experiment_id = experiment.experiment_id
     nested = mlflow.active_run() is not None
@@ -253,8 +276,13 @@ def stage_run(
         yield tracker
 
 
-def record_event(cfg: TrackingConfig, workdir: str | Path, name: str, tags: Mapping[str, Any],
-                 metrics: Mapping[str, float] | None = None) -> str | None:
+def record_event(
+    cfg: TrackingConfig,
+    workdir: str | Path,
+    name: str,
+    tags: Mapping[str, Any],
+    metrics: Mapping[str, float] | None = None,
+) -> str | None:
     """One finished MLflow run that records an event (a scheduler trigger and its outcome); its id.
 
     Through MlflowClient alone (no process-wide active run): safe beside a stage_run in progress.
@@ -267,8 +295,11 @@ def record_event(cfg: TrackingConfig, workdir: str | Path, name: str, tags: Mapp
     check_reachable(uri)
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(cfg.experiment)
-    experiment_id = (experiment.experiment_id if experiment is not None else
-                     client.create_experiment(cfg.experiment, artifact_location=_artifact_location(workdir)))
+    experiment_id = (
+        experiment.experiment_id
+        if experiment is not None
+        else client.create_experiment(cfg.experiment, artifact_location=_artifact_location(workdir))
+    )
     run = client.create_run(experiment_id, run_name=name, tags={"gptflow.stage": name})
     tracker = Tracker(run.info.run_id, uri)
     tracker.set_tags(tags)
@@ -286,9 +317,16 @@ def events(cfg: TrackingConfig, workdir: str | Path, name: str) -> list[dict[str
     experiment = client.get_experiment_by_name(cfg.experiment)
     if experiment is None:
         return []
-    runs = client.search_runs([experiment.experiment_id], f"tags.`gptflow.stage` = '{name}'",
-                              order_by=["attributes.start_time ASC"], max_results=10_000)
-    return [{"run_id": r.info.run_id, "tags": dict(r.data.tags), "metrics": dict(r.data.metrics)} for r in runs]
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`gptflow.stage` = '{name}'",
+        order_by=["attributes.start_time ASC"],
+        max_results=10_000,
+    )
+    return [
+        {"run_id": r.info.run_id, "tags": dict(r.data.tags), "metrics": dict(r.data.metrics)}
+        for r in runs
+    ]
 
 
 def attach(run_id: str | None, uri: str | None) -> Tracker:
@@ -296,8 +334,9 @@ def attach(run_id: str | None, uri: str | None) -> Tracker:
     return Tracker(run_id, uri) if run_id else Tracker()
 
 
-def download_model(uri: str, dst: str | Path, cfg: TrackingConfig | None = None,
-                   workdir: str | Path = "work") -> Path:
+def download_model(
+    uri: str, dst: str | Path, cfg: TrackingConfig | None = None, workdir: str | Path = "work"
+) -> Path:
     """Download a registered model's artifacts (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``) to `dst`.
 
     The registry logs bundles as MLflow models whose artifact directory is a bundle directory, so
@@ -312,10 +351,15 @@ def download_model(uri: str, dst: str | Path, cfg: TrackingConfig | None = None,
     _use_store(store)
     Path(dst).mkdir(parents=True, exist_ok=True)
     try:
-        return Path(mlflow.artifacts.download_artifacts(
-            artifact_uri=uri, dst_path=str(dst), tracking_uri=store, registry_uri=store))
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(dst), tracking_uri=store, registry_uri=store
+            )
+        )
     except MlflowException as e:
-        raise ValueError(_redacted(f"cannot download model {uri} from {store}: {e.message}")) from None
+        raise ValueError(
+            _redacted(f"cannot download model {uri} from {store}: {e.message}")
+        ) from None
 
 
 # --------------------------------------------------------------------------- the model registry
@@ -347,10 +391,19 @@ class Registry:
         except MlflowException as e:
             raise RegistryError(_redacted(f"{what}: {e.message} (registry {self.uri})")) from None
         except (OSError, ConnectionError) as e:
-            raise RegistryError(_redacted(f"{what}: the registry at {self.uri} is unreachable ({e})")) from None
+            raise RegistryError(
+                _redacted(f"{what}: the registry at {self.uri} is unreachable ({e})")
+            ) from None
 
-    def log_bundle_model(self, bundle: str | Path, code: str | Path, code_paths: list[str],
-                         pip_requirements: list[str], params: Mapping[str, Any], example: list[str]) -> str:
+    def log_bundle_model(
+        self,
+        bundle: str | Path,
+        code: str | Path,
+        code_paths: list[str],
+        pip_requirements: list[str],
+        params: Mapping[str, Any],
+        example: list[str],
+    ) -> str:
         """Log `bundle` as a pyfunc model of the active run (the model is the code file `code`; the
         bundle files are its ``bundle`` artifact); return the model URI."""
         import mlflow
@@ -363,12 +416,18 @@ class Registry:
 
         signature = ModelSignature(
             # unnamed: a list of strings and a one-column DataFrame (e.g. "prompt") both fit
-            inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]),
+            inputs=Schema([ColSpec("string")]),
+            outputs=Schema([ColSpec("string")]),
             params=ParamSchema([ParamSpec(k, dtype(v), v) for k, v in params.items()]),
         )
         info = self._call(
-            f"logging {bundle} as a model", mlflow.pyfunc.log_model, name="model", python_model=str(code),
-            artifacts={"bundle": str(bundle)}, code_paths=code_paths, signature=signature,
+            f"logging {bundle} as a model",
+            mlflow.pyfunc.log_model,
+            name="model",
+            python_model=str(code),
+            artifacts={"bundle": str(bundle)},
+            code_paths=code_paths,
+            signature=signature,
             input_example=(pd.DataFrame({"prompt": example}), {"max_tokens": 4}),
             pip_requirements=pip_requirements,
         )
@@ -378,14 +437,21 @@ class Registry:
         """A new version of `name` (created if missing) for `model_uri`; returns its number."""
         import mlflow
 
-        mv = self._call(f"registering {model_uri} as {name!r}", mlflow.register_model, model_uri, name,
-                        tags={k: str(v) for k, v in tags.items()})
+        mv = self._call(
+            f"registering {model_uri} as {name!r}",
+            mlflow.register_model,
+            model_uri,
+            name,
+            tags={k: str(v) for k, v in tags.items()},
+        )
         return str(mv.version)
 
     def versions(self, name: str) -> list[dict[str, Any]]:
         """Every version of `name`, oldest first, with tags and aliases; RegistryError if unknown."""
         model = self._call(f"model {name!r}", self.client.get_registered_model, name)
-        found = self._call(f"versions of {name!r}", self.client.search_model_versions, f"name='{name}'")
+        found = self._call(
+            f"versions of {name!r}", self.client.search_model_versions, f"name='{name}'"
+        )
         versions = sorted((_version_dict(v) for v in found), key=lambda v: int(v["version"]))
         aliases = dict(model.aliases or {})  # search results carry no aliases; the model does
         for v in versions:
@@ -393,8 +459,14 @@ class Registry:
         return versions
 
     def version(self, name: str, version: str | int) -> dict[str, Any]:
-        return _version_dict(self._call(f"model {name!r} version {version}", self.client.get_model_version,
-                                        name, str(version)))
+        return _version_dict(
+            self._call(
+                f"model {name!r} version {version}",
+                self.client.get_model_version,
+                name,
+                str(version),
+            )
+        )
 
     def by_alias(self, name: str, alias: str) -> dict[str, Any] | None:
         """The version `alias` points at, or None when the alias is not set (the model must exist)."""
@@ -409,14 +481,29 @@ class Registry:
             raise RegistryError(_redacted(f"model {name!r} alias {alias!r}: {e.message}")) from None
 
     def set_alias(self, name: str, alias: str, version: str | int) -> None:
-        self._call(f"setting {name}@{alias}", self.client.set_registered_model_alias, name, alias, str(version))
+        self._call(
+            f"setting {name}@{alias}",
+            self.client.set_registered_model_alias,
+            name,
+            alias,
+            str(version),
+        )
 
     def set_version_tags(self, name: str, version: str | int, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
-            self._call(f"tagging {name}/{version}", self.client.set_model_version_tag, name, str(version), k, str(v))
+            self._call(
+                f"tagging {name}/{version}",
+                self.client.set_model_version_tag,
+                name,
+                str(version),
+                k,
+                str(v),
+            )
 
     def model_tags(self, name: str) -> dict[str, str]:
-        return dict(self._call(f"model {name!r}", self.client.get_registered_model, name).tags or {})
+        return dict(
+            self._call(f"model {name!r}", self.client.get_registered_model, name).tags or {}
+        )
 
     def set_model_tags(self, name: str, tags: Mapping[str, Any]) -> None:
         for k, v in tags.items():
@@ -428,13 +515,16 @@ class Registry:
         from mlflow.exceptions import MlflowException
 
         try:
-            self.client.create_registered_model(name, tags={k: str(v) for k, v in tags.items()},
-                                                description=description)
+            self.client.create_registered_model(
+                name, tags={k: str(v) for k, v in tags.items()}, description=description
+            )
             return True
         except MlflowException as e:
             if e.error_code == "RESOURCE_ALREADY_EXISTS":
                 return False
-            raise RegistryError(_redacted(f"creating {name!r}: {e.message} (registry {self.uri})")) from None
+            raise RegistryError(
+                _redacted(f"creating {name!r}: {e.message} (registry {self.uri})")
+            ) from None
 
     def delete_model(self, name: str) -> None:
         self._call(f"deleting {name!r}", self.client.delete_registered_model, name)
@@ -444,9 +534,16 @@ class Registry:
         import mlflow
 
         Path(dst).mkdir(parents=True, exist_ok=True)
-        return Path(self._call(f"downloading {name}/{version}", mlflow.artifacts.download_artifacts,
-                               artifact_uri=f"models:/{name}/{version}", dst_path=str(dst),
-                               tracking_uri=self.uri, registry_uri=self.uri))
+        return Path(
+            self._call(
+                f"downloading {name}/{version}",
+                mlflow.artifacts.download_artifacts,
+                artifact_uri=f"models:/{name}/{version}",
+                dst_path=str(dst),
+                tracking_uri=self.uri,
+                registry_uri=self.uri,
+            )
+        )
 
     def run(self, run_id: str) -> dict[str, Any] | None:
         """A run's name, status, times and tags, or None when it does not exist (any more)."""
@@ -456,10 +553,24 @@ class Registry:
             r = self.client.get_run(run_id)
         except MlflowException:
             return None
-        return {"run_id": run_id, "name": r.info.run_name, "status": r.info.status,
-                "start_time": r.info.start_time, "end_time": r.info.end_time, "tags": dict(r.data.tags)}
+        return {
+            "run_id": run_id,
+            "name": r.info.run_name,
+            "status": r.info.status,
+            "start_time": r.info.start_time,
+            "end_time": r.info.end_time,
+            "tags": dict(r.data.tags),
+        }
 
 
 def _version_dict(v: Any) -> dict[str, Any]:
-    return {"name": v.name, "version": str(v.version), "tags": dict(v.tags or {}), "aliases": list(v.aliases or []),
-            "run_id": v.run_id, "source": v.source, "created": v.creation_timestamp, "status": v.status}
+    return {
+        "name": v.name,
+        "version": str(v.version),
+        "tags": dict(v.tags or {}),
+        "aliases": list(v.aliases or []),
+        "run_id": v.run_id,
+        "source": v.source,
+        "created": v.creation_timestamp,
+        "status": v.status,
+    }

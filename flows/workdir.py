@@ -91,7 +91,9 @@ def fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
-    except OSError as e:  # some filesystems (and platforms) cannot fsync a directory; nothing more to do
+    except (
+        OSError
+    ) as e:  # some filesystems (and platforms) cannot fsync a directory; nothing more to do
         if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             raise
     finally:

@@ -108,8 +108,15 @@ class _Running:
         if r.logprobs is not None:
             lp = torch.log_softmax(logits, dim=-1)
             top = torch.topk(lp, r.logprobs) if r.logprobs else None
-            self.logprobs.append(TokenLogprob(token, float(lp[token]), [] if top is None else
-                                              list(zip(top.indices.tolist(), top.values.tolist(), strict=True))))
+            self.logprobs.append(
+                TokenLogprob(
+                    token,
+                    float(lp[token]),
+                    []
+                    if top is None
+                    else list(zip(top.indices.tolist(), top.values.tolist(), strict=True)),
+                )
+            )
         stops = r.sampling.stop_strings
         if stops:
             cut = stop_cut(tokenizer, self.out, stops)
@@ -127,18 +134,27 @@ class _Running:
     def release(self, reason: str | None = None) -> SequenceOutput:
         """What is new and ready since the last release; all of it once the sequence finished."""
         end = self.ready if reason is None else len(self.out)
-        new = self.out[self.released:end]
-        lps = self.logprobs[self.released:end] if self.request.logprobs is not None else None
+        new = self.out[self.released : end]
+        lps = self.logprobs[self.released : end] if self.request.logprobs is not None else None
         self.released = end
-        return SequenceOutput(self.request.id, new, lps, reason, len(self.request.prompt), len(self.out))
+        return SequenceOutput(
+            self.request.id, new, lps, reason, len(self.request.prompt), len(self.out)
+        )
 
 
 class BatchEngine:
     """Iteration-level scheduler over `model`; `submit` and `cancel` may be called from any thread,
     `step` from one thread only."""
 
-    def __init__(self, model: GPT, *, max_batch_size: int = 16, max_batch_tokens: int | None = None,
-                 tokenizer: object | None = None, pack_weights: bool = True):
+    def __init__(
+        self,
+        model: GPT,
+        *,
+        max_batch_size: int = 16,
+        max_batch_tokens: int | None = None,
+        tokenizer: object | None = None,
+        pack_weights: bool = True,
+    ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         self.model = model.eval()
@@ -147,16 +163,21 @@ class BatchEngine:
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens or max_batch_size * self.context_length
         if self.max_batch_tokens < 2:
-            raise ValueError(f"max_batch_tokens={self.max_batch_tokens} leaves no room for a sequence")
+            raise ValueError(
+                f"max_batch_tokens={self.max_batch_tokens} leaves no room for a sequence"
+            )
         self.device = next(model.parameters()).device
         with torch.inference_mode():
             if not can_decode_flat(self.model):
-                raise ValueError("continuous batching needs a plain GPT without module hooks (its decoding "
-                                 "step computes what GPT.forward would only then)")
+                raise ValueError(
+                    "continuous batching needs a plain GPT without module hooks (its decoding "
+                    "step computes what GPT.forward would only then)"
+                )
             if pack_weights:
                 pack_linears(model)
-            self.cache = KVCache(model.config, max_batch_size, self.context_length, self.device,
-                                 _cache_dtype(model))
+            self.cache = KVCache(
+                model.config, max_batch_size, self.context_length, self.device, _cache_dtype(model)
+            )
             self.decoder = RaggedDecoder(model, self.cache)
         self._lock = threading.Lock()
         self._waiting: deque[SequenceRequest] = deque()
@@ -173,11 +194,15 @@ class BatchEngine:
         if request.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={request.max_new_tokens} must be >= 1")
         if len(request.prompt) + request.max_new_tokens > self.context_length:
-            raise ValueError(f"{len(request.prompt)} prompt tokens + {request.max_new_tokens} new tokens exceed "
-                             f"the context length of {self.context_length}")
+            raise ValueError(
+                f"{len(request.prompt)} prompt tokens + {request.max_new_tokens} new tokens exceed "
+                f"the context length of {self.context_length}"
+            )
         if len(request.prompt) + request.max_new_tokens > self.max_batch_tokens:
-            raise ValueError(f"{len(request.prompt) + request.max_new_tokens} tokens exceed the batch token "
-                             f"budget of {self.max_batch_tokens}")
+            raise ValueError(
+                f"{len(request.prompt) + request.max_new_tokens} tokens exceed the batch token "
+                f"budget of {self.max_batch_tokens}"
+            )
         stops = request.sampling.stop_strings
         if stops and self.tokenizer is None:
             raise ValueError("stop strings need the engine's tokenizer")
@@ -220,7 +245,9 @@ class BatchEngine:
         those that finished, admit what fits; what each sequence released."""
         outputs = self._retire_cancelled()
         finished = self._decode_step(outputs)
-        for row, reason in reversed(finished):  # from the back: a row's removal moves the last one in
+        for row, reason in reversed(
+            finished
+        ):  # from the back: a row's removal moves the last one in
             outputs.append(self._retire(row, reason))
         for request in self._admit():
             outputs.extend(self._prefill(request))
@@ -249,12 +276,18 @@ class BatchEngine:
         """Each running sequence's next token under its own settings and generator: one argmax for
         every greedy row at once, sampling.sample for each of the others."""
         argmax = logits.argmax(dim=-1).tolist()
-        return [argmax[row] if seq.request.sampling.plain_argmax else
-                int(sample(logits[row:row + 1], seq.request.sampling, seq.generator, [seq.history])[0])
-                for row, seq in enumerate(self._running)]
+        return [
+            argmax[row]
+            if seq.request.sampling.plain_argmax
+            else int(
+                sample(logits[row : row + 1], seq.request.sampling, seq.generator, [seq.history])[0]
+            )
+            for row, seq in enumerate(self._running)
+        ]
 
-    def _accept(self, seq: _Running, token: int, logits: torch.Tensor,
-                outputs: list[SequenceOutput]) -> str | None:
+    def _accept(
+        self, seq: _Running, token: int, logits: torch.Tensor, outputs: list[SequenceOutput]
+    ) -> str | None:
         """Give `seq` its next token, release what is ready; why the sequence ends, if it does."""
         reason = seq.accept(token, logits, self.tokenizer)
         if reason is None and seq.ready > seq.released:
@@ -272,7 +305,9 @@ class BatchEngine:
                 kept = deque()
                 for r in self._waiting:
                     if r.id in cancelled:
-                        outputs.append(SequenceOutput(r.id, [], None, "cancelled", len(r.prompt), 0))
+                        outputs.append(
+                            SequenceOutput(r.id, [], None, "cancelled", len(r.prompt), 0)
+                        )
                     else:
                         kept.append(r)
                 self._waiting = kept
@@ -288,7 +323,7 @@ class BatchEngine:
         if row != last:
             moved = self._running[last]
             kv = self.cache.kv
-            kv[:, :, row, :, :moved.length].copy_(kv[:, :, last, :, :moved.length])
+            kv[:, :, row, :, : moved.length].copy_(kv[:, :, last, :, : moved.length])
             self._running[row] = moved
         self._running.pop()
         return seq.release(reason)
@@ -298,7 +333,9 @@ class BatchEngine:
     def _admit(self) -> list[SequenceRequest]:
         """Waiting requests that fit now, first come first served: a free row each, and their
         prompt + max_new_tokens within the token budget the running sequences leave."""
-        budget = self.max_batch_tokens - sum(len(s.request.prompt) + s.request.max_new_tokens for s in self._running)
+        budget = self.max_batch_tokens - sum(
+            len(s.request.prompt) + s.request.max_new_tokens for s in self._running
+        )
         admitted: list[SequenceRequest] = []
         with self._lock:
             while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
@@ -312,11 +349,15 @@ class BatchEngine:
     def _prefill(self, request: SequenceRequest) -> list[SequenceOutput]:
         """Run a new sequence's prompt into the next free cache row; its first token."""
         row = len(self._running)
-        seq = _Running(request, make_generator(request.sampling, self.device), length=len(request.prompt))
+        seq = _Running(
+            request, make_generator(request.sampling, self.device), length=len(request.prompt)
+        )
         self._running.append(seq)
-        cache = KVCache.over(self.cache.kv[:, :, row:row + 1])
+        cache = KVCache.over(self.cache.kv[:, :, row : row + 1])
         idx = torch.tensor([request.prompt], device=self.device)
-        logits = self.model(idx, cache=cache, last_logits_only=True)[0][:, -1, :].float()  # (1, vocab)
+        logits = self.model(idx, cache=cache, last_logits_only=True)[0][
+            :, -1, :
+        ].float()  # (1, vocab)
         token = int(sample(logits, request.sampling, seq.generator, [seq.history])[0])
         outputs: list[SequenceOutput] = []
         reason = self._accept(seq, token, logits[0], outputs)
@@ -325,8 +366,15 @@ class BatchEngine:
         return outputs
 
 
-def generate_alone(model: GPT, request: SequenceRequest, tokenizer: object | None = None) -> list[int]:
+def generate_alone(
+    model: GPT, request: SequenceRequest, tokenizer: object | None = None
+) -> list[int]:
     """The reference the engine is held to: `generate` for this one sequence (used by tests and
     benchmarks)."""
-    return generate(model, list(request.prompt), request.max_new_tokens, sampling=request.sampling,
-                    tokenizer=tokenizer)
+    return generate(
+        model,
+        list(request.prompt),
+        request.max_new_tokens,
+        sampling=request.sampling,
+        tokenizer=tokenizer,
+    )

@@ -54,17 +54,37 @@ def save_bundle(
         (directory / "metadata.json").unlink()
         _fsync_dir(directory)
     tied = model.config.tie_embeddings
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != _TIED or not tied}
-    _atomic(directory / "model.safetensors", lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-    _atomic(directory / "config.json", lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n"))
-    _atomic(directory / "tokenizer.json", lambda p: p.write_text(tokenizer.to_json(), encoding="utf-8"))
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if k != _TIED or not tied
+    }
+    _atomic(
+        directory / "model.safetensors",
+        lambda p: save_file(state, str(p), metadata={"format": "pt"}),
+    )
+    _atomic(
+        directory / "config.json",
+        lambda p: p.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n"),
+    )
+    _atomic(
+        directory / "tokenizer.json", lambda p: p.write_text(tokenizer.to_json(), encoding="utf-8")
+    )
     settings = directory / "tokenizer_config.json"  # special tokens, chat template, stop tokens
     if tokenizer.has_settings:
-        _atomic(settings, lambda p: p.write_text(json.dumps(tokenizer.config(), indent=2) + "\n", encoding="utf-8"))
+        _atomic(
+            settings,
+            lambda p: p.write_text(
+                json.dumps(tokenizer.config(), indent=2) + "\n", encoding="utf-8"
+            ),
+        )
     else:
         settings.unlink(missing_ok=True)
     meta = {**(metadata or {}), "format_version": FORMAT_VERSION, "num_params": model.num_params()}
-    _atomic(directory / "metadata.json", lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+    _atomic(
+        directory / "metadata.json",
+        lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"),
+    )
     return directory
 
 
@@ -82,7 +102,9 @@ def load_bundle(
     metadata = read_json_object(directory / "metadata.json", error=BundleError)
     version = metadata.get("format_version")
     if version != FORMAT_VERSION:
-        raise BundleError(f"{directory / 'metadata.json'}: format_version {version!r}, expected {FORMAT_VERSION}")
+        raise BundleError(
+            f"{directory / 'metadata.json'}: format_version {version!r}, expected {FORMAT_VERSION}"
+        )
     config = read_config(directory / "config.json")
     try:
         tokenizer = Tokenizer.load(directory / "tokenizer.json")
@@ -105,7 +127,9 @@ def load_bundle(
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise BundleError(f"{weights}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+        raise BundleError(
+            f"{weights}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}"
+        )
     for name, shape in expected.items():
         if state[name].shape != shape:
             raise BundleError(
@@ -123,18 +147,24 @@ def read_config(path: str | Path) -> GPTConfig:
     (not an object, an unknown key, a value of the wrong type or out of range)."""
     path = Path(path)
     data = read_json_object(path, error=BundleError)
-    kinds = {f.name: f.type for f in dataclasses.fields(GPTConfig)}  # "int", "float", "bool" (postponed annotations)
+    kinds = {
+        f.name: f.type for f in dataclasses.fields(GPTConfig)
+    }  # "int", "float", "bool" (postponed annotations)
     for key, value in data.items():
         kind = kinds.get(key)
         ok = {
             "int": isinstance(value, int) and not isinstance(value, bool),
-            "float": isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
+            "float": isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value),
             "bool": isinstance(value, bool),
             "bool | None": value is None or isinstance(value, bool),
             "str": isinstance(value, str),
         }.get(str(kind), True)
         if not ok:
-            raise BundleError(f"{path}: {key}={value!r} must be a{'n' if kind == 'int' else ''} {kind}")
+            raise BundleError(
+                f"{path}: {key}={value!r} must be a{'n' if kind == 'int' else ''} {kind}"
+            )
     try:
         return GPTConfig.from_dict(data)
     except (TypeError, ValueError) as e:

@@ -59,7 +59,9 @@ class _Namespace(jinja2.utils.Namespace):
     @staticmethod
     def _check(name: Any) -> None:
         if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"a chat template may not set {name!r} on a namespace")
+            raise jinja2.exceptions.SecurityError(
+                f"a chat template may not set {name!r} on a namespace"
+            )
 
 
 class _Dict:
@@ -76,10 +78,17 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: Any = None,
+    sort_keys: bool = False,
+) -> str:
     # jinja2's own tojson escapes <, > and & for HTML; chat text must stay as it is.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _strftime_now(fmt: str) -> str:
@@ -88,8 +97,9 @@ def _strftime_now(fmt: str) -> str:
 
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -106,15 +116,26 @@ def check_template(template: str) -> None:
         raise ChatTemplateError(f"the chat template is not valid Jinja: {e}") from e
 
 
-def render(template: str, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
-           special_tokens: Mapping[str, str] | None = None, **variables: Any) -> str:
+def render(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    special_tokens: Mapping[str, str] | None = None,
+    **variables: Any,
+) -> str:
     """The text of `messages` in `template`; `special_tokens` (bos_token, eos_token, ...) and
     `variables` (tools, documents, anything the template reads) are visible to it."""
-    chat = [{k: v for k, v in dict(m).items() if v is not None} for m in messages]  # as transformers drops None
+    chat = [
+        {k: v for k, v in dict(m).items() if v is not None} for m in messages
+    ]  # as transformers drops None
     try:
-        return _compile(template).render(messages=chat, add_generation_prompt=add_generation_prompt,
-                                         tools=variables.pop("tools", None),
-                                         documents=variables.pop("documents", None),
-                                         **{**dict(special_tokens or {}), **variables})
+        return _compile(template).render(
+            messages=chat,
+            add_generation_prompt=add_generation_prompt,
+            tools=variables.pop("tools", None),
+            documents=variables.pop("documents", None),
+            **{**dict(special_tokens or {}), **variables},
+        )
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"the chat template failed on these messages: {e}") from e

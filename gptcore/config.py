@@ -67,33 +67,52 @@ class GPTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"GPTConfig.{name}={getattr(self, name)} must be >= 1")
         if self.d_model % self.n_head:
-            raise ValueError(f"GPTConfig.d_model={self.d_model} must be divisible by n_head={self.n_head}")
+            raise ValueError(
+                f"GPTConfig.d_model={self.d_model} must be divisible by n_head={self.n_head}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout={self.dropout} must be in [0, 1)")
-        choices = {"norm": ("layernorm", "rmsnorm"), "positions": ("learned", "rotary"), "mlp": ("gelu", "swiglu")}
+        choices = {
+            "norm": ("layernorm", "rmsnorm"),
+            "positions": ("learned", "rotary"),
+            "mlp": ("gelu", "swiglu"),
+        }
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
-                raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r} must be one of {', '.join(valid)}")
+                raise ValueError(
+                    f"GPTConfig.{name}={getattr(self, name)!r} must be one of {', '.join(valid)}"
+                )
         for name in ("mlp_hidden", "n_kv_head"):
             if getattr(self, name) < 0:
-                raise ValueError(f"GPTConfig.{name}={getattr(self, name)} must be >= 0 (0 means the default)")
+                raise ValueError(
+                    f"GPTConfig.{name}={getattr(self, name)} must be >= 0 (0 means the default)"
+                )
         if self.n_head % self.kv_heads:
-            raise ValueError(f"GPTConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+            raise ValueError(
+                f"GPTConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}"
+            )
         if not self.layer_norm_eps > 0:
             raise ValueError(f"GPTConfig.layer_norm_eps={self.layer_norm_eps} must be > 0")
         if self.positions == "rotary":
             if self.head_dim % 2:
-                raise ValueError(f"GPTConfig: rotary positions need an even head_dim, got {self.head_dim}")
+                raise ValueError(
+                    f"GPTConfig: rotary positions need an even head_dim, got {self.head_dim}"
+                )
             if not self.rope_theta > 1.0:
                 raise ValueError(f"GPTConfig.rope_theta={self.rope_theta} must be > 1")
             if not self.rope_scaling_factor >= 1.0:
-                raise ValueError(f"GPTConfig.rope_scaling_factor={self.rope_scaling_factor} must be >= 1 (1 = off)")
+                raise ValueError(
+                    f"GPTConfig.rope_scaling_factor={self.rope_scaling_factor} must be >= 1 (1 = off)"
+                )
             if self.rope_scaling_factor != 1.0 and not (
-                    0 < self.rope_low_freq_factor < self.rope_high_freq_factor and self.rope_original_context >= 1):
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor
+                and self.rope_original_context >= 1
+            ):
                 raise ValueError(
                     f"GPTConfig: rope scaling needs 0 < rope_low_freq_factor ({self.rope_low_freq_factor}) < "
                     f"rope_high_freq_factor ({self.rope_high_freq_factor}) and rope_original_context >= 1 "
-                    f"({self.rope_original_context})")
+                    f"({self.rope_original_context})"
+                )
 
     @property
     def head_dim(self) -> int:
@@ -127,10 +146,13 @@ class GPTConfig:
         ups = 2 if self.mlp == "swiglu" else 1  # SwiGLU: gate and up
         per_block = (
             2 * norm
-            + d * qkv + qkv * ab  # q, k, v projections
-            + d * d + d * ab  # attention output projection
+            + d * qkv
+            + qkv * ab  # q, k, v projections
+            + d * d
+            + d * ab  # attention output projection
             + ups * (d * h + h * mb)  # MLP up (and gate)
-            + h * d + d * mb  # MLP down
+            + h * d
+            + d * mb  # MLP down
         )
         total = L * per_block + norm  # the final norm
         if include_embeddings:
@@ -145,7 +167,9 @@ class GPTConfig:
         (the position embedding, and the token embedding when the head is untied).
         """
         T = seq_len or self.context_length
-        n = self.num_params() - (self.context_length * self.d_model if self.positions == "learned" else 0)
+        n = self.num_params() - (
+            self.context_length * self.d_model if self.positions == "learned" else 0
+        )
         n -= 0 if self.tie_embeddings else self.vocab_size * self.d_model
         return 6.0 * n + 12.0 * self.n_layer * self.n_head * self.head_dim * T
 
@@ -163,8 +187,15 @@ class GPTConfig:
 
 
 # The switches every Llama-family preset shares (the published models' eps is 1e-5).
-_LLAMA: dict[str, Any] = dict(bias=False, attn_bias=False, mlp_bias=False, norm="rmsnorm", positions="rotary",
-                              mlp="swiglu", layer_norm_eps=1e-5)
+_LLAMA: dict[str, Any] = dict(
+    bias=False,
+    attn_bias=False,
+    mlp_bias=False,
+    norm="rmsnorm",
+    positions="rotary",
+    mlp="swiglu",
+    layer_norm_eps=1e-5,
+)
 
 PRESETS: dict[str, GPTConfig] = {
     # < 1M parameters at vocab 4096: trains in seconds on a CPU, for tests and the local pipeline.
@@ -177,17 +208,55 @@ PRESETS: dict[str, GPTConfig] = {
     "gpt2-1.5b": GPTConfig(n_layer=48, n_head=25, d_model=1600),
     # The Llama family's tiny: every switch of the family on the tiny shape (RMSNorm, RoPE, SwiGLU,
     # grouped-query attention, an untied head), for tests and for trying the family on a CPU.
-    "tiny-llama": GPTConfig(vocab_size=4096, context_length=128, n_layer=4, n_head=4, d_model=64,
-                            **_LLAMA, n_kv_head=2, mlp_hidden=160, tie_embeddings=False),
+    "tiny-llama": GPTConfig(
+        vocab_size=4096,
+        context_length=128,
+        n_layer=4,
+        n_head=4,
+        d_model=64,
+        **_LLAMA,
+        n_kv_head=2,
+        mlp_hidden=160,
+        tie_embeddings=False,
+    ),
     # The Llama family, shapes from the published Hugging Face configs.
-    "smollm2-135m": GPTConfig(vocab_size=49152, context_length=8192, n_layer=30, n_head=9, d_model=576,
-                              **_LLAMA, n_kv_head=3, mlp_hidden=1536, rope_theta=100000.0),
-    "smollm2-360m": GPTConfig(vocab_size=49152, context_length=8192, n_layer=32, n_head=15, d_model=960,
-                              **_LLAMA, n_kv_head=5, mlp_hidden=2560, rope_theta=100000.0),
-    "llama-3.2-1b": GPTConfig(vocab_size=128256, context_length=131072, n_layer=16, n_head=32, d_model=2048,
-                              **_LLAMA, n_kv_head=8, mlp_hidden=8192, rope_theta=500000.0,
-                              rope_scaling_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                              rope_original_context=8192),
+    "smollm2-135m": GPTConfig(
+        vocab_size=49152,
+        context_length=8192,
+        n_layer=30,
+        n_head=9,
+        d_model=576,
+        **_LLAMA,
+        n_kv_head=3,
+        mlp_hidden=1536,
+        rope_theta=100000.0,
+    ),
+    "smollm2-360m": GPTConfig(
+        vocab_size=49152,
+        context_length=8192,
+        n_layer=32,
+        n_head=15,
+        d_model=960,
+        **_LLAMA,
+        n_kv_head=5,
+        mlp_hidden=2560,
+        rope_theta=100000.0,
+    ),
+    "llama-3.2-1b": GPTConfig(
+        vocab_size=128256,
+        context_length=131072,
+        n_layer=16,
+        n_head=32,
+        d_model=2048,
+        **_LLAMA,
+        n_kv_head=8,
+        mlp_hidden=8192,
+        rope_theta=500000.0,
+        rope_scaling_factor=32.0,
+        rope_low_freq_factor=1.0,
+        rope_high_freq_factor=4.0,
+        rope_original_context=8192,
+    ),
 }
 
 

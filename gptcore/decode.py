@@ -37,7 +37,9 @@ def can_decode_flat(model: torch.nn.Module) -> bool:
     """Whether :class:`Decoder` computes exactly what `model`'s forward would."""
     if type(model) is not GPT or model.training or not torch.is_inference_mode_enabled():
         return False
-    if getattr(nn_module, "_global_forward_hooks", None) or getattr(nn_module, "_global_forward_pre_hooks", None):
+    if getattr(nn_module, "_global_forward_hooks", None) or getattr(
+        nn_module, "_global_forward_pre_hooks", None
+    ):
         return False  # hooks registered for every module (torch.nn.modules.module.register_module_forward_hook)
     return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
@@ -66,29 +68,60 @@ class _Weights:
         self.wte = model.wte.weight
         self.wpe = model.wpe.weight if model.wpe is not None else None  # None: rotary positions
         self.blocks = [
-            (b.ln_1.weight, getattr(b.ln_1, "bias", None), _dense(b.attn.c_attn), _dense(b.attn.c_proj),
-             b.ln_2.weight, getattr(b.ln_2, "bias", None), _dense(b.mlp.c_fc), _dense(b.mlp.c_proj))
+            (
+                b.ln_1.weight,
+                getattr(b.ln_1, "bias", None),
+                _dense(b.attn.c_attn),
+                _dense(b.attn.c_proj),
+                b.ln_2.weight,
+                getattr(b.ln_2, "bias", None),
+                _dense(b.mlp.c_fc),
+                _dense(b.mlp.c_proj),
+            )
             for b in model.blocks
         ]  # an RMSNorm has no bias
         self.ln_f = (model.ln_f.weight, getattr(model.ln_f, "bias", None))
         self.lm_head = _dense(model.lm_head)
 
-    def embed(self, ids: torch.Tensor, positions: torch.Tensor | int) -> tuple[torch.Tensor, tuple | None]:
+    def embed(
+        self, ids: torch.Tensor, positions: torch.Tensor | int
+    ) -> tuple[torch.Tensor, tuple | None]:
         """The newest tokens' embeddings (B, C) and, for rotary positions, cos and sin (B or 1, 1, hs)
         at `positions` (B,) or one position for every row."""
         x = F.embedding(ids, self.wte)  # (B, C)
         if self.wpe is not None:
-            return x + (self.wpe[positions] if isinstance(positions, int) else F.embedding(positions, self.wpe)), None
-        pos = torch.tensor([positions], device=ids.device) if isinstance(positions, int) else positions
+            return x + (
+                self.wpe[positions]
+                if isinstance(positions, int)
+                else F.embedding(positions, self.wpe)
+            ), None
+        pos = (
+            torch.tensor([positions], device=ids.device)
+            if isinstance(positions, int)
+            else positions
+        )
         cos, sin = self.model.rope(pos, x.dtype)  # (B or 1, hs)
         return x, (cos[:, None], sin[:, None])
 
-    def norm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def norm(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
         eps = self.dims[-1]
-        return rms_norm(x, weight, eps) if self.rms else F.layer_norm(x, (x.size(-1),), weight, bias, eps)
+        return (
+            rms_norm(x, weight, eps)
+            if self.rms
+            else F.layer_norm(x, (x.size(-1),), weight, bias, eps)
+        )
 
-    def run(self, x: torch.Tensor, rope: tuple | None, layers: list[torch.Tensor], store: Callable, S: int,
-            mask: torch.Tensor | None) -> torch.Tensor:
+    def run(
+        self,
+        x: torch.Tensor,
+        rope: tuple | None,
+        layers: list[torch.Tensor],
+        store: Callable,
+        S: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Logits (B, vocab) for the embedded newest positions x (B, C), rotated by `rope` if given.
 
         Per layer, `store(kv, new)` writes this position's keys and values new (B, 2, nkv, hs) into
@@ -102,7 +135,7 @@ class _Weights:
             h = self.norm(x, ln1_w, ln1_b)
             qkv = linear(c_attn, h).view(B, nh + 2 * nkv, hs)
             if rope is not None:  # rotate the query and key heads in place (qkv is this step's own)
-                qk = qkv[:, :nh + nkv]
+                qk = qkv[:, : nh + nkv]
                 x1, x2 = qk.chunk(2, dim=-1)
                 qk.copy_(qk * rope[0] + torch.cat((-x2, x1), dim=-1) * rope[1])
             store(kv, qkv[:, nh:].view(B, 2, nkv, hs))
@@ -137,7 +170,9 @@ class Decoder:
             B, S = padding_mask.shape
             self.mask = torch.ones(B, cache.max_len, dtype=torch.bool, device=padding_mask.device)
             self.mask[:, :S] = padding_mask
-            self.positions = padding_mask.sum(dim=1)  # (B,) a row's next position: its real-token count
+            self.positions = padding_mask.sum(
+                dim=1
+            )  # (B,) a row's next position: its real-token count
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits (B, vocab) given each row's newest token id, ids (B,)."""

@@ -46,14 +46,22 @@ class Distillation:
 
 def check_distillation(alpha: float, temperature: float) -> None:
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha={alpha!r} must be in [0, 1] (the weight of the labels' cross-entropy)")
+        raise ValueError(
+            f"alpha={alpha!r} must be in [0, 1] (the weight of the labels' cross-entropy)"
+        )
     if not temperature > 0.0:
         raise ValueError(f"temperature={temperature!r} must be > 0")
 
 
-def chunked_distillation_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                              teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, alpha: float,
-                              temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def chunked_distillation_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    alpha: float,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss sum, cross-entropy sum, KL sum) over rows with target != -1; only the first is differentiable.
 
     hidden (N, C) and weight (V, C): the student's; teacher_hidden (N, C_t) and teacher_weight (V, C_t):
@@ -61,19 +69,29 @@ def chunked_distillation_loss(hidden: torch.Tensor, weight: torch.Tensor, target
     in the autocast dtype.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"hidden must be (N, C) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"hidden must be (N, C) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+        )
     if teacher_hidden.shape[0] != hidden.shape[0] or teacher_weight.shape[0] != weight.shape[0]:
-        raise ValueError(f"teacher rows {tuple(teacher_hidden.shape)} and vocabulary {tuple(teacher_weight.shape)} "
-                         f"must match the student's {tuple(hidden.shape)} and {tuple(weight.shape)}")
+        raise ValueError(
+            f"teacher rows {tuple(teacher_hidden.shape)} and vocabulary {tuple(teacher_weight.shape)} "
+            f"must match the student's {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
     check_distillation(alpha, temperature)
-    return _ChunkedDistillation.apply(hidden, weight, targets, teacher_hidden, teacher_weight, alpha, temperature)
+    return _ChunkedDistillation.apply(
+        hidden, weight, targets, teacher_hidden, teacher_weight, alpha, temperature
+    )
 
 
 class _ChunkedDistillation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_weight, alpha, tau):  # type: ignore[override]
         device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        dtype = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else hidden.dtype
+        )
         with torch.autocast(device_type, enabled=False):
             x, w = hidden.detach().to(dtype), weight.detach().to(dtype)
             xt, wt = teacher_hidden.detach().to(dtype), teacher_weight.detach().to(dtype)
@@ -95,8 +113,13 @@ class _ChunkedDistillation(torch.autograd.Function):
                 ce = -log_p.gather(1, tgt)  # (n, 1)
                 kl = (p_t * (log_pt - log_q)).sum(dim=1, keepdim=True)  # (n, 1)
                 kept = keep.to(torch.float32)
-                sums += torch.stack([((alpha * ce + (1.0 - alpha) * tau * tau * kl) * kept).sum(),
-                                     (ce * kept).sum(), (kl * kept).sum()])
+                sums += torch.stack(
+                    [
+                        ((alpha * ce + (1.0 - alpha) * tau * tau * kl) * kept).sum(),
+                        (ce * kept).sum(),
+                        (kl * kept).sum(),
+                    ]
+                )
                 if grad_x is None and grad_w is None:
                     continue
                 # alpha * (softmax(z) - onehot) + (1 - alpha) * tau * (q - p_t), zero on ignored rows

@@ -19,22 +19,32 @@ _CHUNK_ELEMENTS = 1 << 22
 _MIN_CHUNK_ROWS = 64
 
 
-def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def chunked_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
     """Sum over rows with target != -1 of the cross-entropy of ``hidden @ weight.T`` (fp32 softmax).
 
     hidden (N, C), weight (V, C), targets (N,) with -1 for ignored rows. Differentiable in hidden
     and weight. Under autocast the matmuls run in the autocast dtype, as the plain path's would.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"hidden must be (N, C) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}")
+        raise ValueError(
+            f"hidden must be (N, C) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+        )
     return _ChunkedCrossEntropy.apply(hidden, weight, targets)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(
+        ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+    ) -> torch.Tensor:  # type: ignore[override]
         device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+        dtype = (
+            torch.get_autocast_dtype(device_type)
+            if torch.is_autocast_enabled(device_type)
+            else hidden.dtype
+        )
         with torch.autocast(device_type, enabled=False):
             x = hidden.detach().to(dtype)
             w = weight.detach().to(dtype)

@@ -51,9 +51,16 @@ def generate(
     for faster decoding (see packed.py); it costs that much memory again, so turn it off for a model
     that barely fits.
     """
-    params = _sampling_params(sampling, temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, stop_ids=stop_ids,
-                              stop_strings=stop_strings, seed=seed)
+    params = _sampling_params(
+        sampling,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        stop_ids=stop_ids,
+        stop_strings=stop_strings,
+        seed=seed,
+    )
     prompts, single = _as_batch(prompt_ids)
     outputs: list[list[int]] = [[] for _ in prompts]
     for step in _decode(model, prompts, max_new_tokens, params, tokenizer, use_cache, pack_weights):
@@ -87,13 +94,22 @@ def generate_stream(
 
     With stop strings, a token that might begin one is held back until it is clear it does not.
     """
-    params = _sampling_params(sampling, temperature=temperature, top_k=top_k, top_p=top_p,
-                              repetition_penalty=repetition_penalty, stop_ids=stop_ids,
-                              stop_strings=stop_strings, seed=seed)
+    params = _sampling_params(
+        sampling,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        stop_ids=stop_ids,
+        stop_strings=stop_strings,
+        seed=seed,
+    )
     stops = params.stop_strings
     out: list[int] = []
     sent = 0
-    for step in _decode(model, [list(prompt_ids)], max_new_tokens, params, tokenizer, True, pack_weights):
+    for step in _decode(
+        model, [list(prompt_ids)], max_new_tokens, params, tokenizer, True, pack_weights
+    ):
         token = step[0]
         if token is None:
             break
@@ -110,11 +126,14 @@ def generate_stream(
     yield from out[sent:]
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None,
-                   repetition_penalty: float = 1.0) -> None:
+def check_sampling(
+    temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float = 1.0
+) -> None:
     """Refuse sampling settings outside their range (ValueError naming the setting), for a caller
     that checks its flags before it has a model; the check is SamplingParams'."""
-    SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty)
+    SamplingParams(
+        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty
+    )
 
 
 def _sampling_params(sampling: SamplingParams | None, **settings: Any) -> SamplingParams:
@@ -123,8 +142,10 @@ def _sampling_params(sampling: SamplingParams | None, **settings: Any) -> Sampli
     if sampling is None:
         return loose
     if loose != SamplingParams():
-        raise ValueError("give the sampling settings either as sampling=SamplingParams(...) or one by one "
-                         "(temperature=..., stop_ids=...), not both")
+        raise ValueError(
+            "give the sampling settings either as sampling=SamplingParams(...) or one by one "
+            "(temperature=..., stop_ids=...), not both"
+        )
     return sampling
 
 
@@ -165,7 +186,9 @@ def _decode_steps(
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
     was_training = model.training
     model.eval()
-    if pack_weights and torch.is_inference_mode_enabled():  # not under no_grad: ZeRO-3 sampling must use the live weights
+    if (
+        pack_weights and torch.is_inference_mode_enabled()
+    ):  # not under no_grad: ZeRO-3 sampling must use the live weights
         pack_linears(model)
     forward = _Forward(model, use_cache, max_new_tokens)
     generator = make_generator(params, forward.device)
@@ -200,10 +223,17 @@ class _Forward:
     def next_logits(self, rows: list[list[int]], taken: int) -> torch.Tensor:
         """Each row's logits for its next token (B, vocab); `taken` tokens were generated so far."""
         cache = self.cache
-        if not self.use_cache or cache is None or cache.pos >= cache.max_len or max(map(len, rows)) > self.ctx:
+        if (
+            not self.use_cache
+            or cache is None
+            or cache.pos >= cache.max_len
+            or max(map(len, rows)) > self.ctx
+        ):
             return self._encode(rows, taken)
         if self.decoder is not None:
-            return self.decoder(torch.tensor([r[-1] for r in rows], device=self.device))  # (B, vocab)
+            return self.decoder(
+                torch.tensor([r[-1] for r in rows], device=self.device)
+            )  # (B, vocab)
         return self._extend(rows)
 
     def _encode(self, rows: list[list[int]], taken: int) -> torch.Tensor:
@@ -216,8 +246,14 @@ class _Forward:
         # memory a long-context model pays for every call (SmolLM2's 8192 positions at batch
         # 8: 2.9 GB, seconds on this machine, for a 160-token generation).
         longest = max(len(r) for r in rows)
-        room = min(ctx, longest + self.max_new_tokens - taken - 1)  # the last token picked is never stored
-        self.cache = KVCache(model.config, len(rows), room, self.device, _cache_dtype(model)) if self.use_cache else None
+        room = min(
+            ctx, longest + self.max_new_tokens - taken - 1
+        )  # the last token picked is never stored
+        self.cache = (
+            KVCache(model.config, len(rows), room, self.device, _cache_dtype(model))
+            if self.use_cache
+            else None
+        )
         logits, _ = model(idx, cache=self.cache, padding_mask=self.mask, last_logits_only=True)
         self.decoder = Decoder(model, self.cache, self.mask) if self.flat else None
         return logits[:, -1, :]
@@ -226,7 +262,9 @@ class _Forward:
         """One position per row through GPT.forward (a model the flat step does not cover)."""
         last = torch.tensor([[r[-1]] for r in rows], device=self.device)  # (B, 1)
         if self.mask is not None:
-            self.mask = torch.cat([self.mask, torch.ones(len(rows), 1, dtype=torch.bool, device=self.device)], dim=1)
+            self.mask = torch.cat(
+                [self.mask, torch.ones(len(rows), 1, dtype=torch.bool, device=self.device)], dim=1
+            )
         return self.model(last, cache=self.cache, padding_mask=self.mask)[0][:, -1, :]
 
 
@@ -267,8 +305,8 @@ def _left_pad(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor
     mask = torch.zeros(len(rows), T, dtype=torch.bool, device=device)
     for i, r in enumerate(rows):
         if r:
-            idx[i, T - len(r):] = torch.tensor(r, dtype=torch.long, device=device)
-            mask[i, T - len(r):] = True
+            idx[i, T - len(r) :] = torch.tensor(r, dtype=torch.long, device=device)
+            mask[i, T - len(r) :] = True
     return idx, mask
 
 

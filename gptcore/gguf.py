@@ -33,7 +33,9 @@ from gptcore.tokenizer import Tokenizer, end_of_turn_tokens
 log = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-SUPPORTED_TOKENIZERS = ("gpt2",)  # byte-level BPE; sentencepiece ("llama") vocabularies are not built here
+SUPPORTED_TOKENIZERS = (
+    "gpt2",
+)  # byte-level BPE; sentencepiece ("llama") vocabularies are not built here
 
 # llama.cpp tensor name -> transformers LlamaForCausalLM name ({i}: the block).
 _NAMES = {
@@ -90,18 +92,24 @@ def read_gguf(path: str | Path) -> GGUFModel:
     meta = _Metadata(reader, path)
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{path}: architecture {arch!r} is not supported; gptcore reads "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+        raise ValueError(
+            f"{path}: architecture {arch!r} is not supported; gptcore reads "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
     names = {t.name for t in reader.tensors}
     config = _hf_config(meta, arch, names)
     tensors = _tensors(reader, path, config)
     tokenizer = _tokenizer(meta)
     rows = tensors["model.embed_tokens.weight"].shape[0]
     if tokenizer.vocab_size != rows:
-        raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but token_embd.weight has "
-                         f"{rows} rows")
+        raise ValueError(
+            f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but token_embd.weight has "
+            f"{rows} rows"
+        )
     if config["vocab_size"] != rows:
-        raise ValueError(f"{path}: {arch}.vocab_size={config['vocab_size']} but token_embd.weight has {rows} rows")
+        raise ValueError(
+            f"{path}: {arch}.vocab_size={config['vocab_size']} but token_embd.weight has {rows} rows"
+        )
     return GGUFModel(path, config, tensors, tokenizer)
 
 
@@ -136,7 +144,9 @@ def _open(path: Path) -> Any:
     try:
         reader = Reader(path)
     except Exception as e:  # noqa: BLE001 - the reader raises ValueError, KeyError, IndexError... on bad bytes
-        raise ValueError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from e
+        raise ValueError(
+            f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})"
+        ) from e
     return reader
 
 
@@ -169,7 +179,11 @@ class _Metadata:
 
     def number(self, key: str, default: Any = ...) -> float:
         value = self.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, int | float | np.number) or not np.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float | np.number)
+            or not np.isfinite(value)
+        ):
             raise ValueError(f"{self.path}: metadata {key}={value!r} must be a finite number")
         return float(value)
 
@@ -180,12 +194,20 @@ def _hf_config(meta: _Metadata, arch: str, names: set[str]) -> dict[str, Any]:
     n_head = meta.integer(k + "attention.head_count")
     d_model = meta.integer(k + "embedding_length")
     if n_head < 1 or d_model % n_head:
-        raise ValueError(f"{meta.path}: {k}embedding_length={d_model} is not a multiple of "
-                         f"{k}attention.head_count={n_head}")
+        raise ValueError(
+            f"{meta.path}: {k}embedding_length={d_model} is not a multiple of "
+            f"{k}attention.head_count={n_head}"
+        )
     scaling = meta.get(k + "rope.scaling.type", "none")
     if scaling not in ("none", "") or "rope_freqs.weight" in names:
-        what = f"rope scaling {scaling!r}" if scaling not in ("none", "") else "a rope_freqs.weight tensor"
-        raise ValueError(f"{meta.path}: {what} (long-context RoPE) is not supported by the GGUF reader")
+        what = (
+            f"rope scaling {scaling!r}"
+            if scaling not in ("none", "")
+            else "a rope_freqs.weight tensor"
+        )
+        raise ValueError(
+            f"{meta.path}: {what} (long-context RoPE) is not supported by the GGUF reader"
+        )
     if "token_embd.weight" not in names:
         raise ValueError(f"{meta.path}: no token_embd.weight tensor")
     tokens = meta.get("tokenizer.ggml.tokens", None)
@@ -209,13 +231,18 @@ def _hf_config(meta: _Metadata, arch: str, names: set[str]) -> dict[str, Any]:
         "tie_word_embeddings": "output.weight" not in names,
         "torch_dtype": "float32",
     }
-    for hf_key, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
-                        ("pad_token_id", "padding_token_id")):
+    for hf_key, key in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("pad_token_id", "padding_token_id"),
+    ):
         if f"tokenizer.ggml.{key}" in meta:
             config[hf_key] = meta.integer(f"tokenizer.ggml.{key}")
     if config["num_attention_heads"] % max(config["num_key_value_heads"], 1):
-        raise ValueError(f"{meta.path}: {k}attention.head_count={n_head} is not a multiple of "
-                         f"{k}attention.head_count_kv={config['num_key_value_heads']}")
+        raise ValueError(
+            f"{meta.path}: {k}attention.head_count={n_head} is not a multiple of "
+            f"{k}attention.head_count_kv={config['num_key_value_heads']}"
+        )
     return config
 
 
@@ -223,7 +250,9 @@ def _hf_name(name: str, n_layer: int, path: Path) -> str:
     m = _BLOCK.match(name)
     key = f"blk.{{i}}.{m.group(2)}" if m else name
     if key not in _NAMES or (m and int(m.group(1)) >= n_layer):
-        raise ValueError(f"{path}: tensor {name!r} has no place in a llama model of {n_layer} blocks")
+        raise ValueError(
+            f"{path}: tensor {name!r} has no place in a llama model of {n_layer} blocks"
+        )
     return _NAMES[key].format(i=m.group(1)) if m else _NAMES[key]
 
 
@@ -251,19 +280,29 @@ def _dequantize(t: Any, path: Path) -> np.ndarray:
         else:
             w = quants.dequantize(t.data, t.tensor_type)
     except NotImplementedError as e:
-        raise ValueError(f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package "
-                         f"cannot dequantize") from e
+        raise ValueError(
+            f"{path}: tensor {t.name} is stored as {t.tensor_type.name}, which the gguf package "
+            f"cannot dequantize"
+        ) from e
     except Exception as e:  # noqa: BLE001 - bytes that do not fill the blocks: a corrupt file
-        raise ValueError(f"{path}: tensor {t.name} ({t.tensor_type.name}) is unreadable ({e})") from e
+        raise ValueError(
+            f"{path}: tensor {t.name} ({t.tensor_type.name}) is unreadable ({e})"
+        ) from e
     if w.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: tensor {t.name} holds {w.size} values, its shape {shape} needs {np.prod(shape)}")
+        raise ValueError(
+            f"{path}: tensor {t.name} holds {w.size} values, its shape {shape} needs {np.prod(shape)}"
+        )
     return np.ascontiguousarray(w.reshape(shape), dtype=np.float32)
 
 
 def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     """Undo llama.cpp's row permutation of Q or K (convert_hf_to_gguf.py's `permute`): within each
     head it interleaved the two rotary halves; HF's rotate-half layout keeps them apart."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 # ---------------------------------------------------------------------- tokenizer
@@ -275,12 +314,16 @@ def _tokenizer(meta: _Metadata) -> Tokenizer:
 
     kind = meta.get("tokenizer.ggml.model")
     if kind not in SUPPORTED_TOKENIZERS:
-        raise ValueError(f"{meta.path}: tokenizer.ggml.model {kind!r} is not supported; gptcore builds "
-                         f"{', '.join(SUPPORTED_TOKENIZERS)} (byte-level BPE) vocabularies")
+        raise ValueError(
+            f"{meta.path}: tokenizer.ggml.model {kind!r} is not supported; gptcore builds "
+            f"{', '.join(SUPPORTED_TOKENIZERS)} (byte-level BPE) vocabularies"
+        )
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
-        raise ValueError(f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported; gptcore knows "
-                         f"{', '.join(PRE_TOKENIZERS)}")
+        raise ValueError(
+            f"{meta.path}: tokenizer.ggml.pre {pre!r} is not supported; gptcore knows "
+            f"{', '.join(PRE_TOKENIZERS)}"
+        )
     tokens = [str(t) for t in meta.get("tokenizer.ggml.tokens")]
     types = list(meta.get("tokenizer.ggml.token_type", [1] * len(tokens)))
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges")]
@@ -290,37 +333,66 @@ def _tokenizer(meta: _Metadata) -> Tokenizer:
     # A token spelled outside the byte alphabet (llama.cpp writes some added tokens as plain text)
     # is spelled in it, as transformers does, so the vocabulary and merges agree.
     spell = _bytes_to_unicode()
-    vocab = {t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8")): i
-             for i, t in enumerate(tokens)}
+    vocab = {
+        t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8")): i
+        for i, t in enumerate(tokens)
+    }
     if len(vocab) != len(tokens):
         raise ValueError(f"{meta.path}: tokenizer.ggml.tokens holds duplicate tokens")
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     if pre == "smollm":  # SmolLM's own tokenizer.json: each digit alone, then GPT-2's byte level
-        hf.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                    pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
     elif pre in ("llama-bpe", "llama3", "llama-v3"):
-        hf.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        hf.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     else:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>, <|endoftext|>) are special: their text in the input maps to their id.
     # User-defined ones (<think>) are matched whole too, but are not special.
-    hf.add_special_tokens([AddedToken(t, normalized=False, special=True)
-                           for t, k in zip(tokens, types, strict=True) if k == _CONTROL and set(t) <= alphabet])
-    hf.add_tokens([AddedToken(t, normalized=False, special=False)
-                   for t, k in zip(tokens, types, strict=True) if k == _USER_DEFINED])
+    hf.add_special_tokens(
+        [
+            AddedToken(t, normalized=False, special=True)
+            for t, k in zip(tokens, types, strict=True)
+            if k == _CONTROL and set(t) <= alphabet
+        ]
+    )
+    hf.add_tokens(
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, k in zip(tokens, types, strict=True)
+            if k == _USER_DEFINED
+        ]
+    )
     special: dict[str, str | None] = {}
-    for key, name in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
-                      ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+    for key, name in (
+        ("bos_token", "bos_token_id"),
+        ("eos_token", "eos_token_id"),
+        ("unk_token", "unknown_token_id"),
+        ("pad_token", "padding_token_id"),
+    ):
         i = meta.integer(f"tokenizer.ggml.{name}", -1)
         if i >= len(tokens):
-            raise ValueError(f"{meta.path}: tokenizer.ggml.{name}={i} is past the {len(tokens)} tokens")
+            raise ValueError(
+                f"{meta.path}: tokenizer.ggml.{name}={i} is past the {len(tokens)} tokens"
+            )
         special[key] = tokens[i] if i >= 0 else None
     template = meta.get("tokenizer.chat_template", None)
-    stops = [tokens[meta.integer(f"tokenizer.ggml.{k}_token_id")] for k in ("eot", "eom")
-             if f"tokenizer.ggml.{k}_token_id" in meta and meta.integer(f"tokenizer.ggml.{k}_token_id") < len(tokens)]
+    stops = [
+        tokens[meta.integer(f"tokenizer.ggml.{k}_token_id")]
+        for k in ("eot", "eom")
+        if f"tokenizer.ggml.{k}_token_id" in meta
+        and meta.integer(f"tokenizer.ggml.{k}_token_id") < len(tokens)
+    ]
     stops += end_of_turn_tokens(hf, template)
     try:
         return Tokenizer(hf, chat_template=template, stop_tokens=stops, **special)
@@ -330,7 +402,11 @@ def _tokenizer(meta: _Metadata) -> Tokenizer:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table (the ByteLevel alphabet)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    keep = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table, extra = {}, 0
     for b in range(256):
         if b in keep:

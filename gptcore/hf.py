@@ -41,14 +41,18 @@ def import_gpt2(directory: str | Path) -> GPT:
     hf = read_hf_config(directory, "GPT-2")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"{config_path}: model_type {hf.get('model_type')!r} is not gpt2")
-    return _gpt2_model(_gpt2_config(hf, config_path), _read_weights(directory), directory, config_path)
+    return _gpt2_model(
+        _gpt2_config(hf, config_path), _read_weights(directory), directory, config_path
+    )
 
 
 def _gpt2_config(hf: dict, config_path: Path | str) -> GPTConfig:
     _check_types(hf, config_path, _INT_KEYS, _FLOAT_KEYS)
     activation = hf.get("activation_function", "gelu_new")
     if activation not in _GELU_TANH:
-        raise ValueError(f"{config_path}: activation_function {activation!r} unsupported (GPT uses tanh GELU)")
+        raise ValueError(
+            f"{config_path}: activation_function {activation!r} unsupported (GPT uses tanh GELU)"
+        )
     # Variants GPT does not compute: loading their weights would silently give other logits.
     unsupported = {
         "tie_word_embeddings": hf.get("tie_word_embeddings", True) is not True,
@@ -59,7 +63,9 @@ def _gpt2_config(hf: dict, config_path: Path | str) -> GPTConfig:
     }
     bad = [k for k, v in unsupported.items() if v]
     if bad:
-        raise ValueError(f"{config_path}: unsupported GPT-2 variant settings {bad} (GPT implements standard GPT-2)")
+        raise ValueError(
+            f"{config_path}: unsupported GPT-2 variant settings {bad} (GPT implements standard GPT-2)"
+        )
     missing = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
     if missing:
         raise ValueError(f"{config_path}: missing keys {missing}")
@@ -73,8 +79,12 @@ def _gpt2_config(hf: dict, config_path: Path | str) -> GPTConfig:
     )
 
 
-def _gpt2_model(config: GPTConfig, state: dict[str, torch.Tensor], directory: Path | str,
-                config_path: Path | str) -> GPT:
+def _gpt2_model(
+    config: GPTConfig,
+    state: dict[str, torch.Tensor],
+    directory: Path | str,
+    config_path: Path | str,
+) -> GPT:
     state = {k.removeprefix("transformer."): v for k, v in state.items()}
     ours: dict[str, torch.Tensor] = {}
     for name, tensor in state.items():
@@ -85,11 +95,15 @@ def _gpt2_model(config: GPTConfig, state: dict[str, torch.Tensor], directory: Pa
     ours["lm_head.weight"] = ours["wte.weight"]
     model = GPT(config)
     try:
-        missing, unexpected = model.load_state_dict({k: v.float() for k, v in ours.items()}, strict=False)
+        missing, unexpected = model.load_state_dict(
+            {k: v.float() for k, v in ours.items()}, strict=False
+        )
     except RuntimeError as e:  # shape mismatches between config.json and the weights
         raise ValueError(f"{directory}: weights do not match {config_path}: {e}") from e
     if missing or unexpected:
-        raise ValueError(f"{directory}: weights do not fit GPT-2 layout: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{directory}: weights do not fit GPT-2 layout: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return model.eval()
 
 
@@ -104,7 +118,9 @@ def export_gpt2(model: GPT, directory: str | Path, tokenizer: Tokenizer | None =
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight":
             continue  # tied to wte (tie_word_embeddings)
-        hf_name = "transformer." + (name.replace("blocks.", "h.", 1) if name.startswith("blocks.") else name)
+        hf_name = "transformer." + (
+            name.replace("blocks.", "h.", 1) if name.startswith("blocks.") else name
+        )
         tensor = tensor.detach().cpu()
         state[hf_name] = (tensor.t() if name.endswith(_CONV1D) else tensor).contiguous()
     save_file(state, str(directory / "model.safetensors"), metadata={"format": "pt"})
@@ -132,11 +148,19 @@ def export_gpt2(model: GPT, directory: str | Path, tokenizer: Tokenizer | None =
     if tokenizer is not None:
         hf_config.update(bos_token_id=tokenizer.eot_id, eos_token_id=tokenizer.eot_id)
         tokenizer.save(directory / "tokenizer.json")
-        (directory / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "GPT2TokenizerFast",
-            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-            "model_max_length": c.context_length,
-        }, indent=2) + "\n")
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "GPT2TokenizerFast",
+                    "bos_token": "<|endoftext|>",
+                    "eos_token": "<|endoftext|>",
+                    "unk_token": "<|endoftext|>",
+                    "model_max_length": c.context_length,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     (directory / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return directory
 
@@ -146,14 +170,18 @@ _INT_KEYS = ("vocab_size", "n_layer", "n_head", "n_embd", "n_positions", "n_ctx"
 _FLOAT_KEYS = ("layer_norm_epsilon",)
 
 
-def _check_types(hf: dict, path: Path | str, ints: tuple[str, ...], floats: tuple[str, ...]) -> None:
+def _check_types(
+    hf: dict, path: Path | str, ints: tuple[str, ...], floats: tuple[str, ...]
+) -> None:
     for key in ints:
         v = hf.get(key)
         if key in hf and (isinstance(v, bool) or not isinstance(v, int)):
             raise ValueError(f"{path}: {key}={v!r} must be an integer")
     for key in floats:
         v = hf.get(key)
-        if key in hf and (isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)):
+        if key in hf and (
+            isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v)
+        ):
             raise ValueError(f"{path}: {key}={v!r} must be a number")
     for key in ("model_type", "activation_function", "hidden_act"):
         if key in hf and not isinstance(hf[key], str):
@@ -178,7 +206,9 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
         try:
             return torch.load(bin_path, map_location="cpu", weights_only=True)
         except (pickle.UnpicklingError, EOFError, OSError, RuntimeError) as e:
-            raise ValueError(f"{bin_path}: unreadable, truncated or not a plain weights file ({e})") from e
+            raise ValueError(
+                f"{bin_path}: unreadable, truncated or not a plain weights file ({e})"
+            ) from e
     raise FileNotFoundError(f"{directory}: neither model.safetensors nor pytorch_model.bin")
 
 
@@ -204,8 +234,10 @@ def load_hf_model(directory: str | Path) -> GPT:
     elif index.is_file():
         tensors = _read_sharded(index)
     else:
-        raise FileNotFoundError(f"{directory}: neither model.safetensors nor model.safetensors.index.json "
-                                "(only safetensors weights are read, never pickle)")
+        raise FileNotFoundError(
+            f"{directory}: neither model.safetensors nor model.safetensors.index.json "
+            "(only safetensors weights are read, never pickle)"
+        )
     return model_from_hf(hf, tensors, source=config_path)
 
 
@@ -234,11 +266,14 @@ def config_from_hf(hf: dict, *, source: str | Path = "config.json") -> GPTConfig
         return _gpt2_config(hf, source)
     if model_type == "llama":
         return _llama_config(hf, source)
-    raise ValueError(f"{source}: model_type {model_type!r} is not supported (supported: gpt2, llama)")
+    raise ValueError(
+        f"{source}: model_type {model_type!r} is not supported (supported: gpt2, llama)"
+    )
 
 
-def model_from_hf(hf_config: dict, tensors: dict[str, torch.Tensor], *,
-                  source: str | Path = "config.json") -> GPT:
+def model_from_hf(
+    hf_config: dict, tensors: dict[str, torch.Tensor], *, source: str | Path = "config.json"
+) -> GPT:
     """A GPT (fp32, eval mode) from an HF config dict and its HF-named tensors (any float dtype).
     A missing, unexpected or wrongly shaped tensor raises ValueError naming it."""
     config = config_from_hf(hf_config, source=source)
@@ -247,7 +282,9 @@ def model_from_hf(hf_config: dict, tensors: dict[str, torch.Tensor], *,
     return _llama_model(config, tensors, source)
 
 
-def export_hf(model: GPT, directory: str | Path, *, config_extra: dict[str, Any] | None = None) -> Path:
+def export_hf(
+    model: GPT, directory: str | Path, *, config_extra: dict[str, Any] | None = None
+) -> Path:
     """Write config.json and model.safetensors that `transformers.AutoModelForCausalLM.from_pretrained`
     loads with the same logits: a Llama directory for a Llama-family model, GPT-2's for GPT-2.
     `config_extra` is merged into config.json (e.g. bos/eos token ids). Tokenizer files are the
@@ -260,7 +297,8 @@ def export_hf(model: GPT, directory: str | Path, *, config_extra: dict[str, Any]
     else:
         raise ValueError(
             f"no Hugging Face architecture computes this GPTConfig (norm={c.norm}, positions={c.positions}, "
-            f"mlp={c.mlp}): GPT-2 needs layernorm/learned/gelu, Llama rmsnorm/rotary/swiglu")
+            f"mlp={c.mlp}): GPT-2 needs layernorm/learned/gelu, Llama rmsnorm/rotary/swiglu"
+        )
     if config_extra:
         path = Path(directory) / "config.json"
         path.write_text(json.dumps({**read_json_object(path), **config_extra}, indent=2) + "\n")
@@ -268,9 +306,15 @@ def export_hf(model: GPT, directory: str | Path, *, config_extra: dict[str, Any]
 
 
 def _is_gpt2(c: GPTConfig) -> bool:
-    return (c.norm == "layernorm" and c.positions == "learned" and c.mlp == "gelu" and c.tie_embeddings
-            and c.kv_heads == c.n_head and c.ffn_hidden == 4 * c.d_model
-            and c.linear_attn_bias == c.linear_mlp_bias == c.bias)
+    return (
+        c.norm == "layernorm"
+        and c.positions == "learned"
+        and c.mlp == "gelu"
+        and c.tie_embeddings
+        and c.kv_heads == c.n_head
+        and c.ffn_hidden == 4 * c.d_model
+        and c.linear_attn_bias == c.linear_mlp_bias == c.bias
+    )
 
 
 # --------------------------------------------------------------------------- Llama
@@ -279,17 +323,27 @@ def _is_gpt2(c: GPTConfig) -> bool:
 LLAMA_TENSORS: dict[str, tuple[str, ...]] = {
     "wte.weight": ("model.embed_tokens.weight",),
     "blocks.{i}.ln_1.weight": ("model.layers.{i}.input_layernorm.weight",),
-    "blocks.{i}.attn.c_attn.weight": ("model.layers.{i}.self_attn.q_proj.weight",
-                                      "model.layers.{i}.self_attn.k_proj.weight",
-                                      "model.layers.{i}.self_attn.v_proj.weight"),
-    "blocks.{i}.attn.c_attn.bias": ("model.layers.{i}.self_attn.q_proj.bias",
-                                    "model.layers.{i}.self_attn.k_proj.bias",
-                                    "model.layers.{i}.self_attn.v_proj.bias"),
+    "blocks.{i}.attn.c_attn.weight": (
+        "model.layers.{i}.self_attn.q_proj.weight",
+        "model.layers.{i}.self_attn.k_proj.weight",
+        "model.layers.{i}.self_attn.v_proj.weight",
+    ),
+    "blocks.{i}.attn.c_attn.bias": (
+        "model.layers.{i}.self_attn.q_proj.bias",
+        "model.layers.{i}.self_attn.k_proj.bias",
+        "model.layers.{i}.self_attn.v_proj.bias",
+    ),
     "blocks.{i}.attn.c_proj.weight": ("model.layers.{i}.self_attn.o_proj.weight",),
     "blocks.{i}.attn.c_proj.bias": ("model.layers.{i}.self_attn.o_proj.bias",),
     "blocks.{i}.ln_2.weight": ("model.layers.{i}.post_attention_layernorm.weight",),
-    "blocks.{i}.mlp.c_fc.weight": ("model.layers.{i}.mlp.gate_proj.weight", "model.layers.{i}.mlp.up_proj.weight"),
-    "blocks.{i}.mlp.c_fc.bias": ("model.layers.{i}.mlp.gate_proj.bias", "model.layers.{i}.mlp.up_proj.bias"),
+    "blocks.{i}.mlp.c_fc.weight": (
+        "model.layers.{i}.mlp.gate_proj.weight",
+        "model.layers.{i}.mlp.up_proj.weight",
+    ),
+    "blocks.{i}.mlp.c_fc.bias": (
+        "model.layers.{i}.mlp.gate_proj.bias",
+        "model.layers.{i}.mlp.up_proj.bias",
+    ),
     "blocks.{i}.mlp.c_proj.weight": ("model.layers.{i}.mlp.down_proj.weight",),
     "blocks.{i}.mlp.c_proj.bias": ("model.layers.{i}.mlp.down_proj.bias",),
     "ln_f.weight": ("model.norm.weight",),
@@ -298,28 +352,49 @@ LLAMA_TENSORS: dict[str, tuple[str, ...]] = {
 # In some checkpoints, never read: old RoPE buffers (recomputed from the config).
 _LLAMA_IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
-_LLAMA_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "intermediate_size", "max_position_embeddings", "head_dim")
+_LLAMA_INTS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "intermediate_size",
+    "max_position_embeddings",
+    "head_dim",
+)
 _LLAMA_FLOATS = ("rms_norm_eps",)
 _ROPE_FLOATS = ("rope_theta", "factor", "low_freq_factor", "high_freq_factor")
 
 
 def _llama_config(hf: dict, source: Path | str) -> GPTConfig:
     _check_types(hf, source, _LLAMA_INTS, _LLAMA_FLOATS)
-    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                           "intermediate_size") if k not in hf]
+    missing = [
+        k
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        )
+        if k not in hf
+    ]
     if missing:
         raise ValueError(f"{source}: missing keys {missing}")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r} unsupported (Llama's MLP is SwiGLU: silu)")
+        raise ValueError(
+            f"{source}: hidden_act {hf['hidden_act']!r} unsupported (Llama's MLP is SwiGLU: silu)"
+        )
     for key in ("attention_bias", "mlp_bias", "tie_word_embeddings"):
         if key in hf and not isinstance(hf[key], bool):
             raise ValueError(f"{source}: {key}={hf[key]!r} must be true or false")
     d, nh = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
     if head_dim is not None and (nh < 1 or head_dim * nh != d):
-        raise ValueError(f"{source}: head_dim={head_dim} must equal hidden_size / num_attention_heads "
-                         f"({d} / {nh}): GPT's heads split the residual stream")
+        raise ValueError(
+            f"{source}: head_dim={head_dim} must equal hidden_size / num_attention_heads "
+            f"({d} / {nh}): GPT's heads split the residual stream"
+        )
     rope = _llama_rope(hf, source)
     try:
         return GPTConfig(
@@ -355,21 +430,29 @@ def _llama_rope(hf: dict, source: Path | str) -> dict[str, Any]:
     _check_types(params, f"{source} ({key})", ("original_max_position_embeddings",), _ROPE_FLOATS)
     rope_type = params.get("rope_type", params.get("type", "default"))
     if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{source}: {key}.partial_rotary_factor={params['partial_rotary_factor']} unsupported "
-                         "(GPT rotates whole heads)")
+        raise ValueError(
+            f"{source}: {key}.partial_rotary_factor={params['partial_rotary_factor']} unsupported "
+            "(GPT rotates whole heads)"
+        )
     out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", 10000.0))}
     if rope_type == "default":
         return out
     if rope_type != "llama3":
-        raise ValueError(f"{source}: {key}.rope_type={rope_type!r} unsupported (supported: default, llama3)")
+        raise ValueError(
+            f"{source}: {key}.rope_type={rope_type!r} unsupported (supported: default, llama3)"
+        )
     need = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in params]
     if need:
         raise ValueError(f"{source}: {key} of rope_type llama3 lacks {need}")
-    return {**out, "rope_scaling_factor": float(params["factor"]),
-            "rope_low_freq_factor": float(params["low_freq_factor"]),
-            "rope_high_freq_factor": float(params["high_freq_factor"]),
-            "rope_original_context": params.get("original_max_position_embeddings",
-                                                hf.get("max_position_embeddings", 8192))}
+    return {
+        **out,
+        "rope_scaling_factor": float(params["factor"]),
+        "rope_low_freq_factor": float(params["low_freq_factor"]),
+        "rope_high_freq_factor": float(params["high_freq_factor"]),
+        "rope_original_context": params.get(
+            "original_max_position_embeddings", hf.get("max_position_embeddings", 8192)
+        ),
+    }
 
 
 def _llama_rows(c: GPTConfig, ours: str, count: int) -> list[int] | None:
@@ -410,23 +493,32 @@ def _llama_model(config: GPTConfig, tensors: dict[str, torch.Tensor], source: Pa
         del shapes["lm_head.weight"]
         head = tensors.get("lm_head.weight")  # a checkpoint may store the tied head anyway
         embed = tensors.get("model.embed_tokens.weight")
-        if head is not None and embed is not None and head.shape == embed.shape and torch.equal(head, embed):
+        if (
+            head is not None
+            and embed is not None
+            and head.shape == embed.shape
+            and torch.equal(head, embed)
+        ):
             tensors = {k: v for k, v in tensors.items() if k != "lm_head.weight"}
     table = _llama_names(config, list(shapes))
     wanted = {n for names in table.values() for n in names}
     unexpected = sorted(n for n in set(tensors) - wanted if not _LLAMA_IGNORED.fullmatch(n))
     missing = sorted(wanted - set(tensors))
     if missing or unexpected:
-        raise ValueError(f"{source}: the weights do not fit this Llama config: missing tensors {missing[:5]}, "
-                         f"unexpected tensors {unexpected[:5]}")
+        raise ValueError(
+            f"{source}: the weights do not fit this Llama config: missing tensors {missing[:5]}, "
+            f"unexpected tensors {unexpected[:5]}"
+        )
     state: dict[str, torch.Tensor] = {}
     for ours, hf_names in table.items():
         rows = _llama_rows(config, ours, len(hf_names)) or [shapes[ours][0]]
         for hf_name, n in zip(hf_names, rows, strict=True):
             expected = (n, *shapes[ours][1:])
             if tuple(tensors[hf_name].shape) != expected:
-                raise ValueError(f"{source}: tensor {hf_name} has shape {tuple(tensors[hf_name].shape)}, "
-                                 f"the config implies {expected}")
+                raise ValueError(
+                    f"{source}: tensor {hf_name} has shape {tuple(tensors[hf_name].shape)}, "
+                    f"the config implies {expected}"
+                )
         state[ours] = _stack_rows([tensors[n] for n in hf_names])
     if config.tie_embeddings:
         state["lm_head.weight"] = state["wte.weight"]
@@ -462,9 +554,13 @@ def llama_hf_config(c: GPTConfig) -> dict[str, Any]:
     """The HF config.json dict of a Llama-family GPTConfig."""
     scaling = None
     if c.rope_scaling_factor != 1.0:
-        scaling = {"rope_type": "llama3", "factor": c.rope_scaling_factor,
-                   "low_freq_factor": c.rope_low_freq_factor, "high_freq_factor": c.rope_high_freq_factor,
-                   "original_max_position_embeddings": c.rope_original_context}
+        scaling = {
+            "rope_type": "llama3",
+            "factor": c.rope_scaling_factor,
+            "low_freq_factor": c.rope_low_freq_factor,
+            "high_freq_factor": c.rope_high_freq_factor,
+            "original_max_position_embeddings": c.rope_original_context,
+        }
     return {  # transformers 4's layout (top-level rope_theta, rope_scaling): 4 and 5 both read it
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",

@@ -35,11 +35,21 @@ class KVCache:
     attention at one query per row is several times slower in bf16 than in fp32).
     """
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: int,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        config: GPTConfig,
+        batch_size: int,
+        max_len: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
         shape = (config.n_layer, 2, batch_size, config.kv_heads, max_len, config.head_dim)
-        self.kv = torch.zeros(shape, device=device, dtype=dtype)  # keys and values side by side: one copy per step
-        self.layers = [self.kv[i] for i in range(config.n_layer)]  # per-layer (2, B, nh, T_max, hs) views, made once
+        self.kv = torch.zeros(
+            shape, device=device, dtype=dtype
+        )  # keys and values side by side: one copy per step
+        self.layers = [
+            self.kv[i] for i in range(config.n_layer)
+        ]  # per-layer (2, B, nh, T_max, hs) views, made once
         self.max_len = max_len
         self.pos = 0  # positions filled; advanced by GPT.forward after all layers wrote
 
@@ -54,14 +64,16 @@ class KVCache:
         cache.pos = 0
         return cache
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, nkv, T, hs) keys/values; return all so far, (B, nkv, pos+T, hs)."""
         end = self.pos + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache overflow: {end} positions > max_len {self.max_len}")
         kv = self.layers[layer]
-        kv[0, :, :, self.pos:end] = k
-        kv[1, :, :, self.pos:end] = v
+        kv[0, :, :, self.pos : end] = k
+        kv[1, :, :, self.pos : end] = v
         return kv[0, :, :, :end], kv[1, :, :, :end]
 
 
@@ -99,12 +111,18 @@ def rope_frequencies(config: GPTConfig) -> torch.Tensor:
     long wavelengths divided by the factor, short ones kept, those between interpolated smoothly
     (Hugging Face's `_compute_llama3_parameters`, step for step, so the floats agree)."""
     hs = config.head_dim
-    steps = torch.arange(0, hs, 2, dtype=torch.int64, device="cpu").float()  # CPU even under a meta-device init
+    steps = torch.arange(
+        0, hs, 2, dtype=torch.int64, device="cpu"
+    ).float()  # CPU even under a meta-device init
     inv_freq = 1.0 / (config.rope_theta ** (steps / hs))
     factor = config.rope_scaling_factor
     if factor == 1.0:
         return inv_freq
-    low, high, old = config.rope_low_freq_factor, config.rope_high_freq_factor, config.rope_original_context
+    low, high, old = (
+        config.rope_low_freq_factor,
+        config.rope_high_freq_factor,
+        config.rope_original_context,
+    )
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
     smooth = (old / wavelen - low) / (high - low)
@@ -113,7 +131,9 @@ def rope_frequencies(config: GPTConfig) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_tables(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (*positions.shape, hs) for integer positions (any shape), in `dtype`."""
     freqs = positions[..., None].float() * inv_freq  # (..., hs/2)
     emb = torch.cat((freqs, freqs), dim=-1)  # (..., hs): rotate-half pairs i with i + hs/2
@@ -132,15 +152,22 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.kv_heads, config.head_dim
-        qkv = (self.n_head + 2 * self.n_kv_head) * self.head_dim  # q, then k and v (fewer heads under GQA)
+        qkv = (
+            self.n_head + 2 * self.n_kv_head
+        ) * self.head_dim  # q, then k and v (fewer heads under GQA)
         self.c_attn = Linear(config.d_model, qkv, bias=config.linear_attn_bias)
         self.c_proj = Linear(config.d_model, config.d_model, bias=config.linear_attn_bias)
         self.c_proj.residual_scaled = True  # GPT-2 init: scaled by 1/sqrt(2 * n_layer)
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: KVCache | None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         B, T, C = x.shape
         nh, nkv, hs = self.n_head, self.n_kv_head, self.head_dim
         qkv = self.c_attn(x).view(B, T, nh + 2 * nkv, hs).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
@@ -152,11 +179,17 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.update(self.layer, k, v)  # (B, nkv, S, hs), S = past + T
             q = q.to(k.dtype)  # attention in the cache's dtype (see KVCache)
         dropout = self.dropout if self.training else 0.0
-        gqa = nkv != nh  # each group of nh / nkv query heads shares a key/value head (HF's repeat_kv)
+        gqa = (
+            nkv != nh
+        )  # each group of nh / nkv query heads shares a key/value head (HF's repeat_kv)
         if mask is None:  # causal over a fresh sequence, or one new query that sees every key
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=T > 1, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout, is_causal=T > 1, enable_gqa=gqa
+            )
         else:  # (B, 1, T, S) boolean: cached prefix, left padding
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa)
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa
+            )
         y = y.transpose(1, 2).reshape(B, T, C).to(dtype)  # (B, T, C); a view when T == 1
         return _dropout(self.resid_dropout, self.c_proj(y))
 
@@ -167,7 +200,9 @@ class MLP(nn.Module):
         self.swiglu = config.mlp == "swiglu"
         hidden = config.ffn_hidden
         # SwiGLU's gate and up projections are one matrix, gate rows first: one product.
-        self.c_fc = Linear(config.d_model, 2 * hidden if self.swiglu else hidden, bias=config.linear_mlp_bias)
+        self.c_fc = Linear(
+            config.d_model, 2 * hidden if self.swiglu else hidden, bias=config.linear_mlp_bias
+        )
         self.gelu = nn.GELU(approximate="tanh")  # GPT-2's "gelu_new"
         self.c_proj = Linear(hidden, config.d_model, bias=config.linear_mlp_bias)
         self.c_proj.residual_scaled = True
@@ -191,8 +226,13 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: KVCache | None = None,
-                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x), mask, cache, rope)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -203,15 +243,27 @@ class LMHead(Linear):
     cross-entropy instead of logits, fused and chunked (see fused_loss.py). Being this module's
     forward matters under ZeRO-3, whose hooks gather a module's weights only around its forward."""
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None,
-                distill: Distillation | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        distill: Distillation | None = None,
+    ) -> torch.Tensor:
         if targets is None:
             return super().forward(x)
         if distill is None:
-            return chunked_cross_entropy(x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1))
+            return chunked_cross_entropy(
+                x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1)
+            )
         loss_sum, ce_sum, kl_sum = chunked_distillation_loss(
-            x.reshape(-1, x.size(-1)), self.weight, targets.reshape(-1),
-            distill.hidden.reshape(-1, distill.hidden.size(-1)), distill.weight, distill.alpha, distill.temperature)
+            x.reshape(-1, x.size(-1)),
+            self.weight,
+            targets.reshape(-1),
+            distill.hidden.reshape(-1, distill.hidden.size(-1)),
+            distill.weight,
+            distill.alpha,
+            distill.temperature,
+        )
         distill.parts = {"ce_sum": ce_sum, "kl_sum": kl_sum}
         return loss_sum
 
@@ -248,7 +300,9 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(
+        self, positions: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotary cos and sin (*positions.shape, hs) for these positions."""
         if self.rope_freq.device != positions.device:
             self.rope_freq = self.rope_freq.to(positions.device)
@@ -291,7 +345,10 @@ class GPT(nn.Module):
         elif return_logits:  # under autocast cross_entropy runs in fp32
             logits = self.lm_head(x)  # (B, T, vocab)
             loss_sum = F.cross_entropy(
-                logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="sum"
+                logits.view(-1, logits.size(-1)),
+                targets.reshape(-1),
+                ignore_index=-1,
+                reduction="sum",
             )
         else:
             logits, loss_sum = None, self.lm_head(x, targets)
@@ -299,8 +356,13 @@ class GPT(nn.Module):
         # not NaN) when a batch keeps none.
         return logits, loss_sum / (targets != -1).sum().clamp(min=1)
 
-    def features(self, idx: torch.Tensor, *, cache: KVCache | None = None,
-                 padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def features(
+        self,
+        idx: torch.Tensor,
+        *,
+        cache: KVCache | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The final hidden states (B, T, C), after the last norm: what the LM head reads.
 
         A teacher hands these (and its head weight) to a student's distillation loss; see forward
@@ -309,14 +371,20 @@ class GPT(nn.Module):
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
         if past + T > self.config.context_length:
-            raise ValueError(f"sequence of {past + T} tokens exceeds context_length {self.config.context_length}")
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds context_length {self.config.context_length}"
+            )
         positions, mask = self._positions_and_mask(B, T, past, padding_mask, idx.device)
         x = self.wte(idx)  # (B, T, C)
         rope = None
         if self.wpe is not None:
             x = x + self.wpe(positions)
         else:  # each row's own positions (left padding shifts them), as cos, sin (B, 1, T, hs)
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            dtype = (
+                torch.get_autocast_dtype(x.device.type)
+                if torch.is_autocast_enabled(x.device.type)
+                else x.dtype
+            )
             rope = tuple(t.unsqueeze(1) for t in self.rope(positions, dtype))
         x = _dropout(self.drop, x)
         for block in self.blocks:
@@ -342,7 +410,9 @@ class GPT(nn.Module):
             return positions, causal.view(1, 1, T, S)
         S = past + T
         if padding_mask.shape != (B, S):
-            raise ValueError(f"padding_mask must be (B, past+T) = {(B, S)}, got {tuple(padding_mask.shape)}")
+            raise ValueError(
+                f"padding_mask must be (B, past+T) = {(B, S)}, got {tuple(padding_mask.shape)}"
+            )
         padding_mask = padding_mask.bool()
         # Left padding shifts each row's real tokens; their positions count from the first real one.
         positions = (padding_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, past:]  # (B, T)

@@ -24,13 +24,17 @@ import torch.nn.functional as F
 
 MIN_ELEMENTS = 1 << 17
 """Smallest weight (in_features * out_features) worth packing; below it F.linear is faster."""
-_BATCH_HINT = 8  # oneDNN picks a layout for this many rows; measured as good as larger hints for any count
+_BATCH_HINT = (
+    8  # oneDNN picks a layout for this many rows; measured as good as larger hints for any count
+)
 
 
 def _stamp(weight: torch.Tensor) -> tuple[int, int, torch.dtype]:
     try:
         version = weight._version
-    except RuntimeError:  # an inference tensor has no version counter; its storage still identifies it
+    except (
+        RuntimeError
+    ):  # an inference tensor has no version counter; its storage still identifies it
         version = -1
     return weight.data_ptr(), version, weight.dtype
 
@@ -67,21 +71,29 @@ class Linear(nn.Linear):
 def usable_packed(module: nn.Linear, x: torch.Tensor) -> torch.Tensor | None:
     """`module`'s packed weight if it may be used for input `x` here and now, else None."""
     packed = getattr(module, "packed", None)
-    if (packed is not None and torch.is_inference_mode_enabled() and x.dtype == module.weight.dtype
-            and not torch.is_autocast_enabled(x.device.type) and packed.fresh_for(module.weight)):
+    if (
+        packed is not None
+        and torch.is_inference_mode_enabled()
+        and x.dtype == module.weight.dtype
+        and not torch.is_autocast_enabled(x.device.type)
+        and packed.fresh_for(module.weight)
+    ):
         return packed.tensor
     return None
 
 
-def linear(module: nn.Linear, x: torch.Tensor, *, gelu: bool = False,
-           residual: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    module: nn.Linear, x: torch.Tensor, *, gelu: bool = False, residual: torch.Tensor | None = None
+) -> torch.Tensor:
     """module(x) for 2-D `x`, then tanh-GELU if `gelu`, then `+ residual` if given. With a usable
     packed weight the GELU, or the add when there is no GELU, runs as a oneDNN post-op of the product."""
     packed = usable_packed(module, x)
     if packed is not None and residual is not None and not gelu:
         return _linear_binary(x, residual, packed, module.bias, "add")
     if packed is not None:
-        y = _linear_pointwise(x, packed, module.bias, "gelu" if gelu else "none", [], "tanh" if gelu else "")
+        y = _linear_pointwise(
+            x, packed, module.bias, "gelu" if gelu else "none", [], "tanh" if gelu else ""
+        )
     else:
         y = F.linear(x, module.weight, module.bias)
         if gelu:
@@ -91,7 +103,11 @@ def linear(module: nn.Linear, x: torch.Tensor, *, gelu: bool = False,
 
 def supported(weight: torch.Tensor) -> bool:
     """Whether this torch build can pack this weight (CPU, oneDNN, fp32 or hardware bf16)."""
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available() or _linear_pointwise is None:
+    if (
+        weight.device.type != "cpu"
+        or not torch.backends.mkldnn.is_available()
+        or _linear_pointwise is None
+    ):
         return False
     if weight.dtype == torch.float32:
         return True
@@ -105,7 +121,11 @@ def pack_linears(model: nn.Module) -> int:
     """
     count = 0
     for module in model.modules():
-        if not isinstance(module, Linear) or module.weight.numel() < MIN_ELEMENTS or not supported(module.weight):
+        if (
+            not isinstance(module, Linear)
+            or module.weight.numel() < MIN_ELEMENTS
+            or not supported(module.weight)
+        ):
             continue
         if module.packed is None or not module.packed.fresh_for(module.weight):
             module.packed = PackedWeight(module.weight)

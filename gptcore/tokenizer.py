@@ -39,15 +39,25 @@ class Tokenizer:
     else the eos token. `stop_ids` end generation: eos, the `stop_tokens`, then eot.
     """
 
-    def __init__(self, hf: HFTokenizer, *, bos_token: str | None = None, eos_token: str | None = None,
-                 pad_token: str | None = None, unk_token: str | None = None,
-                 chat_template: str | None = None, stop_tokens: Sequence[str] = ()):
+    def __init__(
+        self,
+        hf: HFTokenizer,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        unk_token: str | None = None,
+        chat_template: str | None = None,
+        stop_tokens: Sequence[str] = (),
+    ):
         self._hf = hf
         self._literal: HFTokenizer | None = None
         if eos_token is None and hf.token_to_id(EOT) is not None:
             eos_token = EOT
         self.special_tokens: dict[str, str] = {}
-        for key, token in zip(SPECIAL_KEYS, (bos_token, eos_token, unk_token, pad_token), strict=True):
+        for key, token in zip(
+            SPECIAL_KEYS, (bos_token, eos_token, unk_token, pad_token), strict=True
+        ):
             if token is None:
                 continue
             if hf.token_to_id(token) is None:
@@ -75,7 +85,9 @@ class Tokenizer:
     # ------------------------------------------------------------------ build
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:
+    def train(
+        cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2
+    ) -> Tokenizer:
         """Learn merges from an iterable of strings; special tokens get ids 0 and 1."""
         if vocab_size < 258:
             raise ValueError(f"vocab_size={vocab_size} is too small: 256 bytes + 2 special tokens")
@@ -103,7 +115,9 @@ class Tokenizer:
             elif (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
                 return cls.from_gpt2_files(path / "vocab.json", path / "merges.txt")
             else:
-                raise FileNotFoundError(f"{path}: holds neither tokenizer.json nor vocab.json + merges.txt")
+                raise FileNotFoundError(
+                    f"{path}: holds neither tokenizer.json nor vocab.json + merges.txt"
+                )
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist")
         try:
@@ -134,7 +148,11 @@ class Tokenizer:
 
     def with_settings(self, **changes: Any) -> Tokenizer:
         """The same vocabulary with other special tokens, chat template or stop tokens."""
-        settings = {**self.special_tokens, "chat_template": self.chat_template, "stop_tokens": self.stop_tokens}
+        settings = {
+            **self.special_tokens,
+            "chat_template": self.chat_template,
+            "stop_tokens": self.stop_tokens,
+        }
         return Tokenizer(HFTokenizer.from_str(self._hf.to_str()), **{**settings, **changes})
 
     # ------------------------------------------------------------------ save
@@ -171,8 +189,9 @@ class Tokenizer:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_json(), encoding="utf-8")
         if self.has_settings:
-            (path.parent / "tokenizer_config.json").write_text(json.dumps(self.config(), indent=2) + "\n",
-                                                               encoding="utf-8")
+            (path.parent / "tokenizer_config.json").write_text(
+                json.dumps(self.config(), indent=2) + "\n", encoding="utf-8"
+            )
         return path
 
     # ------------------------------------------------------------------ use
@@ -188,7 +207,10 @@ class Tokenizer:
         return self._for(allow_special).encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str], allow_special: bool = True) -> list[list[int]]:
-        return [e.ids for e in self._for(allow_special).encode_batch(list(texts), add_special_tokens=False)]
+        return [
+            e.ids
+            for e in self._for(allow_special).encode_batch(list(texts), add_special_tokens=False)
+        ]
 
     def _for(self, allow_special: bool) -> HFTokenizer:
         if allow_special:
@@ -204,14 +226,23 @@ class Tokenizer:
     def decode_batch(self, batch: Sequence[Sequence[int]]) -> list[str]:
         return self._hf.decode_batch([list(ids) for ids in batch], skip_special_tokens=False)
 
-    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-                            **variables: Any) -> str:
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        **variables: Any,
+    ) -> str:
         """The text of `messages` ({role, content} dicts) in the model's own chat template, as
         transformers' apply_chat_template(..., tokenize=False) renders it."""
         if self.chat_template is None:
             raise ValueError("this tokenizer has no chat template (a model trained without one)")
-        return render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                      special_tokens=self.special_tokens, **variables)
+        return render(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self.special_tokens,
+            **variables,
+        )
 
     def special_texts(self) -> tuple[str, ...]:
         """The text of every special (control) token: in plain text it would encode as that token."""
@@ -224,8 +255,10 @@ class Tokenizer:
         return self._hf.token_to_id(token)
 
     def __repr__(self) -> str:
-        return (f"Tokenizer(vocab_size={self.vocab_size}, eot_id={self.eot_id}, pad_id={self.pad_id}, "
-                f"stop_ids={self.stop_ids}, chat_template={self.chat_template is not None})")
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, eot_id={self.eot_id}, pad_id={self.pad_id}, "
+            f"stop_ids={self.stop_ids}, chat_template={self.chat_template is not None})"
+        )
 
 
 def end_of_turn_tokens(hf: HFTokenizer, template: str | None) -> list[str]:
@@ -244,8 +277,14 @@ def _settings_from_config(config: dict[str, Any], hf: HFTokenizer) -> dict[str, 
     settings: dict[str, Any] = {key: _token_text(config.get(key)) for key in SPECIAL_KEYS}
     template = config.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one is the chat's
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                        None)
+        template = next(
+            (
+                t.get("template")
+                for t in template
+                if isinstance(t, dict) and t.get("name") == "default"
+            ),
+            None,
+        )
     settings["chat_template"] = template if isinstance(template, str) else None
     stop = config.get("stop_tokens")
     if stop is None:  # not a gptcore bundle's: the template's end-of-turn tokens
@@ -257,7 +296,10 @@ def _settings_from_config(config: dict[str, Any], hf: HFTokenizer) -> dict[str, 
 def _read_settings(directory: Path, hf: HFTokenizer) -> dict[str, Any]:
     """The constructor's settings from the files beside tokenizer.json (none is required)."""
     config: dict[str, Any] = {}
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the second wins, as in transformers
+    for name in (
+        "special_tokens_map.json",
+        "tokenizer_config.json",
+    ):  # the second wins, as in transformers
         if (directory / name).is_file():
             data = read_json_object(directory / name)
             config.update({k: v for k, v in data.items() if v is not None})
@@ -271,7 +313,9 @@ def _read_settings(directory: Path, hf: HFTokenizer) -> dict[str, Any]:
         for i in eos if isinstance(eos, list) else [eos] if eos is not None else []:
             token = hf.id_to_token(i) if isinstance(i, int) and not isinstance(i, bool) else None
             if token is None:
-                raise ValueError(f"{generation}: eos_token_id {i!r} is not a token id of this vocabulary")
+                raise ValueError(
+                    f"{generation}: eos_token_id {i!r} is not a token id of this vocabulary"
+                )
             settings["stop_tokens"].append(token)
     return settings
 
@@ -279,6 +323,13 @@ def _read_settings(directory: Path, hf: HFTokenizer) -> dict[str, Any]:
 def _check_vocab_json(path: Path) -> None:
     """vocab.json must be a JSON object of token -> id (tokenizers' own messages do not name the file)."""
     vocab = read_json_object(path, "a JSON object of token -> id")
-    bad = next(((k, v) for k, v in vocab.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0), None)
+    bad = next(
+        (
+            (k, v)
+            for k, v in vocab.items()
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0
+        ),
+        None,
+    )
     if bad is not None:
         raise ValueError(f"{path}: token {bad[0]!r} has id {bad[1]!r}; ids must be integers >= 0")

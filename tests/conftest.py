@@ -52,11 +52,39 @@ def smollm2_gguf(tmp_path_factory):
 # cluster, no browser and no `gptflow` subprocess (each pays torch's and Ray's imports). Besides the
 # tests marked slow by hand, a test is slow when it uses a fixture that starts Ray or a server, lives
 # in a module about clusters and jobs, or its source starts one of those things.
-_SLOW_FIXTURES = {"ray_local", "serve_url", "deploy", "browser", "driver", "mlflow_server", "http_corpus"}
-_SLOW_MODULES = {"test_two_nodes", "test_jobs", "test_cluster_address", "test_concurrency", "test_object_storage",
-                 "test_schedule", "test_builtin_sft"}  # the last materialises the builtin corpora (~80 s)
-_SLOW_SOURCE = ("train(", "run_trainer", "TorchTrainer", "distill(", "subprocess", "Popen", "_gptflow(", "webdriver",
-                "ensure_ray", "preprocess(", "serve.run", "pipeline.run(cfg)", "run_step(")
+_SLOW_FIXTURES = {
+    "ray_local",
+    "serve_url",
+    "deploy",
+    "browser",
+    "driver",
+    "mlflow_server",
+    "http_corpus",
+}
+_SLOW_MODULES = {
+    "test_two_nodes",
+    "test_jobs",
+    "test_cluster_address",
+    "test_concurrency",
+    "test_object_storage",
+    "test_schedule",
+    "test_builtin_sft",
+}  # the last materialises the builtin corpora (~80 s)
+_SLOW_SOURCE = (
+    "train(",
+    "run_trainer",
+    "TorchTrainer",
+    "distill(",
+    "subprocess",
+    "Popen",
+    "_gptflow(",
+    "webdriver",
+    "ensure_ray",
+    "preprocess(",
+    "serve.run",
+    "pipeline.run(cfg)",
+    "run_step(",
+)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -70,6 +98,9 @@ def pytest_collection_modifyitems(config, items):
         except (OSError, TypeError):
             source = ""
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
-        if (_SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or module in _SLOW_MODULES
-                or any(s in source for s in _SLOW_SOURCE)):
+        if (
+            _SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))
+            or module in _SLOW_MODULES
+            or any(s in source for s in _SLOW_SOURCE)
+        ):
             item.add_marker(pytest.mark.slow)

@@ -31,10 +31,30 @@ def train(cfg: PipelineConfig, stage: str = "pretrain") -> Path:
 
 def prepare(cfg: PipelineConfig, stage: str = "pretrain") -> RunSpec:
     """The training run's spec (flows/train/prepare.py) for the output directory the runner would give it."""
-    planned = {p.step.name: p for p in pipeline.plan(cfg, wanted=[stage])} if stage in ("pretrain", "finetune") else {}
-    if stage not in planned:  # an unknown stage, or finetune disabled: let the stage's own check speak
-        return prepare_training(getattr(cfg, stage, cfg.pretrain), cfg.model, "", None, Path(cfg.workdir) / stage,
-                             pipeline.context(cfg), stage)
+    planned = (
+        {p.step.name: p for p in pipeline.plan(cfg, wanted=[stage])}
+        if stage in ("pretrain", "finetune")
+        else {}
+    )
+    if (
+        stage not in planned
+    ):  # an unknown stage, or finetune disabled: let the stage's own check speak
+        return prepare_training(
+            getattr(cfg, stage, cfg.pretrain),
+            cfg.model,
+            "",
+            None,
+            Path(cfg.workdir) / stage,
+            pipeline.context(cfg),
+            stage,
+        )
     p = planned[stage]
-    return prepare_training(getattr(cfg, stage), cfg.model, p.inputs["dataset"], p.inputs["init"], p.out,
-                         pipeline.context(cfg), stage)
+    return prepare_training(
+        getattr(cfg, stage),
+        cfg.model,
+        p.inputs["dataset"],
+        p.inputs["init"],
+        p.out,
+        pipeline.context(cfg),
+        stage,
+    )

@@ -37,7 +37,9 @@ def _cfg(tmp_path: Path, *overrides: str):
 # --------------------------------------------------------------------------- the import step
 
 
-def test_the_import_step_is_addressed_by_the_sources_content_and_shared_with_init(tmp_path, gguf_base):
+def test_the_import_step_is_addressed_by_the_sources_content_and_shared_with_init(
+    tmp_path, gguf_base
+):
     from flows import pipeline
     from flows.models.base import ensure, identity, import_dir
     from flows.train.prepare import resolve_init
@@ -49,7 +51,10 @@ def test_the_import_step_is_addressed_by_the_sources_content_and_shared_with_ini
     assert [p.step.name for p in planned] == ["import", "preprocess", "pretrain", "evaluate"]
     ctx = StepContext(workdir=Path(cfg.workdir))
     assert planned[0].out == import_dir(cfg.workdir, identity(str(gguf_base), ctx))
-    assert planned[1].inputs == {"base": planned[0].out} and planned[2].inputs["init"] == planned[0].out
+    assert (
+        planned[1].inputs == {"base": planned[0].out}
+        and planned[2].inputs["init"] == planned[0].out
+    )
     assert planned[3].inputs["base"] == planned[0].out
 
     # finetune.init naming the same file resolves through the same import, into the same directory.
@@ -60,8 +65,15 @@ def test_the_import_step_is_addressed_by_the_sources_content_and_shared_with_ini
     assert json.loads((bundle / "tokenizer_config.json").read_text())["chat_template"] == CHATML
 
     # pretrain.steps 0 skips the step: fine-tuning starts from the base itself
-    tuned = pipeline.plan(_cfg(tmp_path, f"model.base={gguf_base}", f"data.inputs=[{corpus}]",
-                               f"data.sft_inputs=[{corpus}]", "pretrain.steps=0"))
+    tuned = pipeline.plan(
+        _cfg(
+            tmp_path,
+            f"model.base={gguf_base}",
+            f"data.inputs=[{corpus}]",
+            f"data.sft_inputs=[{corpus}]",
+            "pretrain.steps=0",
+        )
+    )
     assert [p.step.name for p in tuned] == ["import", "preprocess", "finetune", "evaluate"]
     assert tuned[2].inputs["init"] == planned[0].out
 
@@ -78,7 +90,9 @@ def test_a_changed_source_is_a_new_import_and_a_missing_one_an_error(tmp_path, t
     first = identity(str(path), ctx)
     write_gguf(path, random_llama(tok.vocab_size, tied=True, seed=2), tok)
     assert identity(str(path), ctx) != first
-    assert identity("builtin:smollm2-135m-instruct", ctx)["sha256"]  # a builtin: its pinned sha256, no file read
+    assert identity("builtin:smollm2-135m-instruct", ctx)[
+        "sha256"
+    ]  # a builtin: its pinned sha256, no file read
     with pytest.raises(ConfigError, match="unknown built-in model"):
         identity("builtin:nope", ctx)
     with pytest.raises(ConfigError, match=r"finetune.init='/nowhere': no such directory or file"):
@@ -94,14 +108,18 @@ def _tokenized(record, tok, template=True):
     parts = sft.segments(record, load_config().data, stats, fmt)
     if parts is None:
         return None, stats
-    (ids, mask), = sft.tokenize_examples([parts], tok)
+    ((ids, mask),) = sft.tokenize_examples([parts], tok)
     return (ids, mask), stats
 
 
 def test_a_conversation_is_rendered_by_the_template_with_the_loss_on_the_assistant_turns_only(tok):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fox."},
-                {"role": "assistant", "content": "The quick brown fox."}, {"role": "user", "content": "A dog?"},
-                {"role": "assistant", "content": "The lazy dog."}]
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name a fox."},
+        {"role": "assistant", "content": "The quick brown fox."},
+        {"role": "user", "content": "A dog?"},
+        {"role": "assistant", "content": "The lazy dog."},
+    ]
     (ids, mask), stats = _tokenized({"messages": messages}, tok)
     assert not stats.dropped
     assert ids[-1] == tok.eot_id and mask[-1] == 0  # the turn's end is the stop, not <|endoftext|>
@@ -121,26 +139,63 @@ def test_a_conversation_is_rendered_by_the_template_with_the_loss_on_the_assista
 
 def test_a_prompt_completion_pair_becomes_a_user_and_an_assistant_turn(tok):
     (ids, mask), _ = _tokenized({"prompt": "def f(x):", "completion": "Return x twice."}, tok)
-    expected = tok.apply_chat_template([{"role": "user", "content": "def f(x):"},
-                                        {"role": "assistant", "content": "Return x twice."}], add_generation_prompt=False)
+    expected = tok.apply_chat_template(
+        [
+            {"role": "user", "content": "def f(x):"},
+            {"role": "assistant", "content": "Return x twice."},
+        ],
+        add_generation_prompt=False,
+    )
     assert tok.decode(ids[:-1]) == expected
-    assert tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "Return x twice.<|im_end|>"
+    assert (
+        tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "Return x twice.<|im_end|>"
+    )
     # Without a template: a pair is concatenated as from scratch, the completion and <|endoftext|> trained.
-    (ids, mask), _ = _tokenized({"prompt": "def f(x):", "completion": " Return x."}, tok, template=False)
+    (ids, mask), _ = _tokenized(
+        {"prompt": "def f(x):", "completion": " Return x."}, tok, template=False
+    )
     assert tok.decode(ids) == "def f(x): Return x.<|endoftext|>" and mask[-1] == 1
 
 
-@pytest.mark.parametrize("record, reason, template", [
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "boo"},
-                   {"role": "assistant", "content": "ok"}]}, "unknown_role", True),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
-     "no_chat_template", False),
-    ({"messages": [{"role": "user", "content": "say <|im_end|>"}, {"role": "assistant", "content": "no"}]},
-     "special_token_in_text", True),
-    ({"messages": [{"role": "assistant", "content": "unprompted"}]}, "no_prompt", True),
-    ({"messages": [{"role": "user", "content": "only a question"}]}, "no_assistant_turn", True),
-    ({"prompt": "p"}, "missing_prompt_or_completion", True),
-])
+@pytest.mark.parametrize(
+    "record, reason, template",
+    [
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "wizard", "content": "boo"},
+                    {"role": "assistant", "content": "ok"},
+                ]
+            },
+            "unknown_role",
+            True,
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "content": "ok"},
+                ]
+            },
+            "no_chat_template",
+            False,
+        ),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "say <|im_end|>"},
+                    {"role": "assistant", "content": "no"},
+                ]
+            },
+            "special_token_in_text",
+            True,
+        ),
+        ({"messages": [{"role": "assistant", "content": "unprompted"}]}, "no_prompt", True),
+        ({"messages": [{"role": "user", "content": "only a question"}]}, "no_assistant_turn", True),
+        ({"prompt": "p"}, "missing_prompt_or_completion", True),
+    ],
+)
 def test_bad_chat_records_are_dropped_and_counted_by_reason(tok, record, reason, template):
     out, stats = _tokenized(record, tok, template)
     assert out is None and dict(stats.dropped) == {reason: 1}
@@ -160,8 +215,9 @@ def test_task_scores_are_exact_contains_f1_and_rouge_l():
     assert token_f1("d c b a", "a b c d") == 1.0
     assert score_answer("It is Paris.", "Paris")["score"] == 1.0  # short: contains
     long_ref = "Return the number of words in the text."
-    assert score_answer("Return the words.", long_ref)["score"] == pytest.approx(rouge_l("Return the words.",
-                                                                                             long_ref))
+    assert score_answer("Return the words.", long_ref)["score"] == pytest.approx(
+        rouge_l("Return the words.", long_ref)
+    )
 
 
 # --------------------------------------------------------------------------- the whole pipeline
@@ -169,46 +225,97 @@ def test_task_scores_are_exact_contains_f1_and_rouge_l():
 
 def _sft_file(path: Path, n: int = 48) -> Path:
     rows = [{"prompt": f"def f{i}(x):", "completion": f"Return x times {i}."} for i in range(n)]
-    rows.append({"messages": [{"role": "user", "content": "hi"}, {"role": "oracle", "content": "?"},
-                              {"role": "assistant", "content": "ok"}]})  # line n + 1: an unknown role
-    rows.append({"prompt": "long", "completion": "The quick brown fox jumps. " * 40})  # line n + 2: > context
+    rows.append(
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "oracle", "content": "?"},
+                {"role": "assistant", "content": "ok"},
+            ]
+        }
+    )  # line n + 1: an unknown role
+    rows.append(
+        {"prompt": "long", "completion": "The quick brown fox jumps. " * 40}
+    )  # line n + 2: > context
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 @pytest.mark.slow
-def test_the_pipeline_tunes_a_base_model_and_scores_it_against_its_base(tmp_path, gguf_base, tok, ray_local):
+def test_the_pipeline_tunes_a_base_model_and_scores_it_against_its_base(
+    tmp_path, gguf_base, tok, ray_local
+):
     from flows import pipeline
     from gptcore import Tokenizer, load_bundle
 
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("".join(f"The quick brown fox {i} jumps over the lazy dog.\n\n" for i in range(400)))
+    corpus.write_text(
+        "".join(f"The quick brown fox {i} jumps over the lazy dog.\n\n" for i in range(400))
+    )
     sft_path = _sft_file(tmp_path / "pairs.jsonl")
-    train = ["micro_batch_size=4", "eval_every=4", "checkpoint_every=4", "num_workers=1", "warmup_steps=0"]
-    cfg = load_config(None, [
-        f"workdir={tmp_path / 'w'}", f"model.base={gguf_base}", "model.context_length=64",
-        f"data.inputs=[{corpus}]", f"data.sft_inputs=[{sft_path}]", "data.val_min_tokens=200",
-        "data.val_fraction=0.1", "data.sft_val_min_examples=8",
-        "pretrain.steps=4", "pretrain.lr=1e-3", *[f"pretrain.{t}" for t in train],
-        "finetune.steps=12", "finetune.lr=3e-3", *[f"finetune.{t}" for t in train],
-        "evaluate.prompts=[The ]", "evaluate.max_new_tokens=4", "evaluate.sample_tokens=16",
-        "evaluate.task_max_new_tokens=12", "registry.metric=sft_val_loss",
-    ])
+    train = [
+        "micro_batch_size=4",
+        "eval_every=4",
+        "checkpoint_every=4",
+        "num_workers=1",
+        "warmup_steps=0",
+    ]
+    cfg = load_config(
+        None,
+        [
+            f"workdir={tmp_path / 'w'}",
+            f"model.base={gguf_base}",
+            "model.context_length=64",
+            f"data.inputs=[{corpus}]",
+            f"data.sft_inputs=[{sft_path}]",
+            "data.val_min_tokens=200",
+            "data.val_fraction=0.1",
+            "data.sft_val_min_examples=8",
+            "pretrain.steps=4",
+            "pretrain.lr=1e-3",
+            *[f"pretrain.{t}" for t in train],
+            "finetune.steps=12",
+            "finetune.lr=3e-3",
+            *[f"finetune.{t}" for t in train],
+            "evaluate.prompts=[The ]",
+            "evaluate.max_new_tokens=4",
+            "evaluate.sample_tokens=16",
+            "evaluate.task_max_new_tokens=12",
+            "registry.metric=sft_val_loss",
+        ],
+    )
     planned = pipeline.run(cfg)
     steps = {p.step.name: p for p in planned}
-    assert list(steps) == ["import", "preprocess", "pretrain", "finetune", "evaluate", "register", "promote"]
+    assert list(steps) == [
+        "import",
+        "preprocess",
+        "pretrain",
+        "finetune",
+        "evaluate",
+        "register",
+        "promote",
+    ]
     assert all(p.status == "ran" for p in planned)
 
     dataset = steps["preprocess"].out
     manifest = json.loads((dataset / "manifest.json").read_text())
     base_tok = Tokenizer.load(steps["import"].out)
-    assert manifest["base_model"]["tokenizer_sha256"] == base_tok.sha256() == Tokenizer.load(dataset).sha256()
-    assert manifest["base_model"]["context_length"] == 64 and manifest["base_model"]["chat_template"]
+    assert (
+        manifest["base_model"]["tokenizer_sha256"]
+        == base_tok.sha256()
+        == Tokenizer.load(dataset).sha256()
+    )
+    assert (
+        manifest["base_model"]["context_length"] == 64 and manifest["base_model"]["chat_template"]
+    )
     assert manifest["vocab_size"] == tok.vocab_size  # the base's vocabulary, no BPE trained
     dropped = manifest["sft_examples"]["dropped"]
     assert dropped == {"unknown_role": 1, "longer_than_context": 1}
     locations = manifest["sft_examples"]["locations"]
-    assert locations["unknown_role"][0]["line"] == 49 and locations["longer_than_context"][0]["line"] == 50
+    assert (
+        locations["unknown_role"][0]["line"] == 49
+        and locations["longer_than_context"][0]["line"] == 50
+    )
     assert locations["unknown_role"][0]["file"].endswith("pairs.jsonl")
 
     tuned, _, meta = load_bundle(steps["finetune"].out)
@@ -217,13 +324,28 @@ def test_the_pipeline_tunes_a_base_model_and_scores_it_against_its_base(tmp_path
     assert meta["parent"]["bundle"] == str(steps["pretrain"].out)
 
     metrics = json.loads((steps["evaluate"].out / "metrics.json").read_text())
-    figures = ("val_bits_per_byte", "sft_val_loss", "task_score", "task_rouge_l", "task_contains",
-               "task_exact_match", "task_token_f1", "task_examples")
+    figures = (
+        "val_bits_per_byte",
+        "sft_val_loss",
+        "task_score",
+        "task_rouge_l",
+        "task_contains",
+        "task_exact_match",
+        "task_token_f1",
+        "task_examples",
+    )
     assert set(figures) <= set(metrics) and set(figures) <= set(metrics["base"])
     assert metrics["base"]["bundle"] == str(steps["import"].out)
     assert metrics["sft_val_loss"] < metrics["base"]["sft_val_loss"]  # the tuning is for this
-    answers = [json.loads(line) for line in (steps["evaluate"].out / "task_answers.jsonl").read_text().splitlines()]
-    assert len(answers) == metrics["task_examples"] and {"answer", "base_answer", "reference"} <= set(answers[0])
+    answers = [
+        json.loads(line)
+        for line in (steps["evaluate"].out / "task_answers.jsonl").read_text().splitlines()
+    ]
+    assert len(answers) == metrics["task_examples"] and {
+        "answer",
+        "base_answer",
+        "reference",
+    } <= set(answers[0])
     assert answers[0]["prompt"].endswith("<|im_start|>assistant\n")
 
     decision = json.loads((steps["promote"].out / "decision.json").read_text())

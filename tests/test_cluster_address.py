@@ -45,21 +45,29 @@ def stale_ray_tmpdir():
 
 def _run(code: str, env_extra: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env_extra
-    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_no_address_starts_a_local_ray_and_ignores_a_stale_current_cluster_file(stale_ray_tmpdir):
     root, dead = stale_ray_tmpdir
-    code = ("import ray\n"
-            "from ray._private.services import canonicalize_bootstrap_address\n"
-            "from flows.cluster import ensure_ray, shutdown_ray\n"
-            "from flows.config import ClusterConfig\n"
-            "print('ray would join', canonicalize_bootstrap_address(None))\n"  # what a plain ray.init() reads
-            "ensure_ray(ClusterConfig(num_cpus=1))\n"
-            "print('joined', ray.get_runtime_context().gcs_address)\n"
-            "print('cpus', ray.cluster_resources().get('CPU'))\n"
-            "shutdown_ray()\n")
+    code = (
+        "import ray\n"
+        "from ray._private.services import canonicalize_bootstrap_address\n"
+        "from flows.cluster import ensure_ray, shutdown_ray\n"
+        "from flows.config import ClusterConfig\n"
+        "print('ray would join', canonicalize_bootstrap_address(None))\n"  # what a plain ray.init() reads
+        "ensure_ray(ClusterConfig(num_cpus=1))\n"
+        "print('joined', ray.get_runtime_context().gcs_address)\n"
+        "print('cpus', ray.cluster_resources().get('CPU'))\n"
+        "shutdown_ray()\n"
+    )
     # A plain ray.init() here retries the dead GCS for ever: the timeout turns that into a failure.
     out = _run(code, {"RAY_TMPDIR": root})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -75,16 +83,20 @@ def test_no_address_starts_a_local_ray_and_ignores_a_stale_current_cluster_file(
 
 def test_auto_with_a_stale_current_cluster_file_is_a_clear_error(stale_ray_tmpdir):
     root, dead = stale_ray_tmpdir
-    code = ("from flows.cluster import ensure_ray\n"
-            "from flows.config import ClusterConfig, ConfigError\n"
-            "try:\n"
-            "    ensure_ray(ClusterConfig(address='auto'))\n"
-            "except ConfigError as e:\n"
-            "    print('ConfigError:', e)\n")
+    code = (
+        "from flows.cluster import ensure_ray\n"
+        "from flows.config import ClusterConfig, ConfigError\n"
+        "try:\n"
+        "    ensure_ray(ClusterConfig(address='auto'))\n"
+        "except ConfigError as e:\n"
+        "    print('ConfigError:', e)\n"
+    )
     out = _run(code, {"RAY_TMPDIR": root}, timeout=60)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ConfigError: cluster.address='auto'" in out.stdout, out.stdout
-    assert f":{dead.rpartition(':')[2]})" in out.stdout and "no Ray answers there" in out.stdout, out.stdout
+    assert f":{dead.rpartition(':')[2]})" in out.stdout and "no Ray answers there" in out.stdout, (
+        out.stdout
+    )
 
 
 def test_ray_address_that_does_not_answer_fails_the_cli_with_one_line(tmp_path):
@@ -92,10 +104,28 @@ def test_ray_address_that_does_not_answer_fails_the_cli_with_one_line(tmp_path):
     corpus.write_text("Some words of a document that is long enough to keep.\n" * 50)
     dead = f"127.0.0.1:{_closed_port()}"
     env = os.environ | {"RAY_ADDRESS": dead}
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "preprocess", "--input", str(corpus), "--no-tracking",
-                          "--workdir", str(tmp_path / "w"), "--set", "data.val_min_tokens=0",
-                          "--set", "data.val_fraction=0"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "preprocess",
+            "--input",
+            str(corpus),
+            "--no-tracking",
+            "--workdir",
+            str(tmp_path / "w"),
+            "--set",
+            "data.val_min_tokens=0",
+            "--set",
+            "data.val_fraction=0",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 2, out.stderr[-3000:]
     assert f"RAY_ADDRESS={dead!r}" in out.stderr and "no Ray answers there" in out.stderr
     assert "Traceback" not in out.stderr

@@ -26,7 +26,9 @@ def test_cluster_yaml_passes_rays_schema_and_a_broken_copy_does_not():
     cfg = yaml.safe_load(TEXT)
     _validate(cfg)
     broken = copy.deepcopy(cfg)
-    broken["available_node_types"]["gpu_worker"]["min_workers"] = 9  # above its max_workers: refused
+    broken["available_node_types"]["gpu_worker"]["min_workers"] = (
+        9  # above its max_workers: refused
+    )
     with pytest.raises(ValueError):
         _validate(broken)
     typo = copy.deepcopy(cfg)
@@ -55,8 +57,12 @@ def test_the_mlflow_server_listens_on_the_heads_private_address_only():
     (server,) = [c for c in cfg["head_start_ray_commands"] if "mlflow server" in c]
     host = re.search(r"--host[ =](\$\(.*?\)|\S+)", server)
     assert host, server
-    assert host.group(1) not in ("0.0.0.0", "::", "[::]", "*"), server  # every interface: anyone who reaches the head
-    assert host.group(1) == "$(hostname -I | awk '{print $1}')", server  # the address the nodes' MLFLOW_TRACKING_URI names
+    assert host.group(1) not in ("0.0.0.0", "::", "[::]", "*"), (
+        server
+    )  # every interface: anyone who reaches the head
+    assert host.group(1) == "$(hostname -I | awk '{print $1}')", (
+        server
+    )  # the address the nodes' MLFLOW_TRACKING_URI names
     start = "\n".join(cfg["head_start_ray_commands"])
     assert "MLFLOW_TRACKING_URI=http://$(hostname -I | awk '{print $1}'):5000" in start
 

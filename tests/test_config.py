@@ -21,8 +21,16 @@ def test_local_yaml_is_the_embedded_default():
 
 
 def test_overrides_are_typed_and_nested():
-    cfg = load_config(None, ["pretrain.lr=3e-4", "pretrain.zero_stage=2", "data.inputs=[a.txt, b.txt]",
-                             "model.context_length=64", "tracking.enabled=false"])
+    cfg = load_config(
+        None,
+        [
+            "pretrain.lr=3e-4",
+            "pretrain.zero_stage=2",
+            "data.inputs=[a.txt, b.txt]",
+            "model.context_length=64",
+            "tracking.enabled=false",
+        ],
+    )
     assert cfg.pretrain.lr == 3e-4 and cfg.pretrain.zero_stage == 2
     assert cfg.data.inputs == ("a.txt", "b.txt")
     assert cfg.model.context_length == 64

@@ -42,7 +42,11 @@ def disk_events(monkeypatch):
 def _renamed_durably(events: list[tuple[str, str]], final: Path) -> int:
     """Assert `final` got its content through fsync(tmp) -> rename(tmp -> final) -> fsync(its dir);
     return the index of that directory fsync."""
-    renames = [i for i, (kind, what) in enumerate(events) if kind == "rename" and what.endswith(f" -> {final}")]
+    renames = [
+        i
+        for i, (kind, what) in enumerate(events)
+        if kind == "rename" and what.endswith(f" -> {final}")
+    ]
     assert renames, f"{final} was not renamed into place: {events}"
     i = renames[-1]
     tmp = events[i][1].split(" -> ")[0]
@@ -52,7 +56,9 @@ def _renamed_durably(events: list[tuple[str, str]], final: Path) -> int:
     return after[0]
 
 
-def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_directory_after(tmp_path, disk_events):
+def test_atomic_write_fsyncs_the_file_before_the_rename_and_the_directory_after(
+    tmp_path, disk_events
+):
     atomic_write_text(tmp_path / "DONE", "{}")
     _renamed_durably(disk_events, tmp_path / "DONE")
 
@@ -82,7 +88,11 @@ def _tiny_bundle_parts(vocab: int = 300, seed: int = 0):
 
     tok = Tokenizer.train([document(i) for i in range(20)], vocab_size=vocab)
     torch.manual_seed(seed)
-    return GPT(preset("tiny", vocab_size=tok.vocab_size, n_layer=1, d_model=32, n_head=2, context_length=16)), tok
+    return GPT(
+        preset(
+            "tiny", vocab_size=tok.vocab_size, n_layer=1, d_model=32, n_head=2, context_length=16
+        )
+    ), tok
 
 
 def test_bundle_files_are_fsynced_and_renamed_with_metadata_last(tmp_path, disk_events):
@@ -90,8 +100,10 @@ def test_bundle_files_are_fsynced_and_renamed_with_metadata_last(tmp_path, disk_
 
     model, tok = _tiny_bundle_parts()
     save_bundle(tmp_path / "b", model, tok)
-    done = {name: _renamed_durably(disk_events, tmp_path / "b" / name)
-            for name in ("model.safetensors", "config.json", "tokenizer.json", "metadata.json")}
+    done = {
+        name: _renamed_durably(disk_events, tmp_path / "b" / name)
+        for name in ("model.safetensors", "config.json", "tokenizer.json", "metadata.json")
+    }
     assert max(done, key=done.get) == "metadata.json"
 
 
@@ -123,9 +135,16 @@ def test_a_crash_while_overwriting_a_bundle_leaves_no_loadable_mix(tmp_path, mon
 
 
 def _plan(tmp_path: Path, steps: int) -> SimpleNamespace:
-    return SimpleNamespace(stage="pretrain", train=TrainConfig(steps=steps), gpt_config={"n_layer": 1},
-                           dataset=SimpleNamespace(manifest_sha256="abc"), parent=None, teacher=None,
-                           storage_path=str(tmp_path), run_name="run")
+    return SimpleNamespace(
+        stage="pretrain",
+        train=TrainConfig(steps=steps),
+        gpt_config={"n_layer": 1},
+        dataset=SimpleNamespace(manifest_sha256="abc"),
+        parent=None,
+        teacher=None,
+        storage_path=str(tmp_path),
+        run_name="run",
+    )
 
 
 def _checkpoint(run_dir: Path, step: int, world: int = 2, complete: bool = True) -> Path:
@@ -134,12 +153,16 @@ def _checkpoint(run_dir: Path, step: int, world: int = 2, complete: bool = True)
     for rank in range(world):
         tmp = run_dir / f"rank{rank}-{step}"
         (tmp / f"step{step:08d}").mkdir(parents=True)
-        (tmp / f"step{step:08d}" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(os.urandom(64))
+        (tmp / f"step{step:08d}" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(
+            os.urandom(64)
+        )
         (tmp / f"rng_rank{rank:05d}.pt").write_bytes(os.urandom(16))
         if rank == 0:
             (tmp / ckpt.STATE_FILE).write_text(json.dumps({"step": step, "tag": f"step{step:08d}"}))
         ckpt.record_files(tmp, rank, world)
-        if complete or rank == 0:  # an incomplete one: the driver died while rank 1's files were on their way
+        if (
+            complete or rank == 0
+        ):  # an incomplete one: the driver died while rank 1's files were on their way
             for f in tmp.rglob("*"):
                 if f.is_file():
                     (d / f.relative_to(tmp)).parent.mkdir(parents=True, exist_ok=True)
@@ -156,9 +179,15 @@ def test_a_resume_counts_only_complete_checkpoints(tmp_path):
     ckpt.check_resume(_plan(tmp_path, 10))  # a first run records its identity
     _checkpoint(tmp_path / "run", 10)
     _checkpoint(tmp_path / "run", 20, complete=False)
-    (tmp_path / "run" / ckpt.checkpoint_dir_name(30)).mkdir()  # Ray made the directory, nothing arrived
-    assert ckpt.latest_checkpoint(tmp_path / "run") == tmp_path / "run" / ckpt.checkpoint_dir_name(10)
-    ckpt.check_resume(_plan(tmp_path, 15))  # resuming step 10 into 15 steps is fine: 20 and 30 never finished
+    (
+        tmp_path / "run" / ckpt.checkpoint_dir_name(30)
+    ).mkdir()  # Ray made the directory, nothing arrived
+    assert ckpt.latest_checkpoint(tmp_path / "run") == tmp_path / "run" / ckpt.checkpoint_dir_name(
+        10
+    )
+    ckpt.check_resume(
+        _plan(tmp_path, 15)
+    )  # resuming step 10 into 15 steps is fine: 20 and 30 never finished
     with pytest.raises(ckpt.ConfigError, match="checkpoint at step 10"):
         ckpt.check_resume(_plan(tmp_path, 5))
 
@@ -170,7 +199,9 @@ def test_a_checkpoint_file_changed_in_storage_is_refused_before_anything_unpickl
     victim = d / "step00000010" / "zero_pp_rank_1_optim_states.pt"
     victim.write_bytes(os.urandom(64))  # same size: only the hash tells
     assert ckpt.is_complete(d)
-    with pytest.raises(ckpt.CheckpointError, match="zero_pp_rank_1_optim_states.pt: sha256 differs"):
+    with pytest.raises(
+        ckpt.CheckpointError, match="zero_pp_rank_1_optim_states.pt: sha256 differs"
+    ):
         ckpt.check_resume(_plan(tmp_path, 10))  # the driver, before any worker starts
 
     class Engine:
@@ -187,7 +218,9 @@ def test_a_checkpoint_file_changed_in_storage_is_refused_before_anything_unpickl
             return contextlib.nullcontext(str(d))
 
     with pytest.raises(ckpt.CheckpointError, match="zero_pp_rank_1_optim_states.pt"):
-        ckpt.load_checkpoint(Engine(), Checkpoint(), rank=1)  # a worker (remote storage: no driver check)
+        ckpt.load_checkpoint(
+            Engine(), Checkpoint(), rank=1
+        )  # a worker (remote storage: no driver check)
     assert not Engine.loaded
     (d / "sha256_rank00001.json").unlink()  # no record: nothing vouches for rank 1's pickles
     with pytest.raises(ckpt.CheckpointError, match="sha256_rank00001.json: missing"):
@@ -211,7 +244,9 @@ def test_the_hugging_face_import_cache_keys_on_every_source_file(tmp_path):
     first, _ = resolve_init(str(hf), ctx, "finetune")
     assert is_done(first)
 
-    other = Tokenizer.train([document(100 + i).upper() for i in range(20)], vocab_size=tok.vocab_size)
+    other = Tokenizer.train(
+        [document(100 + i).upper() for i in range(20)], vocab_size=tok.vocab_size
+    )
     assert other.vocab_size == tok.vocab_size and other.sha256() != tok.sha256()
     other.save(hf / "tokenizer.json")
     second, _ = resolve_init(str(hf), ctx, "finetune")

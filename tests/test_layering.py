@@ -88,9 +88,13 @@ def _flows_imports() -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names if a.name.startswith("flows")}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flows"):
+            elif (
+                isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flows")
+            ):
                 deps.add(node.module)
-                deps |= {f"{node.module}.{a.name}" for a in node.names}  # `from flows.data import stage`
+                deps |= {
+                    f"{node.module}.{a.name}" for a in node.names
+                }  # `from flows.data import stage`
         graph[name] = deps
     return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
 
@@ -100,16 +104,37 @@ def test_stage_packages_import_only_downward_and_never_the_runner():
     # (package, packages it must not import): stages never reach the runner, the CLI or the report,
     # and data knows nothing of training or evaluation (the dataset contract lives in flows.data).
     rules = {
-        "flows.data": ("flows.train", "flows.evaluate", "flows.pipeline", "flows.cli", "flows.report"),
+        "flows.data": (
+            "flows.train",
+            "flows.evaluate",
+            "flows.pipeline",
+            "flows.cli",
+            "flows.report",
+        ),
         "flows.train": ("flows.evaluate", "flows.pipeline", "flows.cli", "flows.report"),
-        "flows.evaluate": ("flows.train", "flows.registry", "flows.pipeline", "flows.cli", "flows.report"),
-        "flows.registry": ("flows.train", "flows.data.stage", "flows.pipeline", "flows.cli", "flows.report"),
+        "flows.evaluate": (
+            "flows.train",
+            "flows.registry",
+            "flows.pipeline",
+            "flows.cli",
+            "flows.report",
+        ),
+        "flows.registry": (
+            "flows.train",
+            "flows.data.stage",
+            "flows.pipeline",
+            "flows.cli",
+            "flows.report",
+        ),
         "flows.workdir": ("flows.",),
     }
     offenders = [
-        f"{m} imports {d}" for m, deps in graph.items() for pkg, banned in rules.items()
-        if m == pkg or m.startswith(pkg + ".") for d in deps if d.startswith(banned) and d != m
-        and not (pkg == "flows.workdir" and d in ("flows",))
+        f"{m} imports {d}"
+        for m, deps in graph.items()
+        for pkg, banned in rules.items()
+        if m == pkg or m.startswith(pkg + ".")
+        for d in deps
+        if d.startswith(banned) and d != m and not (pkg == "flows.workdir" and d in ("flows",))
     ]
     # The config modules (flows/config.py, the sections beside their stages, flows/configlib.py) import
     # only one another: a config is read without any stage.
@@ -138,4 +163,3 @@ def test_flows_has_no_import_cycle():
     for m in sorted(graph):
         if m not in state:
             visit(m, [])
-

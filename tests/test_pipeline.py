@@ -36,11 +36,24 @@ def _writer(name: str, fail: bool = False):
 def _steps(fail: str | None = None) -> tuple[Step, ...]:
     return (
         Step("prep", _writer("prep", fail == "prep"), ("data",), bind=lambda cfg: {}),
-        Step("train", _writer("train", fail == "train"), ("model", "pretrain"),
-             bind=lambda cfg: {"dataset": cfg.pretrain.data or StepRef("prep")}),
-        Step("tune", _writer("tune", fail == "tune"), ("finetune",), bind=lambda cfg: {"init": StepRef("train")}),
-        Step("eval", _writer("eval", fail == "eval"), ("evaluate",),
-             bind=lambda cfg: {"model": StepRef("tune"), "dataset": StepRef("prep")}),
+        Step(
+            "train",
+            _writer("train", fail == "train"),
+            ("model", "pretrain"),
+            bind=lambda cfg: {"dataset": cfg.pretrain.data or StepRef("prep")},
+        ),
+        Step(
+            "tune",
+            _writer("tune", fail == "tune"),
+            ("finetune",),
+            bind=lambda cfg: {"init": StepRef("train")},
+        ),
+        Step(
+            "eval",
+            _writer("eval", fail == "eval"),
+            ("evaluate",),
+            bind=lambda cfg: {"model": StepRef("tune"), "dataset": StepRef("prep")},
+        ),
     )
 
 
@@ -50,7 +63,9 @@ def _reset_calls():
 
 
 def _cfg(tmp_path: Path, *overrides: str, tracking: bool = False) -> PipelineConfig:
-    return load_config(None, [f"workdir={tmp_path / 'w'}", f"tracking.enabled={str(tracking).lower()}", *overrides])
+    return load_config(
+        None, [f"workdir={tmp_path / 'w'}", f"tracking.enabled={str(tracking).lower()}", *overrides]
+    )
 
 
 def _status(planned) -> dict[str, str]:
@@ -62,7 +77,9 @@ def test_runs_in_order_then_skips_everything(tmp_path):
     first = pipeline.run(cfg, steps=_steps())
     assert _status(first) == dict.fromkeys(("prep", "train", "tune", "eval"), "ran")
     for p in first:
-        assert p.out == (tmp_path / "w" / p.step.name / p.key).resolve() and (p.out / "DONE").is_file()
+        assert (
+            p.out == (tmp_path / "w" / p.step.name / p.key).resolve() and (p.out / "DONE").is_file()
+        )
         assert json.loads((p.out / "DONE").read_text())["key"] == p.key
     # outputs were wired to inputs: eval saw tune's and prep's results
     seen = json.loads((first[3].out / "result.txt").read_text())["inputs"]
@@ -80,9 +97,13 @@ def test_changing_one_section_reruns_that_step_and_downstream_only(tmp_path):
     changed = pipeline.run(_cfg(tmp_path, "pretrain.lr=0.5"), steps=_steps())
     assert _status(changed) == {"prep": "done", "train": "ran", "tune": "ran", "eval": "ran"}
     assert CALLS == Counter(train=1, tune=1, eval=1)
-    assert changed[0].out == base[0].out and all(a.out != b.out for a, b in zip(changed[1:], base[1:], strict=True))
+    assert changed[0].out == base[0].out and all(
+        a.out != b.out for a, b in zip(changed[1:], base[1:], strict=True)
+    )
     CALLS.clear()
-    evaluated = pipeline.run(_cfg(tmp_path, "pretrain.lr=0.5", "evaluate.max_new_tokens=3"), steps=_steps())
+    evaluated = pipeline.run(
+        _cfg(tmp_path, "pretrain.lr=0.5", "evaluate.max_new_tokens=3"), steps=_steps()
+    )
     assert _status(evaluated) == {"prep": "done", "train": "done", "tune": "done", "eval": "ran"}
     # the earlier outputs are all still there and finished
     assert all((p.out / "DONE").is_file() for p in base + changed)
@@ -91,9 +112,13 @@ def test_changing_one_section_reruns_that_step_and_downstream_only(tmp_path):
 def test_unhashed_keys_do_not_change_the_output(tmp_path):
     a = pipeline.plan(_cfg(tmp_path), _steps())
     b = pipeline.plan(_cfg(tmp_path, "pretrain.run_name=other"), _steps())
-    assert [p.key for p in a] == [p.key for p in b]  # run_name is declared unhashed (TrainConfig) ...
+    assert [p.key for p in a] == [
+        p.key for p in b
+    ]  # run_name is declared unhashed (TrainConfig) ...
     c = pipeline.plan(_cfg(tmp_path, f"pretrain.data={tmp_path}"), _steps())
-    assert c[1].upstream == () and c[1].inputs["dataset"] == str(tmp_path)  # ... an outside input replaces prep
+    assert c[1].upstream == () and c[1].inputs["dataset"] == str(
+        tmp_path
+    )  # ... an outside input replaces prep
 
 
 def test_force_reruns_the_step_and_its_downstream(tmp_path):
@@ -139,7 +164,9 @@ def test_a_failing_step_names_itself_marks_the_parent_failed_and_keeps_earlier_o
     assert by_name["pipeline"].info.status == "FAILED" and by_name["tune"].info.status == "FAILED"
     assert by_name["prep"].info.status == by_name["train"].info.status == "FINISHED"
     parent = by_name["pipeline"].info.run_id
-    assert all(by_name[n].data.tags["mlflow.parentRunId"] == parent for n in ("prep", "train", "tune"))
+    assert all(
+        by_name[n].data.tags["mlflow.parentRunId"] == parent for n in ("prep", "train", "tune")
+    )
     assert "eval" not in by_name
 
     # the next run resumes with the failed step: what finished is reused
@@ -165,20 +192,32 @@ def test_default_pipeline_plans_every_step_and_fingerprints_each_file_once(tmp_p
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("some text\n" * 100)
     cfg = _cfg(tmp_path, f"data.inputs=[{corpus}]", "data.sft_inputs=[builtin:nothing]")
-    with pytest.raises(ValueError, match=r"data.sft_inputs: unknown builtin corpus 'builtin:nothing'"):
+    with pytest.raises(
+        ValueError, match=r"data.sft_inputs: unknown builtin corpus 'builtin:nothing'"
+    ):
         pipeline.plan(cfg)
     cfg = _cfg(tmp_path, f"data.inputs=[{corpus}]", "data.sft_inputs=[]")
     hashed: list[Path] = []
     real = flows.workdir.sha256_file
-    monkeypatch.setattr(flows.workdir, "sha256_file", lambda p, *a: hashed.append(Path(p)) or real(p, *a))
+    monkeypatch.setattr(
+        flows.workdir, "sha256_file", lambda p, *a: hashed.append(Path(p)) or real(p, *a)
+    )
     first = pipeline.plan(cfg)
-    assert [p.step.name for p in first] == ["preprocess", "pretrain", "evaluate"]  # no SFT data: no finetune
+    assert [p.step.name for p in first] == [
+        "preprocess",
+        "pretrain",
+        "evaluate",
+    ]  # no SFT data: no finetune
     assert hashed == [corpus.resolve()]
     second = pipeline.plan(cfg)
     assert hashed == [corpus.resolve()] and [p.key for p in second] == [p.key for p in first]
-    corpus.write_text("other text\n" * 100)  # new content: new dataset, and so new everything downstream
+    corpus.write_text(
+        "other text\n" * 100
+    )  # new content: new dataset, and so new everything downstream
     third = pipeline.plan(cfg)
     assert all(a.key != b.key for a, b in zip(first, third, strict=True))
-    with_sft = pipeline.plan(_cfg(tmp_path, f"data.inputs=[{corpus}]", f"data.sft_inputs=[{corpus}]"))
+    with_sft = pipeline.plan(
+        _cfg(tmp_path, f"data.inputs=[{corpus}]", f"data.sft_inputs=[{corpus}]")
+    )
     assert [p.step.name for p in with_sft] == ["preprocess", "pretrain", "finetune", "evaluate"]
     assert with_sft[3].upstream == ("finetune", "preprocess")

@@ -29,15 +29,39 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "default": (None, ()),
     **{p.name: (str(p), ()) for p in sorted((ROOT / "configs").glob("*.yaml"))},
-    "every-step": (None, ("serve.deploy=true", "distill.enabled=true", "distill.registry_name=kid")),
-    "outside-inputs": (None, (
-        "distill.enabled=true", "serve.deploy=true", "pretrain.data=/nowhere/dataset",
-        "finetune.init=/nowhere/bundle", "evaluate.data=/nowhere/eval", "distill.teacher=/nowhere/teacher",
-        "pretrain.run_name=mine", "finetune.storage_path=/nowhere/ckpt", "data.num_workers=3",
-        "data.max_drop_fraction=0.5", "data.hf_split=validation", "registry.metric=perplexity",
-        "registry.margin=0.2", "distill.init=/nowhere/student")),
-    "base-model": (None, ("model.base=builtin:smollm2-135m-instruct", "pretrain.steps=0", "model.context_length=64",
-                          "distill.enabled=true", "distill.data=/nowhere/dataset")),
+    "every-step": (
+        None,
+        ("serve.deploy=true", "distill.enabled=true", "distill.registry_name=kid"),
+    ),
+    "outside-inputs": (
+        None,
+        (
+            "distill.enabled=true",
+            "serve.deploy=true",
+            "pretrain.data=/nowhere/dataset",
+            "finetune.init=/nowhere/bundle",
+            "evaluate.data=/nowhere/eval",
+            "distill.teacher=/nowhere/teacher",
+            "pretrain.run_name=mine",
+            "finetune.storage_path=/nowhere/ckpt",
+            "data.num_workers=3",
+            "data.max_drop_fraction=0.5",
+            "data.hf_split=validation",
+            "registry.metric=perplexity",
+            "registry.margin=0.2",
+            "distill.init=/nowhere/student",
+        ),
+    ),
+    "base-model": (
+        None,
+        (
+            "model.base=builtin:smollm2-135m-instruct",
+            "pretrain.steps=0",
+            "model.context_length=64",
+            "distill.enabled=true",
+            "distill.data=/nowhere/dataset",
+        ),
+    ),
 }
 
 
@@ -65,8 +89,17 @@ def _content_stubbed(monkeypatch):
 # --------------------------------------------------------------------------- main's rules, written out
 
 _TRAIN = ("data", "init", "run_name", "storage_path")
-_DATA = ("inputs", "sft_inputs", "hf_dataset", "hf_config", "hf_split", "hf_data_files", "tokenizer_path",
-         "num_workers", "max_drop_fraction")
+_DATA = (
+    "inputs",
+    "sft_inputs",
+    "hf_dataset",
+    "hf_config",
+    "hf_split",
+    "hf_data_files",
+    "tokenizer_path",
+    "num_workers",
+    "max_drop_fraction",
+)
 _EVALUATE = ("bundle", "data")
 # Per step, per section: the keys left out of the hash ...
 MAIN_UNHASHED: dict[str, dict[str, tuple[str, ...]]] = {
@@ -86,11 +119,20 @@ MAIN_KEPT: dict[str, dict[str, tuple[str, ...]]] = {
     "distill_register": {"distill": ("registry_name",)},
     "distill_promote": {"distill": ("registry_name",)},
 }
-MAIN_SECTIONS = {"import": (), "preprocess": ("data",), "pretrain": ("model", "pretrain"),
-                 "finetune": ("model", "finetune"), "evaluate": ("evaluate",), "register": ("registry",),
-                 "promote": ("registry", "evaluate"), "distill": ("distill",), "distill_evaluate": ("evaluate",),
-                 "distill_register": ("registry", "distill"), "distill_promote": ("registry", "evaluate", "distill"),
-                 "serve": ("serve",)}
+MAIN_SECTIONS = {
+    "import": (),
+    "preprocess": ("data",),
+    "pretrain": ("model", "pretrain"),
+    "finetune": ("model", "finetune"),
+    "evaluate": ("evaluate",),
+    "register": ("registry",),
+    "promote": ("registry", "evaluate"),
+    "distill": ("distill",),
+    "distill_evaluate": ("evaluate",),
+    "distill_register": ("registry", "distill"),
+    "distill_promote": ("registry", "evaluate", "distill"),
+    "serve": ("serve",),
+}
 
 
 def _main_section(cfg: PipelineConfig, step: str, section: str) -> dict:
@@ -107,8 +149,14 @@ def test_step_keys_follow_mains_rules(name, tmp_path):
     planned = pipeline.plan(cfg, ctx=ctx)
     keys: dict[str, str] = {}
     for p in planned:
-        identities = {arg: keys[b.step] if isinstance(b, StepRef) else pipeline._outside_identity(b, ctx) if b else None
-                      for arg, b in p.step.bind(cfg).items()}
+        identities = {
+            arg: keys[b.step]
+            if isinstance(b, StepRef)
+            else pipeline._outside_identity(b, ctx)
+            if b
+            else None
+            for arg, b in p.step.bind(cfg).items()
+        }
         sections = {s: _main_section(cfg, p.step.name, s) for s in MAIN_SECTIONS[p.step.name]}
         fingerprint = p.step.fingerprint(cfg, ctx) if p.step.fingerprint else None
         keys[p.step.name] = stable_hash(p.step.name, sections, identities, fingerprint)
@@ -122,17 +170,28 @@ def test_a_new_field_is_hashed_unless_declared_otherwise(tmp_path):
     """A field added without a word about hashing changes the keys of the steps that receive it."""
     cfg = load_config(None, [f"workdir={tmp_path}"])
     grown = dataclasses.make_dataclass(
-        "GrownEvaluate", [("new_knob", int, dataclasses.field(default=0)),
-                          ("new_input", str, unhashed("", why="an input"))],
-        bases=(EvaluateConfig,), frozen=True)
-    assert set(hashed(grown(), "evaluate")) == set(hashed(EvaluateConfig(), "evaluate")) | {"new_knob"}
+        "GrownEvaluate",
+        [
+            ("new_knob", int, dataclasses.field(default=0)),
+            ("new_input", str, unhashed("", why="an input")),
+        ],
+        bases=(EvaluateConfig,),
+        frozen=True,
+    )
+    assert set(hashed(grown(), "evaluate")) == set(hashed(EvaluateConfig(), "evaluate")) | {
+        "new_knob"
+    }
 
     def key(**values) -> str:
         section = grown(**dataclasses.asdict(cfg.evaluate), **values)
-        return {p.step.name: p.key for p in pipeline.plan(dataclasses.replace(cfg, evaluate=section))}["evaluate"]
+        return {
+            p.step.name: p.key for p in pipeline.plan(dataclasses.replace(cfg, evaluate=section))
+        }["evaluate"]
 
     assert key(new_knob=1) != key(new_knob=0) == key(new_knob=0, new_input="elsewhere")
-    fresh = dataclasses.make_dataclass("Fresh", [("knob", int, dataclasses.field(default=3))], frozen=True)
+    fresh = dataclasses.make_dataclass(
+        "Fresh", [("knob", int, dataclasses.field(default=3))], frozen=True
+    )
     assert hashed(fresh(), "any step") == {"knob": 3}
 
 
@@ -148,11 +207,18 @@ def _fields(cls: type, name: str):
 def test_steps_named_by_the_fields_exist_and_receive_the_field():
     hints = typing.get_type_hints(PipelineConfig)
     steps = {s.name: s for s in STEPS}
-    for section in (f.name for f in dataclasses.fields(PipelineConfig) if dataclasses.is_dataclass(hints[f.name])):
+    for section in (
+        f.name
+        for f in dataclasses.fields(PipelineConfig)
+        if dataclasses.is_dataclass(hints[f.name])
+    ):
         for dotted, f in _fields(hints[section], section):
             rule = f.metadata.get(HASHED, True)
             if isinstance(rule, bool):
                 continue
             for name in rule:
                 assert name in steps, f"{dotted} names step {name!r}, which is not in the pipeline"
-                assert section in steps[name].sections or dotted in steps[name].sections, (dotted, name)
+                assert section in steps[name].sections or dotted in steps[name].sections, (
+                    dotted,
+                    name,
+                )

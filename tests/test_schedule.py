@@ -34,10 +34,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _args(corpus: Path, work: Path) -> list[str]:
-    return ["--workdir", str(work), "--only", "preprocess", "--set", f"data.inputs=[{corpus}]",
-            "--set", "data.sft_inputs=[]", "--set", "data.vocab_size=300", "--set", "data.val_fraction=0.1",
-            "--set", "data.val_min_tokens=100", "--set", "cluster.num_cpus=1",
-            "--set", "schedule.settle_s=0"]  # the corpus is written just before: settled on purpose
+    return [
+        "--workdir",
+        str(work),
+        "--only",
+        "preprocess",
+        "--set",
+        f"data.inputs=[{corpus}]",
+        "--set",
+        "data.sft_inputs=[]",
+        "--set",
+        "data.vocab_size=300",
+        "--set",
+        "data.val_fraction=0.1",
+        "--set",
+        "data.val_min_tokens=100",
+        "--set",
+        "cluster.num_cpus=1",
+        "--set",
+        "schedule.settle_s=0",
+    ]  # the corpus is written just before: settled on purpose
 
 
 def _corpus(root: Path, n: int = 3) -> Path:
@@ -48,12 +64,19 @@ def _corpus(root: Path, n: int = 3) -> Path:
 
 
 def _schedule(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", "schedule", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", "schedule", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _outcomes(work: Path) -> list[str]:
-    return [e["tags"]["gptflow.trigger.outcome"] for e in events(TrackingConfig(), work, "schedule")]
+    return [
+        e["tags"]["gptflow.trigger.outcome"] for e in events(TrackingConfig(), work, "schedule")
+    ]
 
 
 def _state(work: Path) -> dict:
@@ -71,7 +94,9 @@ def test_once_runs_skips_unchanged_data_refuses_overlap_and_runs_on_new_data(tmp
     assert len(list((work / "preprocess").glob("*/DONE"))) == 1
 
     unchanged = _schedule(*args)
-    assert unchanged.stdout.strip().splitlines()[-1] == "skipped: no new data", unchanged.stderr[-3000:]
+    assert unchanged.stdout.strip().splitlines()[-1] == "skipped: no new data", unchanged.stderr[
+        -3000:
+    ]
 
     # another run holds the workdir's run lock: this trigger must not start a second one
     lock = work / "schedule" / "run.lock"
@@ -84,19 +109,31 @@ def test_once_runs_skips_unchanged_data_refuses_overlap_and_runs_on_new_data(tmp
 
     again = _schedule(*args)  # the lock is free now and the new file is still unprocessed
     assert again.stdout.strip().splitlines()[-1] == "ran", again.stderr[-3000:]
-    (latest,) = [m for m in (work / "preprocess").glob("*/manifest.json") if len(json.loads(m.read_text())["inputs"]) == 4]
+    (latest,) = [
+        m
+        for m in (work / "preprocess").glob("*/manifest.json")
+        if len(json.loads(m.read_text())["inputs"]) == 4
+    ]
     assert latest.is_file()
 
     bad = ["--set", "data.text_field=body", "--set", f"data.inputs=[{tmp_path / 'x.jsonl'}]"]
     failing = _schedule(*args, *bad)
-    assert failing.returncode == 2 and "x.jsonl" in failing.stderr  # a missing input: the error, in one line
+    assert (
+        failing.returncode == 2 and "x.jsonl" in failing.stderr
+    )  # a missing input: the error, in one line
     (tmp_path / "x.jsonl").write_text('{"text": "no body field here"}\n' * 5)
     failed = _schedule(*args, *bad)  # no record has the field: the preprocess step fails in the run
     assert failed.returncode == 1 and "failed (preprocess)" in failed.stderr, failed.stderr[-3000:]
 
     # every trigger and its outcome, in MLflow (the missing input too: a trigger that failed)
-    assert _outcomes(work) == ["ran", "skipped: no new data", "skipped: run in progress", "ran",
-                               "failed (inputs error)", "failed (preprocess)"]
+    assert _outcomes(work) == [
+        "ran",
+        "skipped: no new data",
+        "skipped: run in progress",
+        "ran",
+        "failed (inputs error)",
+        "failed (preprocess)",
+    ]
 
 
 def _wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 180) -> None:
@@ -115,8 +152,13 @@ def _wait_for(predicate, what: str, proc: subprocess.Popen, timeout: float = 180
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "ab") as out:
-        return subprocess.Popen([sys.executable, "-m", "flows.cli", "schedule", *args], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "schedule", *args],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _sigterm(proc: subprocess.Popen) -> int:
@@ -138,7 +180,11 @@ def test_cron_never_overlaps_coalesces_survives_a_restart_and_stops_on_sigterm(t
     proc = _start(args, log)
     try:
         # the first trigger runs (longer than the 2 s period); later ones find no new data
-        _wait_for(lambda: _state(work)["counts"].get("skipped: no new data", 0) >= 1, "a no-new-data skip", proc)
+        _wait_for(
+            lambda: _state(work)["counts"].get("skipped: no new data", 0) >= 1,
+            "a no-new-data skip",
+            proc,
+        )
     finally:
         code = _sigterm(proc)
     assert code == 0, log.read_text()[-3000:]
@@ -146,20 +192,26 @@ def test_cron_never_overlaps_coalesces_survives_a_restart_and_stops_on_sigterm(t
     assert state["stopped"] and state["counts"]["ran"] == 1, state
     history = [h["outcome"] for h in state["history"]]
     assert history[0] == "ran" and history[1] == "skipped: run in progress", history
-    assert state["history"][1]["coalesced"] >= 1  # the fire times the run outlasted, counted in one record
+    assert (
+        state["history"][1]["coalesced"] >= 1
+    )  # the fire times the run outlasted, counted in one record
     assert len(list((work / "preprocess").glob("*/DONE"))) == 1  # one run, never two at once
     before = state["counts"]["triggers"]
 
     time.sleep(3)  # fire times pass while no scheduler runs
     proc = _start(args, log)
     try:
-        _wait_for(lambda: _state(work)["counts"]["triggers"] > before, "a trigger after the restart", proc)
+        _wait_for(
+            lambda: _state(work)["counts"]["triggers"] > before, "a trigger after the restart", proc
+        )
     finally:
         code = _sigterm(proc)
     assert code == 0, log.read_text()[-3000:]
     after = _state(work)
     resumed = after["history"][len(state["history"])]
-    assert resumed["outcome"] == "skipped: no new data"  # the fingerprint of the last success survived
+    assert (
+        resumed["outcome"] == "skipped: no new data"
+    )  # the fingerprint of the last success survived
     assert resumed["coalesced"] >= 1  # the fire times missed while it was down, counted
     assert after["counts"]["ran"] == 1
     assert len(_outcomes(work)) == after["counts"]["triggers"]  # every trigger is in MLflow too
@@ -227,13 +279,21 @@ class FakeJobs:
 
 
 def _config(corpus: Path, work: Path, **schedule_keys) -> PipelineConfig:
-    return PipelineConfig(workdir=str(work), data=DataConfig(inputs=(str(corpus),), sft_inputs=()),
-                          tracking=TrackingConfig(enabled=False), schedule=ScheduleConfig(**schedule_keys))
+    return PipelineConfig(
+        workdir=str(work),
+        data=DataConfig(inputs=(str(corpus),), sft_inputs=()),
+        tracking=TrackingConfig(enabled=False),
+        schedule=ScheduleConfig(**schedule_keys),
+    )
 
 
 def _history(s: Scheduler) -> list[str]:
     """The outcomes on disk, without the coalesced fire times a slow machine may add between them."""
-    return [h["outcome"] for h in json.loads(s.state_path.read_text())["history"] if h["outcome"] != IN_PROGRESS]
+    return [
+        h["outcome"]
+        for h in json.loads(s.state_path.read_text())["history"]
+        if h["outcome"] != IN_PROGRESS
+    ]
 
 
 def test_a_trigger_that_raises_is_recorded_failed_and_the_schedule_goes_on(tmp_path, monkeypatch):
@@ -242,11 +302,21 @@ def test_a_trigger_that_raises_is_recorded_failed_and_the_schedule_goes_on(tmp_p
     state file with its error, the credentials in it replaced by ***."""
     monkeypatch.setenv("RAY_AUTH_TOKEN", "ray-token-planted-7f3a")
     work = tmp_path / "w"
-    s = Scheduler(_config(_corpus(tmp_path / "corpus"), work, settle_s=0), cron="* * * * * *", on_new_data=True,
-                  address=ADDRESS)
-    cluster = FakeJobs(monkeypatch, [ConnectionError("dashboard restarting"), "RUNNING", "SUCCEEDED"])
-    cluster.submit_errors = [RuntimeError("Jobs API http://admin:hunter2-planted@head:8265/api/jobs/: 503 "
-                                          "(sent Bearer ray-token-planted-7f3a)")]
+    s = Scheduler(
+        _config(_corpus(tmp_path / "corpus"), work, settle_s=0),
+        cron="* * * * * *",
+        on_new_data=True,
+        address=ADDRESS,
+    )
+    cluster = FakeJobs(
+        monkeypatch, [ConnectionError("dashboard restarting"), "RUNNING", "SUCCEEDED"]
+    )
+    cluster.submit_errors = [
+        RuntimeError(
+            "Jobs API http://admin:hunter2-planted@head:8265/api/jobs/: 503 "
+            "(sent Bearer ray-token-planted-7f3a)"
+        )
+    ]
     cluster.after_submit = s.stopping.set  # the third trigger submits: the last one
     fingerprints = iter([OSError(116, "Stale file handle"), "fp-1", "fp-1"])
 
@@ -261,7 +331,9 @@ def test_a_trigger_that_raises_is_recorded_failed_and_the_schedule_goes_on(tmp_p
     assert _history(s) == ["failed (inputs error)", "failed (submit error)", "ran"]
     failed = [h for h in s.state["history"] if h["outcome"].startswith("failed")]
     assert failed[0]["error"] == "OSError: [Errno 116] Stale file handle"
-    assert failed[1]["error"].startswith("RuntimeError: Jobs API http://***@head:8265/api/jobs/: 503"), failed[1]
+    assert failed[1]["error"].startswith(
+        "RuntimeError: Jobs API http://***@head:8265/api/jobs/: 503"
+    ), failed[1]
     text = s.state_path.read_text()
     assert "hunter2-planted" not in text and "ray-token-planted" not in text
     assert s.state["last_success_fingerprint"] == "fp-1" and "in_flight" not in s.state
@@ -284,7 +356,9 @@ def test_inputs_still_being_written_defer_the_trigger_until_they_are_settled(tmp
     cluster = FakeJobs(monkeypatch, ["SUCCEEDED"], ["SUCCEEDED"])
     real = flows.data.stage.fingerprint
     fingerprinted = []
-    monkeypatch.setattr(flows.data.stage, "fingerprint", lambda *a: fingerprinted.append(1) or real(*a))
+    monkeypatch.setattr(
+        flows.data.stage, "fingerprint", lambda *a: fingerprinted.append(1) or real(*a)
+    )
     when = dt.datetime(2026, 12, 1, 3, 0, tzinfo=dt.timezone.utc)
 
     deferred = f"deferred: inputs still changing: {growing}"
@@ -294,7 +368,9 @@ def test_inputs_still_being_written_defer_the_trigger_until_they_are_settled(tmp
     assert s.fire(when + dt.timedelta(minutes=1))["outcome"] == deferred
     assert not fingerprinted and not cluster.submitted
 
-    os.utime(growing, (hour_ago, hour_ago))  # an hour on, nobody wrote it again: its mtime is old now
+    os.utime(
+        growing, (hour_ago, hour_ago)
+    )  # an hour on, nobody wrote it again: its mtime is old now
     assert s.fire(when + dt.timedelta(hours=1))["outcome"] == "ran"
     assert fingerprinted and len(cluster.submitted) == 1
 
@@ -304,20 +380,34 @@ def test_inputs_still_being_written_defer_the_trigger_until_they_are_settled(tmp
     late = corpus / "late.txt"
     late.write_text(document(51, 300))
     os.utime(late, (ahead, ahead))
-    assert s.fire(when + dt.timedelta(hours=2))["outcome"] == f"deferred: inputs still changing: {late}"
+    assert (
+        s.fire(when + dt.timedelta(hours=2))["outcome"]
+        == f"deferred: inputs still changing: {late}"
+    )
     s.state["settle_look"]["at"] -= 600  # the first look, as if taken settle_s ago
     with open(late, "a") as f:
         f.write("one more line\n")
     os.utime(late, (ahead, ahead))
-    assert s.fire(when + dt.timedelta(hours=3))["outcome"] == f"deferred: inputs still changing: {late}"
+    assert (
+        s.fire(when + dt.timedelta(hours=3))["outcome"]
+        == f"deferred: inputs still changing: {late}"
+    )
     s.state["settle_look"]["at"] -= 600
     assert s.fire(when + dt.timedelta(hours=4))["outcome"] == "ran"
     assert len(cluster.submitted) == 2 and "settle_look" not in s.state
     assert [h["outcome"].split(":")[0] for h in s.state["history"]] == [
-        "deferred", "deferred", "ran", "deferred", "deferred", "ran"]
+        "deferred",
+        "deferred",
+        "ran",
+        "deferred",
+        "deferred",
+        "ran",
+    ]
 
 
-def test_a_restarted_scheduler_re_attaches_to_the_job_in_flight_before_submitting_another(tmp_path, monkeypatch):
+def test_a_restarted_scheduler_re_attaches_to_the_job_in_flight_before_submitting_another(
+    tmp_path, monkeypatch
+):
     """The scheduler is killed while its job runs: the submission id is in the state file. The next
     scheduler waits for that job, records its trigger (under its own fire time) and only then
     submits the next one: never two jobs at once."""
@@ -331,14 +421,23 @@ def test_a_restarted_scheduler_re_attaches_to_the_job_in_flight_before_submittin
     flight = json.loads(first.state_path.read_text())["in_flight"]
     assert flight["submission_id"] == job and flight["fire_time"] == when.isoformat()
 
-    cluster.jobs[job] = ["RUNNING", "RUNNING", "RUNNING", "SUCCEEDED"]  # still running when the next one starts
+    cluster.jobs[job] = [
+        "RUNNING",
+        "RUNNING",
+        "RUNNING",
+        "SUCCEEDED",
+    ]  # still running when the next one starts
     second = Scheduler(cfg, cron="* * * * * *", address=ADDRESS)
     cluster.after_submit = second.stopping.set
     assert second.loop(install_signals=False) == 0
     assert cluster.polls[job] == 1 + 4 and len(cluster.submitted) == 2
     assert cluster.overlapping == []  # the first job had ended when the second was submitted
     landed = second.state["history"][0]
-    assert (landed["fire_time"], landed["outcome"], landed["job_id"]) == (when.isoformat(), "ran", job)
+    assert (landed["fire_time"], landed["outcome"], landed["job_id"]) == (
+        when.isoformat(),
+        "ran",
+        job,
+    )
     assert _history(second) == ["ran", "ran"] and "in_flight" not in second.state
 
 

@@ -49,7 +49,9 @@ def test_progress_on_a_pipe_is_a_line_at_start_every_interval_and_at_the_end(tmp
     for k in range(2, 50):  # many reports in well under 0.2 s: none printed
         c.update("pretrain", k, 100, loss=4.0, tokens_per_s=12_345.0)
     time.sleep(0.25)
-    c.update("pretrain", 60, 100, loss=3.5, tokens_per_s=12_000.0)  # past the interval: printed, with an ETA
+    c.update(
+        "pretrain", 60, 100, loss=3.5, tokens_per_s=12_000.0
+    )  # past the interval: printed, with an ETA
     c.update("pretrain", 100, 100, loss=3.25, tokens_per_s=12_000.0)
     lines = out.getvalue().splitlines()
     assert len(lines) == 3 and all(line.startswith(MARK) for line in lines), lines
@@ -79,8 +81,10 @@ def test_a_note_says_what_the_stage_does_and_for_how_long(tmp_path):
     with c.step("evaluate"):
         c.note("generating answers to 4 prompts")
     assert out.getvalue().splitlines()[-1] == MARK + "evaluate  generating answers to 4 prompts"
-    assert render(_Task("import", "", None, 0.0, 0, note="reading the GGUF file"), 75.0) == \
-        "import  reading the GGUF file  (1m15s)"
+    assert (
+        render(_Task("import", "", None, 0.0, 0, note="reading the GGUF file"), 75.0)
+        == "import  reading the GGUF file  (1m15s)"
+    )
 
 
 def test_the_run_record_and_status_show_each_steps_state_and_figure(tmp_path):
@@ -89,16 +93,26 @@ def test_the_run_record_and_status_show_each_steps_state_and_figure(tmp_path):
         pipeline.run(cfg, steps=_steps(fail="tune"))
     run = runstate.read(cfg.workdir)
     assert run["pid"] == os.getpid() and run["finished"] is not None
-    assert {k: v["state"] for k, v in run["steps"].items()} == \
-        {"prep": "ran", "train": "ran", "tune": "failed", "eval": "not run"}
+    assert {k: v["state"] for k, v in run["steps"].items()} == {
+        "prep": "ran",
+        "train": "ran",
+        "tune": "failed",
+        "eval": "not run",
+    }
     assert run["steps"]["tune"]["error"] == "tune broke" and run["steps"]["prep"]["seconds"] >= 0
 
     # a step output with a training result gives its figure; the failed step shows its error
-    (Path(run["steps"]["train"]["out"]) / "train_result.json").write_text(json.dumps(
-        {"metrics": {"tokens_per_s": 12345.6, "loss": 3.21}}))
+    (Path(run["steps"]["train"]["out"]) / "train_result.json").write_text(
+        json.dumps({"metrics": {"tokens_per_s": 12345.6, "loss": 3.21}})
+    )
     facts = status(cfg)
     steps = {s["step"]: s for s in facts["run"]["steps"]}
-    assert [steps[n]["state"] for n in ("prep", "train", "tune", "eval")] == ["done", "done", "failed", "not run"]
+    assert [steps[n]["state"] for n in ("prep", "train", "tune", "eval")] == [
+        "done",
+        "done",
+        "failed",
+        "not run",
+    ]
     assert steps["train"]["figure"] == "12,346 tokens/s, loss 3.210"
     assert steps["tune"]["figure"] == "tune broke" and facts["run"]["running"] is False
     screen = render_status(facts)
@@ -108,7 +122,7 @@ def test_the_run_record_and_status_show_each_steps_state_and_figure(tmp_path):
 
     # a record left `running` by a process that is gone reads as interrupted, not running
     record = json.loads(runstate.path(cfg.workdir).read_text())
-    record |= {"finished": None, "pid": 2 ** 22 + 12345}
+    record |= {"finished": None, "pid": 2**22 + 12345}
     record["steps"]["eval"]["state"] = "running"
     runstate.path(cfg.workdir).write_text(json.dumps(record))
     assert {s["step"]: s["state"] for s in status(cfg)["run"]["steps"]}["eval"] == "interrupted"
@@ -119,29 +133,56 @@ def test_status_shows_champion_challenger_what_serve_loads_and_the_schedule(stor
     from gptcore import save_bundle
 
     root = store["root"]
-    cfg = load_config(None, [f"workdir={root}", f"tracking.uri={json.dumps(store['tracking'].uri)}"])
+    cfg = load_config(
+        None, [f"workdir={root}", f"tracking.uri={json.dumps(store['tracking'].uri)}"]
+    )
     # two untrained models (no training here: status only reads what the registry holds)
-    best, worst = (store["add"](save_bundle(tmp_path / f"b{seed}", tiny_model(tok.vocab_size, seed=seed), tok,
-                                            {"stage": "pretrain"})) for seed in (1, 2))
+    best, worst = (
+        store["add"](
+            save_bundle(
+                tmp_path / f"b{seed}",
+                tiny_model(tok.vocab_size, seed=seed),
+                tok,
+                {"stage": "pretrain"},
+            )
+        )
+        for seed in (1, 2)
+    )
     registry = store["registry"]()
     promote_version(registry, "gpt", best, cfg.registry, cfg.evaluate, root, force=True)
     registry.set_alias("gpt", "challenger", worst)
     schedule = root / "schedule" / "abc"
     schedule.mkdir(parents=True)
-    (schedule / "state.json").write_text(json.dumps({
-        "cron": "0 3 * * *", "last_fire": "2026-12-01T03:00:00+00:00", "next_fire": "2026-12-02T03:00:00+00:00",
-        "started": "2026-12-01T00:00:00", "history": [{"outcome": "ran"}], "counts": {"ran": 1}}))
+    (schedule / "state.json").write_text(
+        json.dumps(
+            {
+                "cron": "0 3 * * *",
+                "last_fire": "2026-12-01T03:00:00+00:00",
+                "next_fire": "2026-12-02T03:00:00+00:00",
+                "started": "2026-12-01T00:00:00",
+                "history": [{"outcome": "ran"}],
+                "counts": {"ran": 1},
+            }
+        )
+    )
 
     facts = status(cfg)
     gpt = facts["registry"]["gpt"]
     assert gpt["champion"]["version"] == best and gpt["challenger"]["version"] == worst
-    assert gpt["champion"]["bits_per_byte"] == registry.version("gpt", best)["tags"]["gptflow.eval.val_bits_per_byte"]
+    assert (
+        gpt["champion"]["bits_per_byte"]
+        == registry.version("gpt", best)["tags"]["gptflow.eval.val_bits_per_byte"]
+    )
     assert facts["serve"]["model"] == "gpt@champion" and facts["serve"]["version"] == best
     assert facts["serve"]["bundle"] == registry.version("gpt", best)["tags"]["gptflow.bundle"]
     screen = render_status(facts)
     assert f"registry: gpt champion: version {best}, bits/byte " in screen
     assert f"registry: gpt challenger: version {worst}" in screen
     assert f"serve would load: gpt@champion = version {best}" in screen
-    assert "schedule '0 3 * * *': last trigger 2026-12-01T03:00:00+00:00: ran; next 2026-12-02T03:00:00+00:00" \
+    assert (
+        "schedule '0 3 * * *': last trigger 2026-12-01T03:00:00+00:00: ran; next 2026-12-02T03:00:00+00:00"
         in screen
-    assert json.loads(json.dumps(facts, default=str))["serve"]["version"] == best  # what --json prints
+    )
+    assert (
+        json.loads(json.dumps(facts, default=str))["serve"]["version"] == best
+    )  # what --json prints

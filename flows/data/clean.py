@@ -34,15 +34,26 @@ _CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
-MAX_LOCATIONS = 5  # where the first few drops of each reason were, kept per unit and in the manifest
+MAX_LOCATIONS = (
+    5  # where the first few drops of each reason were, kept per unit and in the manifest
+)
 
 # Drop reasons that mean a record could not be read as it was meant to be written -- a broken or
 # half-written file, a malformed record -- as opposed to the filters that drop by design (empty,
 # too_short, binary, blank_line, the size limits, duplicates, curation): what data.max_drop_fraction
 # bounds.
-BAD_RECORD_REASONS = frozenset({"unreadable", "truncated_archive", "malformed_json", "json_too_deep",
-                                "missing_text_field", "bad_text_field", "bad_sft_record",
-                                "missing_prompt_or_completion"})
+BAD_RECORD_REASONS = frozenset(
+    {
+        "unreadable",
+        "truncated_archive",
+        "malformed_json",
+        "json_too_deep",
+        "missing_text_field",
+        "bad_text_field",
+        "bad_sft_record",
+        "missing_prompt_or_completion",
+    }
+)
 _BAD_RECORD_PREFIXES = ("read_error.", "record_error.")
 
 
@@ -88,7 +99,9 @@ class UnitStats:
                 self.every(reason, where)
 
 
-def merge_locations(into: dict[str, list[dict[str, Any]]], other: dict[str, list[dict[str, Any]]]) -> None:
+def merge_locations(
+    into: dict[str, list[dict[str, Any]]], other: dict[str, list[dict[str, Any]]]
+) -> None:
     """Add `other`'s locations after `into`'s, still at most MAX_LOCATIONS per reason."""
     for reason, where in other.items():
         first = into.setdefault(reason, [])

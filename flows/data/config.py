@@ -103,7 +103,12 @@ class QualityConfig:
             if isinstance(value, bool) or value is None:
                 continue
             for v in value if isinstance(value, tuple) else (value,):
-                check(math.isfinite(v) and v >= 0, f.name, value, "a finite number >= 0 (null switches it off)")
+                check(
+                    math.isfinite(v) and v >= 0,
+                    f.name,
+                    value,
+                    "a finite number >= 0 (null switches it off)",
+                )
 
 
 @dataclass(frozen=True)
@@ -126,12 +131,23 @@ class CurateConfig:
     """Dropped documents shown per reason in the curation report."""
 
     def __post_init__(self) -> None:
-        check(0.0 <= self.language_min_score <= 1.0, "language_min_score", self.language_min_score, "in [0, 1]")
-        check(self.decontaminate_ngram >= 1, "decontaminate_ngram", self.decontaminate_ngram, ">= 1")
+        check(
+            0.0 <= self.language_min_score <= 1.0,
+            "language_min_score",
+            self.language_min_score,
+            "in [0, 1]",
+        )
+        check(
+            self.decontaminate_ngram >= 1, "decontaminate_ngram", self.decontaminate_ngram, ">= 1"
+        )
         check(self.samples_per_reason >= 0, "samples_per_reason", self.samples_per_reason, ">= 0")
         for code in self.languages:
-            check(len(code) in (2, 3) and code.isalpha() and code.islower(), "languages", code,
-                   "ISO 639-1 codes such as en, de, fr")
+            check(
+                len(code) in (2, 3) and code.isalpha() and code.islower(),
+                "languages",
+                code,
+                "ISO 639-1 codes such as en, de, fr",
+            )
 
 
 @dataclass(frozen=True)
@@ -164,8 +180,15 @@ class KnowledgeSource:
     holdout_fraction: float = 0.1
     """Share of the rows (chosen by a stable hash of the row) never trained on: the held-out facts."""
 
-    def __post_init__(self) -> None:  # what a source needs (a source, templates) is checked where it is read
-        check(0.0 <= self.holdout_fraction < 1.0, "holdout_fraction", self.holdout_fraction, "in [0, 1)")
+    def __post_init__(
+        self,
+    ) -> None:  # what a source needs (a source, templates) is checked where it is read
+        check(
+            0.0 <= self.holdout_fraction < 1.0,
+            "holdout_fraction",
+            self.holdout_fraction,
+            "in [0, 1)",
+        )
 
 
 @dataclass(frozen=True)
@@ -238,7 +261,9 @@ class DataConfig:
     """Databases, knowledge graphs and row files whose rows become statements and question/answer
     pairs (their content, not only their names, enters the dataset's identity)."""
     max_drop_fraction: float = unhashed(
-        0.05, why="it only decides whether a build is accepted: raising it after a failure resumes it")
+        0.05,
+        why="it only decides whether a build is accepted: raising it after a failure resumes it",
+    )
     """Most of the input records (documents; fine-tuning examples apart) that may be dropped because
     they could not be read as written -- unreadable files, truncated archives, malformed JSON, records
     without the text field -- before preprocessing fails naming the worst files (instead of training
@@ -247,11 +272,18 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check(0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "in [0, 1)")
-        check(0.0 <= self.sft_val_fraction < 1.0, "sft_val_fraction", self.sft_val_fraction, "in [0, 1)")
+        check(
+            0.0 <= self.sft_val_fraction < 1.0,
+            "sft_val_fraction",
+            self.sft_val_fraction,
+            "in [0, 1)",
+        )
         for name in ("val_min_tokens", "sft_val_min_examples"):
             check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         check(self.val_piece_chars >= 64, "val_piece_chars", self.val_piece_chars, ">= 64")
-        check(self.vocab_size >= 260, "vocab_size", self.vocab_size, ">= 260 (256 bytes + specials)")
+        check(
+            self.vocab_size >= 260, "vocab_size", self.vocab_size, ">= 260 (256 bytes + specials)"
+        )
         check(self.shard_tokens > 0, "shard_tokens", self.shard_tokens, "> 0")
         check(self.work_unit_bytes > 0, "work_unit_bytes", self.work_unit_bytes, "> 0")
         check(self.min_chars >= 0, "min_chars", self.min_chars, ">= 0")
@@ -259,7 +291,17 @@ class DataConfig:
         check(self.min_work_units >= 1, "min_work_units", self.min_work_units, ">= 1")
         check(self.max_doc_chars >= 1, "max_doc_chars", self.max_doc_chars, ">= 1")
         check(self.min_frequency >= 0, "min_frequency", self.min_frequency, ">= 0")
-        check(self.tokenizer_sample_chars >= 1, "tokenizer_sample_chars", self.tokenizer_sample_chars, ">= 1")
+        check(
+            self.tokenizer_sample_chars >= 1,
+            "tokenizer_sample_chars",
+            self.tokenizer_sample_chars,
+            ">= 1",
+        )
         check(self.seed >= 0, "seed", self.seed, ">= 0")
         check(self.max_line_bytes >= 1, "max_line_bytes", self.max_line_bytes, ">= 1")
-        check(0.0 <= self.max_drop_fraction <= 1.0, "max_drop_fraction", self.max_drop_fraction, "in [0, 1]")
+        check(
+            0.0 <= self.max_drop_fraction <= 1.0,
+            "max_drop_fraction",
+            self.max_drop_fraction,
+            "in [0, 1]",
+        )

@@ -68,7 +68,9 @@ _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 def materialize(dest: str | Path) -> Path:
     """Write ``python-docs`` under `dest` (e.g. ``<workdir>/corpus/python-docs``) unless already there."""
-    return _write_once(Path(dest), NAME, lambda: ((f"{stem}.txt", text) for stem, text in _documents()))
+    return _write_once(
+        Path(dest), NAME, lambda: ((f"{stem}.txt", text) for stem, text in _documents())
+    )
 
 
 def materialize_sft(dest: str | Path) -> Path:
@@ -76,7 +78,10 @@ def materialize_sft(dest: str | Path) -> Path:
 
     def files() -> Iterator[tuple[str, str]]:
         pairs = _sft_pairs()
-        lines = [json.dumps({"prompt": p.prompt, "completion": p.completion}, sort_keys=True) for p in pairs]
+        lines = [
+            json.dumps({"prompt": p.prompt, "completion": p.completion}, sort_keys=True)
+            for p in pairs
+        ]
         yield SFT_FILE, "".join(line + "\n" for line in lines)
 
     return _write_once(Path(dest), SFT_NAME, files)
@@ -128,7 +133,9 @@ def _write(dest: Path, name: str, files: Callable[[], Iterator[tuple[str, str]]]
         count += 1
         chars += len(text)
     if count == 0 or chars == 0:
-        raise RuntimeError(f"found no Python documentation to build {name} from (stdlib at {_stdlib()})")
+        raise RuntimeError(
+            f"found no Python documentation to build {name} from (stdlib at {_stdlib()})"
+        )
     mark_done(dest, {"files": count, "chars": chars, "python": sys.version})
     log.info("wrote builtin corpus %s: %d files, %.1f MB of text", dest, count, chars / 1e6)
     return dest
@@ -169,7 +176,9 @@ def _scan() -> tuple[tuple[tuple[str, str], ...], tuple[_Module, ...]]:
         from pydoc_data.topics import topics
     except ImportError:  # some distributions strip pydoc_data
         topics = {}
-    topic_texts = tuple((f"topic-{_safe(k)}", topics[k].strip()) for k in sorted(topics) if topics[k].strip())
+    topic_texts = tuple(
+        (f"topic-{_safe(k)}", topics[k].strip()) for k in sorted(topics) if topics[k].strip()
+    )
     root = _stdlib()
     modules = []
     for path in sorted(root.rglob("*.py")):
@@ -178,12 +187,18 @@ def _scan() -> tuple[tuple[tuple[str, str], ...], tuple[_Module, ...]]:
             continue
         try:
             tree = ast.parse(path.read_bytes(), filename=str(rel))
-        except (SyntaxError, ValueError, OSError):  # lib2to3 test data and friends are not valid Python
+        except (
+            SyntaxError,
+            ValueError,
+            OSError,
+        ):  # lib2to3 test data and friends are not valid Python
             continue
         parts = rel.with_suffix("").parts
         module = ".".join(parts)
         public = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        if any(p.startswith("_") and p != "__init__" for p in parts) or any(p.startswith("test") for p in parts):
+        if any(p.startswith("_") and p != "__init__" for p in parts) or any(
+            p.startswith("test") for p in parts
+        ):
             public = ""  # private or test module: no pairs
         named = _public_defs(tree.body, public) if public else {}
         defs = []
@@ -202,7 +217,9 @@ def _public_defs(body: list[ast.stmt], prefix: str) -> dict[int, tuple[str, str]
     public classes (not inside functions), by node id."""
     out: dict[int, tuple[str, str]] = {}
     for node in body:
-        if not isinstance(node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) or node.name.startswith("_"):
+        if not isinstance(
+            node, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef
+        ) or node.name.startswith("_"):
             continue
         qualname = f"{prefix}.{node.name}"
         out[id(node)] = (qualname, _signature(node))
@@ -214,7 +231,10 @@ def _public_defs(body: list[ast.stmt], prefix: str) -> dict[int, tuple[str, str]
 def _signature(node: ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) -> str:
     if isinstance(node, ast.ClassDef):
         bases = [ast.unparse(b) for b in node.bases]
-        bases += [f"{k.arg}={ast.unparse(k.value)}" if k.arg else f"**{ast.unparse(k.value)}" for k in node.keywords]
+        bases += [
+            f"{k.arg}={ast.unparse(k.value)}" if k.arg else f"**{ast.unparse(k.value)}"
+            for k in node.keywords
+        ]
         return f"class {node.name}({', '.join(bases)}):" if bases else f"class {node.name}:"
     returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
     kind = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
@@ -250,9 +270,11 @@ def _sft_candidates() -> list[SftPair]:
             if completion is None or completion in seen:
                 continue
             seen.add(completion)
-            pairs.append(SftPair(d.qualname, f"# {d.qualname}\n{d.signature}\n    \"\"\"", completion))
+            pairs.append(SftPair(d.qualname, f'# {d.qualname}\n{d.signature}\n    """', completion))
     if len(pairs) > MAX_SFT_PAIRS:
-        rank = sorted(pairs, key=lambda p: hashlib.blake2b(p.qualname.encode(), digest_size=8).digest())
+        rank = sorted(
+            pairs, key=lambda p: hashlib.blake2b(p.qualname.encode(), digest_size=8).digest()
+        )
         chosen = {p.qualname for p in rank[:MAX_SFT_PAIRS]}
         pairs = [p for p in pairs if p.qualname in chosen]
     return pairs

@@ -47,8 +47,9 @@ class DatasetInfo:
     split_tokens: dict[str, int]
 
 
-def read_manifest(dataset: str | Path, splits: tuple[str, ...] | None = None,
-                  verify: bool = False) -> dict[str, Any]:
+def read_manifest(
+    dataset: str | Path, splits: tuple[str, ...] | None = None, verify: bool = False
+) -> dict[str, Any]:
     """The manifest of a finished dataset directory, after checking that every shard (and mask file)
     of `splits` (default: all) exists with its recorded size and, with verify=True, its sha256.
 
@@ -58,7 +59,9 @@ def read_manifest(dataset: str | Path, splits: tuple[str, ...] | None = None,
     root = Path(dataset)
     path = root / "manifest.json"
     if not path.is_file():
-        raise DataError(f"{path}: missing; is {dataset} a dataset directory written by `gptflow preprocess`?")
+        raise DataError(
+            f"{path}: missing; is {dataset} a dataset directory written by `gptflow preprocess`?"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -67,13 +70,19 @@ def read_manifest(dataset: str | Path, splits: tuple[str, ...] | None = None,
         raise DataError(f"{path}: cannot read it ({e.strerror or e})") from e
     _check_schema(manifest, path)
     if manifest["format_version"] != FORMAT_VERSION:
-        raise DataError(f"{path}: format_version={manifest['format_version']!r}, this reader knows {FORMAT_VERSION}")
+        raise DataError(
+            f"{path}: format_version={manifest['format_version']!r}, this reader knows {FORMAT_VERSION}"
+        )
     if manifest["dtype"] not in DTYPES:
         raise DataError(f"{path}: dtype={manifest['dtype']!r} must be one of {', '.join(DTYPES)}")
     tok_path = root / "tokenizer.json"
     if not tok_path.is_file():
         raise DataError(f"{tok_path}: missing (the dataset's tokenizer)")
-    if verify and manifest.get("tokenizer_sha256") and sha256_file(tok_path) != manifest["tokenizer_sha256"]:
+    if (
+        verify
+        and manifest.get("tokenizer_sha256")
+        and sha256_file(tok_path) != manifest["tokenizer_sha256"]
+    ):
         raise DataError(f"{tok_path}: sha256 does not match {path}")
     itemsize = np.dtype(DTYPES[manifest["dtype"]]).itemsize
     for split in splits if splits is not None else tuple(manifest["splits"]):
@@ -90,13 +99,16 @@ def read_manifest(dataset: str | Path, splits: tuple[str, ...] | None = None,
                 if f.stat().st_size != size:
                     raise DataError(f"{f}: {f.stat().st_size} bytes, manifest says {size} ({path})")
                 if verify and digest and sha256_file(f) != digest:
-                    raise DataError(f"{f}: sha256 does not match {path} (corrupt or partly copied shard)")
+                    raise DataError(
+                        f"{f}: sha256 does not match {path} (corrupt or partly copied shard)"
+                    )
     return manifest
 
 
 def _check_schema(manifest: Any, path: Path) -> None:
     """The manifest's shape: every key this module and training read, with its JSON type, so that a
     hand-edited or foreign manifest.json fails here naming the key, not later with a KeyError."""
+
     def bad(where: str, what: str) -> DataError:
         return DataError(f"{path}: {where} must be {what}")
 
@@ -114,7 +126,9 @@ def _check_schema(manifest: Any, path: Path) -> None:
     if not isinstance(manifest["dtype"], str):
         raise bad("dtype", f"a string, not {manifest['dtype']!r}")
     if not isinstance(manifest["splits"], dict):
-        raise bad("splits", f"an object of split name -> entry, not {type(manifest['splits']).__name__}")
+        raise bad(
+            "splits", f"an object of split name -> entry, not {type(manifest['splits']).__name__}"
+        )
     for split, entry in manifest["splits"].items():
         if entry is None:
             continue
@@ -131,15 +145,28 @@ def _check_schema(manifest: Any, path: Path) -> None:
                 if key == "mask_file" and name is None:
                     continue
                 # A relative path inside the dataset directory: a manifest never points elsewhere.
-                if not isinstance(name, str) or not name or name.startswith("/") or ".." in Path(name).parts:
-                    raise bad(f"{where}.{key}", f"a relative path inside the dataset directory, not {name!r}")
+                if (
+                    not isinstance(name, str)
+                    or not name
+                    or name.startswith("/")
+                    or ".." in Path(name).parts
+                ):
+                    raise bad(
+                        f"{where}.{key}",
+                        f"a relative path inside the dataset directory, not {name!r}",
+                    )
             for key in ("sha256", "mask_sha256"):
                 if shard.get(key) is not None and not isinstance(shard[key], str):
                     raise bad(f"{where}.{key}", f"a hex string, not {shard[key]!r}")
 
 
-def check_dataset(dataset: str | Path, splits: tuple[str, ...], context_length: int,
-                  verify_hashes: bool = True, world: int = 1) -> DatasetInfo:
+def check_dataset(
+    dataset: str | Path,
+    splits: tuple[str, ...],
+    context_length: int,
+    verify_hashes: bool = True,
+    world: int = 1,
+) -> DatasetInfo:
     """Every shard of `splits` is intact (see :func:`read_manifest`) and gives each of `world` ranks
     at least one window of ``context_length + 1`` tokens. Raises :class:`DataError` naming the file.
     """
@@ -150,7 +177,10 @@ def check_dataset(dataset: str | Path, splits: tuple[str, ...], context_length: 
     for split in splits:
         entry = manifest["splits"].get(split)
         if not entry or not entry.get("shards"):
-            have = ", ".join(s for s, e in manifest["splits"].items() if e and e.get("shards")) or "none"
+            have = (
+                ", ".join(s for s, e in manifest["splits"].items() if e and e.get("shards"))
+                or "none"
+            )
             raise DataError(f"{mpath}: split {split!r} has no shards (splits with data: {have})")
         # A window is context_length + 1 tokens (inputs plus the shifted targets) inside one shard.
         longest = max(s["tokens"] for s in entry["shards"])
@@ -167,13 +197,19 @@ def check_dataset(dataset: str | Path, splits: tuple[str, ...], context_length: 
             )
         split_tokens[split] = sum(s["tokens"] for s in entry["shards"])
     return DatasetInfo(
-        path=str(root.resolve()), manifest_sha256=sha256_file(mpath),
+        path=str(root.resolve()),
+        manifest_sha256=sha256_file(mpath),
         tokenizer_sha256=manifest.get("tokenizer_sha256") or sha256_file(root / "tokenizer.json"),
-        vocab_size=int(manifest["vocab_size"]), eot_id=int(manifest["eot_id"]),
-        pad_id=int(manifest.get("pad_id", -1)), dtype=manifest["dtype"], split_tokens=split_tokens,
+        vocab_size=int(manifest["vocab_size"]),
+        eot_id=int(manifest["eot_id"]),
+        pad_id=int(manifest.get("pad_id", -1)),
+        dtype=manifest["dtype"],
+        split_tokens=split_tokens,
     )
 
 
 def read_shard(dataset_dir: str | Path, shard: dict[str, Any], dtype: str) -> np.ndarray:
     """A shard's token ids as a read-only memory map."""
-    return np.memmap(Path(dataset_dir) / shard["file"], dtype=np.dtype(dtype).newbyteorder("<"), mode="r")
+    return np.memmap(
+        Path(dataset_dir) / shard["file"], dtype=np.dtype(dtype).newbyteorder("<"), mode="r"
+    )

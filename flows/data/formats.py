@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _ALIGN_WINDOW = 64 << 10  # how far past a range boundary to look for a line break
 
+
 def _align(fh: IO[bytes], offset: int, size: int, lines_only: bool) -> int:
     """The first position at or after `offset` where a range may start: just after a line break,
     or (text only, when no line break follows within a window) at a UTF-8 character boundary.
@@ -62,7 +63,9 @@ def _align(fh: IO[bytes], offset: int, size: int, lines_only: bool) -> int:
     return pos + j
 
 
-def _blocks(fh: IO[bytes], seg: Segment, lines_only: bool, stats: UnitStats) -> Iterator[tuple[int, bytes]]:
+def _blocks(
+    fh: IO[bytes], seg: Segment, lines_only: bool, stats: UnitStats
+) -> Iterator[tuple[int, bytes]]:
     """(offset, bytes) of a segment's content in blocks; a truncated or corrupt archive is counted
     (``truncated_archive``) and ends the stream with :class:`_Truncated`."""
     if seg.start == 0 and seg.end is None:
@@ -78,7 +81,9 @@ def _blocks(fh: IO[bytes], seg: Segment, lines_only: bool, stats: UnitStats) -> 
         except TRUNCATED_ERRORS as e:
             stats.offset, stats.line = pos, None
             stats.drop("truncated_archive")
-            log.warning("%s: truncated or corrupt archive (%s); keeping what was read before", stats.file, e)
+            log.warning(
+                "%s: truncated or corrupt archive (%s); keeping what was read before", stats.file, e
+            )
             raise _Truncated from e
         return
     size = seg.file.size
@@ -122,7 +127,12 @@ def _guarded(seg: Segment, stats: UnitStats, items: Iterator[Any]) -> Iterator[A
         log.error("cannot read %s: %s", path, redact_text(str(e)))
     except Exception as e:  # e.g. pyarrow's ArrowInvalid on a corrupt parquet page
         stats.drop(f"read_error.{type(e).__name__}")
-        log.error("cannot read %s (%s: %s); skipping the rest of it", path, type(e).__name__, redact_text(str(e)))
+        log.error(
+            "cannot read %s (%s: %s); skipping the rest of it",
+            path,
+            type(e).__name__,
+            redact_text(str(e)),
+        )
     finally:
         stats.file = stats.offset = stats.line = stats.row = None
 
@@ -165,7 +175,9 @@ def _utf8_tail(data: bytes) -> int:
     return 0
 
 
-def _text_documents(fh: IO[bytes], seg: Segment, data: DataConfig, stats: UnitStats) -> Iterator[str]:
+def _text_documents(
+    fh: IO[bytes], seg: Segment, data: DataConfig, stats: UnitStats
+) -> Iterator[str]:
     # Decode block by block (carrying a split UTF-8 sequence or a split \r\n to the next block) and
     # cut pieces from a buffer: piece boundaries depend on the text alone, not on block sizes.
     buf = ""
@@ -224,7 +236,9 @@ def _documents(value: Any, data: DataConfig, stats: UnitStats) -> list[str]:
         return []
 
 
-def _record_documents(fh: IO[bytes], seg: Segment, data: DataConfig, stats: UnitStats) -> Iterator[str]:
+def _record_documents(
+    fh: IO[bytes], seg: Segment, data: DataConfig, stats: UnitStats
+) -> Iterator[str]:
     field_name = data.text_field
     for record in iter_records(fh, seg, data, stats):
         if isinstance(record, dict):
@@ -273,5 +287,7 @@ def _column_values(column: Any, stats: UnitStats) -> list[Any]:
         # the first value that does not: decode each one instead, repairing it (``invalid_utf8``).
         import pyarrow as pa
 
-        raw = column.cast(pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary())
+        raw = column.cast(
+            pa.large_binary() if pa.types.is_large_string(column.type) else pa.binary()
+        )
         return [None if v is None else decode(v, stats) for v in raw.to_pylist()]

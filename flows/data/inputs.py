@@ -109,13 +109,20 @@ def resolve_paths(specs: tuple[str, ...], key: str, skipped: Counter) -> list[st
 
 def _expand(spec: str, key: str, skipped: Counter) -> list[tuple[str, bool]]:
     if is_url(spec):
-        require_driver(spec, f"{key}: {redact_url(spec)}")  # s3:// without s3fs: one line, not ImportError
+        require_driver(
+            spec, f"{key}: {redact_url(spec)}"
+        )  # s3:// without s3fs: one line, not ImportError
         try:
             return _expand_url(spec, key, skipped)
         except InputError:
             raise
-        except (OSError, ValueError) as e:  # unreachable host, refused credentials, bad URL (fsspec, aiohttp)
-            raise InputError(f"{key}: cannot list {redact_url(spec)} ({type(e).__name__}: {redact_text(str(e))})") from e
+        except (
+            OSError,
+            ValueError,
+        ) as e:  # unreachable host, refused credentials, bad URL (fsspec, aiohttp)
+            raise InputError(
+                f"{key}: cannot list {redact_url(spec)} ({type(e).__name__}: {redact_text(str(e))})"
+            ) from e
     if globlib.has_magic(spec):
         matches = sorted(globlib.glob(spec, recursive=True))
         files = []
@@ -139,7 +146,7 @@ def _expand_url(spec: str, key: str, skipped: Counter) -> list[tuple[str, bool]]
         if fs.isdir(p):
             root = p.rstrip("/")
             for f in sorted(fs.find(p)):
-                if _hidden(f[len(root):].lstrip("/")):
+                if _hidden(f[len(root) :].lstrip("/")):
                     skipped["hidden_file"] += 1
                     continue
                 files.append((fs.unstrip_protocol(f), False))
@@ -173,8 +180,20 @@ def _expand_local(path: Path, explicit: bool, skipped: Counter) -> list[tuple[st
 # Content-MD5/Digest, GCS md5Hash/crc32c/generation, Azure etag/content_md5, version ids. A date
 # (mtime, Last-Modified) is not among them: a rewrite within its resolution, or a copy that keeps
 # it, would go unnoticed.
-_CONTENT_TAGS = ("ETag", "etag", "Content-MD5", "Digest", "md5Hash", "crc32c", "content_md5", "checksum",
-                 "sha256", "VersionId", "version_id", "generation")
+_CONTENT_TAGS = (
+    "ETag",
+    "etag",
+    "Content-MD5",
+    "Digest",
+    "md5Hash",
+    "crc32c",
+    "content_md5",
+    "checksum",
+    "sha256",
+    "VersionId",
+    "version_id",
+    "generation",
+)
 
 
 def describe(paths: list[str], cache: FingerprintCache | None = None) -> list[InputFile]:
@@ -208,14 +227,21 @@ def _describe_url(url: str, cache: FingerprintCache) -> tuple[int, str]:
         if tag is not None:
             return size, f"size={size};tag={tag};url={url_hash}"
         if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-            return size, f"sha256:{cache.sha256(p)};url={url_hash}"  # file://: hashed once, then by stat
-        log.info("%s: no ETag, checksum or version id; fingerprinting it by its content", redact_url(url))
+            return (
+                size,
+                f"sha256:{cache.sha256(p)};url={url_hash}",
+            )  # file://: hashed once, then by stat
+        log.info(
+            "%s: no ETag, checksum or version id; fingerprinting it by its content", redact_url(url)
+        )
         h = hashlib.sha256()
         with fs.open(p, "rb") as f:
             while block := f.read(BLOCK_BYTES):
                 h.update(block)
     except (OSError, ValueError) as e:
-        raise InputError(f"{redact_url(url)}: cannot read it ({type(e).__name__}: {redact_text(str(e))})") from e
+        raise InputError(
+            f"{redact_url(url)}: cannot read it ({type(e).__name__}: {redact_text(str(e))})"
+        ) from e
     return size, f"sha256:{h.hexdigest()};url={url_hash}"
 
 
@@ -224,7 +250,9 @@ def check_usable(files: list[InputFile], key: str) -> None:
     if not files:
         raise InputError(f"{key}: no input files")
     if all(f.size == 0 for f in files):
-        raise InputError(f"{key}: every input file is empty ({len(files)} files, e.g. {files[0].path})")
+        raise InputError(
+            f"{key}: every input file is empty ({len(files)} files, e.g. {files[0].path})"
+        )
     for f in files:
         if f.size == 0:
             continue
@@ -233,11 +261,16 @@ def check_usable(files: list[InputFile], key: str) -> None:
         try:
             with open_input(f) as fh:
                 head = fh.read(_SNIFF)
-        except (OSError, *TRUNCATED_ERRORS):  # a corrupt archive here is counted when its unit is read
+        except (
+            OSError,
+            *TRUNCATED_ERRORS,
+        ):  # a corrupt archive here is counted when its unit is read
             continue
         if head and not looks_binary(head):
             return
-    raise InputError(f"{key}: no usable text: every non-empty input looks binary (e.g. {files[0].path})")
+    raise InputError(
+        f"{key}: no usable text: every non-empty input looks binary (e.g. {files[0].path})"
+    )
 
 
 def read_head(f: InputFile) -> bytes | None:
@@ -247,7 +280,6 @@ def read_head(f: InputFile) -> bytes | None:
             return fh.read(_SNIFF)
     except TRUNCATED_ERRORS:
         return None
-
 
 
 def check_parquet_field(files: list[InputFile], text_field: str, key: str) -> None:
@@ -282,7 +314,9 @@ def open_input(f: InputFile) -> IO[bytes]:
     if f.compression == "zst":
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+        return zstandard.ZstdDecompressor().stream_reader(
+            raw, read_across_frames=True, closefd=True
+        )
     return raw
 
 
@@ -304,13 +338,22 @@ def export_hf_dataset(data: DataConfig, cache_dir: Path) -> InputFile:
             ds = datasets.load_from_disk(source)
         else:
             ds = datasets.load_dataset(
-                source, data.hf_config, split=data.hf_split, data_files=list(data.hf_data_files) or None
+                source,
+                data.hf_config,
+                split=data.hf_split,
+                data_files=list(data.hf_data_files) or None,
             )
-    except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
-        raise InputError(f"data.hf_dataset={source!r}: cannot load it with `datasets` ({type(e).__name__}: {e})") from e
+    except (
+        Exception
+    ) as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ...)
+        raise InputError(
+            f"data.hf_dataset={source!r}: cannot load it with `datasets` ({type(e).__name__}: {e})"
+        ) from e
     if isinstance(ds, datasets.DatasetDict):
         if data.hf_split not in ds:
-            raise InputError(f"data.hf_split={data.hf_split!r}: {source} has splits {', '.join(ds)}")
+            raise InputError(
+                f"data.hf_split={data.hf_split!r}: {source} has splits {', '.join(ds)}"
+            )
         ds = ds[data.hf_split]
     if data.text_field not in ds.column_names:
         raise InputError(

@@ -25,15 +25,17 @@ from flows.data.clean import UnitStats, decode
 _BOM = b"\xef\xbb\xbf"
 
 
-def line_values(blocks: Iterable[tuple[int, bytes]], cap: int, stats: UnitStats,
-                numbered: bool) -> Iterator[Any]:
+def line_values(
+    blocks: Iterable[tuple[int, bytes]], cap: int, stats: UnitStats, numbered: bool
+) -> Iterator[Any]:
     """The JSON value of each line of a stream of (offset, bytes) blocks; lines are numbered from 1
     when `numbered` (the stream starts the file)."""
     return _parse_lines(_lines(blocks, cap, numbered), stats)
 
 
-def _lines(blocks: Iterable[tuple[int, bytes]], cap: int,
-           numbered: bool) -> Iterator[tuple[int, int | None, bytes | None]]:
+def _lines(
+    blocks: Iterable[tuple[int, bytes]], cap: int, numbered: bool
+) -> Iterator[tuple[int, int | None, bytes | None]]:
     """(offset, number, bytes) of each line of a stream (without its ``\\n``); numbers count from 1
     when the stream starts the file. The bytes are None for a line longer than `cap`: what is past
     the cap is read and dropped until the next line break, never held."""
@@ -66,7 +68,9 @@ def _lines(blocks: Iterable[tuple[int, bytes]], cap: int,
         yield start, number + 1 if numbered else None, None if over else b"".join(parts)
 
 
-def _parse_lines(lines: Iterator[tuple[int, int | None, bytes | None]], stats: UnitStats) -> Iterator[Any]:
+def _parse_lines(
+    lines: Iterator[tuple[int, int | None, bytes | None]], stats: UnitStats
+) -> Iterator[Any]:
     for offset, number, raw in lines:
         stats.offset, stats.line = offset, number
         if raw is None:
@@ -166,8 +170,9 @@ _STRING_BODY = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*', re.S)
 _QUOTE, _COMMA, _OPENERS = ord('"'), ord(","), (ord("["), ord("{"))
 
 
-def _array_elements(blocks: Iterator[tuple[int, bytes]], cap: int,
-                    stats: UnitStats) -> Iterator[tuple[int, bytes | None]]:
+def _array_elements(
+    blocks: Iterator[tuple[int, bytes]], cap: int, stats: UnitStats
+) -> Iterator[tuple[int, bytes | None]]:
     """(offset, bytes) of each element of a JSON array whose ``[`` was just read; the bytes are None
     for an element longer than `cap` (skipped, never held).
 
@@ -234,7 +239,9 @@ def _array_elements(blocks: Iterator[tuple[int, bytes]], cap: int,
         yield start, None if over else b"".join(parts)
 
 
-def _check_trailing(rest: bytes, offset: int, blocks: Iterator[tuple[int, bytes]], stats: UnitStats) -> None:
+def _check_trailing(
+    rest: bytes, offset: int, blocks: Iterator[tuple[int, bytes]], stats: UnitStats
+) -> None:
     for base, block in chain([(offset, rest)], blocks):
         if stripped := block.lstrip():
             stats.offset, stats.line = base + len(block) - len(stripped), None

@@ -45,7 +45,9 @@ log = logging.getLogger(__name__)
 GROUPS = ("trained_phrasing", "heldout_phrasing", "heldout_fact")
 """Evaluation's three groups: trained facts in trained phrasings, trained facts in the held-out
 phrasing, held-out facts (any phrasing)."""
-_DOC_CHARS = 1000  # statements are packed into documents of about this size (min_chars drops short ones)
+_DOC_CHARS = (
+    1000  # statements are packed into documents of about this size (min_chars drops short ones)
+)
 
 
 # --------------------------------------------------------------------------- the chat seam
@@ -54,7 +56,9 @@ _DOC_CHARS = 1000  # statements are packed into documents of about this size (mi
 def qa_record(question: str, answer: str) -> dict[str, Any]:
     """The fine-tuning record of one question/answer pair, in the chat format of flows/data/sft.py
     (the model's own chat template takes over there when it has one)."""
-    return {"messages": [{"role": "user", "content": question}, {"role": ASSISTANT, "content": answer}]}
+    return {
+        "messages": [{"role": "user", "content": question}, {"role": ASSISTANT, "content": answer}]
+    }
 
 
 def question_prompt(question: str, facts: Sequence[str] = ()) -> str:
@@ -87,8 +91,9 @@ def _held_out(h: str, fraction: float) -> bool:
     return int(h[:16], 16) < fraction * (1 << 64)
 
 
-def verbalise(src: KnowledgeSource, index: int, columns: list[str], rows: list[dict[str, Any]]
-              ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Counter]:
+def verbalise(
+    src: KnowledgeSource, index: int, columns: list[str], rows: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Counter]:
     """(facts, questions, skipped counts) of one source's rows, in row-hash order."""
     fields = template_fields(src)
     skipped: Counter = Counter()
@@ -108,15 +113,29 @@ def verbalise(src: KnowledgeSource, index: int, columns: list[str], rows: list[d
         trained = not _held_out(h, src.holdout_fraction)
         statements = [t.text.format_map(values) for t in src.templates if t.text]
         fact_id = f"{index}:{h[:16]}"
-        facts.append({"id": fact_id, "source": index, "trained": trained, "statements": statements,
-                      "fields": {c: values.get(c) for c in columns if c in values}})
+        facts.append(
+            {
+                "id": fact_id,
+                "source": index,
+                "trained": trained,
+                "statements": statements,
+                "fields": {c: values.get(c) for c in columns if c in values},
+            }
+        )
         for t in src.templates:
             answer = t.answer.format_map(values)
             for j, ask in enumerate(t.ask):
                 last = j == len(t.ask) - 1 and len(t.ask) > 1
                 group = GROUPS[2] if not trained else GROUPS[1] if last else GROUPS[0]
-                questions.append({"fact": fact_id, "source": index, "group": group,
-                                  "question": ask.format_map(values), "expected": answer})
+                questions.append(
+                    {
+                        "fact": fact_id,
+                        "source": index,
+                        "group": group,
+                        "question": ask.format_map(values),
+                        "expected": answer,
+                    }
+                )
     return facts, questions, skipped
 
 
@@ -156,8 +175,15 @@ def materialize(data: DataConfig, root: Path, cache: FingerprintCache) -> Built:
     def present(name: str) -> Path | None:
         return out / name if (out / name).is_file() else None
 
-    return Built(out, present("text_train.jsonl"), present("text_val.jsonl"), present("sft_train.jsonl"),
-                 present("sft_val.jsonl"), summary, prints)
+    return Built(
+        out,
+        present("text_train.jsonl"),
+        present("text_val.jsonl"),
+        present("sft_train.jsonl"),
+        present("sft_val.jsonl"),
+        summary,
+        prints,
+    )
 
 
 def _write(data: DataConfig, out: Path) -> None:
@@ -169,35 +195,62 @@ def _write(data: DataConfig, out: Path) -> None:
         columns, rows = read_rows(src, f"data.knowledge[{i}]")
         f, q, skipped = verbalise(src, i, columns, rows)
         if not f:
-            raise InputError(f"data.knowledge[{i}]: {label(src)} gave no usable row ({len(rows)} rows; "
-                             f"skipped: {dict(skipped) or 'none'})")
+            raise InputError(
+                f"data.knowledge[{i}]: {label(src)} gave no usable row ({len(rows)} rows; "
+                f"skipped: {dict(skipped) or 'none'})"
+            )
         if skipped:
             log.warning("data.knowledge[%d] (%s): skipped %s", i, label(src), dict(skipped))
         facts += f
         questions += q
-        summary.append({
-            "source": label(src), "kind": kind(src, f"data.knowledge[{i}]"), "rows": len(rows),
-            "skipped": dict(sorted(skipped.items())),
-            "facts": {"trained": sum(x["trained"] for x in f), "held_out": sum(not x["trained"] for x in f)},
-            "statements": sum(len(x["statements"]) for x in f),
-            "questions": {g: sum(x["group"] == g for x in q) for g in GROUPS},
-        })
+        summary.append(
+            {
+                "source": label(src),
+                "kind": kind(src, f"data.knowledge[{i}]"),
+                "rows": len(rows),
+                "skipped": dict(sorted(skipped.items())),
+                "facts": {
+                    "trained": sum(x["trained"] for x in f),
+                    "held_out": sum(not x["trained"] for x in f),
+                },
+                "statements": sum(len(x["statements"]) for x in f),
+                "questions": {g: sum(x["group"] == g for x in q) for g in GROUPS},
+            }
+        )
     trained = {x["id"] for x in facts if x["trained"]}
     field = data.text_field
     for name, wanted in (("text_train.jsonl", True), ("text_val.jsonl", False)):
         docs = _documents([s for x in facts if x["trained"] == wanted for s in x["statements"]])
         if docs:
-            atomic_write_text(out / name, "".join(json.dumps({field: d}, ensure_ascii=False) + "\n" for d in docs))
+            atomic_write_text(
+                out / name, "".join(json.dumps({field: d}, ensure_ascii=False) + "\n" for d in docs)
+            )
     for name, wanted in (("sft_train.jsonl", True), ("sft_val.jsonl", False)):
-        records = [qa_record(q["question"], q["expected"]) for q in questions
-                   if (q["group"] == GROUPS[0] and q["fact"] in trained) == wanted]
+        records = [
+            qa_record(q["question"], q["expected"])
+            for q in questions
+            if (q["group"] == GROUPS[0] and q["fact"] in trained) == wanted
+        ]
         if records:
-            atomic_write_text(out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    atomic_write_text(out / "facts.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in facts))
-    atomic_write_text(out / "questions.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in questions))
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")  # last: complete
+            atomic_write_text(
+                out / name, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            )
+    atomic_write_text(
+        out / "facts.jsonl", "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in facts)
+    )
+    atomic_write_text(
+        out / "questions.jsonl",
+        "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in questions),
+    )
+    atomic_write_text(
+        out / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n"
+    )  # last: complete
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """A facts.jsonl or questions.jsonl table."""
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [
+        json.loads(line)
+        for line in Path(path).read_text(encoding="utf-8").splitlines()
+        if line.strip()
+    ]

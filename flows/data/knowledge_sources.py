@@ -30,7 +30,14 @@ from flows.data.inputs import InputError
 from flows.redact import redact_url
 from flows.workdir import FingerprintCache
 
-RDF_FORMATS = {".nt": "nt", ".ttl": "turtle", ".n3": "n3", ".rdf": "xml", ".xml": "xml", ".owl": "xml"}
+RDF_FORMATS = {
+    ".nt": "nt",
+    ".ttl": "turtle",
+    ".n3": "n3",
+    ".rdf": "xml",
+    ".xml": "xml",
+    ".owl": "xml",
+}
 ROW_FORMATS = (".csv", ".jsonl")
 _RDFS_LABEL = "http://www.w3.org/2000/01/rdf-schema#label"
 
@@ -45,7 +52,9 @@ def label(src: KnowledgeSource) -> str:
 
         try:  # SQLAlchemy's own rendering keeps sqlite:////abs/path intact and hides the password
             shown = sa.engine.make_url(src.source).render_as_string(hide_password=True)
-            return redact_url(shown) if "?" in shown else shown  # query parameters may hold secrets too
+            return (
+                redact_url(shown) if "?" in shown else shown
+            )  # query parameters may hold secrets too
         except sa.exc.ArgumentError:
             pass
     return redact_url(src.source)
@@ -54,7 +63,9 @@ def label(src: KnowledgeSource) -> str:
 def kind(src: KnowledgeSource, key: str) -> str:
     """sql, rdf or rows; InputError when the source is none of them or misses a setting."""
     check_templates(src, key)
-    suffix = Path(urllib.parse.urlsplit(src.source).path if "://" in src.source else src.source).suffix.lower()
+    suffix = Path(
+        urllib.parse.urlsplit(src.source).path if "://" in src.source else src.source
+    ).suffix.lower()
     if "://" in src.source and not src.source.startswith("file://"):
         found = "sql"
     elif suffix in RDF_FORMATS:
@@ -62,12 +73,16 @@ def kind(src: KnowledgeSource, key: str) -> str:
     elif suffix in ROW_FORMATS:
         found = "rows"
     else:
-        raise InputError(f"{key}.source: {label(src)} is neither a database URL (sqlite:///file.db, postgresql://...) "
-                         f"nor an RDF file ({', '.join(RDF_FORMATS)}) nor a row file ({', '.join(ROW_FORMATS)})")
+        raise InputError(
+            f"{key}.source: {label(src)} is neither a database URL (sqlite:///file.db, postgresql://...) "
+            f"nor an RDF file ({', '.join(RDF_FORMATS)}) nor a row file ({', '.join(ROW_FORMATS)})"
+        )
     if found == "sql" and not src.query:
         raise InputError(f"{key}.query: {label(src)} is a database: give one SELECT statement")
     if found == "rdf" and not src.predicate:
-        raise InputError(f"{key}.predicate: {label(src)} is an RDF graph: give the predicate IRI to read")
+        raise InputError(
+            f"{key}.predicate: {label(src)} is an RDF graph: give the predicate IRI to read"
+        )
     if found != "sql" and src.query:
         raise InputError(f"{key}.query: {label(src)} is a file, not a database: remove the query")
     if found != "rdf" and src.predicate:
@@ -80,13 +95,17 @@ def check_templates(src: KnowledgeSource, key: str) -> None:
     if not src.source:
         raise InputError(f"{key}.source: missing: give a database URL or a file path")
     if not src.templates:
-        raise InputError(f"{key}.templates: missing: give at least one template (text, ask, answer)")
+        raise InputError(
+            f"{key}.templates: missing: give at least one template (text, ask, answer)"
+        )
     for j, t in enumerate(src.templates):
         where = f"{key}.templates[{j}]"
         if not t.text and not t.ask:
             raise InputError(f"{where}: give a statement (text) or questions (ask), or both")
         if t.ask and not t.answer:
-            raise InputError(f"{where}.answer: missing: questions (ask) need the answer they expect")
+            raise InputError(
+                f"{where}.answer: missing: questions (ask) need the answer they expect"
+            )
         if not all(q.strip() for q in t.ask):
             raise InputError(f"{where}.ask: an empty question")
 
@@ -104,11 +123,15 @@ def check_select(query: str, where: str) -> None:
 
     statements = [s for s in sqlparse.split(query) if s.strip().strip(";").strip()]
     if len(statements) != 1:
-        raise InputError(f"{where}: {len(statements)} SQL statements in {query!r}; give exactly one SELECT")
+        raise InputError(
+            f"{where}: {len(statements)} SQL statements in {query!r}; give exactly one SELECT"
+        )
     kind_ = sqlparse.parse(statements[0])[0].get_type()
     if kind_ != "SELECT":
-        raise InputError(f"{where}: {statements[0].strip()!r} is a {kind_.lower()} statement, not a SELECT; "
-                         "knowledge sources are only read")
+        raise InputError(
+            f"{where}: {statements[0].strip()!r} is a {kind_.lower()} statement, not a SELECT; "
+            "knowledge sources are only read"
+        )
 
 
 def _sql_rows(src: KnowledgeSource, key: str) -> tuple[list[str], list[dict[str, Any]]]:
@@ -149,12 +172,16 @@ def _read_only_engine(url: Any, where: str) -> Any:
     if url.get_backend_name() == "sqlite":
         path = Path(url.database or "")
         if not url.database or url.database == ":memory:":
-            raise InputError(f"{where}: an in-memory SQLite database holds no knowledge; name a file")
+            raise InputError(
+                f"{where}: an in-memory SQLite database holds no knowledge; name a file"
+            )
         if not path.is_file():
             raise InputError(f"{where}: cannot open the database: {path} does not exist")
 
         def connect() -> sqlite3.Connection:
-            conn = sqlite3.connect(f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro", uri=True)
+            conn = sqlite3.connect(
+                f"file:{urllib.parse.quote(str(path.resolve()))}?mode=ro", uri=True
+            )
             conn.execute("PRAGMA query_only = ON")
             return conn
 
@@ -162,14 +189,20 @@ def _read_only_engine(url: Any, where: str) -> Any:
     try:
         return sa.create_engine(url, poolclass=sa.pool.NullPool, connect_args=_timeout(url))
     except ModuleNotFoundError as e:
-        raise InputError(f"{where}: no driver for {url.drivername} is installed ({e.name}); install it") from e
+        raise InputError(
+            f"{where}: no driver for {url.drivername} is installed ({e.name}); install it"
+        ) from e
     except sa.exc.ArgumentError as e:
         raise InputError(f"{where}: {e}") from e
 
 
 def _timeout(url: Any) -> dict[str, Any]:
     """Connect timeouts, so that an unreachable host fails in seconds, not minutes."""
-    return {"connect_timeout": 10} if url.get_backend_name() in ("postgresql", "mysql", "mariadb") else {}
+    return (
+        {"connect_timeout": 10}
+        if url.get_backend_name() in ("postgresql", "mysql", "mariadb")
+        else {}
+    )
 
 
 def _rdf_rows(src: KnowledgeSource, key: str) -> tuple[list[str], list[dict[str, Any]]]:
@@ -181,14 +214,18 @@ def _rdf_rows(src: KnowledgeSource, key: str) -> tuple[list[str], list[dict[str,
         graph.parse(str(path), format=RDF_FORMATS[path.suffix.lower()])
     except Exception as e:  # rdflib raises many parser types (BadSyntax, SAXParseException, ...)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise InputError(f"{key}.source: {path} does not parse as {RDF_FORMATS[path.suffix.lower()]} RDF: "
-                         f"{first[:300]}") from e
+        raise InputError(
+            f"{key}.source: {path} does not parse as {RDF_FORMATS[path.suffix.lower()]} RDF: "
+            f"{first[:300]}"
+        ) from e
     predicate = rdflib.URIRef(src.predicate)
     triples = sorted(graph.subject_objects(predicate))
     if not triples:
         present = sorted({str(p) for p in graph.predicates()})[:5]
-        raise InputError(f"{key}.predicate: {src.predicate} has no triples in {path} "
-                         f"(predicates there include: {', '.join(present) or 'none'})")
+        raise InputError(
+            f"{key}.predicate: {src.predicate} has no triples in {path} "
+            f"(predicates there include: {', '.join(present) or 'none'})"
+        )
     label_of = rdflib.URIRef(_RDFS_LABEL)
 
     def name(node: Any) -> str:
@@ -200,7 +237,10 @@ def _rdf_rows(src: KnowledgeSource, key: str) -> tuple[list[str], list[dict[str,
         text = str(node)
         return text.rstrip("/#").rsplit("#", 1)[-1].rsplit("/", 1)[-1]
 
-    rows = [{"subject": name(s), "object": name(o), "subject_iri": str(s), "object_iri": str(o)} for s, o in triples]
+    rows = [
+        {"subject": name(s), "object": name(o), "subject_iri": str(s), "object_iri": str(o)}
+        for s, o in triples
+    ]
     return ["subject", "object", "subject_iri", "object_iri"], rows
 
 
@@ -214,7 +254,9 @@ def _file_rows(src: KnowledgeSource, key: str) -> tuple[list[str], list[dict[str
         reader = csv.DictReader(text.splitlines())
         columns = list(reader.fieldnames or [])
         # CSV has no NULL: an empty cell is one.
-        return columns, [{k: (v if v != "" else None) for k, v in r.items() if k is not None} for r in reader]
+        return columns, [
+            {k: (v if v != "" else None) for k, v in r.items() if k is not None} for r in reader
+        ]
     columns: list[str] = []
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -238,8 +280,10 @@ def read_rows(src: KnowledgeSource, key: str) -> tuple[list[str], list[dict[str,
     fields = template_fields(src)
     missing = sorted(fields - set(columns))
     if missing:
-        raise InputError(f"{key}.templates: field {{{missing[0]}}} is not a column of {label(src)} "
-                         f"(it returns: {', '.join(columns) or 'no columns'})")
+        raise InputError(
+            f"{key}.templates: field {{{missing[0]}}} is not a column of {label(src)} "
+            f"(it returns: {', '.join(columns) or 'no columns'})"
+        )
     return columns, rows
 
 
@@ -251,10 +295,14 @@ def template_fields(src: KnowledgeSource) -> set[str]:
             try:
                 fields |= {f for _, f, _, _ in string.Formatter().parse(text) if f is not None}
             except ValueError as e:  # an unbalanced brace
-                raise InputError(f"{label(src)}: template {text!r}: {e} (write {{{{ and }}}} for braces)") from e
+                raise InputError(
+                    f"{label(src)}: template {text!r}: {e} (write {{{{ and }}}} for braces)"
+                ) from e
     empty = "" in fields
     if empty:
-        raise InputError(f"{label(src)}: a template has an empty {{}}: name the field, e.g. {{name}}")
+        raise InputError(
+            f"{label(src)}: a template has an empty {{}}: name the field, e.g. {{name}}"
+        )
     return fields
 
 
@@ -269,7 +317,9 @@ def row_hash(row: dict[str, Any]) -> str:
 
 def _rows_digest(rows: list[dict[str, Any]]) -> str:
     h = hashlib.sha256()
-    for r in rows:  # in the order the query returned them: ORDER BY changes nothing else, but is content too
+    for r in (
+        rows
+    ):  # in the order the query returned them: ORDER BY changes nothing else, but is content too
         h.update(row_hash(r).encode())
     return h.hexdigest()
 
@@ -282,8 +332,14 @@ def fingerprint(data: DataConfig, cache: FingerprintCache) -> list[dict[str, Any
         key = f"data.knowledge[{i}]"
         if kind(src, key) == "sql":
             _, rows = _sql_rows(src, key)
-            out.append({"database": hashlib.sha256(src.source.encode()).hexdigest()[:16], "query": src.query,
-                        "rows": len(rows), "rows_sha256": _rows_digest(rows)})
+            out.append(
+                {
+                    "database": hashlib.sha256(src.source.encode()).hexdigest()[:16],
+                    "query": src.query,
+                    "rows": len(rows),
+                    "rows_sha256": _rows_digest(rows),
+                }
+            )
         else:
             out.append({"file": f"sha256:{cache.sha256(_local(src, key))}"})
     return out

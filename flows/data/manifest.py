@@ -67,8 +67,9 @@ def build(data: DataConfig, sources: Sources, out: Path, p: Passes) -> dict[str,
     p.assignment["tokens"] = p.splits["val"]["tokens"]
     p.assignment["fraction"] = round(p.splits["val"]["tokens"] / total, 6) if total else 0.0
     kept_bytes = sum(int(np.diff(load_index(work, u.key)[0])[p.keep[u.key]].sum()) for u in p.units)
-    curation = curate_stage.finish(out, p.units, work, data, p.clean_meta, p.near, kept, total,
-                                   kept_bytes)
+    curation = curate_stage.finish(
+        out, p.units, work, data, p.clean_meta, p.near, kept, total, kept_bytes
+    )
     documents, sft_examples = _counts(sources, p, kept)
     knowledge_entry = _copy_knowledge(sources, out)
     tok = p.tokenizer
@@ -77,9 +78,18 @@ def build(data: DataConfig, sources: Sources, out: Path, p: Passes) -> dict[str,
         "format_version": FORMAT_VERSION,
         "dtype": p.dtype,
         "tokenizer_sha256": sha256_file(out / "tokenizer.json"),
-        **({"base_model": {"bundle": str(sources.base.bundle), "tokenizer_sha256": tok.sha256(),
-                           "chat_template": tok.chat_template is not None,
-                           "context_length": sources.base.context_length}} if sources.base else {}),
+        **(
+            {
+                "base_model": {
+                    "bundle": str(sources.base.bundle),
+                    "tokenizer_sha256": tok.sha256(),
+                    "chat_template": tok.chat_template is not None,
+                    "context_length": sources.base.context_length,
+                }
+            }
+            if sources.base
+            else {}
+        ),
         "vocab_size": tok.vocab_size,
         "eot_id": tok.eot_id,
         "pad_id": tok.pad_id,
@@ -112,10 +122,19 @@ def _counts(sources: Sources, p: Passes, kept: int) -> tuple[dict[str, Any], dic
     for m in p.sft_meta.values():
         sft_dropped.update(m["dropped"])
         repaired.update(m["repaired"])
-    return ({"kept": kept, "dropped": dict(sorted(dropped.items())),
-             "repaired": dict(sorted(repaired.items())), "locations": _locations(p.clean_meta)},
-            {"kept": p.splits["sft"]["examples"] + p.splits["sft_val"]["examples"],
-             "dropped": dict(sorted(sft_dropped.items())), "locations": _locations(p.sft_meta)})
+    return (
+        {
+            "kept": kept,
+            "dropped": dict(sorted(dropped.items())),
+            "repaired": dict(sorted(repaired.items())),
+            "locations": _locations(p.clean_meta),
+        },
+        {
+            "kept": p.splits["sft"]["examples"] + p.splits["sft_val"]["examples"],
+            "dropped": dict(sorted(sft_dropped.items())),
+            "locations": _locations(p.sft_meta),
+        },
+    )
 
 
 def _locations(metas: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
@@ -131,27 +150,49 @@ def _worker_stats(p: Passes) -> dict[str, Any]:
     metas = (*p.clean_meta.values(), *p.tok_meta.values(), *p.sft_meta.values())
     peak = max([m["peak_rss_mb"] for m in metas] or [0])
     # Which Ray nodes did the work (units per node id): on a cluster, more than one.
-    nodes = dict(sorted(Counter(m["node_id"] for m in (*p.clean_meta.values(), *p.tok_meta.values())
-                                if m.get("node_id")).items()))
-    cpu = {name: round(sum(m.get("cpu_s", 0.0) for m in metas.values()), 3)
-           for name, metas in (("clean", p.clean_meta), ("tokenize", p.tok_meta))}
-    return {"seconds": {k: round(v, 3) for k, v in p.timings.items()}, "worker_peak_rss_mb": peak,
-            "worker_cpu_seconds": cpu, "worker_nodes": nodes}
+    nodes = dict(
+        sorted(
+            Counter(
+                m["node_id"]
+                for m in (*p.clean_meta.values(), *p.tok_meta.values())
+                if m.get("node_id")
+            ).items()
+        )
+    )
+    cpu = {
+        name: round(sum(m.get("cpu_s", 0.0) for m in metas.values()), 3)
+        for name, metas in (("clean", p.clean_meta), ("tokenize", p.tok_meta))
+    }
+    return {
+        "seconds": {k: round(v, 3) for k, v in p.timings.items()},
+        "worker_peak_rss_mb": peak,
+        "worker_cpu_seconds": cpu,
+        "worker_nodes": nodes,
+    }
 
 
 def _inputs(data: DataConfig, sources: Sources) -> list[dict[str, Any]]:
     """The manifest's inputs: where each was (no credentials) and its fingerprint."""
     files = [(f, "text") for f in sources.text] + [(f, "sft") for f in sources.sft]
-    return ([{"path": redact_url(f.path), "fingerprint": f.fingerprint, "kind": kind}
-             for f, kind in files] + _knowledge_inputs(data, sources))
+    return [
+        {"path": redact_url(f.path), "fingerprint": f.fingerprint, "kind": kind}
+        for f, kind in files
+    ] + _knowledge_inputs(data, sources)
 
 
 def _knowledge_inputs(data: DataConfig, sources: Sources) -> list[dict[str, Any]]:
     """The manifest's entries for the knowledge sources: where (no credentials) and their content."""
     if sources.knowledge is None:
         return []
-    return [{"path": knowledge_sources.label(s), "fingerprint": stable_hash(p, length=32), "kind": "knowledge",
-             "content": p} for s, p in zip(data.knowledge, sources.knowledge.fingerprints, strict=True)]
+    return [
+        {
+            "path": knowledge_sources.label(s),
+            "fingerprint": stable_hash(p, length=32),
+            "kind": "knowledge",
+            "content": p,
+        }
+        for s, p in zip(data.knowledge, sources.knowledge.fingerprints, strict=True)
+    ]
 
 
 def _copy_knowledge(sources: Sources, out: Path) -> dict[str, Any] | None:
@@ -161,8 +202,11 @@ def _copy_knowledge(sources: Sources, out: Path) -> dict[str, Any] | None:
     (out / "knowledge").mkdir(exist_ok=True)
     for table in sources.knowledge.tables:
         shutil.copyfile(table, out / "knowledge" / table.name)
-    return {"sources": sources.knowledge.summary, "facts": "knowledge/facts.jsonl",
-            "questions": "knowledge/questions.jsonl"}
+    return {
+        "sources": sources.knowledge.summary,
+        "facts": "knowledge/facts.jsonl",
+        "questions": "knowledge/questions.jsonl",
+    }
 
 
 def check_drops(metas: dict[str, dict[str, Any]], kept: str, key: str, limit: float) -> None:
@@ -182,16 +226,21 @@ def check_drops(metas: dict[str, dict[str, Any]], kept: str, key: str, limit: fl
     if not total or total <= limit * seen:
         return
     worst = sorted(files.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:3]
-    where = f"worst files: {'; '.join(f'{path}: {_listed(c)}' for path, c in worst)}" if worst else _listed(bad)
+    where = (
+        f"worst files: {'; '.join(f'{path}: {_listed(c)}' for path, c in worst)}"
+        if worst
+        else _listed(bad)
+    )
     more = f" (+{len(files) - len(worst)} more files)" if len(files) > len(worst) else ""
-    raise InputError(f"{key}: {total} of {seen} records ({total / seen:.1%}) could not be read, more than "
-                     f"data.max_drop_fraction={limit:g} allows; {where}{more}. Fix or remove them (a file "
-                     "still being written? a truncated download?), or raise data.max_drop_fraction")
+    raise InputError(
+        f"{key}: {total} of {seen} records ({total / seen:.1%}) could not be read, more than "
+        f"data.max_drop_fraction={limit:g} allows; {where}{more}. Fix or remove them (a file "
+        "still being written? a truncated download?), or raise data.max_drop_fraction"
+    )
 
 
 def _listed(c: Counter) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in sorted(c.items()))
-
 
 
 def summary(manifest: dict[str, Any], out: Path, seconds: float) -> str:
@@ -200,13 +249,16 @@ def summary(manifest: dict[str, Any], out: Path, seconds: float) -> str:
     dropped = ", ".join(f"{k}={v}" for k, v in docs["dropped"].items()) or "none"
     repaired = ", ".join(f"{k}={v}" for k, v in docs.get("repaired", {}).items()) or "none"
     splits = "; ".join(
-        f"{name}: {e['tokens']:,} tokens in {len(e['shards'])} shards" for name, e in manifest["splits"].items()
+        f"{name}: {e['tokens']:,} tokens in {len(e['shards'])} shards"
+        for name, e in manifest["splits"].items()
     )
     curation = ""
     if (out / "curation" / "report.json").is_file():
         from flows.data.curate.report import table
 
-        curation = "\n" + table(json.loads((out / "curation" / "report.json").read_text()), out / "curation")
+        curation = "\n" + table(
+            json.loads((out / "curation" / "report.json").read_text()), out / "curation"
+        )
     return (
         f"preprocess done in {seconds:.1f} s -> {out}{curation}\n"
         f"  documents kept {docs['kept']:,}; dropped: {dropped}; repaired: {repaired}\n"
@@ -214,15 +266,21 @@ def summary(manifest: dict[str, Any], out: Path, seconds: float) -> str:
     )
 
 
-def log_tracking(tracker: Any, out: Path, manifest: dict[str, Any], sources: Sources,
-                 seconds: float) -> None:
+def log_tracking(
+    tracker: Any, out: Path, manifest: dict[str, Any], sources: Sources, seconds: float
+) -> None:
     """The run's metrics (counts, tokens, seconds, curation figures), the manifest, curation report
     and tokenizer as artifacts, and the inputs as the MLflow dataset."""
     docs = manifest["documents"]
     metrics: dict[str, float] = {"documents.kept": docs["kept"], "seconds": seconds}
     metrics.update({f"documents.dropped.{k}": v for k, v in docs["dropped"].items()})
     metrics.update({f"documents.repaired.{k}": v for k, v in docs.get("repaired", {}).items()})
-    metrics.update({f"sft_examples.dropped.{k}": v for k, v in manifest.get("sft_examples", {}).get("dropped", {}).items()})
+    metrics.update(
+        {
+            f"sft_examples.dropped.{k}": v
+            for k, v in manifest.get("sft_examples", {}).get("dropped", {}).items()
+        }
+    )
     for split, entry in manifest["splits"].items():
         metrics[f"tokens.{split}"] = entry["tokens"]
         metrics[f"shards.{split}"] = len(entry["shards"])

@@ -45,7 +45,9 @@ def turn_header(role: str) -> str:
 
 def render_chat_prompt(messages: Sequence[dict[str, str]]) -> str:
     """The text a fine-tuned model expects before it writes the next assistant turn."""
-    return "".join(turn_header(m["role"]) + m["content"] + "\n" for m in messages) + turn_header(ASSISTANT)
+    return "".join(turn_header(m["role"]) + m["content"] + "\n" for m in messages) + turn_header(
+        ASSISTANT
+    )
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,9 @@ class ChatFormat:
 Piece = tuple[str, bool] | tuple[str, bool, bool]
 
 
-def segments(record: Any, data: DataConfig, stats: UnitStats, chat: ChatFormat | None = None) -> list[Piece] | None:
+def segments(
+    record: Any, data: DataConfig, stats: UnitStats, chat: ChatFormat | None = None
+) -> list[Piece] | None:
     """(text, trained-on) pieces of one record, cleaned; None (and a count) when it is unusable.
 
     With `chat` (a base model's format) the record is rendered with its chat template."""
@@ -82,7 +86,11 @@ def segments(record: Any, data: DataConfig, stats: UnitStats, chat: ChatFormat |
             return None
         out: list[tuple[str, bool]] = []
         for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
                 stats.drop("bad_sft_record")
                 return None
             trained = m["role"] == ASSISTANT
@@ -117,15 +125,28 @@ def _messages(record: Any, stats: UnitStats) -> list[dict[str, str]] | None:
         return None
     if "messages" not in record:
         pair = _pair(record, stats)
-        return None if pair is None else [{"role": "user", "content": pair[0]}, {"role": ASSISTANT, "content": pair[1]}]
+        return (
+            None
+            if pair is None
+            else [{"role": "user", "content": pair[0]}, {"role": ASSISTANT, "content": pair[1]}]
+        )
     messages = record["messages"]
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in messages
+        )
+    ):
         stats.drop("bad_sft_record")
         return None
     if any(m["role"] not in ROLES for m in messages):
-        stats.drop("unknown_role")  # the template would render it as it likes, serving never sends it
+        stats.drop(
+            "unknown_role"
+        )  # the template would render it as it likes, serving never sends it
         return None
     if not any(m["role"] == ASSISTANT and m["content"].strip() for m in messages):
         stats.drop("no_assistant_turn")
@@ -133,7 +154,9 @@ def _messages(record: Any, stats: UnitStats) -> list[dict[str, str]] | None:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def _chat_segments(record: Any, data: DataConfig, stats: UnitStats, chat: ChatFormat) -> list[Piece] | None:
+def _chat_segments(
+    record: Any, data: DataConfig, stats: UnitStats, chat: ChatFormat
+) -> list[Piece] | None:
     tok = chat.tokenizer
     if not chat.has_template:
         if isinstance(record, dict) and "messages" in record:
@@ -163,17 +186,21 @@ def _chat_segments(record: Any, data: DataConfig, stats: UnitStats, chat: ChatFo
         if not before.startswith(done) or not after.startswith(before):
             stats.drop("chat_template_not_incremental")
             return None
-        reply = after[len(before):]
+        reply = after[len(before) :]
         # Trained: the reply up to and including its end-of-turn token (the model must learn to stop);
         # what the template writes after that (a newline) is not.
         cut = max((reply.rfind(t) + len(t) for t in ends if t in reply), default=len(reply))
-        out += [(before[len(done):], False, True), (reply[:cut], True, True), (reply[cut:], False, True)]
+        out += [
+            (before[len(done) :], False, True),
+            (reply[:cut], True, True),
+            (reply[cut:], False, True),
+        ]
         done = after
     full = tok.apply_chat_template(messages, add_generation_prompt=False)
     if not full.startswith(done):
         stats.drop("chat_template_not_incremental")
         return None
-    out.append((full[len(done):], False, True))
+    out.append((full[len(done) :], False, True))
     return [p for p in out if p[0]]
 
 
@@ -198,8 +225,14 @@ def _encode(batch: list[list[Piece]], tokenizer: _Encoder) -> Iterator[tuple[lis
     def special(p: Piece) -> bool:
         return len(p) > 2 and bool(p[2])
 
-    literal = iter(tokenizer.encode_batch([p[0] for ex in batch for p in ex if not special(p)], allow_special=False))
-    templated = iter(tokenizer.encode_batch([p[0] for ex in batch for p in ex if special(p)], allow_special=True))
+    literal = iter(
+        tokenizer.encode_batch(
+            [p[0] for ex in batch for p in ex if not special(p)], allow_special=False
+        )
+    )
+    templated = iter(
+        tokenizer.encode_batch([p[0] for ex in batch for p in ex if special(p)], allow_special=True)
+    )
     for ex in batch:
         ids: list[int] = []
         mask: list[int] = []
@@ -210,4 +243,3 @@ def _encode(batch: list[list[Piece]], tokenizer: _Encoder) -> Iterator[tuple[lis
         ids.append(tokenizer.eot_id)
         mask.append(0 if ex and special(ex[-1]) else 1)
         yield ids, mask
-

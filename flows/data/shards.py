@@ -45,15 +45,25 @@ class UnitWriter:
         for suffix, tmp in self._tmp.items():
             os.replace(tmp, self.dir / f"{self.key}{suffix}")
         fsync_dir(self.dir)
-        atomic_write_text(self.dir / f"{self.key}.json", json.dumps(meta, sort_keys=True))  # last: "done"
+        atomic_write_text(
+            self.dir / f"{self.key}.json", json.dumps(meta, sort_keys=True)
+        )  # last: "done"
         return meta
 
 
 class ShardWriter:
     """Consecutive shard files ``<split>/NNNNN.bin`` (and masks), each renamed into place when full."""
 
-    def __init__(self, out: Path, split: str, shard_tokens: int, itemsize: int, masked: bool = False):
-        self.out, self.split, self.cap, self.itemsize, self.masked = out, split, shard_tokens, itemsize, masked
+    def __init__(
+        self, out: Path, split: str, shard_tokens: int, itemsize: int, masked: bool = False
+    ):
+        self.out, self.split, self.cap, self.itemsize, self.masked = (
+            out,
+            split,
+            shard_tokens,
+            itemsize,
+            masked,
+        )
         (out / split).mkdir(parents=True, exist_ok=True)
         self.shards: list[dict[str, Any]] = []
         self._f: Any = None
@@ -89,10 +99,15 @@ class ShardWriter:
     def close_shard(self) -> None:
         if self._f is None:
             return
-        fsync_file(self._f)  # on disk before its name is: the manifest and DONE that follow trust it
+        fsync_file(
+            self._f
+        )  # on disk before its name is: the manifest and DONE that follow trust it
         self._f.close()
-        entry: dict[str, Any] = {"file": f"{self.split}/{self._name}.bin", "tokens": self._tokens,
-                                 "sha256": self._h.hexdigest()}
+        entry: dict[str, Any] = {
+            "file": f"{self.split}/{self._name}.bin",
+            "tokens": self._tokens,
+            "sha256": self._h.hexdigest(),
+        }
         os.replace(self._tmp, self.out / entry["file"])
         if self.masked:
             fsync_file(self._mf)
@@ -106,7 +121,9 @@ class ShardWriter:
         self._f = None
 
 
-def pack_tokens(src: Path, names: list[str], out: Path, split: str, dtype: str, shard_tokens: int) -> dict[str, Any]:
+def pack_tokens(
+    src: Path, names: list[str], out: Path, split: str, dtype: str, shard_tokens: int
+) -> dict[str, Any]:
     """Concatenate per-unit token files in unit order, cut into shards of exactly shard_tokens."""
     itemsize = np.dtype(dtype).itemsize
     writer = ShardWriter(out, split, shard_tokens, itemsize)
@@ -123,8 +140,15 @@ def pack_tokens(src: Path, names: list[str], out: Path, split: str, dtype: str, 
     return {"shards": writer.shards, "tokens": sum(s["tokens"] for s in writer.shards)}
 
 
-def pack_sft(src: Path, keys: list[str], out: Path, split: str, dtype: str, shard_tokens: int,
-             select: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+def pack_sft(
+    src: Path,
+    keys: list[str],
+    out: Path,
+    split: str,
+    dtype: str,
+    shard_tokens: int,
+    select: dict[str, np.ndarray] | None = None,
+) -> dict[str, Any]:
     """Like pack_tokens, for the fine-tuning split `split` (``sft`` or ``sft_val``) with its loss
     masks: the examples `select` picks per unit (default: all), in unit order; an example never spans
     two shards (a longer one gets a shard to itself)."""
@@ -144,7 +168,8 @@ def pack_sft(src: Path, keys: list[str], out: Path, split: str, dtype: str, shar
                 writer.write(f.read(n * itemsize), m.read(n), examples=1)
     writer.close_shard()
     return {
-        "shards": writer.shards, "tokens": sum(s["tokens"] for s in writer.shards),
+        "shards": writer.shards,
+        "tokens": sum(s["tokens"] for s in writer.shards),
         "examples": sum(s["examples"] for s in writer.shards),
     }
 

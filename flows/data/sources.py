@@ -37,7 +37,9 @@ class BaseModel:
     @classmethod
     def of(cls, bundle: Path, context_length: int | None) -> BaseModel:
         """The base in `bundle` with the pipeline's context length (None: the model's), capped by the model's."""
-        own = int(json.loads((bundle / "config.json").read_text(encoding="utf-8"))["context_length"])
+        own = int(
+            json.loads((bundle / "config.json").read_text(encoding="utf-8"))["context_length"]
+        )
         return cls(bundle, min(context_length or own, own))
 
 
@@ -63,7 +65,9 @@ class Sources:
         def files(*pairs: tuple[Path | None, bool]) -> list[tuple[InputFile, bool]]:
             return [(inputs.describe([str(p)])[0], held) for p, held in pairs if p is not None]
 
-        return files((k.text_train, False), (k.text_val, True)), files((k.sft_train, False), (k.sft_val, True))
+        return files((k.text_train, False), (k.text_val, True)), files(
+            (k.sft_train, False), (k.sft_val, True)
+        )
 
 
 def _builtin(spec: str, key: str, workdir: Path) -> str:
@@ -72,18 +76,29 @@ def _builtin(spec: str, key: str, workdir: Path) -> str:
 
     make = corpus.BUILTINS.get(spec)
     if make is None:
-        raise InputError(f"{key}: unknown builtin corpus {spec!r}; known: {', '.join(sorted(corpus.BUILTINS))}")
+        raise InputError(
+            f"{key}: unknown builtin corpus {spec!r}; known: {', '.join(sorted(corpus.BUILTINS))}"
+        )
     return str(make(workdir / "corpus" / spec.removeprefix("builtin:")))
 
 
 def locate(data: DataConfig, ctx: StepContext) -> Sources:
     """The input files and their fingerprints, without reading more than a changed file's bytes."""
     skipped: Counter = Counter()
-    specs = [_builtin(s, "data.inputs", ctx.workdir) if s.startswith("builtin:") else s for s in data.inputs]
-    sft_specs = [_builtin(s, "data.sft_inputs", ctx.workdir) if s.startswith("builtin:") else s
-                 for s in data.sft_inputs]
-    text = inputs.describe(inputs.resolve_paths(tuple(specs), "data.inputs", skipped), ctx.fingerprints)
-    sft_files = inputs.describe(inputs.resolve_paths(tuple(sft_specs), "data.sft_inputs", skipped), ctx.fingerprints)
+    specs = [
+        _builtin(s, "data.inputs", ctx.workdir) if s.startswith("builtin:") else s
+        for s in data.inputs
+    ]
+    sft_specs = [
+        _builtin(s, "data.sft_inputs", ctx.workdir) if s.startswith("builtin:") else s
+        for s in data.sft_inputs
+    ]
+    text = inputs.describe(
+        inputs.resolve_paths(tuple(specs), "data.inputs", skipped), ctx.fingerprints
+    )
+    sft_files = inputs.describe(
+        inputs.resolve_paths(tuple(sft_specs), "data.sft_inputs", skipped), ctx.fingerprints
+    )
     ctx.fingerprints.save()
     labels = list(data.inputs) + ([f"hf:{data.hf_dataset}"] if data.hf_dataset else [])
     return Sources(text, sft_files, None, labels or list(data.sft_inputs), skipped)
@@ -95,7 +110,9 @@ def resolve(data: DataConfig, ctx: StepContext, cache: Path) -> Sources:
     error surfaces here, before Ray work."""
     sources = locate(data, ctx)
     text, sft_files = sources.text, sources.sft
-    if data.knowledge:  # read, checked and verbalised here: a bad source stops the run before Ray work
+    if (
+        data.knowledge
+    ):  # read, checked and verbalised here: a bad source stops the run before Ray work
         sources.knowledge = knowledge.materialize(data, cache / "_knowledge", ctx.fingerprints)
         sources.labels += [knowledge_sources.label(k) for k in data.knowledge]
     know_text, know_sft = sources.knowledge_files()
@@ -103,18 +120,24 @@ def resolve(data: DataConfig, ctx: StepContext, cache: Path) -> Sources:
         text.append(inputs.export_hf_dataset(data, cache / "_hf"))
     for f in sft_files:
         if f.fmt not in ("jsonl", "json"):
-            raise InputError(f"data.sft_inputs: {redact_url(f.path)} must be .jsonl or .json "
-                             "(prompt/completion or messages records)")
+            raise InputError(
+                f"data.sft_inputs: {redact_url(f.path)} must be .jsonl or .json "
+                "(prompt/completion or messages records)"
+            )
     if text:
         inputs.check_usable(text, "data.inputs")
         inputs.check_parquet_field(text, data.text_field, "data.inputs")
     elif not sft_files and not data.knowledge:
-        raise InputError("data.inputs: no input files (and no data.hf_dataset, data.sft_inputs or data.knowledge)")
+        raise InputError(
+            "data.inputs: no input files (and no data.hf_dataset, data.sft_inputs or data.knowledge)"
+        )
     if sft_files:
         inputs.check_usable(sft_files, "data.sft_inputs")
     for p in data.curate.decontaminate:
         if not Path(p).is_file():
-            raise InputError(f"data.curate.decontaminate: {p} is not a file (JSONL, JSON or text of an evaluation set)")
+            raise InputError(
+                f"data.curate.decontaminate: {p} is not a file (JSONL, JSON or text of an evaluation set)"
+            )
     if data.tokenizer_path:
         from gptcore import Tokenizer
 
@@ -123,5 +146,7 @@ def resolve(data: DataConfig, ctx: StepContext, cache: Path) -> Sources:
         except (OSError, ValueError) as e:
             raise InputError(f"data.tokenizer_path={data.tokenizer_path!r}: {e}") from e
     elif not text and not know_text:
-        raise InputError("data.tokenizer_path is required when there is no pretraining text to train one on")
+        raise InputError(
+            "data.tokenizer_path is required when there is no pretraining text to train one on"
+        )
     return sources

@@ -52,10 +52,15 @@ def check_val_possible(files: Sequence[InputFile], data: DataConfig) -> None:
     no size can hold any amount of text: then only the exact check after pass 1 applies.
     """
     if data.val_fraction > 0.5:
-        raise InputError(f"data.val_fraction={data.val_fraction} would leave train smaller than val; use at most 0.5")
+        raise InputError(
+            f"data.val_fraction={data.val_fraction} would leave train smaller than val; use at most 0.5"
+        )
     if data.val_min_tokens == 0:
         return
-    if any(f.compression or f.fmt == "parquet" or (inputs.is_url(f.path) and f.size == 0) for f in files):
+    if any(
+        f.compression or f.fmt == "parquet" or (inputs.is_url(f.path) and f.size == 0)
+        for f in files
+    ):
         return
     size = sum(f.size for f in files)
     most = 2 * size  # tokens, at the very most
@@ -66,8 +71,11 @@ def check_val_possible(files: Sequence[InputFile], data: DataConfig) -> None:
             f"{2 * data.val_min_tokens:,} (val, and a train split at least as large). {_VAL_REMEDY}"
         )
 
-_VAL_REMEDY = ("Add text, lower data.val_min_tokens, or set data.val_min_tokens=0 and data.val_fraction=0 "
-               "to build no validation split.")
+
+_VAL_REMEDY = (
+    "Add text, lower data.val_min_tokens, or set data.val_min_tokens=0 and data.val_fraction=0 "
+    "to build no validation split."
+)
 
 
 def hash_rank(hashes: np.ndarray) -> np.ndarray:
@@ -83,7 +91,9 @@ def _lowest(h64: np.ndarray, sizes: np.ndarray, target: float) -> np.ndarray:
     return h64 <= h64[order[k]]
 
 
-def _bytes_per_token(tok: Any, units: Sequence[WorkUnit], keep: dict[str, np.ndarray], work: Path) -> float:
+def _bytes_per_token(
+    tok: Any, units: Sequence[WorkUnit], keep: dict[str, np.ndarray], work: Path
+) -> float:
     """Bytes of cleaned text per token, measured on up to 1 MiB read from the start of every unit."""
     budget = max(4096, _BPT_SAMPLE_BYTES // max(1, len(units)))
     texts: list[str] = []
@@ -103,8 +113,14 @@ def _bytes_per_token(tok: Any, units: Sequence[WorkUnit], keep: dict[str, np.nda
     return n_bytes / max(1, n_tokens)
 
 
-def assign_val(units: Sequence[WorkUnit], keep: dict[str, np.ndarray], work: Path, data: DataConfig,
-               tok: Any, fixed: dict[str, bool] | None = None) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+def assign_val(
+    units: Sequence[WorkUnit],
+    keep: dict[str, np.ndarray],
+    work: Path,
+    data: DataConfig,
+    tok: Any,
+    fixed: dict[str, bool] | None = None,
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """What the manifest records about the val split, and per unit the spans pass 2 writes (byte
     ranges of the unit's cleaned text, each becoming one <|endoftext|>-terminated sequence) with
     their split. Raises InputError when the corpus is too small for the split asked for.
@@ -118,24 +134,38 @@ def assign_val(units: Sequence[WorkUnit], keep: dict[str, np.ndarray], work: Pat
     for u in units:
         if u.key in fixed:
             offsets = load_index(work, u.key)[0]
-            spans[u.key] = _document_spans(offsets, keep[u.key], np.full(int(keep[u.key].sum()), fixed[u.key]))
+            spans[u.key] = _document_spans(
+                offsets, keep[u.key], np.full(int(keep[u.key].sum()), fixed[u.key])
+            )
     if not free:
-        return {"mode": "fixed", "fixed_units": len(fixed), "target_fraction": 0.0, "target_tokens": 0,
-                "min_tokens": data.val_min_tokens, "piece_chars": data.val_piece_chars}, spans
+        return {
+            "mode": "fixed",
+            "fixed_units": len(fixed),
+            "target_fraction": 0.0,
+            "target_tokens": 0,
+            "min_tokens": data.val_min_tokens,
+            "piece_chars": data.val_piece_chars,
+        }, spans
     info, free_spans = _assign_free(free, keep, work, data, tok)
     if fixed:
         info["fixed_units"] = len(fixed)
     return info, spans | free_spans
 
 
-def _assign_free(units: Sequence[WorkUnit], keep: dict[str, np.ndarray], work: Path, data: DataConfig,
-                 tok: Any) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+def _assign_free(
+    units: Sequence[WorkUnit], keep: dict[str, np.ndarray], work: Path, data: DataConfig, tok: Any
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     index = {u.key: load_index(work, u.key) for u in units}
     sizes = [np.diff(index[u.key][0])[keep[u.key]] for u in units]
     doc_sizes = np.concatenate(sizes)
     total_bytes, documents = int(doc_sizes.sum()), len(doc_sizes)
-    info: dict[str, Any] = {"mode": "none", "target_fraction": 0.0, "target_tokens": 0,
-                            "min_tokens": data.val_min_tokens, "piece_chars": data.val_piece_chars}
+    info: dict[str, Any] = {
+        "mode": "none",
+        "target_fraction": 0.0,
+        "target_tokens": 0,
+        "min_tokens": data.val_min_tokens,
+        "piece_chars": data.val_piece_chars,
+    }
     if data.val_fraction == 0 and data.val_min_tokens == 0:
         return info, {u.key: _document_spans(index[u.key][0], keep[u.key], None) for u in units}
 
@@ -150,14 +180,27 @@ def _assign_free(units: Sequence[WorkUnit], keep: dict[str, np.ndarray], work: P
             f"data.val_fraction={data.val_fraction}) needs {2 * target:,.0f} so that train keeps as many. {_VAL_REMEDY}"
         )
     target_bytes = total_bytes * target / corpus_tokens
-    info.update(target_fraction=round(target / corpus_tokens, 6), target_tokens=round(target),
-                bytes_per_token=round(bpt, 4))
+    info.update(
+        target_fraction=round(target / corpus_tokens, 6),
+        target_tokens=round(target),
+        bytes_per_token=round(bpt, 4),
+    )
 
-    val = _lowest(np.concatenate([hash_rank(index[u.key][1])[keep[u.key]] for u in units]), doc_sizes, target_bytes)
-    if val.sum() >= _MIN_VAL_DOCUMENTS and doc_sizes[val].max() <= _MAX_VAL_DOCUMENT_SHARE * target_bytes:
+    val = _lowest(
+        np.concatenate([hash_rank(index[u.key][1])[keep[u.key]] for u in units]),
+        doc_sizes,
+        target_bytes,
+    )
+    if (
+        val.sum() >= _MIN_VAL_DOCUMENTS
+        and doc_sizes[val].max() <= _MAX_VAL_DOCUMENT_SHARE * target_bytes
+    ):
         info.update(mode="documents", units=int(val.sum()))
         per_unit = np.split(val, np.cumsum([len(s) for s in sizes])[:-1])
-        return info, {u.key: _document_spans(index[u.key][0], keep[u.key], v) for u, v in zip(units, per_unit, strict=True)}
+        return info, {
+            u.key: _document_spans(index[u.key][0], keep[u.key], v)
+            for u, v in zip(units, per_unit, strict=True)
+        }
 
     spans = []  # (start, end, document) of each unit's kept pieces
     hashes = []
@@ -178,16 +221,24 @@ def _assign_free(units: Sequence[WorkUnit], keep: dict[str, np.ndarray], work: P
         )
     info.update(mode="pieces", units=int(val.sum()))
     per_unit = np.split(val, np.cumsum([len(s) for s, _, _ in spans])[:-1])
-    return info, {u.key: _piece_spans(*p, v) for u, p, v in zip(units, spans, per_unit, strict=True)}
+    return info, {
+        u.key: _piece_spans(*p, v) for u, p, v in zip(units, spans, per_unit, strict=True)
+    }
 
 
-def _document_spans(offsets: np.ndarray, keep: np.ndarray, val: np.ndarray | None) -> dict[str, np.ndarray]:
+def _document_spans(
+    offsets: np.ndarray, keep: np.ndarray, val: np.ndarray | None
+) -> dict[str, np.ndarray]:
     idx = np.flatnonzero(keep)
-    return {"spans": np.stack([offsets[idx], offsets[idx + 1]], axis=1),
-            "val": np.zeros(len(idx), dtype=bool) if val is None else val}
+    return {
+        "spans": np.stack([offsets[idx], offsets[idx + 1]], axis=1),
+        "val": np.zeros(len(idx), dtype=bool) if val is None else val,
+    }
 
 
-def _piece_spans(starts: np.ndarray, ends: np.ndarray, doc: np.ndarray, val: np.ndarray) -> dict[str, np.ndarray]:
+def _piece_spans(
+    starts: np.ndarray, ends: np.ndarray, doc: np.ndarray, val: np.ndarray
+) -> dict[str, np.ndarray]:
     """Consecutive pieces of one document in the same split make one span: a document is cut only
     where the split changes, and each part ends with <|endoftext|> like a document."""
     if len(starts) == 0:
@@ -211,8 +262,9 @@ def sft_val_count(examples: int, data: DataConfig) -> int:
     return min(n, examples // 2)
 
 
-def sft_holdout(src: Path, keys: list[str], data: DataConfig, fixed: dict[str, bool] | None = None
-                ) -> dict[str, np.ndarray]:
+def sft_holdout(
+    src: Path, keys: list[str], data: DataConfig, fixed: dict[str, bool] | None = None
+) -> dict[str, np.ndarray]:
     """Per unit, which examples are held out: the sft_val_count lowest content hashes, so the same
     examples whatever the worker count, and identical examples on one side. Units in `fixed`
     (key -> held out?) go whole to the side given, outside the count (knowledge pairs)."""
@@ -229,7 +281,9 @@ def _holdout_free(src: Path, keys: list[str], data: DataConfig) -> dict[str, np.
     if n:
         threshold = np.sort(h64)[n - 1]
         val = h64 <= threshold
-        if 2 * val.sum() > len(h64):  # repeats of one example tie at the threshold: they stay in sft
+        if 2 * val.sum() > len(
+            h64
+        ):  # repeats of one example tie at the threshold: they stay in sft
             val = h64 < threshold
     if not keys:
         return {}

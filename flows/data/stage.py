@@ -60,7 +60,9 @@ log = logging.getLogger(__name__)
 STAGE = "preprocess"
 
 
-def preprocess(data: DataConfig, out_dir: Path, ctx: StepContext, base: BaseModel | None = None) -> Path:
+def preprocess(
+    data: DataConfig, out_dir: Path, ctx: StepContext, base: BaseModel | None = None
+) -> Path:
     """Build the dataset directory `out_dir` from the inputs `data` names; return it.
 
     With `base`, the data is tokenized with the base's tokenizer (no BPE training; data.tokenizer_path
@@ -73,8 +75,10 @@ def preprocess(data: DataConfig, out_dir: Path, ctx: StepContext, base: BaseMode
     out = Path(out_dir)
     if base is not None:
         if data.tokenizer_path:
-            raise InputError(f"data.tokenizer_path={data.tokenizer_path!r} and model.base are both set: with a base "
-                             "model the data is tokenized with the base's tokenizer; leave data.tokenizer_path empty")
+            raise InputError(
+                f"data.tokenizer_path={data.tokenizer_path!r} and model.base are both set: with a base "
+                "model the data is tokenized with the base's tokenizer; leave data.tokenizer_path empty"
+            )
         data = dataclasses.replace(data, tokenizer_path=str(base.bundle))
     # Every input error surfaces here, before Ray work.
     found = sources.resolve(data, ctx, ctx.workdir / STAGE)
@@ -97,19 +101,37 @@ def fingerprint(data: DataConfig, ctx: StepContext) -> dict[str, Any]:
     calls it to name the output directory before deciding whether anything must run.
     """
     located = sources.locate(data, ctx)
-    extra = {"knowledge": knowledge_sources.fingerprint(data, ctx.fingerprints)} if data.knowledge else {}
+    extra = (
+        {"knowledge": knowledge_sources.fingerprint(data, ctx.fingerprints)}
+        if data.knowledge
+        else {}
+    )
     return extra | {
         "format_version": FORMAT_VERSION,
         "text": [f.fingerprint for f in located.text],
         "sft": [f.fingerprint for f in located.sft],
-        "hf": [data.hf_dataset, data.hf_config, data.hf_split,
-               [ctx.fingerprints.sha256(p) if Path(p).is_file() else p for p in data.hf_data_files]]
-        if data.hf_dataset else None,
-        "tokenizer": ctx.fingerprints.sha256(data.tokenizer_path) if data.tokenizer_path
-        and Path(data.tokenizer_path).is_file() else data.tokenizer_path,
+        "hf": [
+            data.hf_dataset,
+            data.hf_config,
+            data.hf_split,
+            [ctx.fingerprints.sha256(p) if Path(p).is_file() else p for p in data.hf_data_files],
+        ]
+        if data.hf_dataset
+        else None,
+        "tokenizer": ctx.fingerprints.sha256(data.tokenizer_path)
+        if data.tokenizer_path and Path(data.tokenizer_path).is_file()
+        else data.tokenizer_path,
         # The evaluation sets decontamination removes: their content, not only their paths.
-        **({"decontaminate": [ctx.fingerprints.sha256(p) if Path(p).is_file() else p
-                              for p in data.curate.decontaminate]} if data.curate.decontaminate else {}),
+        **(
+            {
+                "decontaminate": [
+                    ctx.fingerprints.sha256(p) if Path(p).is_file() else p
+                    for p in data.curate.decontaminate
+                ]
+            }
+            if data.curate.decontaminate
+            else {}
+        ),
     }
 
 
@@ -122,7 +144,11 @@ def local_input_files(data: DataConfig) -> list[str]:
     for key, specs in (("data.inputs", data.inputs), ("data.sft_inputs", data.sft_inputs)):
         local = tuple(s for s in specs if not s.startswith("builtin:") and not inputs.is_url(s))
         files += inputs.resolve_paths(local, key, skipped)
-    return files + [str(Path(p).resolve()) for p in data.hf_data_files if not inputs.is_url(p) and Path(p).is_file()]
+    return files + [
+        str(Path(p).resolve())
+        for p in data.hf_data_files
+        if not inputs.is_url(p) and Path(p).is_file()
+    ]
 
 
 def _build(data: DataConfig, ctx: StepContext, found: Sources, out: Path) -> dict[str, Any]:
@@ -133,14 +159,28 @@ def _build(data: DataConfig, ctx: StepContext, found: Sources, out: Path) -> dic
     units, sft_units, fixed_text, fixed_sft = _plan(data, found)
     ensure_ray(ctx.cluster)
     workers = data.num_workers or cluster_cpus()
-    log.info("preprocess -> %s: %d work units (+%d fine-tuning) on %d workers", out, len(units),
-             len(sft_units), workers)
+    log.info(
+        "preprocess -> %s: %d work units (+%d fine-tuning) on %d workers",
+        out,
+        len(units),
+        len(sft_units),
+        workers,
+    )
     timings: dict[str, float] = {}
 
     t = time.time()
     eval_path = curate_stage.eval_ngrams(data, work)
-    clean_meta = _run_units(clean_unit, units, workers, "clean", work / "clean", progress=ctx.progress,
-                            data=data, work=str(work), eval_path=eval_path)
+    clean_meta = _run_units(
+        clean_unit,
+        units,
+        workers,
+        "clean",
+        work / "clean",
+        progress=ctx.progress,
+        data=data,
+        work=str(work),
+        eval_path=eval_path,
+    )
     timings["clean"] = time.time() - t
     check_drops(clean_meta, "documents", "data.inputs", data.max_drop_fraction)
 
@@ -148,25 +188,47 @@ def _build(data: DataConfig, ctx: StepContext, found: Sources, out: Path) -> dic
     keep, duplicates = _dedup(units, work, data.dedup)
     near = curate_stage.duplicates(units, work, keep, data, workers, clean_meta, duplicates)
     timings["curate"] = time.time() - t
-    tokenizer = _tokenizer(found.tokenizer, units, keep, work, data, out,
-                           keep_settings=found.base is not None)
-    assignment, spans = (assign_val(units, keep, work, data, tokenizer, fixed_text) if units
-                         else ({"mode": "none"}, {}))
+    tokenizer = _tokenizer(
+        found.tokenizer, units, keep, work, data, out, keep_settings=found.base is not None
+    )
+    assignment, spans = (
+        assign_val(units, keep, work, data, tokenizer, fixed_text)
+        if units
+        else ({"mode": "none"}, {})
+    )
     timings["tokenizer"] = time.time() - t  # from the curate step's start: it includes curation
     dtype = "uint16" if tokenizer.vocab_size <= 1 << 16 else "uint32"
 
     t = time.time()
-    tok_meta, sft_meta = _tokenize_pass(data, work, out, units, sft_units, spans, workers, dtype,
-                                        found.base, ctx.progress)
+    tok_meta, sft_meta = _tokenize_pass(
+        data, work, out, units, sft_units, spans, workers, dtype, found.base, ctx.progress
+    )
     timings["tokenize"] = time.time() - t
 
     t = time.time()
     splits = _pack(data, work, out, units, sft_units, dtype, fixed_sft)
     timings["pack"] = time.time() - t
-    return manifest.build(data, found, out, manifest.Passes(
-        units=units, sft_units=sft_units, workers=workers, clean_meta=clean_meta, keep=keep,
-        duplicates=duplicates, near=near, tokenizer=tokenizer, dtype=dtype, assignment=assignment,
-        tok_meta=tok_meta, sft_meta=sft_meta, splits=splits, timings=timings))
+    return manifest.build(
+        data,
+        found,
+        out,
+        manifest.Passes(
+            units=units,
+            sft_units=sft_units,
+            workers=workers,
+            clean_meta=clean_meta,
+            keep=keep,
+            duplicates=duplicates,
+            near=near,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            assignment=assignment,
+            tok_meta=tok_meta,
+            sft_meta=sft_meta,
+            splits=splits,
+            timings=timings,
+        ),
+    )
 
 
 def _work_dirs(out: Path) -> Path:
@@ -195,40 +257,87 @@ def _plan(
     return units, sft_units, fixed_text, _append_units(sft_units, know_sft, data)
 
 
-def _tokenize_pass(data: DataConfig, work: Path, out: Path, units: list[WorkUnit], sft_units: list[WorkUnit],
-                   spans: dict[str, dict[str, Any]], workers: int, dtype: str, base: BaseModel | None,
-                   progress: Progress) -> tuple[dict[str, dict], dict[str, dict]]:
+def _tokenize_pass(
+    data: DataConfig,
+    work: Path,
+    out: Path,
+    units: list[WorkUnit],
+    sft_units: list[WorkUnit],
+    spans: dict[str, dict[str, Any]],
+    workers: int,
+    dtype: str,
+    base: BaseModel | None,
+    progress: Progress,
+) -> tuple[dict[str, dict], dict[str, dict]]:
     """Pass 2: the pretraining text's spans and the fine-tuning records as token ids, per unit."""
     tok_path = str(out / "tokenizer.json")
     tok_meta = _run_units(
-        tokenize_unit, units, workers, "tokenize", work / "tok", per_unit=spans, progress=progress,
-        data=data, work=str(work), tokenizer_path=tok_path, dtype=dtype,
+        tokenize_unit,
+        units,
+        workers,
+        "tokenize",
+        work / "tok",
+        per_unit=spans,
+        progress=progress,
+        data=data,
+        work=str(work),
+        tokenizer_path=tok_path,
+        dtype=dtype,
     )
     sft_meta = _run_units(
-        sft_unit, sft_units, workers, "sft", work / "sft", progress=progress,
-        data=data, work=str(work), tokenizer_path=tok_path, dtype=dtype,
-        chat=base is not None, max_tokens=base.context_length if base else 0,
+        sft_unit,
+        sft_units,
+        workers,
+        "sft",
+        work / "sft",
+        progress=progress,
+        data=data,
+        work=str(work),
+        tokenizer_path=tok_path,
+        dtype=dtype,
+        chat=base is not None,
+        max_tokens=base.context_length if base else 0,
     )
     check_drops(sft_meta, "examples", "data.sft_inputs", data.max_drop_fraction)
     return tok_meta, sft_meta
 
 
-def _pack(data: DataConfig, work: Path, out: Path, units: list[WorkUnit], sft_units: list[WorkUnit],
-          dtype: str, fixed_sft: dict[str, bool]) -> dict[str, dict[str, Any]]:
+def _pack(
+    data: DataConfig,
+    work: Path,
+    out: Path,
+    units: list[WorkUnit],
+    sft_units: list[WorkUnit],
+    dtype: str,
+    fixed_sft: dict[str, bool],
+) -> dict[str, dict[str, Any]]:
     """The per-unit token files packed into each split's shards, in unit order."""
     splits = {
-        split: pack_tokens(work / "tok", [f"{u.key}.{split}" for u in units], out, split, dtype, data.shard_tokens)
+        split: pack_tokens(
+            work / "tok", [f"{u.key}.{split}" for u in units], out, split, dtype, data.shard_tokens
+        )
         for split in ("train", "val")
     }
     sft_keys = [u.key for u in sft_units]
     held_out = sft_holdout(work / "sft", sft_keys, data, fixed_sft)
-    splits["sft"] = pack_sft(work / "sft", sft_keys, out, "sft", dtype, data.shard_tokens,
-                             {k: ~v for k, v in held_out.items()})
-    splits["sft_val"] = pack_sft(work / "sft", sft_keys, out, "sft_val", dtype, data.shard_tokens, held_out)
+    splits["sft"] = pack_sft(
+        work / "sft",
+        sft_keys,
+        out,
+        "sft",
+        dtype,
+        data.shard_tokens,
+        {k: ~v for k, v in held_out.items()},
+    )
+    splits["sft_val"] = pack_sft(
+        work / "sft", sft_keys, out, "sft_val", dtype, data.shard_tokens, held_out
+    )
     return splits
 
 
-def _append_units(units: list[WorkUnit], files: list[tuple[InputFile, bool]], data: DataConfig) -> dict[str, bool]:
+def _append_units(
+    units: list[WorkUnit], files: list[tuple[InputFile, bool]], data: DataConfig
+) -> dict[str, bool]:
     """Plan each knowledge file as units of its own after `units` (in place); their fixed split
     (held out or not) by unit key."""
     fixed: dict[str, bool] = {}
@@ -240,16 +349,22 @@ def _append_units(units: list[WorkUnit], files: list[tuple[InputFile, bool]], da
     return fixed
 
 
-
 def _remove_partial_files(out: Path) -> None:
     """Temporary files of a killed run: never valid, never reused."""
     for p in out.rglob(".*.tmp-*"):
         p.unlink(missing_ok=True)
 
 
-def _run_units(fn: Callable[..., dict], units: Sequence[WorkUnit], workers: int, desc: str, meta_dir: Path,
-               per_unit: dict[str, dict[str, Any]] | None = None, progress: Progress | None = None,
-               **kwargs: Any) -> dict[str, dict]:
+def _run_units(
+    fn: Callable[..., dict],
+    units: Sequence[WorkUnit],
+    workers: int,
+    desc: str,
+    meta_dir: Path,
+    per_unit: dict[str, dict[str, Any]] | None = None,
+    progress: Progress | None = None,
+    **kwargs: Any,
+) -> dict[str, dict]:
     """Run `fn(unit, **kwargs)` as one Ray task per unfinished unit, at most `workers` at once,
     reporting units done and documents/s to `progress`.
 
@@ -284,14 +399,17 @@ def _run_units(fn: Callable[..., dict], units: Sequence[WorkUnit], workers: int,
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             results[pending.pop(ref)] = result = ray.get(ref)
-            docs += result["documents"] if isinstance(result.get("documents"), int) else 0  # pass 1's count
+            docs += (
+                result["documents"] if isinstance(result.get("documents"), int) else 0
+            )  # pass 1's count
             rate = {"docs_per_s": docs / (time.monotonic() - started)} if docs else {}
             progress.update(f"preprocess {desc}", len(results), len(units), "units", **rate)
     return results
 
 
-
-def _dedup(units: Sequence[WorkUnit], work: Path, enabled: bool) -> tuple[dict[str, np.ndarray], int]:
+def _dedup(
+    units: Sequence[WorkUnit], work: Path, enabled: bool
+) -> tuple[dict[str, np.ndarray], int]:
     """Keep-mask per unit: the first document with given content, in input order, wins.
 
     Driver memory is the documents' 16-byte hashes and a sort of them (about 50 bytes a document),
@@ -323,8 +441,15 @@ def _kept_docs(work: Path, key: str, select: np.ndarray) -> Iterator[str]:
             yield f.read(int(offsets[i + 1] - offsets[i])).decode("utf-8")
 
 
-def _tokenizer(given: Any, units: Sequence[WorkUnit], keep: dict[str, np.ndarray], work: Path,
-               data: DataConfig, out: Path, keep_settings: bool = False) -> Any:
+def _tokenizer(
+    given: Any,
+    units: Sequence[WorkUnit],
+    keep: dict[str, np.ndarray],
+    work: Path,
+    data: DataConfig,
+    out: Path,
+    keep_settings: bool = False,
+) -> Any:
     """The given tokenizer, one a killed run already trained, or a new one from a sample.
 
     `keep_settings`: a base model's tokenizer keeps its tokenizer_config.json (special tokens, chat
@@ -335,7 +460,9 @@ def _tokenizer(given: Any, units: Sequence[WorkUnit], keep: dict[str, np.ndarray
     if given is not None:
         atomic_write_text(path, given.to_json())
         if keep_settings and given.has_settings:
-            atomic_write_text(out / "tokenizer_config.json", json.dumps(given.config(), indent=2) + "\n")
+            atomic_write_text(
+                out / "tokenizer_config.json", json.dumps(given.config(), indent=2) + "\n"
+            )
         return given
     if path.is_file():
         return Tokenizer.load(path)
@@ -344,7 +471,9 @@ def _tokenizer(given: Any, units: Sequence[WorkUnit], keep: dict[str, np.ndarray
         offsets, _ = load_index(work, unit.key)
         total += int(np.diff(offsets)[keep[unit.key]].sum())
     if total == 0:
-        raise InputError("data.inputs: no usable text: every document was dropped (see the counts logged above)")
+        raise InputError(
+            "data.inputs: no usable text: every document was dropped (see the counts logged above)"
+        )
     # A fixed-seed coin per document (in input order) picks the sample: deterministic, spread over
     # the whole corpus, and independent of the worker count.
     rate = min(1.0, data.tokenizer_sample_chars / total)

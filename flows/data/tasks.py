@@ -32,10 +32,14 @@ from flows.data.shards import UnitWriter
 from flows.data.units import WorkUnit
 
 _BATCH_CHARS = 1 << 20  # characters per encode_batch call: amortises the call, bounds memory
-_READ_BYTES = 4 * _BATCH_CHARS  # most bytes of cleaned text pass 2 reads at once (beyond one document)
+_READ_BYTES = (
+    4 * _BATCH_CHARS
+)  # most bytes of cleaned text pass 2 reads at once (beyond one document)
 
 
-def clean_unit(unit: WorkUnit, data: DataConfig, work: str, eval_path: str | None = None) -> dict[str, Any]:
+def clean_unit(
+    unit: WorkUnit, data: DataConfig, work: str, eval_path: str | None = None
+) -> dict[str, Any]:
     """Ray task: the unit's cleaned and curated documents (concatenated UTF-8), their offsets and
     hashes, and the offsets and hashes of their pieces (for the val split, see assign_val); where
     each came from, what was dropped, and their LSH band keys (flows/data/curate/unit.py). Memory:
@@ -72,18 +76,31 @@ def clean_unit(unit: WorkUnit, data: DataConfig, work: str, eval_path: str | Non
                 at += len(b)
         offsets.append(offsets[-1] + len(raw))
     # Left open: commit() fsyncs and closes every file of the unit.
-    np.savez(out.open(".npz"), offsets=np.frombuffer(offsets, dtype=np.int64),
-             hashes=np.frombuffer(hashes, dtype=np.uint8).reshape(-1, 16),
-             piece_starts=np.frombuffer(piece_starts, dtype=np.int64),
-             piece_hashes=np.frombuffer(piece_hashes, dtype=np.uint8).reshape(-1, 16))
+    np.savez(
+        out.open(".npz"),
+        offsets=np.frombuffer(offsets, dtype=np.int64),
+        hashes=np.frombuffer(hashes, dtype=np.uint8).reshape(-1, 16),
+        piece_starts=np.frombuffer(piece_starts, dtype=np.int64),
+        piece_hashes=np.frombuffer(piece_hashes, dtype=np.uint8).reshape(-1, 16),
+    )
     nd = data.curate.near_dedup
-    curated = curation.write(out.open(".loc.npz"), out.open(".bands.npy") if nd.enabled else None, nd.partitions)
-    return out.commit({
-        "documents": len(offsets) - 1, "bytes": offsets[-1], "dropped": dict(stats.dropped),
-        "repaired": dict(stats.repaired), "locations": stats.locations, "bad_files": stats.bad_files,
-        "peak_rss_mb": _peak_rss_mb(), "cpu_s": time.process_time() - cpu, "node_id": _node_id(),
-        "curation": curated,
-    })
+    curated = curation.write(
+        out.open(".loc.npz"), out.open(".bands.npy") if nd.enabled else None, nd.partitions
+    )
+    return out.commit(
+        {
+            "documents": len(offsets) - 1,
+            "bytes": offsets[-1],
+            "dropped": dict(stats.dropped),
+            "repaired": dict(stats.repaired),
+            "locations": stats.locations,
+            "bad_files": stats.bad_files,
+            "peak_rss_mb": _peak_rss_mb(),
+            "cpu_s": time.process_time() - cpu,
+            "node_id": _node_id(),
+            "curation": curated,
+        }
+    )
 
 
 _TOKENIZERS: dict[str, Any] = {}
@@ -99,8 +116,15 @@ def _load_tokenizer(path: str) -> Any:
     return _TOKENIZERS[path]
 
 
-def tokenize_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: str, dtype: str,
-                  spans: np.ndarray, val: np.ndarray) -> dict[str, Any]:
+def tokenize_unit(
+    unit: WorkUnit,
+    data: DataConfig,
+    work: str,
+    tokenizer_path: str,
+    dtype: str,
+    spans: np.ndarray,
+    val: np.ndarray,
+) -> dict[str, Any]:
     """Ray task: token ids of the unit's spans (kept documents, or parts of them, as the driver
     assigned them to splits), each followed by <|endoftext|>, per split. The cleaned text is read
     one batch of spans at a time, never whole."""
@@ -120,9 +144,15 @@ def tokenize_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: s
         src.seek(lo)
         raw = src.read(max(end for _, end in bounds) - lo)
         texts = [raw[start - lo : end - lo].decode("utf-8") for start, end in bounds]
-        encoded = tok.encode_batch(texts, allow_special=False)  # "<|endoftext|>" in text is just text
+        encoded = tok.encode_batch(
+            texts, allow_special=False
+        )  # "<|endoftext|>" in text is just text
         for split in ("train", "val"):
-            chosen = [ids for ids, v in zip(encoded, val[first:stop], strict=True) if v == (split == "val")]
+            chosen = [
+                ids
+                for ids, v in zip(encoded, val[first:stop], strict=True)
+                if v == (split == "val")
+            ]
             if not chosen:
                 continue
             n = sum(map(len, chosen)) + len(chosen)
@@ -144,8 +174,15 @@ def tokenize_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: s
             stop = max(i + 1, min(by_chars, by_bytes))
             flush(i, stop)
             i = stop
-    return out.commit({"tokens": tokens, "documents": documents, "peak_rss_mb": _peak_rss_mb(),
-                       "cpu_s": time.process_time() - cpu, "node_id": _node_id()})
+    return out.commit(
+        {
+            "tokens": tokens,
+            "documents": documents,
+            "peak_rss_mb": _peak_rss_mb(),
+            "cpu_s": time.process_time() - cpu,
+            "node_id": _node_id(),
+        }
+    )
 
 
 def _with_eot(docs: list[list[int]], eot: int) -> Iterator[int]:
@@ -154,8 +191,15 @@ def _with_eot(docs: list[list[int]], eot: int) -> Iterator[int]:
         yield eot
 
 
-def sft_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: str, dtype: str, chat: bool = False,
-             max_tokens: int = 0) -> dict[str, Any]:
+def sft_unit(
+    unit: WorkUnit,
+    data: DataConfig,
+    work: str,
+    tokenizer_path: str,
+    dtype: str,
+    chat: bool = False,
+    max_tokens: int = 0,
+) -> dict[str, Any]:
     """Ray task: fine-tuning examples as token ids, a parallel uint8 loss mask, example lengths and
     content hashes (the driver holds out sft_val by hash, see sft_holdout).
 
@@ -169,25 +213,36 @@ def sft_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: str, d
     ids_f, mask_f = out.open(".bin"), out.open(".mask.bin")
     lengths: list[int] = []
     hashes: list[bytes] = []
-    where: list[tuple[str | None, int | None, int | None]] = []  # each example's record, for a later drop
+    where: list[
+        tuple[str | None, int | None, int | None]
+    ] = []  # each example's record, for a later drop
 
     def examples() -> Iterator[list[sft.Piece]]:
-        for record in formats.iter_unit_records(unit, data, stats):  # unreadable files are counted there
+        for record in formats.iter_unit_records(
+            unit, data, stats
+        ):  # unreadable files are counted there
             try:  # the record boundary: one record's surprise costs that record only
                 parts = sft.segments(record, data, stats, fmt)
             except Exception as e:
                 stats.drop(f"record_error.{type(e).__name__}")
                 continue
             if parts is not None:
-                hashes.append(hashlib.blake2b(json.dumps(parts).encode("utf-8"), digest_size=16).digest())
+                hashes.append(
+                    hashlib.blake2b(json.dumps(parts).encode("utf-8"), digest_size=16).digest()
+                )
                 where.append((stats.file, stats.line, stats.offset))
                 yield parts
 
     kept_hashes = bytearray()
     for i, (ids, mask) in enumerate(sft.tokenize_examples(examples(), tok, _BATCH_CHARS)):
-        reason = ("longer_than_context" if max_tokens and len(ids) - 1 > max_tokens
-                  # evaluation finds examples by their one <|endoftext|>; a template that writes it mid-way
-                  else "end_of_text_inside" if chat and tok.eot_id in ids[:-1] else None)
+        reason = (
+            "longer_than_context"
+            if max_tokens and len(ids) - 1 > max_tokens
+            # evaluation finds examples by their one <|endoftext|>; a template that writes it mid-way
+            else "end_of_text_inside"
+            if chat and tok.eot_id in ids[:-1]
+            else None
+        )
         if reason:
             stats.file, stats.line, stats.offset = where[i]
             stats.drop(reason)
@@ -198,12 +253,20 @@ def sft_unit(unit: WorkUnit, data: DataConfig, work: str, tokenizer_path: str, d
         lengths.append(len(ids))
     # Left open: commit() fsyncs and closes every file of the unit.
     np.save(out.open(".len.npy"), np.asarray(lengths, dtype=np.int64))
-    np.save(out.open(".hash.npy"), np.frombuffer(bytes(kept_hashes), dtype=np.uint8).reshape(-1, 16))
-    return out.commit({
-        "examples": len(lengths), "tokens": int(sum(lengths)), "dropped": dict(stats.dropped),
-        "repaired": dict(stats.repaired), "locations": stats.locations, "bad_files": stats.bad_files,
-        "peak_rss_mb": _peak_rss_mb(),
-    })
+    np.save(
+        out.open(".hash.npy"), np.frombuffer(bytes(kept_hashes), dtype=np.uint8).reshape(-1, 16)
+    )
+    return out.commit(
+        {
+            "examples": len(lengths),
+            "tokens": int(sum(lengths)),
+            "dropped": dict(stats.dropped),
+            "repaired": dict(stats.repaired),
+            "locations": stats.locations,
+            "bad_files": stats.bad_files,
+            "peak_rss_mb": _peak_rss_mb(),
+        }
+    )
 
 
 def _node_id() -> str | None:

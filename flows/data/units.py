@@ -22,6 +22,7 @@ from flows.data.inputs import TRUNCATED_ERRORS, InputFile, open_raw
 
 _MIN_UNIT_BYTES = 64 << 10
 
+
 @dataclass(frozen=True)
 class Segment:
     """Part of one input file: a byte range (text, jsonl) or a row-group range (parquet)."""
@@ -160,4 +161,3 @@ def _parquet_segments(f: InputFile, target: int) -> list[Segment]:
     if start < meta.num_row_groups or not segments:
         segments.append(Segment(f, start, meta.num_row_groups, sniff=False))
     return segments
-

@@ -42,8 +42,19 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         for name in ("max_tokens", "context_length"):
             check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
-        check(self.knowledge_max_questions >= 0, "knowledge_max_questions", self.knowledge_max_questions, ">= 0")
+        check(
+            self.knowledge_max_questions >= 0,
+            "knowledge_max_questions",
+            self.knowledge_max_questions,
+            ">= 0",
+        )
         check(self.task_max_examples >= 0, "task_max_examples", self.task_max_examples, ">= 0")
-        for name in ("batch_size", "max_new_tokens", "sample_tokens", "worst_tokens", "knowledge_max_new_tokens",
-                     "task_max_new_tokens"):
+        for name in (
+            "batch_size",
+            "max_new_tokens",
+            "sample_tokens",
+            "worst_tokens",
+            "knowledge_max_new_tokens",
+            "task_max_new_tokens",
+        ):
             check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")

@@ -73,8 +73,9 @@ def token_losses(model: Any, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray
     return losses.cpu().numpy().astype(np.float64), logits[0].argmax(-1).cpu().numpy()
 
 
-def _recompute_attention(attn: torch.nn.Module, x: torch.Tensor,
-                         rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _recompute_attention(
+    attn: torch.nn.Module, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention weights (B, nh, T, T) of a CausalSelfAttention for its (already normed) input
     x (B, T, C) and rotary angles if any, and the module output they imply (B, T, C), mirroring
     gptcore/model.py."""
@@ -84,7 +85,10 @@ def _recompute_attention(attn: torch.nn.Module, x: torch.Tensor,
     q, k, v = qkv.split((nh, nkv, nkv), dim=1)
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    k, v = k.repeat_interleave(nh // nkv, dim=1), v.repeat_interleave(nh // nkv, dim=1)  # each (B, nh, T, hs)
+    k, v = (
+        k.repeat_interleave(nh // nkv, dim=1),
+        v.repeat_interleave(nh // nkv, dim=1),
+    )  # each (B, nh, T, hs)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(hs)  # (B, nh, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
     weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)  # (B, nh, T, T)
@@ -106,6 +110,7 @@ def attention_maps(model: Any, ids: Sequence[int]) -> np.ndarray:
         def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
             rope = args[3] if len(args) > 3 else None  # args: (ln_1(x), mask, cache, rope)
             seen[layer] = (args[0].detach(), rope, output.detach())
+
         return hook
 
     handles = [block.attn.register_forward_hook(capture(i)) for i, block in enumerate(model.blocks)]
@@ -154,7 +159,9 @@ def input_attribution(model: Any, ids: Sequence[int]) -> tuple[np.ndarray, int]:
     handle = model.wte.register_forward_hook(leaf)
     try:
         with torch.enable_grad():
-            logits, _ = model(torch.tensor([list(ids)], device=device), last_logits_only=True)  # (1, 1, vocab)
+            logits, _ = model(
+                torch.tensor([list(ids)], device=device), last_logits_only=True
+            )  # (1, 1, vocab)
             predicted = int(logits[0, -1].argmax())
             (grad,) = torch.autograd.grad(logits[0, -1, predicted], held["emb"])  # (1, T, C)
     finally:
@@ -170,15 +177,21 @@ def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     return [pieces[int(i)].decode("utf-8", errors="backslashreplace") for i in ids]
 
 
-def worst_tokens(tokenizer: Any, ids: Sequence[int], losses: np.ndarray, predicted: np.ndarray,
-                 count: int) -> list[TokenRow]:
+def worst_tokens(
+    tokenizer: Any, ids: Sequence[int], losses: np.ndarray, predicted: np.ndarray, count: int
+) -> list[TokenRow]:
     """The `count` targets with the highest loss, worst first (ties: earlier position first)."""
     order = np.argsort(-losses, kind="stable")[:count].tolist()
     tokens = token_texts(tokenizer, ids)
     guesses = token_texts(tokenizer, predicted)
     return [
-        TokenRow(position=i + 1, token=tokens[i + 1], loss=float(losses[i]), predicted=guesses[i],
-                 context=tokenizer.decode(list(ids[: i + 1]))[-40:])
+        TokenRow(
+            position=i + 1,
+            token=tokens[i + 1],
+            loss=float(losses[i]),
+            predicted=guesses[i],
+            context=tokenizer.decode(list(ids[: i + 1]))[-40:],
+        )
         for i in order
     ]
 
@@ -188,7 +201,9 @@ def worst_tokens(tokenizer: Any, ids: Sequence[int], losses: np.ndarray, predict
 
 def _show(token: str) -> str:
     """Token text made visible on a plot: whitespace drawn, `$` kept from starting mathtext."""
-    return token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u00b7").replace("$", r"\$")
+    return (
+        token.replace("\n", "\\n").replace("\t", "\\t").replace(" ", "\u00b7").replace("$", r"\$")
+    )
 
 
 def _colour(loss: float, scale: float) -> str:
@@ -197,14 +212,22 @@ def _colour(loss: float, scale: float) -> str:
     return f"rgb(255,{fade},{fade})"
 
 
-def write_loss_html(path: Path, tokens: Sequence[str], losses: np.ndarray, predicted: Sequence[str],
-                    scale: float, title: str) -> None:
+def write_loss_html(
+    path: Path,
+    tokens: Sequence[str],
+    losses: np.ndarray,
+    predicted: Sequence[str],
+    scale: float,
+    title: str,
+) -> None:
     """Tokens as spans shaded by their loss, with the loss and the expected token on hover."""
     esc = html.escape
     spans = [f'<span class="first" title="first token: not predicted">{esc(tokens[0])}</span>']
     for token, loss, guess in zip(tokens[1:], losses, predicted, strict=True):
         tip = f"loss {loss:.3f} nats; model expected {guess!r}"
-        spans.append(f'<span style="background:{_colour(loss, scale)}" title="{esc(tip)}">{esc(token)}</span>')
+        spans.append(
+            f'<span style="background:{_colour(loss, scale)}" title="{esc(tip)}">{esc(token)}</span>'
+        )
     legend = "".join(
         f'<span style="background:{_colour(v, scale)}">&nbsp;{v:.1f}&nbsp;</span>'
         for v in np.linspace(0.0, scale, 6)
@@ -229,7 +252,9 @@ over {len(losses)} tokens.</p>
     atomic_write_text(path, page)
 
 
-def write_loss_png(path: Path, tokens: Sequence[str], losses: np.ndarray, scale: float, title: str) -> None:
+def write_loss_png(
+    path: Path, tokens: Sequence[str], losses: np.ndarray, scale: float, title: str
+) -> None:
     """The per-token loss as a grid of cells, _GRID_COLUMNS tokens a row, in reading order."""
     from matplotlib.figure import Figure
 
@@ -239,10 +264,19 @@ def write_loss_png(path: Path, tokens: Sequence[str], losses: np.ndarray, scale:
     grid[1:n] = losses  # the first token has no loss: left blank
     fig = Figure(figsize=(_GRID_COLUMNS * 0.45 + 1.5, rows * 0.45 + 1.0))
     ax = fig.add_subplot()
-    image = ax.imshow(grid.reshape(rows, _GRID_COLUMNS), cmap="Reds", vmin=0.0, vmax=scale, aspect="auto")
+    image = ax.imshow(
+        grid.reshape(rows, _GRID_COLUMNS), cmap="Reds", vmin=0.0, vmax=scale, aspect="auto"
+    )
     if n <= _LABELLED_TOKENS:
         for i, token in enumerate(tokens):
-            ax.text(i % _GRID_COLUMNS, i // _GRID_COLUMNS, _show(token)[:8], ha="center", va="center", fontsize=5)
+            ax.text(
+                i % _GRID_COLUMNS,
+                i // _GRID_COLUMNS,
+                _show(token)[:8],
+                ha="center",
+                va="center",
+                fontsize=5,
+            )
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title)
@@ -260,7 +294,9 @@ def write_attention_png(path: Path, maps: np.ndarray, title: str) -> int:
     for layer in range(layers):
         for head in range(heads):
             ax = axes[layer, head]
-            ax.imshow(maps[layer, head], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.imshow(
+                maps[layer, head], cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest"
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             if layer == 0:
@@ -274,24 +310,38 @@ def write_attention_png(path: Path, maps: np.ndarray, title: str) -> int:
 
 def write_worst_tokens(out_dir: Path, rows: Sequence[TokenRow]) -> list[Path]:
     """worst_tokens.md, .csv and .json; token texts shown as Python literals so whitespace is visible."""
+
     def cell(text: str) -> str:
         return repr(text).replace("|", "\\|")
 
-    md = ["| # | position | token | loss (nats) | model expected | context |", "|---|---|---|---|---|---|"]
-    md += [f"| {rank} | {r.position} | {cell(r.token)} | {r.loss:.3f} | {cell(r.predicted)} | {cell(r.context)} |"
-           for rank, r in enumerate(rows, 1)]
+    md = [
+        "| # | position | token | loss (nats) | model expected | context |",
+        "|---|---|---|---|---|---|",
+    ]
+    md += [
+        f"| {rank} | {r.position} | {cell(r.token)} | {r.loss:.3f} | {cell(r.predicted)} | {cell(r.context)} |"
+        for rank, r in enumerate(rows, 1)
+    ]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["position", "token", "loss", "predicted", "context"])
     writer.writeheader()
     writer.writerows(asdict(r) for r in rows)
-    paths = [out_dir / "worst_tokens.md", out_dir / "worst_tokens.csv", out_dir / "worst_tokens.json"]
+    paths = [
+        out_dir / "worst_tokens.md",
+        out_dir / "worst_tokens.csv",
+        out_dir / "worst_tokens.json",
+    ]
     atomic_write_text(paths[0], "\n".join(md) + "\n")
     atomic_write_text(paths[1], buf.getvalue())
-    atomic_write_text(paths[2], json.dumps([asdict(r) for r in rows], indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(
+        paths[2], json.dumps([asdict(r) for r in rows], indent=2, ensure_ascii=False) + "\n"
+    )
     return paths
 
 
-def write_attribution(out_dir: Path, tokens: Sequence[str], scores: np.ndarray, predicted: str) -> list[Path]:
+def write_attribution(
+    out_dir: Path, tokens: Sequence[str], scores: np.ndarray, predicted: str
+) -> list[Path]:
     """attribution.png (a bar per prompt token) and attribution.json."""
     from matplotlib.figure import Figure
 
@@ -301,12 +351,18 @@ def write_attribution(out_dir: Path, tokens: Sequence[str], scores: np.ndarray, 
     ax.set_xticks(range(len(tokens)), [_show(t)[:12] for t in tokens], rotation=90, fontsize=7)
     ax.axhline(0.0, color="black", linewidth=0.5)
     ax.set_ylabel("gradient x input")
-    ax.set_title(f"What made the model predict {_show(predicted)!r} next (gradient x input, per token)")
+    ax.set_title(
+        f"What made the model predict {_show(predicted)!r} next (gradient x input, per token)"
+    )
     paths = [out_dir / "attribution.png", out_dir / "attribution.json"]
     fig.savefig(paths[0], dpi=120, bbox_inches="tight")
-    record = {"predicted_next": predicted,
-              "tokens": [{"position": i, "token": t, "attribution": float(s)}
-                         for i, (t, s) in enumerate(zip(tokens, scores, strict=True))]}
+    record = {
+        "predicted_next": predicted,
+        "tokens": [
+            {"position": i, "token": t, "attribution": float(s)}
+            for i, (t, s) in enumerate(zip(tokens, scores, strict=True))
+        ],
+    }
     atomic_write_text(paths[1], json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return paths
 
@@ -314,11 +370,19 @@ def write_attribution(out_dir: Path, tokens: Sequence[str], scores: np.ndarray, 
 # --------------------------------------------------------------------------- entry points
 
 
-def explain_ids(model: Any, tokenizer: Any, ids: Sequence[int], out_dir: Path, worst: int = 25,
-                title: str = "Per-token loss") -> dict[str, Any]:
+def explain_ids(
+    model: Any,
+    tokenizer: Any,
+    ids: Sequence[int],
+    out_dir: Path,
+    worst: int = 25,
+    title: str = "Per-token loss",
+) -> dict[str, Any]:
     """loss_heatmap.html/.png, attention.png and worst_tokens.* for a sample of 2..context+1 ids."""
     if not 2 <= len(ids) <= model.config.context_length + 1:
-        raise ValueError(f"a sample needs 2 to {model.config.context_length + 1} tokens, got {len(ids)}")
+        raise ValueError(
+            f"a sample needs 2 to {model.config.context_length + 1} tokens, got {len(ids)}"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     losses, predicted = token_losses(model, ids)
     tokens = token_texts(tokenizer, ids)
@@ -327,17 +391,24 @@ def explain_ids(model: Any, tokenizer: Any, ids: Sequence[int], out_dir: Path, w
     write_loss_html(out_dir / "loss_heatmap.html", tokens, losses, guesses, scale, title)
     write_loss_png(out_dir / "loss_heatmap.png", tokens, losses, scale, title)
     maps = attention_maps(model, ids[:-1])  # the positions the model read to make its predictions
-    panels = write_attention_png(out_dir / "attention.png", maps, f"Attention over {maps.shape[-1]} tokens")
+    panels = write_attention_png(
+        out_dir / "attention.png", maps, f"Attention over {maps.shape[-1]} tokens"
+    )
     table = write_worst_tokens(out_dir, worst_tokens(tokenizer, ids, losses, predicted, worst))
-    files = [out_dir / n for n in ("loss_heatmap.html", "loss_heatmap.png", "attention.png")] + table
+    files = [
+        out_dir / n for n in ("loss_heatmap.html", "loss_heatmap.png", "attention.png")
+    ] + table
     return {
-        "tokens": len(ids), "mean_loss": float(np.mean(losses)),
+        "tokens": len(ids),
+        "mean_loss": float(np.mean(losses)),
         "attention": {"layers": int(maps.shape[0]), "heads": int(maps.shape[1]), "panels": panels},
         "files": [str(f) for f in files],
     }
 
 
-def explain(bundle_dir: str | Path, text: str, out_dir: str | Path, worst: int = 25) -> dict[str, Any]:
+def explain(
+    bundle_dir: str | Path, text: str, out_dir: str | Path, worst: int = 25
+) -> dict[str, Any]:
     """All interpretability artifacts for `text` under a bundle's model, written to `out_dir`.
 
     The loss, attention and worst-token files cover the text's first context_length + 1 tokens;
@@ -346,15 +417,21 @@ def explain(bundle_dir: str | Path, text: str, out_dir: str | Path, worst: int =
     """
     from gptcore import load_bundle
 
-    model, tokenizer, _ = load_bundle(bundle_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer, _ = load_bundle(
+        bundle_dir, device="cuda" if torch.cuda.is_available() else "cpu"
+    )
     out = Path(out_dir)
     ids = tokenizer.encode(text)
     T = model.config.context_length
-    summary = explain_ids(model, tokenizer, ids[: T + 1], out, worst, title="Per-token loss of the given text")
+    summary = explain_ids(
+        model, tokenizer, ids[: T + 1], out, worst, title="Per-token loss of the given text"
+    )
     prompt = ids[-T:]
     scores, next_id = input_attribution(model, prompt)
     predicted = token_texts(tokenizer, [next_id])[0]
-    summary["files"] += [str(p) for p in write_attribution(out, token_texts(tokenizer, prompt), scores, predicted)]
+    summary["files"] += [
+        str(p) for p in write_attribution(out, token_texts(tokenizer, prompt), scores, predicted)
+    ]
     summary.update(text_tokens=len(ids), predicted_next=predicted)
     log.info("explain: %d tokens of text, artifacts in %s", len(ids), out)
     return summary

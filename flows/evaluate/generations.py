@@ -72,22 +72,38 @@ def smoke_failures(ids: Sequence[int], text: str, cut_by_length: bool) -> list[s
     return failures
 
 
-def generate_samples(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int) -> list[Generation]:
+def generate_samples(
+    model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int
+) -> list[Generation]:
     """Greedy continuation of each prompt up to `max_new_tokens`, stopping at the model's stop ids
     (<|endoftext|>, or its eos and end-of-turn tokens)."""
     records = []
     for prompt in prompts:
-        ids = tokenizer.encode(prompt) or [tokenizer.eot_id]  # an empty prompt starts a fresh document
+        ids = tokenizer.encode(prompt) or [
+            tokenizer.eot_id
+        ]  # an empty prompt starts a fresh document
         # pack_weights=False: packing keeps a second copy of the weights for fast CPU decoding,
         # worth it for a server, not for a handful of prompts, and it would outlive this call.
-        out = generate(model, ids[-model.config.context_length:], max_new_tokens,
-                       stop_ids=tokenizer.stop_ids, pack_weights=False)
+        out = generate(
+            model,
+            ids[-model.config.context_length :],
+            max_new_tokens,
+            stop_ids=tokenizer.stop_ids,
+            pack_weights=False,
+        )
         stopped = "length" if len(out) == max_new_tokens else "eot"
         text = tokenizer.decode(out)
-        record = Generation(prompt, text, len(out), stopped,
-                            tuple(smoke_failures(out, text, cut_by_length=stopped == "length")))
+        record = Generation(
+            prompt,
+            text,
+            len(out),
+            stopped,
+            tuple(smoke_failures(out, text, cut_by_length=stopped == "length")),
+        )
         if not record.passed:
-            log.warning("generation for %r fails smoke checks %s: %r", prompt, record.failures, text[:80])
+            log.warning(
+                "generation for %r fails smoke checks %s: %r", prompt, record.failures, text[:80]
+            )
         records.append(record)
     return records
 
@@ -97,5 +113,7 @@ def as_text(records: Sequence[Generation]) -> str:
     blocks = []
     for r in records:
         verdict = "ok" if r.passed else "FAILED " + ", ".join(r.failures)
-        blocks.append(f"--- {r.prompt!r} ({r.tokens} tokens, stopped at {r.stopped}; {verdict})\n{r.prompt}{r.text}\n")
+        blocks.append(
+            f"--- {r.prompt!r} ({r.tokens} tokens, stopped at {r.stopped}; {verdict})\n{r.prompt}{r.text}\n"
+        )
     return "\n".join(blocks)

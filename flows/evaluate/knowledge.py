@@ -38,7 +38,10 @@ def is_correct(expected: str, given: str) -> bool:
     """`given`'s first line contains `expected` as whole words, ignoring case."""
     want = expected.strip()
     first = given.strip().split("\n", 1)[0] if given.strip() else ""
-    return bool(want) and re.search(rf"(?<!\w){re.escape(want)}(?!\w)", first, re.IGNORECASE) is not None
+    return (
+        bool(want)
+        and re.search(rf"(?<!\w){re.escape(want)}(?!\w)", first, re.IGNORECASE) is not None
+    )
 
 
 def select(questions: Sequence[dict[str, Any]], per_group: int) -> list[dict[str, Any]]:
@@ -60,15 +63,31 @@ def answers(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: 
     out: list[str] = []
     T = model.config.context_length
     for i in range(0, len(prompts), _BATCH):
-        batch = [tokenizer.encode(p, allow_special=False)[-(T - max_new_tokens):] for p in prompts[i:i + _BATCH]]
-        new = generate(model, batch, max_new_tokens, stop_ids=(tokenizer.eot_id,), stop_strings=("\n",),
-                       tokenizer=tokenizer, pack_weights=False)
+        batch = [
+            tokenizer.encode(p, allow_special=False)[-(T - max_new_tokens) :]
+            for p in prompts[i : i + _BATCH]
+        ]
+        new = generate(
+            model,
+            batch,
+            max_new_tokens,
+            stop_ids=(tokenizer.eot_id,),
+            stop_strings=("\n",),
+            tokenizer=tokenizer,
+            pack_weights=False,
+        )
         out += [tokenizer.decode(ids) for ids in new]
     return out
 
 
-def knowledge_accuracy(bundle: str | Path, dataset: str | Path, max_new_tokens: int = 16, per_group: int = 0,
-                       top_k: int = 3, name: str = "model") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def knowledge_accuracy(
+    bundle: str | Path,
+    dataset: str | Path,
+    max_new_tokens: int = 16,
+    per_group: int = 0,
+    top_k: int = 3,
+    name: str = "model",
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Accuracy of the model in `bundle` on the questions of `dataset`: figures per mode and group
     ({"closed_book": {"trained_phrasing": {"accuracy", "correct", "questions"}, ...}, "grounded": ...})
     and the table rows (every question, expected and given answer; `name` fills the model column)."""
@@ -80,9 +99,13 @@ def knowledge_accuracy(bundle: str | Path, dataset: str | Path, max_new_tokens: 
     questions = select(read_jsonl(Path(dataset) / QUESTIONS), per_group)
     grounder = Grounder.from_dataset(dataset)
     used = [grounder.retrieve(q["question"], top_k) for q in questions]
-    prompts = {"closed_book": [question_prompt(q["question"]) for q in questions],
-               "grounded": [question_prompt(q["question"], [f["text"] for f in u]) for q, u in zip(questions, used,
-                                                                                               strict=True)]}
+    prompts = {
+        "closed_book": [question_prompt(q["question"]) for q in questions],
+        "grounded": [
+            question_prompt(q["question"], [f["text"] for f in u])
+            for q, u in zip(questions, used, strict=True)
+        ],
+    }
     figures: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     for mode in MODES:
@@ -92,24 +115,42 @@ def knowledge_accuracy(bundle: str | Path, dataset: str | Path, max_new_tokens: 
             ok = is_correct(q["expected"], a)
             counts[q["group"]][0] += ok
             counts[q["group"]][1] += 1
-            rows.append({"model": name, "mode": mode, "group": q["group"], "question": q["question"],
-                         "expected": q["expected"], "given": a.strip(), "correct": ok,
-                         "facts_used": " | ".join(f["id"] for f in u) if mode == "grounded" else ""})
-        figures[mode] = {g: {"accuracy": c / n if n else None, "correct": c, "questions": n}
-                         for g, (c, n) in counts.items()}
+            rows.append(
+                {
+                    "model": name,
+                    "mode": mode,
+                    "group": q["group"],
+                    "question": q["question"],
+                    "expected": q["expected"],
+                    "given": a.strip(),
+                    "correct": ok,
+                    "facts_used": " | ".join(f["id"] for f in u) if mode == "grounded" else "",
+                }
+            )
+        figures[mode] = {
+            g: {"accuracy": c / n if n else None, "correct": c, "questions": n}
+            for g, (c, n) in counts.items()
+        }
     return figures, rows
 
 
 def flat(figures: dict[str, Any], prefix: str) -> dict[str, float]:
     """MLflow metrics of :func:`knowledge_accuracy`'s figures: ``<prefix>.<mode>.<group>.accuracy``."""
-    return {f"{prefix}.{mode}.{group}.accuracy": v["accuracy"] for mode, groups in figures.items()
-            for group, v in groups.items() if v["accuracy"] is not None}
+    return {
+        f"{prefix}.{mode}.{group}.accuracy": v["accuracy"]
+        for mode, groups in figures.items()
+        for group, v in groups.items()
+        if v["accuracy"] is not None
+    }
 
 
 def summary_lines(figures: dict[str, Any], base: dict[str, Any] | None = None) -> list[str]:
     """The printed table: per group, closed-book and grounded accuracy (and the base's)."""
-    lines = ["  knowledge (greedy answer contains the expected value): closed-book / grounded"
-             + (" (base: closed-book / grounded)" if base else "")]
+    lines = [
+        "  knowledge (greedy answer contains the expected value): closed-book / grounded"
+        + (" (base: closed-book / grounded)" if base else "")
+    ]
+
     def pair(f: dict[str, Any], group: str) -> str:
         return " / ".join(_pct(f[m][group]) for m in MODES)
 

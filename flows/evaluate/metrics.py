@@ -70,7 +70,11 @@ class Window:
 def _byte_alphabet() -> dict[str, int]:
     """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the
     rest are shifted past 255. Hugging Face's ByteLevel pre-tokenizer and decoder use this table."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     shifted = [b for b in range(256) if b not in printable]
     table = {chr(b): b for b in printable}
     table.update({chr(256 + i): b for i, b in enumerate(shifted)})
@@ -101,15 +105,18 @@ def token_byte_lengths(tokenizer: Any) -> np.ndarray:
     return np.array([len(b) for b in token_bytes(tokenizer)], dtype=np.int64)
 
 
-def segment_windows(tokens: np.ndarray, mask: np.ndarray | None, context_length: int) -> Iterator[Window]:
+def segment_windows(
+    tokens: np.ndarray, mask: np.ndarray | None, context_length: int
+) -> Iterator[Window]:
     """The windows of one segment (see the module docstring); a segment of < 2 tokens has none."""
     for start in range(0, len(tokens) - 1, context_length):
         end = min(start + context_length + 1, len(tokens))
         yield Window(tokens[start:end], None if mask is None else mask[start:end])
 
 
-def split_shards(dataset: Path, manifest: dict[str, Any], split: str, masked: bool
-                 ) -> Iterator[tuple[dict[str, Any], np.ndarray, np.ndarray | None]]:
+def split_shards(
+    dataset: Path, manifest: dict[str, Any], split: str, masked: bool
+) -> Iterator[tuple[dict[str, Any], np.ndarray, np.ndarray | None]]:
     """(manifest entry, tokens, mask or None) of each non-empty shard of `split`, in manifest order."""
     for shard in manifest["splits"][split]["shards"]:
         if shard["tokens"] == 0:
@@ -118,12 +125,16 @@ def split_shards(dataset: Path, manifest: dict[str, Any], split: str, masked: bo
         mask = None
         if masked:
             if "mask_file" not in shard:
-                raise DataError(f"{dataset / 'manifest.json'}: {split} shard {shard['file']} has no mask_file")
+                raise DataError(
+                    f"{dataset / 'manifest.json'}: {split} shard {shard['file']} has no mask_file"
+                )
             mask = np.memmap(dataset / shard["mask_file"], dtype=np.uint8, mode="r")
         yield shard, tokens, mask
 
 
-def split_examples(path: Path, tokens: np.ndarray, eot_id: int, expected: int | None) -> list[tuple[int, int]]:
+def split_examples(
+    path: Path, tokens: np.ndarray, eot_id: int, expected: int | None
+) -> list[tuple[int, int]]:
     """[start, end) of each fine-tuning example in a shard: every example ends with <|endoftext|>.
 
     Preprocessing encodes example text with special tokens read literally, so the end-of-text id
@@ -132,13 +143,19 @@ def split_examples(path: Path, tokens: np.ndarray, eot_id: int, expected: int | 
     """
     ends = (np.flatnonzero(np.asarray(tokens) == eot_id) + 1).tolist()
     if not ends or ends[-1] != len(tokens):
-        raise DataError(f"{path}: a fine-tuning shard must end with <|endoftext|> (id {eot_id}), it does not")
+        raise DataError(
+            f"{path}: a fine-tuning shard must end with <|endoftext|> (id {eot_id}), it does not"
+        )
     if expected is not None and expected != len(ends):
-        raise DataError(f"{path}: {len(ends)} examples end in <|endoftext|>, the manifest says {expected}")
+        raise DataError(
+            f"{path}: {len(ends)} examples end in <|endoftext|>, the manifest says {expected}"
+        )
     return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
-def val_windows(dataset: Path, manifest: dict[str, Any], context_length: int, max_tokens: int) -> Iterator[Window]:
+def val_windows(
+    dataset: Path, manifest: dict[str, Any], context_length: int, max_tokens: int
+) -> Iterator[Window]:
     """The windows of the ``val`` split, cut so that at most `max_tokens` targets (0: all) are scored."""
     left: float = max_tokens or math.inf
     for _, tokens, _ in split_shards(dataset, manifest, "val", masked=False):
@@ -151,11 +168,15 @@ def val_windows(dataset: Path, manifest: dict[str, Any], context_length: int, ma
             yield window
 
 
-def sft_windows(dataset: Path, manifest: dict[str, Any], split: str, context_length: int) -> Iterator[Window]:
+def sft_windows(
+    dataset: Path, manifest: dict[str, Any], split: str, context_length: int
+) -> Iterator[Window]:
     """The windows of each example of a masked fine-tuning split; those with no counted target are skipped."""
     eot = int(manifest["eot_id"])
     for shard, tokens, mask in split_shards(dataset, manifest, split, masked=True):
-        for start, end in split_examples(dataset / shard["file"], tokens, eot, shard.get("examples")):
+        for start, end in split_examples(
+            dataset / shard["file"], tokens, eot, shard.get("examples")
+        ):
             for window in segment_windows(tokens[start:end], mask[start:end], context_length):
                 if window.mask[1:].any():
                     yield window
@@ -186,12 +207,18 @@ def collate(batch: Sequence[Window], device: torch.device) -> tuple[torch.Tensor
         n = len(w.tokens) - 1
         x[row, :n] = w.tokens[:-1]
         targets = np.asarray(w.tokens[1:], dtype=np.int64)
-        y[row, :n] = targets if w.mask is None else np.where(np.asarray(w.mask[1:]) > 0, targets, -1)
+        y[row, :n] = (
+            targets if w.mask is None else np.where(np.asarray(w.mask[1:]) > 0, targets, -1)
+        )
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
 
 
-def score(model: torch.nn.Module, windows: Iterator[Window], batch_size: int,
-          byte_lengths: np.ndarray | None = None) -> LossTotals:
+def score(
+    model: torch.nn.Module,
+    windows: Iterator[Window],
+    batch_size: int,
+    byte_lengths: np.ndarray | None = None,
+) -> LossTotals:
     """Summed loss over the counted targets of `windows`; bytes counted when `byte_lengths` is given.
 
     The loss comes from the model's fused loss path (no (B, T, vocab) logits), as mean * count;
@@ -219,21 +246,42 @@ def has_tokens(manifest: dict[str, Any], split: str) -> bool:
     return any(s["tokens"] > 1 for s in entry.get("shards", []))
 
 
-def val_loss(model: torch.nn.Module, tokenizer: Any, dataset: Path, manifest: dict[str, Any],
-             context_length: int, batch_size: int, max_tokens: int = 0) -> LossTotals:
+def val_loss(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dataset: Path,
+    manifest: dict[str, Any],
+    context_length: int,
+    batch_size: int,
+    max_tokens: int = 0,
+) -> LossTotals:
     """Loss, perplexity and bits per byte of the ``val`` split (its first `max_tokens` targets; 0: all)."""
     windows = val_windows(dataset, manifest, context_length, max_tokens)
     return score(model, windows, batch_size, token_byte_lengths(tokenizer))
 
 
-def sft_val_loss(model: torch.nn.Module, dataset: Path, manifest: dict[str, Any], context_length: int,
-                 batch_size: int, split: str = "sft_val") -> LossTotals:
+def sft_val_loss(
+    model: torch.nn.Module,
+    dataset: Path,
+    manifest: dict[str, Any],
+    context_length: int,
+    batch_size: int,
+    split: str = "sft_val",
+) -> LossTotals:
     """Mean loss over the completion tokens (mask 1) of the held-out fine-tuning examples."""
     return score(model, sft_windows(dataset, manifest, split, context_length), batch_size)
 
 
-def val_text_loss(model: torch.nn.Module, tokenizer: Any, dataset: Path, manifest: dict[str, Any],
-                  data_tokenizer: Any, context_length: int, batch_size: int, max_tokens: int = 0) -> LossTotals:
+def val_text_loss(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    dataset: Path,
+    manifest: dict[str, Any],
+    data_tokenizer: Any,
+    context_length: int,
+    batch_size: int,
+    max_tokens: int = 0,
+) -> LossTotals:
     """Like :func:`val_loss`, for a model whose tokenizer is not the dataset's: the ``val`` split's
     text (its first `max_tokens` dataset tokens; 0: all) decoded with `data_tokenizer` and encoded
     with the model's own `tokenizer`. Bits per byte then compare the two models on the same text."""
@@ -245,7 +293,9 @@ def val_text_loss(model: torch.nn.Module, tokenizer: Any, dataset: Path, manifes
             ids = np.asarray(tokens[: int(min(left, len(tokens)))])
             left -= len(ids)
             cuts = np.flatnonzero(ids == eot)
-            for doc in np.split(ids, cuts + 1):  # each document keeps its <|endoftext|> as text's end
+            for doc in np.split(
+                ids, cuts + 1
+            ):  # each document keeps its <|endoftext|> as text's end
                 body = doc[:-1] if len(doc) and doc[-1] == eot else doc
                 text = data_tokenizer.decode(body.tolist())
                 if text:

@@ -86,20 +86,31 @@ def rouge_l(answer: str, reference: str) -> float:
 
 def score_answer(answer: str, reference: str) -> dict[str, float]:
     """Every score of one answer, and ``score``: contains when the reference is short, else ROUGE-L."""
-    scores = {"exact_match": exact_match(answer, reference), "contains": contains(answer, reference),
-              "token_f1": token_f1(answer, reference), "rouge_l": rouge_l(answer, reference)}
+    scores = {
+        "exact_match": exact_match(answer, reference),
+        "contains": contains(answer, reference),
+        "token_f1": token_f1(answer, reference),
+        "rouge_l": rouge_l(answer, reference),
+    }
     short = len(normalize(reference).split()) <= SHORT_WORDS
     return scores | {"score": scores["contains"] if short else scores["rouge_l"]}
 
 
-def heldout_pairs(dataset: Path, manifest: dict[str, Any], tokenizer: Any, max_examples: int,
-                  split: str = "sft_val") -> list[Pair]:
+def heldout_pairs(
+    dataset: Path,
+    manifest: dict[str, Any],
+    tokenizer: Any,
+    max_examples: int,
+    split: str = "sft_val",
+) -> list[Pair]:
     """The first `max_examples` held-out examples (0: all) with a trained run, as (prompt, reference)."""
     eot = int(manifest["eot_id"])
     stops = set(tokenizer.stop_ids)
     pairs: list[Pair] = []
     for shard, tokens, mask in split_shards(dataset, manifest, split, masked=True):
-        for start, end in split_examples(dataset / shard["file"], tokens, eot, shard.get("examples")):
+        for start, end in split_examples(
+            dataset / shard["file"], tokens, eot, shard.get("examples")
+        ):
             m = np.asarray(mask[start:end]) > 0
             trained = np.flatnonzero(m[:-1])  # the example's closing <|endoftext|> is no answer
             if not len(trained):
@@ -116,8 +127,9 @@ def heldout_pairs(dataset: Path, manifest: dict[str, Any], tokenizer: Any, max_e
     return pairs
 
 
-def answers(model: Any, tokenizer: Any, pairs: Sequence[Pair], max_new_tokens: int,
-            batch_size: int = 8) -> list[str]:
+def answers(
+    model: Any, tokenizer: Any, pairs: Sequence[Pair], max_new_tokens: int, batch_size: int = 8
+) -> list[str]:
     """Greedy answers to the pairs' prompts, each ending at the model's first stop token."""
     from gptcore import generate
 
@@ -126,15 +138,20 @@ def answers(model: Any, tokenizer: Any, pairs: Sequence[Pair], max_new_tokens: i
         batch = pairs[i : i + batch_size]
         # Answers need not run longer than the longest reference by much: that bounds the decoding.
         budget = min(max_new_tokens, max(len(tokenizer.encode(p.reference)) for p in batch) + 8)
-        ids = generate(model, [p.prompt_ids for p in batch], max_new_tokens=budget, stop_ids=tokenizer.stop_ids)
+        ids = generate(
+            model, [p.prompt_ids for p in batch], max_new_tokens=budget, stop_ids=tokenizer.stop_ids
+        )
         out += [tokenizer.decode(row).strip() for row in ids]
     return out
 
 
-def task_figures(model: Any, tokenizer: Any, pairs: Sequence[Pair], max_new_tokens: int,
-                 batch_size: int = 8) -> tuple[dict[str, float], list[str]]:
+def task_figures(
+    model: Any, tokenizer: Any, pairs: Sequence[Pair], max_new_tokens: int, batch_size: int = 8
+) -> tuple[dict[str, float], list[str]]:
     """(mean scores as ``task_*`` figures, the answers) of a model on the pairs."""
     texts = answers(model, tokenizer, pairs, max_new_tokens, batch_size)
     scores = [score_answer(a, p.reference) for a, p in zip(texts, pairs, strict=True)]
-    figures = {f"task_{k}": float(np.mean([s[k] for s in scores])) for k in scores[0]} if scores else {}
+    figures = (
+        {f"task_{k}": float(np.mean([s[k] for s in scores])) for k in scores[0]} if scores else {}
+    )
     return figures | {"task_examples": len(pairs)}, texts

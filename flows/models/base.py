@@ -34,8 +34,16 @@ STEP = "import"
 IMPORT_VERSION = 1
 BUNDLE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "metadata.json")
 # Everything an import may read from a directory: its content is the directory's identity.
-_SOURCE_FILES = (*BUNDLE_FILES, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                 "generation_config.json", "vocab.json", "merges.txt", "model.safetensors.index.json")
+_SOURCE_FILES = (
+    *BUNDLE_FILES,
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "model.safetensors.index.json",
+)
 
 
 def is_bundle(path: Path) -> bool:
@@ -47,7 +55,9 @@ def identity(source: str, ctx: StepContext) -> dict[str, Any]:
     if is_builtin(source):
         name = source.removeprefix(PREFIX)
         if name not in BUILTINS:
-            raise ConfigError(f"{source}: unknown built-in model; known: {', '.join(PREFIX + n for n in BUILTINS)}")
+            raise ConfigError(
+                f"{source}: unknown built-in model; known: {', '.join(PREFIX + n for n in BUILTINS)}"
+            )
         return {"builtin": name, "sha256": BUILTINS[name].sha256, "import_version": IMPORT_VERSION}
     if source.startswith("models:/"):
         from flows.registry.lineage import resolve
@@ -55,17 +65,29 @@ def identity(source: str, ctx: StepContext) -> dict[str, Any]:
 
         registry = Registry(ctx.tracking, ctx.workdir)
         name, version = resolve(registry, source)
-        return {"uri": source, "name": name, "version": version,
-                "bundle_sha256": registry.version(name, version)["tags"].get("gptflow.bundle_sha256")}
+        return {
+            "uri": source,
+            "name": name,
+            "version": version,
+            "bundle_sha256": registry.version(name, version)["tags"].get("gptflow.bundle_sha256"),
+        }
     path = Path(source)
     if path.is_file():
-        return {"file": path.name, "sha256": ctx.fingerprints.sha256(path), "import_version": IMPORT_VERSION}
+        return {
+            "file": path.name,
+            "sha256": ctx.fingerprints.sha256(path),
+            "import_version": IMPORT_VERSION,
+        }
     if path.is_dir():
         files = [path / n for n in _SOURCE_FILES] + sorted(path.glob("*.safetensors"))
-        return {"directory": {p.name: ctx.fingerprints.sha256(p) for p in files if p.is_file()},
-                "import_version": IMPORT_VERSION}
-    raise ConfigError(f"{source}: no such file or directory (a model source is builtin:NAME, a Hugging Face "
-                      "directory, a .gguf file, a bundle directory or models:/NAME@ALIAS)")
+        return {
+            "directory": {p.name: ctx.fingerprints.sha256(p) for p in files if p.is_file()},
+            "import_version": IMPORT_VERSION,
+        }
+    raise ConfigError(
+        f"{source}: no such file or directory (a model source is builtin:NAME, a Hugging Face "
+        "directory, a .gguf file, a bundle directory or models:/NAME@ALIAS)"
+    )
 
 
 def import_dir(workdir: str | Path, ident: dict[str, Any]) -> Path:
@@ -87,7 +109,9 @@ def build(source: str, out: Path, ctx: StepContext, ident: dict[str, Any] | None
         shutil.rmtree(tmp, ignore_errors=True)
         found = find_bundle(download_model(source, tmp, ctx.tracking, ctx.workdir))
         if found is None:
-            raise ConfigError(f"{source}: the downloaded model holds no bundle ({', '.join(BUNDLE_FILES)})")
+            raise ConfigError(
+                f"{source}: the downloaded model holds no bundle ({', '.join(BUNDLE_FILES)})"
+            )
         _copy_bundle(found, out)
         shutil.rmtree(tmp, ignore_errors=True)
         return out
@@ -122,14 +146,20 @@ def ensure(source: str, ctx: StepContext) -> Path:
 
 def find_bundle(root: Path) -> Path | None:
     """`root` itself if it holds the bundle files, else the shallowest folder under it that does."""
-    candidates = [root] + sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts))
+    candidates = [root] + sorted(
+        (p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts)
+    )
     return next((d for d in candidates if is_bundle(d)), None)
 
 
 def _copy_bundle(src: Path, out: Path) -> None:
     """The bundle's files into `out`, hard-linked where the filesystem allows (bundles are never
     rewritten in place), metadata.json last: a directory that has it is complete."""
-    names = [n for n in (*BUNDLE_FILES, "tokenizer_config.json") if (src / n).is_file() and n != "metadata.json"]
+    names = [
+        n
+        for n in (*BUNDLE_FILES, "tokenizer_config.json")
+        if (src / n).is_file() and n != "metadata.json"
+    ]
     for name in [*names, "metadata.json"]:
         dst = out / name
         dst.unlink(missing_ok=True)

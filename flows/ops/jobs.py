@@ -50,16 +50,23 @@ AGENT_WAIT_S = 90
 
 def dashboard_address(address: str | None) -> str:
     """The Jobs API address: --address, else RAY_API_SERVER_ADDRESS, else an http RAY_ADDRESS."""
-    for value, source in ((address, "--address"), (os.environ.get("RAY_API_SERVER_ADDRESS"), "RAY_API_SERVER_ADDRESS"),
-                          (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")):
+    for value, source in (
+        (address, "--address"),
+        (os.environ.get("RAY_API_SERVER_ADDRESS"), "RAY_API_SERVER_ADDRESS"),
+        (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS"),
+    ):
         if value:
             if not value.startswith(("http://", "https://")):
                 if source == "RAY_ADDRESS":
                     continue
-                raise ConfigError(f"{source}={value!r}: the Jobs API is the dashboard's http address, "
-                                  "e.g. http://HEAD:8265 (`ray dashboard cluster.yaml` forwards it to 127.0.0.1)")
+                raise ConfigError(
+                    f"{source}={value!r}: the Jobs API is the dashboard's http address, "
+                    "e.g. http://HEAD:8265 (`ray dashboard cluster.yaml` forwards it to 127.0.0.1)"
+                )
             return value.rstrip("/")
-    raise ConfigError("no Ray cluster to submit to: give --address http://HEAD:8265 (or set RAY_API_SERVER_ADDRESS)")
+    raise ConfigError(
+        "no Ray cluster to submit to: give --address http://HEAD:8265 (or set RAY_API_SERVER_ADDRESS)"
+    )
 
 
 def read_token() -> str | None:
@@ -74,7 +81,9 @@ def read_token() -> str | None:
             token = p.read_text(encoding="utf-8").strip()
         except OSError:
             if path:
-                raise ConfigError(f"RAY_AUTH_TOKEN_PATH={path}: cannot read the Ray token there") from None
+                raise ConfigError(
+                    f"RAY_AUTH_TOKEN_PATH={path}: cannot read the Ray token there"
+                ) from None
             continue
         if token:
             return token
@@ -89,10 +98,14 @@ def _enforces_auth(address: str) -> bool:
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             return True
-        raise ConfigError(f"Ray Jobs API at {address}: HTTP {e.code} to a plain request; is it a Ray dashboard?") from e
+        raise ConfigError(
+            f"Ray Jobs API at {address}: HTTP {e.code} to a plain request; is it a Ray dashboard?"
+        ) from e
     except (urllib.error.URLError, OSError) as e:
-        raise ConfigError(f"Ray Jobs API at {address} does not answer ({getattr(e, 'reason', e)}); is the "
-                          "cluster up and the dashboard forwarded (`ray dashboard cluster.yaml`)?") from e
+        raise ConfigError(
+            f"Ray Jobs API at {address} does not answer ({getattr(e, 'reason', e)}); is the "
+            "cluster up and the dashboard forwarded (`ray dashboard cluster.yaml`)?"
+        ) from e
 
 
 def client(address: str | None, allow_no_auth: bool = False) -> Any:
@@ -104,8 +117,10 @@ def client(address: str | None, allow_no_auth: bool = False) -> Any:
     check_token_auth(enforced, url, allow_no_auth)
     token = read_token()
     if enforced and not token:
-        raise ConfigError(f"Ray at {url} requires its token: set RAY_AUTH_TOKEN, or put it in ~/.ray/auth_token "
-                          "(`ray get-auth-token` on the head prints it)")
+        raise ConfigError(
+            f"Ray at {url} requires its token: set RAY_AUTH_TOKEN, or put it in ~/.ray/auth_token "
+            "(`ray get-auth-token` on the head prints it)"
+        )
     # Before `import ray`: the SDK sends the token only in token mode (we also send it ourselves).
     os.environ.setdefault("RAY_AUTH_MODE", "token" if enforced else "disabled")
     from ray.job_submission import JobSubmissionClient
@@ -139,22 +154,36 @@ def stage_working_dir(cfg: PipelineConfig, into: Path) -> Path:
             shutil.copy2(src, into / name)
     from flows.tracking import shareable_config
 
-    (into / JOB_CONFIG).write_text(yaml.safe_dump(shareable_config(cfg), sort_keys=False), encoding="utf-8")
+    (into / JOB_CONFIG).write_text(
+        yaml.safe_dump(shareable_config(cfg), sort_keys=False), encoding="utf-8"
+    )
     return into
 
 
 def check_submittable(cfg: PipelineConfig) -> None:
     """A job runs in a temporary directory on the head: a relative workdir would vanish with it."""
     if "://" not in cfg.workdir and not Path(cfg.workdir).is_absolute():
-        raise ConfigError(f"workdir={cfg.workdir!r} is relative: a job runs in a temporary directory on the "
-                          "cluster; give an absolute path on its shared filesystem (e.g. --workdir /mnt/gptflow/work)")
+        raise ConfigError(
+            f"workdir={cfg.workdir!r} is relative: a job runs in a temporary directory on the "
+            "cluster; give an absolute path on its shared filesystem (e.g. --workdir /mnt/gptflow/work)"
+        )
 
 
 def entrypoint(run_args: list[str], verbose: bool = False) -> str:
     import shlex
 
-    return " ".join(["python", "-m", "flows.cli", *(["-v"] if verbose else []), "run", "--config", JOB_CONFIG,
-                     *map(shlex.quote, run_args)])
+    return " ".join(
+        [
+            "python",
+            "-m",
+            "flows.cli",
+            *(["-v"] if verbose else []),
+            "run",
+            "--config",
+            JOB_CONFIG,
+            *map(shlex.quote, run_args),
+        ]
+    )
 
 
 def run_identity(cfg: PipelineConfig) -> dict[str, Any]:
@@ -168,8 +197,13 @@ def trigger_id(cfg: PipelineConfig, when: str) -> str:
     return f"gptflow-{stable_hash(run_identity(cfg), length=12)}-{when}"
 
 
-def submit(cfg: PipelineConfig, address: str | None, run_args: list[str] | None = None,
-           submission_id: str | None = None, verbose: bool = False) -> tuple[str, bool]:
+def submit(
+    cfg: PipelineConfig,
+    address: str | None,
+    run_args: list[str] | None = None,
+    submission_id: str | None = None,
+    verbose: bool = False,
+) -> tuple[str, bool]:
     """Submit the pipeline; returns (submission id, whether it was newly submitted).
 
     A `submission_id` that already names a job is not submitted again (Ray would reject it). `verbose`:
@@ -187,13 +221,16 @@ def submit(cfg: PipelineConfig, address: str | None, run_args: list[str] | None 
         while True:
             try:
                 job_id = jobs.submit_job(
-                    entrypoint=entrypoint(list(run_args or []), verbose), submission_id=submission_id,
+                    entrypoint=entrypoint(list(run_args or []), verbose),
+                    submission_id=submission_id,
                     runtime_env={"working_dir": str(working_dir), "env_vars": env},
                     metadata={"gptflow.config_hash": stable_hash(to_dict(cfg), length=16)},
                 )
                 return job_id, True
             except RuntimeError as e:
-                if submission_id and "already exists" in str(e):  # a concurrent resubmission won the race
+                if submission_id and "already exists" in str(
+                    e
+                ):  # a concurrent resubmission won the race
                     return submission_id, False
                 # A head that just started answers before its job agent is up: wait for it, bounded.
                 if "No available agent" not in str(e) or time.time() > deadline:
@@ -212,9 +249,11 @@ def job_env() -> dict[str, str]:
     uri = env.get("MLFLOW_TRACKING_URI")
     if uri and without_credentials(uri) != uri:
         env["MLFLOW_TRACKING_URI"] = without_credentials(uri)
-        log.warning("MLFLOW_TRACKING_URI carries credentials: the job gets it without them (%s); set "
-                    "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD on the cluster's nodes",
-                    env["MLFLOW_TRACKING_URI"])
+        log.warning(
+            "MLFLOW_TRACKING_URI carries credentials: the job gets it without them (%s); set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD on the cluster's nodes",
+            env["MLFLOW_TRACKING_URI"],
+        )
     return env
 
 
@@ -233,9 +272,12 @@ def _exists(jobs: Any, submission_id: str) -> bool:
 
 def status(jobs: Any, job_id: str) -> dict[str, Any]:
     info = _call(jobs.get_job_info, job_id)
-    return {"submission_id": info.submission_id or job_id, "status": str(info.status.value
-            if hasattr(info.status, "value") else info.status), "message": info.message or "",
-            "entrypoint": info.entrypoint}
+    return {
+        "submission_id": info.submission_id or job_id,
+        "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+        "message": info.message or "",
+        "entrypoint": info.entrypoint,
+    }
 
 
 def logs(jobs: Any, job_id: str) -> str:
@@ -281,5 +323,7 @@ def _call(fn: Any, job_id: str) -> Any:
     except RuntimeError as e:
         text = str(e)
         if "404" in text or "does not exist" in text.lower() or "not found" in text.lower():
-            raise NoSuchJob(f"no job {job_id!r} on this cluster (`ray job list` shows the ids)") from None
+            raise NoSuchJob(
+                f"no job {job_id!r} on this cluster (`ray job list` shows the ids)"
+            ) from None
         raise

@@ -65,13 +65,23 @@ from flows.workdir import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-RAN, NO_NEW_DATA, IN_PROGRESS, FAILED = "ran", "skipped: no new data", "skipped: run in progress", "failed"
+RAN, NO_NEW_DATA, IN_PROGRESS, FAILED = (
+    "ran",
+    "skipped: no new data",
+    "skipped: run in progress",
+    "failed",
+)
 DEFERRED = "deferred: inputs still changing"
 EVENT = "schedule"
 POLL_S = 2.0  # how often a submitted job's status is asked for
 _HISTORY = 50
 # Secrets a message may carry beside URLs' user:password (which redact_text replaces).
-_SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "RAY_AUTH_TOKEN", "AWS_SECRET_ACCESS_KEY")
+_SECRET_ENV = (
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+    "RAY_AUTH_TOKEN",
+    "AWS_SECRET_ACCESS_KEY",
+)
 _FAILED_STEP = re.compile(r"step '([\w-]+)' failed")
 
 
@@ -88,8 +98,10 @@ def cron_trigger(expr: str) -> Any:
             return CronTrigger(**dict(zip(names, fields, strict=True)), timezone=dt.timezone.utc)
     except ValueError as e:
         raise ConfigError(f"--cron {expr!r}: {e}") from None
-    raise ConfigError(f"--cron {expr!r}: expected 5 crontab fields (minute hour day month weekday), or 6 with "
-                      "seconds first")
+    raise ConfigError(
+        f"--cron {expr!r}: expected 5 crontab fields (minute hour day month weekday), or 6 with "
+        "seconds first"
+    )
 
 
 def _now() -> dt.datetime:
@@ -103,8 +115,14 @@ def _stamp(t: dt.datetime) -> str:
 class Scheduler:
     """One scheduler: a config, a trigger rule, and its state on disk."""
 
-    def __init__(self, cfg: PipelineConfig, cron: str | None = None, on_new_data: bool = False,
-                 address: str | None = None, run_args: list[str] | None = None):
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        cron: str | None = None,
+        on_new_data: bool = False,
+        address: str | None = None,
+        run_args: list[str] | None = None,
+    ):
         self.cfg, self.cron, self.on_new_data, self.address = cfg, cron, on_new_data, address
         self.run_args = list(run_args or [])
         self.trigger = cron_trigger(cron) if cron else None
@@ -124,14 +142,19 @@ class Scheduler:
             try:
                 return json.loads(self.state_path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
-                raise ConfigError(f"{self.state_path}: unreadable scheduler state ({e}); move it away to start "
-                                  "afresh") from e
+                raise ConfigError(
+                    f"{self.state_path}: unreadable scheduler state ({e}); move it away to start "
+                    "afresh"
+                ) from e
         return {"counts": {}, "last_fire": None, "last_success_fingerprint": None, "history": []}
 
     def _save(self) -> None:
         if self.trigger is not None:  # for `gptflow status`: the schedule, and when it fires next
             upcoming = self.trigger.get_next_fire_time(None, _now())
-            self.state |= {"cron": self.cron, "next_fire": upcoming.isoformat() if upcoming else None}
+            self.state |= {
+                "cron": self.cron,
+                "next_fire": upcoming.isoformat() if upcoming else None,
+            }
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.state_path, json.dumps(self.state, indent=2, sort_keys=True) + "\n")
 
@@ -175,7 +198,9 @@ class Scheduler:
         with self._run_lock() as fd:
             if fd is None:
                 return self._record(when, IN_PROGRESS, coalesced=coalesced)
-            if self.state.get("in_flight"):  # an earlier trigger's job: it ends before another starts
+            if self.state.get(
+                "in_flight"
+            ):  # an earlier trigger's job: it ends before another starts
                 self._land(self.state["in_flight"])
             phase = "inputs"
             try:
@@ -195,7 +220,9 @@ class Scheduler:
             except Exception as e:
                 error = _error_text(e)
                 log.error("trigger %s: %s failed: %s", _stamp(when), phase, error)
-                entry = self._record(when, FAILED, coalesced=coalesced, reason=f"{phase} error", error=error)
+                entry = self._record(
+                    when, FAILED, coalesced=coalesced, reason=f"{phase} error", error=error
+                )
                 if reraise:
                     raise
                 return entry
@@ -251,13 +278,21 @@ class Scheduler:
         log.info("trigger %s: running the pipeline (log: %s)", _stamp(when), log_path)
         with open(log_path, "wb") as out:
             # Its own session: a SIGTERM/SIGINT meant for the scheduler does not cut the run short.
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, pass_fds=(lock_fd,),
-                                    start_new_session=True, env=env)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                pass_fds=(lock_fd,),
+                start_new_session=True,
+                env=env,
+            )
             code = proc.wait()
         detail: dict[str, Any] = {"log": str(log_path), "exit_code": code}
         if code == 0:
             return RAN, detail
-        return FAILED, detail | {"step": _failed_step(log_path.read_text(encoding="utf-8", errors="replace"))}
+        return FAILED, detail | {
+            "step": _failed_step(log_path.read_text(encoding="utf-8", errors="replace"))
+        }
 
     def _submit(self, when: dt.datetime, coalesced: int, fp: str | None) -> dict[str, Any]:
         """Submit the pipeline as a Ray job under the trigger's id, note it in the state (a restarted
@@ -266,9 +301,15 @@ class Scheduler:
 
         sid = jobs.trigger_id(self.cfg, _stamp(when))
         job_id, new = jobs.submit(self.cfg, self.address, self.run_args, submission_id=sid)
-        self.state["in_flight"] = {"submission_id": job_id, "fire_time": when.isoformat(), "coalesced": coalesced,
-                                   "fingerprint": fp, "address": self.address, "resubmitted": not new,
-                                   "submitted_at": time.time()}
+        self.state["in_flight"] = {
+            "submission_id": job_id,
+            "fire_time": when.isoformat(),
+            "coalesced": coalesced,
+            "fingerprint": fp,
+            "address": self.address,
+            "resubmitted": not new,
+            "submitted_at": time.time(),
+        }
         self._save()
         return self._land(self.state["in_flight"])
 
@@ -280,8 +321,12 @@ class Scheduler:
             return None
         with self._run_lock() as fd:
             if fd is None:
-                log.warning("job %s is still in flight, but another run holds %s: re-attaching at the next "
-                            "trigger", self.state["in_flight"]["submission_id"], self.lock_path)
+                log.warning(
+                    "job %s is still in flight, but another run holds %s: re-attaching at the next "
+                    "trigger",
+                    self.state["in_flight"]["submission_id"],
+                    self.lock_path,
+                )
                 return None
             return self._land(self.state["in_flight"])
 
@@ -291,9 +336,15 @@ class Scheduler:
         log.info("trigger %s: waiting for job %s", _stamp(when), flight["submission_id"])
         try:
             outcome, detail = self._await(flight)
-        except Exception as e:  # what _await does not expect: still this trigger's outcome, not the loop's end
+        except (
+            Exception
+        ) as e:  # what _await does not expect: still this trigger's outcome, not the loop's end
             outcome, detail = FAILED, {"reason": "job error", "error": _error_text(e)}
-        detail = {"job_id": flight["submission_id"], "resubmitted": flight.get("resubmitted", False), **detail}
+        detail = {
+            "job_id": flight["submission_id"],
+            "resubmitted": flight.get("resubmitted", False),
+            **detail,
+        }
         self.state.pop("in_flight", None)
         if outcome == RAN and flight.get("fingerprint"):
             self.state["last_success_fingerprint"] = flight["fingerprint"]
@@ -320,14 +371,20 @@ class Scheduler:
                 return FAILED, {"reason": "job lost", "error": _error_text(e)}
             except Exception as e:  # a dashboard blip: said once per spell, then asked again
                 if not failing:
-                    log.warning("job %s: the Jobs API does not answer (%s); asking again until it does or the "
-                                "job's time is up", job_id, _error_text(e))
+                    log.warning(
+                        "job %s: the Jobs API does not answer (%s); asking again until it does or the "
+                        "job's time is up",
+                        job_id,
+                        _error_text(e),
+                    )
                 failing = True
             if state in jobs.TERMINAL:
                 break
             if time.time() >= deadline:
                 return FAILED, {"reason": "timeout", "job_status": self._stop(client, job_id)}
-            time.sleep(POLL_S)  # not stopping.wait: once a stop is requested, that would ask without a pause
+            time.sleep(
+                POLL_S
+            )  # not stopping.wait: once a stop is requested, that would ask without a pause
         detail: dict[str, Any] = {"job_status": state}
         if state == "SUCCEEDED":
             return RAN, detail
@@ -342,18 +399,28 @@ class Scheduler:
         """Stop a job that ran out of time; its last status, or why it could not be stopped."""
         from flows.ops import jobs
 
-        log.error("job %s: still running after schedule.job_timeout_s=%g s: stopping it", job_id,
-                  self.cfg.schedule.job_timeout_s)
+        log.error(
+            "job %s: still running after schedule.job_timeout_s=%g s: stopping it",
+            job_id,
+            self.cfg.schedule.job_timeout_s,
+        )
         try:
             if client is None:
                 raise ConnectionError("no answer from the Jobs API")
             return jobs.stop(client, job_id)
         except Exception as e:
             error = _error_text(e)
-            log.error("job %s: could not be stopped (%s); stop it with `gptflow jobs stop %s`", job_id, error, job_id)
+            log.error(
+                "job %s: could not be stopped (%s); stop it with `gptflow jobs stop %s`",
+                job_id,
+                error,
+                job_id,
+            )
             return f"not stopped: {error}"
 
-    def _record(self, when: dt.datetime, outcome: str, coalesced: int = 0, **detail: Any) -> dict[str, Any]:
+    def _record(
+        self, when: dt.datetime, outcome: str, coalesced: int = 0, **detail: Any
+    ) -> dict[str, Any]:
         from flows.tracking import record_event
 
         counts = self.state.setdefault("counts", {})
@@ -365,20 +432,38 @@ class Scheduler:
             shown = f"{outcome} ({why})"
         elif outcome == DEFERRED:
             shown = f"{outcome}: {detail['file']}"
-        entry = {"fire_time": when.isoformat(), "outcome": shown, "coalesced": coalesced,
-                 "seq": counts["triggers"], **detail}
+        entry = {
+            "fire_time": when.isoformat(),
+            "outcome": shown,
+            "coalesced": coalesced,
+            "seq": counts["triggers"],
+            **detail,
+        }
         self.state["last_fire"] = when.isoformat()
         self.state["history"] = (self.state.get("history", []) + [entry])[-_HISTORY:]
         self._save()
         try:
-            record_event(self.cfg.tracking, self.cfg.workdir, EVENT, {
-                "gptflow.trigger.fire_time": when.isoformat(), "gptflow.trigger.outcome": shown,
-                "gptflow.trigger.seq": counts["triggers"], "gptflow.trigger.mode": "submit" if self.address else "here",
-                **{f"gptflow.trigger.{k}": v for k, v in detail.items() if v is not None},
-            }, {"coalesced_triggers": coalesced})
+            record_event(
+                self.cfg.tracking,
+                self.cfg.workdir,
+                EVENT,
+                {
+                    "gptflow.trigger.fire_time": when.isoformat(),
+                    "gptflow.trigger.outcome": shown,
+                    "gptflow.trigger.seq": counts["triggers"],
+                    "gptflow.trigger.mode": "submit" if self.address else "here",
+                    **{f"gptflow.trigger.{k}": v for k, v in detail.items() if v is not None},
+                },
+                {"coalesced_triggers": coalesced},
+            )
         except Exception as e:  # the tracking server being away must not stop the schedule
             log.warning("trigger %s: could not record it in MLflow (%s)", _stamp(when), e)
-        log.info("trigger %s: %s%s", _stamp(when), shown, f" (+{coalesced} coalesced)" if coalesced else "")
+        log.info(
+            "trigger %s: %s%s",
+            _stamp(when),
+            shown,
+            f" (+{coalesced} coalesced)" if coalesced else "",
+        )
         return entry
 
     # ----------------------------------------------------------------- the loop
@@ -404,7 +489,9 @@ class Scheduler:
         if self.state.get("last_fire"):  # continue where we were: what passed while we were down
             missed, _ = self._missed(dt.datetime.fromisoformat(self.state["last_fire"]), _now())
             if missed:
-                log.info("%d fire time(s) passed while the scheduler was not running: coalesced", missed)
+                log.info(
+                    "%d fire time(s) passed while the scheduler was not running: coalesced", missed
+                )
                 pending = missed
         self.state["started"] = _now().isoformat()
         self._save()
@@ -447,8 +534,15 @@ def _failed_step(text: str) -> str | None:
     return found[-1] if found else None
 
 
-def run_schedule(cfg: PipelineConfig, cron: str | None, on_new_data: bool, address: str | None, once: bool,
-                 run_args: list[str], on_start: Callable[[Scheduler], None] | None = None) -> str:
+def run_schedule(
+    cfg: PipelineConfig,
+    cron: str | None,
+    on_new_data: bool,
+    address: str | None,
+    once: bool,
+    run_args: list[str],
+    on_start: Callable[[Scheduler], None] | None = None,
+) -> str:
     """The `gptflow schedule` command: one trigger now (--once) or the loop; returns what to print."""
     scheduler = Scheduler(cfg, cron, on_new_data, address, run_args)
     if on_start:
@@ -457,7 +551,9 @@ def run_schedule(cfg: PipelineConfig, cron: str | None, on_new_data: bool, addre
         scheduler.resume()
         entry = scheduler.fire(_now(), reraise=True)
         if entry["outcome"].startswith(FAILED):
-            raise RuntimeError(f"scheduled run failed: {entry['outcome']} (log: {entry.get('log') or entry.get('job_id')})")
+            raise RuntimeError(
+                f"scheduled run failed: {entry['outcome']} (log: {entry.get('log') or entry.get('job_id')})"
+            )
         return entry["outcome"]
     scheduler.loop()
     counts = scheduler.state.get("counts", {})

@@ -22,7 +22,8 @@ class RegistryConfig:
     name: str = "gpt"
     """Registered model name."""
     metric: Literal["bits_per_byte", "perplexity", "sft_val_loss"] = hashed_only_by(
-        *_GATE_STEPS, default="bits_per_byte", why=_GATE)
+        *_GATE_STEPS, default="bits_per_byte", why=_GATE
+    )
     """What the gate compares: bits per byte (comparable across tokenizers), perplexity, or the loss on
     the held-out fine-tuning answers (sft_val_loss: for a tuned model, the figure the tuning is for;
     a champion with another tokenizer has none, and is replaced)."""
@@ -31,5 +32,9 @@ class RegistryConfig:
 
     def __post_init__(self) -> None:
         check(0.0 <= self.margin < 1.0, "margin", self.margin, "in [0, 1)")
-        check(bool(self.name) and "/" not in self.name and "@" not in self.name, "name", self.name,
-               "a non-empty name without '/' or '@'")
+        check(
+            bool(self.name) and "/" not in self.name and "@" not in self.name,
+            "name",
+            self.name,
+            "a non-empty name without '/' or '@'",
+        )

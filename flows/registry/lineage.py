@@ -52,16 +52,23 @@ def dataset_facts(path: str | None, expected_sha: str | None) -> dict[str, Any]:
         return {"path": path, "missing": True, "why": "manifest.json is gone"}
     sha = sha256_file(root / "manifest.json")
     return {
-        "path": path, "manifest_sha256": sha, "matches_recorded": expected_sha in (None, "", sha),
-        "tokenizer_sha256": manifest.get("tokenizer_sha256"), "vocab_size": manifest.get("vocab_size"),
-        "inputs": [{"path": i.get("path"), "kind": i.get("kind"), "fingerprint": i.get("fingerprint")}
-                   for i in manifest.get("inputs", [])],
+        "path": path,
+        "manifest_sha256": sha,
+        "matches_recorded": expected_sha in (None, "", sha),
+        "tokenizer_sha256": manifest.get("tokenizer_sha256"),
+        "vocab_size": manifest.get("vocab_size"),
+        "inputs": [
+            {"path": i.get("path"), "kind": i.get("kind"), "fingerprint": i.get("fingerprint")}
+            for i in manifest.get("inputs", [])
+        ],
         "splits": {k: v.get("tokens") for k, v in manifest.get("splits", {}).items()},
         "config": manifest.get("config"),
     }
 
 
-def bundle_facts(registry: Registry, name: str, path: str | Path | None, depth: int = 0) -> dict[str, Any]:
+def bundle_facts(
+    registry: Registry, name: str, path: str | Path | None, depth: int = 0
+) -> dict[str, Any]:
     """A bundle, its training (metadata.json), its dataset and, recursively, its parent."""
     if not path:
         return {"missing": True, "why": "not recorded"}
@@ -70,10 +77,17 @@ def bundle_facts(registry: Registry, name: str, path: str | Path | None, depth: 
     if meta is None:
         return {"path": str(path), "missing": True, "why": "metadata.json is gone"}
     facts: dict[str, Any] = {
-        "path": str(root), "stage": meta.get("stage"), "config_hash": meta.get("config_hash"),
-        "git_commit": meta.get("git_commit"), "steps": meta.get("steps"), "final_loss": meta.get("final_loss"),
-        "model_sha256": sha256_file(root / "model.safetensors") if (root / "model.safetensors").is_file() else None,
-        "tokenizer_sha256": meta.get("tokenizer_sha256"), "train_config": meta.get("train_config"),
+        "path": str(root),
+        "stage": meta.get("stage"),
+        "config_hash": meta.get("config_hash"),
+        "git_commit": meta.get("git_commit"),
+        "steps": meta.get("steps"),
+        "final_loss": meta.get("final_loss"),
+        "model_sha256": sha256_file(root / "model.safetensors")
+        if (root / "model.safetensors").is_file()
+        else None,
+        "tokenizer_sha256": meta.get("tokenizer_sha256"),
+        "train_config": meta.get("train_config"),
         "dataset": dataset_facts(meta.get("dataset"), meta.get("dataset_manifest_sha256")),
     }
     parent = meta.get("parent")
@@ -98,8 +112,14 @@ def _registered_as(registry: Registry, name: str, digest: str | None) -> str | N
     if not digest:
         return None
     try:
-        return next((v["version"] for v in registry.versions(name) if v["tags"].get("gptflow.bundle_sha256") == digest),
-                    None)
+        return next(
+            (
+                v["version"]
+                for v in registry.versions(name)
+                if v["tags"].get("gptflow.bundle_sha256") == digest
+            ),
+            None,
+        )
     except RegistryError:
         return None
 
@@ -111,7 +131,11 @@ def lineage(registry: Registry, ref: str, cache: Path) -> dict[str, Any]:
     runs = {}
     for role in ("pipeline", "train", "evaluate"):
         run_id = tags.get(f"gptflow.run.{role}")
-        runs[role] = (registry.run(run_id) or {"run_id": run_id, "missing": True}) if run_id else {"missing": True}
+        runs[role] = (
+            (registry.run(run_id) or {"run_id": run_id, "missing": True})
+            if run_id
+            else {"missing": True}
+        )
     bundle = tags.get("gptflow.bundle")
     if bundle and not Path(bundle).is_dir():
         try:  # the stage output is gone: the registry's own copy still has the weights and metadata
@@ -119,12 +143,23 @@ def lineage(registry: Registry, ref: str, cache: Path) -> dict[str, Any]:
         except RegistryError:
             pass
     return {
-        "model": {"name": name, "version": version, "aliases": mv["aliases"], "created": mv["created"],
-                  "gate": tags.get("gptflow.gate"), "gate_reason": tags.get("gptflow.gate.reason"),
-                  "eval": {k.removeprefix("gptflow.eval."): v for k, v in tags.items() if k.startswith("gptflow.eval.")},
-                  "git_commit": tags.get("gptflow.git_commit"), "config_hash": tags.get("gptflow.config_hash"),
-                  "tokenizer_sha256": tags.get("gptflow.tokenizer_sha256"),
-                  "teacher_version": tags.get("gptflow.teacher_version")},
+        "model": {
+            "name": name,
+            "version": version,
+            "aliases": mv["aliases"],
+            "created": mv["created"],
+            "gate": tags.get("gptflow.gate"),
+            "gate_reason": tags.get("gptflow.gate.reason"),
+            "eval": {
+                k.removeprefix("gptflow.eval."): v
+                for k, v in tags.items()
+                if k.startswith("gptflow.eval.")
+            },
+            "git_commit": tags.get("gptflow.git_commit"),
+            "config_hash": tags.get("gptflow.config_hash"),
+            "tokenizer_sha256": tags.get("gptflow.tokenizer_sha256"),
+            "teacher_version": tags.get("gptflow.teacher_version"),
+        },
         "runs": runs,
         "bundle": bundle_facts(registry, name, bundle),
     }
@@ -133,13 +168,21 @@ def lineage(registry: Registry, ref: str, cache: Path) -> dict[str, Any]:
 def render(facts: dict[str, Any]) -> str:
     """The lineage as an indented text tree, for people."""
     m = facts["model"]
-    lines = [f"{m['name']}/{m['version']}  aliases: {', '.join(m['aliases']) or '-'}  gate: {m['gate'] or '-'}"
-             f" ({m['gate_reason'] or ''})",
-             f"  eval: {', '.join(f'{k}={v}' for k, v in sorted(m['eval'].items())) or '-'}",
-             f"  git {m['git_commit'] or '?'}  config {m['config_hash'] or '?'}  tokenizer {str(m['tokenizer_sha256'])[:16]}"]
+    lines = [
+        f"{m['name']}/{m['version']}  aliases: {', '.join(m['aliases']) or '-'}  gate: {m['gate'] or '-'}"
+        f" ({m['gate_reason'] or ''})",
+        f"  eval: {', '.join(f'{k}={v}' for k, v in sorted(m['eval'].items())) or '-'}",
+        f"  git {m['git_commit'] or '?'}  config {m['config_hash'] or '?'}  tokenizer {str(m['tokenizer_sha256'])[:16]}",
+    ]
     for role, run in facts["runs"].items():
-        lines.append(f"  run {role}: " + ("MISSING" if run.get("missing") else
-                                          f"{run['run_id']} {run['name']} {run['status']}"))
+        lines.append(
+            f"  run {role}: "
+            + (
+                "MISSING"
+                if run.get("missing")
+                else f"{run['run_id']} {run['name']} {run['status']}"
+            )
+        )
     if m.get("teacher_version"):
         lines.append(f"  distilled from {m['teacher_version']}")
     _render_bundle(facts["bundle"], lines, "  ")
@@ -150,21 +193,30 @@ def _render_bundle(b: dict[str, Any], lines: list[str], pad: str) -> None:
     if b.get("missing"):
         lines.append(f"{pad}bundle {b.get('path', '?')}: MISSING ({b.get('why')})")
         return
-    lines.append(f"{pad}bundle {b['path']} ({b['stage']}, {b['steps']} steps, sha256 {str(b['model_sha256'])[:16]})")
+    lines.append(
+        f"{pad}bundle {b['path']} ({b['stage']}, {b['steps']} steps, sha256 {str(b['model_sha256'])[:16]})"
+    )
     d = b["dataset"]
     if d.get("missing"):
         lines.append(f"{pad}  dataset {d.get('path', '?')}: MISSING ({d.get('why')})")
     else:
         ok = "" if d["matches_recorded"] else "  (CHANGED since training)"
         lines.append(f"{pad}  dataset {d['path']} manifest {d['manifest_sha256'][:16]}{ok}")
-        lines.append(f"{pad}    splits: {', '.join(f'{k}={v:,}' for k, v in d['splits'].items() if v is not None)}")
+        lines.append(
+            f"{pad}    splits: {', '.join(f'{k}={v:,}' for k, v in d['splits'].items() if v is not None)}"
+        )
         for i in d["inputs"][:20]:
             lines.append(f"{pad}    input ({i['kind']}) {i['path']}  {i['fingerprint']}")
         if len(d["inputs"]) > 20:
             lines.append(f"{pad}    ... and {len(d['inputs']) - 20} more inputs (--json lists all)")
     parent = b.get("parent")
     if parent:
-        where = parent.get("registered") or parent.get("bundle") or parent.get("hf_gpt2") or parent.get("uri")
+        where = (
+            parent.get("registered")
+            or parent.get("bundle")
+            or parent.get("hf_gpt2")
+            or parent.get("uri")
+        )
         lines.append(f"{pad}  parent: {where}")
         if parent.get("bundle_facts"):
             _render_bundle(parent["bundle_facts"], lines, pad + "    ")
@@ -172,6 +224,8 @@ def _render_bundle(b: dict[str, Any], lines: list[str], pad: str) -> None:
     if teacher:
         where = teacher.get("bundle") or teacher.get("hf_gpt2") or teacher.get("uri")
         how = teacher.get("distillation") or {}
-        lines.append(f"{pad}  teacher: {where} (alpha {how.get('alpha')}, temperature {how.get('temperature')})")
+        lines.append(
+            f"{pad}  teacher: {where} (alpha {how.get('alpha')}, temperature {how.get('temperature')})"
+        )
         if teacher.get("bundle_facts"):
             _render_bundle(teacher["bundle_facts"], lines, pad + "    ")

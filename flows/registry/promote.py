@@ -59,13 +59,20 @@ def lock_path(workdir: str | Path, name: str) -> Path:
 
 
 LOCK_SUFFIX = ".gptflow-promote-lock"
-LOCK_STALE_S = 120.0  # a holder refreshes its heartbeat every LOCK_STALE_S / 4; silent this long, it is gone
+LOCK_STALE_S = (
+    120.0  # a holder refreshes its heartbeat every LOCK_STALE_S / 4; silent this long, it is gone
+)
 LOCK_WAIT_S = 1800.0
 
 
 @contextlib.contextmanager
-def promotion_lock(registry: Registry, name: str, workdir: str | Path, stale_s: float = LOCK_STALE_S,
-                   wait_s: float = LOCK_WAIT_S) -> Iterator[None]:
+def promotion_lock(
+    registry: Registry,
+    name: str,
+    workdir: str | Path,
+    stale_s: float = LOCK_STALE_S,
+    wait_s: float = LOCK_WAIT_S,
+) -> Iterator[None]:
     """Exclusive right to read-compare-set `name`'s aliases and history, across every workdir, process
     and machine that uses this registry.
 
@@ -78,11 +85,16 @@ def promotion_lock(registry: Registry, name: str, workdir: str | Path, stale_s: 
     token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     with locked(lock_path(workdir, name)):
         deadline = time.time() + wait_s
-        while not registry.create_model(lock, {"gptflow.lock.token": token, "gptflow.lock.heartbeat": time.time()},
-                                        f"held while gptflow promotes {name!r}; deleted when done"):
+        while not registry.create_model(
+            lock,
+            {"gptflow.lock.token": token, "gptflow.lock.heartbeat": time.time()},
+            f"held while gptflow promotes {name!r}; deleted when done",
+        ):
             _break_if_stale(registry, lock, stale_s)
             if time.time() > deadline:
-                raise RegistryError(f"model {name!r}: another promotion has held {lock!r} for over {wait_s:.0f} s")
+                raise RegistryError(
+                    f"model {name!r}: another promotion has held {lock!r} for over {wait_s:.0f} s"
+                )
             time.sleep(0.2 + random.random() * 0.3)
         stop = threading.Event()
 
@@ -90,7 +102,9 @@ def promotion_lock(registry: Registry, name: str, workdir: str | Path, stale_s: 
             while not stop.wait(stale_s / 4):
                 try:
                     registry.set_model_tags(lock, {"gptflow.lock.heartbeat": time.time()})
-                except RegistryError as e:  # the next beat may get through; a missed one is not fatal
+                except (
+                    RegistryError
+                ) as e:  # the next beat may get through; a missed one is not fatal
                     log.warning("promotion lock heartbeat: %s", e)
 
         heart = threading.Thread(target=beat, name="gptflow-promote-lock", daemon=True)
@@ -111,9 +125,15 @@ def _break_if_stale(registry: Registry, lock: str, stale_s: float) -> None:
         return  # released meanwhile (or being created): try again
     if time.time() - beat > stale_s:
         try:
-            if registry.model_tags(lock).get("gptflow.lock.token") == tags.get("gptflow.lock.token"):
-                log.warning("breaking promotion lock %r: its holder %s stopped beating %.0f s ago", lock,
-                            tags.get("gptflow.lock.token"), time.time() - beat)
+            if registry.model_tags(lock).get("gptflow.lock.token") == tags.get(
+                "gptflow.lock.token"
+            ):
+                log.warning(
+                    "breaking promotion lock %r: its holder %s stopped beating %.0f s ago",
+                    lock,
+                    tags.get("gptflow.lock.token"),
+                    time.time() - beat,
+                )
                 registry.delete_model(lock)
         except RegistryError:
             pass
@@ -134,9 +154,15 @@ def _become_champion(registry: Registry, name: str, version: str, why: str) -> s
     registry.set_alias(name, CHAMPION, version)
     history = _history(registry, name)
     registry.set_model_tags(name, {HISTORY_TAG: json.dumps([*history, version])})
-    registry.set_version_tags(name, version, {"gptflow.champion_since": int(time.time() * 1000),
-                                              "gptflow.champion_why": why,
-                                              "gptflow.previous_champion": before["version"] if before else ""})
+    registry.set_version_tags(
+        name,
+        version,
+        {
+            "gptflow.champion_since": int(time.time() * 1000),
+            "gptflow.champion_why": why,
+            "gptflow.previous_champion": before["version"] if before else "",
+        },
+    )
     return before["version"] if before else None
 
 
@@ -147,7 +173,9 @@ class BundleMismatch(RegistryError):
 SHA_TAG = "gptflow.bundle_sha256"
 
 
-def bundle_of(registry: Registry, name: str, version: str, cache: Path, require_sha: bool = False) -> Path:
+def bundle_of(
+    registry: Registry, name: str, version: str, cache: Path, require_sha: bool = False
+) -> Path:
     """The bundle directory inside a version's downloaded model, cached by version and verified.
 
     The download goes to a temporary directory beside the cache entry; its model.safetensors is
@@ -159,8 +187,10 @@ def bundle_of(registry: Registry, name: str, version: str, cache: Path, require_
     """
     want = registry.version(name, version)["tags"].get(SHA_TAG)
     if require_sha and not want:
-        raise BundleMismatch(f"model {name!r} version {version} has no {SHA_TAG} tag: its weights cannot be "
-                             "verified (register it through the pipeline)")
+        raise BundleMismatch(
+            f"model {name!r} version {version} has no {SHA_TAG} tag: its weights cannot be "
+            "verified (register it through the pipeline)"
+        )
     dst = cache / f"{name}-v{version}"
     cache.mkdir(parents=True, exist_ok=True)
     with locked(cache / f".{dst.name}.lock"):  # another run's download in progress is not "missing"
@@ -173,19 +203,25 @@ def bundle_of(registry: Registry, name: str, version: str, cache: Path, require_
                 registry.download(name, version, tmp)
                 weights = next((p for p in tmp.rglob("model.safetensors")), None)
                 if weights is None:
-                    raise RegistryError(f"model {name!r} version {version}: its artifacts hold no bundle "
-                                        "(model.safetensors)")
+                    raise RegistryError(
+                        f"model {name!r} version {version}: its artifacts hold no bundle "
+                        "(model.safetensors)"
+                    )
                 digest = sha256_file(weights)
                 if want and digest != want:
-                    raise BundleMismatch(f"model {name!r} version {version}: the downloaded weights have sha256 "
-                                         f"{digest[:12]}..., its {SHA_TAG} tag says {want[:12]}...: refused")
+                    raise BundleMismatch(
+                        f"model {name!r} version {version}: the downloaded weights have sha256 "
+                        f"{digest[:12]}..., its {SHA_TAG} tag says {want[:12]}...: refused"
+                    )
                 inner = weights.parent.relative_to(tmp)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
             os.replace(tmp, dst)
             fsync_dir(cache)
-            mark_done(dst, {"name": name, "version": str(version), "sha256": digest, "bundle": str(inner)})
+            mark_done(
+                dst, {"name": name, "version": str(version), "sha256": digest, "bundle": str(inner)}
+            )
             found = dst / inner
     return found
 
@@ -201,7 +237,11 @@ def _verified(dst: Path, want: str | None) -> Path | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if digest != info.get("sha256") or (want and digest != want):
-        log.warning("%s: cached weights are not the version's (sha256 %s...); downloading again", dst, digest[:12])
+        log.warning(
+            "%s: cached weights are not the version's (sha256 %s...); downloading again",
+            dst,
+            digest[:12],
+        )
         return None
     return bundle
 
@@ -216,31 +256,54 @@ def figures_on(bundle: Path, dataset: Path, cfg: EvaluateConfig) -> Figures:
     try:
         model, tok, _ = load_bundle(bundle)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise RegistryError(f"{bundle}: cannot load the model ({e}); its artifacts are missing or corrupt") from e
+        raise RegistryError(
+            f"{bundle}: cannot load the model ({e}); its artifacts are missing or corrupt"
+        ) from e
     manifest = read_manifest(dataset, splits=("val", "sft_val"), verify=True)
     data_tok = Tokenizer.load(Path(dataset) / "tokenizer.json")
     T = cfg.context_length or model.config.context_length
     sft = float("nan")
     if tok.sha256() == data_tok.sha256():
         totals = metrics.val_loss(model, tok, dataset, manifest, T, cfg.batch_size, cfg.max_tokens)
-        if metrics.has_tokens(manifest, "sft_val"):  # by token ids only: the loss mask is the data's
+        if metrics.has_tokens(
+            manifest, "sft_val"
+        ):  # by token ids only: the loss mask is the data's
             sft_totals = metrics.sft_val_loss(model, dataset, manifest, T, cfg.batch_size)
             sft = sft_totals.mean_loss if sft_totals.tokens else sft
     else:
-        totals = metrics.val_text_loss(model, tok, dataset, manifest, data_tok, T, cfg.batch_size, cfg.max_tokens)
-    return Figures(bits_per_byte=totals.bits_per_byte, perplexity=totals.perplexity, sft_val_loss=sft)
+        totals = metrics.val_text_loss(
+            model, tok, dataset, manifest, data_tok, T, cfg.batch_size, cfg.max_tokens
+        )
+    return Figures(
+        bits_per_byte=totals.bits_per_byte, perplexity=totals.perplexity, sft_val_loss=sft
+    )
 
 
 def challenger_figures(evaluation: Path) -> Figures:
     m = json.loads((Path(evaluation) / "metrics.json").read_text(encoding="utf-8"))
     if "val_bits_per_byte" not in m:
-        raise RegistryError(f"{evaluation / 'metrics.json'}: no validation figures to gate on ({m.get('notes')})")
-    return Figures(m["val_bits_per_byte"], m["val_perplexity"], m.get("smoke_passed") is not False,
-                   smoke_checked=m.get("smoke_passed") is not None, sft_val_loss=m.get("sft_val_loss", float("nan")))
+        raise RegistryError(
+            f"{evaluation / 'metrics.json'}: no validation figures to gate on ({m.get('notes')})"
+        )
+    return Figures(
+        m["val_bits_per_byte"],
+        m["val_perplexity"],
+        m.get("smoke_passed") is not False,
+        smoke_checked=m.get("smoke_passed") is not None,
+        sft_val_loss=m.get("sft_val_loss", float("nan")),
+    )
 
 
-def promote_version(registry: Registry, name: str, version: str, cfg: RegistryConfig, eval_cfg: EvaluateConfig,
-                    workdir: Path, tracker: Tracker | None = None, force: bool = False) -> dict[str, Any]:
+def promote_version(
+    registry: Registry,
+    name: str,
+    version: str,
+    cfg: RegistryConfig,
+    eval_cfg: EvaluateConfig,
+    workdir: Path,
+    tracker: Tracker | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
     """Gate `version` of `name` against the champion and move ``champion`` when it passes (or `force`).
 
     The challenger's figures are its evaluation's (tag ``gptflow.evaluation``); the champion is
@@ -253,35 +316,70 @@ def promote_version(registry: Registry, name: str, version: str, cfg: RegistryCo
         registry.set_alias(name, CHALLENGER, version)
         champion = registry.by_alias(name, CHAMPION)
         if champion is not None and champion["version"] == version:
-            record = {"name": name, "version": version, "promoted": False, "reason": "already champion"}
+            record = {
+                "name": name,
+                "version": version,
+                "promoted": False,
+                "reason": "already champion",
+            }
             return record
         if force:
-            decision = Decision(True, "forced (gptflow promote --force)", cfg.metric, float("nan"), None, cfg.margin)
+            decision = Decision(
+                True, "forced (gptflow promote --force)", cfg.metric, float("nan"), None, cfg.margin
+            )
             theirs_figures: Figures | None = None
         else:
             evaluation, dataset = tags.get("gptflow.evaluation"), tags.get("gptflow.eval_dataset")
             if not evaluation or not dataset:
-                raise RegistryError(f"model {name!r} version {version} records no evaluation to gate on; "
-                                    "register it through the pipeline, or promote it with --force")
+                raise RegistryError(
+                    f"model {name!r} version {version} records no evaluation to gate on; "
+                    "register it through the pipeline, or promote it with --force"
+                )
             ours = challenger_figures(Path(evaluation))
             theirs_figures = None
             if champion is not None:
                 cache = workdir / "registry" / "cache"
-                theirs_figures = figures_on(bundle_of(registry, name, champion["version"], cache), Path(dataset), eval_cfg)
+                theirs_figures = figures_on(
+                    bundle_of(registry, name, champion["version"], cache), Path(dataset), eval_cfg
+                )
             decision = decide(ours, theirs_figures, cfg.margin, cfg.metric)
         # The gate's verdict goes on the version before the alias moves: a replica that follows the
         # alias serves only a version whose gptflow.gate tag says passed.
         registry.set_version_tags(name, version, decision.tags())
-        previous = _become_champion(registry, name, version, decision.reason) if decision.promote else None
-        record = {"name": name, "version": version, "promoted": decision.promote, "reason": decision.reason,
-                  "decision": decision.to_dict(), "champion_before": champion["version"] if champion else None,
-                  "previous_champion": previous,
-                  "champion_figures": theirs_figures.__dict__ if theirs_figures else None}
-    tracker.set_tags({"gptflow.gate": "passed" if decision.promote else "refused", "gptflow.gate.reason": decision.reason,
-                      "gptflow.model": f"{name}/{version}"})
-    tracker.log_metrics({"gate.promoted": float(decision.promote), "gate.challenger": decision.challenger,
-                         **({"gate.champion": decision.champion} if decision.champion is not None else {})})
-    log.info("promote %s/%s: %s (%s)", name, version, "champion" if decision.promote else "refused", decision.reason)
+        previous = (
+            _become_champion(registry, name, version, decision.reason) if decision.promote else None
+        )
+        record = {
+            "name": name,
+            "version": version,
+            "promoted": decision.promote,
+            "reason": decision.reason,
+            "decision": decision.to_dict(),
+            "champion_before": champion["version"] if champion else None,
+            "previous_champion": previous,
+            "champion_figures": theirs_figures.__dict__ if theirs_figures else None,
+        }
+    tracker.set_tags(
+        {
+            "gptflow.gate": "passed" if decision.promote else "refused",
+            "gptflow.gate.reason": decision.reason,
+            "gptflow.model": f"{name}/{version}",
+        }
+    )
+    tracker.log_metrics(
+        {
+            "gate.promoted": float(decision.promote),
+            "gate.challenger": decision.challenger,
+            **({"gate.champion": decision.champion} if decision.champion is not None else {}),
+        }
+    )
+    log.info(
+        "promote %s/%s: %s (%s)",
+        name,
+        version,
+        "champion" if decision.promote else "refused",
+        decision.reason,
+    )
     return record
 
 
@@ -295,24 +393,38 @@ def rollback(registry: Registry, name: str, workdir: Path) -> dict[str, Any]:
         while history and history[-1] == current["version"]:
             history.pop()
         if not history:
-            raise RegistryError(f"model {name!r}: champion version {current['version']} has no previous champion "
-                                "to roll back to")
+            raise RegistryError(
+                f"model {name!r}: champion version {current['version']} has no previous champion "
+                "to roll back to"
+            )
         previous = history[-1]
         registry.set_alias(name, CHAMPION, previous)
         registry.set_model_tags(name, {HISTORY_TAG: json.dumps(history)})
         stamp = int(time.time() * 1000)
-        registry.set_version_tags(name, current["version"], {"gptflow.rolled_back_at": stamp,
-                                                             "gptflow.rolled_back_to": previous})
-        registry.set_version_tags(name, previous, {"gptflow.restored_at": stamp,
-                                                   "gptflow.restored_from": current["version"]})
+        registry.set_version_tags(
+            name,
+            current["version"],
+            {"gptflow.rolled_back_at": stamp, "gptflow.rolled_back_to": previous},
+        )
+        registry.set_version_tags(
+            name,
+            previous,
+            {"gptflow.restored_at": stamp, "gptflow.restored_from": current["version"]},
+        )
     log.info("rollback %s: champion %s -> %s", name, current["version"], previous)
     return {"name": name, "from": current["version"], "to": previous}
 
 
-def promote(cfg: RegistryConfig, eval_cfg: EvaluateConfig, registered: Path, out_dir: Path, ctx: StepContext) -> Path:
+def promote(
+    cfg: RegistryConfig, eval_cfg: EvaluateConfig, registered: Path, out_dir: Path, ctx: StepContext
+) -> Path:
     """The pipeline's promote step: gate the version the register step made."""
     reg = json.loads((Path(registered) / REGISTERED).read_text(encoding="utf-8"))
     registry = Registry(ctx.tracking, ctx.workdir)
-    record = promote_version(registry, reg["name"], reg["version"], cfg, eval_cfg, Path(ctx.workdir), ctx.tracker)
-    atomic_write_text(Path(out_dir) / DECISION, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    record = promote_version(
+        registry, reg["name"], reg["version"], cfg, eval_cfg, Path(ctx.workdir), ctx.tracker
+    )
+    atomic_write_text(
+        Path(out_dir) / DECISION, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n"
+    )
     return Path(out_dir)

@@ -19,7 +19,13 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 # Defaults of the MLflow params (the model signature's ParamSchema carries the same).
-PARAMS: dict[str, Any] = {"max_tokens": 64, "temperature": 0.0, "top_p": 1.0, "stop": "", "seed": -1}
+PARAMS: dict[str, Any] = {
+    "max_tokens": 64,
+    "temperature": 0.0,
+    "top_p": 1.0,
+    "stop": "",
+    "seed": -1,
+}
 MAX_TOKENS_LIMIT = 4096
 
 
@@ -28,7 +34,9 @@ def prompts_of(model_input: Any) -> list[str]:
     if hasattr(model_input, "columns"):  # a pandas DataFrame
         if "prompt" not in model_input.columns:
             if len(model_input.columns) != 1:
-                raise ValueError(f"input DataFrame needs a 'prompt' column, got columns {list(model_input.columns)}")
+                raise ValueError(
+                    f"input DataFrame needs a 'prompt' column, got columns {list(model_input.columns)}"
+                )
             return [str(v) for v in model_input.iloc[:, 0].tolist()]
         return [str(v) for v in model_input["prompt"].tolist()]
     if isinstance(model_input, dict):
@@ -47,7 +55,11 @@ def generation_params(params: dict[str, Any] | None) -> dict[str, Any]:
     unknown = sorted(set(p) - set(PARAMS))
     if unknown:
         raise ValueError(f"unknown params {unknown}; known: {sorted(PARAMS)}")
-    max_tokens, temperature, top_p = int(p["max_tokens"]), float(p["temperature"]), float(p["top_p"])
+    max_tokens, temperature, top_p = (
+        int(p["max_tokens"]),
+        float(p["temperature"]),
+        float(p["top_p"]),
+    )
     if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise ValueError(f"max_tokens={max_tokens} must be in [1, {MAX_TOKENS_LIMIT}]")
     if not temperature >= 0:  # also refuses NaN
@@ -57,8 +69,13 @@ def generation_params(params: dict[str, Any] | None) -> dict[str, Any]:
     stop = p["stop"]
     stops = [s for s in ([stop] if isinstance(stop, str) else list(stop)) if s]
     seed = int(p["seed"])
-    return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stops,
-            "seed": None if seed < 0 else seed}
+    return {
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "stop": stops,
+        "seed": None if seed < 0 else seed,
+    }
 
 
 class GPTPyfunc(PythonModel):
@@ -79,9 +96,15 @@ class GPTPyfunc(PythonModel):
         tok = self.tokenizer
         out = []
         for prompt in prompts_of(model_input):
-            ids = generate(self.model, tok.encode(prompt) or [tok.eot_id], g["max_tokens"],
-                           temperature=g["temperature"], top_p=g["top_p"] if g["top_p"] < 1 else None,
-                           stop_ids=tok.stop_ids, seed=g["seed"])
+            ids = generate(
+                self.model,
+                tok.encode(prompt) or [tok.eot_id],
+                g["max_tokens"],
+                temperature=g["temperature"],
+                top_p=g["top_p"] if g["top_p"] < 1 else None,
+                stop_ids=tok.stop_ids,
+                seed=g["seed"],
+            )
             text = tok.decode(ids)
             cuts = [i for i in (text.find(s) for s in g["stop"]) if i >= 0]
             out.append(text[: min(cuts)] if cuts else text)

@@ -39,14 +39,18 @@ def check_bundle(bundle: Path) -> dict[str, Any]:
     if missing:
         raise RegistryError(f"{bundle}: not a model bundle, missing {', '.join(missing)}")
     try:
-        config = GPTConfig.from_dict(json.loads((bundle / "config.json").read_text(encoding="utf-8")))
+        config = GPTConfig.from_dict(
+            json.loads((bundle / "config.json").read_text(encoding="utf-8"))
+        )
         tok = Tokenizer.load(bundle / "tokenizer.json")
         meta = json.loads((bundle / "metadata.json").read_text(encoding="utf-8"))
     except (ValueError, TypeError, KeyError, OSError) as e:
         raise RegistryError(f"{bundle}: unreadable bundle ({e})") from e
     if tok.vocab_size != config.vocab_size:
-        raise RegistryError(f"{bundle}: tokenizer.json has {tok.vocab_size} tokens but config.json says "
-                            f"vocab_size={config.vocab_size}; the weights and tokenizer do not belong together")
+        raise RegistryError(
+            f"{bundle}: tokenizer.json has {tok.vocab_size} tokens but config.json says "
+            f"vocab_size={config.vocab_size}; the weights and tokenizer do not belong together"
+        )
     return meta if isinstance(meta, dict) else {}
 
 
@@ -58,8 +62,16 @@ def pip_requirements() -> list[str]:
     return out
 
 
-def register(cfg: RegistryConfig, bundle: Path, evaluation: Path, dataset: Path, out_dir: Path,
-             ctx: StepContext, stage_steps: tuple[str, str] | None = None, teacher_model: str | None = None) -> Path:
+def register(
+    cfg: RegistryConfig,
+    bundle: Path,
+    evaluation: Path,
+    dataset: Path,
+    out_dir: Path,
+    ctx: StepContext,
+    stage_steps: tuple[str, str] | None = None,
+    teacher_model: str | None = None,
+) -> Path:
     """Register `bundle` (evaluated in `evaluation` on `dataset`) as a version of ``cfg.name``.
 
     `stage_steps`: the pipeline steps that trained and evaluated it, when not the bundle's stage and
@@ -79,14 +91,39 @@ def register(cfg: RegistryConfig, bundle: Path, evaluation: Path, dataset: Path,
         version, reused = existing, True
     else:
         code_paths = [str(Path(__import__("gptcore").__file__).parent)]
-        uri = registry.log_bundle_model(bundle, pyfunc_model.__file__, code_paths, pip_requirements(),
-                                        pyfunc_model.PARAMS, ["The "])
-        tags = lineage_tags(meta, bundle, digest, metrics, evaluation, dataset, ctx, registry, cfg.name, stage_steps,
-                            teacher_model)
+        uri = registry.log_bundle_model(
+            bundle,
+            pyfunc_model.__file__,
+            code_paths,
+            pip_requirements(),
+            pyfunc_model.PARAMS,
+            ["The "],
+        )
+        tags = lineage_tags(
+            meta,
+            bundle,
+            digest,
+            metrics,
+            evaluation,
+            dataset,
+            ctx,
+            registry,
+            cfg.name,
+            stage_steps,
+            teacher_model,
+        )
         version, reused = registry.register(uri, cfg.name, tags), False
         log.info("register: %s -> %s version %s", bundle, cfg.name, version)
-    result = {"name": cfg.name, "version": version, "bundle": str(bundle), "bundle_sha256": digest, "reused": reused}
-    ctx.tracker.set_tags({"gptflow.registered_model": cfg.name, "gptflow.registered_version": version})
+    result = {
+        "name": cfg.name,
+        "version": version,
+        "bundle": str(bundle),
+        "bundle_sha256": digest,
+        "reused": reused,
+    }
+    ctx.tracker.set_tags(
+        {"gptflow.registered_model": cfg.name, "gptflow.registered_version": version}
+    )
     atomic_write_text(out_dir / RESULT, json.dumps(result, indent=2, sort_keys=True) + "\n")
     return out_dir
 
@@ -96,23 +133,42 @@ def _version_of_bundle(registry: Registry, name: str, digest: str) -> str | None
         versions = registry.versions(name)
     except RegistryError:  # no such model yet
         return None
-    return next((v["version"] for v in versions if v["tags"].get("gptflow.bundle_sha256") == digest), None)
+    return next(
+        (v["version"] for v in versions if v["tags"].get("gptflow.bundle_sha256") == digest), None
+    )
 
 
-def lineage_tags(meta: dict[str, Any], bundle: Path, digest: str, metrics: dict[str, Any], evaluation: Path,
-                 dataset: Path, ctx: StepContext, registry: Registry, name: str,
-                 stage_steps: tuple[str, str] | None = None, teacher_model: str | None = None) -> dict[str, Any]:
+def lineage_tags(
+    meta: dict[str, Any],
+    bundle: Path,
+    digest: str,
+    metrics: dict[str, Any],
+    evaluation: Path,
+    dataset: Path,
+    ctx: StepContext,
+    registry: Registry,
+    name: str,
+    stage_steps: tuple[str, str] | None = None,
+    teacher_model: str | None = None,
+) -> dict[str, Any]:
     stage = meta.get("stage") or "pretrain"
     train_step, eval_step = stage_steps or (stage, "evaluate")
     parent = meta.get("parent")
     tags: dict[str, Any] = {
-        "gptflow.bundle": bundle, "gptflow.bundle_sha256": digest, "gptflow.stage": stage,
-        "gptflow.dataset": meta.get("dataset", ""), "gptflow.dataset_manifest_sha256": meta.get("dataset_manifest_sha256", ""),
+        "gptflow.bundle": bundle,
+        "gptflow.bundle_sha256": digest,
+        "gptflow.stage": stage,
+        "gptflow.dataset": meta.get("dataset", ""),
+        "gptflow.dataset_manifest_sha256": meta.get("dataset_manifest_sha256", ""),
         "gptflow.tokenizer_sha256": sha256_file(bundle / "tokenizer.json"),
-        "gptflow.config_hash": meta.get("config_hash", ""), "gptflow.git_commit": meta.get("git_commit") or "",
-        "gptflow.run.pipeline": ctx.parent_run_id or "", "gptflow.run.train": ctx.step_runs.get(train_step, ""),
-        "gptflow.run.evaluate": ctx.step_runs.get(eval_step, ""), "gptflow.evaluation": evaluation.resolve(),
-        "gptflow.eval_dataset": Path(dataset).resolve(), "gptflow.parent": json.dumps(parent, sort_keys=True),
+        "gptflow.config_hash": meta.get("config_hash", ""),
+        "gptflow.git_commit": meta.get("git_commit") or "",
+        "gptflow.run.pipeline": ctx.parent_run_id or "",
+        "gptflow.run.train": ctx.step_runs.get(train_step, ""),
+        "gptflow.run.evaluate": ctx.step_runs.get(eval_step, ""),
+        "gptflow.evaluation": evaluation.resolve(),
+        "gptflow.eval_dataset": Path(dataset).resolve(),
+        "gptflow.parent": json.dumps(parent, sort_keys=True),
     }
     if isinstance(parent, dict) and parent.get("model_sha256"):
         found = _version_of_bundle(registry, name, parent["model_sha256"])
@@ -124,7 +180,11 @@ def lineage_tags(meta: dict[str, Any], bundle: Path, digest: str, metrics: dict[
         tags["gptflow.distillation"] = json.dumps(meta.get("distillation") or {}, sort_keys=True)
         uri = str(teacher.get("uri") or "")
         # A teacher named by the registry is looked up under its own name; a bundle, under teacher_model.
-        where = uri.removeprefix("models:/").split("@")[0].split("/")[0] if uri.startswith("models:/") else teacher_model
+        where = (
+            uri.removeprefix("models:/").split("@")[0].split("/")[0]
+            if uri.startswith("models:/")
+            else teacher_model
+        )
         found = _version_of_bundle(registry, where, teacher["model_sha256"]) if where else None
         if found:
             tags["gptflow.teacher_version"] = f"{where}/{found}"

@@ -52,7 +52,9 @@ def _sse(obj: dict[str, Any]) -> str:
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return _error(APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind))
+    return _error(
+        APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", type=kind)
+    )
 
 
 @serve.deployment(name="gptflow")
@@ -91,27 +93,43 @@ class GPTServer:
             problem = "the decode loop has stopped"
         elif stalled > self.cfg.stall_s:
             problem = f"the decode loop has had work but no finished step for {stalled:.0f} s (stall_s={self.cfg.stall_s})"
-        body = {"status": "ok" if problem is None else "unhealthy", "model": self.settings.served_name,
-                "version": loaded.version, "running": engine.running, "waiting": engine.waiting,
-                "requests": stats.requests, "cancelled": stats.cancelled, "rejected": stats.rejected,
-                "refused_versions": sorted(self.swap.refused),
-                "last_step_age_s": round(time.time() - runner.last_step, 3),
-                "leases": self.swap.leases(), "registry": self.swap.registry_problem or "ok"}
+        body = {
+            "status": "ok" if problem is None else "unhealthy",
+            "model": self.settings.served_name,
+            "version": loaded.version,
+            "running": engine.running,
+            "waiting": engine.waiting,
+            "requests": stats.requests,
+            "cancelled": stats.cancelled,
+            "rejected": stats.rejected,
+            "refused_versions": sorted(self.swap.refused),
+            "last_step_age_s": round(time.time() - runner.last_step, 3),
+            "leases": self.swap.leases(),
+            "registry": self.swap.registry_problem or "ok",
+        }
         if problem:
             body["problem"] = problem
         return JSONResponse(body, status_code=200 if problem is None else 503)
 
     @api.get("/")
     async def playground(self) -> HTMLResponse:
-        page = resources.files("flows.serve").joinpath("playground.html").read_text(encoding="utf-8")
+        page = (
+            resources.files("flows.serve").joinpath("playground.html").read_text(encoding="utf-8")
+        )
         return HTMLResponse(page.replace("{{MODEL}}", html.escape(self.settings.served_name)))
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> Response:
         loaded = self.current
-        card = {"id": self.settings.served_name, "object": "model", "created": int(self._started),
-                "owned_by": "gptflow", "version": loaded.version, "source": self.swap.describe(loaded),
-                "context_length": loaded.limits.context_length}
+        card = {
+            "id": self.settings.served_name,
+            "object": "model",
+            "created": int(self._started),
+            "owned_by": "gptflow",
+            "version": loaded.version,
+            "source": self.swap.describe(loaded),
+            "context_length": loaded.limits.context_length,
+        }
         return JSONResponse({"object": "list", "data": [card]})
 
     @api.post("/v1/completions")
@@ -142,29 +160,49 @@ class GPTServer:
             loaded = self.swap.lease()
             body, facts = self._ground(body, loaded) if chat else (body, None)
             if chat:  # the model's own chat template where it has one
-                template = loaded.tokenizer if getattr(loaded.tokenizer, "chat_template", None) else None
+                template = (
+                    loaded.tokenizer if getattr(loaded.tokenizer, "chat_template", None) else None
+                )
                 gen = protocol.parse_chat(body, loaded.limits, template)
             else:
                 gen = protocol.parse_completion(body, loaded.limits)
             if gen.model is not None and gen.model not in self._names():
-                raise APIError(404, f"model {gen.model!r} does not exist here; this server serves "
-                               f"{self.settings.served_name!r}", type="not_found_error", param="model",
-                               code="model_not_found")
+                raise APIError(
+                    404,
+                    f"model {gen.model!r} does not exist here; this server serves "
+                    f"{self.settings.served_name!r}",
+                    type="not_found_error",
+                    param="model",
+                    code="model_not_found",
+                )
             # Off the event loop: tokenizing long prompts must not stall every other client's stream.
             sequences = await asyncio.to_thread(self._sequences, gen, loaded)
             loaded.runner.check_capacity(len(sequences))
             if gen.stream:
                 leased = loaded
-                stream = LeasedStream(self._stream(gen, loaded, sequences, start, route, facts),
-                                      lambda: self.swap.release(leased))
-                loaded = None  # the stream releases the lease when it ends (or is dropped unstarted)
-                return StreamingResponse(stream, media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                stream = LeasedStream(
+                    self._stream(gen, loaded, sequences, start, route, facts),
+                    lambda: self.swap.release(leased),
+                )
+                loaded = (
+                    None  # the stream releases the lease when it ends (or is dropped unstarted)
+                )
+                return StreamingResponse(
+                    stream,
+                    media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                )
             try:
-                result = await asyncio.wait_for(self._collect(gen, loaded, sequences), self.cfg.request_timeout_s)
+                result = await asyncio.wait_for(
+                    self._collect(gen, loaded, sequences), self.cfg.request_timeout_s
+                )
             except TimeoutError:
-                raise APIError(504, f"generation took longer than request_timeout_s={self.cfg.request_timeout_s}",
-                               type="timeout_error", code="timeout") from None
+                raise APIError(
+                    504,
+                    f"generation took longer than request_timeout_s={self.cfg.request_timeout_s}",
+                    type="timeout_error",
+                    code="timeout",
+                ) from None
             self._record(route, 200, start, result["usage"]["completion_tokens"])
             if facts is not None:
                 result["knowledge"] = {"facts": facts}  # which rows grounded the answer
@@ -175,18 +213,26 @@ class GPTServer:
         except Exception:  # a bug: answer it, keep the replica; the detail goes to the log only
             log.exception("%s failed", route)
             self._record(route, 500, start, 0)
-            return _error(APIError(500, "internal error (logged on the server)", type="server_error"))
+            return _error(
+                APIError(500, "internal error (logged on the server)", type="server_error")
+            )
         finally:
             if loaded is not None:
                 self.swap.release(loaded)
 
     def _ground(self, body: Any, loaded: Loaded) -> tuple[Any, list[dict[str, Any]] | None]:
         """serve.knowledge: the facts that match the last user turn, put before the conversation."""
-        if loaded.grounder is None or not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        if (
+            loaded.grounder is None
+            or not isinstance(body, dict)
+            or not isinstance(body.get("messages"), list)
+        ):
             return body, None
         from flows.serve.grounding import ground_messages
 
-        messages, facts = ground_messages(body["messages"], loaded.grounder, self.cfg.knowledge_top_k)
+        messages, facts = ground_messages(
+            body["messages"], loaded.grounder, self.cfg.knowledge_top_k
+        )
         return {**body, "messages": messages}, facts
 
     async def _body(self, request: Request) -> Any:
@@ -225,7 +271,9 @@ class GPTServer:
         """The engine's sequences for a request: n per prompt, in OpenAI's choice order."""
         limits, tok = loaded.limits, loaded.tokenizer
         # A templated chat ends at the model's end-of-turn token (stop_ids); gptflow's own format at a next turn.
-        stops = gen.sampling.stop_strings + (CHAT_TURN_STOPS if gen.chat and not gen.templated else ())
+        stops = gen.sampling.stop_strings + (
+            CHAT_TURN_STOPS if gen.chat and not gen.templated else ()
+        )
         sampling = replace(gen.sampling, stop_ids=loaded.stop_ids, stop_strings=stops)
         seed = sampling.seed
         out = []
@@ -235,24 +283,42 @@ class GPTServer:
             if not ids:
                 raise protocol.invalid(where, f"{where} {i} encodes to no tokens")
             if len(ids) > limits.max_prompt_tokens:
-                raise protocol.invalid(where, f"{where} {i} has {len(ids)} tokens; this server accepts at most "
-                                       f"{limits.max_prompt_tokens}")
+                raise protocol.invalid(
+                    where,
+                    f"{where} {i} has {len(ids)} tokens; this server accepts at most "
+                    f"{limits.max_prompt_tokens}",
+                )
             room = limits.context_length - len(ids)
-            max_tokens = gen.max_tokens if gen.max_tokens is not None else min(protocol.DEFAULT_MAX_TOKENS, room)
+            max_tokens = (
+                gen.max_tokens
+                if gen.max_tokens is not None
+                else min(protocol.DEFAULT_MAX_TOKENS, room)
+            )
             if max_tokens > room:
-                raise protocol.invalid("max_tokens", f"this model's context length is {limits.context_length} "
-                                       f"tokens; {where} {i} has {len(ids)}, so max_tokens can be at most {room} "
-                                       f"(asked: {max_tokens})")
+                raise protocol.invalid(
+                    "max_tokens",
+                    f"this model's context length is {limits.context_length} "
+                    f"tokens; {where} {i} has {len(ids)}, so max_tokens can be at most {room} "
+                    f"(asked: {max_tokens})",
+                )
             for j in range(gen.n):
-                out.append({"prompt": tuple(ids), "max_new_tokens": max_tokens, "logprobs": gen.logprobs,
-                            "sampling": sampling if seed is None else replace(sampling, seed=seed + j)})
+                out.append(
+                    {
+                        "prompt": tuple(ids),
+                        "max_new_tokens": max_tokens,
+                        "logprobs": gen.logprobs,
+                        "sampling": sampling if seed is None else replace(sampling, seed=seed + j),
+                    }
+                )
         return out
 
-    async def _collect(self, gen: Generation, loaded: Loaded, sequences: list[dict[str, Any]]) -> dict[str, Any]:
+    async def _collect(
+        self, gen: Generation, loaded: Loaded, sequences: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         ids: list[list[int]] = [[] for _ in sequences]
         lps: list[list] = [[] for _ in sequences]
         finish: list[str | None] = [None] * len(sequences)
-        prompt_tokens = [len(s["prompt"]) for s in sequences[::gen.n]]
+        prompt_tokens = [len(s["prompt"]) for s in sequences[:: gen.n]]
         async for i, out in loaded.runner.generate(sequences, stream=False):
             ids[i] += out.tokens
             lps[i] += out.logprobs or []
@@ -260,15 +326,26 @@ class GPTServer:
                 finish[i] = out.finish_reason
         choices = []
         for i in range(len(sequences)):
-            choice = {"index": i, "text": loaded.tokenizer.decode(ids[i]), "finish_reason": finish[i]}
+            choice = {
+                "index": i,
+                "text": loaded.tokenizer.decode(ids[i]),
+                "finish_reason": finish[i],
+            }
             if gen.logprobs is not None:
                 choice["logprobs"] = self._logprobs(gen, loaded, lps[i])
             choices.append(choice)
         usage = protocol.usage(sum(prompt_tokens), sum(len(x) for x in ids))
         return protocol.response(gen, self.settings.served_name, choices, usage)
 
-    async def _stream(self, gen: Generation, loaded: Loaded, sequences: list[dict[str, Any]], start: float,
-                      route: str, facts: list[dict[str, Any]] | None = None) -> AsyncIterator[str]:
+    async def _stream(
+        self,
+        gen: Generation,
+        loaded: Loaded,
+        sequences: list[dict[str, Any]],
+        start: float,
+        route: str,
+        facts: list[dict[str, Any]] | None = None,
+    ) -> AsyncIterator[str]:
         model, tok = self.settings.served_name, loaded.tokenizer
         ids: list[list[int]] = [[] for _ in sequences]
         sent = [""] * len(sequences)
@@ -284,7 +361,9 @@ class GPTServer:
                     yield _sse(first if facts is None else {**first, "knowledge": {"facts": facts}})
             while True:
                 try:
-                    i, out = await asyncio.wait_for(events.__anext__(), max(deadline - time.perf_counter(), 0.001))
+                    i, out = await asyncio.wait_for(
+                        events.__anext__(), max(deadline - time.perf_counter(), 0.001)
+                    )
                 except StopAsyncIteration:
                     break
                 ids[i] += out.tokens
@@ -292,22 +371,31 @@ class GPTServer:
                 text = tok.decode(ids[i])
                 if out.finish_reason is None and text.endswith("\ufffd"):
                     continue  # a character split across tokens: wait for the rest of its bytes
-                delta, sent[i] = text[len(sent[i]):], text
+                delta, sent[i] = text[len(sent[i]) :], text
                 if delta and ttft is None:
                     ttft = time.perf_counter() - start
                 logprobs = self._logprobs(gen, loaded, out.logprobs) if out.logprobs else None
-                reason = None if out.finish_reason is None else (
-                    "length" if out.finish_reason == "length" else "stop")
+                reason = (
+                    None
+                    if out.finish_reason is None
+                    else ("length" if out.finish_reason == "length" else "stop")
+                )
                 if delta or reason or logprobs:
                     yield _sse(protocol.chunk(gen, model, i, delta, reason, logprobs))
             if gen.include_usage:
-                prompt_tokens = sum(len(s["prompt"]) for s in sequences[::gen.n])
+                prompt_tokens = sum(len(s["prompt"]) for s in sequences[:: gen.n])
                 yield _sse(protocol.usage_chunk(gen, model, protocol.usage(prompt_tokens, total)))
             yield "data: [DONE]\n\n"
         except TimeoutError:
             status = 504
-            yield _sse(APIError(504, f"generation took longer than request_timeout_s={self.cfg.request_timeout_s}",
-                                type="timeout_error", code="timeout").body())
+            yield _sse(
+                APIError(
+                    504,
+                    f"generation took longer than request_timeout_s={self.cfg.request_timeout_s}",
+                    type="timeout_error",
+                    code="timeout",
+                ).body()
+            )
         except APIError as e:
             status = e.status
             yield _sse(e.body())
@@ -320,10 +408,16 @@ class GPTServer:
         texts = [tok.decode([e.token]) for e in entries]
         values = [e.logprob for e in entries]
         if gen.chat:
-            return protocol.chat_logprobs(texts, values, [[(tok.decode([t]), v) for t, v in e.top] for e in entries])
-        return protocol.completion_logprobs(texts, values, [{tok.decode([t]): v for t, v in e.top} for e in entries])
+            return protocol.chat_logprobs(
+                texts, values, [[(tok.decode([t]), v) for t, v in e.top] for e in entries]
+            )
+        return protocol.completion_logprobs(
+            texts, values, [{tok.decode([t]): v for t, v in e.top} for e in entries]
+        )
 
-    def _record(self, route: str, status: int, start: float, tokens: int, ttft: float | None = None) -> None:
+    def _record(
+        self, route: str, status: int, start: float, tokens: int, ttft: float | None = None
+    ) -> None:
         self.metrics.record(route, status, start, tokens, ttft, self.current.runner.stats)
 
     def __del__(self) -> None:

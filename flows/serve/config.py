@@ -68,10 +68,23 @@ class ServeConfig:
     def __post_init__(self) -> None:
         check_finite(self)
         check(1 <= self.port <= 65535, "port", self.port, "in [1, 65535]")
-        for key in ("max_batch_size", "max_queue", "max_tokens_limit", "max_n", "max_body_bytes", "min_replicas",
-                    "max_prompts", "knowledge_top_k"):
+        for key in (
+            "max_batch_size",
+            "max_queue",
+            "max_tokens_limit",
+            "max_n",
+            "max_body_bytes",
+            "min_replicas",
+            "max_prompts",
+            "knowledge_top_k",
+        ):
             check(getattr(self, key) >= 1, key, getattr(self, key), ">= 1")
-        check(self.max_replicas >= self.min_replicas, "max_replicas", self.max_replicas, ">= min_replicas")
+        check(
+            self.max_replicas >= self.min_replicas,
+            "max_replicas",
+            self.max_replicas,
+            ">= min_replicas",
+        )
         for key in ("max_batch_tokens", "max_prompt_tokens"):
             value = getattr(self, key)
             check(value is None or value >= 1, key, value, ">= 1 (or empty for the default)")
@@ -79,4 +92,6 @@ class ServeConfig:
             check(getattr(self, key) > 0, key, getattr(self, key), "> 0")
         for key in ("poll_s", "num_gpus"):
             check(getattr(self, key) >= 0, key, getattr(self, key), ">= 0")
-        check(bool(self.api_key_env), "api_key_env", self.api_key_env, "an environment variable name")
+        check(
+            bool(self.api_key_env), "api_key_env", self.api_key_env, "an environment variable name"
+        )

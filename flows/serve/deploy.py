@@ -57,22 +57,34 @@ def check_auth(cfg: ServeConfig, key_sha: str | None, host: str | None = None) -
     says serve.allow_no_auth: true."""
     host = host or cfg.host
     if key_sha is None and not is_loopback(host) and not cfg.allow_no_auth:
-        raise ConfigError(f"serve.host={host} is reachable from other machines and {cfg.api_key_env} is not set: "
-                          f"export {cfg.api_key_env}=<key> (clients send `Authorization: Bearer <key>`), bind "
-                          "127.0.0.1, or set serve.allow_no_auth: true to serve without authentication")
+        raise ConfigError(
+            f"serve.host={host} is reachable from other machines and {cfg.api_key_env} is not set: "
+            f"export {cfg.api_key_env}=<key> (clients send `Authorization: Bearer <key>`), bind "
+            "127.0.0.1, or set serve.allow_no_auth: true to serve without authentication"
+        )
     if key_sha is None and not is_loopback(host):
-        log.warning("serve: %s without an API key (serve.allow_no_auth: true): anyone who reaches it may use it",
-                    host)
+        log.warning(
+            "serve: %s without an API key (serve.allow_no_auth: true): anyone who reaches it may use it",
+            host,
+        )
 
 
-def settings_for(cfg: PipelineConfig, model: str | None = None, bundle: str | None = None) -> ServeSettings:
+def settings_for(
+    cfg: PipelineConfig, model: str | None = None, bundle: str | None = None
+) -> ServeSettings:
     """What the replicas serve; ConfigError when it does not exist (yet), or when it would be served
     to other machines without an API key."""
     return _settings(cfg.serve, cfg.registry, cfg.tracking, Path(cfg.workdir), model, bundle)
 
 
-def _settings(s: ServeConfig, registry: RegistryConfig, tracking: TrackingConfig, workdir: Path,
-              model: str | None = None, bundle: str | None = None) -> ServeSettings:
+def _settings(
+    s: ServeConfig,
+    registry: RegistryConfig,
+    tracking: TrackingConfig,
+    workdir: Path,
+    model: str | None = None,
+    bundle: str | None = None,
+) -> ServeSettings:
     from flows.tracking import tracking_uri
 
     workdir = workdir.resolve()
@@ -86,13 +98,31 @@ def _settings(s: ServeConfig, registry: RegistryConfig, tracking: TrackingConfig
             raise ConfigError(f"serve: {bundle} is not a model bundle (no model.safetensors)")
         if s.knowledge:
             _check_knowledge(path)
-        return ServeSettings(s, s.served_name or path.name, str(path), None, None, None,
-                             str(workdir / "serve" / "cache"), key_sha)
+        return ServeSettings(
+            s,
+            s.served_name or path.name,
+            str(path),
+            None,
+            None,
+            None,
+            str(workdir / "serve" / "cache"),
+            key_sha,
+        )
     if not tracking.enabled:
-        raise ConfigError("serve: following a registry alias needs tracking.enabled=true (or give --bundle DIR)")
+        raise ConfigError(
+            "serve: following a registry alias needs tracking.enabled=true (or give --bundle DIR)"
+        )
     name, alias = parse_model(model or s.model or f"{registry.name}@champion")
-    settings = ServeSettings(s, s.served_name or name, None, name, alias, tracking_uri(tracking, workdir),
-                             str(workdir / "serve" / "cache"), key_sha)
+    settings = ServeSettings(
+        s,
+        s.served_name or name,
+        None,
+        name,
+        alias,
+        tracking_uri(tracking, workdir),
+        str(workdir / "serve" / "cache"),
+        key_sha,
+    )
     try:
         check_servable(settings, alias_version(settings))
     except ValueError as e:
@@ -106,9 +136,11 @@ def check_servable(settings: ServeSettings, version: str) -> None:
 
     gate = registry(settings).version(settings.registry_name, version)["tags"].get("gptflow.gate")
     if gate != "passed":
-        raise ConfigError(f"{settings.registry_name}@{settings.alias} is version {version}, which has not passed the "
-                          f"promotion gate (gptflow.gate={gate!r}): replicas serve only gated versions; "
-                          "promote it with `gptflow promote` (or --force)")
+        raise ConfigError(
+            f"{settings.registry_name}@{settings.alias} is version {version}, which has not passed the "
+            f"promotion gate (gptflow.gate={gate!r}): replicas serve only gated versions; "
+            "promote it with `gptflow promote` (or --force)"
+        )
 
 
 def _check_knowledge(bundle: Path) -> None:
@@ -122,8 +154,10 @@ def _check_knowledge(bundle: Path) -> None:
     except (OSError, ValueError) as e:
         raise ConfigError(f"serve.knowledge: cannot read {bundle / 'metadata.json'}: {e}") from None
     if not dataset or not (Path(dataset) / FACTS).is_file():
-        raise ConfigError(f"serve.knowledge: the dataset of {bundle} ({dataset or 'none named'}) has no "
-                          f"{FACTS} (it was built without data.knowledge)")
+        raise ConfigError(
+            f"serve.knowledge: the dataset of {bundle} ({dataset or 'none named'}) has no "
+            f"{FACTS} (it was built without data.knowledge)"
+        )
 
 
 def application(cfg: ServeConfig, settings: ServeSettings):
@@ -137,8 +171,11 @@ def application(cfg: ServeConfig, settings: ServeSettings):
         "logging_config": {"enable_access_log": cfg.access_log},
     }
     if cfg.max_replicas > cfg.min_replicas:
-        options["autoscaling_config"] = {"min_replicas": cfg.min_replicas, "max_replicas": cfg.max_replicas,
-                                         "target_ongoing_requests": cfg.target_ongoing_requests}
+        options["autoscaling_config"] = {
+            "min_replicas": cfg.min_replicas,
+            "max_replicas": cfg.max_replicas,
+            "target_ongoing_requests": cfg.target_ongoing_requests,
+        }
     else:
         options["num_replicas"] = cfg.min_replicas
     return GPTServer.options(**options).bind(settings)
@@ -158,7 +195,9 @@ def app(args: dict[str, str] | None = None):
     overrides = [f"workdir={args['workdir']}"] if args.get("workdir") else []
     overrides.append(f"serve.host={json.dumps(args.get('host') or '0.0.0.0')}")
     cfg = load_config(args.get("config"), overrides)
-    return application(cfg.serve, settings_for(cfg, model=args.get("model"), bundle=args.get("bundle")))
+    return application(
+        cfg.serve, settings_for(cfg, model=args.get("model"), bundle=args.get("bundle"))
+    )
 
 
 def start(cfg: ServeConfig, cluster: ClusterConfig, settings: ServeSettings):
@@ -188,18 +227,24 @@ def keep_auth(settings: ServeSettings, api_key_env: str, app_name: str = APP_NAM
     try:
         required = handle.auth_required.remote().result(timeout_s=30)
     except Exception as e:  # noqa: BLE001 - unknown: do not risk turning auth off
-        raise ConfigError(f"serve: cannot tell whether the running app {app_name!r} requires an API key ({e}); "
-                          f"export {api_key_env} or delete the app first (serve shutdown)") from None
+        raise ConfigError(
+            f"serve: cannot tell whether the running app {app_name!r} requires an API key ({e}); "
+            f"export {api_key_env} or delete the app first (serve shutdown)"
+        ) from None
     if required:
-        raise ConfigError(f"serve: the running app {app_name!r} requires an API key and {api_key_env} is not set "
-                          f"here: redeploying would turn authentication off. Export {api_key_env} (the key "
-                          "clients use), or delete the app first (serve shutdown)")
+        raise ConfigError(
+            f"serve: the running app {app_name!r} requires an API key and {api_key_env} is not set "
+            f"here: redeploying would turn authentication off. Export {api_key_env} (the key "
+            "clients use), or delete the app first (serve shutdown)"
+        )
 
 
 DEPLOYMENT = "deployment.json"
 
 
-def deploy_step(cfg: ServeConfig, registry: RegistryConfig, out_dir: Path, ctx: StepContext) -> Path:
+def deploy_step(
+    cfg: ServeConfig, registry: RegistryConfig, out_dir: Path, ctx: StepContext
+) -> Path:
     """The pipeline's serve step (serve.deploy: true): (re)deploy on the configured Ray cluster after a
     promotion and record where. The replicas follow the alias (default: registry.name@champion)
     themselves; this makes sure the application exists with the current serve settings."""
@@ -211,12 +256,18 @@ def deploy_step(cfg: ServeConfig, registry: RegistryConfig, out_dir: Path, ctx: 
     if settings.bundle is None and settings.alias is None:
         raise ConfigError("serve: nothing to serve")
     if not (ctx.cluster.address or os.environ.get("RAY_ADDRESS")):
-        log.warning("serve: deploying on this process's own local Ray, which stops when the pipeline exits; "
-                    "set cluster.address to deploy on a cluster, or run `gptflow serve` for a server that stays")
+        log.warning(
+            "serve: deploying on this process's own local Ray, which stops when the pipeline exits; "
+            "set cluster.address to deploy on a cluster, or run `gptflow serve` for a server that stays"
+        )
     start(cfg, ctx.cluster, settings)
-    record = {"app": APP_NAME, "url": f"http://{cfg.host}:{cfg.port}/v1",
-              "model": settings.bundle or f"models:/{settings.registry_name}@{settings.alias}",
-              "version": None if settings.bundle else alias_version(settings), "served_name": settings.served_name}
+    record = {
+        "app": APP_NAME,
+        "url": f"http://{cfg.host}:{cfg.port}/v1",
+        "model": settings.bundle or f"models:/{settings.registry_name}@{settings.alias}",
+        "version": None if settings.bundle else alias_version(settings),
+        "served_name": settings.served_name,
+    }
     atomic_write_text(Path(out_dir) / DEPLOYMENT, json.dumps(record, indent=2) + "\n")
     log.info("serve: %s deployed at %s", record["model"], record["url"])
     return Path(out_dir)
@@ -239,17 +290,31 @@ def serve_forever(cfg: PipelineConfig, settings: ServeSettings) -> dict[str, Any
 
     handle = start(cfg.serve, cfg.cluster, settings)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs handlers of its own
+    for sig in (
+        signal.SIGINT,
+        signal.SIGTERM,
+    ):  # after ray.init, which installs handlers of its own
         signal.signal(sig, lambda *_: stop.set())
     where = f"http://{cfg.serve.host}:{cfg.serve.port}"
     what = settings.bundle or f"models:/{settings.registry_name}@{settings.alias}"
-    print(f"serving {what} as {settings.served_name!r} at {where}/v1 (playground: {where}/)", flush=True)
+    print(
+        f"serving {what} as {settings.served_name!r} at {where}/v1 (playground: {where}/)",
+        flush=True,
+    )
     stop.wait()
     figures = summary(handle)
     if cfg.tracking.enabled and figures:
         with stage_run(cfg.tracking, cfg.workdir, "serve") as tracker:
-            tracker.log_params({"model": what, "served_name": settings.served_name,
-                                "max_batch_size": cfg.serve.max_batch_size, "replicas": cfg.serve.min_replicas})
-            tracker.log_metrics({k: float(v) for k, v in figures.items() if isinstance(v, int | float)})
+            tracker.log_params(
+                {
+                    "model": what,
+                    "served_name": settings.served_name,
+                    "max_batch_size": cfg.serve.max_batch_size,
+                    "replicas": cfg.serve.min_replicas,
+                }
+            )
+            tracker.log_metrics(
+                {k: float(v) for k, v in figures.items() if isinstance(v, int | float)}
+            )
     serve.shutdown()
     return figures

@@ -51,9 +51,17 @@ class Grounder:
         """The grounder of a dataset directory; ValueError naming the file when it has no knowledge."""
         path = Path(dataset) / FACTS
         if not path.is_file():
-            raise ValueError(f"{path} does not exist: the dataset {dataset} has no knowledge sources "
-                             "(data.knowledge) to ground answers on")
-        return cls([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()])
+            raise ValueError(
+                f"{path} does not exist: the dataset {dataset} has no knowledge sources "
+                "(data.knowledge) to ground answers on"
+            )
+        return cls(
+            [
+                json.loads(line)
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()
+            ]
+        )
 
     def retrieve(self, question: str, k: int) -> list[dict[str, Any]]:
         """The `k` facts that match `question` best (none that share no term with it), best first:
@@ -63,15 +71,30 @@ class Grounder:
             return []
         scores = self._bm25.get_scores(terms)
         best = sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
-        return [{"id": self.facts[i]["id"], "source": self.facts[i]["source"], "text": self._texts[i],
-                 "score": round(float(scores[i]), 4)} for i in best if scores[i] > 0]
+        return [
+            {
+                "id": self.facts[i]["id"],
+                "source": self.facts[i]["source"],
+                "text": self._texts[i],
+                "score": round(float(scores[i]), 4),
+            }
+            for i in best
+            if scores[i] > 0
+        ]
 
 
-def ground_messages(messages: list[dict[str, Any]], grounder: Grounder, k: int
-                    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def ground_messages(
+    messages: list[dict[str, Any]], grounder: Grounder, k: int
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """`messages` with the facts that match its last user turn as a first system turn, and those facts."""
-    question = next((m.get("content") for m in reversed(messages)
-                     if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)), None)
+    question = next(
+        (
+            m.get("content")
+            for m in reversed(messages)
+            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)
+        ),
+        None,
+    )
     used = grounder.retrieve(question, k) if question else []
     if not used:
         return messages, []

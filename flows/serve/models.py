@@ -19,6 +19,7 @@ from flows.serve.runner import EngineRunner, RunnerStats
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class ServeSettings:
     """A replica's configuration: the serve section plus what the driver resolved."""
@@ -44,10 +45,14 @@ class Loaded:
     runner: EngineRunner
     limits: Limits
     stop_ids: frozenset[int]
-    grounder: object | None = None  # serve.knowledge: BM25 over the facts of the model's dataset (grounding.py)
+    grounder: object | None = (
+        None  # serve.knowledge: BM25 over the facts of the model's dataset (grounding.py)
+    )
 
 
-def load(bundle: str | Path, version: str | None, cfg: ServeConfig, stats: RunnerStats | None = None) -> Loaded:
+def load(
+    bundle: str | Path, version: str | None, cfg: ServeConfig, stats: RunnerStats | None = None
+) -> Loaded:
     """Load `bundle` into a new engine and decode thread; ValueError (naming it) if it is unusable."""
     import torch
 
@@ -65,12 +70,30 @@ def load(bundle: str | Path, version: str | None, cfg: ServeConfig, stats: Runne
     except Exception as e:  # noqa: BLE001 - any failure here means "do not serve this"
         raise ValueError(f"the model at {bundle} fails to generate: {e}") from e
     ctx = model.config.context_length
-    limits = Limits(context_length=ctx, max_prompt_tokens=min(cfg.max_prompt_tokens or ctx - 1, ctx - 1),
-                    max_tokens_limit=cfg.max_tokens_limit, max_n=cfg.max_n, max_prompts=cfg.max_prompts)
-    engine = BatchEngine(model, max_batch_size=cfg.max_batch_size, max_batch_tokens=cfg.max_batch_tokens,
-                         tokenizer=tokenizer)
+    limits = Limits(
+        context_length=ctx,
+        max_prompt_tokens=min(cfg.max_prompt_tokens or ctx - 1, ctx - 1),
+        max_tokens_limit=cfg.max_tokens_limit,
+        max_n=cfg.max_n,
+        max_prompts=cfg.max_prompts,
+    )
+    engine = BatchEngine(
+        model,
+        max_batch_size=cfg.max_batch_size,
+        max_batch_tokens=cfg.max_batch_tokens,
+        tokenizer=tokenizer,
+    )
     runner = EngineRunner(engine, cfg.max_queue, stats)
-    return Loaded(version, str(bundle), model, tokenizer, runner, limits, frozenset(tokenizer.stop_ids), grounder)
+    return Loaded(
+        version,
+        str(bundle),
+        model,
+        tokenizer,
+        runner,
+        limits,
+        frozenset(tokenizer.stop_ids),
+        grounder,
+    )
 
 
 def _grounder(bundle: str | Path, metadata: dict) -> object:
@@ -79,7 +102,9 @@ def _grounder(bundle: str | Path, metadata: dict) -> object:
 
     dataset = metadata.get("dataset")
     if not dataset:
-        raise ValueError(f"serve.knowledge: the model at {bundle} names no dataset in its metadata.json")
+        raise ValueError(
+            f"serve.knowledge: the model at {bundle} names no dataset in its metadata.json"
+        )
     return Grounder.from_dataset(dataset)
 
 
@@ -94,8 +119,10 @@ def alias_version(settings: ServeSettings) -> str:
     """The version NAME@ALIAS names now; ValueError when the alias is not set."""
     found = registry(settings).by_alias(settings.registry_name, settings.alias)
     if found is None:
-        raise ValueError(f"model {settings.registry_name!r} has no alias {settings.alias!r}: nothing to serve yet "
-                         f"(promote a version, or serve a bundle directory)")
+        raise ValueError(
+            f"model {settings.registry_name!r} has no alias {settings.alias!r}: nothing to serve yet "
+            f"(promote a version, or serve a bundle directory)"
+        )
     return found["version"]
 
 
@@ -118,8 +145,11 @@ def fetch(settings: ServeSettings, version: str) -> Path:
     reg, name = registry(settings), settings.registry_name
     gate = reg.version(name, version)["tags"].get("gptflow.gate")
     if gate != "passed":
-        raise Refused(f"model {name!r} version {version} has not passed the promotion gate (gptflow.gate="
-                      f"{gate!r}); promote it with `gptflow promote` (or --force)", final=False)
+        raise Refused(
+            f"model {name!r} version {version} has not passed the promotion gate (gptflow.gate="
+            f"{gate!r}); promote it with `gptflow promote` (or --force)",
+            final=False,
+        )
     try:
         return bundle_of(reg, name, version, Path(settings.cache_dir), require_sha=True)
     except BundleMismatch as e:

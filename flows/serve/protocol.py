@@ -21,11 +21,35 @@ from gptcore.sampling import MAX_STOP_CHARS, SamplingError, SamplingParams
 
 # Parameters OpenAI defines that gptflow accepts at their neutral value only: a client that sends
 # the default (the openai client never sends unset ones) works; asking for the feature is a 400.
-_NEUTRAL = {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": None, "best_of": 1, "echo": False,
-            "suffix": None, "user": None, "parallel_tool_calls": None, "tools": None, "tool_choice": None,
-            "response_format": None, "store": None, "metadata": None, "service_tier": None}
-_COMMON = {"model", "max_tokens", "temperature", "top_p", "top_k", "n", "stop", "seed", "stream",
-           "stream_options", "logprobs"}
+_NEUTRAL = {
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logit_bias": None,
+    "best_of": 1,
+    "echo": False,
+    "suffix": None,
+    "user": None,
+    "parallel_tool_calls": None,
+    "tools": None,
+    "tool_choice": None,
+    "response_format": None,
+    "store": None,
+    "metadata": None,
+    "service_tier": None,
+}
+_COMMON = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "n",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "logprobs",
+}
 COMPLETION_KEYS = _COMMON | {"prompt"}
 CHAT_KEYS = _COMMON | {"messages", "top_logprobs", "max_completion_tokens"}
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
@@ -36,14 +60,35 @@ MAX_LOGPROBS = 20
 class APIError(Exception):
     """An error response: HTTP status plus OpenAI's error object."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type,
+            param,
+            code,
+        )
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def invalid(param: str, message: str) -> APIError:
@@ -76,7 +121,9 @@ class Generation:
     include_usage: bool
     logprobs: int | None  # top-k alternatives per token; None: no logprobs
     model: str | None
-    templated: bool = False  # a chat rendered with the model's chat template (its end-of-turn token stops it)
+    templated: bool = (
+        False  # a chat rendered with the model's chat template (its end-of-turn token stops it)
+    )
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -87,11 +134,20 @@ def parse_completion(body: Any, limits: Limits) -> Generation:
         raise invalid("prompt", "'prompt' is required")
     prompts = _prompts(body["prompt"])
     if len(prompts) > limits.max_prompts:
-        raise invalid("prompt", f"{len(prompts)} prompts in one request; this server accepts at most "
-                      f"{limits.max_prompts}")
+        raise invalid(
+            "prompt",
+            f"{len(prompts)} prompts in one request; this server accepts at most "
+            f"{limits.max_prompts}",
+        )
     logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
-    return _generation(body, limits, chat=False, prompts=prompts, logprobs=logprobs,
-                       max_tokens=_int(body, "max_tokens", 1, limits.max_tokens_limit))
+    return _generation(
+        body,
+        limits,
+        chat=False,
+        prompts=prompts,
+        logprobs=logprobs,
+        max_tokens=_int(body, "max_tokens", 1, limits.max_tokens_limit),
+    )
 
 
 def parse_chat(body: Any, limits: Limits, template: Any = None) -> Generation:
@@ -104,16 +160,26 @@ def parse_chat(body: Any, limits: Limits, template: Any = None) -> Generation:
     turns = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise invalid(f"messages[{i}]", f"messages[{i}] must be an object with 'role' and 'content'")
+            raise invalid(
+                f"messages[{i}]", f"messages[{i}] must be an object with 'role' and 'content'"
+            )
         role, content = m.get("role"), m.get("content")
         if role == "developer":  # OpenAI's newer name for the system role
             role = "system"
         if role not in ROLES:
-            raise invalid(f"messages[{i}].role", f"messages[{i}].role={role!r} is not one of {', '.join(ROLES)}")
+            raise invalid(
+                f"messages[{i}].role",
+                f"messages[{i}].role={role!r} is not one of {', '.join(ROLES)}",
+            )
         if isinstance(content, list):  # content parts: text only
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise invalid(f"messages[{i}].content", f"messages[{i}].content: only text parts are supported")
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                for p in content
+            ):
+                raise invalid(
+                    f"messages[{i}].content",
+                    f"messages[{i}].content: only text parts are supported",
+                )
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise invalid(f"messages[{i}].content", f"messages[{i}].content must be a string")
@@ -135,17 +201,30 @@ def parse_chat(body: Any, limits: Limits, template: Any = None) -> Generation:
             prompt = template.apply_chat_template(turns, add_generation_prompt=True)
         except ValueError as e:  # the template refused these messages (e.g. roles out of order)
             raise invalid("messages", str(e)) from None
-    gen = _generation(body, limits, chat=True, prompts=[prompt], logprobs=logprobs, max_tokens=max_tokens)
+    gen = _generation(
+        body, limits, chat=True, prompts=[prompt], logprobs=logprobs, max_tokens=max_tokens
+    )
     gen.templated = template is not None
     return gen
 
 
-def _generation(body: dict[str, Any], limits: Limits, *, chat: bool, prompts: list[str | list[int]],
-                logprobs: int | None, max_tokens: int | None) -> Generation:
+def _generation(
+    body: dict[str, Any],
+    limits: Limits,
+    *,
+    chat: bool,
+    prompts: list[str | list[int]],
+    logprobs: int | None,
+    max_tokens: int | None,
+) -> Generation:
     temperature = _number(body, "temperature", 0.0, 2.0)
-    sampling = _sampling(temperature=0.0 if temperature is None else temperature,
-                         top_p=_number(body, "top_p", 0.0, 1.0), top_k=_int(body, "top_k", 1, 1 << 20),
-                         stop_strings=_stop(body.get("stop")), seed=_int(body, "seed", -(1 << 63), (1 << 63) - 1))
+    sampling = _sampling(
+        temperature=0.0 if temperature is None else temperature,
+        top_p=_number(body, "top_p", 0.0, 1.0),
+        top_k=_int(body, "top_k", 1, 1 << 20),
+        stop_strings=_stop(body.get("stop")),
+        seed=_int(body, "seed", -(1 << 63), (1 << 63) - 1),
+    )
     stream = _bool(body, "stream", False)
     options = body.get("stream_options")
     include_usage = False
@@ -153,15 +232,21 @@ def _generation(body: dict[str, Any], limits: Limits, *, chat: bool, prompts: li
         if not stream:
             raise invalid("stream_options", "stream_options needs stream=true")
         if not isinstance(options, dict) or set(options) - {"include_usage"}:
-            raise invalid("stream_options", "stream_options must be {\"include_usage\": bool}")
+            raise invalid("stream_options", 'stream_options must be {"include_usage": bool}')
         include_usage = _bool(options, "include_usage", False)
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise invalid("model", "'model' must be a string")
     return Generation(
-        chat=chat, prompts=prompts, max_tokens=max_tokens, sampling=sampling,
-        n=_int(body, "n", 1, limits.max_n) or 1, stream=stream, include_usage=include_usage,
-        logprobs=logprobs, model=model,
+        chat=chat,
+        prompts=prompts,
+        max_tokens=max_tokens,
+        sampling=sampling,
+        n=_int(body, "n", 1, limits.max_n) or 1,
+        stream=stream,
+        include_usage=include_usage,
+        logprobs=logprobs,
+        model=model,
     )
 
 
@@ -185,12 +270,20 @@ def _object(body: Any, allowed: set[str]) -> dict[str, Any]:
     for key, neutral in _NEUTRAL.items():
         if key in body:
             value = body.pop(key)
-            if value is not None and value != neutral and not (key == "user" and isinstance(value, str)):
+            if (
+                value is not None
+                and value != neutral
+                and not (key == "user" and isinstance(value, str))
+            ):
                 raise invalid(key, f"{key}={value!r} is not supported by this server")
     unknown = sorted(set(body) - allowed)
     if unknown:
-        raise APIError(400, f"unrecognized request argument: {unknown[0]}", param=unknown[0],
-                       code="unknown_parameter")
+        raise APIError(
+            400,
+            f"unrecognized request argument: {unknown[0]}",
+            param=unknown[0],
+            code="unknown_parameter",
+        )
     return body
 
 
@@ -200,7 +293,9 @@ def _prompts(value: Any) -> list[str | list[int]]:
     elif isinstance(value, list) and value and all(_is_int(t) for t in value):
         value = [value]  # one prompt as token ids
     if not isinstance(value, list) or not value:
-        raise invalid("prompt", "'prompt' must be a string, a list of strings or a list of token-id lists")
+        raise invalid(
+            "prompt", "'prompt' must be a string, a list of strings or a list of token-id lists"
+        )
     for i, p in enumerate(value):
         if isinstance(p, str):
             if not p:
@@ -268,42 +363,90 @@ def _bool(body: dict[str, Any], key: str, default: bool) -> bool:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
-def completion_logprobs(tokens: list[str], logprobs: list[float], top: list[dict[str, float]],
-                        offset: int = 0) -> dict[str, Any]:
+def completion_logprobs(
+    tokens: list[str], logprobs: list[float], top: list[dict[str, float]], offset: int = 0
+) -> dict[str, Any]:
     """The legacy completions logprobs object for these tokens' texts."""
     offsets, at = [], offset
     for t in tokens:
         offsets.append(at)
         at += len(t)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top, "text_offset": offsets}
+    return {
+        "tokens": tokens,
+        "token_logprobs": logprobs,
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
 
 
-def chat_logprobs(tokens: list[str], logprobs: list[float], top: list[list[tuple[str, float]]]) -> dict[str, Any]:
+def chat_logprobs(
+    tokens: list[str], logprobs: list[float], top: list[list[tuple[str, float]]]
+) -> dict[str, Any]:
     def entry(text: str, lp: float) -> dict[str, Any]:
         return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
 
-    return {"content": [entry(t, lp) | {"top_logprobs": [entry(a, b) for a, b in alts]}
-                        for t, lp, alts in zip(tokens, logprobs, top, strict=True)]}
+    return {
+        "content": [
+            entry(t, lp) | {"top_logprobs": [entry(a, b) for a, b in alts]}
+            for t, lp, alts in zip(tokens, logprobs, top, strict=True)
+        ]
+    }
 
 
-def response(gen: Generation, model: str, choices: list[dict[str, Any]], usage_: dict[str, int]) -> dict[str, Any]:
+def response(
+    gen: Generation, model: str, choices: list[dict[str, Any]], usage_: dict[str, int]
+) -> dict[str, Any]:
     if gen.chat:
-        return {"id": f"chatcmpl-{gen.id}", "object": "chat.completion", "created": gen.created, "model": model,
-                "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                             "logprobs": c.get("logprobs"), "finish_reason": c["finish_reason"]} for c in choices],
-                "usage": usage_}
-    return {"id": f"cmpl-{gen.id}", "object": "text_completion", "created": gen.created, "model": model,
-            "choices": [{"index": c["index"], "text": c["text"], "logprobs": c.get("logprobs"),
-                         "finish_reason": c["finish_reason"]} for c in choices],
-            "usage": usage_}
+        return {
+            "id": f"chatcmpl-{gen.id}",
+            "object": "chat.completion",
+            "created": gen.created,
+            "model": model,
+            "choices": [
+                {
+                    "index": c["index"],
+                    "message": {"role": "assistant", "content": c["text"]},
+                    "logprobs": c.get("logprobs"),
+                    "finish_reason": c["finish_reason"],
+                }
+                for c in choices
+            ],
+            "usage": usage_,
+        }
+    return {
+        "id": f"cmpl-{gen.id}",
+        "object": "text_completion",
+        "created": gen.created,
+        "model": model,
+        "choices": [
+            {
+                "index": c["index"],
+                "text": c["text"],
+                "logprobs": c.get("logprobs"),
+                "finish_reason": c["finish_reason"],
+            }
+            for c in choices
+        ],
+        "usage": usage_,
+    }
 
 
-def chunk(gen: Generation, model: str, index: int, text: str | None, finish_reason: str | None,
-          logprobs: dict[str, Any] | None = None, first: bool = False) -> dict[str, Any]:
+def chunk(
+    gen: Generation,
+    model: str,
+    index: int,
+    text: str | None,
+    finish_reason: str | None,
+    logprobs: dict[str, Any] | None = None,
+    first: bool = False,
+) -> dict[str, Any]:
     """One streamed event for choice `index`."""
     if gen.chat:
         delta: dict[str, Any] = {}
@@ -311,15 +454,44 @@ def chunk(gen: Generation, model: str, index: int, text: str | None, finish_reas
             delta["role"] = "assistant"
         if text:
             delta["content"] = text
-        return {"id": f"chatcmpl-{gen.id}", "object": "chat.completion.chunk", "created": gen.created,
-                "model": model, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                             "finish_reason": finish_reason}]}
-    return {"id": f"cmpl-{gen.id}", "object": "text_completion", "created": gen.created, "model": model,
-            "choices": [{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}]}
+        return {
+            "id": f"chatcmpl-{gen.id}",
+            "object": "chat.completion.chunk",
+            "created": gen.created,
+            "model": model,
+            "choices": [
+                {
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": logprobs,
+                    "finish_reason": finish_reason,
+                }
+            ],
+        }
+    return {
+        "id": f"cmpl-{gen.id}",
+        "object": "text_completion",
+        "created": gen.created,
+        "model": model,
+        "choices": [
+            {
+                "index": index,
+                "text": text or "",
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
+            }
+        ],
+    }
 
 
 def usage_chunk(gen: Generation, model: str, usage_: dict[str, int]) -> dict[str, Any]:
     obj = "chat.completion.chunk" if gen.chat else "text_completion"
     prefix = "chatcmpl" if gen.chat else "cmpl"
-    return {"id": f"{prefix}-{gen.id}", "object": obj, "created": gen.created, "model": model,
-            "choices": [], "usage": usage_}
+    return {
+        "id": f"{prefix}-{gen.id}",
+        "object": obj,
+        "created": gen.created,
+        "model": model,
+        "choices": [],
+        "usage": usage_,
+    }

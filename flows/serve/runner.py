@@ -24,7 +24,9 @@ from gptcore.batching import BatchEngine, SequenceOutput, SequenceRequest
 log = logging.getLogger(__name__)
 
 
-LATENCY_WINDOW = 2048  # latest requests kept for percentiles: a replica's lists must not grow forever
+LATENCY_WINDOW = (
+    2048  # latest requests kept for percentiles: a replica's lists must not grow forever
+)
 
 
 def _window() -> collections.deque:
@@ -56,10 +58,14 @@ class EngineRunner:
         self.stats = stats or RunnerStats()  # shared by the models a replica serves in turn
         self._ids = itertools.count()
         self._subscribers: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
-        self._pending: dict[int, SequenceOutput] = {}  # non-streaming sequences: tokens so far, sent at the end
+        self._pending: dict[
+            int, SequenceOutput
+        ] = {}  # non-streaming sequences: tokens so far, sent at the end
         self._wake = threading.Event()
         self._stopped = False
-        self.last_step = time.time()  # when the loop last finished a step (or went idle): /healthz reads it
+        self.last_step = (
+            time.time()
+        )  # when the loop last finished a step (or went idle): /healthz reads it
         self._thread = threading.Thread(target=self._loop, name="gptflow-decode", daemon=True)
         self._thread.start()
 
@@ -86,13 +92,22 @@ class EngineRunner:
     def check_capacity(self, sequences: int) -> None:
         """429 when `sequences` more would overflow the free batch rows plus the bounded queue."""
         engine = self.engine
-        if engine.waiting + sequences > self.max_queue + max(0, engine.max_batch_size - engine.running):
+        if engine.waiting + sequences > self.max_queue + max(
+            0, engine.max_batch_size - engine.running
+        ):
             self.stats.rejected += 1
-            raise APIError(429, f"the server is busy: {engine.waiting} sequences wait for a batch slot "
-                           f"(limit {self.max_queue}); retry shortly", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"})
+            raise APIError(
+                429,
+                f"the server is busy: {engine.waiting} sequences wait for a batch slot "
+                f"(limit {self.max_queue}); retry shortly",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": "1"},
+            )
 
-    async def generate(self, requests: list[dict], stream: bool = True) -> AsyncIterator[tuple[int, SequenceOutput]]:
+    async def generate(
+        self, requests: list[dict], stream: bool = True
+    ) -> AsyncIterator[tuple[int, SequenceOutput]]:
         """Run sequences (SequenceRequest fields without `id`); yield (index, output) as steps
         release them, until every one finished (with stream=False, one output per sequence when it
         finishes: the event loop is not woken per token). Closing the iterator cancels what is left."""
@@ -108,20 +123,35 @@ class EngineRunner:
             for sid, fields in zip(ids, requests, strict=True):
                 self._subscribers[sid] = (loop, queue)
                 if not stream:
-                    self._pending[sid] = SequenceOutput(sid, [], [] if fields.get("logprobs") is not None else None,
-                                                        None, len(fields["prompt"]), 0)
+                    self._pending[sid] = SequenceOutput(
+                        sid,
+                        [],
+                        [] if fields.get("logprobs") is not None else None,
+                        None,
+                        len(fields["prompt"]),
+                        0,
+                    )
                 try:
                     self.engine.submit(SequenceRequest(id=sid, **fields))
                 except ValueError as e:
-                    raise APIError(400, str(e), param="prompt" if "prompt" in str(e) else "max_tokens",
-                                   code="invalid_value") from e
+                    raise APIError(
+                        400,
+                        str(e),
+                        param="prompt" if "prompt" in str(e) else "max_tokens",
+                        code="invalid_value",
+                    ) from e
             self.stats.requests += 1
             self._wake.set()
             while open_ids:
                 item = await queue.get()
-                if isinstance(item, BaseException):  # the detail (device memory, paths) is in the log only
-                    raise APIError(500, "generation failed: internal error (logged on the server)",
-                                   type="server_error") from item
+                if isinstance(
+                    item, BaseException
+                ):  # the detail (device memory, paths) is in the log only
+                    raise APIError(
+                        500,
+                        "generation failed: internal error (logged on the server)",
+                        type="server_error",
+                    ) from item
                 if first and item.tokens and stream:  # (a non-streamed sequence arrives whole)
                     self.stats.ttft_s.append(time.perf_counter() - start)
                     first = False
@@ -149,8 +179,12 @@ class EngineRunner:
             try:
                 rows = self.engine.running
                 outputs = self.engine.step()
-            except Exception as e:  # a bug, not bad input (submit checked that): fail what runs, keep serving
-                log.exception("decode step failed; failing the %d running sequences", self.engine.running)
+            except (
+                Exception
+            ) as e:  # a bug, not bad input (submit checked that): fail what runs, keep serving
+                log.exception(
+                    "decode step failed; failing the %d running sequences", self.engine.running
+                )
                 self.engine.abort()
                 for loop, queue in list(self._subscribers.values()):
                     loop.call_soon_threadsafe(queue.put_nowait, e)

@@ -16,7 +16,9 @@ from flows.config import to_dict
 from flows.train.prepare import RunSpec
 
 
-def export_bundle(engine: Any, tokenizer: Any, spec: RunSpec, rank: int, metadata: dict[str, Any]) -> None:
+def export_bundle(
+    engine: Any, tokenizer: Any, spec: RunSpec, rank: int, metadata: dict[str, Any]
+) -> None:
     """Rank 0 writes the bundle; under ZeRO-3 all ranks must join the parameter gather first."""
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -46,7 +48,9 @@ def export_bundle(engine: Any, tokenizer: Any, spec: RunSpec, rank: int, metadat
     save_bundle(spec.output_dir, model, tokenizer, metadata)
 
 
-def _export_merged(engine: Any, tokenizer: Any, spec: RunSpec, rank: int, metadata: dict[str, Any]) -> None:
+def _export_merged(
+    engine: Any, tokenizer: Any, spec: RunSpec, rank: int, metadata: dict[str, Any]
+) -> None:
     """LoRA: the adapters (their fp32 master copies under bf16/fp16) merged into the init bundle's own
     fp32 weights, which stayed frozen -- not their bf16 rounding in the engine. A plain bundle of the
     base's size. Every rank joins the gathers (collectives under ZeRO); rank 0 writes."""
@@ -65,6 +69,8 @@ def _export_merged(engine: Any, tokenizer: Any, spec: RunSpec, rank: int, metada
         return
     base, _, _ = load_bundle(spec.init_bundle)
     state = merge_state_dict({**base.state_dict(), **adapters}, tc.lora.r, tc.lora.alpha)
-    model = GPT(GPTConfig.from_dict(engine.module.config.to_dict()))  # the run's dropout, as for full training
+    model = GPT(
+        GPTConfig.from_dict(engine.module.config.to_dict())
+    )  # the run's dropout, as for full training
     model.load_state_dict(state)
     save_bundle(spec.output_dir, model, tokenizer, metadata | {"lora": to_dict(tc.lora)})

@@ -65,7 +65,7 @@ from dataclasses import dataclass
 
 from gptcore import GPTConfig
 
-GIB = 1024 ** 3
+GIB = 1024**3
 HALF = ("bf16", "fp16")  # DeepSpeed mixed precision: 16-bit weights and an fp32 master copy
 # Memory a training process needs beyond its model states and activations: the CUDA context and
 # allocator slack on a GPU; on a CPU worker the interpreter, torch, DeepSpeed and Ray (measured here).
@@ -124,8 +124,15 @@ def largest_layer_params(cfg: GPTConfig) -> int:
     return max(cfg.vocab_size * d, cfg.context_length * d, d * 4 * d + 4 * d * int(cfg.bias))
 
 
-def model_states(params: int, largest: int, zero_stage: int, world: int, precision: str,
-                 offload_optimizer: bool = False, nodes: int = 1) -> tuple[float, float, float, float]:
+def model_states(
+    params: int,
+    largest: int,
+    zero_stage: int,
+    world: int,
+    precision: str,
+    offload_optimizer: bool = False,
+    nodes: int = 1,
+) -> tuple[float, float, float, float]:
     """(weights, gradients, optimizer state) bytes per rank, and bytes per node offloaded to CPU."""
     P, N = float(params), float(world)
     if precision in HALF:
@@ -187,7 +194,9 @@ def gathered(params: int, zero_stage: int, precision: str) -> float:
 def activations(cfg: GPTConfig, micro_batch: int, precision: str, checkpointing: bool) -> float:
     """Activation bytes kept for the backward pass of one micro-batch."""
     s, b, h, L = cfg.context_length, micro_batch, cfg.d_model, cfg.n_layer
-    width = 2 if precision in HALF else 4  # bytes per activation value (autocast keeps fp32 residuals)
+    width = (
+        2 if precision in HALF else 4
+    )  # bytes per activation value (autocast keeps fp32 residuals)
     per_layer = 16 * s * b * h * width  # 32 sbh bytes at 16-bit
     edges = 3 * s * b * h * width  # embedding output, final LayerNorm output, a loss chunk's worth
     if checkpointing:
@@ -195,36 +204,67 @@ def activations(cfg: GPTConfig, micro_batch: int, precision: str, checkpointing:
     return L * per_layer + edges
 
 
-def estimate(cfg: GPTConfig, micro_batch: int, precision: str, zero_stage: int, hw: Hardware,
-             offload_optimizer: bool = False, checkpointing: bool = False, budget: float | None = None,
-             gpu: bool = True) -> Estimate:
+def estimate(
+    cfg: GPTConfig,
+    micro_batch: int,
+    precision: str,
+    zero_stage: int,
+    hw: Hardware,
+    offload_optimizer: bool = False,
+    checkpointing: bool = False,
+    budget: float | None = None,
+    gpu: bool = True,
+) -> Estimate:
     params = cfg.num_params()
-    w, g, o, cpu = model_states(params, largest_layer_params(cfg), zero_stage, hw.world, precision,
-                                offload_optimizer, hw.nodes)
+    w, g, o, cpu = model_states(
+        params,
+        largest_layer_params(cfg),
+        zero_stage,
+        hw.world,
+        precision,
+        offload_optimizer,
+        hw.nodes,
+    )
     a = activations(cfg, micro_batch, precision, checkpointing)
     if budget is None:
         budget = (hw.gpu_mem_gib - GPU_RESERVE_GIB) * GIB
-    return Estimate(zero_stage, offload_optimizer, checkpointing, params, w, g, o, a,
-                    buffers(params, zero_stage, precision, gpu), gathered(params, zero_stage, precision), cpu, budget)
+    return Estimate(
+        zero_stage,
+        offload_optimizer,
+        checkpointing,
+        params,
+        w,
+        g,
+        o,
+        a,
+        buffers(params, zero_stage, precision, gpu),
+        gathered(params, zero_stage, precision),
+        cpu,
+        budget,
+    )
 
 
 def table(cfg: GPTConfig, micro_batch: int, precision: str, hw: Hardware) -> list[Estimate]:
     """Every ZeRO stage, with and without optimizer offload and activation checkpointing."""
     rows = []
     for zero in range(4):
-        for offload in ((False,) if zero == 0 else (False, True)):
+        for offload in (False,) if zero == 0 else (False, True):
             for ckpt in (False, True):
                 rows.append(estimate(cfg, micro_batch, precision, zero, hw, offload, ckpt))
     return rows
 
 
-def training_days(cfg: GPTConfig, tokens: float, hw: Hardware, checkpointing: bool = False) -> float:
+def training_days(
+    cfg: GPTConfig, tokens: float, hw: Hardware, checkpointing: bool = False
+) -> float:
     """Days to train on `tokens` at hw.mfu of the cluster's peak (recomputation costs a forward more)."""
     flops = cfg.flops_per_token() * tokens * (4 / 3 if checkpointing else 1.0)
     return flops / (hw.world * hw.peak_tflops * 1e12 * hw.mfu) / 86400
 
 
-def report(cfg: GPTConfig, micro_batch: int, precision: str, hw: Hardware, tokens: float | None) -> str:
+def report(
+    cfg: GPTConfig, micro_batch: int, precision: str, hw: Hardware, tokens: float | None
+) -> str:
     """The planner's table as text (what `gptflow capacity` prints)."""
     rows = table(cfg, micro_batch, precision, hw)
     lines = [
@@ -242,19 +282,26 @@ def report(cfg: GPTConfig, micro_batch: int, precision: str, hw: Hardware, token
             f"{r.zero_stage:>4} {'yes' if r.offload_optimizer else 'no':>7} {'yes' if r.activation_checkpointing else 'no':>4} | "
             f"{r.weights / GIB:8.2f} {r.gradients / GIB:8.2f} {r.optimizer / GIB:8.2f} {r.buffers / GIB:8.2f} "
             f"{r.gathered / GIB:8.2f} {r.activations / GIB:8.2f} "
-            f"{r.total / GIB:8.2f}         | {r.cpu_offload_per_node / GIB:8.1f} | {'yes' if r.fits else 'NO'}")
+            f"{r.total / GIB:8.2f}         | {r.cpu_offload_per_node / GIB:8.1f} | {'yes' if r.fits else 'NO'}"
+        )
     fitting = [r for r in rows if r.fits]
     lines.append("")
     if fitting:
-        best = min(fitting, key=lambda r: (r.offload_optimizer, r.activation_checkpointing, r.zero_stage))
-        lines.append(f"fastest setting that fits: ZeRO-{best.zero_stage}"
-                     f"{' with optimizer offload' if best.offload_optimizer else ''}"
-                     f"{' and activation checkpointing' if best.activation_checkpointing else ''}"
-                     f" ({best.total / GIB:.1f} of {best.budget / GIB:.0f} GiB)")
+        best = min(
+            fitting, key=lambda r: (r.offload_optimizer, r.activation_checkpointing, r.zero_stage)
+        )
+        lines.append(
+            f"fastest setting that fits: ZeRO-{best.zero_stage}"
+            f"{' with optimizer offload' if best.offload_optimizer else ''}"
+            f"{' and activation checkpointing' if best.activation_checkpointing else ''}"
+            f" ({best.total / GIB:.1f} of {best.budget / GIB:.0f} GiB)"
+        )
         if tokens:
             days = training_days(cfg, tokens, hw, best.activation_checkpointing)
-            lines.append(f"time for {tokens:.3g} tokens at {hw.mfu:.0%} MFU of {hw.peak_tflops:g} TFLOP/s per GPU: "
-                         f"{days * 24:,.1f} hours ({days:,.2f} days)")
+            lines.append(
+                f"time for {tokens:.3g} tokens at {hw.mfu:.0%} MFU of {hw.peak_tflops:g} TFLOP/s per GPU: "
+                f"{days * 24:,.1f} hours ({days:,.2f} days)"
+            )
     else:
         lines.append("nothing fits: more GPUs, a smaller micro-batch or a smaller model")
     return "\n".join(lines)
@@ -273,10 +320,14 @@ def teacher_bytes(teacher: GPTConfig, precision: str, micro_batch_size: int, con
     dtype (flows/train/teacher.py; never partitioned) and its final hidden states for one micro-batch
     (inference without gradients keeps no other activation)."""
     width = 2 if precision in HALF else 4
-    return float(teacher.num_params() * width + micro_batch_size * context * teacher.d_model * width)
+    return float(
+        teacher.num_params() * width + micro_batch_size * context * teacher.d_model * width
+    )
 
 
-def preflight(tc, gpt: GPTConfig, stage: str, local: bool, teacher: GPTConfig | None = None) -> Estimate | None:
+def preflight(
+    tc, gpt: GPTConfig, stage: str, local: bool, teacher: GPTConfig | None = None
+) -> Estimate | None:
     """The planner's verdict before a training run starts: ConfigError, with the figures, when the
     run cannot fit in the memory its workers have. GPU runs are checked against the first GPU this
     process sees; CPU runs on a local Ray instance against this machine's RAM shared by the workers.
@@ -300,12 +351,25 @@ def preflight(tc, gpt: GPTConfig, stage: str, local: bool, teacher: GPTConfig | 
         where = f"this machine's {total / GIB:.1f} GiB of RAM shared by {tc.num_workers} worker(s)"
     else:
         return None
-    held = teacher_bytes(teacher, tc.precision, tc.micro_batch_size, gpt.context_length) if teacher else 0.0
+    held = (
+        teacher_bytes(teacher, tc.precision, tc.micro_batch_size, gpt.context_length)
+        if teacher
+        else 0.0
+    )
     budget -= held
     if held:
         where += f", less the teacher's {gib(held)} on each worker ({teacher.num_params() / 1e6:,.1f}M parameters)"
-    e = estimate(gpt, tc.micro_batch_size, tc.precision, tc.zero_stage, hw, tc.offload_optimizer,
-                 gpt.activation_checkpointing, budget=budget, gpu=tc.use_gpu)
+    e = estimate(
+        gpt,
+        tc.micro_batch_size,
+        tc.precision,
+        tc.zero_stage,
+        hw,
+        tc.offload_optimizer,
+        gpt.activation_checkpointing,
+        budget=budget,
+        gpu=tc.use_gpu,
+    )
     if not e.fits:
         raise ConfigError(
             f"{stage}: {e.params / 1e6:,.1f}M parameters will not fit: the capacity planner estimates "
@@ -315,5 +379,6 @@ def preflight(tc, gpt: GPTConfig, stage: str, local: bool, teacher: GPTConfig | 
             f"micro_batch_size={tc.micro_batch_size}, precision={tc.precision}, but {where} "
             f"({gib(max(budget, 0))} usable each). Raise zero_stage, set offload_optimizer or "
             f"model.activation_checkpointing, lower micro_batch_size, or add memory; `gptflow capacity` "
-            "prints every option")
+            "prints every option"
+        )
     return e

@@ -46,18 +46,39 @@ class CheckpointError(ValueError):
 
 # TrainConfig fields a resumed run may change: they do not enter the weights (what is logged, kept
 # or retried, where it runs) -- plus `steps`, which is what resuming into more steps changes.
-_RESUMABLE_CHANGES = ("steps", "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints",
-                      "max_failures", "max_skipped_updates", "peak_flops_per_device", "sample_prompts",
-                      "sample_tokens", "cpus_per_worker", "global_batch_size")
+_RESUMABLE_CHANGES = (
+    "steps",
+    "eval_every",
+    "eval_batches",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "max_failures",
+    "max_skipped_updates",
+    "peak_flops_per_device",
+    "sample_prompts",
+    "sample_tokens",
+    "cpus_per_worker",
+    "global_batch_size",
+)
 
 
 def resume_identity(p: RunSpec) -> dict[str, Any]:
     """What a run's checkpoints depend on, beside its step count: must match to resume under its name."""
-    train = {k: v for k, v in to_dict(p.train).items()
-             if k not in _RESUMABLE_CHANGES and k not in _NAMES_ONLY}
-    identity = {"stage": p.stage, "train": train, "model": p.gpt_config,
-                "dataset_manifest_sha256": p.dataset.manifest_sha256, "parent": p.parent}
-    if p.teacher:  # distillation: the student's weights also depend on which teacher it learned from
+    train = {
+        k: v
+        for k, v in to_dict(p.train).items()
+        if k not in _RESUMABLE_CHANGES and k not in _NAMES_ONLY
+    }
+    identity = {
+        "stage": p.stage,
+        "train": train,
+        "model": p.gpt_config,
+        "dataset_manifest_sha256": p.dataset.manifest_sha256,
+        "parent": p.parent,
+    }
+    if (
+        p.teacher
+    ):  # distillation: the student's weights also depend on which teacher it learned from
         identity["teacher"] = p.teacher["lineage"]
     return identity
 
@@ -82,7 +103,9 @@ def check_resume(p: RunSpec) -> None:
         try:
             theirs = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: unreadable resume identity ({e}); use another run_name") from e
+            raise ConfigError(
+                f"{path}: unreadable resume identity ({e}); use another run_name"
+            ) from e
         if theirs != ours:
             a, b = flatten(ours), flatten(theirs)
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
@@ -105,6 +128,7 @@ def check_resume(p: RunSpec) -> None:
         return
     atomic_write_text(path, json.dumps(ours, indent=2, sort_keys=True) + "\n")
 
+
 _CHECKPOINT_PREFIX = "checkpoint_"
 
 
@@ -123,8 +147,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     Ray creates a checkpoint directory as the ranks' files arrive and registers it once all have;
     a run killed in between leaves one that is not complete and must not count.
     """
-    dirs = [d for d in run_dir.glob(f"{_CHECKPOINT_PREFIX}*")
-            if d.is_dir() and d.name.removeprefix(_CHECKPOINT_PREFIX).isdigit()]
+    dirs = [
+        d
+        for d in run_dir.glob(f"{_CHECKPOINT_PREFIX}*")
+        if d.is_dir() and d.name.removeprefix(_CHECKPOINT_PREFIX).isdigit()
+    ]
     return next((d for d in sorted(dirs, key=_step_of, reverse=True) if is_complete(d)), None)
 
 
@@ -145,7 +172,9 @@ def _read_record(d: Path, rank: int) -> dict[str, Any]:
         if not (isinstance(files, dict) and isinstance(record["world_size"], int)):
             raise TypeError("files must be an object, world_size an integer")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: unreadable checkpoint record ({type(e).__name__}: {e})") from e
+        raise CheckpointError(
+            f"{path}: unreadable checkpoint record ({type(e).__name__}: {e})"
+        ) from e
     return record
 
 
@@ -175,7 +204,9 @@ def verify_checkpoint(d: str | Path, ranks: Any = None) -> None:
         for name, entry in sorted(record["files"].items()):
             f = d / name
             if not f.is_file():
-                raise CheckpointError(f"{f}: missing from the checkpoint (listed in {_record_name(rank)})")
+                raise CheckpointError(
+                    f"{f}: missing from the checkpoint (listed in {_record_name(rank)})"
+                )
             if sha256_file(f) != entry["sha256"]:
                 raise CheckpointError(
                     f"{f}: sha256 differs from the one recorded when the checkpoint was written "
@@ -186,10 +217,16 @@ def verify_checkpoint(d: str | Path, ranks: Any = None) -> None:
 
 def record_files(tmp: Path, rank: int, world_size: int) -> None:
     """Hash what this rank wrote, before Ray uploads it; the record goes last, beside the files."""
-    files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-             for p in sorted(tmp.rglob("*")) if p.is_file()}
+    files = {
+        p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(tmp.rglob("*"))
+        if p.is_file()
+    }
     record = {"rank": rank, "world_size": world_size, "files": files}
-    (tmp / _record_name(rank)).write_text(json.dumps(record, indent=1, sort_keys=True), encoding="utf-8")
+    (tmp / _record_name(rank)).write_text(
+        json.dumps(record, indent=1, sort_keys=True), encoding="utf-8"
+    )
+
 
 STATE_FILE = "trainer_state.json"
 
@@ -218,14 +255,18 @@ def save_checkpoint(engine: Any, state: LoopState, metrics: dict[str, Any], rank
     with tempfile.TemporaryDirectory(prefix="gptflow-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=tag)
         torch.save(
-            {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            {
+                "cpu": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            },
             Path(tmp) / f"rng_rank{rank:05d}.pt",
         )
         if rank == 0:
             Path(tmp, STATE_FILE).write_text(json.dumps({**state.__dict__, "tag": tag}))
         record_files(Path(tmp), rank, ray.train.get_context().get_world_size())
         ray.train.report(
-            metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(tmp),
             checkpoint_dir_name=checkpoint_dir_name(state.step),
         )
 
@@ -238,7 +279,9 @@ def load_checkpoint(engine: Any, checkpoint: Any, rank: int) -> LoopState:
         verify_checkpoint(d, ranks={0, rank})
         saved = json.loads(Path(d, STATE_FILE).read_text())
         tag = saved.pop("tag")
-        path, _ = engine.load_checkpoint(d, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        path, _ = engine.load_checkpoint(
+            d, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag!r} in {d}")
         # The scheduler's state is only its position (last_batch_iteration); the learning rate the
@@ -292,7 +335,9 @@ def resume_step(storage_path: str, run_name: str) -> int | None:
     """
     text = _read_run_file(storage_path, run_name, _RAY_SNAPSHOT)
     try:
-        return int(json.loads(text)["latest_checkpoint_result"]["metrics"]["step"]) if text else None
+        return (
+            int(json.loads(text)["latest_checkpoint_result"]["metrics"]["step"]) if text else None
+        )
     except (ValueError, KeyError, TypeError):  # being rewritten, no checkpoint yet, another format
         return None
 

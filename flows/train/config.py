@@ -37,8 +37,12 @@ class ModelConfig:
     """Recompute each block's activations in the backward pass to save memory."""
 
     def __post_init__(self) -> None:
-        check(self.context_length is None or self.context_length >= 1, "context_length", self.context_length,
-               ">= 1 (or empty for the preset's)")
+        check(
+            self.context_length is None or self.context_length >= 1,
+            "context_length",
+            self.context_length,
+            ">= 1 (or empty for the preset's)",
+        )
         check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
 
 
@@ -145,16 +149,37 @@ class TrainConfig:
         check(self.zero_stage in (0, 1, 2, 3), "zero_stage", self.zero_stage, "one of 0, 1, 2, 3")
         # ZeRO-3 partitions every parameter, the frozen ones too, and the merge at export would need
         # them gathered beside the adapters; not supported (yet).
-        check(not (self.lora.r and self.zero_stage == 3), "zero_stage", self.zero_stage,
-               "0, 1 or 2 with lora (ZeRO-3 with LoRA adapters is not supported)")
+        check(
+            not (self.lora.r and self.zero_stage == 3),
+            "zero_stage",
+            self.zero_stage,
+            "0, 1 or 2 with lora (ZeRO-3 with LoRA adapters is not supported)",
+        )
         check(self.precision in PRECISIONS, "precision", self.precision, ", ".join(PRECISIONS))
         check_finite(self)
         check(self.steps >= 0, "steps", self.steps, ">= 0 (0: skip the step)")
-        for name in ("micro_batch_size", "grad_accum", "num_workers", "cpus_per_worker",
-                     "eval_every", "eval_batches", "checkpoint_every", "keep_checkpoints", "max_skipped_updates"):
+        for name in (
+            "micro_batch_size",
+            "grad_accum",
+            "num_workers",
+            "cpus_per_worker",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_skipped_updates",
+        ):
             check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
-        for name in ("warmup_steps", "max_failures", "sample_tokens", "weight_decay", "grad_clip", "loss_spike_factor",
-                     "peak_flops_per_device", "seed"):
+        for name in (
+            "warmup_steps",
+            "max_failures",
+            "sample_tokens",
+            "weight_decay",
+            "grad_clip",
+            "loss_spike_factor",
+            "peak_flops_per_device",
+            "seed",
+        ):
             check(getattr(self, name) >= 0, name, getattr(self, name), ">= 0")
         for name in ("beta1", "beta2"):
             check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "in [0, 1)")
@@ -162,7 +187,9 @@ class TrainConfig:
         check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         expected = self.micro_batch_size * self.grad_accum * self.num_workers
         check(
-            self.global_batch_size in (None, expected), "global_batch_size", self.global_batch_size,
+            self.global_batch_size in (None, expected),
+            "global_batch_size",
+            self.global_batch_size,
             f"micro_batch_size * grad_accum * num_workers = {expected}",
         )
 
@@ -196,8 +223,11 @@ class DistillConfig(TrainConfig):
     """Which shards the student learns on: the pretraining text, or the fine-tuning examples (completion
     tokens only, like fine-tuning); validation uses the matching held-out split."""
     registry_name: str = hashed_only_by(
-        "distill_register", "distill_promote", default="",
-        why="where the student is registered: only its register and promote steps read it")
+        "distill_register",
+        "distill_promote",
+        default="",
+        why="where the student is registered: only its register and promote steps read it",
+    )
     """The student's registered model name; empty = "<registry.name>-student"."""
 
     def __post_init__(self) -> None:
@@ -205,10 +235,18 @@ class DistillConfig(TrainConfig):
         check(0.0 <= self.alpha <= 1.0, "alpha", self.alpha, "in [0, 1]")
         check(self.temperature > 0, "temperature", self.temperature, "> 0")
         check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "in [0, 1)")
-        check(self.context_length is None or self.context_length >= 1, "context_length", self.context_length,
-               ">= 1 (or empty for the teacher's)")
+        check(
+            self.context_length is None or self.context_length >= 1,
+            "context_length",
+            self.context_length,
+            ">= 1 (or empty for the teacher's)",
+        )
 
     def student_model(self) -> ModelConfig:
         """The student's architecture as a model section (the context is settled against the teacher)."""
-        return ModelConfig(preset=self.student_preset, context_length=self.context_length, dropout=self.dropout,
-                           activation_checkpointing=self.activation_checkpointing)
+        return ModelConfig(
+            preset=self.student_preset,
+            context_length=self.context_length,
+            dropout=self.dropout,
+            activation_checkpointing=self.activation_checkpointing,
+        )

@@ -54,8 +54,16 @@ RESULT_FILE = "train_result.json"
 log = logging.getLogger(__name__)
 
 
-def train(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Path | None, out_dir: str | Path,
-          ctx: StepContext, stage: str = "pretrain", teacher: str | Path | None = None) -> Path:
+def train(
+    tc: TrainConfig,
+    mc: ModelConfig,
+    dataset: str | Path,
+    init: str | Path | None,
+    out_dir: str | Path,
+    ctx: StepContext,
+    stage: str = "pretrain",
+    teacher: str | Path | None = None,
+) -> Path:
     """Train (or fine-tune, ``stage="finetune"`` from `init`; or distill, ``stage="distill"`` from `teacher`)
     into the model bundle `out_dir`; return it.
 
@@ -71,38 +79,88 @@ def train(tc: TrainConfig, mc: ModelConfig, dataset: str | Path, init: str | Pat
     ensure_ray(ctx.cluster)
     check_cluster(p.train, stage, local=not (os.environ.get("RAY_ADDRESS") or ctx.cluster.address))
     tracker = ctx.tracker
-    tracker.log_params({"train": to_dict(p.train), "model": p.gpt_config, "output_dir": str(p.output_dir),
-                        "dataset_manifest_sha256": p.dataset.manifest_sha256})
-    tracker.set_tags({"gptflow.ray_run_name": p.run_name, "gptflow.storage_path": p.storage_path,
-                      "gptflow.output_dir": str(p.output_dir), "gptflow.config_hash": p.key})
+    tracker.log_params(
+        {
+            "train": to_dict(p.train),
+            "model": p.gpt_config,
+            "output_dir": str(p.output_dir),
+            "dataset_manifest_sha256": p.dataset.manifest_sha256,
+        }
+    )
+    tracker.set_tags(
+        {
+            "gptflow.ray_run_name": p.run_name,
+            "gptflow.storage_path": p.storage_path,
+            "gptflow.output_dir": str(p.output_dir),
+            "gptflow.config_hash": p.key,
+        }
+    )
     tracker.log_dict(p.deepspeed_config, "deepspeed_config.json")
-    tracker.log_dict({"stage": stage, "train": to_dict(p.train), "model": p.gpt_config,
-                      "parent": p.parent, "teacher": p.teacher}, "train_config.json")
+    tracker.log_dict(
+        {
+            "stage": stage,
+            "train": to_dict(p.train),
+            "model": p.gpt_config,
+            "parent": p.parent,
+            "teacher": p.teacher,
+        },
+        "train_config.json",
+    )
     if p.teacher:
-        tracker.set_tags({"gptflow.teacher": json.dumps(p.teacher["lineage"], sort_keys=True),
-                          "gptflow.teacher_bundle": p.teacher["bundle"]})
-    tracker.log_input_dataset(Path(p.dataset.path).name, p.dataset.path, p.dataset.manifest_sha256,
-                              context="training", profile=p.dataset.split_tokens)
+        tracker.set_tags(
+            {
+                "gptflow.teacher": json.dumps(p.teacher["lineage"], sort_keys=True),
+                "gptflow.teacher_bundle": p.teacher["bundle"],
+            }
+        )
+    tracker.log_input_dataset(
+        Path(p.dataset.path).name,
+        p.dataset.path,
+        p.dataset.manifest_sha256,
+        context="training",
+        profile=p.dataset.split_tokens,
+    )
     from flows.progress import relayed
 
-    ctx.progress.note(f"starting {p.train.num_workers} Ray Train worker(s): {p.train.steps} steps, "
-                      f"ZeRO-{p.train.zero_stage}, {p.train.precision}")
+    ctx.progress.note(
+        f"starting {p.train.num_workers} Ray Train worker(s): {p.train.steps} steps, "
+        f"ZeRO-{p.train.zero_stage}, {p.train.precision}"
+    )
     with relayed(ctx.progress, stage) as relay:
-        metrics = run_trainer(p, dataclasses.replace(loop_config(p, tracker.run_id, tracker.uri), progress=relay))
+        metrics = run_trainer(
+            p, dataclasses.replace(loop_config(p, tracker.run_id, tracker.uri), progress=relay)
+        )
     missing = [f for f in BUNDLE_FILES if not (p.output_dir / f).is_file()]
     if missing:
-        raise RuntimeError(f"training finished but the bundle in {p.output_dir} lacks {', '.join(missing)}")
-    tracker.log_metrics({f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
-                        step=p.train.steps)
+        raise RuntimeError(
+            f"training finished but the bundle in {p.output_dir} lacks {', '.join(missing)}"
+        )
+    tracker.log_metrics(
+        {f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
+        step=p.train.steps,
+    )
     tracker.log_artifacts(p.output_dir, "bundle")
-    atomic_write_text(p.output_dir / RESULT_FILE, json.dumps(
-        {"stage": stage, "ray_run_name": p.run_name, "metrics": metrics}, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(
+        p.output_dir / RESULT_FILE,
+        json.dumps(
+            {"stage": stage, "ray_run_name": p.run_name, "metrics": metrics},
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n",
+    )
     log.info("%s: bundle written to %s", stage, p.output_dir)
     return p.output_dir
 
 
-def distill(dc: DistillConfig, dataset: str | Path, teacher: str | Path, init: str | Path | None,
-            out_dir: str | Path, ctx: StepContext) -> Path:
+def distill(
+    dc: DistillConfig,
+    dataset: str | Path,
+    teacher: str | Path,
+    init: str | Path | None,
+    out_dir: str | Path,
+    ctx: StepContext,
+) -> Path:
     """Distill `teacher` into a student described by `dc` (its preset, context and dropout; or `init`)
     into the model bundle `out_dir`; return it."""
     return train(dc, dc.student_model(), dataset, init, out_dir, ctx, "distill", teacher)
@@ -120,20 +178,27 @@ def run_trainer(p: RunSpec, loop_cfg: LoopConfig) -> dict[str, Any]:
     env = {"OMP_NUM_THREADS": str(tc.cpus_per_worker), "TOKENIZERS_PARALLELISM": "false"}
     if not tc.use_gpu:
         env["DS_ACCELERATOR"] = "cpu"  # no probing for CUDA/XPU on CPU workers
-    env |= faults.worker_env()  # test-only fault injection, when the driver's environment asks for it
+    env |= (
+        faults.worker_env()
+    )  # test-only fault injection, when the driver's environment asks for it
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_cfg,
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
-            name=p.run_name, storage_path=p.storage_path,
+            name=p.run_name,
+            storage_path=p.storage_path,
             failure_config=FailureConfig(max_failures=tc.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             worker_runtime_env={"env_vars": env},
         ),
     )
-    take_stop(p.storage_path, p.run_name)  # a stop recorded by an earlier fit of this run name is stale
+    take_stop(
+        p.storage_path, p.run_name
+    )  # a stop recorded by an earlier fit of this run name is stale
     try:
         result = trainer.fit()
     except Exception as e:
@@ -150,19 +215,27 @@ def failure_message(p: RunSpec, error: BaseException) -> str:
     from ray.train import WorkerGroupError
 
     tc, where = p.train, f"{p.storage_path}/{p.run_name}"
-    if not isinstance(error, WorkerGroupError):  # e.g. the cluster cannot place the workers: not retried
+    if not isinstance(
+        error, WorkerGroupError
+    ):  # e.g. the cluster cannot place the workers: not retried
         what = "failed"
     elif tc.max_failures:
-        what = (f"failed and its restarts are exhausted: {tc.max_failures} worker-group restart(s) from the "
-                f"latest checkpoint, max_failures={tc.max_failures}")
+        what = (
+            f"failed and its restarts are exhausted: {tc.max_failures} worker-group restart(s) from the "
+            f"latest checkpoint, max_failures={tc.max_failures}"
+        )
     else:
         what = "failed on its first worker error: restarts are off (max_failures=0)"
     step = resume_step(p.storage_path, p.run_name)
     if step is not None:
         resume = f"re-run the same command (without --force) to resume from step {step}"
     else:
-        resume = (f"it has no resume checkpoint yet (the first comes at step {min(tc.checkpoint_every, tc.steps)}), "
-                  "so re-running the same command starts it again from step 0")
-    return (f"{p.stage} run {p.run_name!r} {what}. Its resume checkpoints are under {where}: {resume}; "
-            f"{p.stage}.max_failures sets how many lost workers one run survives. "
-            f"The error: {type(error).__name__}: {error}")
+        resume = (
+            f"it has no resume checkpoint yet (the first comes at step {min(tc.checkpoint_every, tc.steps)}), "
+            "so re-running the same command starts it again from step 0"
+        )
+    return (
+        f"{p.stage} run {p.run_name!r} {what}. Its resume checkpoints are under {where}: {resume}; "
+        f"{p.stage}.max_failures sets how many lost workers one run survives. "
+        f"The error: {type(error).__name__}: {error}"
+    )

@@ -1,5 +1,4 @@
-"""The DeepSpeed config of a training run, generated from the typed TrainConfig (never hand-kept JSON).
-"""
+"""The DeepSpeed config of a training run, generated from the typed TrainConfig (never hand-kept JSON)."""
 
 from __future__ import annotations
 
@@ -34,7 +33,9 @@ def deepspeed_config(tc: TrainConfig, num_params: int | None = None) -> dict[str
     if tc.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_stage={tc.zero_stage!r} is invalid: must be one of 0, 1, 2, 3")
     if tc.precision not in PRECISIONS:
-        raise ConfigError(f"precision={tc.precision!r} is invalid: must be one of {', '.join(PRECISIONS)}")
+        raise ConfigError(
+            f"precision={tc.precision!r} is invalid: must be one of {', '.join(PRECISIONS)}"
+        )
     zero: dict[str, Any] = {"stage": tc.zero_stage}
     reduce_bucket, prefetch_bucket = bucket_sizes(num_params)
     if tc.zero_stage >= 1:
@@ -58,7 +59,11 @@ def deepspeed_config(tc: TrainConfig, num_params: int | None = None) -> dict[str
         "bf16": {"enabled": tc.precision == "bf16"},
         # fp32 weights, gradients and optimizer state; matmuls in bf16 under torch.autocast
         "torch_autocast": {"enabled": tc.precision == "bf16-autocast", "dtype": "bfloat16"},
-        "fp16": {"enabled": tc.precision == "fp16", "initial_scale_power": 16, "loss_scale_window": 500},
+        "fp16": {
+            "enabled": tc.precision == "fp16",
+            "initial_scale_power": 16,
+            "loss_scale_window": 500,
+        },
         "scheduler": {
             "type": "WarmupCosineLR",
             "params": {
@@ -76,6 +81,11 @@ def deepspeed_config(tc: TrainConfig, num_params: int | None = None) -> dict[str
     if tc.offload_optimizer:
         config["optimizer"] = {
             "type": "AdamW",
-            "params": {"lr": tc.lr, "betas": [tc.beta1, tc.beta2], "eps": 1e-8, "weight_decay": tc.weight_decay},
+            "params": {
+                "lr": tc.lr,
+                "betas": [tc.beta1, tc.beta2],
+                "eps": 1e-8,
+                "weight_decay": tc.weight_decay,
+            },
         }
     return config

@@ -21,7 +21,10 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
 class UpdateGate:
@@ -58,8 +61,11 @@ def init_engine(tc: TrainConfig, ds_config: dict[str, Any], model: torch.nn.Modu
             kwargs["fused"] = True
         optimizer = torch.optim.AdamW(groups, **kwargs)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
-        config=ds_config, dist_init_required=False,
+        model=model,
+        optimizer=optimizer,
+        model_parameters=groups if optimizer is None else None,
+        config=ds_config,
+        dist_init_required=False,
     )
     # basic_optimizer: the client AdamW, or DeepSpeed's own (CPU Adam) with offload; ZeRO and bf16
     # wrappers call its step() by attribute lookup, so the gate sees every update.

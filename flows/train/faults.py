@@ -44,8 +44,10 @@ def parse(text: str) -> Faults:
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, _, value = item.partition("=")
         if key not in known or not value.lstrip("-").isdigit() or int(value) < -1:
-            raise ValueError(f"{ENV}={text!r}: {item!r} is not one of {', '.join(sorted(known))} "
-                             "set to an integer >= -1")
+            raise ValueError(
+                f"{ENV}={text!r}: {item!r} is not one of {', '.join(sorted(known))} "
+                "set to an integer >= -1"
+            )
         values[key] = int(value)
     return Faults(**values)
 
@@ -80,7 +82,9 @@ def marker(storage_path: str, run_name: str, step: int) -> Path | None:
     return Path(storage_path) / run_name / f"injected_failure_step{step}"
 
 
-def exit_once(faults: Faults, step: int, rank: int, world: int, storage_path: str, run_name: str) -> None:
+def exit_once(
+    faults: Faults, step: int, rank: int, world: int, storage_path: str, run_name: str
+) -> None:
     """Rank 1 (rank 0 if alone) exits the process at ``faults.fail_at_step``, the first time only."""
     if step != faults.fail_at_step or rank != min(1, world - 1):
         return

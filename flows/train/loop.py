@@ -58,8 +58,12 @@ from gptcore import Distillation
 log = logging.getLogger(__name__)
 
 
-def compute_loss(model: Any, batch: tuple[np.ndarray, np.ndarray, np.ndarray | None], device: torch.device,
-                 distill: Distillation | None = None) -> torch.Tensor:
+def compute_loss(
+    model: Any,
+    batch: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+    device: torch.device,
+    distill: Distillation | None = None,
+) -> torch.Tensor:
     """Mean next-token loss of a batch; with a loss mask (fine-tuning) only masked targets count.
 
     With `distill` (the teacher's targets for this batch) it is the distillation loss instead.
@@ -67,8 +71,13 @@ def compute_loss(model: Any, batch: tuple[np.ndarray, np.ndarray, np.ndarray | N
     x, y, m = batch
     mask = torch.from_numpy(m).to(device) if m is not None else None
     # return_logits=False: the fused chunked LM head + loss, no (B, T, vocab) logits in memory
-    _, loss = model(torch.from_numpy(x).to(device), targets=torch.from_numpy(y).to(device), loss_mask=mask,
-                    return_logits=False, distill=distill)
+    _, loss = model(
+        torch.from_numpy(x).to(device),
+        targets=torch.from_numpy(y).to(device),
+        loss_mask=mask,
+        return_logits=False,
+        distill=distill,
+    )
     return loss
 
 
@@ -104,18 +113,24 @@ def _build_model(spec: RunSpec):
 
 
 @torch.no_grad()
-def _evaluate(engine: Any, val: TokenWindows | None, tc: TrainConfig, device: torch.device) -> float | None:
+def _evaluate(
+    engine: Any, val: TokenWindows | None, tc: TrainConfig, device: torch.device
+) -> float | None:
     """Mean validation loss over every rank's fixed validation windows (a collective)."""
     if val is None:
         return None
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)  # on the device: nccl reduces no CPU tensors
+    total = torch.zeros(
+        2, dtype=torch.float64, device=device
+    )  # on the device: nccl reduces no CPU tensors
     windows = torch.tensor([len(val)], dtype=torch.int64, device=device)
     if dist.is_initialized():
         dist.all_reduce(windows, op=dist.ReduceOp.MIN)
     for batch in val.eval_batches(tc.eval_batches, tc.micro_batch_size, limit=int(windows)):
         loss = compute_loss(engine, batch, device)
-        total += torch.tensor([float(loss) * len(batch[0]), len(batch[0])], dtype=torch.float64, device=device)
+        total += torch.tensor(
+            [float(loss) * len(batch[0]), len(batch[0])], dtype=torch.float64, device=device
+        )
     engine.train()
     if dist.is_initialized():
         dist.all_reduce(total)
@@ -132,7 +147,9 @@ def _samples(engine: Any, tokenizer: Any, tc: TrainConfig) -> str:
     lines = []
     for prompt in tc.sample_prompts:
         ids = tokenizer.encode(prompt) or [tokenizer.eot_id]
-        out = generate(engine.module, ids, max_new_tokens=tc.sample_tokens, stop_ids=tokenizer.stop_ids)
+        out = generate(
+            engine.module, ids, max_new_tokens=tc.sample_tokens, stop_ids=tokenizer.stop_ids
+        )
         lines.append(f"--- {prompt!r}\n{prompt}{tokenizer.decode(out)}\n")
     engine.module.train()
     return "\n".join(lines)
@@ -168,10 +185,13 @@ def _resume(engine: Any, spec: RunSpec, rank: int) -> LoopState:
     state = load_checkpoint(engine, checkpoint, rank)
     log.info("rank %d resumed at step %d", rank, state.step)
     if state.step > spec.train.steps:
-        raise _stop(spec, (
-            f"run {spec.run_name!r} under {spec.storage_path} has a checkpoint at step {state.step}, past "
-            f"steps={spec.train.steps}: a run resumes into the same or more steps, never fewer; use another run_name"
-        ))
+        raise _stop(
+            spec,
+            (
+                f"run {spec.run_name!r} under {spec.storage_path} has a checkpoint at step {state.step}, past "
+                f"steps={spec.train.steps}: a run resumes into the same or more steps, never fewer; use another run_name"
+            ),
+        )
     return state
 
 
@@ -204,9 +224,19 @@ class _Step:
     """Measured by rank 0 itself (plain fp32 without ZeRO), else None: DeepSpeed's is read."""
 
 
-def _train_step(engine: Any, gate: UpdateGate, data: TokenWindows, teacher: Teacher | None, tc: TrainConfig,
-                state: LoopState, device: torch.device, rank: int, world: int, injected: faults.Faults,
-                own_grad_norm: bool) -> _Step:
+def _train_step(
+    engine: Any,
+    gate: UpdateGate,
+    data: TokenWindows,
+    teacher: Teacher | None,
+    tc: TrainConfig,
+    state: LoopState,
+    device: torch.device,
+    rank: int,
+    world: int,
+    injected: faults.Faults,
+    own_grad_norm: bool,
+) -> _Step:
     """The micro-batches of step ``state.step``, backward each, and one update that every rank skips
     together when any rank's loss was bad."""
     step, ga = state.step, tc.grad_accum
@@ -230,17 +260,26 @@ def _train_step(engine: Any, gate: UpdateGate, data: TokenWindows, teacher: Teac
             loss = loss * 0.0
         engine.backward(loss)
         if micro == ga - 1:
-            flags = torch.tensor([loss_sum / ga, float(bad), kd_sums[0] / ga, kd_sums[1] / ga],
-                                 dtype=torch.float64, device=device)
+            flags = torch.tensor(
+                [loss_sum / ga, float(bad), kd_sums[0] / ga, kd_sums[1] / ga],
+                dtype=torch.float64,
+                device=device,
+            )
             if world > 1:
-                dist.all_reduce(flags)  # one decision for all ranks: any rank's bad loss skips the step
+                dist.all_reduce(
+                    flags
+                )  # one decision for all ranks: any rank's bad loss skips the step
             bad = flags[1].item() > 0
             gate.skip = bad  # no optimizer update: weights and Adam state stay as they were
             if own_grad_norm:
                 grad_norm = gradient_norm(engine.module)
         engine.step()
     gate.skip = False
-    if engine.skipped_steps > ds_skipped and tc.precision != "fp16" and engine.lr_scheduler is not None:
+    if (
+        engine.skipped_steps > ds_skipped
+        and tc.precision != "fp16"
+        and engine.lr_scheduler is not None
+    ):
         # DeepSpeed skipped the update itself (a non-finite gradient norm under ZeRO or bf16) and,
         # unlike a gated skip, left the lr schedule where it was. Advance it: the schedule's clock
         # is the step count, which is also the data position and what a checkpoint resumes from.
@@ -249,7 +288,9 @@ def _train_step(engine: Any, gate: UpdateGate, data: TokenWindows, teacher: Teac
         bad = True
     if torch.cuda.is_available() and tc.use_gpu:
         torch.cuda.synchronize()
-    return _Step(float(flags[0]) / world, bad, float(flags[2]) / world, float(flags[3]) / world, grad_norm)
+    return _Step(
+        float(flags[0]) / world, bad, float(flags[2]) / world, float(flags[3]) / world, grad_norm
+    )
 
 
 def _count_skip(spec: RunSpec, state: LoopState, result: _Step) -> None:
@@ -257,37 +298,64 @@ def _count_skip(spec: RunSpec, state: LoopState, result: _Step) -> None:
     tc = spec.train
     if not result.bad:
         state.skipped_in_a_row = 0
-        state.loss_ema = result.loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * result.loss
+        state.loss_ema = (
+            result.loss if state.loss_ema is None else 0.9 * state.loss_ema + 0.1 * result.loss
+        )
         return
     state.skipped_total += 1
     state.skipped_in_a_row += 1
-    log.warning("step %d: loss %.4g is NaN/inf or a spike; update skipped (%d in a row)",
-                state.step, result.loss, state.skipped_in_a_row)
+    log.warning(
+        "step %d: loss %.4g is NaN/inf or a spike; update skipped (%d in a row)",
+        state.step,
+        result.loss,
+        state.skipped_in_a_row,
+    )
     if state.skipped_in_a_row >= tc.max_skipped_updates:
-        raise _stop(spec, (
-            f"training stopped at step {state.step}: {state.skipped_in_a_row} consecutive updates had a "
-            f"NaN/inf loss or a loss spike over {tc.loss_spike_factor}x the running mean; the last good "
-            f"resume checkpoint is kept under {spec.storage_path}/{spec.run_name}"
-        ))
+        raise _stop(
+            spec,
+            (
+                f"training stopped at step {state.step}: {state.skipped_in_a_row} consecutive updates had a "
+                f"NaN/inf loss or a loss spike over {tc.loss_spike_factor}x the running mean; the last good "
+                f"resume checkpoint is kept under {spec.storage_path}/{spec.run_name}"
+            ),
+        )
 
 
-def _evaluate_and_sample(engine: Any, val: TokenWindows | None, tokenizer: Any, tc: TrainConfig,
-                         device: torch.device, logger: AsyncLogger | None, step: int) -> float | None:
+def _evaluate_and_sample(
+    engine: Any,
+    val: TokenWindows | None,
+    tokenizer: Any,
+    tc: TrainConfig,
+    device: torch.device,
+    logger: AsyncLogger | None,
+    step: int,
+) -> float | None:
     """Validation loss (None without a validation split) and the sample generations, logged at `step`."""
     val_loss = _evaluate(engine, val, tc, device)
     text = _samples(engine, tokenizer, tc)
     if logger:
         if val_loss is not None:
-            logger.metrics({"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}, step)
+            logger.metrics(
+                {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}, step
+            )
         logger.text(text, f"samples/step_{step:08d}.txt")
     return val_loss
 
 
-def _log_step(logger: AsyncLogger, engine: Any, result: _Step, speed: Throughput, dt: float,
-              state: LoopState, distilling: bool) -> None:
+def _log_step(
+    logger: AsyncLogger,
+    engine: Any,
+    result: _Step,
+    speed: Throughput,
+    dt: float,
+    state: LoopState,
+    distilling: bool,
+) -> None:
     grad_norm = result.grad_norm if result.grad_norm is not None else engine.get_global_grad_norm()
     metrics = {
-        "loss": result.loss, "lr": engine.get_lr()[0], "tokens_per_s": speed.tokens_per_step / dt,
+        "loss": result.loss,
+        "lr": engine.get_lr()[0],
+        "tokens_per_s": speed.tokens_per_step / dt,
         "skipped_updates": state.skipped_total,
     }
     if grad_norm is not None and not result.bad:
@@ -316,31 +384,56 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
     logging.basicConfig(level=logging.INFO)
     injected = faults.from_env()  # test-only (flows/train/faults.py); none in normal use
 
-    rss_before_model = current_rss_bytes()  # what the planner's estimate is compared with grows from here
+    rss_before_model = (
+        current_rss_bytes()
+    )  # what the planner's estimate is compared with grows from here
     model, tokenizer = _build_model(spec)
     engine, gate = init_engine(tc, spec.deepspeed_config, model)
-    teacher = (Teacher(spec.teacher["bundle"], tc.precision, spec.teacher["alpha"], spec.teacher["temperature"],
-                       device) if spec.teacher else None)
+    teacher = (
+        Teacher(
+            spec.teacher["bundle"],
+            tc.precision,
+            spec.teacher["alpha"],
+            spec.teacher["temperature"],
+            device,
+        )
+        if spec.teacher
+        else None
+    )
     if tc.compile:
         engine.compile()  # lazily: the first forward pays the compile; checkpoints and export use engine.module
     T = spec.context_length
     data = TokenWindows(spec.dataset.path, spec.split, T, rank, world)
-    val = TokenWindows(spec.dataset.path, spec.eval_split, T, rank, world) if spec.eval_split else None
+    val = (
+        TokenWindows(spec.dataset.path, spec.eval_split, T, rank, world)
+        if spec.eval_split
+        else None
+    )
     state = _resume(engine, spec, rank)
     logger = _tracking(cfg, rank, world)
     progress = Sender(cfg.progress if rank == 0 else None)  # the driver's terminal line
-    peak = tc.peak_flops_per_device or default_peak_flops(tc.precision, tc.use_gpu, tc.cpus_per_worker)
-    speed = Throughput(tc.micro_batch_size * tc.grad_accum * T * world, cfg.flops_per_token, peak * world,
-                        first_step=state.step)
+    peak = tc.peak_flops_per_device or default_peak_flops(
+        tc.precision, tc.use_gpu, tc.cpus_per_worker
+    )
+    speed = Throughput(
+        tc.micro_batch_size * tc.grad_accum * T * world,
+        cfg.flops_per_token,
+        peak * world,
+        first_step=state.step,
+    )
     first_step = state.step
     # DeepSpeed keeps the gradient norm of every path but plain fp32 without ZeRO (it clips and
     # drops it there); rank 0 then measures it itself from the already all-reduced gradients.
-    own_grad_norm = logger is not None and tc.zero_stage == 0 and tc.precision in ("fp32", "bf16-autocast")
+    own_grad_norm = (
+        logger is not None and tc.zero_stage == 0 and tc.precision in ("fp32", "bf16-autocast")
+    )
 
     while state.step < tc.steps:
         faults.exit_once(injected, state.step, rank, world, spec.storage_path, spec.run_name)
         t0 = time.perf_counter()
-        result = _train_step(engine, gate, data, teacher, tc, state, device, rank, world, injected, own_grad_norm)
+        result = _train_step(
+            engine, gate, data, teacher, tc, state, device, rank, world, injected, own_grad_norm
+        )
         dt = time.perf_counter() - t0
         state.step += 1
         state.tokens_seen += speed.tokens_per_step
@@ -351,13 +444,21 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
         is_last = state.step == tc.steps
         if state.step % tc.eval_every == 0 or is_last:
             val_loss = _evaluate_and_sample(engine, val, tokenizer, tc, device, logger, state.step)
-        state.history.append([state.step, result.loss, val_loss if val_loss is not None else float("nan")])
+        state.history.append(
+            [state.step, result.loss, val_loss if val_loss is not None else float("nan")]
+        )
         if logger:
             _log_step(logger, engine, result, speed, dt, state, teacher is not None)
-        progress.step(state.step, tc.steps, loss=result.loss, tokens_per_s=speed.tokens_per_step / dt)
+        progress.step(
+            state.step, tc.steps, loss=result.loss, tokens_per_s=speed.tokens_per_step / dt
+        )
 
         if state.step % tc.checkpoint_every == 0 or is_last:
-            report = {"step": state.step, "loss": result.loss, "skipped_updates": state.skipped_total}
+            report = {
+                "step": state.step,
+                "loss": result.loss,
+                "skipped_updates": state.skipped_total,
+            }
             if val_loss is not None:
                 report["val_loss"] = val_loss
             if is_last:
@@ -368,18 +469,35 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
     _finish(engine, tokenizer, cfg, state, rank, first_step, logger)
 
 
-def _finish(engine: Any, tokenizer: Any, cfg: LoopConfig, state: LoopState, rank: int, first_step: int,
-            logger: AsyncLogger | None) -> None:
+def _finish(
+    engine: Any,
+    tokenizer: Any,
+    cfg: LoopConfig,
+    state: LoopState,
+    rank: int,
+    first_step: int,
+    logger: AsyncLogger | None,
+) -> None:
     """The loss curve, and the bundle with the run's figures in its metadata (every rank joins)."""
     spec = cfg.spec
     if logger and state.history:
-        logger.figure(loss_figure(state.history, f"{spec.stage} ({spec.run_name})"), "loss_curve.png")
-    export_bundle(engine, tokenizer, spec, rank, cfg.bundle_metadata | {
-        "steps": state.step, "skipped_updates": state.skipped_total,
-        "final_loss": state.history[-1][1] if state.history else None,
-        # The checkpoint step the last worker start resumed from (0: from scratch): a restart after a
-        # failure, or an earlier, shorter run of the same run_name (resumed into more steps).
-        "resumed_from_step": first_step,
-    })
+        logger.figure(
+            loss_figure(state.history, f"{spec.stage} ({spec.run_name})"), "loss_curve.png"
+        )
+    export_bundle(
+        engine,
+        tokenizer,
+        spec,
+        rank,
+        cfg.bundle_metadata
+        | {
+            "steps": state.step,
+            "skipped_updates": state.skipped_total,
+            "final_loss": state.history[-1][1] if state.history else None,
+            # The checkpoint step the last worker start resumed from (0: from scratch): a restart after a
+            # failure, or an earlier, shorter run of the same run_name (resumed into more steps).
+            "resumed_from_step": first_step,
+        },
+    )
     if logger:
         logger.close()

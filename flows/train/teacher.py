@@ -23,7 +23,9 @@ from gptcore import Distillation
 
 
 class Teacher:
-    def __init__(self, bundle: str, precision: str, alpha: float, temperature: float, device: torch.device):
+    def __init__(
+        self, bundle: str, precision: str, alpha: float, temperature: float, device: torch.device
+    ):
         from gptcore import load_bundle
 
         model, _, _ = load_bundle(bundle)
@@ -41,7 +43,9 @@ class Teacher:
         return Distillation(hidden, self.model.lm_head.weight, self.alpha, self.temperature)
 
 
-def loss_parts(kd: Distillation, batch: tuple[np.ndarray, np.ndarray, np.ndarray | None]) -> tuple[float, float]:
+def loss_parts(
+    kd: Distillation, batch: tuple[np.ndarray, np.ndarray, np.ndarray | None]
+) -> tuple[float, float]:
     """The mean cross-entropy and KL over the batch's kept positions, after the student's forward."""
     _, y, m = batch
     kept = (y != -1) if m is None else (y != -1) & m.astype(bool)

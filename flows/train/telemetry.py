@@ -44,7 +44,14 @@ def peak_rss_bytes() -> int:
 # tensor cores (fp32 uses TF32 rates). CPUs have no honest vendor figure; these are per core, the
 # matmul rates measured on this project's AVX-512 machines (STACK-NOTES: ~877 GFLOP/s bf16 and
 # ~206 fp32 on 2 threads), so CPU "MFU" reads as a fraction of achievable matmul throughput.
-_GPU_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
+_GPU_PEAK = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10": 125e12,
+    "L4": 121e12,
+}
 
 _CPU_PEAK_PER_CORE = {"bf16": 440e9, "bf16-autocast": 440e9, "fp16": 440e9, "fp32": 103e9}
 
@@ -140,23 +147,38 @@ class Throughput:
             self.timed_seconds += dt
 
     def tokens_per_s(self) -> float:
-        return self.tokens_per_step * self.timed_steps / self.timed_seconds if self.timed_seconds > 0 else float("nan")
+        return (
+            self.tokens_per_step * self.timed_steps / self.timed_seconds
+            if self.timed_seconds > 0
+            else float("nan")
+        )
 
     def figures(self, tokens_seen: int) -> dict[str, Any]:
         """The run's steady-state speed, for the last checkpoint's report."""
         tps = self.tokens_per_s()
-        return {"tokens_per_s": tps, "mfu": tps * self.flops_per_token / self.peak if self.peak > 0 else float("nan"),
-                "timed_steps": self.timed_steps, "tokens_seen": tokens_seen}
+        return {
+            "tokens_per_s": tps,
+            "mfu": tps * self.flops_per_token / self.peak if self.peak > 0 else float("nan"),
+            "timed_steps": self.timed_steps,
+            "tokens_seen": tokens_seen,
+        }
 
 
-def memory_figures(rss_before_model: int, use_gpu: bool, device: torch.device, world: int) -> dict[str, float]:
+def memory_figures(
+    rss_before_model: int, use_gpu: bool, device: torch.device, world: int
+) -> dict[str, float]:
     """The most memory any rank used (a collective), and rank 0's GPU peak, for the last report."""
-    mem = torch.tensor([float(peak_rss_bytes()), float(peak_rss_bytes() - rss_before_model)],
-                       dtype=torch.float64, device=device)
+    mem = torch.tensor(
+        [float(peak_rss_bytes()), float(peak_rss_bytes() - rss_before_model)],
+        dtype=torch.float64,
+        device=device,
+    )
     if world > 1:
         dist.all_reduce(mem, op=dist.ReduceOp.MAX)
-    figures = {"peak_rss_bytes_max_rank": float(mem[0]),
-               "rss_growth_bytes_max_rank": float(mem[1])}  # peak minus before the model was built
+    figures = {
+        "peak_rss_bytes_max_rank": float(mem[0]),
+        "rss_growth_bytes_max_rank": float(mem[1]),
+    }  # peak minus before the model was built
     if use_gpu:
         figures["peak_gpu_bytes_rank0"] = float(torch.cuda.max_memory_allocated(device))
     return figures

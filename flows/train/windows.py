@@ -99,7 +99,9 @@ def _windows_with_mask(mask: np.ndarray, n: int, T: int) -> np.ndarray:
     step = max(1, _MASK_CHUNK_TOKENS // T)
     for a in range(0, n, step):
         b = min(n, a + step)
-        targets = mask[a * T + 1 : b * T + 1].reshape(b - a, T)  # a view of the memmap: nothing copied
+        targets = mask[a * T + 1 : b * T + 1].reshape(
+            b - a, T
+        )  # a view of the memmap: nothing copied
         out[a:b] = targets.max(axis=1) > 0  # a uint8 reduction: no bool copy of the block
     return out
 
@@ -113,21 +115,30 @@ class TokenWindows:
     (they would give an empty loss). A rank's windows are numbered ``0 .. len-1`` in that order.
     """
 
-    def __init__(self, dataset: str | Path, split: str, context_length: int, rank: int = 0, world: int = 1):
+    def __init__(
+        self, dataset: str | Path, split: str, context_length: int, rank: int = 0, world: int = 1
+    ):
         root = Path(dataset)
         manifest = read_manifest(root, (split,))
         dtype = DTYPES[manifest["dtype"]]
         self.T = T = context_length
         self.split = split
         self.rank, self.world = rank, world
-        self.masked = split in MASKED_SPLITS  # fine-tuning examples: the loss counts completions only
+        self.masked = (
+            split in MASKED_SPLITS
+        )  # fine-tuning examples: the loss counts completions only
         shards = manifest["splits"][split]["shards"]
         self._tokens = [_open(root / s["file"], dtype, s["tokens"]) for s in shards]
-        self._masks = [_open(root / s["mask_file"], np.uint8, s["tokens"]) if self.masked else None for s in shards]
+        self._masks = [
+            _open(root / s["mask_file"], np.uint8, s["tokens"]) if self.masked else None
+            for s in shards
+        ]
         counts = [max(0, (len(t) - 1) // T) for t in self._tokens]
         # Global index of each shard's first window (and the total last): the whole unmasked index.
         self._first = np.cumsum([0, *counts], dtype=np.int64)
-        self._ids: np.ndarray | None = None  # masked splits: the global ids this rank owns, ascending
+        self._ids: np.ndarray | None = (
+            None  # masked splits: the global ids this rank owns, ascending
+        )
         if self.masked:
             owned = []
             for si, (mask, n) in enumerate(zip(self._masks, counts, strict=True)):
@@ -137,12 +148,19 @@ class TokenWindows:
             self._n = len(self._ids)
             dropped = (int(self._first[-1]) - rank + world - 1) // world - self._n
             if dropped:
-                log.info("%s: %d of rank %d's %d-token windows have no loss-mask bit and are left out",
-                         split, dropped, rank, T + 1)
+                log.info(
+                    "%s: %d of rank %d's %d-token windows have no loss-mask bit and are left out",
+                    split,
+                    dropped,
+                    rank,
+                    T + 1,
+                )
         else:
             self._n = max(0, (int(self._first[-1]) - rank + world - 1) // world)
         if not self._n:
-            raise DataError(f"{root}: split {split!r} has no {context_length + 1}-token window for rank {rank} of {world}")
+            raise DataError(
+                f"{root}: split {split!r} has no {context_length + 1}-token window for rank {rank} of {world}"
+            )
 
     def __len__(self) -> int:
         return self._n
@@ -153,7 +171,9 @@ class TokenWindows:
         if ids.size and (ids.min() < 0 or ids.max() >= self._n):
             raise IndexError(f"window ids must be in [0, {self._n}), got {ids.min()}..{ids.max()}")
         g = self._ids[ids] if self._ids is not None else ids * self.world + self.rank
-        shard = np.searchsorted(self._first, g, side="right") - 1  # the last shard starting at or before g
+        shard = (
+            np.searchsorted(self._first, g, side="right") - 1
+        )  # the last shard starting at or before g
         return shard, (g - self._first[shard]) * self.T
 
     def window_ids(self, seed: int, start: int, count: int) -> np.ndarray:
@@ -194,7 +214,9 @@ class TokenWindows:
         `limit` caps the windows; pass the minimum over ranks so every rank runs the same number of
         forwards (under ZeRO-3 each forward is a collective, and unequal counts hang).
         """
-        total = min(len(self), num_batches * micro_batch_size, limit if limit is not None else len(self))
+        total = min(
+            len(self), num_batches * micro_batch_size, limit if limit is not None else len(self)
+        )
         for i in range(0, total, micro_batch_size):
             yield self.batch(np.arange(i, min(i + micro_batch_size, total)))
 

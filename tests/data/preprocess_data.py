@@ -38,7 +38,9 @@ def write_corpus(root: Path, files: int = 24, jsonl_records: int = 40) -> Path:
 
 def shard_tokens(dataset: Path, manifest: dict, split: str) -> np.ndarray:
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-    parts = [np.fromfile(dataset / s["file"], dtype=dtype) for s in manifest["splits"][split]["shards"]]
+    parts = [
+        np.fromfile(dataset / s["file"], dtype=dtype) for s in manifest["splits"][split]["shards"]
+    ]
     return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 

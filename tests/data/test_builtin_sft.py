@@ -34,11 +34,17 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def records(workdir) -> list[dict]:
-    lines = (workdir / "corpus" / "python-sft" / corpus.SFT_FILE).read_text(encoding="utf-8").splitlines()
+    lines = (
+        (workdir / "corpus" / "python-sft" / corpus.SFT_FILE)
+        .read_text(encoding="utf-8")
+        .splitlines()
+    )
     return [json.loads(line) for line in lines]
 
 
-def test_two_materializations_are_byte_identical_and_the_second_call_is_free(workdir, tmp_path, monkeypatch):
+def test_two_materializations_are_byte_identical_and_the_second_call_is_free(
+    workdir, tmp_path, monkeypatch
+):
     first = workdir / "corpus" / "python-sft"
     _fresh()
     monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "another-cache"))
@@ -51,7 +57,9 @@ def test_two_materializations_are_byte_identical_and_the_second_call_is_free(wor
     assert {p.name: p.stat().st_mtime_ns for p in again.iterdir()} == before
 
 
-def test_a_new_workdir_copies_the_machines_built_corpus_without_parsing_the_stdlib(tmp_path, monkeypatch):
+def test_a_new_workdir_copies_the_machines_built_corpus_without_parsing_the_stdlib(
+    tmp_path, monkeypatch
+):
     monkeypatch.setenv("GPTFLOW_CACHE", str(tmp_path / "cache"))
     first = corpus.materialize_sft(tmp_path / "a" / "python-sft")
     _fresh()
@@ -60,7 +68,9 @@ def test_a_new_workdir_copies_the_machines_built_corpus_without_parsing_the_stdl
     assert second != first and not second.is_symlink()
     for name in ("DONE", corpus.SFT_FILE):
         assert (first / name).read_bytes() == (second / name).read_bytes()
-    built = [p.name for p in (tmp_path / "cache" / "corpus").iterdir() if not p.name.startswith(".")]
+    built = [
+        p.name for p in (tmp_path / "cache" / "corpus").iterdir() if not p.name.startswith(".")
+    ]
     assert len(built) == 1 and built[0].startswith(f"{corpus.SFT_NAME}-")
 
 
@@ -71,7 +81,9 @@ def test_records_are_prompt_completion_pairs_of_bounded_size(records):
         c = r["completion"]
         assert corpus.MIN_COMPLETION_CHARS <= len(c) <= corpus.MAX_COMPLETION_CHARS
         assert c == " ".join(c.split()), "completions are whitespace-normalised"
-    assert len({r["completion"] for r in records}) == len(records), "one pair per distinct completion"
+    assert len({r["completion"] for r in records}) == len(records), (
+        "one pair per distinct completion"
+    )
 
 
 def test_prompts_are_signatures_of_public_stdlib_definitions(records):
@@ -81,7 +93,9 @@ def test_prompts_are_signatures_of_public_stdlib_definitions(records):
         qualname = comment[2:]
         parts = qualname.split(".")
         assert not any(p.startswith("_") for p in parts), qualname  # private names and modules
-        assert not any(p in ("test", "tests") or p.startswith("test_") for p in parts[:-1]), qualname
+        assert not any(p in ("test", "tests") or p.startswith("test_") for p in parts[:-1]), (
+            qualname
+        )
         tree = ast.parse(r["prompt"] + '"""\n')  # close the opened docstring: valid Python
         (node,) = tree.body
         assert isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
@@ -111,9 +125,13 @@ def test_the_stage_turns_the_pairs_into_sft_and_sft_val(workdir, records, tmp_pa
     from flows.data.stage import preprocess
     from gptcore import Tokenizer
 
-    tok = Tokenizer.train([r["completion"] for r in records], vocab_size=512).save(tmp_path / "tok.json")
+    tok = Tokenizer.train([r["completion"] for r in records], vocab_size=512).save(
+        tmp_path / "tok.json"
+    )
     data = DataConfig(inputs=(), sft_inputs=("builtin:python-sft",), tokenizer_path=str(tok))
-    out = preprocess(data, tmp_path / "out", StepContext(workdir=workdir))  # finds the written corpus
+    out = preprocess(
+        data, tmp_path / "out", StepContext(workdir=workdir)
+    )  # finds the written corpus
     m = read_manifest(out, verify=True)
     assert m["sft_examples"] == {"kept": len(records), "dropped": {}, "locations": {}}
     assert m["splits"]["sft_val"]["examples"] == sft_val_count(len(records), data) > 0

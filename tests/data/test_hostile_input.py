@@ -32,18 +32,37 @@ ANY_CHAR = st.characters(codec=None, categories=None, exclude_categories=())
 ANY_TEXT = st.text(ANY_CHAR, max_size=40)
 HUGE = "HUGEINT"  # stands for a 5000-digit integer (json.dumps cannot write one; json.loads refuses it)
 SCALARS = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), ANY_TEXT, st.just(HUGE))
-VALUES = st.recursive(SCALARS, lambda c: st.lists(c, max_size=3) | st.dictionaries(ANY_TEXT, c, max_size=3),
-                      max_leaves=8)
+VALUES = st.recursive(
+    SCALARS,
+    lambda c: st.lists(c, max_size=3) | st.dictionaries(ANY_TEXT, c, max_size=3),
+    max_leaves=8,
+)
 HOSTILE = [
     b'{"text": "lone \\ud800 surrogate, escaped"}',
-    '{"text": "lone \ud800 surrogate, raw"}'.encode("utf-8", "surrogatepass"),  # invalid UTF-8 bytes
+    '{"text": "lone \ud800 surrogate, raw"}'.encode(
+        "utf-8", "surrogatepass"
+    ),  # invalid UTF-8 bytes
     b'{"text": "a huge number follows", "id": ' + b"9" * 5000 + b"}",
     b'{"text": ' + b"9" * 5000 + b"}",
     b"[" * 5000 + b"]" * 5000,
-    b'{"text": NaN}', b"NaN", b"-Infinity", b"null", b"[]", b"{}", b'"just a string"',
-    b'{"text": "nul\\u0000byte \\u0007bell \\u200b"}', b"\xef\xbb\xbf" + b'{"text": "a byte-order mark"}',
-    b"\x00\x00\x00", b"\xff\xfe\xfd", b'{"text": ["a", "list"]}', b'{"text": {"a": "dict"}}',
-    b"{,}", b"tru", b"01", b"[1,]", b'{"text": "x" "y"}',
+    b'{"text": NaN}',
+    b"NaN",
+    b"-Infinity",
+    b"null",
+    b"[]",
+    b"{}",
+    b'"just a string"',
+    b'{"text": "nul\\u0000byte \\u0007bell \\u200b"}',
+    b"\xef\xbb\xbf" + b'{"text": "a byte-order mark"}',
+    b"\x00\x00\x00",
+    b"\xff\xfe\xfd",
+    b'{"text": ["a", "list"]}',
+    b'{"text": {"a": "dict"}}',
+    b"{,}",
+    b"tru",
+    b"01",
+    b"[1,]",
+    b'{"text": "x" "y"}',
 ]
 
 
@@ -58,15 +77,48 @@ JSON_BYTES = st.one_of(
     st.tuples(st.fixed_dictionaries({"text": ANY_TEXT}), st.booleans()).map(lambda v: dump(*v)),
     st.sampled_from(HOSTILE),
 )
-LINES = st.one_of(JSON_BYTES, st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"")),
-                  st.sampled_from([b"", b"  \r", b"\t"]))
+LINES = st.one_of(
+    JSON_BYTES,
+    st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"")),
+    st.sampled_from([b"", b"  \r", b"\t"]),
+)
 # Bytes that steer a JSON scanner: brackets, quotes, escapes, separators, BOMs, broken UTF-8.
-STRUCTURED_GARBAGE = st.lists(st.sampled_from(
-    [b"[", b"]", b"{", b"}", b'"', b"\\", b",", b":", b"\n", b" ", b"a", b'"text"', b"1", b"\xef\xbb\xbf",
-     b"\x00", b"\xff", b"\xed\xa0\x80", b"\\u", b"\r\n"]), max_size=60).map(b"".join)
+STRUCTURED_GARBAGE = st.lists(
+    st.sampled_from(
+        [
+            b"[",
+            b"]",
+            b"{",
+            b"}",
+            b'"',
+            b"\\",
+            b",",
+            b":",
+            b"\n",
+            b" ",
+            b"a",
+            b'"text"',
+            b"1",
+            b"\xef\xbb\xbf",
+            b"\x00",
+            b"\xff",
+            b"\xed\xa0\x80",
+            b"\\u",
+            b"\r\n",
+        ]
+    ),
+    max_size=60,
+).map(b"".join)
 WS = st.sampled_from([b"", b" ", b"\n", b"\r\n  ", b"\t"])
-HYPOTHESIS = settings(max_examples=100, deadline=None, suppress_health_check=[
-    HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large])
+HYPOTHESIS = settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 
 
 def _data(**overrides) -> DataConfig:
@@ -109,13 +161,20 @@ def physical_lines(blob: bytes) -> list[bytes]:
 
 
 @HYPOTHESIS
-@given(lines=st.lists(LINES, max_size=12), final_newline=st.booleans(), ranges=st.integers(1, 8),
-       cap=st.one_of(st.integers(1, 200), st.just(1 << 20)), block=st.integers(1, 50))
+@given(
+    lines=st.lists(LINES, max_size=12),
+    final_newline=st.booleans(),
+    ranges=st.integers(1, 8),
+    cap=st.one_of(st.integers(1, 200), st.just(1 << 20)),
+    block=st.integers(1, 50),
+)
 def test_every_jsonl_line_is_kept_or_counted(tmp_path, lines, final_newline, ranges, cap, block):
     blob = b"\n".join(lines) + (b"\n" if final_newline else b"")
     path = tmp_path / "hostile.jsonl"
     path.write_bytes(blob)
-    data = _data(work_unit_bytes=max(1, len(blob) // ranges), max_line_bytes=cap)  # byte ranges cut lines
+    data = _data(
+        work_unit_bytes=max(1, len(blob) // ranges), max_line_bytes=cap
+    )  # byte ranges cut lines
     with _blocks_of(block):
         docs, stats = read(path, data)
     if not blob:
@@ -130,13 +189,28 @@ def test_every_jsonl_line_is_kept_or_counted(tmp_path, lines, final_newline, ran
 
 
 @HYPOTHESIS
-@example(elements=[(b"", b'"a document"')], tail=b"", prefix=b"\xef\xbb\xbf", cap=1 << 20, block=1,
-         gz=False)  # a byte-order mark cut by block boundaries
-@example(elements=[], tail=b"\r\n  ", prefix=b"", cap=1, block=1, gz=False)  # "[ ]" longer than the cap
-@given(elements=st.lists(st.tuples(WS, JSON_BYTES), max_size=10), tail=WS,
-       prefix=st.sampled_from([b"", b"\xef\xbb\xbf", b" \n"]), cap=st.one_of(st.integers(1, 300), st.just(1 << 20)),
-       block=st.integers(1, 50), gz=st.booleans())
-def test_every_json_array_element_is_kept_or_counted(tmp_path, elements, tail, prefix, cap, block, gz):
+@example(
+    elements=[(b"", b'"a document"')],
+    tail=b"",
+    prefix=b"\xef\xbb\xbf",
+    cap=1 << 20,
+    block=1,
+    gz=False,
+)  # a byte-order mark cut by block boundaries
+@example(
+    elements=[], tail=b"\r\n  ", prefix=b"", cap=1, block=1, gz=False
+)  # "[ ]" longer than the cap
+@given(
+    elements=st.lists(st.tuples(WS, JSON_BYTES), max_size=10),
+    tail=WS,
+    prefix=st.sampled_from([b"", b"\xef\xbb\xbf", b" \n"]),
+    cap=st.one_of(st.integers(1, 300), st.just(1 << 20)),
+    block=st.integers(1, 50),
+    gz=st.booleans(),
+)
+def test_every_json_array_element_is_kept_or_counted(
+    tmp_path, elements, tail, prefix, cap, block, gz
+):
     raws = [ws + e for ws, e in elements]
     if raws:
         raws[-1] += tail
@@ -149,17 +223,27 @@ def test_every_json_array_element_is_kept_or_counted(tmp_path, elements, tail, p
     if looks_binary(blob[:8192]):
         assert not docs and stats.dropped == {"binary": 1}
         return
-    assert max(1, len(raws)) == len(docs) + sum(stats.dropped.values()), stats.dropped  # [] is one "empty"
+    assert max(1, len(raws)) == len(docs) + sum(stats.dropped.values()), (
+        stats.dropped
+    )  # [] is one "empty"
     assert docs == [d for raw in raws if len(raw) <= cap for d in reference(raw, data)]
     assert stats.dropped["record_too_long"] == sum(len(raw) > cap for raw in raws)
 
 
 @HYPOTHESIS
-@given(blob=st.one_of(st.binary(max_size=300), STRUCTURED_GARBAGE,
-                      st.lists(LINES, max_size=6).map(b"\n".join)),
-       suffix=st.sampled_from([".txt", ".md", ".jsonl", ".json", ".json.gz", ".jsonl.gz", ".txt.zst"]),
-       cut=st.booleans(), ranges=st.integers(1, 8), block=st.integers(1, 40), cap=st.integers(1, 100))
-def test_any_bytes_through_any_reader_are_read_or_counted(tmp_path, blob, suffix, cut, ranges, block, cap):
+@given(
+    blob=st.one_of(
+        st.binary(max_size=300), STRUCTURED_GARBAGE, st.lists(LINES, max_size=6).map(b"\n".join)
+    ),
+    suffix=st.sampled_from([".txt", ".md", ".jsonl", ".json", ".json.gz", ".jsonl.gz", ".txt.zst"]),
+    cut=st.booleans(),
+    ranges=st.integers(1, 8),
+    block=st.integers(1, 40),
+    cap=st.integers(1, 100),
+)
+def test_any_bytes_through_any_reader_are_read_or_counted(
+    tmp_path, blob, suffix, cut, ranges, block, cap
+):
     import zstandard
 
     path = tmp_path / f"any{suffix}"
@@ -169,14 +253,20 @@ def test_any_bytes_through_any_reader_are_read_or_counted(tmp_path, blob, suffix
         stored = stored[: len(stored) // 2]  # a truncated archive
     path.write_bytes(stored)
     with _blocks_of(block):
-        docs, stats = read(path, _data(work_unit_bytes=max(1, len(blob) // ranges), max_line_bytes=cap))
+        docs, stats = read(
+            path, _data(work_unit_bytes=max(1, len(blob) // ranges), max_line_bytes=cap)
+        )
     assert docs or stats.dropped or not stored  # nothing vanishes without a count
     assert all(isinstance(n, int) and n > 0 for n in stats.dropped.values())
 
 
 @HYPOTHESIS
-@given(text=st.text(ANY_CHAR, max_size=300), form=st.sampled_from(["NFC", "NFKC", "none"]),
-       controls=st.booleans(), max_doc=st.integers(1, 120))
+@given(
+    text=st.text(ANY_CHAR, max_size=300),
+    form=st.sampled_from(["NFC", "NFKC", "none"]),
+    controls=st.booleans(),
+    max_doc=st.integers(1, 120),
+)
 def test_the_cleaner_turns_any_string_into_utf8_text_or_a_count(text, form, controls, max_doc):
     data = _data(unicode_normalization=form, drop_control_chars=controls, max_doc_chars=max_doc)
     stats = UnitStats()
@@ -191,31 +281,52 @@ def test_the_cleaner_turns_any_string_into_utf8_text_or_a_count(text, form, cont
 
 
 @HYPOTHESIS
-@given(record=st.one_of(
-    st.fixed_dictionaries({"prompt": ANY_TEXT, "completion": ANY_TEXT}),
-    st.fixed_dictionaries({"messages": st.lists(st.fixed_dictionaries(
-        {"role": st.one_of(st.sampled_from(["user", "assistant"]), ANY_TEXT), "content": ANY_TEXT}),
-        max_size=3)}),
-    VALUES))
+@given(
+    record=st.one_of(
+        st.fixed_dictionaries({"prompt": ANY_TEXT, "completion": ANY_TEXT}),
+        st.fixed_dictionaries(
+            {
+                "messages": st.lists(
+                    st.fixed_dictionaries(
+                        {
+                            "role": st.one_of(st.sampled_from(["user", "assistant"]), ANY_TEXT),
+                            "content": ANY_TEXT,
+                        }
+                    ),
+                    max_size=3,
+                )
+            }
+        ),
+        VALUES,
+    )
+)
 def test_any_fine_tuning_record_tokenizes_or_is_counted(tiny_tokenizer, record):
     stats = UnitStats()
     parts = sft.segments(record, _data(), stats)
     assert (parts is None) == bool(stats.dropped)
     if parts is not None:
-        (ids, mask), = sft.tokenize_examples([parts], tiny_tokenizer)  # the tokenizer takes any of it
+        ((ids, mask),) = sft.tokenize_examples(
+            [parts], tiny_tokenizer
+        )  # the tokenizer takes any of it
         assert len(ids) == len(mask) and mask[-1] == 1
 
 
 @HYPOTHESIS
-@given(values=st.lists(st.one_of(st.none(), st.text(max_size=30)), max_size=40),
-       kind=st.sampled_from(["string", "binary", "int"]), group=st.integers(1, 8), unit=st.integers(1, 600))
+@given(
+    values=st.lists(st.one_of(st.none(), st.text(max_size=30)), max_size=40),
+    kind=st.sampled_from(["string", "binary", "int"]),
+    group=st.integers(1, 8),
+    unit=st.integers(1, 600),
+)
 def test_every_parquet_row_is_kept_or_counted_at_its_row(tmp_path, values, kind, group, unit):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    column = {"string": pa.array(values, pa.string()),
-              "binary": pa.array([None if v is None else v.encode() for v in values], pa.binary()),
-              "int": pa.array([None if v is None else len(v) for v in values], pa.int64())}[kind]
+    column = {
+        "string": pa.array(values, pa.string()),
+        "binary": pa.array([None if v is None else v.encode() for v in values], pa.binary()),
+        "int": pa.array([None if v is None else len(v) for v in values], pa.int64()),
+    }[kind]
     path = tmp_path / "rows.parquet"
     pq.write_table(pa.table({"text": column}), path, row_group_size=group)
     docs, stats = read(path, _data(work_unit_bytes=unit))
@@ -238,7 +349,11 @@ USED_TO_CRASH = [
     # json.loads keeps a lone surrogate escape; "abc\ud800".encode("utf-8") in clean_unit raised.
     ("surrogate", b'{"text": "a lone \\ud800 surrogate in an otherwise fine document"}', None),
     # Python refuses to turn more than 4300 digits into an int: json.loads raised ValueError.
-    ("huge_int_field", b'{"text": "a fine document with a huge id", "id": ' + b"1" * 5000 + b"}", None),
+    (
+        "huge_int_field",
+        b'{"text": "a fine document with a huge id", "id": ' + b"1" * 5000 + b"}",
+        None,
+    ),
     ("huge_int_text", b'{"text": ' + b"1" * 5000 + b"}", "bad_text_field"),
     # Nesting deeper than the parser's recursion limit: RecursionError, not a JSONDecodeError.
     ("deep", b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "json_too_deep"),
@@ -269,7 +384,7 @@ def test_a_lone_surrogate_in_a_fine_tuning_record_no_longer_fails_its_batch(tiny
     # The tokenizer raised TypeError on the string, taking the whole batch (and unit) with it.
     stats = UnitStats()
     parts = sft.segments({"prompt": "say \ud800", "completion": " ok \udfff"}, _data(), stats)
-    (ids, _), = sft.tokenize_examples([parts], tiny_tokenizer)
+    ((ids, _),) = sft.tokenize_examples([parts], tiny_tokenizer)
     assert ids and stats.repaired == {"invalid_unicode": 2}
 
 
@@ -289,15 +404,24 @@ def test_an_unexpected_error_in_one_record_is_counted_and_the_rest_read_on(tmp_p
     assert docs == texts[:2] + texts[3:]
     assert stats.dropped == {"record_error.ZeroDivisionError": 1}
     assert stats.locations["record_error.ZeroDivisionError"] == [
-        {"file": str(path), "line": 3, "offset": sum(len(json.dumps({"text": t})) + 1 for t in texts[:2])}]
+        {
+            "file": str(path),
+            "line": 3,
+            "offset": sum(len(json.dumps({"text": t})) + 1 for t in texts[:2]),
+        }
+    ]
 
 
 def _parquet(path: Path, rows: int = 50) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"text": [document(i, 20) for i in range(rows)]}), path, row_group_size=10,
-                   compression="none")
+    pq.write_table(
+        pa.table({"text": [document(i, 20) for i in range(rows)]}),
+        path,
+        row_group_size=10,
+        compression="none",
+    )
     return path.read_bytes()
 
 
@@ -335,11 +459,17 @@ def test_a_corrupt_parquet_file_is_counted_not_raised(tmp_path):
 
 def test_locations_are_the_first_few_per_reason_in_input_order(tmp_path):
     path = tmp_path / "many.jsonl"
-    path.write_bytes(b"".join(b"{broken\n" if i % 2 else b'{"text": "fine enough text"}\n' for i in range(40)))
+    path.write_bytes(
+        b"".join(b"{broken\n" if i % 2 else b'{"text": "fine enough text"}\n' for i in range(40))
+    )
     docs, stats = read(path, _data())
     assert len(docs) == 20 and stats.dropped == {"malformed_json": 20}
-    assert [w["line"] for w in stats.locations["malformed_json"]] == [2, 4, 6, 8, 10][:MAX_LOCATIONS]
-    assert all(set(w) == {"file", "line", "offset"} for w in stats.locations["malformed_json"])  # no content
+    assert [w["line"] for w in stats.locations["malformed_json"]] == [2, 4, 6, 8, 10][
+        :MAX_LOCATIONS
+    ]
+    assert all(
+        set(w) == {"file", "line", "offset"} for w in stats.locations["malformed_json"]
+    )  # no content
 
 
 def test_the_manifest_says_where_hostile_records_were(tmp_path, ray_local):
@@ -350,27 +480,61 @@ def test_the_manifest_says_where_hostile_records_were(tmp_path, ray_local):
     root.mkdir()
     for i in range(4):
         (root / f"doc{i}.txt").write_text(document(i, 150))
-    lines = [json.dumps({"text": document(10, 60)}).encode(), *(r for _, r, _ in USED_TO_CRASH),
-             b"x" * 400_000, b"", json.dumps({"text": document(11, 60)}).encode()]
+    lines = [
+        json.dumps({"text": document(10, 60)}).encode(),
+        *(r for _, r, _ in USED_TO_CRASH),
+        b"x" * 400_000,
+        b"",
+        json.dumps({"text": document(11, 60)}).encode(),
+    ]
     (root / "hostile.jsonl").write_bytes(b"\n".join(lines) + b"\n")
     sft_file = tmp_path / "sft.jsonl"
-    sft_file.write_text(json.dumps({"prompt": "Q \ud800?", "completion": " A \udfff."}) + "\n[1, 2]\n")
-    cfg = PipelineConfig(workdir=str(tmp_path / "w"), tracking=TrackingConfig(enabled=False), data=DataConfig(
-        inputs=(str(root),), sft_inputs=(str(sft_file),), vocab_size=300, min_chars=16, val_fraction=0.0,
-        val_min_tokens=0, sft_val_fraction=0.0, sft_val_min_examples=0, max_line_bytes=300_000,
-        max_drop_fraction=1.0))  # mostly hostile on purpose: the counts are the point, not the limit
+    sft_file.write_text(
+        json.dumps({"prompt": "Q \ud800?", "completion": " A \udfff."}) + "\n[1, 2]\n"
+    )
+    cfg = PipelineConfig(
+        workdir=str(tmp_path / "w"),
+        tracking=TrackingConfig(enabled=False),
+        data=DataConfig(
+            inputs=(str(root),),
+            sft_inputs=(str(sft_file),),
+            vocab_size=300,
+            min_chars=16,
+            val_fraction=0.0,
+            val_min_tokens=0,
+            sft_val_fraction=0.0,
+            sft_val_min_examples=0,
+            max_line_bytes=300_000,
+            max_drop_fraction=1.0,
+        ),
+    )  # mostly hostile on purpose: the counts are the point, not the limit
     m = read_manifest(preprocess(cfg), verify=True)
     docs = m["documents"]
-    assert docs["kept"] == 4 + 4  # the text files, the two fine records, the surrogate one, the huge id
-    assert docs["dropped"] == {"bad_text_field": 1, "blank_line": 1, "json_too_deep": 1, "line_too_long": 1}
-    assert docs["repaired"] == {"invalid_unicode": 3}  # the JSONL record, the fine-tuning prompt and completion
+    assert (
+        docs["kept"] == 4 + 4
+    )  # the text files, the two fine records, the surrogate one, the huge id
+    assert docs["dropped"] == {
+        "bad_text_field": 1,
+        "blank_line": 1,
+        "json_too_deep": 1,
+        "line_too_long": 1,
+    }
+    assert docs["repaired"] == {
+        "invalid_unicode": 3
+    }  # the JSONL record, the fine-tuning prompt and completion
     # Byte offsets always; line numbers only where a worker read the file from its start (this
     # file is cut into 64 KiB ranges: the long line and the blank one are read from later ones).
     path = str(root / "hostile.jsonl")
     start = [sum(len(line) + 1 for line in lines[:k]) for k in range(len(lines))]
     assert {r: [(w["file"], w["offset"]) for w in ws] for r, ws in docs["locations"].items()} == {
-        "bad_text_field": [(path, start[3])], "json_too_deep": [(path, start[4])],
-        "line_too_long": [(path, start[5])], "blank_line": [(path, start[6])]}
+        "bad_text_field": [(path, start[3])],
+        "json_too_deep": [(path, start[4])],
+        "line_too_long": [(path, start[5])],
+        "blank_line": [(path, start[6])],
+    }
     assert m["sft_examples"]["kept"] == 1
-    assert m["sft_examples"]["locations"] == {"bad_sft_record": [{"file": str(sft_file), "line": 2,
-                                                                   "offset": sft_file.read_bytes().index(b"[1")}]}
+    assert m["sft_examples"]["locations"] == {
+        "bad_sft_record": [
+            {"file": str(sft_file), "line": 2, "offset": sft_file.read_bytes().index(b"[1")}
+        ]
+    }

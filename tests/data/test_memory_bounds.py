@@ -46,7 +46,9 @@ def _read(path: Path, data: DataConfig) -> tuple[list[str], UnitStats, int]:
     units = plan_units(inputs.describe([str(path)]), data)
     stats = UnitStats()
     with mock.patch.object(formats, "BLOCK_BYTES", BLOCK):
-        docs, peak = _peak_while(lambda: sum((len(d) for u in units for d in formats.iter_documents(u, data, stats)), 0))
+        docs, peak = _peak_while(
+            lambda: sum((len(d) for u in units for d in formats.iter_documents(u, data, stats)), 0)
+        )
     return docs, stats, peak
 
 
@@ -63,7 +65,9 @@ def test_a_json_array_is_read_one_element_at_a_time(tmp_path, gz):
     path.write_bytes(gzip.compress(blob) if gz else blob)
     chars, stats, peak = _read(path, _data())
     assert chars == sum(len(r["text"]) for r in records) and not stats.dropped
-    assert peak < len(blob) / 8, f"peak {peak:,} bytes reading a {len(blob):,}-byte array"  # it was 3x the file
+    assert peak < len(blob) / 8, (
+        f"peak {peak:,} bytes reading a {len(blob):,}-byte array"
+    )  # it was 3x the file
 
 
 def test_a_compressed_file_is_sized_by_what_it_decompresses_to(tmp_path):
@@ -88,11 +92,17 @@ def test_content_size_of_compressed_files(tmp_path):
         return content_size(inputs.describe([str(tmp_path / name)])[0])
 
     assert size_of("a.jsonl.gz", gzip.compress(blob)) == len(blob)  # the gzip trailer
-    assert size_of("b.jsonl.zst", zstandard.ZstdCompressor().compress(blob)) == len(blob)  # the frame header
+    assert size_of("b.jsonl.zst", zstandard.ZstdCompressor().compress(blob)) == len(
+        blob
+    )  # the frame header
     streamed = zstandard.ZstdCompressor().compressobj()  # no content size in the header: measured
     assert 0.5 < size_of("c.jsonl.zst", streamed.compress(blob) + streamed.flush()) / len(blob) < 2
     # Two members: the trailer holds only the last one's size, so the measured ratio is used.
-    assert 0.5 < size_of("d.jsonl.gz", gzip.compress(blob[:1000]) + gzip.compress(blob)) / len(blob) < 2
+    assert (
+        0.5
+        < size_of("d.jsonl.gz", gzip.compress(blob[:1000]) + gzip.compress(blob)) / len(blob)
+        < 2
+    )
     cut = gzip.compress(blob)[:20_000]  # truncated: the "trailer" is compressed data
     assert 20_000 <= size_of("e.jsonl.gz", cut) < 50 * len(blob)
     assert size_of("f.jsonl.gz", b"not gzip at all") == len(b"not gzip at all")
@@ -109,8 +119,13 @@ def test_a_jsonl_line_over_the_cap_is_counted_never_held(tmp_path, at_end):
     chars, stats, peak = _read(path, _data(max_line_bytes=cap))
     assert chars == sum(len(document(i, 60)) for i in range(4))  # every record after it is read
     assert stats.dropped == {"line_too_long": 1}
-    assert stats.locations["line_too_long"] == [{"file": str(path), "line": 5 if at_end else 2,
-                                                 "offset": len("\n".join(lines[: 4 if at_end else 1])) + 1}]
+    assert stats.locations["line_too_long"] == [
+        {
+            "file": str(path),
+            "line": 5 if at_end else 2,
+            "offset": len("\n".join(lines[: 4 if at_end else 1])) + 1,
+        }
+    ]
     assert peak < 2 * cap < len(huge) / 4, f"peak {peak:,} bytes on a {len(huge):,}-byte line"
 
 
@@ -142,15 +157,30 @@ def test_pass_2_reads_the_cleaned_unit_in_bounded_batches(tmp_path):
     tok_path = tmp_path / "tok.json"
     tok = Tokenizer.train([d.decode() for d in docs[:200]], vocab_size=400)
     tok.save(tok_path)
-    with mock.patch.object(tasks, "_BATCH_CHARS", 16 << 10), mock.patch.object(tasks, "_READ_BYTES", 64 << 10):
+    with (
+        mock.patch.object(tasks, "_BATCH_CHARS", 16 << 10),
+        mock.patch.object(tasks, "_READ_BYTES", 64 << 10),
+    ):
         tasks._load_tokenizer(str(tok_path))  # loaded once per worker, not what is measured
-        meta, peak = _peak_while(lambda: tasks.tokenize_unit(
-            WorkUnit(0, ()), _data(), str(work), str(tok_path), "uint16", spans=spans, val=val))
+        meta, peak = _peak_while(
+            lambda: tasks.tokenize_unit(
+                WorkUnit(0, ()), _data(), str(work), str(tok_path), "uint16", spans=spans, val=val
+            )
+        )
     total = offsets[-1]
-    assert peak < total / 8, f"peak {peak:,} bytes for a {total:,}-byte unit"  # it read the unit whole
+    assert peak < total / 8, (
+        f"peak {peak:,} bytes for a {total:,}-byte unit"
+    )  # it read the unit whole
     kept = [d.decode() for d, k in zip(docs, keep, strict=True) if k]
-    want = {s: [i for (text, v) in zip(kept, val, strict=True) if v == (s == "val")
-                for i in [*tok.encode(text, allow_special=False), tok.eot_id]] for s in ("train", "val")}
+    want = {
+        s: [
+            i
+            for (text, v) in zip(kept, val, strict=True)
+            if v == (s == "val")
+            for i in [*tok.encode(text, allow_special=False), tok.eot_id]
+        ]
+        for s in ("train", "val")
+    }
     for split in ("train", "val"):
         got = np.fromfile(work / "tok" / f"00000.{split}", dtype="<u2").tolist()
         assert got == want[split] and meta["tokens"][split] == len(got)

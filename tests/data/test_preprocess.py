@@ -26,7 +26,9 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def config(workdir: Path, tracking: bool = False, **data) -> PipelineConfig:
-    defaults = dict(vocab_size=512, min_chars=16, val_fraction=0.1, val_min_tokens=0, shard_tokens=4_000)
+    defaults = dict(
+        vocab_size=512, min_chars=16, val_fraction=0.1, val_min_tokens=0, shard_tokens=4_000
+    )
     defaults.update(data)
     return PipelineConfig(
         workdir=str(workdir), data=DataConfig(**defaults), tracking=TrackingConfig(enabled=tracking)
@@ -51,10 +53,17 @@ def test_dataset_directory_follows_the_contract(dataset, corpus):
     assert [i["path"] for i in m["inputs"]][0].endswith("doc000.txt")
     assert all(i["fingerprint"].startswith("sha256:") for i in m["inputs"])
     # 25 text files + 40 records, one exact duplicate dropped.
-    assert m["documents"] == {"kept": 64, "dropped": {"duplicate": 1}, "repaired": {}, "locations": {}}
+    assert m["documents"] == {
+        "kept": 64,
+        "dropped": {"duplicate": 1},
+        "repaired": {},
+        "locations": {},
+    }
     train, val = m["splits"]["train"], m["splits"]["val"]
     assert train["documents"] + val["documents"] == 64 and val["documents"] > 0
-    assert len(train["shards"]) > 1, "shard_tokens=4000 must cut the train split into several shards"
+    assert len(train["shards"]) > 1, (
+        "shard_tokens=4000 must cut the train split into several shards"
+    )
     assert all(s["tokens"] <= 4_000 for s in train["shards"])
     assert train["tokens"] == sum(s["tokens"] for s in train["shards"])
     assert m["splits"]["sft"] == {"shards": [], "tokens": 0, "examples": 0}
@@ -71,7 +80,9 @@ def test_shards_decode_to_the_cleaned_documents_in_input_order(dataset):
     expected = {document(i, 150 + 17 * i).strip() for i in range(24)}
     expected |= {document(1000 + i, 80).strip() for i in range(40)}
     assert sorted(docs) == sorted(expected)
-    train_docs = [tok.decode(d) for d in documents_of(shard_tokens(dataset, m, "train"), m["eot_id"])]
+    train_docs = [
+        tok.decode(d) for d in documents_of(shard_tokens(dataset, m, "train"), m["eot_id"])
+    ]
     order = [d for d in (document(i, 150 + 17 * i).strip() for i in range(24)) if d in train_docs]
     assert train_docs[: len(order)] == order  # input order kept within the split
 
@@ -134,11 +145,19 @@ def test_resume_after_the_driver_is_killed_mid_run(corpus, dataset, tmp_path, ca
     shards identical to an uninterrupted run."""
     import ray
 
-    args = dict(inputs=(str(corpus),), vocab_size=512, min_chars=16, val_fraction=0.1, val_min_tokens=0,
-                shard_tokens=4_000)
+    args = dict(
+        inputs=(str(corpus),),
+        vocab_size=512,
+        min_chars=16,
+        val_fraction=0.1,
+        val_min_tokens=0,
+        shard_tokens=4_000,
+    )
     script = _KILL_SCRIPT.replace("{args}", repr(args))
     env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
-    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)], env=env, start_new_session=True
+    )
     out = tmp_path / "preprocess" / dataset.name
     try:
         deadline = time.time() + 120
@@ -154,14 +173,19 @@ def test_resume_after_the_driver_is_killed_mid_run(corpus, dataset, tmp_path, ca
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-way"
     assert not (out / "DONE").exists()
-    done_units = {p: p.stat().st_mtime_ns for p in (out / "_work" / "clean").glob("*")
-                  if not p.name.startswith(".")}
+    done_units = {
+        p: p.stat().st_mtime_ns
+        for p in (out / "_work" / "clean").glob("*")
+        if not p.name.startswith(".")
+    }
     assert done_units
 
     with caplog.at_level("INFO", logger="flows.data.stage"):
         resumed = preprocess(config(tmp_path, inputs=(str(corpus),)))
     finished = len([p for p in done_units if p.suffix == ".json"])
-    resumed_msg = [r.getMessage() for r in caplog.records if "already done (resuming)" in r.getMessage()]
+    resumed_msg = [
+        r.getMessage() for r in caplog.records if "already done (resuming)" in r.getMessage()
+    ]
     assert resumed_msg and int(resumed_msg[0].split(": ")[1].split(" of ")[0]) >= finished
     assert resumed == out
     assert not list(resumed.rglob(".*.tmp-*")), "a temporary file of the killed run survived"
@@ -202,26 +226,44 @@ def test_sft_examples_carry_a_mask_over_the_completion_only(corpus, dataset, tmp
     sft_file = tmp_path / "sft.jsonl"
     records = [
         {"prompt": "Question: what is two plus two?\nAnswer:", "completion": " four"},
-        {"messages": [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Name a colour."},
-            {"role": "assistant", "content": "Blue."},
-            {"role": "user", "content": "Another?"},
-            {"role": "assistant", "content": "Red."},
-        ]},
+        {
+            "messages": [
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "Blue."},
+                {"role": "user", "content": "Another?"},
+                {"role": "assistant", "content": "Red."},
+            ]
+        },
         {"prompt": "no completion here"},
         {"messages": [{"role": "user", "content": "only a question"}]},
     ]
     sft_file.write_text("\n".join(json.dumps(r) for r in records) + "\n{not json\n")
-    out = preprocess(config(tmp_path, inputs=(), sft_inputs=(str(sft_file),), sft_val_fraction=0.0,
-                            sft_val_min_examples=0, tokenizer_path=str(dataset / "tokenizer.json"),
-                            max_drop_fraction=0.5))  # 2 of the 5 records are broken on purpose
+    out = preprocess(
+        config(
+            tmp_path,
+            inputs=(),
+            sft_inputs=(str(sft_file),),
+            sft_val_fraction=0.0,
+            sft_val_min_examples=0,
+            tokenizer_path=str(dataset / "tokenizer.json"),
+            max_drop_fraction=0.5,
+        )
+    )  # 2 of the 5 records are broken on purpose
     m = load_manifest(out, verify=True)
-    assert m["sft_examples"] == {"kept": 2, "dropped": {
-        "malformed_json": 1, "missing_prompt_or_completion": 1, "no_assistant_turn": 1}, "locations": {
-        "malformed_json": [{"file": str(sft_file), "line": 5, "offset": sft_file.read_text().rindex("{not")}],
-        "missing_prompt_or_completion": [{"file": str(sft_file), "line": 3, "offset": mock.ANY}],
-        "no_assistant_turn": [{"file": str(sft_file), "line": 4, "offset": mock.ANY}]}}
+    assert m["sft_examples"] == {
+        "kept": 2,
+        "dropped": {"malformed_json": 1, "missing_prompt_or_completion": 1, "no_assistant_turn": 1},
+        "locations": {
+            "malformed_json": [
+                {"file": str(sft_file), "line": 5, "offset": sft_file.read_text().rindex("{not")}
+            ],
+            "missing_prompt_or_completion": [
+                {"file": str(sft_file), "line": 3, "offset": mock.ANY}
+            ],
+            "no_assistant_turn": [{"file": str(sft_file), "line": 4, "offset": mock.ANY}],
+        },
+    }
     (shard,) = m["splits"]["sft"]["shards"]
     assert shard["examples"] == 2 and m["splits"]["train"]["shards"] == []
     ids = np.fromfile(out / shard["file"], dtype="<u2")
@@ -233,7 +275,10 @@ def test_sft_examples_carry_a_mask_over_the_completion_only(corpus, dataset, tmp
     m1, m2 = mask[: ends[0] + 1], mask[ends[0] + 1 : ends[1] + 1]
     assert tok.decode(first[m1 == 0]) == "Question: what is two plus two?\nAnswer:"
     assert tok.decode(first[m1 == 1]) == " four<|endoftext|>"
-    assert tok.decode(second) == "system: Be brief.\nuser: Name a colour.\nassistant: Blue.\nuser: Another?\nassistant: Red.\n<|endoftext|>"
+    assert (
+        tok.decode(second)
+        == "system: Be brief.\nuser: Name a colour.\nassistant: Blue.\nuser: Another?\nassistant: Red.\n<|endoftext|>"
+    )
     assert tok.decode(second[m2 == 1]) == "Blue.\nRed.\n<|endoftext|>"
 
 
@@ -244,27 +289,44 @@ def test_a_datasets_source_saved_to_disk_and_local_data_files(tmp_path, dataset)
     saved = tmp_path / "saved"
     datasets.Dataset.from_dict({"body": texts, "n": list(range(30))}).save_to_disk(str(saved))
     tok = str(dataset / "tokenizer.json")
-    out = preprocess(config(tmp_path / "w1", inputs=(), hf_dataset=str(saved), text_field="body", tokenizer_path=tok))
+    out = preprocess(
+        config(
+            tmp_path / "w1", inputs=(), hf_dataset=str(saved), text_field="body", tokenizer_path=tok
+        )
+    )
     m = load_manifest(out, verify=True)
     assert m["documents"]["kept"] == 30 and m["inputs"][0]["fingerprint"].startswith("hf:")
 
     files = tmp_path / "part.jsonl"
     files.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
-    out2 = preprocess(config(tmp_path / "w2", inputs=(), hf_dataset="json", hf_data_files=(str(files),),
-                             text_field="body", tokenizer_path=tok))
+    out2 = preprocess(
+        config(
+            tmp_path / "w2",
+            inputs=(),
+            hf_dataset="json",
+            hf_data_files=(str(files),),
+            text_field="body",
+            tokenizer_path=tok,
+        )
+    )
     m2 = load_manifest(out2)
     assert m2["documents"]["kept"] == 30
     for split in ("train", "val"):  # same documents, same order, same tokenizer: same tokens
         assert np.array_equal(shard_tokens(out, m, split), shard_tokens(out2, m2, split))
 
 
-def test_mlflow_run_has_params_counts_artifacts_and_the_input_dataset(corpus, tmp_path, monkeypatch):
+def test_mlflow_run_has_params_counts_artifacts_and_the_input_dataset(
+    corpus, tmp_path, monkeypatch
+):
     from mlflow.tracking import MlflowClient
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     out = preprocess(config(tmp_path, tracking=True, inputs=(str(corpus),)))
     client = MlflowClient(f"sqlite:///{tmp_path.resolve()}/mlflow.db")
-    runs = {r.info.run_name: r for r in client.search_runs([client.get_experiment_by_name("gptflow").experiment_id])}
+    runs = {
+        r.info.run_name: r
+        for r in client.search_runs([client.get_experiment_by_name("gptflow").experiment_id])
+    }
     assert set(runs) == {"pipeline", "preprocess"}  # the step's run, nested under the pipeline's
     run = runs["preprocess"]
     assert run.data.tags["mlflow.parentRunId"] == runs["pipeline"].info.run_id

@@ -17,16 +17,20 @@ from flows.data.inputs import InputError
 from tests.data.preprocess_data import document, documents_of, shard_tokens
 from tests.steps import preprocess
 
-GOOD = {name: document(seed, 120) for seed, name in enumerate(
-    ["good1.txt", "good2.md", "utf8.txt", "nul.txt", "control.txt", "crlf.txt", "good.txt.zst"]
-)}
+GOOD = {
+    name: document(seed, 120)
+    for seed, name in enumerate(
+        ["good1.txt", "good2.md", "utf8.txt", "nul.txt", "control.txt", "crlf.txt", "good.txt.zst"]
+    )
+}
 
 
 def config(workdir: Path, **data) -> PipelineConfig:
     defaults = dict(vocab_size=400, min_chars=16, val_fraction=0.0, val_min_tokens=0)
     defaults.update(data)
-    return PipelineConfig(workdir=str(workdir), data=DataConfig(**defaults),
-                          tracking=TrackingConfig(enabled=False))
+    return PipelineConfig(
+        workdir=str(workdir), data=DataConfig(**defaults), tracking=TrackingConfig(enabled=False)
+    )
 
 
 def _gzip_truncated(text: bytes) -> bytes:
@@ -46,7 +50,9 @@ def bad_corpus(tmp_path_factory) -> Path:
     c = GOOD["control.txt"]
     (root / "control.txt").write_bytes((c[:30] + "\x08\x07\x1b" + c[30:]).encode())
     (root / "crlf.txt").write_bytes(GOOD["crlf.txt"].replace("\n", "\r\n").encode())
-    (root / "good.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(GOOD["good.txt.zst"].encode()))
+    (root / "good.txt.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(GOOD["good.txt.zst"].encode())
+    )
     rng = random.Random(7)
     (root / "binary.txt").write_bytes(bytes(rng.randrange(256) for _ in range(20_000)))
     (root / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
@@ -123,7 +129,9 @@ def test_a_truncated_gzip_keeps_what_came_before_and_is_counted(result):
     m, docs = result
     assert m["documents"]["dropped"]["truncated_archive"] == 2  # cut.jsonl.gz and cut.txt.gz
     kept = [i for i in range(400) if document(200 + i, 60).strip() in docs]
-    assert kept and kept == list(range(len(kept))), "records before the cut must all be kept, in order"
+    assert kept and kept == list(range(len(kept))), (
+        "records before the cut must all be kept, in order"
+    )
     assert len(kept) < 400
 
 
@@ -142,8 +150,11 @@ def test_more_unreadable_records_than_max_drop_fraction_fail_and_name_the_file(t
     for i in range(3):
         (root / f"good{i}.txt").write_text(document(500 + i, 120))
     (root / "cut.txt.gz").write_bytes(_gzip_truncated(document(510, 3000).encode()))
-    with pytest.raises(InputError, match=r"data.inputs: 1 of 4 records \(25.0%\) could not be read, more than "
-                       r"data.max_drop_fraction=0.05 allows; worst files: .*cut.txt.gz: 1 truncated_archive"):
+    with pytest.raises(
+        InputError,
+        match=r"data.inputs: 1 of 4 records \(25.0%\) could not be read, more than "
+        r"data.max_drop_fraction=0.05 allows; worst files: .*cut.txt.gz: 1 truncated_archive",
+    ):
         preprocess(config(tmp_path / "w", inputs=(str(root),)))
     assert not list((tmp_path / "w" / "preprocess").glob("*/DONE"))
     assert not list((tmp_path / "w" / "preprocess").glob("*/manifest.json"))
@@ -164,7 +175,9 @@ def test_drops_by_design_do_not_count_against_max_drop_fraction(tmp_path, ray_lo
         (root / f"copy{i}.txt").write_text(document(600, 120))
     (root / "short.txt").write_text("tiny")
     (root / "empty.txt").write_bytes(b"")
-    m = load_manifest(preprocess(config(tmp_path / "w", inputs=(str(root),), max_drop_fraction=0.0)))
+    m = load_manifest(
+        preprocess(config(tmp_path / "w", inputs=(str(root),), max_drop_fraction=0.0))
+    )
     assert m["documents"]["kept"] == 1
     assert m["documents"]["dropped"] == {"duplicate": 3, "empty": 1, "too_short": 1}
 
@@ -208,7 +221,9 @@ def test_a_100mb_single_line_is_cut_into_pieces_in_bounded_ranges(tmp_path, ray_
     """No newline in 100 MB: byte ranges cut at character boundaries, pieces of max_doc_chars.
     The line repeats a 100-character sentence, so every 1M-character piece is the same document:
     one is kept and 99 are counted as duplicates (cheap to tokenize, yet every byte is read)."""
-    sentence = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+    sentence = (
+        "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
+    )
     sentence = sentence + "s" * (99 - len(sentence)) + " "
     assert len(sentence) == 100
     big = tmp_path / "c" / "line.txt"
@@ -217,8 +232,16 @@ def test_a_100mb_single_line_is_cut_into_pieces_in_bounded_ranges(tmp_path, ray_
     with open(big, "wb") as f:
         for _ in range(100):
             f.write(chunk)
-    out = preprocess(config(tmp_path, inputs=(str(big.parent),), work_unit_bytes=8_000_000,
-                            min_work_units=1, max_doc_chars=1_000_000, tokenizer_sample_chars=1_000_000))
+    out = preprocess(
+        config(
+            tmp_path,
+            inputs=(str(big.parent),),
+            work_unit_bytes=8_000_000,
+            min_work_units=1,
+            max_doc_chars=1_000_000,
+            tokenizer_sample_chars=1_000_000,
+        )
+    )
     m = load_manifest(out)
     assert m["work_units"]["text"] == 13  # ceil(100 MB / 8 MB): no worker reads the whole file
     assert m["documents"]["kept"] == 1 and m["documents"]["dropped"] == {"duplicate": 99}
@@ -236,12 +259,18 @@ def test_bom_json_and_literal_special_tokens_and_corrupt_zst(tmp_path, ray_local
     root.mkdir()
     docs = [document(300 + i, 60) for i in range(4)]
     bom = b"\xef\xbb\xbf"
-    (root / "a.jsonl").write_bytes(bom + "\n".join(json.dumps({"text": d}) for d in docs[:2]).encode())
-    (root / "b.json").write_bytes(bom + json.dumps([{"text": d} for d in docs[2:]], indent=2).encode())
+    (root / "a.jsonl").write_bytes(
+        bom + "\n".join(json.dumps({"text": d}) for d in docs[:2]).encode()
+    )
+    (root / "b.json").write_bytes(
+        bom + json.dumps([{"text": d} for d in docs[2:]], indent=2).encode()
+    )
     quoted = document(310, 60) + "The separator token is written <|endoftext|> in GPT-2 code.\n"
     (root / "quoted.txt").write_text(quoted)
     (root / "broken.txt.zst").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(200)))
-    out = preprocess(config(tmp_path / "w", inputs=(str(root),), max_drop_fraction=0.2))  # 1 of 6 lost
+    out = preprocess(
+        config(tmp_path / "w", inputs=(str(root),), max_drop_fraction=0.2)
+    )  # 1 of 6 lost
     manifest = load_manifest(out)
     assert manifest["documents"]["kept"] == 5, manifest["documents"]
     assert "malformed_json" not in manifest["documents"]["dropped"]

@@ -29,21 +29,35 @@ def test_jsonl_byte_ranges_return_every_record_once_in_order(tmp_path):
     texts = [f"record {i} " + "é∂ word " * (i % 37 + 5) for i in range(3000)]
     path.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts))
     whole, n_whole, _ = _docs([path], DataConfig(min_chars=1, min_work_units=1))
-    split, n_split, stats = _docs([path], DataConfig(min_chars=1, min_work_units=1, work_unit_bytes=10_000))
+    split, n_split, stats = _docs(
+        [path], DataConfig(min_chars=1, min_work_units=1, work_unit_bytes=10_000)
+    )
     assert n_whole == 1 and n_split > 20
     assert whole == split == texts and not stats.dropped
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Cf")), min_size=1, max_size=3000),
-       step=st.integers(min_value=1, max_value=400), newlines=st.booleans())
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    text=st.text(
+        alphabet=st.characters(blacklist_categories=("Cc", "Cs", "Cf")), min_size=1, max_size=3000
+    ),
+    step=st.integers(min_value=1, max_value=400),
+    newlines=st.booleans(),
+)
 def test_text_ranges_tile_the_file_at_character_boundaries(tmp_path, text, step, newlines):
     if newlines:
         text = text.replace("a", "\n")
     path = tmp_path / "t.txt"
     path.write_bytes(text.encode("utf-8"))
-    data = DataConfig(min_chars=0, max_doc_chars=step, work_unit_bytes=step, min_work_units=1,
-                      unicode_normalization="none")
+    data = DataConfig(
+        min_chars=0,
+        max_doc_chars=step,
+        work_unit_bytes=step,
+        min_work_units=1,
+        unicode_normalization="none",
+    )
     docs, _, stats = _docs([path], data)
     assert "invalid_utf8" not in stats.repaired  # no range was cut inside a character
     assert all(len(d) <= step for d in docs)

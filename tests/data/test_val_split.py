@@ -23,7 +23,9 @@ from tests.data.preprocess_data import document, documents_of, shard_tokens
 
 
 def run(tmp: Path, **data) -> tuple[Path, dict]:
-    cfg = DataConfig(**{"vocab_size": 512, "min_chars": 16, "tokenizer_sample_chars": 600_000, **data})
+    cfg = DataConfig(
+        **{"vocab_size": 512, "min_chars": 16, "tokenizer_sample_chars": 600_000, **data}
+    )
     out = preprocess(cfg, tmp / "out", StepContext(workdir=tmp))
     return out, read_manifest(out, verify=True)
 
@@ -32,9 +34,18 @@ def novel(seed: int, chars: int) -> str:
     """Pseudo-English that never repeats a 200-character window: Zipf-weighted words from a
     3,000-word made-up vocabulary, sentences and paragraphs of random lengths."""
     rng = random.Random(seed)
-    onsets, vowels, codas = "b c d f g h k l m n p r s t v w br cl dr gr pl st th tr".split(), "a e i o u ai ea ou".split(), ["", "n", "r", "s", "t", "ng", "ck"]
-    vocab = sorted({"".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.randint(1, 3))) + rng.choice(codas)
-                    for _ in range(3_000)})
+    onsets, vowels, codas = (
+        "b c d f g h k l m n p r s t v w br cl dr gr pl st th tr".split(),
+        "a e i o u ai ea ou".split(),
+        ["", "n", "r", "s", "t", "ng", "ck"],
+    )
+    vocab = sorted(
+        {
+            "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(rng.randint(1, 3)))
+            + rng.choice(codas)
+            for _ in range(3_000)
+        }
+    )
     weights = [1 / (i + 1) for i in range(len(vocab))]
     paragraphs, size = [], 0
     while size < chars:
@@ -56,7 +67,9 @@ def decoded_runs(out: Path, m: dict, split: str) -> list[str]:
     return [tok.decode(d) for d in documents_of(shard_tokens(out, m, split), m["eot_id"])]
 
 
-def test_six_long_documents_are_cut_into_pieces_and_val_shares_no_text_with_train(tmp_path, ray_local):
+def test_six_long_documents_are_cut_into_pieces_and_val_shares_no_text_with_train(
+    tmp_path, ray_local
+):
     six_novels = [novel(i, 300_000 + 60_000 * i) for i in range(6)]  # 300 to 600 KB each
     root = tmp_path / "in"
     root.mkdir()
@@ -119,7 +132,9 @@ def test_a_corpus_too_small_for_a_val_split_fails_before_ray(tmp_path, monkeypat
     root.mkdir()
     for i in range(3):
         (root / f"d{i}.txt").write_text(document(i, 300))  # ~6 KB in all
-    with pytest.raises(InputError, match=r"too little text for a validation split.*data\.val_min_tokens=20,000"):
+    with pytest.raises(
+        InputError, match=r"too little text for a validation split.*data\.val_min_tokens=20,000"
+    ):
         run(tmp_path, inputs=(str(root),))
     with pytest.raises(InputError, match=r"data\.val_fraction=0\.6"):
         run(tmp_path, inputs=(str(root),), val_fraction=0.6, val_min_tokens=0)
@@ -143,28 +158,52 @@ def test_the_exact_check_after_cleaning_refuses_what_the_sizes_could_not(tmp_pat
     for i in range(5):
         (root / f"d{i}.txt").write_text(document(100 + i, 1000))
     assert sum(p.stat().st_size for p in root.iterdir()) > 20_000
-    with pytest.raises(InputError, match=r"too little text for a validation split: 5 documents hold .* bytes after "
-                                         r"cleaning, about .* tokens"):
+    with pytest.raises(
+        InputError,
+        match=r"too little text for a validation split: 5 documents hold .* bytes after "
+        r"cleaning, about .* tokens",
+    ):
         run(tmp_path, inputs=(str(root),))
 
 
 def test_sft_val_count_follows_the_fraction_the_floor_and_the_bounds():
     data = DataConfig(sft_val_fraction=0.05, sft_val_min_examples=16)
-    assert [sft_val_count(n, data) for n in (0, 1, 2, 3, 10, 31, 32, 100, 1000)] == [0, 0, 1, 1, 1, 2, 16, 16, 50]
+    assert [sft_val_count(n, data) for n in (0, 1, 2, 3, 10, 31, 32, 100, 1000)] == [
+        0,
+        0,
+        1,
+        1,
+        1,
+        2,
+        16,
+        16,
+        50,
+    ]
     assert sft_val_count(100, DataConfig(sft_val_fraction=0.0, sft_val_min_examples=0)) == 0
-    assert sft_val_count(10, DataConfig(sft_val_fraction=0.9, sft_val_min_examples=0)) == 5  # at most half
+    assert (
+        sft_val_count(10, DataConfig(sft_val_fraction=0.9, sft_val_min_examples=0)) == 5
+    )  # at most half
 
 
 def test_fine_tuning_examples_get_a_disjoint_held_out_split(tmp_path, ray_local):
     from gptcore import Tokenizer
 
-    tok_path = Tokenizer.train([document(i, 200) for i in range(20)], vocab_size=300).save(tmp_path / "tok.json")
-    records = [{"prompt": f"Question {i}: {document(i, 12).strip()}\nAnswer:", "completion": " " + document(500 + i, 10)}
-               for i in range(120)]
+    tok_path = Tokenizer.train([document(i, 200) for i in range(20)], vocab_size=300).save(
+        tmp_path / "tok.json"
+    )
+    records = [
+        {
+            "prompt": f"Question {i}: {document(i, 12).strip()}\nAnswer:",
+            "completion": " " + document(500 + i, 10),
+        }
+        for i in range(120)
+    ]
     records += records[:10]  # exact repeats: never one copy in each split
     random.Random(0).shuffle(records)
     (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    out, m = run(tmp_path, inputs=(), sft_inputs=(str(tmp_path / "sft.jsonl"),), tokenizer_path=str(tok_path))
+    out, m = run(
+        tmp_path, inputs=(), sft_inputs=(str(tmp_path / "sft.jsonl"),), tokenizer_path=str(tok_path)
+    )
     sft, held = m["splits"]["sft"], m["splits"]["sft_val"]
     assert sft["examples"] + held["examples"] == m["sft_examples"]["kept"] == 130
     assert 16 <= held["examples"] <= 16 + 10  # the floor: 5% of 130 is 7
@@ -172,7 +211,12 @@ def test_fine_tuning_examples_get_a_disjoint_held_out_split(tmp_path, ray_local)
 
     def examples(split: str) -> list[tuple[int, ...]]:
         ids = shard_tokens(out, m, split)
-        mask = np.concatenate([np.fromfile(out / s["mask_file"], dtype=np.uint8) for s in m["splits"][split]["shards"]])
+        mask = np.concatenate(
+            [
+                np.fromfile(out / s["mask_file"], dtype=np.uint8)
+                for s in m["splits"][split]["shards"]
+            ]
+        )
         assert len(mask) == len(ids) and mask[-1] == 1
         return [tuple(d) for d in documents_of(ids, m["eot_id"])]
 

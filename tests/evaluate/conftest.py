@@ -28,8 +28,13 @@ OBJECTS = ("the mat", "a <b>bold</b> & shiny box", "the river → sea", "the old
 
 def corpus(docs: int, seed: int) -> list[str]:
     rng = random.Random(seed)
-    return [" ".join(f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
-                     for _ in range(rng.randint(3, 6))) for _ in range(docs)]
+    return [
+        " ".join(
+            f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
+            for _ in range(rng.randint(3, 6))
+        )
+        for _ in range(docs)
+    ]
 
 
 def _write(root: Path, rel: str, data: np.ndarray) -> dict[str, str]:
@@ -59,13 +64,23 @@ def _sft_split(root: Path, name: str, tok: Tokenizer, examples: Sequence[tuple[s
         mask += [0] * len(p) + [1] * (len(c) + 1)
     entry = _write(root, f"{name}/00000.bin", np.asarray(ids, dtype="<u2"))
     m = _write(root, f"{name}/00000.mask.bin", np.asarray(mask, dtype=np.uint8))
-    shard = {**entry, "tokens": len(ids), "mask_file": m["file"], "mask_sha256": m["sha256"],
-             "examples": len(examples)}
+    shard = {
+        **entry,
+        "tokens": len(ids),
+        "mask_file": m["file"],
+        "mask_sha256": m["sha256"],
+        "examples": len(examples),
+    }
     return {"shards": [shard], "tokens": len(ids), "examples": len(examples)}
 
 
-def write_dataset(root: Path, tok: Tokenizer, val: Sequence[str] | None = None, val_shards: int = 2,
-                  sft_val: Sequence[tuple[str, str]] | None = None) -> Path:
+def write_dataset(
+    root: Path,
+    tok: Tokenizer,
+    val: Sequence[str] | None = None,
+    val_shards: int = 2,
+    sft_val: Sequence[tuple[str, str]] | None = None,
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     tok.save(root / "tokenizer.json")
     splits = {"train": _docs_split(root, "train", tok, corpus(20, seed=1), 1)}
@@ -74,15 +89,22 @@ def write_dataset(root: Path, tok: Tokenizer, val: Sequence[str] | None = None, 
     if sft_val is not None:
         splits["sft_val"] = _sft_split(root, "sft_val", tok, sft_val)
     manifest = {
-        "format_version": 1, "dtype": "uint16", "vocab_size": tok.vocab_size, "eot_id": tok.eot_id,
-        "pad_id": tok.pad_id, "tokenizer_sha256": hashlib.sha256((root / "tokenizer.json").read_bytes()).hexdigest(),
+        "format_version": 1,
+        "dtype": "uint16",
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "pad_id": tok.pad_id,
+        "tokenizer_sha256": hashlib.sha256((root / "tokenizer.json").read_bytes()).hexdigest(),
         "splits": splits,
     }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return root
 
 
-SFT_VAL = (("Q: what sat on the mat?\nA:", " The cat."), ("Q: where is the café?\nA:", " By the river → sea."))
+SFT_VAL = (
+    ("Q: what sat on the mat?\nA:", " The cat."),
+    ("Q: where is the café?\nA:", " By the river → sea."),
+)
 
 
 @pytest.fixture(scope="session")
@@ -93,8 +115,10 @@ def tok() -> Tokenizer:
 @pytest.fixture(scope="session")
 def make_dataset(tmp_path_factory, tok) -> Callable[..., Path]:
     """write_dataset into a fresh directory: make_dataset(val=[...], sft_val=[...], tokenizer=...)."""
+
     def make(tokenizer: Tokenizer | None = None, **kw) -> Path:
         return write_dataset(tmp_path_factory.mktemp("dataset"), tokenizer or tok, **kw)
+
     return make
 
 
@@ -140,14 +164,20 @@ def texts() -> Callable[[int, int], list[str]]:
 @pytest.fixture(scope="session")
 def make_bundle(tmp_path_factory) -> Callable[[Tokenizer], Path]:
     """An untrained tiny bundle for any tokenizer."""
+
     def make(tokenizer: Tokenizer) -> Path:
-        return save_bundle(tmp_path_factory.mktemp("bundle"), tiny_model(tokenizer.vocab_size), tokenizer, {})
+        return save_bundle(
+            tmp_path_factory.mktemp("bundle"), tiny_model(tokenizer.vocab_size), tokenizer, {}
+        )
+
     return make
 
 
 @pytest.fixture(scope="session")
 def trained_bundle(tmp_path_factory, tok) -> Path:
-    return save_bundle(tmp_path_factory.mktemp("trained"), train_briefly(tiny_model(tok.vocab_size), tok), tok, {})
+    return save_bundle(
+        tmp_path_factory.mktemp("trained"), train_briefly(tiny_model(tok.vocab_size), tok), tok, {}
+    )
 
 
 @pytest.fixture(scope="session")

@@ -45,9 +45,16 @@ def test_attention_maps_times_values_reproduce_each_attention_output(model, tok)
     values, outputs = {}, {}
     hooks = []
     for i, block in enumerate(model.blocks):
-        hooks.append(block.attn.c_attn.register_forward_hook(
-            lambda m, a, out, i=i: values.__setitem__(i, out.detach())))
-        hooks.append(block.attn.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, out.detach())))
+        hooks.append(
+            block.attn.c_attn.register_forward_hook(
+                lambda m, a, out, i=i: values.__setitem__(i, out.detach())
+            )
+        )
+        hooks.append(
+            block.attn.register_forward_hook(
+                lambda m, a, out, i=i: outputs.__setitem__(i, out.detach())
+            )
+        )
     with torch.no_grad():
         model(torch.tensor([ids]))
         for h in hooks:
@@ -82,6 +89,7 @@ def test_gradient_times_input_matches_finite_differences(model, tok):
             out = out.clone()
             out[0, position] *= scale
             return out
+
         handle = m.wte.register_forward_hook(rescale)
         with torch.no_grad():
             value = float(m(torch.tensor([ids]))[0][0, -1, predicted])
@@ -98,7 +106,9 @@ def test_explain_writes_real_images_and_a_safe_html_page(explained, tok):
     for name in ("loss_heatmap.png", "attention.png", "attribution.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
         image = matplotlib.image.imread(out / name)
-        assert image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0  # not a blank canvas
+        assert (
+            image.ndim == 3 and min(image.shape[:2]) > 100 and image.std() > 0
+        )  # not a blank canvas
     page = (out / "loss_heatmap.html").read_text(encoding="utf-8")
     assert page.startswith("<!doctype html>") and "<title>" in page and "Scale:" in page
     assert "<b>" not in page and "&lt;" in page and "&amp;" in page  # the text's markup is escaped
@@ -146,8 +156,20 @@ def test_attention_maps_of_a_llama_family_model_are_its_own():
     from gptcore import GPT, GPTConfig
 
     torch.manual_seed(0)
-    llama = GPT(GPTConfig(vocab_size=64, context_length=32, n_layer=2, n_head=4, n_kv_head=2, d_model=32,
-                          bias=False, norm="rmsnorm", positions="rotary", mlp="swiglu"))
+    llama = GPT(
+        GPTConfig(
+            vocab_size=64,
+            context_length=32,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            d_model=32,
+            bias=False,
+            norm="rmsnorm",
+            positions="rotary",
+            mlp="swiglu",
+        )
+    )
     maps = attention_maps(llama, list(range(1, 17)))
     assert maps.shape == (2, 4, 16, 16)
     np.testing.assert_allclose(maps.sum(-1), 1.0, atol=1e-5)

@@ -19,14 +19,18 @@ def test_empty_output_fails(ids, text):
 
 def test_one_token_on_repeat_fails():
     assert smoke_failures([5] * MAX_RUN, "ab" * MAX_RUN, cut_by_length=True) == ["repeats"]
-    run_too_short = [5] * (MAX_RUN - 1) + list(range(10, 10 + MAX_RUN - 1))  # and 5 is only half of it
+    run_too_short = [5] * (MAX_RUN - 1) + list(
+        range(10, 10 + MAX_RUN - 1)
+    )  # and 5 is only half of it
     assert smoke_failures(run_too_short, "x y z", cut_by_length=True) == []
 
 
 def test_one_token_dominating_the_output_fails():
     ids = [1, 2, 1, 3, 1, 4, 1, 1, 5, 1]  # id 1 is 6 of 10 tokens, never more than twice in a row
     assert smoke_failures(ids, "a b a c a d a a e a", cut_by_length=True) == ["repeats"]
-    assert smoke_failures(ids[:-1] + [6], "a b a c a d a a e f", cut_by_length=True) == []  # exactly half
+    assert (
+        smoke_failures(ids[:-1] + [6], "a b a c a d a a e f", cut_by_length=True) == []
+    )  # exactly half
 
 
 def test_invalid_utf8_fails_unless_the_length_limit_cut_a_character():

@@ -14,9 +14,21 @@ from flows.evaluate.stage import evaluate
 from flows.tracking import stage_run
 from gptcore import Tokenizer
 
-QUICK = EvaluateConfig(batch_size=4, prompts=("The ", "A dog"), max_new_tokens=8, sample_tokens=16, worst_tokens=5)
-ARTIFACTS = ("metrics.json", "generations.json", "generations.txt", "loss_heatmap.html", "loss_heatmap.png",
-             "attention.png", "worst_tokens.md", "worst_tokens.csv", "worst_tokens.json", "task_answers.jsonl")
+QUICK = EvaluateConfig(
+    batch_size=4, prompts=("The ", "A dog"), max_new_tokens=8, sample_tokens=16, worst_tokens=5
+)
+ARTIFACTS = (
+    "metrics.json",
+    "generations.json",
+    "generations.txt",
+    "loss_heatmap.html",
+    "loss_heatmap.png",
+    "attention.png",
+    "worst_tokens.md",
+    "worst_tokens.csv",
+    "worst_tokens.json",
+    "task_answers.jsonl",
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +40,17 @@ def test_writes_metrics_generations_and_pictures(evaluated):
     assert sorted(p.name for p in evaluated.iterdir()) == sorted(ARTIFACTS)
     m = json.loads((evaluated / "metrics.json").read_text())
     assert m["notes"] == {} and m["context_length"] == 32 and isinstance(m["smoke_passed"], bool)
-    assert 0 < m["val_loss"] < m["sft_val_loss"] + 10 and m["val_perplexity"] > 1 and m["val_tokens"] > 0
+    assert (
+        0 < m["val_loss"] < m["sft_val_loss"] + 10
+        and m["val_perplexity"] > 1
+        and m["val_tokens"] > 0
+    )
     assert m["val_bits_per_byte"] > 0 and m["sft_val_tokens"] > 0
     assert m["task_examples"] > 0 and 0 <= m["task_score"] <= 1 and "base" not in m  # no base given
     gens = json.loads((evaluated / "generations.json").read_text())
-    assert gens["smoke_passed"] == m["smoke_passed"] == all(g["passed"] for g in gens["generations"])
+    assert (
+        gens["smoke_passed"] == m["smoke_passed"] == all(g["passed"] for g in gens["generations"])
+    )
     assert [g["prompt"] for g in gens["generations"]] == list(QUICK.prompts)
     assert "--- 'A dog'" in (evaluated / "generations.txt").read_text()
     assert not (evaluated / "DONE").exists()  # the pipeline runner writes it, not the stage
@@ -40,15 +58,21 @@ def test_writes_metrics_generations_and_pictures(evaluated):
     assert len(worst) == QUICK.worst_tokens
 
 
-def test_a_bundle_with_another_tokenizer_is_refused_naming_both_files(dataset, make_bundle, texts, tmp_path):
+def test_a_bundle_with_another_tokenizer_is_refused_naming_both_files(
+    dataset, make_bundle, texts, tmp_path
+):
     bundle = make_bundle(Tokenizer.train(texts(50, 9), vocab_size=290))
     with pytest.raises(ValueError, match="tokenizer mismatch") as err:
         evaluate(QUICK, bundle, dataset, tmp_path / "out")
-    assert str(bundle / "tokenizer.json") in str(err.value) and str(dataset / "tokenizer.json") in str(err.value)
+    assert str(bundle / "tokenizer.json") in str(err.value) and str(
+        dataset / "tokenizer.json"
+    ) in str(err.value)
     assert not (tmp_path / "out").exists()  # refused before anything was written
 
 
-def test_an_incomplete_bundle_or_dataset_is_refused_naming_the_file(trained_bundle, dataset, tmp_path):
+def test_an_incomplete_bundle_or_dataset_is_refused_naming_the_file(
+    trained_bundle, dataset, tmp_path
+):
     partial = shutil.copytree(trained_bundle, tmp_path / "partial")
     (partial / "model.safetensors").unlink()
     with pytest.raises(ValueError, match="model.safetensors"):
@@ -57,9 +81,13 @@ def test_an_incomplete_bundle_or_dataset_is_refused_naming_the_file(trained_bund
         evaluate(QUICK, trained_bundle, tmp_path, tmp_path / "out")
 
 
-def test_missing_splits_are_skipped_with_a_reason_not_a_crash(trained_bundle, make_dataset, texts, tmp_path):
+def test_missing_splits_are_skipped_with_a_reason_not_a_crash(
+    trained_bundle, make_dataset, texts, tmp_path
+):
     empty_sft = make_dataset(val=texts(4, 5), sft_val=[])  # the split is there, with no tokens
-    m = json.loads((evaluate(QUICK, trained_bundle, empty_sft, tmp_path / "a") / "metrics.json").read_text())
+    m = json.loads(
+        (evaluate(QUICK, trained_bundle, empty_sft, tmp_path / "a") / "metrics.json").read_text()
+    )
     assert "val_loss" in m and "sft_val_loss" not in m and "sft_val" in m["notes"]["sft_val_loss"]
 
     nothing = make_dataset()  # a train split only
@@ -76,7 +104,9 @@ def test_context_length_is_checked_against_the_model(trained_bundle, dataset, tm
         evaluate(EvaluateConfig(context_length=64), trained_bundle, dataset, tmp_path)
 
 
-def test_metrics_and_artifacts_land_on_the_mlflow_run(trained_bundle, dataset, tmp_path, monkeypatch):
+def test_metrics_and_artifacts_land_on_the_mlflow_run(
+    trained_bundle, dataset, tmp_path, monkeypatch
+):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     with stage_run(TrackingConfig(enabled=True, uri=uri), tmp_path, "evaluate") as tracker:
@@ -90,4 +120,3 @@ def test_metrics_and_artifacts_land_on_the_mlflow_run(trained_bundle, dataset, t
     assert {a.path for a in client.list_artifacts(tracker.run_id)} == set(ARTIFACTS)
     local = client.download_artifacts(tracker.run_id, "attention.png", str(tmp_path / "dl"))
     assert open(local, "rb").read() == (out / "attention.png").read_bytes()
-

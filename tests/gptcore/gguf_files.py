@@ -12,12 +12,17 @@ import torch
 
 from gptcore import Tokenizer
 
-CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-          "{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+    "{% endif %}"
+)
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TEXT = ("The quick brown fox jumps over the lazy dog. " * 20 + "def f(x):\n    return x * 2\n" * 10
-        + "Numbers 12345 and 67890. Ünïcödé text, 日本語, emoji 🙂. " * 10)
+TEXT = (
+    "The quick brown fox jumps over the lazy dog. " * 20
+    + "def f(x):\n    return x * 2\n" * 10
+    + "Numbers 12345 and 67890. Ünïcödé text, 日本語, emoji 🙂. " * 10
+)
 
 
 def tiny_tokenizer(vocab_size: int = 400) -> Tokenizer:
@@ -28,9 +33,15 @@ def tiny_tokenizer(vocab_size: int = 400) -> Tokenizer:
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    hf.train_from_iterator([TEXT], trainer=trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf.train_from_iterator(
+        [TEXT],
+        trainer=trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=SPECIALS,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     return Tokenizer(hf, bos_token="<|im_start|>", eos_token="<|im_end|>", chat_template=CHATML)
 
 
@@ -38,12 +49,20 @@ def random_llama(vocab_size: int, tied: bool, seed: int = 0, **shape) -> torch.n
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=shape.get("hidden_size", 64),
-                      intermediate_size=shape.get("intermediate_size", 96),
-                      num_hidden_layers=shape.get("layers", 2), num_attention_heads=shape.get("heads", 4),
-                      num_key_value_heads=shape.get("kv_heads", 2), max_position_embeddings=128,
-                      rope_theta=shape.get("rope_theta", 10000.0), rms_norm_eps=1e-5,
-                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape.get("hidden_size", 64),
+        intermediate_size=shape.get("intermediate_size", 96),
+        num_hidden_layers=shape.get("layers", 2),
+        num_attention_heads=shape.get("heads", 4),
+        num_key_value_heads=shape.get("kv_heads", 2),
+        max_position_embeddings=128,
+        rope_theta=shape.get("rope_theta", 10000.0),
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # norms away from 1, so a misplaced norm weight shows in the logits
         for name, p in model.named_parameters():
@@ -54,22 +73,40 @@ def random_llama(vocab_size: int, tied: bool, seed: int = 0, **shape) -> torch.n
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """convert_hf_to_gguf.py's LlamaModel.permute."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 _NAMES = {
-    "model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight", "input_layernorm.weight": "attn_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "input_layernorm.weight": "attn_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
 }
 
 
-def write_gguf(path: Path, model: torch.nn.Module, tok: Tokenizer, qtype: str = "F32",
-               pre: str = "gpt2", arch: str = "llama", template: str | None = CHATML,
-               extra_tokens: tuple[str, ...] = (), raw: dict[str, str] | None = None) -> Path:
+def write_gguf(
+    path: Path,
+    model: torch.nn.Module,
+    tok: Tokenizer,
+    qtype: str = "F32",
+    pre: str = "gpt2",
+    arch: str = "llama",
+    template: str | None = CHATML,
+    extra_tokens: tuple[str, ...] = (),
+    raw: dict[str, str] | None = None,
+) -> Path:
     """`model` as llama.cpp writes it; `qtype` (F32, F16, Q8_0, ...) for the 2-D weights, as
     llama.cpp keeps norms in F32. `extra_tokens` go after the vocabulary (a tokenizer bigger than
     the embedding); `raw` stores the named tensors as zero bytes of another type (e.g. Q8_1)."""
@@ -118,7 +155,11 @@ def write_gguf(path: Path, model: torch.nn.Module, tok: Tokenizer, qtype: str = 
         if gname in (raw or {}):
             rq = getattr(gguf.GGMLQuantizationType, raw[gname])
             block, size = gguf.GGML_QUANT_SIZES[rq]
-            w.add_tensor(gname, np.zeros((data.shape[0], data.shape[1] // block * size), np.uint8), raw_dtype=rq)
+            w.add_tensor(
+                gname,
+                np.zeros((data.shape[0], data.shape[1] // block * size), np.uint8),
+                raw_dtype=rq,
+            )
         elif data.ndim == 1 or q == gguf.GGMLQuantizationType.F32:
             w.add_tensor(gname, np.ascontiguousarray(data, dtype=np.float32))
         elif q == gguf.GGMLQuantizationType.F16:

@@ -13,7 +13,10 @@ from gptcore import GPT, GPTConfig, Tokenizer
 from gptcore.batching import BatchEngine, SequenceRequest, generate_alone
 from gptcore.sampling import SamplingParams
 
-TEXT = ["the cat sat on the mat and looked at the dog. ", "a café → naïve robots write about rivers. "]
+TEXT = [
+    "the cat sat on the mat and looked at the dog. ",
+    "a café → naïve robots write about rivers. ",
+]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,9 @@ def tok() -> Tokenizer:
 @pytest.fixture(scope="module")
 def model(tok) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(vocab_size=tok.vocab_size, context_length=96, n_layer=2, n_head=2, d_model=32)).eval()
+    return GPT(
+        GPTConfig(vocab_size=tok.vocab_size, context_length=96, n_layer=2, n_head=2, d_model=32)
+    ).eval()
 
 
 def _drain(engine: BatchEngine, feed: dict[int, list[SequenceRequest]] | None = None):
@@ -49,8 +54,15 @@ def _drain(engine: BatchEngine, feed: dict[int, list[SequenceRequest]] | None = 
 
 def _requests(n: int, seed: int, **kw) -> list[SequenceRequest]:
     rng = random.Random(seed)
-    return [SequenceRequest(i, tuple(rng.randrange(1, 300) for _ in range(rng.randint(1, 24))),
-                            rng.randint(1, 48), SamplingParams(**kw)) for i in range(n)]
+    return [
+        SequenceRequest(
+            i,
+            tuple(rng.randrange(1, 300) for _ in range(rng.randint(1, 24))),
+            rng.randint(1, 48),
+            SamplingParams(**kw),
+        )
+        for i in range(n)
+    ]
 
 
 def test_greedy_output_equals_generate_alone_for_mixed_lengths_and_late_joins(model):
@@ -74,18 +86,24 @@ def test_a_finished_sequence_frees_its_row_at_once(model):
         engine.submit(r)
     early = engine.step()  # both rows prefilled: first tokens
     assert engine.running == 2 and engine.waiting == 1
-    early += engine.step()  # "short" has its 2 tokens: it leaves, and "waiting" is admitted in the same step
+    early += (
+        engine.step()
+    )  # "short" has its 2 tokens: it leaves, and "waiting" is admitted in the same step
     assert engine.running == 2 and engine.waiting == 0
     assert [o.finish_reason for o in early if o.id == "short"][-1] == "length"
     tokens, _, _ = _drain(engine)
     for r in (long_, waiting):
-        assert [t for o in early if o.id == r.id for t in o.tokens] + tokens[r.id] == generate_alone(model, r)
+        assert [t for o in early if o.id == r.id for t in o.tokens] + tokens[
+            r.id
+        ] == generate_alone(model, r)
 
 
 def test_seeded_sampling_matches_generate_alone(model):
     reqs = _requests(6, seed=2, temperature=0.9, top_p=0.9, top_k=50)
-    reqs = [SequenceRequest(r.id, r.prompt, r.max_new_tokens, replace(r.sampling, seed=100 + r.id))
-            for r in reqs]
+    reqs = [
+        SequenceRequest(r.id, r.prompt, r.max_new_tokens, replace(r.sampling, seed=100 + r.id))
+        for r in reqs
+    ]
     tokens, _, _ = _drain(BatchEngine(model, max_batch_size=3), {0: reqs})
     for r in reqs:
         assert tokens.get(r.id, []) == generate_alone(model, r)
@@ -97,7 +115,10 @@ def test_stop_strings_cut_as_generate_does(model, tok):
     free = generate_alone(model, SequenceRequest(0, tuple(prompts[0]), 30))
     text = tok.decode(free)
     stop = text[5:8] if len(text) > 8 else text[-2:]  # a string the model will produce
-    reqs = [SequenceRequest(i, tuple(p), 30, SamplingParams(stop_strings=(stop,))) for i, p in enumerate(prompts)]
+    reqs = [
+        SequenceRequest(i, tuple(p), 30, SamplingParams(stop_strings=(stop,)))
+        for i, p in enumerate(prompts)
+    ]
     tokens, finish, _ = _drain(BatchEngine(model, max_batch_size=2, tokenizer=tok), {0: reqs})
     for r in reqs:
         assert tokens.get(r.id, []) == generate_alone(model, r, tok)
@@ -162,11 +183,25 @@ def test_rotary_positions_per_row_make_a_late_join_exact(tok):
     """Llama family: each row's keys are rotated by its own positions, so a sequence joining a running
     batch (other rows far ahead of it) decodes as it would alone."""
     torch.manual_seed(0)
-    llama = GPT(GPTConfig(vocab_size=tok.vocab_size, context_length=96, n_layer=2, n_head=4, n_kv_head=2,
-                          d_model=32, bias=False, norm="rmsnorm", positions="rotary", mlp="swiglu",
-                          tie_embeddings=False)).eval()
+    llama = GPT(
+        GPTConfig(
+            vocab_size=tok.vocab_size,
+            context_length=96,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            d_model=32,
+            bias=False,
+            norm="rmsnorm",
+            positions="rotary",
+            mlp="swiglu",
+            tie_embeddings=False,
+        )
+    ).eval()
     reqs = _requests(10, seed=3)
-    tokens, _, occupancy = _drain(BatchEngine(llama, max_batch_size=4), {0: reqs[:5], 4: reqs[5:7], 9: reqs[7:]})
+    tokens, _, occupancy = _drain(
+        BatchEngine(llama, max_batch_size=4), {0: reqs[:5], 4: reqs[5:7], 9: reqs[7:]}
+    )
     for r in reqs:
         assert tokens.get(r.id, []) == generate_alone(llama, r), r.id
     assert max(occupancy) == 4

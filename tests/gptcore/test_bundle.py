@@ -27,8 +27,18 @@ def bundle(tmp_path, tok):
 
 def test_an_untied_llama_family_model_round_trips(tmp_path, tok):
     torch.manual_seed(0)
-    cfg = preset("tiny", vocab_size=tok.vocab_size, bias=False, norm="rmsnorm", positions="rotary", mlp="swiglu",
-                 n_kv_head=2, mlp_hidden=96, tie_embeddings=False, rope_theta=5e5)
+    cfg = preset(
+        "tiny",
+        vocab_size=tok.vocab_size,
+        bias=False,
+        norm="rmsnorm",
+        positions="rotary",
+        mlp="swiglu",
+        n_kv_head=2,
+        mlp_hidden=96,
+        tie_embeddings=False,
+        rope_theta=5e5,
+    )
     model = GPT(cfg).eval()
     save_bundle(tmp_path / "b", model, tok)
     loaded, _, meta = load_bundle(tmp_path / "b")
@@ -45,7 +55,12 @@ def test_an_untied_llama_family_model_round_trips(tmp_path, tok):
 
 def test_round_trip_same_logits_tokenizer_and_metadata(bundle, tok):
     path, model = bundle
-    assert sorted(p.name for p in path.iterdir()) == ["config.json", "metadata.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(p.name for p in path.iterdir()) == [
+        "config.json",
+        "metadata.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     loaded, loaded_tok, meta = load_bundle(path)
     idx = torch.randint(0, tok.vocab_size, (2, 9))
     torch.testing.assert_close(loaded(idx)[0], model.eval()(idx)[0])
@@ -68,7 +83,9 @@ def test_load_never_unpickles(bundle, monkeypatch):
     load_bundle(path)
 
 
-@pytest.mark.parametrize("name", ["config.json", "model.safetensors", "tokenizer.json", "metadata.json"])
+@pytest.mark.parametrize(
+    "name", ["config.json", "model.safetensors", "tokenizer.json", "metadata.json"]
+)
 def test_missing_file_is_named(bundle, name):
     path, _ = bundle
     (path / name).unlink()

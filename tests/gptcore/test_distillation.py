@@ -16,9 +16,19 @@ TEACHER = GPTConfig(vocab_size=512, context_length=64, n_layer=2, n_head=4, d_mo
 _LLAMA = dict(bias=False, norm="rmsnorm", positions="rotary", mlp="swiglu")
 PAIRS = {
     "gpt2": (STUDENT, TEACHER),
-    "llama": (GPTConfig(vocab_size=512, context_length=32, n_layer=1, n_head=2, d_model=32, **_LLAMA),
-              GPTConfig(vocab_size=512, context_length=64, n_layer=2, n_head=4, n_kv_head=2, d_model=64,
-                        tie_embeddings=False, **_LLAMA)),
+    "llama": (
+        GPTConfig(vocab_size=512, context_length=32, n_layer=1, n_head=2, d_model=32, **_LLAMA),
+        GPTConfig(
+            vocab_size=512,
+            context_length=64,
+            n_layer=2,
+            n_head=4,
+            n_kv_head=2,
+            d_model=64,
+            tie_embeddings=False,
+            **_LLAMA,
+        ),
+    ),
 }
 
 
@@ -48,7 +58,12 @@ def _plain(student: GPT, teacher: GPT, idx, targets, mask, alpha: float, tau: fl
     kept = (targets != -1) & mask
     s, t, y = logits[kept], t_logits[kept], targets[kept]
     ce = F.cross_entropy(s, y)
-    kl = F.kl_div(F.log_softmax(s / tau, -1), F.log_softmax(t / tau, -1), log_target=True, reduction="batchmean")
+    kl = F.kl_div(
+        F.log_softmax(s / tau, -1),
+        F.log_softmax(t / tau, -1),
+        log_target=True,
+        reduction="batchmean",
+    )
     return alpha * ce + (1 - alpha) * tau * tau * kl, float(ce.detach()), float(kl.detach())
 
 
@@ -58,13 +73,18 @@ def _grads(model: GPT) -> dict[str, torch.Tensor]:
     return grads
 
 
-@pytest.mark.parametrize(("alpha", "tau", "chunk_elements"), [
-    (0.5, 2.0, 1 << 21),  # one chunk
-    (0.2, 1.0, 512 * 7),  # several chunks, the last one short
-    (0.0, 4.0, 512 * 7),  # soft targets only
-])
+@pytest.mark.parametrize(
+    ("alpha", "tau", "chunk_elements"),
+    [
+        (0.5, 2.0, 1 << 21),  # one chunk
+        (0.2, 1.0, 512 * 7),  # several chunks, the last one short
+        (0.0, 4.0, 512 * 7),  # soft targets only
+    ],
+)
 @pytest.mark.parametrize("family", list(PAIRS))
-def test_fused_distillation_matches_the_plain_formula(monkeypatch, alpha, tau, chunk_elements, family):
+def test_fused_distillation_matches_the_plain_formula(
+    monkeypatch, alpha, tau, chunk_elements, family
+):
     monkeypatch.setattr(distillation, "_CHUNK_ELEMENTS", chunk_elements)
     monkeypatch.setattr(distillation, "_MIN_CHUNK_ROWS", 1)
     student, teacher = _models(family)
@@ -94,7 +114,12 @@ def test_alpha_one_is_the_labels_cross_entropy_exactly():
     _, ce = student(idx, targets, mask, return_logits=False)
     ce.backward()
     expected = _grads(student)
-    _, kd = student(idx, targets, mask, distill=Distillation(teacher.features(idx), teacher.lm_head.weight, 1.0, 3.0))
+    _, kd = student(
+        idx,
+        targets,
+        mask,
+        distill=Distillation(teacher.features(idx), teacher.lm_head.weight, 1.0, 3.0),
+    )
     kd.backward()
     got = _grads(student)
     assert torch.allclose(kd, ce, rtol=1e-6, atol=1e-7)

@@ -17,12 +17,31 @@ from gptcore.packed import Linear, pack_linears, supported
 
 # d_model 64 with a 4096-token head: the head is large enough to be packed, the blocks are not.
 CFG = GPTConfig(vocab_size=4096, context_length=64, n_layer=2, n_head=2, d_model=64)
-WIDE = GPTConfig(vocab_size=1024, context_length=64, n_layer=2, n_head=4, d_model=256)  # all but attn c_proj packed
-NO_BIAS = GPTConfig(vocab_size=1024, context_length=64, n_layer=2, n_head=4, d_model=256, bias=False)
+WIDE = GPTConfig(
+    vocab_size=1024, context_length=64, n_layer=2, n_head=4, d_model=256
+)  # all but attn c_proj packed
+NO_BIAS = GPTConfig(
+    vocab_size=1024, context_length=64, n_layer=2, n_head=4, d_model=256, bias=False
+)
 # The Llama family: RMSNorm, RoPE with Llama-3 scaling, GQA, SwiGLU (packed), untied head, attention biases.
-LLAMA = GPTConfig(vocab_size=4096, context_length=64, n_layer=2, n_head=8, n_kv_head=2, d_model=256, bias=False,
-                  attn_bias=True, norm="rmsnorm", positions="rotary", mlp="swiglu", mlp_hidden=384,
-                  tie_embeddings=False, rope_theta=5e5, rope_scaling_factor=8.0, rope_original_context=32)
+LLAMA = GPTConfig(
+    vocab_size=4096,
+    context_length=64,
+    n_layer=2,
+    n_head=8,
+    n_kv_head=2,
+    d_model=256,
+    bias=False,
+    attn_bias=True,
+    norm="rmsnorm",
+    positions="rotary",
+    mlp="swiglu",
+    mlp_hidden=384,
+    tie_embeddings=False,
+    rope_theta=5e5,
+    rope_scaling_factor=8.0,
+    rope_original_context=32,
+)
 
 
 def _grads(model: GPT) -> dict[str, torch.Tensor]:
@@ -40,7 +59,9 @@ def _batch(seed: int = 0):
     return idx, targets, mask
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 22, 4096 * 5])  # one chunk; several, the last one short
+@pytest.mark.parametrize(
+    "chunk_elements", [1 << 22, 4096 * 5]
+)  # one chunk; several, the last one short
 @pytest.mark.parametrize("cfg", [CFG, LLAMA], ids=["gpt2", "llama"])
 def test_fused_loss_matches_plain_loss_and_gradients(monkeypatch, chunk_elements, cfg):
     monkeypatch.setattr(fused_loss, "_CHUNK_ELEMENTS", chunk_elements)
@@ -87,7 +108,9 @@ def test_fused_loss_with_every_target_masked_is_zero_with_a_graph():
     assert all(float(p.grad.abs().max()) == 0.0 for p in model.parameters() if p.grad is not None)
 
 
-needs_onednn = pytest.mark.skipif(not supported(torch.zeros(1)), reason="no oneDNN linear in this torch build")
+needs_onednn = pytest.mark.skipif(
+    not supported(torch.zeros(1)), reason="no oneDNN linear in this torch build"
+)
 
 
 @needs_onednn
@@ -100,7 +123,9 @@ def test_packed_decoding_matches_plain_decoding(cfg):
         expected = generate(model, prompts, 30)
         logits_plain, _ = model(torch.tensor([prompts[2]]))
     assert generate(model, prompts, 30, pack_weights=False) == expected
-    assert all(m.packed is None for m in model.modules() if isinstance(m, Linear))  # opted out: nothing packed
+    assert all(
+        m.packed is None for m in model.modules() if isinstance(m, Linear)
+    )  # opted out: nothing packed
     packed = generate(model, prompts, 30)  # inference mode: packs
     assert packed == expected
     assert any(m.packed is not None for m in model.modules() if isinstance(m, Linear))
@@ -114,15 +139,21 @@ def test_packed_weights_are_never_used_stale_or_with_grad():
     torch.manual_seed(0)
     model = GPT(WIDE)
     with torch.inference_mode():
-        assert pack_linears(model) == 2 * 3 + 1  # qkv, MLP up and down per block, the head (not 256x256)
+        assert (
+            pack_linears(model) == 2 * 3 + 1
+        )  # qkv, MLP up and down per block, the head (not 256x256)
     layer = model.blocks[0].mlp.c_fc
     x = torch.randn(2, 5, WIDE.d_model)
     with torch.no_grad():
         layer.weight.mul_(2.0)  # like an optimizer step: the packed copy is now stale
     with torch.inference_mode():
-        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5)
+        assert torch.allclose(
+            layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5
+        )
         pack_linears(model)  # refreshed
-        assert torch.allclose(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-4)
+        assert torch.allclose(
+            layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias), atol=1e-4
+        )
     clone = copy.deepcopy(model)  # the packed cache is not copied (nor pickled) with the model
     assert all(m.packed is None for m in clone.modules() if isinstance(m, Linear))
     assert pickle.loads(pickle.dumps(layer)).packed is None
@@ -134,7 +165,9 @@ def test_packed_weights_are_never_used_stale_or_with_grad():
 @needs_onednn
 def test_packed_model_decodes_under_autocast_like_the_plain_one():
     # Under bf16 autocast some layers see bf16 activations: the fp32 packed weights must step aside.
-    cfg = GPTConfig(vocab_size=1024, context_length=64, n_layer=2, n_head=4, d_model=512)  # attn c_proj packed too
+    cfg = GPTConfig(
+        vocab_size=1024, context_length=64, n_layer=2, n_head=4, d_model=512
+    )  # attn c_proj packed too
     torch.manual_seed(0)
     model = GPT(cfg).eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -144,7 +177,9 @@ def test_packed_model_decodes_under_autocast_like_the_plain_one():
 
 
 @needs_onednn
-@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 oneDNN on this CPU")
+@pytest.mark.skipif(
+    not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no bf16 oneDNN on this CPU"
+)
 def test_packed_bf16_decoding_matches_plain_bf16():
     torch.manual_seed(0)
     model = GPT(WIDE).eval().to(torch.bfloat16)
@@ -157,7 +192,9 @@ def test_packed_bf16_decoding_matches_plain_bf16():
     assert float((logits_packed.float() - logits_plain.float()).abs().max()) < 0.1
 
 
-@pytest.mark.parametrize("cfg", [CFG, WIDE, NO_BIAS, LLAMA], ids=["small", "wide", "no-bias", "llama"])
+@pytest.mark.parametrize(
+    "cfg", [CFG, WIDE, NO_BIAS, LLAMA], ids=["small", "wide", "no-bias", "llama"]
+)
 @pytest.mark.parametrize("pack", [False, True], ids=["plain", "packed"])
 @pytest.mark.parametrize("padded", [False, True], ids=["same-length", "left-padded"])
 def test_flat_decoding_step_matches_forward_with_a_cache(cfg, pack, padded):
@@ -202,7 +239,9 @@ def test_flat_decoding_only_where_it_computes_what_forward_would():
     prompt = [1, 2, 3]
     free = generate(model, prompt, 6)
     assert free != [5] * 6
-    handle = model.lm_head.register_forward_hook(lambda module, args, out: out.index_fill(-1, torch.tensor([5]), 1e4))
+    handle = model.lm_head.register_forward_hook(
+        lambda module, args, out: out.index_fill(-1, torch.tensor([5]), 1e4)
+    )
     try:
         assert generate(model, prompt, 6) == [5] * 6
     finally:
@@ -210,7 +249,9 @@ def test_flat_decoding_only_where_it_computes_what_forward_would():
     assert generate(model, prompt, 6) == free
 
 
-@pytest.mark.skipif(not supported(torch.zeros(1, dtype=torch.bfloat16)), reason="no bf16 oneDNN on this CPU")
+@pytest.mark.skipif(
+    not supported(torch.zeros(1, dtype=torch.bfloat16)), reason="no bf16 oneDNN on this CPU"
+)
 def test_bf16_model_attends_in_an_exact_fp32_cache_on_cpu():
     torch.manual_seed(0)
     model = GPT(WIDE).eval().to(torch.bfloat16)
@@ -225,8 +266,12 @@ def test_bf16_model_attends_in_an_exact_fp32_cache_on_cpu():
         got, _ = model(idx, cache=wide)
         assert got.dtype == torch.bfloat16
         assert float((got.float() - expected.float()).abs().max()) < 0.05
-        assert torch.equal(wide.kv.to(torch.bfloat16).float(), wide.kv)  # bf16 keys and values, stored exactly
-        assert torch.equal(wide.kv[0, ..., :10, :].to(torch.bfloat16), narrow.kv[0, ..., :10, :])  # first layer: same input
+        assert torch.equal(
+            wide.kv.to(torch.bfloat16).float(), wide.kv
+        )  # bf16 keys and values, stored exactly
+        assert torch.equal(
+            wide.kv[0, ..., :10, :].to(torch.bfloat16), narrow.kv[0, ..., :10, :]
+        )  # first layer: same input
         decoder = Decoder(model, wide, None)
         for _ in range(6):
             ids = torch.randint(0, WIDE.vocab_size, (2,), generator=g)

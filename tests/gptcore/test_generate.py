@@ -10,8 +10,10 @@ from gptcore import GPT, Tokenizer, generate, generate_stream, preset
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    return Tokenizer.train(["hello world, the cat sat on the mat. " * 20, "def f(x):\n    return x\n" * 20],
-                           vocab_size=300)
+    return Tokenizer.train(
+        ["hello world, the cat sat on the mat. " * 20, "def f(x):\n    return x\n" * 20],
+        vocab_size=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +22,9 @@ def model(tok) -> GPT:
     m = GPT(preset("tiny", vocab_size=tok.vocab_size, context_length=48))
     # A little training so greedy paths are not all the same token.
     opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    ids = torch.tensor([tok.encode("hello world, the cat sat on the mat. def f(x): return x " * 2)[:48]])
+    ids = torch.tensor(
+        [tok.encode("hello world, the cat sat on the mat. def f(x): return x " * 2)[:48]]
+    )
     for _ in range(30):
         _, loss = m(ids[:, :-1], ids[:, 1:])
         opt.zero_grad()
@@ -48,10 +52,15 @@ def test_kv_cache_holds_what_the_generation_needs_not_the_whole_context(model, m
     import gptcore.generation
 
     sizes, real = [], gptcore.generation.KVCache
-    monkeypatch.setattr(gptcore.generation, "KVCache", lambda *a, **k: sizes.append(a[2]) or real(*a, **k))
-    assert generate(model, [[5, 6, 7], [8]], max_new_tokens=6) == [generate(model, p, max_new_tokens=6)
-                                                                    for p in ([5, 6, 7], [8])]
-    assert sizes[0] == 3 + 6 - 1  # the prompt and every new token but the last, which is never stored
+    monkeypatch.setattr(
+        gptcore.generation, "KVCache", lambda *a, **k: sizes.append(a[2]) or real(*a, **k)
+    )
+    assert generate(model, [[5, 6, 7], [8]], max_new_tokens=6) == [
+        generate(model, p, max_new_tokens=6) for p in ([5, 6, 7], [8])
+    ]
+    assert (
+        sizes[0] == 3 + 6 - 1
+    )  # the prompt and every new token but the last, which is never stored
     sizes.clear()
     generate(model, list(range(3, 43)), max_new_tokens=30)
     assert sizes[0] == 48 and set(sizes) == {48}
@@ -74,7 +83,9 @@ def test_batch_of_different_lengths_equals_each_alone(model):
 
 def test_prompt_longer_than_context_is_cut_from_the_left(model):
     long_prompt = list(range(3, 103))  # 100 tokens > 48
-    assert generate(model, long_prompt, max_new_tokens=5) == generate(model, long_prompt[-48:], max_new_tokens=5)
+    assert generate(model, long_prompt, max_new_tokens=5) == generate(
+        model, long_prompt[-48:], max_new_tokens=5
+    )
 
 
 def test_sampling_is_reproducible_with_seed_and_varies_without(model):
@@ -85,8 +96,9 @@ def test_sampling_is_reproducible_with_seed_and_varies_without(model):
 
 
 def test_top_k_one_is_greedy(model):
-    assert generate(model, [7, 8], max_new_tokens=10, temperature=1.0, top_k=1, seed=0) == \
-        generate(model, [7, 8], max_new_tokens=10)
+    assert generate(model, [7, 8], max_new_tokens=10, temperature=1.0, top_k=1, seed=0) == generate(
+        model, [7, 8], max_new_tokens=10
+    )
 
 
 def test_repetition_penalty_changes_greedy_output(model):
@@ -106,7 +118,7 @@ def test_stop_ids_end_generation_and_are_not_output(model):
 def test_stop_strings_cut_the_text(model, tok):
     full = generate(model, [5, 6, 7], max_new_tokens=20)
     text = tok.decode(full)
-    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     out = generate(model, [5, 6, 7], max_new_tokens=20, stop_strings=[stop], tokenizer=tok)
     assert stop not in tok.decode(out)
     assert text.startswith(tok.decode(out))
@@ -116,7 +128,9 @@ def test_stop_strings_cut_the_text(model, tok):
 def test_stream_yields_the_same_tokens_one_at_a_time(model):
     stream = generate_stream(model, [5, 6, 7], max_new_tokens=10)
     first = next(stream)
-    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled()  # nothing leaks to the caller
+    assert (
+        torch.is_grad_enabled() and not torch.is_inference_mode_enabled()
+    )  # nothing leaks to the caller
     rest = list(stream)
     assert [first, *rest] == generate(model, [5, 6, 7], max_new_tokens=10)
 

@@ -52,23 +52,36 @@ def test_gguf_imports_like_transformers_gguf_loader(tmp_path, tok, qtype, tied, 
         theirs = ref(ids).logits
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     greedy = generate(model, ids[0].tolist(), 16)
-    ref_out = ref.generate(ids[:1], max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert greedy == ref_out[0, ids.shape[1]:].tolist()
+    ref_out = ref.generate(
+        ids[:1], max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    assert greedy == ref_out[0, ids.shape[1] :].tolist()
 
 
 def test_gguf_tokenizer_is_transformers_tokenizer_of_the_file(tmp_path, tok):
     write_gguf(tmp_path / "m.gguf", random_llama(tok.vocab_size, True), tok)
     ref = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
     ours = read_gguf(tmp_path / "m.gguf").tokenizer
-    for text in ["The quick brown fox.", "def f(x):\n    return x * 2", "12345 67890", "日本語 🙂",
-                 "<|im_start|>user\nhi<|im_end|>\n", "<|endoftext|>tail", "  spaces  "]:
+    for text in [
+        "The quick brown fox.",
+        "def f(x):\n    return x * 2",
+        "12345 67890",
+        "日本語 🙂",
+        "<|im_start|>user\nhi<|im_end|>\n",
+        "<|endoftext|>tail",
+        "  spaces  ",
+    ]:
         assert ours.encode(text) == ref(text, add_special_tokens=False)["input_ids"], text
-    assert ours.special_tokens == {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-                                   "pad_token": "<|im_end|>"}
+    assert ours.special_tokens == {
+        "bos_token": "<|im_start|>",
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|im_end|>",
+    }
     assert ours.stop_ids == (2, 0)  # eos = end of turn, then <|endoftext|>
     messages = [{"role": "user", "content": "hi"}]
-    assert ours.apply_chat_template(messages) == ref.apply_chat_template(messages, tokenize=False,
-                                                                         add_generation_prompt=True)
+    assert ours.apply_chat_template(messages) == ref.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_bad_gguf_files_are_refused_by_name(tmp_path, tok):
@@ -86,9 +99,18 @@ def test_bad_gguf_files_are_refused_by_name(tmp_path, tok):
         assert str(tmp_path / name) in str(e.value)
     hf = random_llama(tok.vocab_size, True)
     bad = {
-        "qwen.gguf": ({"arch": "qwen2"}, "architecture 'qwen2' is not supported; gptcore reads llama"),
-        "q81.gguf": ({"raw": {"blk.0.attn_q.weight": "Q8_1"}}, "Q8_1, which the gguf package cannot dequantize"),
-        "vocab.gguf": ({"extra_tokens": ("<extra>",)}, f"tokenizer has {tok.vocab_size + 1} tokens but token_embd.weight has {tok.vocab_size} rows"),
+        "qwen.gguf": (
+            {"arch": "qwen2"},
+            "architecture 'qwen2' is not supported; gptcore reads llama",
+        ),
+        "q81.gguf": (
+            {"raw": {"blk.0.attn_q.weight": "Q8_1"}},
+            "Q8_1, which the gguf package cannot dequantize",
+        ),
+        "vocab.gguf": (
+            {"extra_tokens": ("<extra>",)},
+            f"tokenizer has {tok.vocab_size + 1} tokens but token_embd.weight has {tok.vocab_size} rows",
+        ),
         "pre.gguf": ({"pre": "falcon"}, "tokenizer.ggml.pre 'falcon' is not supported"),
     }
     for name, (kwargs, expect) in bad.items():

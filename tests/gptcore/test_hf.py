@@ -13,10 +13,20 @@ transformers = pytest.importorskip("transformers")
 
 def _hf_model(seed: int = 0):
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=300, n_positions=64, n_embd=64, n_layer=3, n_head=4,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = transformers.GPT2Config(
+        vocab_size=300,
+        n_positions=64,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():  # HF initialises LayerNorms to (1, 0); perturb so the mapping is exercised
+    with (
+        torch.no_grad()
+    ):  # HF initialises LayerNorms to (1, 0); perturb so the mapping is exercised
         for name, p in model.named_parameters():
             if "ln" in name:
                 p.add_(0.1 * torch.randn_like(p))
@@ -24,9 +34,14 @@ def _hf_model(seed: int = 0):
 
 
 def _hf_greedy(model, prompt, n):
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0,
-                         attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    return out[0, len(prompt):].tolist()
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    )
+    return out[0, len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
@@ -72,8 +87,11 @@ def test_import_rejects_variants_it_would_compute_wrongly(tmp_path):
     import json
 
     cfg = json.loads((tmp_path / "config.json").read_text())
-    for key, value in (("scale_attn_by_inverse_layer_idx", True), ("tie_word_embeddings", False),
-                       ("n_inner", 100)):
+    for key, value in (
+        ("scale_attn_by_inverse_layer_idx", True),
+        ("tie_word_embeddings", False),
+        ("n_inner", 100),
+    ):
         (tmp_path / "config.json").write_text(json.dumps({**cfg, key: value}))
         with pytest.raises(ValueError, match=f"config.json.*{key}"):
             import_gpt2(tmp_path)

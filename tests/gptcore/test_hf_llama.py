@@ -222,7 +222,9 @@ TINY_LLAMA = (4096, 64, 160, 4, 4, 2, 128, 1e4)
 @pytest.mark.parametrize("name", [*PUBLISHED, "tiny-llama"])
 def test_presets_count_parameters_as_transformers(name):
     shape = TINY_LLAMA if name == "tiny-llama" else PUBLISHED[name]
-    kw = dict(zip(_KEYS, shape, strict=True), rms_norm_eps=1e-5, tie_word_embeddings=name != "tiny-llama")
+    kw = dict(
+        zip(_KEYS, shape, strict=True), rms_norm_eps=1e-5, tie_word_embeddings=name != "tiny-llama"
+    )
     scaling = LLAMA3_SCALING if name == "llama-3.2-1b" else {}
     hf_dict = {"model_type": "llama", "hidden_act": "silu", **kw, "rope_scaling": scaling or None}
     assert config_from_hf(hf_dict) == PRESETS[name]

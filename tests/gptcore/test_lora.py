@@ -9,8 +9,21 @@ import torch
 from gptcore import GPT, GPTConfig
 from gptcore.lora import ALL_TARGETS, LoRALinear, apply_lora, merge_state_dict
 
-LLAMA = GPTConfig(vocab_size=97, context_length=32, n_layer=2, n_head=4, d_model=32, bias=False, attn_bias=False,
-                  mlp_bias=False, norm="rmsnorm", positions="rotary", mlp="swiglu", n_kv_head=2, mlp_hidden=48)
+LLAMA = GPTConfig(
+    vocab_size=97,
+    context_length=32,
+    n_layer=2,
+    n_head=4,
+    d_model=32,
+    bias=False,
+    attn_bias=False,
+    mlp_bias=False,
+    norm="rmsnorm",
+    positions="rotary",
+    mlp="swiglu",
+    n_kv_head=2,
+    mlp_hidden=48,
+)
 
 
 def _model(config: GPTConfig = LLAMA, seed: int = 0) -> GPT:
@@ -18,15 +31,20 @@ def _model(config: GPTConfig = LLAMA, seed: int = 0) -> GPT:
     return GPT(config).eval()
 
 
-@pytest.mark.parametrize("config", [LLAMA, GPTConfig(vocab_size=97, context_length=32, n_layer=2, n_head=4,
-                                                     d_model=32)], ids=["llama", "gpt2"])
+@pytest.mark.parametrize(
+    "config",
+    [LLAMA, GPTConfig(vocab_size=97, context_length=32, n_layer=2, n_head=4, d_model=32)],
+    ids=["llama", "gpt2"],
+)
 def test_the_merged_model_gives_the_logits_of_the_base_plus_its_adapters(config):
     x = torch.randint(0, config.vocab_size, (2, 16))
     model = _model(config)
     base_logits, _ = model(x)
     apply_lora(model, r=4, alpha=8.0)
     adapted_start, _ = model(x)
-    assert torch.equal(adapted_start, base_logits)  # B = 0: the adapted model starts as the base exactly
+    assert torch.equal(
+        adapted_start, base_logits
+    )  # B = 0: the adapted model starts as the base exactly
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, LoRALinear):
@@ -51,10 +69,15 @@ def test_only_the_adapters_train_and_the_base_names_stay():
     assert set(model.state_dict()) == names | trainable
     loss = model(torch.randint(0, 97, (1, 8)), targets=torch.randint(0, 97, (1, 8)))[1]
     loss.backward()
-    assert model.blocks[0].attn.c_attn.weight.grad is None and model.blocks[0].attn.c_attn.lora_A.grad is not None
+    assert (
+        model.blocks[0].attn.c_attn.weight.grad is None
+        and model.blocks[0].attn.c_attn.lora_A.grad is not None
+    )
 
 
 def test_a_target_that_matches_no_layer_names_the_valid_ones():
-    with pytest.raises(ValueError, match=r"'attn.q_proj' matches no linear layer; the model's are: attn.c_attn"):
+    with pytest.raises(
+        ValueError, match=r"'attn.q_proj' matches no linear layer; the model's are: attn.c_attn"
+    ):
         apply_lora(_model(), r=2, alpha=4.0, targets=("attn.q_proj",))
     assert set(ALL_TARGETS) <= {".".join(n.split(".")[-2:]) for n, _ in _model().named_modules()}

@@ -10,7 +10,9 @@ from gptcore import generate
 from gptcore.gguf import load_gguf
 
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.slow  # transformers needs ~10 s to read the file's tokenizer, as long again its model
+pytestmark = (
+    pytest.mark.slow
+)  # transformers needs ~10 s to read the file's tokenizer, as long again its model
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. It was 3:45 p.m. on 2026-12-03.",
@@ -26,8 +28,12 @@ TEXTS = [
 ]
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You answer in one word."}, {"role": "user", "content": "Capital of Italy?"},
-     {"role": "assistant", "content": "Rome."}, {"role": "user", "content": "And of Spain?"}],
+    [
+        {"role": "system", "content": "You answer in one word."},
+        {"role": "user", "content": "Capital of Italy?"},
+        {"role": "assistant", "content": "Rome."},
+        {"role": "user", "content": "And of Spain?"},
+    ],
 ]
 
 
@@ -38,13 +44,16 @@ def ours(smollm2_gguf):
 
 @pytest.fixture(scope="module")
 def ref_tok(smollm2_gguf):
-    return transformers.AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    return transformers.AutoTokenizer.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name
+    )
 
 
 @pytest.fixture(scope="module")
 def ref_model(smollm2_gguf):
-    return transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name,
-                                                             dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_gguf.parent, gguf_file=smollm2_gguf.name, dtype=torch.float32
+    ).eval()
 
 
 def test_metadata_is_smollm2(ours):
@@ -68,8 +77,9 @@ def test_chat_template_renders_like_transformers(ours, ref_tok):
     _, tok = ours
     for messages in CHATS:
         for prompt in (True, False):
-            assert tok.apply_chat_template(messages, add_generation_prompt=prompt) == ref_tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=prompt)
+            assert tok.apply_chat_template(
+                messages, add_generation_prompt=prompt
+            ) == ref_tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
     assert "You are a helpful AI assistant named SmolLM" in tok.apply_chat_template(CHATS[0])
 
 
@@ -77,15 +87,32 @@ def test_logits_and_greedy_chat_answers_match_transformers(ours, ref_model, ref_
     model, tok = ours
     for messages in CHATS:
         ids = tok.encode(tok.apply_chat_template(messages))
-        assert ids == ref_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"]
+        assert (
+            ids
+            == ref_tok.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=True
+            )["input_ids"]
+        )
         with torch.no_grad():
-            torch.testing.assert_close(model(torch.tensor([ids]))[0], ref_model(torch.tensor([ids])).logits,
-                                       atol=1e-3, rtol=1e-4)
+            torch.testing.assert_close(
+                model(torch.tensor([ids]))[0],
+                ref_model(torch.tensor([ids])).logits,
+                atol=1e-3,
+                rtol=1e-4,
+            )
         answer = generate(model, ids, 48, stop_ids=tok.stop_ids)
-        theirs = ref_model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False,
-                                    eos_token_id=list(tok.stop_ids), pad_token_id=2)[0, len(ids):].tolist()
+        theirs = ref_model.generate(
+            torch.tensor([ids]),
+            max_new_tokens=48,
+            do_sample=False,
+            eos_token_id=list(tok.stop_ids),
+            pad_token_id=2,
+        )[0, len(ids) :].tolist()
         assert answer == [t for t in theirs if t not in tok.stop_ids]
-        assert len(answer) < 48 and theirs[len(answer)] in tok.stop_ids  # the turn ended: a stop token came
-    answer = tok.decode(generate(model, tok.encode(tok.apply_chat_template(CHATS[0])), 48, stop_ids=tok.stop_ids))
+        assert (
+            len(answer) < 48 and theirs[len(answer)] in tok.stop_ids
+        )  # the turn ended: a stop token came
+    answer = tok.decode(
+        generate(model, tok.encode(tok.apply_chat_template(CHATS[0])), 48, stop_ids=tok.stop_ids)
+    )
     assert answer == "The capital of France is Paris."

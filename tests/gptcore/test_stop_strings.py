@@ -45,14 +45,24 @@ def test_the_check_compares_no_more_than_the_text_and_the_stop_string_allow(text
     text = _Counting("x" * (text_len - 1) + "a")
     _Counting.calls = 0
     assert ends_with_prefix(text, stop)
-    assert _Counting.calls <= min(text_len, len(stop)), _Counting.calls  # it used to be 240 K, per row, per step
+    assert _Counting.calls <= min(text_len, len(stop)), (
+        _Counting.calls
+    )  # it used to be 240 K, per row, per step
 
 
 def test_the_serving_engine_refuses_stop_strings_past_the_cap():
     tok = Tokenizer.train(["the cat sat on the mat " * 20], vocab_size=300)
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, context_length=32, n_layer=1, n_head=2, d_model=16))
+    model = GPT(
+        GPTConfig(vocab_size=tok.vocab_size, context_length=32, n_layer=1, n_head=2, d_model=16)
+    )
     engine = BatchEngine(model, max_batch_size=2, tokenizer=tok)
-    engine.submit(SequenceRequest(0, (1, 2), 4, SamplingParams(stop_strings=("x" * MAX_STOP_CHARS,))))
+    engine.submit(
+        SequenceRequest(0, (1, 2), 4, SamplingParams(stop_strings=("x" * MAX_STOP_CHARS,)))
+    )
     with pytest.raises(ValueError, match=f"longer than {MAX_STOP_CHARS} characters"):
-        engine.submit(SequenceRequest(1, (1, 2), 4, SamplingParams(stop_strings=("x" * (MAX_STOP_CHARS + 1),))))
+        engine.submit(
+            SequenceRequest(
+                1, (1, 2), 4, SamplingParams(stop_strings=("x" * (MAX_STOP_CHARS + 1),))
+            )
+        )

@@ -39,17 +39,29 @@ def store(tmp_path_factory, tok) -> dict:
         out = root / "register" / bundle.name
         out.mkdir(parents=True, exist_ok=True)
         with stage_run(tracking, root, "register") as tracker:
-            register(RegistryConfig(name=name), bundle, evaluation, dataset, out,
-                     dataclasses.replace(ctx, tracker=tracker, step_runs={"evaluate": tracker.run_id}))
+            register(
+                RegistryConfig(name=name),
+                bundle,
+                evaluation,
+                dataset,
+                out,
+                dataclasses.replace(ctx, tracker=tracker, step_runs={"evaluate": tracker.run_id}),
+            )
         return json.loads((out / RESULT).read_text())["version"]
 
-    return {"root": root, "tracking": tracking, "dataset": dataset, "add": add,
-            "registry": lambda: Registry(tracking, root)}
+    return {
+        "root": root,
+        "tracking": tracking,
+        "dataset": dataset,
+        "add": add,
+        "registry": lambda: Registry(tracking, root),
+    }
 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, tok) -> dict[str, Path]:
     """Three bundles of one tokenizer: untrained (worst), briefly trained, trained longer (best)."""
+
     def make(name: str, steps: int) -> Path:
         model = tiny_model(tok.vocab_size, seed=1)
         if steps:

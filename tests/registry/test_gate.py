@@ -19,9 +19,14 @@ def test_better_by_the_margin_passes_and_within_it_is_refused():
     assert decide(Figures(1.97, 29.0), champion, margin=0.01).promote  # 1.5% better
     refused = decide(Figures(1.99, 29.9), champion, margin=0.01)  # 0.5% better: not enough
     assert not refused.promote and refused.tags()["gptflow.gate"] == "refused"
-    assert refused.tags()["gptflow.gate.champion"] == "2" and refused.tags()["gptflow.gate.challenger"] == "1.99"
+    assert (
+        refused.tags()["gptflow.gate.champion"] == "2"
+        and refused.tags()["gptflow.gate.challenger"] == "1.99"
+    )
     assert not decide(Figures(2.5, 40.0), champion).promote  # worse
-    assert decide(Figures(2.5, 25.0), champion, metric="perplexity").promote  # the metric chosen decides
+    assert decide(
+        Figures(2.5, 25.0), champion, metric="perplexity"
+    ).promote  # the metric chosen decides
 
 
 def test_smoke_failures_and_non_finite_figures_are_refused():
@@ -52,4 +57,6 @@ def test_the_gate_can_compare_the_held_out_fine_tuning_loss():
     assert not decide(tuned, champion).promote  # on bits per byte it is worse
     d = decide(tuned, champion, metric="sft_val_loss")
     assert d.promote and d.reason.startswith("sft_val_loss 1.5000 <=")
-    assert not decide(Figures(1.0, 10.0), None, metric="sft_val_loss").promote  # no SFT figure: NaN, refused
+    assert not decide(
+        Figures(1.0, 10.0), None, metric="sft_val_loss"
+    ).promote  # no SFT figure: NaN, refused

@@ -30,8 +30,14 @@ def _aliases(registry, name="gpt") -> dict[str, str]:
 
 def _gptflow(*args: str, store: dict, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": store["tracking"].uri}
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args, "--workdir", str(store["root"])], env=env,
-                          capture_output=True, text=True, timeout=timeout, cwd=store["root"])
+    return subprocess.run(
+        [sys.executable, "-m", "flows.cli", *args, "--workdir", str(store["root"])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=store["root"],
+    )
 
 
 def test_register_records_lineage_and_is_idempotent(store, registered, bundles):
@@ -40,7 +46,9 @@ def test_register_records_lineage_and_is_idempotent(store, registered, bundles):
     tags = registry.version("gpt", version)["tags"]
     assert tags["gptflow.bundle"] == str(bundles["good"].resolve())
     assert tags["gptflow.tokenizer_sha256"] and tags["gptflow.eval.val_bits_per_byte"]
-    assert tags["gptflow.run.evaluate"] and tags["gptflow.eval_dataset"] == str(store["dataset"].resolve())
+    assert tags["gptflow.run.evaluate"] and tags["gptflow.eval_dataset"] == str(
+        store["dataset"].resolve()
+    )
     assert store["add"](bundles["good"]) == version  # the same bundle again: no second version
     assert [v["version"] for v in registry.versions("gpt")].count(version) == 1
 
@@ -57,7 +65,9 @@ def test_first_model_is_champion_worse_is_refused_better_promoted_and_rollback(s
     refused = promoting.promote_version(registry, "gpt", worst, cfg, EVAL, store["root"])
     assert not refused["promoted"]
     tags = registry.version("gpt", worst)["tags"]
-    assert tags["gptflow.gate"] == "refused" and float(tags["gptflow.gate.challenger"]) > float(tags["gptflow.gate.champion"])
+    assert tags["gptflow.gate"] == "refused" and float(tags["gptflow.gate.challenger"]) > float(
+        tags["gptflow.gate.champion"]
+    )
     assert _aliases(registry) == {"champion": good, "challenger": worst}
 
     best = registered("best")
@@ -66,14 +76,19 @@ def test_first_model_is_champion_worse_is_refused_better_promoted_and_rollback(s
     assert registry.version("gpt", best)["tags"]["gptflow.previous_champion"] == good
     # the champion was re-evaluated on the challenger's data: its figure equals its own evaluation's
     assert float(registry.version("gpt", best)["tags"]["gptflow.gate.champion"]) == pytest.approx(
-        float(registry.version("gpt", good)["tags"]["gptflow.eval.val_bits_per_byte"]), rel=1e-6)
+        float(registry.version("gpt", good)["tags"]["gptflow.eval.val_bits_per_byte"]), rel=1e-6
+    )
 
     out = _gptflow("rollback", "gpt", store=store)
     assert out.returncode == 0, out.stderr[-2000:]
     assert _aliases(registry)["champion"] == good
     assert registry.version("gpt", best)["tags"]["gptflow.rolled_back_to"] == good
     table = _gptflow("models", "gpt", store=store)
-    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == ["version", "aliases", "gate"]
+    assert table.returncode == 0 and table.stdout.splitlines()[0].split()[:3] == [
+        "version",
+        "aliases",
+        "gate",
+    ]
     rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:]}
     assert rows[good][1] == "champion" and rows[worst][2] == "refused" and rows[best][2] == "passed"
     forced = _gptflow("promote", "gpt", "--version", worst, "--force", store=store)
@@ -87,10 +102,17 @@ def test_bad_requests_are_clear_errors_and_move_no_alias(store, registered, tmp_
     registry = store["registry"]()
     registered("good")
     before = _aliases(registry)
-    for args, match in ((("promote", "nope", "--version", "1"), "nope"), (("promote", "gpt", "--version", "99"), "99"),
-                        (("lineage", "gpt@nobody"), "nobody"), (("lineage", "gpt"), "NAME@ALIAS")):
+    for args, match in (
+        (("promote", "nope", "--version", "1"), "nope"),
+        (("promote", "gpt", "--version", "99"), "99"),
+        (("lineage", "gpt@nobody"), "nobody"),
+        (("lineage", "gpt"), "NAME@ALIAS"),
+    ):
         out = _gptflow(*args, store=store)
-        assert out.returncode == 2 and match in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+        assert out.returncode == 2 and match in out.stderr and "Traceback" not in out.stderr, (
+            args,
+            out.stderr,
+        )
     assert _aliases(registry) == before
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -98,7 +120,9 @@ def test_bad_requests_are_clear_errors_and_move_no_alias(store, registered, tmp_
         (broken / f.name).write_bytes(f.read_bytes())
     cfg = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**cfg, "vocab_size": cfg["vocab_size"] + 1}))
-    with pytest.raises(RegistryError, match="tokenizer.json has 300 tokens but config.json says vocab_size=301"):
+    with pytest.raises(
+        RegistryError, match="tokenizer.json has 300 tokens but config.json says vocab_size=301"
+    ):
         check_bundle(broken)
 
 
@@ -107,7 +131,11 @@ def _stored_weights(store, name: str, version: str) -> Path:
     from flows.workdir import sha256_file
 
     want = store["registry"]().version(name, version)["tags"]["gptflow.bundle_sha256"]
-    return next(p for p in (store["root"] / "mlartifacts").rglob("model.safetensors") if sha256_file(p) == want)
+    return next(
+        p
+        for p in (store["root"] / "mlartifacts").rglob("model.safetensors")
+        if sha256_file(p) == want
+    )
 
 
 def test_corrupt_champion_artifacts_refuse_the_promotion(store, registered):
@@ -119,22 +147,30 @@ def test_corrupt_champion_artifacts_refuse_the_promotion(store, registered):
     cache = store["root"] / "registry" / "cache"
     cached = promoting.bundle_of(registry, "gpt", good, cache) / "model.safetensors"
     cached.write_bytes(b"not a safetensors file")
-    assert promoting.bundle_of(registry, "gpt", good, cache).joinpath("model.safetensors").read_bytes() != \
-        b"not a safetensors file"
+    assert (
+        promoting.bundle_of(registry, "gpt", good, cache).joinpath("model.safetensors").read_bytes()
+        != b"not a safetensors file"
+    )
     weights = _stored_weights(store, "gpt", good)
     saved = weights.read_bytes()
     weights.write_bytes(b"not a safetensors file")
     promoting.discard(cache / f"gpt-v{good}")
     try:
-        with pytest.raises(promoting.BundleMismatch, match=f"version {good}: the downloaded weights have sha256"):
+        with pytest.raises(
+            promoting.BundleMismatch, match=f"version {good}: the downloaded weights have sha256"
+        ):
             promoting.promote_version(registry, "gpt", best, RegistryConfig(), EVAL, store["root"])
         assert _aliases(registry)["champion"] == good
-        assert not any(p.name.startswith(".gpt-v") and p.is_dir() for p in cache.iterdir())  # no temp dir left
+        assert not any(
+            p.name.startswith(".gpt-v") and p.is_dir() for p in cache.iterdir()
+        )  # no temp dir left
     finally:
         weights.write_bytes(saved)
 
 
-def test_a_killed_download_is_not_reused_and_a_stale_one_is_downloaded_again(store, registered, bundles, tmp_path):
+def test_a_killed_download_is_not_reused_and_a_stale_one_is_downloaded_again(
+    store, registered, bundles, tmp_path
+):
     """What a download killed half-way leaves (a truncated model.safetensors, no DONE) and what a
     registry reset leaves (a complete bundle of another model under the same version number) are both
     replaced by the version's own weights."""
@@ -148,17 +184,26 @@ def test_a_killed_download_is_not_reused_and_a_stale_one_is_downloaded_again(sto
     entry.mkdir(parents=True)
     for f in ("config.json", "tokenizer.json", "metadata.json"):
         (entry / f).write_bytes((bundles["good"] / f).read_bytes())
-    (entry / "model.safetensors").write_bytes((bundles["good"] / "model.safetensors").read_bytes()[:1000])
-    assert sha256_file(promoting.bundle_of(registry, "gpt", good, cache) / "model.safetensors") == want
+    (entry / "model.safetensors").write_bytes(
+        (bundles["good"] / "model.safetensors").read_bytes()[:1000]
+    )
+    assert (
+        sha256_file(promoting.bundle_of(registry, "gpt", good, cache) / "model.safetensors") == want
+    )
 
     stale = cache / f"gpt-v{good}"
     promoting.discard(stale)
     (stale / "bundle").mkdir(parents=True)
     for f in ("config.json", "tokenizer.json", "metadata.json", "model.safetensors"):
         (stale / "bundle" / f).write_bytes((bundles["worst"] / f).read_bytes())
-    (stale / "DONE").write_text(json.dumps({"sha256": sha256_file(stale / "bundle" / "model.safetensors"),
-                                            "bundle": "bundle"}))
-    assert sha256_file(promoting.bundle_of(registry, "gpt", good, cache) / "model.safetensors") == want
+    (stale / "DONE").write_text(
+        json.dumps(
+            {"sha256": sha256_file(stale / "bundle" / "model.safetensors"), "bundle": "bundle"}
+        )
+    )
+    assert (
+        sha256_file(promoting.bundle_of(registry, "gpt", good, cache) / "model.safetensors") == want
+    )
 
 
 def test_pyfunc_loads_in_a_fresh_process_and_matches_generate(store, registered, bundles):
@@ -172,14 +217,23 @@ def test_pyfunc_loads_in_a_fresh_process_and_matches_generate(store, registered,
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env["MLFLOW_TRACKING_URI"] = store["tracking"].uri
-    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=store["root"], capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env=env,
+        cwd=store["root"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     from gptcore import generate, load_bundle
 
     model, tok, _ = load_bundle(bundles["best"])
-    want = [tok.decode(generate(model, tok.encode(p), 6, stop_ids=[tok.eot_id])) for p in ("The ", "the cat")]
+    want = [
+        tok.decode(generate(model, tok.encode(p), 6, stop_ids=[tok.eot_id]))
+        for p in ("The ", "the cat")
+    ]
     assert got == want
 
 
@@ -219,18 +273,44 @@ def test_mlflow_models_serve_answers_invocations(store, registered, tmp_path):
     registry.set_alias("gpt", "champion", registered("best"))
     port = _free_port()
     # `mlflow models serve` execs uvicorn from PATH: the venv's bin, as in an activated venv
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store["tracking"].uri,
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/gpt@champion",
-                             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "serve.log", "w"),
-                            start_new_session=True)
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": store["tracking"].uri,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            "models:/gpt@champion",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "serve.log", "w"),
+        start_new_session=True,
+    )
     try:
         _wait_http(f"http://127.0.0.1:{port}/ping", proc, 120)
-        body = json.dumps({"dataframe_split": {"columns": ["prompt"], "data": [["The "], ["the cat"]]},
-                           "params": {"max_tokens": 5}}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
-                                     {"Content-Type": "application/json"})
+        body = json.dumps(
+            {
+                "dataframe_split": {"columns": ["prompt"], "data": [["The "], ["the cat"]]},
+                "params": {"max_tokens": 5},
+            }
+        ).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", body, {"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             predictions = json.loads(r.read())["predictions"]
         assert len(predictions) == 2 and all(isinstance(p, str) for p in predictions)
@@ -264,24 +344,53 @@ def test_two_promotions_racing_leave_the_better_model_champion(store, bundles, w
     base, good, best = (store["add"](bundles[w], name=model) for w in ("worst", "good", "best"))
     registry = store["registry"]()
     registry.set_alias(model, "champion", base)
-    dirs = {good: store["root"], best: store["root"] if workdirs == "one" else tmp_path / "elsewhere"}
+    dirs = {
+        good: store["root"],
+        best: store["root"] if workdirs == "one" else tmp_path / "elsewhere",
+    }
     script = _RACE.replace('"race"', repr(model))
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path), str(dirs[v]), store["tracking"].uri, v,
-                               good, best], cwd=store["root"], stderr=subprocess.PIPE, text=True) for v in (good, best)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                script,
+                str(tmp_path),
+                str(dirs[v]),
+                store["tracking"].uri,
+                v,
+                good,
+                best,
+            ],
+            cwd=store["root"],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for v in (good, best)
+    ]
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
     assert _aliases(registry, model)["champion"] == best
     gates = {v: registry.version(model, v)["tags"].get("gptflow.gate") for v in (good, best)}
     assert gates[best] == "passed" and gates[good] in ("passed", "refused")
     history = json.loads(registry.model_tags(model)[promoting.HISTORY_TAG])
-    assert history[-1] == best and {v for v, g in gates.items() if g == "passed"} <= set(history), (history, gates)
-    assert not [m for m in registry.client.search_registered_models() if m.name.endswith(promoting.LOCK_SUFFIX)]
+    assert history[-1] == best and {v for v, g in gates.items() if g == "passed"} <= set(history), (
+        history,
+        gates,
+    )
+    assert not [
+        m
+        for m in registry.client.search_registered_models()
+        if m.name.endswith(promoting.LOCK_SUFFIX)
+    ]
 
 
 def test_a_promotion_lock_left_by_a_dead_process_is_broken(store, registered):
     registry = store["registry"]()
     lock = f"gpt{promoting.LOCK_SUFFIX}"
-    assert registry.create_model(lock, {"gptflow.lock.token": "dead", "gptflow.lock.heartbeat": 0}, "test")
+    assert registry.create_model(
+        lock, {"gptflow.lock.token": "dead", "gptflow.lock.heartbeat": 0}, "test"
+    )
     assert not registry.create_model(lock, {}, "a second holder")
     with promoting.promotion_lock(registry, "gpt", store["root"], wait_s=30):
         assert registry.model_tags(lock)["gptflow.lock.token"] != "dead"
@@ -299,11 +408,28 @@ def test_against_a_real_mlflow_server(tmp_path, bundles, tok):
     from tests.evaluate.conftest import corpus, write_dataset
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                             f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL,
-                            stderr=open(tmp_path / "server.log", "w"), start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "art"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp_path / "server.log", "w"),
+        start_new_session=True,
+    )
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", proc, 240)
         tracking = TrackingConfig(uri=f"http://127.0.0.1:{port}")
@@ -312,15 +438,29 @@ def test_against_a_real_mlflow_server(tmp_path, bundles, tok):
             evaluation = evaluate(EVAL, bundles["good"], dataset, tmp_path / "eval", t)
         (tmp_path / "reg").mkdir()
         with stage_run(tracking, tmp_path, "register") as t:
-            register(RegistryConfig(name="served"), bundles["good"], evaluation, dataset, tmp_path / "reg",
-                     StepContext(workdir=tmp_path, tracking=tracking, tracker=t))
+            register(
+                RegistryConfig(name="served"),
+                bundles["good"],
+                evaluation,
+                dataset,
+                tmp_path / "reg",
+                StepContext(workdir=tmp_path, tracking=tracking, tracker=t),
+            )
         version = json.loads((tmp_path / "reg" / RESULT).read_text())["version"]
         registry = Registry(tracking, tmp_path)
-        record = promoting.promote_version(registry, "served", version, RegistryConfig(name="served"), EVAL, tmp_path)
+        record = promoting.promote_version(
+            registry, "served", version, RegistryConfig(name="served"), EVAL, tmp_path
+        )
         assert record["promoted"] and registry.by_alias("served", "champion")["version"] == version
         code = "import mlflow; print(mlflow.pyfunc.load_model('models:/served@champion').predict(['The '])[0] != None)"
-        out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MLFLOW_TRACKING_URI": tracking.uri},
-                             cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "MLFLOW_TRACKING_URI": tracking.uri},
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0 and out.stdout.strip().endswith("True"), out.stderr[-3000:]
     finally:
         _stop(proc)
@@ -336,7 +476,9 @@ def test_a_champion_with_another_tokenizer_is_scored_on_the_same_text(store, tok
     from tests.evaluate.conftest import corpus, tiny_model, train_briefly
 
     other = Tokenizer.train(corpus(300, seed=7), vocab_size=280)
-    foreign = save_bundle(tmp_path / "foreign", train_briefly(tiny_model(other.vocab_size), other, 40), other, {})
+    foreign = save_bundle(
+        tmp_path / "foreign", train_briefly(tiny_model(other.vocab_size), other, 40), other, {}
+    )
     figures = promoting.figures_on(foreign, store["dataset"], EVAL)
     assert 0 < figures.bits_per_byte < 20 and figures.perplexity > 1
 
@@ -344,7 +486,9 @@ def test_a_champion_with_another_tokenizer_is_scored_on_the_same_text(store, tok
     manifest = read_manifest(store["dataset"])
     by_text = metrics.val_text_loss(model, other, store["dataset"], manifest, tok, 32, 8)
     assert by_text.bits_per_byte == pytest.approx(figures.bits_per_byte)
-    same, _, _ = load_bundle(save_bundle(tmp_path / "same", train_briefly(tiny_model(tok.vocab_size), tok, 40), tok, {}))
+    same, _, _ = load_bundle(
+        save_bundle(tmp_path / "same", train_briefly(tiny_model(tok.vocab_size), tok, 40), tok, {})
+    )
     tokens = metrics.val_loss(same, tok, store["dataset"], manifest, 32, 8)
     text = metrics.val_text_loss(same, tok, store["dataset"], manifest, tok, 32, 8)
     assert text.bits_per_byte == pytest.approx(tokens.bits_per_byte, rel=0.03)
@@ -359,11 +503,17 @@ def test_lineage_reports_what_is_gone_as_missing(store, bundles, tmp_path):
     shutil.rmtree(copy)  # the stage output is deleted after registering
     out = _gptflow("lineage", f"ephemeral/{version}", "--json", store=store)
     assert out.returncode == 0, out.stderr[-3000:]
-    facts = json.loads(out.stdout[out.stdout.index("{"):])
-    assert facts["bundle"]["path"] != str(copy) and facts["bundle"]["stage"] == "pretrain"  # the registry's copy
+    facts = json.loads(out.stdout[out.stdout.index("{") :])
+    assert (
+        facts["bundle"]["path"] != str(copy) and facts["bundle"]["stage"] == "pretrain"
+    )  # the registry's copy
     assert facts["bundle"]["dataset"]["missing"] and facts["runs"]["train"]["missing"]
     text = _gptflow("lineage", f"ephemeral/{version}", store=store)
-    assert text.returncode == 0 and "dataset ?: MISSING" in text.stdout and "run train: MISSING" in text.stdout
+    assert (
+        text.returncode == 0
+        and "dataset ?: MISSING" in text.stdout
+        and "run train: MISSING" in text.stdout
+    )
 
 
 def test_an_unreachable_registry_is_a_clear_error(tmp_path, monkeypatch):
@@ -387,8 +537,15 @@ def test_a_step_initialised_from_an_alias_reruns_when_the_alias_moves(store, reg
 
     registry = store["registry"]()
     good, best = registered("good"), registered("best")
-    cfg = load_config(None, [f"workdir={store['root']}", f"tracking.uri={store['tracking'].uri}",
-                             f"finetune.data={store['dataset']}", "finetune.init=models:/gpt@champion"])
+    cfg = load_config(
+        None,
+        [
+            f"workdir={store['root']}",
+            f"tracking.uri={store['tracking'].uri}",
+            f"finetune.data={store['dataset']}",
+            "finetune.init=models:/gpt@champion",
+        ],
+    )
     registry.set_alias("gpt", "champion", good)
     first = {p.step.name: p for p in pipeline.plan(cfg, wanted=["finetune"])}["finetune"]
     assert first.upstream == () and first.inputs["init"] == "models:/gpt@champion"

@@ -26,7 +26,11 @@ CONTEXT = 1024  # long enough that a request can outlast a client that goes away
 
 def make_bundle(directory: Path, tok, seed: int) -> Path:  # noqa: F811
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, context_length=CONTEXT, n_layer=2, n_head=2, d_model=32))
+    model = GPT(
+        GPTConfig(
+            vocab_size=tok.vocab_size, context_length=CONTEXT, n_layer=2, n_head=2, d_model=32
+        )
+    )
     return save_bundle(directory, model, tok, {"stage": "pretrain"})
 
 
@@ -51,12 +55,24 @@ def deploy(serve_url) -> Callable[..., str]:
 
     from flows.serve.deploy import application, settings_for
 
-    def run(name: str, workdir: Path, bundle: Path | None = None, model: str | None = None,
-            tracking: TrackingConfig | None = None, env: dict[str, str] | None = None, **serve_keys) -> str:
+    def run(
+        name: str,
+        workdir: Path,
+        bundle: Path | None = None,
+        model: str | None = None,
+        tracking: TrackingConfig | None = None,
+        env: dict[str, str] | None = None,
+        **serve_keys,
+    ) -> str:
         serve_keys.setdefault("num_cpus", 0.1)  # several apps share the session's 2-CPU Ray
-        serve_keys.setdefault("access_log", False)  # a line per request would bury a failure's output
-        cfg = PipelineConfig(workdir=str(workdir), serve=ServeConfig(**serve_keys),
-                             tracking=tracking or TrackingConfig(enabled=False))
+        serve_keys.setdefault(
+            "access_log", False
+        )  # a line per request would bury a failure's output
+        cfg = PipelineConfig(
+            workdir=str(workdir),
+            serve=ServeConfig(**serve_keys),
+            tracking=tracking or TrackingConfig(enabled=False),
+        )
         saved = {k: os.environ.get(k) for k in (env or {})}
         os.environ.update(env or {})
         try:

@@ -29,12 +29,24 @@ def test_gptflow_serve_answers_and_logs_a_summary_when_stopped(store, tok, tmp_p
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     config = tmp_path / "serve.yaml"
-    config.write_text(yaml.safe_dump({"workdir": str(store["root"]), "tracking": {"uri": store["tracking"].uri},
-                                      "serve": {"port": port, "poll_s": 0, "num_cpus": 0.5}}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "workdir": str(store["root"]),
+                "tracking": {"uri": store["tracking"].uri},
+                "serve": {"port": port, "poll_s": 0, "num_cpus": 0.5},
+            }
+        )
+    )
     gptflow = str(Path(sys.executable).parent / "gptflow")
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([gptflow, "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=log,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [gptflow, "serve", "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, seconds=180)
@@ -42,7 +54,9 @@ def test_gptflow_serve_answers_and_logs_a_summary_when_stopped(store, tok, tmp_p
         assert f"as 'gpt' at {url}/v1" in first and "models:/gpt@champion" in first
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
         assert client.models.list().data[0].version == version
-        text = client.completions.create(model="gpt", prompt="The cat", max_tokens=6).choices[0].text
+        text = (
+            client.completions.create(model="gpt", prompt="The cat", max_tokens=6).choices[0].text
+        )
         assert isinstance(text, str)
         with urllib.request.urlopen(f"{url}/", timeout=10) as r:
             assert b"gptflow playground" in r.read()
@@ -54,14 +68,18 @@ def test_gptflow_serve_answers_and_logs_a_summary_when_stopped(store, tok, tmp_p
             proc.wait()
         log.close()
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
-    figures = json.loads(out[out.index("{"):])
+    figures = json.loads(out[out.index("{") :])
     assert figures["requests"] == 1 and figures["completion_tokens"] >= 1
 
     import mlflow
 
     runs = mlflow.MlflowClient(tracking_uri=store["tracking"].uri).search_runs(
-        [e.experiment_id for e in mlflow.MlflowClient(tracking_uri=store["tracking"].uri).search_experiments()],
-        filter_string="tags.`gptflow.stage` = 'serve'")
+        [
+            e.experiment_id
+            for e in mlflow.MlflowClient(tracking_uri=store["tracking"].uri).search_experiments()
+        ],
+        filter_string="tags.`gptflow.stage` = 'serve'",
+    )
     assert len(runs) == 1
     assert runs[0].data.metrics["requests"] == 1 and runs[0].data.params["served_name"] == "gpt"
 
@@ -73,7 +91,9 @@ def test_the_shipped_serve_deploy_config_is_valid_for_ray_serve():
     from ray.serve.schema import ServeDeploySchema
 
     root = Path(__file__).resolve().parents[2]
-    schema = ServeDeploySchema.model_validate(yaml.safe_load((root / "serve-deploy.yaml").read_text()))
+    schema = ServeDeploySchema.model_validate(
+        yaml.safe_load((root / "serve-deploy.yaml").read_text())
+    )
     (app,) = schema.applications
     module, _, name = app.import_path.partition(":")
     builder = getattr(importlib.import_module(module), name)

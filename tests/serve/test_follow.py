@@ -26,8 +26,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def versions(store, tok, tmp_path_factory) -> dict[str, str]:
     """Registered versions; all but "ungated" passed the promotion gate (as `gptflow promote` records)."""
-    found = {k: store["add"](make_bundle(tmp_path_factory.mktemp(k), tok, seed=seed))
-             for k, seed in (("a", 10), ("b", 11), ("corrupt", 12), ("mismatch", 13), ("ungated", 14))}
+    found = {
+        k: store["add"](make_bundle(tmp_path_factory.mktemp(k), tok, seed=seed))
+        for k, seed in (("a", 10), ("b", 11), ("corrupt", 12), ("mismatch", 13), ("ungated", 14))
+    }
     registry = store["registry"]()
     for k, v in found.items():
         if k != "ungated":
@@ -40,15 +42,25 @@ def _stored(store, version: str, name: str) -> Path:
     from flows.workdir import sha256_file
 
     want = store["registry"]().version("gpt", version)["tags"]["gptflow.bundle_sha256"]
-    weights = next(p for p in (store["root"] / "mlartifacts").rglob("model.safetensors") if sha256_file(p) == want)
+    weights = next(
+        p
+        for p in (store["root"] / "mlartifacts").rglob("model.safetensors")
+        if sha256_file(p) == want
+    )
     return weights.parent / name
 
 
 def _reference(store, version: str, tmp_path):
     bundle = bundle_of(store["registry"](), "gpt", version, tmp_path / "ref")
     model, tok, _ = load_bundle(bundle)
-    return lambda prompt, n: tok.decode(generate_alone(model, SequenceRequest(
-        0, tuple(tok.encode(prompt)), n, SamplingParams(stop_ids=frozenset({tok.eot_id})))))
+    return lambda prompt, n: tok.decode(
+        generate_alone(
+            model,
+            SequenceRequest(
+                0, tuple(tok.encode(prompt)), n, SamplingParams(stop_ids=frozenset({tok.eot_id}))
+            ),
+        )
+    )
 
 
 def _version_served(url: str) -> str:
@@ -64,13 +76,23 @@ def _wait(predicate, seconds: float, what: str) -> None:
 
 
 def test_promotion_under_load_swaps_without_a_failed_request_and_bad_versions_are_refused(
-        store, versions, deploy, tmp_path):
+    store, versions, deploy, tmp_path
+):
     registry = store["registry"]()
     registry.set_alias("gpt", "champion", versions["a"])
-    url = deploy("follow", store["root"], model="gpt@champion", tracking=store["tracking"], poll_s=0.3,
-                 max_tokens_limit=1000)
+    url = deploy(
+        "follow",
+        store["root"],
+        model="gpt@champion",
+        tracking=store["tracking"],
+        poll_s=0.3,
+        max_tokens_limit=1000,
+    )
     assert _version_served(url) == versions["a"]
-    old, new = _reference(store, versions["a"], tmp_path), _reference(store, versions["b"], tmp_path)
+    old, new = (
+        _reference(store, versions["a"], tmp_path),
+        _reference(store, versions["b"], tmp_path),
+    )
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
 
     long_text: list[str] = []
@@ -78,7 +100,9 @@ def test_promotion_under_load_swaps_without_a_failed_request_and_bad_versions_ar
 
     def long_request():  # starts on version a and must finish there, whatever happens meanwhile
         parts = []
-        for chunk in client.completions.create(model="gpt", prompt="The cat", max_tokens=700, stream=True):
+        for chunk in client.completions.create(
+            model="gpt", prompt="The cat", max_tokens=700, stream=True
+        ):
             parts.append(chunk.choices[0].text)
             long_started.set()
         long_text.append("".join(parts))
@@ -92,24 +116,36 @@ def test_promotion_under_load_swaps_without_a_failed_request_and_bad_versions_ar
         while not stop.is_set():
             try:
                 if i % 2:
-                    text = "".join(c.choices[0].text for c in client.completions.create(
-                        model="gpt", prompt="A dog", max_tokens=24, stream=True))
+                    text = "".join(
+                        c.choices[0].text
+                        for c in client.completions.create(
+                            model="gpt", prompt="A dog", max_tokens=24, stream=True
+                        )
+                    )
                 else:
-                    text = client.chat.completions.create(
-                        model="gpt", messages=[{"role": "user", "content": "hi"}], max_tokens=16
-                    ).choices[0].message.content
+                    text = (
+                        client.chat.completions.create(
+                            model="gpt", messages=[{"role": "user", "content": "hi"}], max_tokens=16
+                        )
+                        .choices[0]
+                        .message.content
+                    )
                 assert isinstance(text, str)
                 done += 1
             except Exception as e:  # noqa: BLE001 - every failure is collected and reported
                 failures.append(repr(e))
 
-    threads = [threading.Thread(target=long_request)] + [threading.Thread(target=load, args=(i,)) for i in range(8)]
+    threads = [threading.Thread(target=long_request)] + [
+        threading.Thread(target=load, args=(i,)) for i in range(8)
+    ]
     for t in threads:
         t.start()
     try:
         assert long_started.wait(30)
         registry.set_alias("gpt", "champion", versions["b"])
-        _wait(lambda: _version_served(url) == versions["b"], 30, "the new champion was not swapped in")
+        _wait(
+            lambda: _version_served(url) == versions["b"], 30, "the new champion was not swapped in"
+        )
         time.sleep(1.0)  # keep the load on the new version for a while
     finally:
         stop.set()
@@ -118,8 +154,9 @@ def test_promotion_under_load_swaps_without_a_failed_request_and_bad_versions_ar
     assert not failures, failures[:3]
     assert done > 20
     assert long_text == [old("The cat", 700)]  # finished on the model it started on
-    assert client.completions.create(model="gpt", prompt="The cat", max_tokens=20).choices[0].text == \
-        new("The cat", 20)
+    assert client.completions.create(model="gpt", prompt="The cat", max_tokens=20).choices[
+        0
+    ].text == new("The cat", 20)
 
     # A version whose stored weights are not the ones its sha256 tag names, one whose tokenizer does not
     # match its weights, and one that never passed the gate: all are refused and b keeps serving.
@@ -128,15 +165,25 @@ def test_promotion_under_load_swaps_without_a_failed_request_and_bad_versions_ar
     config.write_text(json.dumps({**json.loads(config.read_text()), "vocab_size": 999}))
     for bad in ("corrupt", "mismatch", "ungated"):
         registry.set_alias("gpt", "champion", versions[bad])
-        _wait(lambda bad=bad: versions[bad] in wait_healthy(url)["refused_versions"], 30, f"{bad} was not refused")
+        _wait(
+            lambda bad=bad: versions[bad] in wait_healthy(url)["refused_versions"],
+            30,
+            f"{bad} was not refused",
+        )
         assert _version_served(url) == versions["b"]
-        assert client.completions.create(model="gpt", prompt="A dog", max_tokens=8).choices[0].text == new("A dog", 8)
+        assert client.completions.create(model="gpt", prompt="A dog", max_tokens=8).choices[
+            0
+        ].text == new("A dog", 8)
     # the gate passes it later (gptflow promote --force): it is served at the next poll
     registry.set_version_tags("gpt", versions["ungated"], {"gptflow.gate": "passed"})
-    _wait(lambda: _version_served(url) == versions["ungated"], 30, "the gated version was not served")
+    _wait(
+        lambda: _version_served(url) == versions["ungated"], 30, "the gated version was not served"
+    )
 
 
-def test_the_serve_step_deploys_the_champion_on_the_configured_ray(store, versions, serve_url, tmp_path):
+def test_the_serve_step_deploys_the_champion_on_the_configured_ray(
+    store, versions, serve_url, tmp_path
+):
     from ray import serve
 
     from flows import pipeline
@@ -144,8 +191,11 @@ def test_the_serve_step_deploys_the_champion_on_the_configured_ray(store, versio
 
     store["registry"]().set_alias("gpt", "champion", versions["b"])
     port = int(serve_url.rsplit(":", 1)[1])  # the running Serve instance's proxy
-    cfg = PipelineConfig(workdir=str(store["root"]), tracking=store["tracking"],
-                         serve=ServeConfig(deploy=True, port=port, num_cpus=0.1, poll_s=0))
+    cfg = PipelineConfig(
+        workdir=str(store["root"]),
+        tracking=store["tracking"],
+        serve=ServeConfig(deploy=True, port=port, num_cpus=0.1, poll_s=0),
+    )
     step = next(s for s in pipeline.STEPS if s.name == "serve")
     assert step.enabled(cfg) and not step.enabled(PipelineConfig())
     try:

@@ -30,8 +30,11 @@ def bundle(tmp_path_factory, tok):
 def server(ray_local, bundle, tmp_path):
     from flows.serve.app import GPTServer
 
-    cfg = PipelineConfig(workdir=str(tmp_path), tracking=TrackingConfig(enabled=False),
-                         serve=ServeConfig(stall_s=0.5, max_tokens_limit=1000))
+    cfg = PipelineConfig(
+        workdir=str(tmp_path),
+        tracking=TrackingConfig(enabled=False),
+        serve=ServeConfig(stall_s=0.5, max_tokens_limit=1000),
+    )
     plain = GPTServer.func_or_class.__bases__[0]  # the class under Serve's ingress wrapper
     replica = plain(settings_for(cfg, bundle=str(bundle)))
     yield replica
@@ -50,8 +53,13 @@ def _request(body: dict):
         sent = True
         return {"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}
 
-    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "query_string": b"",
-             "headers": [(b"content-type", b"application/json")]}
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/completions",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json")],
+    }
     return Request(scope, receive)
 
 
@@ -62,7 +70,9 @@ def _leases(replica) -> int:
 def test_a_stream_dropped_before_its_first_byte_releases_its_model(server):
     """A client gone before the stream is iterated used to keep the model leased forever (a retired
     model's weights and KV cache never freed)."""
-    response = asyncio.run(server._handle(_request({"prompt": "The", "max_tokens": 50, "stream": True}), chat=False))
+    response = asyncio.run(
+        server._handle(_request({"prompt": "The", "max_tokens": 50, "stream": True}), chat=False)
+    )
     assert response.status_code == 200 and _leases(server) == 1
     del response
     gc.collect()
@@ -98,14 +108,19 @@ def test_healthz_fails_when_the_decode_loop_is_wedged_or_dead(server):
     assert health.status_code == 503 and "no finished step" in json.loads(health.body)["problem"]
     server.current.runner.stop()
     dead = asyncio.run(server.healthz())
-    assert dead.status_code == 503 and json.loads(dead.body)["problem"] == "the decode loop has stopped"
+    assert (
+        dead.status_code == 503
+        and json.loads(dead.body)["problem"] == "the decode loop has stopped"
+    )
 
 
 def test_a_failed_decode_step_answers_500_without_its_detail(server, caplog):
     engine = server.current.runner.engine
 
     def failing_step():
-        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB total; /secret/path)")
+        raise RuntimeError(
+            "CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB total; /secret/path)"
+        )
 
     engine.step = failing_step
     response = asyncio.run(server._handle(_request({"prompt": "The", "max_tokens": 5}), chat=False))
@@ -126,24 +141,50 @@ def test_latency_windows_are_bounded():
     assert stats.latency_s[-1] == 3 * LATENCY_WINDOW - 1
 
 
-def test_serving_other_machines_without_a_key_is_refused_unless_allowed(bundle, tmp_path, monkeypatch):
+def test_serving_other_machines_without_a_key_is_refused_unless_allowed(
+    bundle, tmp_path, monkeypatch
+):
     monkeypatch.delenv("GPTFLOW_API_KEY", raising=False)
 
     def cfg(**serve):
-        return PipelineConfig(workdir=str(tmp_path), tracking=TrackingConfig(enabled=False), serve=ServeConfig(**serve))
+        return PipelineConfig(
+            workdir=str(tmp_path),
+            tracking=TrackingConfig(enabled=False),
+            serve=ServeConfig(**serve),
+        )
 
     for host in ("0.0.0.0", "10.0.0.5", "::", "head.example"):
         with pytest.raises(ConfigError, match=f"serve.host={host} .*GPTFLOW_API_KEY is not set"):
             settings_for(cfg(host=host), bundle=str(bundle))
     for host in ("127.0.0.1", "::1", "localhost"):
         assert settings_for(cfg(host=host), bundle=str(bundle)).api_key_sha256 is None
-    assert settings_for(cfg(host="0.0.0.0", allow_no_auth=True), bundle=str(bundle)).api_key_sha256 is None
+    assert (
+        settings_for(cfg(host="0.0.0.0", allow_no_auth=True), bundle=str(bundle)).api_key_sha256
+        is None
+    )
     monkeypatch.setenv("GPTFLOW_API_KEY", "sk-1")
     assert settings_for(cfg(host="0.0.0.0"), bundle=str(bundle)).api_key_sha256 is not None
 
     env = {k: v for k, v in __import__("os").environ.items() if k != "GPTFLOW_API_KEY"}
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--bundle", str(bundle), "--host", "0.0.0.0",
-                          "--no-tracking", "--workdir", str(tmp_path)], capture_output=True, text=True, env=env,
-                         timeout=120, cwd=tmp_path)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--host",
+            "0.0.0.0",
+            "--no-tracking",
+            "--workdir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
     assert "GPTFLOW_API_KEY" in out.stderr and "Traceback" not in out.stderr

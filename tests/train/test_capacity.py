@@ -53,11 +53,18 @@ def test_model_states_match_deepspeeds_estimators(counted, gpus, nodes):
 
     _, ds2 = estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=False)
     _, ds2_offload = estimate_zero2_model_states_mem_needs(total, gpus, nodes, cpu_offload=True)
-    _, ds3, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus, nodes, cpu_offload=False)
-    _, ds3_offload, _ = estimate_zero3_model_states_mem_needs(total, largest, gpus, nodes, cpu_offload=True,
-                                                              cpu_offload_params=False)
-    for got, want in ((ours(2, False), ds2), (ours(2, True), ds2_offload), (ours(3, False), ds3),
-                      (ours(3, True), ds3_offload)):
+    _, ds3, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, gpus, nodes, cpu_offload=False
+    )
+    _, ds3_offload, _ = estimate_zero3_model_states_mem_needs(
+        total, largest, gpus, nodes, cpu_offload=True, cpu_offload_params=False
+    )
+    for got, want in (
+        (ours(2, False), ds2),
+        (ours(2, True), ds2_offload),
+        (ours(3, False), ds3),
+        (ours(3, True), ds3_offload),
+    ):
         assert abs(got - want) <= 1, (got, want)
 
 
@@ -70,8 +77,13 @@ def test_more_sharding_and_checkpointing_never_need_more_memory():
         assert totals == sorted(totals, reverse=True)
         # ZeRO-3 shards the model states 16 ways; the parameters it gathers back (the whole model, up
         # to max_live_parameters) and the activations do not shrink with the world size.
-        assert rows[0].model_states > 8 * rows[3].model_states and rows[3].gathered > rows[3].weights
-    plain, ckpt = estimate(cfg, 4, "bf16", 2, hw), estimate(cfg, 4, "bf16", 2, hw, checkpointing=True)
+        assert (
+            rows[0].model_states > 8 * rows[3].model_states and rows[3].gathered > rows[3].weights
+        )
+    plain, ckpt = (
+        estimate(cfg, 4, "bf16", 2, hw),
+        estimate(cfg, 4, "bf16", 2, hw, checkpointing=True),
+    )
     assert ckpt.activations < plain.activations / 5 and ckpt.model_states == plain.model_states
     offloaded = estimate(cfg, 4, "bf16", 2, hw, offload_optimizer=True)
     assert offloaded.optimizer == 0 and offloaded.cpu_offload_per_node > 0
@@ -85,20 +97,48 @@ def test_time_uses_gptcores_flop_count():
 
 
 def _gptflow(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "gptflow"), *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "gptflow"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_capacity_command_worked_example():
-    out = _gptflow("capacity", "--preset", "gpt2-1.5b", "--gpus-per-node", "8", "--gpu-mem-gib", "80",
-                   "--precision", "bf16", "--micro-batch", "4", "--tokens", "30e9")
+    out = _gptflow(
+        "capacity",
+        "--preset",
+        "gpt2-1.5b",
+        "--gpus-per-node",
+        "8",
+        "--gpu-mem-gib",
+        "80",
+        "--precision",
+        "bf16",
+        "--micro-batch",
+        "4",
+        "--tokens",
+        "30e9",
+    )
     assert out.returncode == 0, out.stderr
     assert "1,557.6M parameters" in out.stdout
     rows = [line for line in out.stdout.splitlines() if line.strip()[:1].isdigit()]
     assert len(rows) == 14 and all(line.rstrip().endswith(("yes", "NO")) for line in rows)
     assert "time for 3e+10 tokens" in out.stdout
-    tight = _gptflow("capacity", "--preset", "gpt2-1.5b", "--gpus-per-node", "1", "--gpu-mem-gib", "16",
-                     "--precision", "bf16", "--micro-batch", "8")
+    tight = _gptflow(
+        "capacity",
+        "--preset",
+        "gpt2-1.5b",
+        "--gpus-per-node",
+        "1",
+        "--gpu-mem-gib",
+        "16",
+        "--precision",
+        "bf16",
+        "--micro-batch",
+        "8",
+    )
     assert tight.returncode == 0 and tight.stdout.count("| NO") > 5
     bad = _gptflow("capacity", "--nodes", "0")
     assert bad.returncode == 2 and "--nodes=0" in bad.stderr
@@ -110,15 +150,39 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def _cfg(workdir: Path, data: Path, *overrides: str):
-    return load_config(None, [f"workdir={workdir}", f"pretrain.data={data}", "tracking.enabled=false",
-                              "pretrain.precision=fp32", "pretrain.warmup_steps=1", *overrides])
+    return load_config(
+        None,
+        [
+            f"workdir={workdir}",
+            f"pretrain.data={data}",
+            "tracking.enabled=false",
+            "pretrain.precision=fp32",
+            "pretrain.warmup_steps=1",
+            *overrides,
+        ],
+    )
 
 
-def test_a_run_that_cannot_fit_fails_before_any_worker_starts_with_the_planners_figures(dataset, tmp_path):
-    cfg = _cfg(tmp_path, dataset, "model.preset=gpt2-1.5b", "model.context_length=64", "pretrain.num_workers=2")
-    with pytest.raises(ConfigError, match=r"capacity planner estimates [\d.]+ GiB per worker \(weights"):
+def test_a_run_that_cannot_fit_fails_before_any_worker_starts_with_the_planners_figures(
+    dataset, tmp_path
+):
+    cfg = _cfg(
+        tmp_path,
+        dataset,
+        "model.preset=gpt2-1.5b",
+        "model.context_length=64",
+        "pretrain.num_workers=2",
+    )
+    with pytest.raises(
+        ConfigError, match=r"capacity planner estimates [\d.]+ GiB per worker \(weights"
+    ):
         prepare(cfg)
-    assert prepare(_cfg(tmp_path, dataset, "model.preset=tiny", "model.context_length=64")).gpt_config["n_layer"] == 4
+    assert (
+        prepare(_cfg(tmp_path, dataset, "model.preset=tiny", "model.context_length=64")).gpt_config[
+            "n_layer"
+        ]
+        == 4
+    )
 
 
 # What 2 CPU workers really hold, against the planner. gpt2-124m at vocab 512 and context 64 is 85M
@@ -135,15 +199,31 @@ TOLERANCE = 0.25
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 3])
-def test_memory_model_matches_what_two_cpu_workers_measure(ray_local, dataset, tmp_path, zero_stage):
-    cfg = _cfg(tmp_path, dataset, "model.preset=gpt2-124m", "model.context_length=64", "pretrain.num_workers=2",
-               f"pretrain.zero_stage={zero_stage}", "pretrain.steps=2", "pretrain.micro_batch_size=2",
-               "pretrain.eval_every=2", "pretrain.checkpoint_every=2", "pretrain.eval_batches=1")
+def test_memory_model_matches_what_two_cpu_workers_measure(
+    ray_local, dataset, tmp_path, zero_stage
+):
+    cfg = _cfg(
+        tmp_path,
+        dataset,
+        "model.preset=gpt2-124m",
+        "model.context_length=64",
+        "pretrain.num_workers=2",
+        f"pretrain.zero_stage={zero_stage}",
+        "pretrain.steps=2",
+        "pretrain.micro_batch_size=2",
+        "pretrain.eval_every=2",
+        "pretrain.checkpoint_every=2",
+        "pretrain.eval_batches=1",
+    )
     p = prepare(cfg)
     from gptcore import GPTConfig
 
     gpt = GPTConfig.from_dict(p.gpt_config)
-    predicted = estimate(gpt, 2, "fp32", zero_stage, Hardware(gpus_per_node=2, nodes=1), gpu=False).total
+    predicted = estimate(
+        gpt, 2, "fp32", zero_stage, Hardware(gpus_per_node=2, nodes=1), gpu=False
+    ).total
     bundle = train(cfg)
-    measured = json.loads((bundle / "train_result.json").read_text())["metrics"]["rss_growth_bytes_max_rank"]
+    measured = json.loads((bundle / "train_result.json").read_text())["metrics"][
+        "rss_growth_bytes_max_rank"
+    ]
     assert abs(measured - predicted) <= TOLERANCE * predicted, (measured / GIB, predicted / GIB)

@@ -63,24 +63,55 @@ def teacher(dataset, tmp_path_factory) -> Path:
     """The small preset (4 x 128, twice the student's width), trained well past where the student gets."""
     torch.manual_seed(0)
     model = _train_plain(GPT(preset("small", vocab_size=512, context_length=T)), dataset, steps=150)
-    return save_bundle(tmp_path_factory.mktemp("teacher") / "bundle", model,
-                       Tokenizer.load(dataset / "tokenizer.json"), {"stage": "pretrain"})
+    return save_bundle(
+        tmp_path_factory.mktemp("teacher") / "bundle",
+        model,
+        Tokenizer.load(dataset / "tokenizer.json"),
+        {"stage": "pretrain"},
+    )
 
 
 # The student's run, shared by the labels-only baseline (pretrain.*) and the distilled runs (distill.*).
-_RUN = ("num_workers=2", "zero_stage=3", "precision=fp32", "steps=40", "micro_batch_size=8", "lr=3e-3",
-        "warmup_steps=4", "min_lr_ratio=1.0", "eval_every=40", "eval_batches=4", "checkpoint_every=10",
-        "sample_tokens=4", "seed=3")
+_RUN = (
+    "num_workers=2",
+    "zero_stage=3",
+    "precision=fp32",
+    "steps=40",
+    "micro_batch_size=8",
+    "lr=3e-3",
+    "warmup_steps=4",
+    "min_lr_ratio=1.0",
+    "eval_every=40",
+    "eval_batches=4",
+    "checkpoint_every=10",
+    "sample_tokens=4",
+    "seed=3",
+)
 
 
 def _cfg(workdir: Path, dataset: Path, *overrides: str, tracking: bool = False):
-    return load_config(None, [
-        f"workdir={workdir}", f"tracking.enabled={str(tracking).lower()}", "model.preset=tiny",
-        f"model.context_length={T}", f"pretrain.data={dataset}", *(f"pretrain.{k}" for k in _RUN),
-        "distill.enabled=true", f"distill.data={dataset}", "distill.student_preset=tiny",
-        "distill.alpha=0.2", "distill.temperature=1.0", *(f"distill.{k}" for k in _RUN),
-        "evaluate.max_tokens=4000", "evaluate.max_new_tokens=4", "evaluate.sample_tokens=16",
-        "registry.name=teacher", *overrides])
+    return load_config(
+        None,
+        [
+            f"workdir={workdir}",
+            f"tracking.enabled={str(tracking).lower()}",
+            "model.preset=tiny",
+            f"model.context_length={T}",
+            f"pretrain.data={dataset}",
+            *(f"pretrain.{k}" for k in _RUN),
+            "distill.enabled=true",
+            f"distill.data={dataset}",
+            "distill.student_preset=tiny",
+            "distill.alpha=0.2",
+            "distill.temperature=1.0",
+            *(f"distill.{k}" for k in _RUN),
+            "evaluate.max_tokens=4000",
+            "evaluate.max_new_tokens=4",
+            "evaluate.sample_tokens=16",
+            "registry.name=teacher",
+            *overrides,
+        ],
+    )
 
 
 def _steps(cfg, names):
@@ -101,49 +132,121 @@ def _mismatched_teacher(dataset: Path, root: Path) -> Path:
     """A teacher with a tokenizer of the same size trained on other text: same vocab_size, other ids."""
     other = Tokenizer.train([d[::-1] for _, d in stdlib_docs(200_000)], vocab_size=512)
     assert other.vocab_size == Tokenizer.load(dataset / "tokenizer.json").vocab_size
-    return save_bundle(root, GPT(preset("tiny", vocab_size=other.vocab_size, context_length=T)), other)
+    return save_bundle(
+        root, GPT(preset("tiny", vocab_size=other.vocab_size, context_length=T)), other
+    )
 
 
 def test_a_teacher_with_another_tokenizer_is_refused_before_any_worker(dataset, tmp_path):
     bad = _mismatched_teacher(dataset, tmp_path / "bad")
     cfg = _cfg(tmp_path / "w", dataset)
     with pytest.raises(DataError) as e:
-        prepare_training(cfg.distill, cfg.model, dataset, None, tmp_path / "out", pipeline.context(cfg), "distill", bad)
+        prepare_training(
+            cfg.distill,
+            cfg.model,
+            dataset,
+            None,
+            tmp_path / "out",
+            pipeline.context(cfg),
+            "distill",
+            bad,
+        )
     message = str(e.value)
     assert "tokenizer mismatch" in message and str(bad / "tokenizer.json") in message, message
-    assert str(dataset / "tokenizer.json") in message and f"data.tokenizer_path={bad}" in message, message
+    assert str(dataset / "tokenizer.json") in message and f"data.tokenizer_path={bad}" in message, (
+        message
+    )
 
     # The command line says the same in one line, exit code 2, before Ray or a worker starts.
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "distill", "--teacher", str(bad), "--data", str(dataset),
-                          "--workdir", str(tmp_path / "w"), "--no-tracking"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "flows.cli",
+            "distill",
+            "--teacher",
+            str(bad),
+            "--data",
+            str(dataset),
+            "--workdir",
+            str(tmp_path / "w"),
+            "--no-tracking",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 2, out.stderr[-2000:]
-    assert "tokenizer mismatch" in out.stderr and "step 'distill' failed" in out.stderr, out.stderr[-2000:]
-    assert "Started a local Ray instance" not in out.stderr and not (tmp_path / "w" / "ray_results").exists()
+    assert "tokenizer mismatch" in out.stderr and "step 'distill' failed" in out.stderr, out.stderr[
+        -2000:
+    ]
+    assert (
+        "Started a local Ray instance" not in out.stderr
+        and not (tmp_path / "w" / "ray_results").exists()
+    )
 
 
 def test_a_teacher_shorter_than_the_student_or_none_is_refused(dataset, teacher, tmp_path):
     cfg = _cfg(tmp_path, dataset, f"distill.context_length={2 * T}")
     ctx = pipeline.context(cfg)
-    with pytest.raises(ConfigError, match=rf"distill.context_length={2 * T} exceeds the teacher's context \({T}"):
-        prepare_training(cfg.distill, cfg.model, dataset, None, tmp_path / "o", ctx, "distill", teacher)
+    with pytest.raises(
+        ConfigError, match=rf"distill.context_length={2 * T} exceeds the teacher's context \({T}"
+    ):
+        prepare_training(
+            cfg.distill, cfg.model, dataset, None, tmp_path / "o", ctx, "distill", teacher
+        )
     with pytest.raises(ConfigError, match="distill.teacher is empty"):
-        prepare_training(cfg.distill, cfg.model, dataset, None, tmp_path / "o", ctx, "distill", None)
+        prepare_training(
+            cfg.distill, cfg.model, dataset, None, tmp_path / "o", ctx, "distill", None
+        )
     with pytest.raises(ConfigError, match=r"distill.teacher='/nope': no such directory"):
-        prepare_training(cfg.distill, cfg.model, dataset, None, tmp_path / "o", ctx, "distill", "/nope")
+        prepare_training(
+            cfg.distill, cfg.model, dataset, None, tmp_path / "o", ctx, "distill", "/nope"
+        )
     with pytest.raises(ConfigError, match="distill.student_preset"):
-        prepare_training(_cfg(tmp_path, dataset, "distill.student_preset=huge").distill, cfg.model, dataset, None,
-                      tmp_path / "o", ctx, "distill", teacher)
+        prepare_training(
+            _cfg(tmp_path, dataset, "distill.student_preset=huge").distill,
+            cfg.model,
+            dataset,
+            None,
+            tmp_path / "o",
+            ctx,
+            "distill",
+            teacher,
+        )
 
 
 def test_the_student_takes_the_teachers_vocabulary_and_context(dataset, teacher, tmp_path):
     cfg = _cfg(tmp_path, dataset, "distill.student_preset=tiny")
-    p = prepare_training(cfg.distill, cfg.model, dataset, None, tmp_path / "o", pipeline.context(cfg), "distill", teacher)
+    p = prepare_training(
+        cfg.distill,
+        cfg.model,
+        dataset,
+        None,
+        tmp_path / "o",
+        pipeline.context(cfg),
+        "distill",
+        teacher,
+    )
     assert p.gpt_config["context_length"] == T and p.gpt_config["vocab_size"] == 512
-    assert p.gpt_config["d_model"] == preset("tiny").d_model and p.split == "train" and p.eval_split == "val"
+    assert (
+        p.gpt_config["d_model"] == preset("tiny").d_model
+        and p.split == "train"
+        and p.eval_split == "val"
+    )
     assert p.teacher["bundle"] == str(teacher.resolve()) and p.teacher["alpha"] == 0.2
     sft = _cfg(tmp_path, dataset, "distill.split=sft", "distill.context_length=32")
-    p = prepare_training(sft.distill, sft.model, dataset, None, tmp_path / "o", pipeline.context(sft), "distill", teacher)
+    p = prepare_training(
+        sft.distill,
+        sft.model,
+        dataset,
+        None,
+        tmp_path / "o",
+        pipeline.context(sft),
+        "distill",
+        teacher,
+    )
     assert (p.split, p.gpt_config["context_length"]) == ("sft", 32)
 
 
@@ -175,10 +278,14 @@ def test_the_pipeline_distills_only_when_asked_under_the_students_own_name(tmp_p
     on = load_config(None, [f"workdir={tmp_path}", "distill.enabled=true", "registry.name=gpt"])
     planned = {p.step.name: p for p in pipeline.plan(on)}
     assert set(pipeline.DISTILL_STEPS) <= set(planned)
-    assert planned["distill"].inputs["teacher"] == planned["finetune"].out  # the final model teaches by default
+    assert (
+        planned["distill"].inputs["teacher"] == planned["finetune"].out
+    )  # the final model teaches by default
     assert planned["distill_evaluate"].inputs["bundle"] == planned["distill"].out
     assert stages.student_registry(on).name == "gpt-student"
-    named = load_config(None, [f"workdir={tmp_path}", "distill.enabled=true", "distill.registry_name=small-gpt"])
+    named = load_config(
+        None, [f"workdir={tmp_path}", "distill.enabled=true", "distill.registry_name=small-gpt"]
+    )
     assert stages.student_registry(named).name == "small-gpt"
     # The distillation settings shape the student: a new alpha is a new output; a new registry name is not.
     alpha = load_config(None, [f"workdir={tmp_path}", "distill.enabled=true", "distill.alpha=0.9"])
@@ -192,7 +299,9 @@ def test_the_pipeline_distills_only_when_asked_under_the_students_own_name(tmp_p
 @pytest.fixture(scope="module")
 def labels_only(ray_local, dataset, tmp_path_factory) -> Path:
     """The tiny student trained on labels alone: the pretrain step with the distilled runs' settings."""
-    return pipeline.step_output(_steps(_cfg(tmp_path_factory.mktemp("labels"), dataset), ["pretrain"]), "pretrain")
+    return pipeline.step_output(
+        _steps(_cfg(tmp_path_factory.mktemp("labels"), dataset), ["pretrain"]), "pretrain"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +313,9 @@ def distilled(ray_local, dataset, teacher, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_distilled_student_beats_the_same_student_on_labels_alone(labels_only, distilled, teacher, dataset):
+def test_a_distilled_student_beats_the_same_student_on_labels_alone(
+    labels_only, distilled, teacher, dataset
+):
     cfg, outs = distilled
     student = outs["distill"]
     baseline, kd = _val_loss(labels_only), _val_loss(student)
@@ -225,12 +336,16 @@ def _teacher_val_loss(bundle: Path, dataset: Path) -> float:
     losses = []
     with torch.no_grad():
         for x, y, _ in val.eval_batches(8, 8):
-            losses.append(float(model(torch.from_numpy(x), torch.from_numpy(y), return_logits=False)[1]))
+            losses.append(
+                float(model(torch.from_numpy(x), torch.from_numpy(y), return_logits=False)[1])
+            )
     return float(np.mean(losses))
 
 
 @pytest.mark.slow
-def test_the_student_is_tracked_registered_and_promoted_with_its_teacher_in_the_lineage(distilled, teacher):
+def test_the_student_is_tracked_registered_and_promoted_with_its_teacher_in_the_lineage(
+    distilled, teacher
+):
     from flows.registry.lineage import lineage, render
     from flows.registry.promote import promote_version
     from flows.tracking import Registry
@@ -241,17 +356,30 @@ def test_the_student_is_tracked_registered_and_promoted_with_its_teacher_in_the_
     # The promote step gated it like any model: 40 steps do not pass the smoke checks on generations.
     decision = json.loads((outs["distill_promote"] / "decision.json").read_text())
     assert (decision["name"], decision["version"]) == ("teacher-student", version["version"])
-    assert version["tags"]["gptflow.gate"] == ("passed" if decision["promoted"] else "refused"), decision
+    assert version["tags"]["gptflow.gate"] == ("passed" if decision["promoted"] else "refused"), (
+        decision
+    )
     if not decision["promoted"]:
-        record = promote_version(registry, "teacher-student", version["version"], cfg.registry, cfg.evaluate,
-                                 Path(cfg.workdir), force=True)  # what `gptflow promote --force` does
+        record = promote_version(
+            registry,
+            "teacher-student",
+            version["version"],
+            cfg.registry,
+            cfg.evaluate,
+            Path(cfg.workdir),
+            force=True,
+        )  # what `gptflow promote --force` does
         assert record["promoted"]
     (version,) = registry.versions("teacher-student")
     assert "champion" in version["aliases"]
     tags = version["tags"]
     assert json.loads(tags["gptflow.teacher"])["bundle"] == str(teacher.resolve())
     assert json.loads(tags["gptflow.distillation"]) == {"alpha": 0.2, "temperature": 1.0}
-    assert tags["gptflow.stage"] == "distill" and tags["gptflow.run.train"] and tags["gptflow.run.evaluate"]
+    assert (
+        tags["gptflow.stage"] == "distill"
+        and tags["gptflow.run.train"]
+        and tags["gptflow.run.evaluate"]
+    )
     run = registry.client.get_run(tags["gptflow.run.train"])
     assert run.info.run_name == "distill" and run.data.params["train.alpha"] == "0.2"
     assert {"loss", "ce_loss", "kd_kl", "val_loss"} <= set(run.data.metrics)
@@ -265,11 +393,15 @@ def test_the_student_is_tracked_registered_and_promoted_with_its_teacher_in_the_
     assert report.splitlines()[-1] == str(outs["distill"])
     assert "evaluation of the distilled student (" in report and "bits/byte" in report, report
     assert f"registry: teacher-student version {version['version']} is " in report, report
-    assert "gptflow serve --workdir" in report and "--model teacher-student@champion" in report, report
+    assert "gptflow serve --workdir" in report and "--model teacher-student@champion" in report, (
+        report
+    )
 
 
 @pytest.mark.slow
-def test_a_lost_worker_resumes_the_distillation_to_identical_weights(distilled, dataset, teacher, tmp_path):
+def test_a_lost_worker_resumes_the_distillation_to_identical_weights(
+    distilled, dataset, teacher, tmp_path
+):
     """Rank 1 exits once at step 25 (after the step-20 checkpoint); Ray restarts the group, which reloads
     the teacher and resumes: the student ends bit-identical to the uninterrupted run."""
     _, outs = distilled

@@ -55,14 +55,34 @@ def dataset(tmp_path_factory) -> Path:
 
 # What these tests were sized for: the tiny preset, one fp32 worker without ZeRO (the pipeline's
 # own defaults are a larger bf16 model on two workers).
-_TEST_DEFAULTS = ["model.preset=tiny", "pretrain.steps=400", "pretrain.lr=3e-3", "finetune.steps=100",
-                  "finetune.lr=1e-4", *(f"{s}.{k}" for s in ("pretrain", "finetune") for k in (
-                      "num_workers=1", "zero_stage=0", "precision=fp32", "eval_every=50", "checkpoint_every=50"))]
+_TEST_DEFAULTS = [
+    "model.preset=tiny",
+    "pretrain.steps=400",
+    "pretrain.lr=3e-3",
+    "finetune.steps=100",
+    "finetune.lr=1e-4",
+    *(
+        f"{s}.{k}"
+        for s in ("pretrain", "finetune")
+        for k in (
+            "num_workers=1",
+            "zero_stage=0",
+            "precision=fp32",
+            "eval_every=50",
+            "checkpoint_every=50",
+        )
+    ),
+]
 
 
 def _cfg(workdir: Path, data: Path, *overrides: str, stage: str = "pretrain"):
-    base = [f"workdir={workdir}", *_TEST_DEFAULTS, f"{stage}.data={data}", "tracking.enabled=false",
-            f"{stage}.warmup_steps=2"]
+    base = [
+        f"workdir={workdir}",
+        *_TEST_DEFAULTS,
+        f"{stage}.data={data}",
+        "tracking.enabled=false",
+        f"{stage}.warmup_steps=2",
+    ]
     return load_config(None, base + list(overrides))
 
 
@@ -92,16 +112,28 @@ def _nan_loss_at(step: int) -> contextlib.AbstractContextManager[None]:
 
 def _ckpt_file(run_dir: Path, step: int, name: str) -> dict:
     """A DeepSpeed file of the resume checkpoint at `step` in a Ray run directory."""
-    return torch.load(run_dir / f"checkpoint_{step:08d}" / f"step{step:08d}" / name, weights_only=False)
+    return torch.load(
+        run_dir / f"checkpoint_{step:08d}" / f"step{step:08d}" / name, weights_only=False
+    )
 
 
 # --------------------------------------------------------------------------- fast: config and pre-flight
 
 
 def test_deepspeed_config_is_generated_from_train_config():
-    tc = load_config(None, ["pretrain.zero_stage=3", "pretrain.precision=bf16", "pretrain.micro_batch_size=4",
-                            "pretrain.grad_accum=2", "pretrain.num_workers=2", "pretrain.steps=100",
-                            "pretrain.warmup_steps=10", "pretrain.min_lr_ratio=0.2"]).pretrain
+    tc = load_config(
+        None,
+        [
+            "pretrain.zero_stage=3",
+            "pretrain.precision=bf16",
+            "pretrain.micro_batch_size=4",
+            "pretrain.grad_accum=2",
+            "pretrain.num_workers=2",
+            "pretrain.steps=100",
+            "pretrain.warmup_steps=10",
+            "pretrain.min_lr_ratio=0.2",
+        ],
+    ).pretrain
     ds = deepspeed_config(tc)
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 4
     assert ds["gradient_accumulation_steps"] == 2
@@ -109,19 +141,36 @@ def test_deepspeed_config_is_generated_from_train_config():
     assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     assert ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
     sched = ds["scheduler"]["params"]
-    assert (sched["total_num_steps"], sched["warmup_num_steps"], sched["cos_min_ratio"]) == (100, 10, 0.2)
+    assert (sched["total_num_steps"], sched["warmup_num_steps"], sched["cos_min_ratio"]) == (
+        100,
+        10,
+        0.2,
+    )
     assert "optimizer" not in ds  # torch AdamW is the client optimizer
     off = deepspeed_config(dataclasses.replace(tc, offload_optimizer=True, zero_stage=2))
     assert off["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    assert off["optimizer"]["type"] == "AdamW" and off["optimizer"]["params"]["weight_decay"] == tc.weight_decay
+    assert (
+        off["optimizer"]["type"] == "AdamW"
+        and off["optimizer"]["params"]["weight_decay"] == tc.weight_decay
+    )
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["pretrain.zero_stage=4"], "zero_stage=4"),
-    (["pretrain.precision=fp8"], "precision"),
-    (["pretrain.num_workers=2", "pretrain.micro_batch_size=4", "pretrain.global_batch_size=12"], "global_batch_size=12"),
-    (["pretrain.eval_every=0"], "eval_every"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["pretrain.zero_stage=4"], "zero_stage=4"),
+        (["pretrain.precision=fp8"], "precision"),
+        (
+            [
+                "pretrain.num_workers=2",
+                "pretrain.micro_batch_size=4",
+                "pretrain.global_batch_size=12",
+            ],
+            "global_batch_size=12",
+        ),
+        (["pretrain.eval_every=0"], "eval_every"),
+    ],
+)
 def test_bad_config_values_are_rejected_at_load(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
@@ -129,11 +178,24 @@ def test_bad_config_values_are_rejected_at_load(overrides, match):
 
 def test_preflight_rejects_bad_setups(dataset, tmp_path):
     cfg = load_config(None, [f"workdir={tmp_path}", *_TEST_DEFAULTS])
-    with pytest.raises(ConfigError, match="pretrain.data is empty"):  # the stage called without a dataset
-        prepare_training(cfg.pretrain, cfg.model, "", None, tmp_path / "out", StepContext(workdir=tmp_path))
-    with pytest.raises(ConfigError, match="finetune.init is empty"):  # in the pipeline it is pretrain's output
-        prepare_training(cfg.finetune, cfg.model, dataset, None, tmp_path / "out", StepContext(workdir=tmp_path),
-                      "finetune")
+    with pytest.raises(
+        ConfigError, match="pretrain.data is empty"
+    ):  # the stage called without a dataset
+        prepare_training(
+            cfg.pretrain, cfg.model, "", None, tmp_path / "out", StepContext(workdir=tmp_path)
+        )
+    with pytest.raises(
+        ConfigError, match="finetune.init is empty"
+    ):  # in the pipeline it is pretrain's output
+        prepare_training(
+            cfg.finetune,
+            cfg.model,
+            dataset,
+            None,
+            tmp_path / "out",
+            StepContext(workdir=tmp_path),
+            "finetune",
+        )
     with pytest.raises(ConfigError, match="fp16.*needs GPUs"):
         prepare(_cfg(tmp_path, dataset, "pretrain.precision=fp16"))
     with pytest.raises(ConfigError, match="offload_optimizer.*zero_stage"):
@@ -145,10 +207,15 @@ def test_preflight_rejects_bad_setups(dataset, tmp_path):
     # The val split holds ~9k tokens in one shard: a 16k context cannot be filled.
     with pytest.raises(DataError, match="cannot fill context_length=16384"):
         prepare(_cfg(tmp_path, dataset, "model.context_length=16384"))
-    with pytest.raises(DataError, match="split 'val' holds 2 sequences of 4097 tokens, fewer than the 3 workers"):
+    with pytest.raises(
+        DataError, match="split 'val' holds 2 sequences of 4097 tokens, fewer than the 3 workers"
+    ):
         prepare(_cfg(tmp_path, dataset, "model.context_length=4096", "pretrain.num_workers=3"))
     ok = prepare(_cfg(tmp_path, dataset))
-    assert ok.gpt_config["vocab_size"] == 512 and ok.output_dir.parent == (tmp_path / "pretrain").resolve()
+    assert (
+        ok.gpt_config["vocab_size"] == 512
+        and ok.output_dir.parent == (tmp_path / "pretrain").resolve()
+    )
     # The Ray run name is derived from the output hash, so re-running a stopped config resumes it;
     # an explicit run_name (to resume a run by name) does not change what is trained.
     assert ok.run_name == f"pretrain-{ok.key}"
@@ -179,12 +246,17 @@ def test_preflight_rejects_tokenizer_mismatch_with_init_model(dataset, tmp_path)
     from gptcore import save_bundle
 
     other = Tokenizer.train([d for _, d in stdlib_docs(50_000)], vocab_size=300)
-    bundle = save_bundle(tmp_path / "other", GPT(preset("tiny", vocab_size=other.vocab_size)), other)
+    bundle = save_bundle(
+        tmp_path / "other", GPT(preset("tiny", vocab_size=other.vocab_size)), other
+    )
     cfg = _cfg(tmp_path, dataset, f"finetune.init={bundle}", stage="finetune")
     with pytest.raises(DataError, match="tokenizer mismatch"):
         prepare(cfg, "finetune")
     with pytest.raises(ConfigError, match="no such directory"):
-        prepare(_cfg(tmp_path, dataset, f"finetune.init={tmp_path / 'nope'}", stage="finetune"), "finetune")
+        prepare(
+            _cfg(tmp_path, dataset, f"finetune.init={tmp_path / 'nope'}", stage="finetune"),
+            "finetune",
+        )
 
 
 def test_a_model_source_error_names_the_config_key_that_gave_it(tmp_path, monkeypatch):
@@ -199,9 +271,13 @@ def test_a_model_source_error_names_the_config_key_that_gave_it(tmp_path, monkey
         return Path(dst)
 
     monkeypatch.setattr(flows.tracking, "download_model", download)
-    monkeypatch.setattr(flows.models.base, "identity", lambda source, ctx: {"uri": source}, raising=False)
+    monkeypatch.setattr(
+        flows.models.base, "identity", lambda source, ctx: {"uri": source}, raising=False
+    )
     ctx = StepContext(workdir=tmp_path)
-    with pytest.raises(ConfigError, match=r"^distill\.teacher='models:/m@champion': .*holds no bundle"):
+    with pytest.raises(
+        ConfigError, match=r"^distill\.teacher='models:/m@champion': .*holds no bundle"
+    ):
         resolve_init("models:/m@champion", ctx, "distill", key="teacher")
     with pytest.raises(ConfigError, match=r"^finetune\.init='builtin:no-such-model': "):
         resolve_init("builtin:no-such-model", ctx, "finetune")
@@ -254,15 +330,32 @@ def test_failure_message_says_what_gave_up_where_and_how_to_resume(dataset, tmp_
     run_dir = Path(p.storage_path) / p.run_name
     lost = WorkerGroupError("rank 1: ActorDiedError", {1: RuntimeError("died")})
     fresh = failure_message(p, lost)
-    assert f"max_failures={p.train.max_failures}" in fresh and "restarts are exhausted" in fresh, fresh
+    assert f"max_failures={p.train.max_failures}" in fresh and "restarts are exhausted" in fresh, (
+        fresh
+    )
     assert "no resume checkpoint yet" in fresh and "from step 0" in fresh, fresh
     run_dir.mkdir(parents=True)
-    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(  # what Ray writes, trimmed
-        {"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint_00000006", "metrics": {"step": 6}}}))
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(
+        json.dumps(  # what Ray writes, trimmed
+            {
+                "latest_checkpoint_result": {
+                    "checkpoint_dir_name": "checkpoint_00000006",
+                    "metrics": {"step": 6},
+                }
+            }
+        )
+    )
     message = failure_message(p, lost)
-    assert f"under {run_dir}: re-run the same command (without --force) to resume from step 6" in message, message
-    assert message.endswith("WorkerGroupError: Training failed due to worker errors:\nrank 1: ActorDiedError")
-    other = failure_message(p, ValueError("no such resources"))  # not a worker failure: never retried
+    assert (
+        f"under {run_dir}: re-run the same command (without --force) to resume from step 6"
+        in message
+    ), message
+    assert message.endswith(
+        "WorkerGroupError: Training failed due to worker errors:\nrank 1: ActorDiedError"
+    )
+    other = failure_message(
+        p, ValueError("no such resources")
+    )  # not a worker failure: never retried
     assert "exhausted" not in other and "resume from step 6" in other, other
 
 
@@ -272,14 +365,18 @@ def test_fault_injection_is_read_from_the_environment_only(monkeypatch):
     from flows.train import faults
 
     assert "fail_at_step" not in {f.name for f in dataclasses.fields(TrainConfig)}
-    assert faults.parse("fail_at_step=6, nan_at_step=1") == faults.Faults(fail_at_step=6, nan_at_step=1)
+    assert faults.parse("fail_at_step=6, nan_at_step=1") == faults.Faults(
+        fail_at_step=6, nan_at_step=1
+    )
     assert faults.parse(faults.encode(faults.Faults(nan_at_step=3))) == faults.Faults(nan_at_step=3)
     monkeypatch.delenv(faults.ENV, raising=False)
     assert faults.from_env() == faults.Faults() and faults.worker_env() == {}
     monkeypatch.setenv(faults.ENV, "fail_at_step=2")
     assert faults.worker_env() == {faults.ENV: "fail_at_step=2"}
     monkeypatch.setenv(faults.ENV, "fail_at=2")
-    with pytest.raises(ValueError, match="GPTFLOW_FAULT_INJECT='fail_at=2': 'fail_at=2' is not one of"):
+    with pytest.raises(
+        ValueError, match="GPTFLOW_FAULT_INJECT='fail_at=2': 'fail_at=2' is not one of"
+    ):
         faults.worker_env()
 
 
@@ -294,14 +391,35 @@ def test_resume_by_name_refuses_a_changed_config(dataset, tmp_path):
     first = prepare(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=10"))
     check_resume(first)
     # More steps, other logging/checkpoint intervals: the same run, resumable (and a new output hash).
-    longer = prepare(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=20", "pretrain.eval_every=5",
-                       "pretrain.keep_checkpoints=4"))
+    longer = prepare(
+        _cfg(
+            tmp_path,
+            dataset,
+            "pretrain.run_name=r",
+            "pretrain.steps=20",
+            "pretrain.eval_every=5",
+            "pretrain.keep_checkpoints=4",
+        )
+    )
     check_resume(longer)
     assert longer.key != first.key and longer.output_dir != first.output_dir
-    with pytest.raises(ConfigError, match=r"run_name='r'.*different train\.lr, train\.warmup_steps"):
-        check_resume(prepare(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.lr=5e-4",
-                               "pretrain.warmup_steps=3")))
-    check_resume(prepare(_cfg(tmp_path, dataset, "pretrain.run_name=other", "pretrain.lr=5e-4")))  # a new name is fine
+    with pytest.raises(
+        ConfigError, match=r"run_name='r'.*different train\.lr, train\.warmup_steps"
+    ):
+        check_resume(
+            prepare(
+                _cfg(
+                    tmp_path,
+                    dataset,
+                    "pretrain.run_name=r",
+                    "pretrain.lr=5e-4",
+                    "pretrain.warmup_steps=3",
+                )
+            )
+        )
+    check_resume(
+        prepare(_cfg(tmp_path, dataset, "pretrain.run_name=other", "pretrain.lr=5e-4"))
+    )  # a new name is fine
 
 
 def test_resume_by_name_refuses_fewer_steps_than_its_checkpoint(dataset, tmp_path):
@@ -315,9 +433,15 @@ def test_resume_by_name_refuses_fewer_steps_than_its_checkpoint(dataset, tmp_pat
         ckpt.mkdir()
         (ckpt / STATE_FILE).write_text(json.dumps({"step": step, "tag": f"step{step:08d}"}))
         record_files(ckpt, rank=0, world_size=1)
-    (run_dir / "checkpoint_00000009").mkdir()  # incomplete (a run killed while Ray gathered it): not counted
-    check_resume(prepare(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=8")))  # same step: fine
-    with pytest.raises(ConfigError, match=r"pretrain\.steps=6: run 'r' .* checkpoint at step 8.*never fewer"):
+    (
+        run_dir / "checkpoint_00000009"
+    ).mkdir()  # incomplete (a run killed while Ray gathered it): not counted
+    check_resume(
+        prepare(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=8"))
+    )  # same step: fine
+    with pytest.raises(
+        ConfigError, match=r"pretrain\.steps=6: run 'r' .* checkpoint at step 8.*never fewer"
+    ):
         check_resume(prepare(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=6")))
 
 
@@ -329,7 +453,12 @@ def one_process_group(tmp_path_factory) -> Iterator[None]:
     import torch.distributed as dist
 
     with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"DS_ACCELERATOR": "cpu", "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1"}.items():
+        for k, v in {
+            "DS_ACCELERATOR": "cpu",
+            "LOCAL_RANK": "0",
+            "RANK": "0",
+            "WORLD_SIZE": "1",
+        }.items():
             mp.setenv(k, v)  # what a launcher (or Ray Train) sets for DeepSpeed
         pg = tmp_path_factory.mktemp("pg") / "store"
         dist.init_process_group("gloo", init_method=f"file://{pg}", rank=0, world_size=1)
@@ -348,10 +477,23 @@ def test_skipped_update_and_resumed_lr_on_a_real_engine(one_process_group, tmp_p
     from flows.train.engine import init_engine
 
     def engine_for(steps: int):
-        tc = load_config(None, [f"pretrain.steps={steps}", "pretrain.warmup_steps=1", f"pretrain.zero_stage={zero_stage}",
-                                "pretrain.micro_batch_size=4", "pretrain.num_workers=1", "pretrain.precision=fp32"]).pretrain
+        tc = load_config(
+            None,
+            [
+                f"pretrain.steps={steps}",
+                "pretrain.warmup_steps=1",
+                f"pretrain.zero_stage={zero_stage}",
+                "pretrain.micro_batch_size=4",
+                "pretrain.num_workers=1",
+                "pretrain.precision=fp32",
+            ],
+        ).pretrain
         torch.manual_seed(0)
-        return init_engine(tc, deepspeed_config(tc), torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)))
+        return init_engine(
+            tc,
+            deepspeed_config(tc),
+            torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)),
+        )
 
     def train_step(engine) -> None:
         x = torch.randn(4, 8)
@@ -364,7 +506,10 @@ def test_skipped_update_and_resumed_lr_on_a_real_engine(one_process_group, tmp_p
     engine, gate = engine_for(4)
     train_step(engine)
     weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
-    adam = {i: {k: v.clone() for k, v in st.items()} for i, st in enumerate(engine.basic_optimizer.state.values())}
+    adam = {
+        i: {k: v.clone() for k, v in st.items()}
+        for i, st in enumerate(engine.basic_optimizer.state.values())
+    }
     position = engine.lr_scheduler.last_batch_iteration
     gate.skip = True
     train_step(engine)
@@ -376,9 +521,13 @@ def test_skipped_update_and_resumed_lr_on_a_real_engine(one_process_group, tmp_p
     for i in adam:
         for k in adam[i]:
             assert torch.equal(adam[i][k], after[i][k]), (i, k)
-    assert engine.lr_scheduler.last_batch_iteration == position + 1  # the schedule's clock is the step count
+    assert (
+        engine.lr_scheduler.last_batch_iteration == position + 1
+    )  # the schedule's clock is the step count
     train_step(engine)
-    assert not torch.equal(engine.module.state_dict()["0.weight"], weights["0.weight"])  # ungated steps update
+    assert not torch.equal(
+        engine.module.state_dict()["0.weight"], weights["0.weight"]
+    )  # ungated steps update
     train_step(engine)
 
     ckpt = tmp_path / "ckpt"
@@ -386,12 +535,18 @@ def test_skipped_update_and_resumed_lr_on_a_real_engine(one_process_group, tmp_p
     (ckpt / STATE_FILE).write_text(json.dumps({"step": 4, "tag": "step00000004"}))
     record_files(ckpt, rank=0, world_size=1)  # what save_checkpoint records: load verifies it
     longer, _ = engine_for(8)
-    load_checkpoint(longer, types.SimpleNamespace(as_directory=lambda: contextlib.nullcontext(str(ckpt))), rank=0)
+    load_checkpoint(
+        longer,
+        types.SimpleNamespace(as_directory=lambda: contextlib.nullcontext(str(ckpt))),
+        rank=0,
+    )
     reference, _ = engine_for(8)  # uninterrupted 8-step schedule after 4 steps
     for _ in range(4):
         train_step(reference)
     assert lr(longer) == pytest.approx(lr(reference), rel=1e-12)
-    assert lr(engine) != pytest.approx(lr(reference), rel=1e-3)  # the 4-step schedule is elsewhere by now
+    assert lr(engine) != pytest.approx(
+        lr(reference), rel=1e-3
+    )  # the 4-step schedule is elsewhere by now
 
 
 # --------------------------------------------------------------------------- slow: real Ray Train + DeepSpeed
@@ -401,9 +556,18 @@ def test_skipped_update_and_resumed_lr_on_a_real_engine(one_process_group, tmp_p
 def pretrained(ray_local, dataset, tmp_path_factory):
     """ZeRO-0, fp32, one worker, MLflow on: long enough to learn well past unigram statistics."""
     workdir = tmp_path_factory.mktemp("pre")
-    cfg = _cfg(workdir, dataset, "tracking.enabled=true", "pretrain.steps=200", "pretrain.lr=3e-3",
-               "pretrain.micro_batch_size=16", "model.context_length=64",
-               "pretrain.eval_every=100", "pretrain.checkpoint_every=100", "pretrain.warmup_steps=5")
+    cfg = _cfg(
+        workdir,
+        dataset,
+        "tracking.enabled=true",
+        "pretrain.steps=200",
+        "pretrain.lr=3e-3",
+        "pretrain.micro_batch_size=16",
+        "model.context_length=64",
+        "pretrain.eval_every=100",
+        "pretrain.checkpoint_every=100",
+        "pretrain.warmup_steps=5",
+    )
     return cfg, train(cfg)
 
 
@@ -418,7 +582,11 @@ def test_pretrain_learns_tracks_and_is_reused(pretrained, dataset):
     # Below the best context-free model by a clear margin: the model uses context.
     assert result["metrics"]["val_loss"] < entropy - 0.5, (result["metrics"], entropy)
     model, tok, meta = load_bundle(bundle)
-    assert meta["dataset_manifest_sha256"] and meta["config_hash"] == bundle.name and meta["parent"] is None
+    assert (
+        meta["dataset_manifest_sha256"]
+        and meta["config_hash"] == bundle.name
+        and meta["parent"] is None
+    )
     assert meta["steps"] == 200 and model.config.vocab_size == tok.vocab_size == 512
 
     client = MlflowClient(f"sqlite:///{Path(cfg.workdir).resolve() / 'mlflow.db'}")
@@ -426,9 +594,17 @@ def test_pretrain_learns_tracks_and_is_reused(pretrained, dataset):
     assert run.info.status == "FINISHED" and run.data.params["train.zero_stage"] == "0"
     losses = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in losses) == list(range(1, 201))
-    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_perplexity"} <= set(run.data.metrics)
+    assert {"lr", "grad_norm", "tokens_per_s", "mfu", "val_loss", "val_perplexity"} <= set(
+        run.data.metrics
+    )
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"deepspeed_config.json", "train_config.json", "loss_curve.png", "samples", "bundle"} <= names
+    assert {
+        "deepspeed_config.json",
+        "train_config.json",
+        "loss_curve.png",
+        "samples",
+        "bundle",
+    } <= names
     bundle_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "bundle")}
     assert {"config.json", "model.safetensors", "tokenizer.json", "metadata.json"} <= bundle_files
 
@@ -442,9 +618,18 @@ def test_pretrain_learns_tracks_and_is_reused(pretrained, dataset):
 def test_zero3_two_workers_exports_consolidated_bundle(ray_local, dataset, tmp_path, model_preset):
     """GPT-2 and the Llama family (RoPE, GQA, SwiGLU, RMSNorm, an untied head) through the same
     pipeline: ZeRO-3 sharded over two workers, consolidated into one bundle."""
-    cfg = _cfg(tmp_path, dataset, f"model.preset={model_preset}", "pretrain.zero_stage=3", "pretrain.num_workers=2",
-               "pretrain.steps=8", "pretrain.eval_every=8", "pretrain.checkpoint_every=8", "pretrain.eval_batches=2",
-               "pretrain.micro_batch_size=4")
+    cfg = _cfg(
+        tmp_path,
+        dataset,
+        f"model.preset={model_preset}",
+        "pretrain.zero_stage=3",
+        "pretrain.num_workers=2",
+        "pretrain.steps=8",
+        "pretrain.eval_every=8",
+        "pretrain.checkpoint_every=8",
+        "pretrain.eval_batches=2",
+        "pretrain.micro_batch_size=4",
+    )
     bundle = train(cfg)
     reported = json.loads((bundle / "train_result.json").read_text())["metrics"]["val_loss"]
     model, tok, _ = load_bundle(bundle)
@@ -464,8 +649,12 @@ def test_zero3_two_workers_exports_consolidated_bundle(ray_local, dataset, tmp_p
     transformers = pytest.importorskip("transformers")
     from flows.models.importer import export_model
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(export_model(bundle, tmp_path / "hf")).eval()
-    assert type(hf).__name__ == ("LlamaForCausalLM" if model_preset == "tiny-llama" else "GPT2LMHeadModel")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        export_model(bundle, tmp_path / "hf")
+    ).eval()
+    assert type(hf).__name__ == (
+        "LlamaForCausalLM" if model_preset == "tiny-llama" else "GPT2LMHeadModel"
+    )
     ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog.")])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=1e-4, rtol=1e-4)
@@ -476,9 +665,17 @@ def test_zero3_two_workers_exports_consolidated_bundle(ray_local, dataset, tmp_p
 # into 2N steps must match the uninterrupted 2N run exactly (with a cosine decay it must not: the
 # first N steps would follow the N-step schedule; test_skipped_update_and_resumed_lr_on_a_real_engine
 # checks the lr a resumed run takes). One NaN loss on rank 0 at step index 1 in every run.
-ZERO2 = ("pretrain.zero_stage=2", "pretrain.num_workers=2", "pretrain.steps=10", "pretrain.eval_every=10",
-         "pretrain.checkpoint_every=4", "pretrain.eval_batches=1", "pretrain.micro_batch_size=4",
-         "pretrain.grad_accum=2", "pretrain.min_lr_ratio=1.0")
+ZERO2 = (
+    "pretrain.zero_stage=2",
+    "pretrain.num_workers=2",
+    "pretrain.steps=10",
+    "pretrain.eval_every=10",
+    "pretrain.checkpoint_every=4",
+    "pretrain.eval_batches=1",
+    "pretrain.micro_batch_size=4",
+    "pretrain.grad_accum=2",
+    "pretrain.min_lr_ratio=1.0",
+)
 NAN_STEP = 1
 
 
@@ -493,9 +690,13 @@ def _train_workers(since: float) -> list:
     import psutil
 
     found = []
-    for proc in psutil.Process().children(recursive=True):  # raylet's workers: never another user's Ray
+    for proc in psutil.Process().children(
+        recursive=True
+    ):  # raylet's workers: never another user's Ray
         try:
-            if proc.create_time() >= since and any("ray::RayTrainWorker" in a for a in proc.cmdline()):
+            if proc.create_time() >= since and any(
+                "ray::RayTrainWorker" in a for a in proc.cmdline()
+            ):
                 found.append(proc)
         except psutil.Error:  # gone meanwhile
             pass
@@ -503,12 +704,16 @@ def _train_workers(since: float) -> list:
 
 
 @pytest.mark.slow
-def test_worker_killed_from_outside_resumes_by_default_to_identical_weights(zero2_uninterrupted, dataset, tmp_path):
+def test_worker_killed_from_outside_resumes_by_default_to_identical_weights(
+    zero2_uninterrupted, dataset, tmp_path
+):
     """SIGKILL one worker once Ray holds a checkpoint: with the default max_failures the run restarts
     from it and ends bit-identical to the uninterrupted run."""
     # checkpoint_every does not enter the weights: a checkpoint every 2 steps leaves 8 to kill in.
     cfg = _cfg(tmp_path, dataset, *ZERO2, "pretrain.checkpoint_every=2")
-    assert cfg.pretrain.max_failures == TrainConfig().max_failures > 0  # the default, not a test override
+    assert (
+        cfg.pretrain.max_failures == TrainConfig().max_failures > 0
+    )  # the default, not a test override
     p = prepare(cfg)
     killed: list[tuple[int, int]] = []
     done = threading.Event()
@@ -536,23 +741,34 @@ def test_worker_killed_from_outside_resumes_by_default_to_identical_weights(zero
     pid, killed_after = killed[0]
     meta = load_bundle(bundle)[2]
     # The last worker group started from a checkpoint at or after the one that existed at the kill.
-    assert meta["resumed_from_step"] >= killed_after > 0 and meta["skipped_updates"] == 1, (meta, killed)
+    assert meta["resumed_from_step"] >= killed_after > 0 and meta["skipped_updates"] == 1, (
+        meta,
+        killed,
+    )
     _assert_same_weights(zero2_uninterrupted, bundle)
 
 
 @pytest.mark.slow
-def test_exhausted_restarts_say_how_to_resume_and_the_same_command_does(zero2_uninterrupted, dataset, tmp_path):
+def test_exhausted_restarts_say_how_to_resume_and_the_same_command_does(
+    zero2_uninterrupted, dataset, tmp_path
+):
     """Rank 1 exits at step 6 with restarts off: the error says so, where the checkpoints are and
     that a re-run resumes from step 4; the same command then does, to the uninterrupted weights."""
     cfg = _cfg(tmp_path, dataset, *ZERO2, "pretrain.max_failures=0")
     p = prepare(cfg)
     run_dir = Path(p.storage_path) / p.run_name
-    with injected_faults(fail_at_step=6), _nan_loss_at(NAN_STEP), pytest.raises(RuntimeError) as failed:
+    with (
+        injected_faults(fail_at_step=6),
+        _nan_loss_at(NAN_STEP),
+        pytest.raises(RuntimeError) as failed,
+    ):
         train(cfg)
     message = str(failed.value)
     assert (run_dir / "injected_failure_step6").is_file()  # rank 1 really exited at step 6
     assert f"Its resume checkpoints are under {run_dir}" in message, message
-    assert "restarts are off (max_failures=0)" in message and "pretrain.max_failures" in message, message
+    assert "restarts are off (max_failures=0)" in message and "pretrain.max_failures" in message, (
+        message
+    )
     assert "re-run the same command (without --force) to resume from step 4" in message, message
     assert not (p.output_dir / "DONE").exists()
 
@@ -561,14 +777,20 @@ def test_exhausted_restarts_say_how_to_resume_and_the_same_command_does(zero2_un
         bundle = train(cfg)
     _assert_same_weights(zero2_uninterrupted, bundle)
     meta = load_bundle(bundle)[2]
-    assert meta["resumed_from_step"] == 4 and meta["skipped_updates"] == 1  # the NaN step is not counted twice
+    assert (
+        meta["resumed_from_step"] == 4 and meta["skipped_updates"] == 1
+    )  # the NaN step is not counted twice
     # keep_checkpoints=2 holds across the restart: of 4, 8 and 10 only the last two are left.
-    assert sorted(d.name for d in run_dir.glob("checkpoint_0*") if d.is_dir()) == ["checkpoint_00000008",
-                                                                                    "checkpoint_00000010"]
+    assert sorted(d.name for d in run_dir.glob("checkpoint_0*") if d.is_dir()) == [
+        "checkpoint_00000008",
+        "checkpoint_00000010",
+    ]
 
 
 @pytest.mark.slow
-def test_nan_loss_is_skipped_and_a_run_resumes_by_name_into_more_steps(zero2_uninterrupted, dataset, tmp_path):
+def test_nan_loss_is_skipped_and_a_run_resumes_by_name_into_more_steps(
+    zero2_uninterrupted, dataset, tmp_path
+):
     """Two fits under one run_name: 5 steps (a checkpoint every step), then 10 steps, which resumes
     from the step-5 checkpoint into a new output directory and must equal the uninterrupted 10-step run.
 
@@ -577,8 +799,15 @@ def test_nan_loss_is_skipped_and_a_run_resumes_by_name_into_more_steps(zero2_uni
     schedule advanced, and training goes on to a finite loss."""
     storage = tmp_path / "runs"
     named = (f"pretrain.storage_path={storage}", "pretrain.run_name=extend")
-    first_cfg = _cfg(tmp_path, dataset, *ZERO2, *named, "pretrain.steps=5", "pretrain.checkpoint_every=1",
-                     "pretrain.keep_checkpoints=5")
+    first_cfg = _cfg(
+        tmp_path,
+        dataset,
+        *ZERO2,
+        *named,
+        "pretrain.steps=5",
+        "pretrain.checkpoint_every=1",
+        "pretrain.keep_checkpoints=5",
+    )
     with _nan_loss_at(NAN_STEP):
         first = train(first_cfg)
     done = json.loads((first / "train_result.json").read_text())["metrics"]
@@ -587,18 +816,33 @@ def test_nan_loss_is_skipped_and_a_run_resumes_by_name_into_more_steps(zero2_uni
     run_dir = storage / "extend"
     model_states = {s: _ckpt_file(run_dir, s, "mp_rank_00_model_states.pt") for s in (1, 2, 3)}
     for k, v in model_states[1]["module"].items():
-        assert torch.equal(v, model_states[2]["module"][k]), k  # the skipped update changed no weight
-    assert any(not torch.equal(v, model_states[3]["module"][k]) for k, v in model_states[2]["module"].items())
+        assert torch.equal(v, model_states[2]["module"][k]), (
+            k
+        )  # the skipped update changed no weight
+    assert any(
+        not torch.equal(v, model_states[3]["module"][k])
+        for k, v in model_states[2]["module"].items()
+    )
     sched = [model_states[s]["lr_scheduler"]["last_batch_iteration"] for s in (1, 2, 3)]
-    assert sched[1] == sched[0] + 1 and sched[2] == sched[1] + 1  # the schedule still counts the skipped step
+    assert (
+        sched[1] == sched[0] + 1 and sched[2] == sched[1] + 1
+    )  # the schedule still counts the skipped step
     for rank in (0, 1):
-        optim = [_ckpt_file(run_dir, s, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
-                 ["optimizer_state_dict"]["base_optimizer_state"] for s in (1, 2)]
+        optim = [
+            _ckpt_file(run_dir, s, f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")[
+                "optimizer_state_dict"
+            ]["base_optimizer_state"]
+            for s in (1, 2)
+        ]
         states = [o["state"] if "state" in o else o[0]["state"] for o in optim]
         assert states[0].keys() == states[1].keys() and states[0]
         for i in states[0]:
             for k, v in states[0][i].items():  # Adam's step count and moments did not move
-                assert torch.equal(torch.as_tensor(v), torch.as_tensor(states[1][i][k])), (rank, i, k)
+                assert torch.equal(torch.as_tensor(v), torch.as_tensor(states[1][i][k])), (
+                    rank,
+                    i,
+                    k,
+                )
 
     # Same run_name, twice the steps: resumes at step 5 on the 10-step schedule (constant here), into
     # its own output directory (steps is in the hash); the 5-step bundle is left as it was.
@@ -606,7 +850,9 @@ def test_nan_loss_is_skipped_and_a_run_resumes_by_name_into_more_steps(zero2_uni
     with _nan_loss_at(NAN_STEP):
         second = train(_cfg(tmp_path, dataset, *ZERO2, *named))
     assert second != first and (first / "DONE").is_file()
-    assert (first / "model.safetensors").stat().st_mtime_ns == first_stamp and load_bundle(first)[2]["steps"] == 5
+    assert (first / "model.safetensors").stat().st_mtime_ns == first_stamp and load_bundle(first)[
+        2
+    ]["steps"] == 5
     meta = load_bundle(second)[2]
     assert (meta["steps"], meta["resumed_from_step"], meta["skipped_updates"]) == (10, 5, 1)
     assert math.isfinite(meta["final_loss"])
@@ -620,14 +866,26 @@ def test_finetune_from_hf_gpt2_dir_learns_completions(pretrained, dataset, tmp_p
     _, parent = pretrained
     parent_model, tok, _ = load_bundle(parent)
     hf_dir = export_gpt2(parent_model, tmp_path / "hf", tok)
-    cfg = _cfg(tmp_path, dataset, f"finetune.init={hf_dir}", "finetune.steps=30", "finetune.lr=3e-3",
-               "finetune.zero_stage=1", "finetune.precision=bf16", "finetune.compile=true",
-               "finetune.micro_batch_size=8", "finetune.eval_every=30",
-               "finetune.checkpoint_every=30", stage="finetune")
+    cfg = _cfg(
+        tmp_path,
+        dataset,
+        f"finetune.init={hf_dir}",
+        "finetune.steps=30",
+        "finetune.lr=3e-3",
+        "finetune.zero_stage=1",
+        "finetune.precision=bf16",
+        "finetune.compile=true",
+        "finetune.micro_batch_size=8",
+        "finetune.eval_every=30",
+        "finetune.checkpoint_every=30",
+        stage="finetune",
+    )
     bundle = train(cfg, "finetune")
     model, _, meta = load_bundle(bundle)
     assert meta["stage"] == "finetune" and meta["parent"]["source"] == str(hf_dir.resolve())
-    assert Path(meta["parent"]["bundle"]).parent.name == "import"  # imported once, into <workdir>/import/<hash>/
+    assert (
+        Path(meta["parent"]["bundle"]).parent.name == "import"
+    )  # imported once, into <workdir>/import/<hash>/
     assert meta["train_config"]["compile"] is True
     # bf16 training exports the fp32 master weights, not their bf16 rounding.
     w = model.blocks[0].mlp.c_fc.weight
@@ -648,18 +906,31 @@ def test_finetune_from_hf_gpt2_dir_learns_completions(pretrained, dataset, tmp_p
 def test_repeated_bad_updates_stop_the_run_with_a_clear_error(ray_local, dataset, tmp_path):
     # A spike factor below 1 flags every step once a running mean exists: the first step trains,
     # the next ones are skipped (no optimizer update under ZeRO-2), the third in a row stops it.
-    cfg = _cfg(tmp_path, dataset, "pretrain.zero_stage=2", "pretrain.steps=10", "pretrain.loss_spike_factor=0.5",
-               "pretrain.max_skipped_updates=3", "pretrain.checkpoint_every=10", "pretrain.eval_every=10",
-               "pretrain.micro_batch_size=4")
+    cfg = _cfg(
+        tmp_path,
+        dataset,
+        "pretrain.zero_stage=2",
+        "pretrain.steps=10",
+        "pretrain.loss_spike_factor=0.5",
+        "pretrain.max_skipped_updates=3",
+        "pretrain.checkpoint_every=10",
+        "pretrain.eval_every=10",
+        "pretrain.micro_batch_size=4",
+    )
     # Under the default max_failures Ray restarts the group once; it finds the recorded stop and
     # returns, and the error is the loop's own (not "restarts exhausted" after three more tries).
     assert cfg.pretrain.max_failures > 0
-    with pytest.raises(RuntimeError, match=r"^training stopped at step \d+: 3 consecutive updates had a NaN/inf loss"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^training stopped at step \d+: 3 consecutive updates had a NaN/inf loss",
+    ):
         train(cfg)
     p = prepare(cfg)
     assert not (p.output_dir / "DONE").exists()
     assert resume_step(p.storage_path, p.run_name) is None  # checkpoint_every=10: none was written
-    assert not (Path(p.storage_path) / p.run_name / "gptflow_stopped.txt").exists()  # taken by the driver
+    assert not (
+        Path(p.storage_path) / p.run_name / "gptflow_stopped.txt"
+    ).exists()  # taken by the driver
 
 
 def test_init_from_a_registered_model_alias(dataset, tmp_path, monkeypatch):
@@ -674,21 +945,44 @@ def test_init_from_a_registered_model_alias(dataset, tmp_path, monkeypatch):
     from gptcore import save_bundle
 
     tok = Tokenizer.load(dataset / "tokenizer.json")
-    bundle = save_bundle(tmp_path / "b", GPT(preset("tiny", vocab_size=tok.vocab_size, context_length=64)), tok)
+    bundle = save_bundle(
+        tmp_path / "b", GPT(preset("tiny", vocab_size=tok.vocab_size, context_length=64)), tok
+    )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("registry", artifact_location=(tmp_path / "art").as_uri())
     run = client.create_run(exp)
     client.log_artifacts(run.info.run_id, str(bundle), "model")
     client.create_registered_model("tiny-docs")
-    version = client.create_model_version("tiny-docs", f"{run.info.artifact_uri}/model", run.info.run_id)
+    version = client.create_model_version(
+        "tiny-docs", f"{run.info.artifact_uri}/model", run.info.run_id
+    )
     client.set_registered_model_alias("tiny-docs", "champion", version.version)
 
-    cfg = _cfg(tmp_path, dataset, "finetune.init=models:/tiny-docs@champion", f"tracking.uri={uri}", stage="finetune")
+    cfg = _cfg(
+        tmp_path,
+        dataset,
+        "finetune.init=models:/tiny-docs@champion",
+        f"tracking.uri={uri}",
+        stage="finetune",
+    )
     p = prepare(cfg, "finetune")
-    assert p.parent == {"uri": "models:/tiny-docs@champion", "model_sha256": sha256_file(bundle / "model.safetensors")}
-    assert p.gpt_config["context_length"] == 64 and Path(p.init_bundle).is_relative_to(tmp_path.resolve())
+    assert p.parent == {
+        "uri": "models:/tiny-docs@champion",
+        "model_sha256": sha256_file(bundle / "model.safetensors"),
+    }
+    assert p.gpt_config["context_length"] == 64 and Path(p.init_bundle).is_relative_to(
+        tmp_path.resolve()
+    )
     # planning resolves the alias to a version (a moved alias re-runs the step): an unknown one is named there
     with pytest.raises(ValueError, match="model .tiny-docs. has no alias .nobody."):
-        prepare(_cfg(tmp_path, dataset, "finetune.init=models:/tiny-docs@nobody", f"tracking.uri={uri}",
-                  stage="finetune"), "finetune")
+        prepare(
+            _cfg(
+                tmp_path,
+                dataset,
+                "finetune.init=models:/tiny-docs@nobody",
+                f"tracking.uri={uri}",
+                stage="finetune",
+            ),
+            "finetune",
+        )

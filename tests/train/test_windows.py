@@ -20,7 +20,9 @@ from flows.data.dataset import FORMAT_VERSION, DataError
 from flows.train.windows import TokenWindows, permute
 
 
-def _dataset(root: Path, splits: dict[str, list[tuple[np.ndarray, np.ndarray | None]]], dtype: str = "uint32") -> Path:
+def _dataset(
+    root: Path, splits: dict[str, list[tuple[np.ndarray, np.ndarray | None]]], dtype: str = "uint32"
+) -> Path:
     """A dataset directory with the given (tokens, mask or None) shards per split."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "tokenizer.json").write_text("{}")  # the reader checks it exists; batches never decode
@@ -36,7 +38,13 @@ def _dataset(root: Path, splits: dict[str, list[tuple[np.ndarray, np.ndarray | N
                 mask.astype(np.uint8).tofile(root / entry["mask_file"])
             listed.append(entry)
         entries[split] = {"shards": listed, "tokens": sum(len(t) for t, _ in shards)}
-    manifest = {"format_version": FORMAT_VERSION, "dtype": dtype, "vocab_size": 2**31, "eot_id": 0, "splits": entries}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dtype": dtype,
+        "vocab_size": 2**31,
+        "eot_id": 0,
+        "splits": entries,
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -45,7 +53,9 @@ def _shard(s: int, n: int) -> np.ndarray:
     return s * 100_000 + np.arange(n)
 
 
-def _reference(shards: list[tuple[np.ndarray, np.ndarray | None]], T: int, rank: int, world: int) -> list[tuple[int, int]]:
+def _reference(
+    shards: list[tuple[np.ndarray, np.ndarray | None]], T: int, rank: int, world: int
+) -> list[tuple[int, int]]:
     """The windows a rank owns, by the definition (the per-window loop the index replaced)."""
     owned, index = [], 0
     for si, (tokens, mask) in enumerate(shards):
@@ -76,7 +86,9 @@ def test_windows_tile_each_shard_as_defined(train_dir, world):
         x, y, m = data.batch(np.arange(len(data)))
         assert m is None and x.shape == (len(expected), T)
         for row, (si, start) in enumerate(expected):
-            assert np.array_equal(np.concatenate([x[row], y[row, -1:]]), TRAIN[si][start : start + T + 1])
+            assert np.array_equal(
+                np.concatenate([x[row], y[row, -1:]]), TRAIN[si][start : start + T + 1]
+            )
 
 
 def test_ranks_are_disjoint_and_cover_every_window(train_dir):
@@ -94,7 +106,9 @@ def test_ranks_are_disjoint_and_cover_every_window(train_dir):
 def test_each_epoch_is_a_permutation_of_its_own(n):
     orders = [permute(np.arange(n), n, seed=3, epoch=e) for e in range(3)]
     for order in orders:
-        assert np.array_equal(np.sort(order), np.arange(n))  # every position lands once: a bijection
+        assert np.array_equal(
+            np.sort(order), np.arange(n)
+        )  # every position lands once: a bijection
     if n >= 64:
         assert not np.array_equal(orders[0], orders[1]) and not np.array_equal(orders[1], orders[2])
         assert not np.array_equal(orders[0], permute(np.arange(n), n, seed=4, epoch=0))
@@ -131,12 +145,17 @@ def test_the_stream_visits_every_window_once_per_epoch(train_dir):
     assert not np.array_equal(epochs[0], epochs[1])
     # A batch across an epoch boundary is the end of one epoch and the start of the next, and a
     # read far into the stream needs nothing before it (a resumed run starts there).
-    assert np.array_equal(data.window_ids(5, n - 3, 6), np.concatenate([epochs[0][-3:], epochs[1][:3]]))
+    assert np.array_equal(
+        data.window_ids(5, n - 3, 6), np.concatenate([epochs[0][-3:], epochs[1][:3]])
+    )
     assert np.array_equal(data.window_ids(5, 2 * n + 4, 3), epochs[2][4:7])
     # A batch is the windows its ids name.
     x, _, _ = data.batch(epochs[0][:2])
     shards, starts = data.locate(epochs[0][:2])
-    assert all(np.array_equal(x[i], TRAIN[s][a : a + 16]) for i, (s, a) in enumerate(zip(shards, starts, strict=True)))
+    assert all(
+        np.array_equal(x[i], TRAIN[s][a : a + 16])
+        for i, (s, a) in enumerate(zip(shards, starts, strict=True))
+    )
 
 
 def test_masked_split_drops_only_windows_without_a_mask_bit(tmp_path):
@@ -171,7 +190,9 @@ def test_an_empty_rank_is_a_clear_error(tmp_path):
         TokenWindows(root, "train", 16, 1, 2)
 
 
-def _sparse_dataset(root: Path, split: str, tokens: list[int], mask_bits: dict[int, list[int]] | None = None) -> Path:
+def _sparse_dataset(
+    root: Path, split: str, tokens: list[int], mask_bits: dict[int, list[int]] | None = None
+) -> Path:
     """A dataset of all-zero uint16 shards stored as sparse files (no disk, no page cache until read)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "tokenizer.json").write_text("{}")
@@ -189,8 +210,13 @@ def _sparse_dataset(root: Path, split: str, tokens: list[int], mask_bits: dict[i
                     f.seek(pos)
                     f.write(b"\x01")
         listed.append(entry)
-    manifest = {"format_version": FORMAT_VERSION, "dtype": "uint16", "vocab_size": 50257, "eot_id": 0,
-                "splits": {split: {"shards": listed, "tokens": sum(tokens)}}}
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "dtype": "uint16",
+        "vocab_size": 50257,
+        "eot_id": 0,
+        "splits": {split: {"shards": listed, "tokens": sum(tokens)}},
+    }
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -199,7 +225,9 @@ def test_index_of_a_billion_tokens_is_small(tmp_path):
     T, world = 512, 2  # ~977k windows per rank: an int64 array of them alone would be 7.5 MiB
     tokens = [400_000_000, 350_000_000, 250_000_001]
     root = _sparse_dataset(tmp_path / "big", "train", tokens)
-    TokenWindows(root, "train", T, 0, world).train_batch(0, 0, 0, 1, 8)  # numpy's lazy imports, untraced
+    TokenWindows(root, "train", T, 0, world).train_batch(
+        0, 0, 0, 1, 8
+    )  # numpy's lazy imports, untraced
     tracemalloc.start()
     try:
         data = TokenWindows(root, "train", T, rank=1, world=world)
@@ -211,7 +239,9 @@ def test_index_of_a_billion_tokens_is_small(tmp_path):
     assert peak < 1 << 20, f"{peak / 2**20:.1f} MiB"
     windows = sum((n - 1) // T for n in tokens)
     assert len(data) == (windows - 1 + world - 1) // world and x.shape == (8, T) and not x.any()
-    shard, start = data.locate(np.array([len(data) - 1]))  # global window (len-1)*world + 1, in the last shard
+    shard, start = data.locate(
+        np.array([len(data) - 1])
+    )  # global window (len-1)*world + 1, in the last shard
     before = sum((n - 1) // T for n in tokens[:2])
     assert (int(shard[0]), int(start[0])) == (2, ((len(data) - 1) * world + 1 - before) * T)
 
@@ -229,5 +259,7 @@ def test_masked_index_pass_has_bounded_temporaries(tmp_path):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB"  # a bool per window (0.3 MB) + one chunk's maxima
+    assert peak < 4 << 20, (
+        f"{peak / 2**20:.1f} MiB"
+    )  # a bool per window (0.3 MB) + one chunk's maxima
     assert data.locate(np.arange(len(data)))[1].tolist() == [7 * T, 100_000 * T, last * T]

@@ -22,10 +22,34 @@ import pytest
 from flows.train import faults
 from gptcore import Tokenizer
 
-STDLIB_MODULES = ("argparse", "collections/__init__", "functools", "inspect", "json/__init__", "pathlib",
-                  "shutil", "subprocess", "textwrap", "typing", "dataclasses", "logging/__init__",
-                  "random", "statistics", "string", "tempfile", "threading", "zipfile/__init__", "calendar",
-                  "difflib", "heapq", "bisect", "fractions", "decimal", "ipaddress", "email/message")
+STDLIB_MODULES = (
+    "argparse",
+    "collections/__init__",
+    "functools",
+    "inspect",
+    "json/__init__",
+    "pathlib",
+    "shutil",
+    "subprocess",
+    "textwrap",
+    "typing",
+    "dataclasses",
+    "logging/__init__",
+    "random",
+    "statistics",
+    "string",
+    "tempfile",
+    "threading",
+    "zipfile/__init__",
+    "calendar",
+    "difflib",
+    "heapq",
+    "bisect",
+    "fractions",
+    "decimal",
+    "ipaddress",
+    "email/message",
+)
 
 
 def stdlib_docs(max_chars: int = 400_000) -> list[tuple[str, str]]:
@@ -61,8 +85,13 @@ def _write(root: Path, rel: str, arr: np.ndarray) -> tuple[str, str]:
     return rel, _sha(f)
 
 
-def make_dataset(root: Path, vocab_size: int = 512, max_chars: int = 400_000,
-                 tokenizer: Tokenizer | None = None, shards: int = 2) -> Path:
+def make_dataset(
+    root: Path,
+    vocab_size: int = 512,
+    max_chars: int = 400_000,
+    tokenizer: Tokenizer | None = None,
+    shards: int = 2,
+) -> Path:
     """Write a dataset directory with train, val and sft splits; returns `root`."""
     docs = stdlib_docs(max_chars)
     texts = [d for _, d in docs]
@@ -103,10 +132,28 @@ def make_dataset(root: Path, vocab_size: int = 512, max_chars: int = 400_000,
         n += 1
     rel, sha = _write(root, "sft/00000.bin", np.asarray(ids, dtype=dtype))
     mrel, msha = _write(root, "sft/00000.mask.bin", np.asarray(mask, dtype=np.uint8))
-    splits["sft"] = {"shards": [{"file": rel, "mask_file": mrel, "tokens": len(ids), "sha256": sha,
-                                 "mask_sha256": msha, "examples": n}], "tokens": len(ids)}
-    manifest = {"format_version": 1, "dtype": np.dtype(dtype).name, "tokenizer_sha256": tok.sha256(),
-                "vocab_size": tok.vocab_size, "eot_id": tok.eot_id, "pad_id": tok.pad_id, "splits": splits}
+    splits["sft"] = {
+        "shards": [
+            {
+                "file": rel,
+                "mask_file": mrel,
+                "tokens": len(ids),
+                "sha256": sha,
+                "mask_sha256": msha,
+                "examples": n,
+            }
+        ],
+        "tokens": len(ids),
+    }
+    manifest = {
+        "format_version": 1,
+        "dtype": np.dtype(dtype).name,
+        "tokenizer_sha256": tok.sha256(),
+        "vocab_size": tok.vocab_size,
+        "eot_id": tok.eot_id,
+        "pad_id": tok.pad_id,
+        "splits": splits,
+    }
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return root
 

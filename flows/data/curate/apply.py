@@ -27,9 +27,14 @@ from flows.data.curate.quality import C4Quality, GopherQuality, GopherRepetition
 
 # Scores the report histograms, with their bin edges: (name, low, high, bins).
 SCORES = (
-    ("words", 0.0, 2000.0, 40), ("avg_word_length", 0.0, 15.0, 30), ("alpha_words", 0.0, 1.0, 20),
-    ("stop_words", 0.0, 8.0, 8), ("dup_line_frac", 0.0, 1.0, 20), ("top_2_gram", 0.0, 0.5, 25),
-    ("dup_5_gram", 0.0, 1.0, 20), ("language_score", 0.0, 1.0, 20),
+    ("words", 0.0, 2000.0, 40),
+    ("avg_word_length", 0.0, 15.0, 30),
+    ("alpha_words", 0.0, 1.0, 20),
+    ("stop_words", 0.0, 8.0, 8),
+    ("dup_line_frac", 0.0, 1.0, 20),
+    ("top_2_gram", 0.0, 0.5, 25),
+    ("dup_5_gram", 0.0, 1.0, 20),
+    ("language_score", 0.0, 1.0, 20),
 )
 
 
@@ -43,20 +48,37 @@ class Verdict:
 
 
 def gopher_quality(q: QualityConfig) -> GopherQuality:
-    return GopherQuality(q.min_doc_words, q.max_doc_words, q.min_avg_word_length, q.max_avg_word_length,
-                         q.max_symbol_word_ratio, q.max_bullet_lines_ratio, q.max_ellipsis_lines_ratio,
-                         q.min_alpha_words_ratio, q.min_stop_words)
+    return GopherQuality(
+        q.min_doc_words,
+        q.max_doc_words,
+        q.min_avg_word_length,
+        q.max_avg_word_length,
+        q.max_symbol_word_ratio,
+        q.max_bullet_lines_ratio,
+        q.max_ellipsis_lines_ratio,
+        q.min_alpha_words_ratio,
+        q.min_stop_words,
+    )
 
 
 def gopher_repetition(q: QualityConfig) -> GopherRepetition:
-    return GopherRepetition(q.dup_line_frac, q.dup_para_frac, q.dup_line_char_frac, q.dup_para_char_frac,
-                            tuple(zip((2, 3, 4), q.top_ngram_fracs, strict=False)),
-                            tuple(zip(range(5, 11), q.dup_ngram_fracs, strict=False)))
+    return GopherRepetition(
+        q.dup_line_frac,
+        q.dup_para_frac,
+        q.dup_line_char_frac,
+        q.dup_para_char_frac,
+        tuple(zip((2, 3, 4), q.top_ngram_fracs, strict=False)),
+        tuple(zip(range(5, 11), q.dup_ngram_fracs, strict=False)),
+    )
 
 
 def c4_quality(q: QualityConfig) -> C4Quality:
-    return C4Quality(filter_curly_bracket=q.c4_curly_bracket, filter_no_terminal_punct=q.c4_terminal_punct,
-                     min_words_per_line=q.c4_min_words_per_line, min_num_sentences=q.c4_min_sentences)
+    return C4Quality(
+        filter_curly_bracket=q.c4_curly_bracket,
+        filter_no_terminal_punct=q.c4_terminal_punct,
+        min_words_per_line=q.c4_min_words_per_line,
+        min_num_sentences=q.c4_min_sentences,
+    )
 
 
 class Curator:
@@ -66,12 +88,17 @@ class Curator:
     def __init__(self, cfg: CurateConfig, eval_ngrams: np.ndarray | None = None) -> None:
         q = cfg.quality
         self.cfg = cfg
-        self.language = LanguageFilter(cfg.languages, cfg.language_min_score) if cfg.languages else None
+        self.language = (
+            LanguageFilter(cfg.languages, cfg.language_min_score) if cfg.languages else None
+        )
         self.gopher = gopher_quality(q) if q.enabled else None
         self.repetition = gopher_repetition(q) if q.enabled and q.repetition else None
         self.c4 = c4_quality(q) if q.enabled and q.c4 else None
-        self.decontam = (Decontaminator(eval_ngrams, cfg.decontaminate_ngram)
-                         if eval_ngrams is not None and len(eval_ngrams) else None)
+        self.decontam = (
+            Decontaminator(eval_ngrams, cfg.decontaminate_ngram)
+            if eval_ngrams is not None and len(eval_ngrams)
+            else None
+        )
 
     @property
     def active(self) -> bool:

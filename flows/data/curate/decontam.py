@@ -35,7 +35,9 @@ def ngram_hashes(text: str, n: int) -> np.ndarray:
         grams = [" ".join(words)]
     else:
         grams = [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return np.fromiter((xxhash.xxh3_64_intdigest(g.encode()) for g in grams), dtype=np.uint64, count=len(grams))
+    return np.fromiter(
+        (xxhash.xxh3_64_intdigest(g.encode()) for g in grams), dtype=np.uint64, count=len(grams)
+    )
 
 
 def _strings(value: object) -> Iterator[str]:
@@ -64,7 +66,9 @@ def eval_texts(path: str | Path) -> Iterator[str]:
                     try:
                         yield from _strings(json.loads(line))
                     except json.JSONDecodeError as e:
-                        raise DecontamError(f"data.curate.decontaminate: {p}:{number}: not JSON ({e.msg})") from None
+                        raise DecontamError(
+                            f"data.curate.decontaminate: {p}:{number}: not JSON ({e.msg})"
+                        ) from None
                 else:
                     yield line
     except (OSError, UnicodeDecodeError) as e:

@@ -44,8 +44,12 @@ def eval_ngrams(data: DataConfig, work: Path) -> str | None:
     grams = load_ngrams(data.curate.decontaminate, data.curate.decontaminate_ngram)
     np.save(path.with_suffix(".tmp.npy"), grams)
     path.with_suffix(".tmp.npy").replace(path)
-    log.info("decontamination: %d %d-grams from %d files", len(grams), data.curate.decontaminate_ngram,
-             len(data.curate.decontaminate))
+    log.info(
+        "decontamination: %d %d-grams from %d files",
+        len(grams),
+        data.curate.decontaminate_ngram,
+        len(data.curate.decontaminate),
+    )
     return str(path)
 
 
@@ -68,12 +72,20 @@ def _exact(units: list, work: Path, keep: dict[str, np.ndarray], rows: dict[str,
         ui = int(np.searchsorted(bounds, g, side="right")) - 1
         f = int(first[g])
         fi = int(np.searchsorted(bounds, f, side="right")) - 1
-        rows.setdefault(units[ui].key, []).append((g - int(bounds[ui]), "duplicate", units[fi].key,
-                                                   f - int(bounds[fi])))
+        rows.setdefault(units[ui].key, []).append(
+            (g - int(bounds[ui]), "duplicate", units[fi].key, f - int(bounds[fi]))
+        )
 
 
-def duplicates(units: list, work: Path, keep: dict[str, np.ndarray], data: DataConfig, workers: int,
-               meta: dict[str, dict], exact: int) -> Duplicates:
+def duplicates(
+    units: list,
+    work: Path,
+    keep: dict[str, np.ndarray],
+    data: DataConfig,
+    workers: int,
+    meta: dict[str, dict],
+    exact: int,
+) -> Duplicates:
     """Exact duplicates' rows, then the near-duplicate shuffle: its duplicates leave `keep`."""
     out = Duplicates()
     if exact:
@@ -88,7 +100,9 @@ def duplicates(units: list, work: Path, keep: dict[str, np.ndarray], data: DataC
             if keep[key][index]:  # an exact duplicate is already counted as one
                 keep[key][index] = False
                 out.count += 1
-                out.rows.setdefault(key, []).append((index, "near_duplicate", key_of[root >> 32], root & int(mask)))
+                out.rows.setdefault(key, []).append(
+                    (index, "near_duplicate", key_of[root >> 32], root & int(mask))
+                )
         log.info("near-duplicates: %d dropped in %d clusters", out.count, out.shuffle["clusters"])
     for r in out.rows.values():
         r.sort()
@@ -101,13 +115,25 @@ def _texts(work: Path, key: str, indices: list[int]) -> list[str]:
     with open(work / "clean" / f"{key}.txt", "rb") as f:
         for i in indices:
             f.seek(int(offsets[i]))
-            out.append(f.read(min(int(offsets[i + 1] - offsets[i]), 4 * SAMPLE_CHARS))
-                       .decode("utf-8", errors="ignore")[:SAMPLE_CHARS])
+            out.append(
+                f.read(min(int(offsets[i + 1] - offsets[i]), 4 * SAMPLE_CHARS)).decode(
+                    "utf-8", errors="ignore"
+                )[:SAMPLE_CHARS]
+            )
     return out
 
 
-def finish(out: Path, units: list, work: Path, data: DataConfig, meta: dict[str, dict], dups: Duplicates,
-           kept: int, kept_tokens: int, kept_bytes: int) -> dict[str, Any]:
+def finish(
+    out: Path,
+    units: list,
+    work: Path,
+    data: DataConfig,
+    meta: dict[str, dict],
+    dups: Duplicates,
+    kept: int,
+    kept_tokens: int,
+    kept_bytes: int,
+) -> dict[str, Any]:
     """Write ``<out>/curation/`` and return the manifest's ``curation`` entry."""
     (out / report.DIR).mkdir(exist_ok=True)
     keys = [u.key for u in units]
@@ -134,9 +160,13 @@ def finish(out: Path, units: list, work: Path, data: DataConfig, meta: dict[str,
             if room > 0 and chosen:
                 texts = _texts(work, key, [r[0] for r in chosen[:room]])
                 samples.setdefault(reason, []).extend(
-                    {"text": t, "duplicate_of": where(r[2], r[3])} for t, r in zip(texts, chosen, strict=False))
-    dropped = {r: {"documents": n, "bytes": sizes.get(r, 0), "tokens": round(sizes.get(r, 0) * per_token)}
-               for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}
+                    {"text": t, "duplicate_of": where(r[2], r[3])}
+                    for t, r in zip(texts, chosen, strict=False)
+                )
+    dropped = {
+        r: {"documents": n, "bytes": sizes.get(r, 0), "tokens": round(sizes.get(r, 0) * per_token)}
+        for r, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    }
     figures: dict[str, Any] = {
         "kept": {"documents": kept, "bytes": kept_bytes, "tokens": kept_tokens},
         "dropped": dropped,
@@ -151,8 +181,11 @@ def finish(out: Path, units: list, work: Path, data: DataConfig, meta: dict[str,
     if dups.shuffle is not None:
         figures["near_dedup"] = {**dups.shuffle, "dropped": dups.count}
     rep = report.write_report(out, figures)
-    entry: dict[str, Any] = {"report": f"{report.DIR}/report.json", "dropped": f"{report.DIR}/dropped.jsonl",
-                             "pii": rep["pii"]}
+    entry: dict[str, Any] = {
+        "report": f"{report.DIR}/report.json",
+        "dropped": f"{report.DIR}/dropped.jsonl",
+        "pii": rep["pii"],
+    }
     if dups.shuffle is not None:
         entry["near_dedup"] = {"clusters": dups.shuffle["clusters"], "duplicates": dups.count}
     return entry

@@ -27,7 +27,9 @@ _ROWS_AT_ONCE = 1 << 14  # shingles per permutation block: bounds the (shingles,
 class MinHasher:
     """Signatures and band keys for one configuration; the same seed gives the same permutations."""
 
-    def __init__(self, num_bands: int = 14, rows_per_band: int = 8, ngram: int = 5, seed: int = 0) -> None:
+    def __init__(
+        self, num_bands: int = 14, rows_per_band: int = 8, ngram: int = 5, seed: int = 0
+    ) -> None:
         self.num_bands, self.rows, self.ngram = num_bands, rows_per_band, ngram
         k = num_bands * rows_per_band
         rng = np.random.default_rng([seed, 0x6D696E68])
@@ -41,7 +43,9 @@ class MinHasher:
         words = [w for w in words_of(text) if w]
         if not words:
             return np.zeros(0, dtype=np.uint64)
-        hw = np.fromiter((xxhash.xxh3_64_intdigest(w.encode()) for w in words), dtype=np.uint64, count=len(words))
+        hw = np.fromiter(
+            (xxhash.xxh3_64_intdigest(w.encode()) for w in words), dtype=np.uint64, count=len(words)
+        )
         n = min(self.ngram, len(words))
         count = len(words) - n + 1
         with np.errstate(over="ignore"):  # multiplication modulo 2**64 is the point
@@ -68,8 +72,11 @@ class MinHasher:
         if sig[0] == 0xFFFFFFFF and (sig == 0xFFFFFFFF).all():
             return None
         rows = sig.reshape(self.num_bands, self.rows)
-        return np.fromiter((xxhash.xxh3_64_intdigest(rows[i].tobytes(), seed=i) for i in range(self.num_bands)),
-                           dtype=np.uint64, count=self.num_bands)
+        return np.fromiter(
+            (xxhash.xxh3_64_intdigest(rows[i].tobytes(), seed=i) for i in range(self.num_bands)),
+            dtype=np.uint64,
+            count=self.num_bands,
+        )
 
 
 def jaccard(a: str, b: str, ngram: int = 5) -> float:

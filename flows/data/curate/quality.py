@@ -61,7 +61,8 @@ class GopherQuality:
             "avg_word_length": sum(map(len, content)) / len(content) if content else 0.0,
             "hash_ratio": text.count("#") / n,
             "ellipsis_ratio": (text.count("...") + text.count("…")) / n,
-            "bullet_lines": sum(s.lstrip().startswith(("•", "-", "*", "·")) for s in lines) / len(lines),
+            "bullet_lines": sum(s.lstrip().startswith(("•", "-", "*", "·")) for s in lines)
+            / len(lines),
             "ellipsis_lines": sum(s.rstrip().endswith(("...", "…")) for s in lines) / len(lines),
             "alpha_words": sum(1 for w in raw if _LETTER.search(w)) / n,
             "stop_words": float(len(set(self.stop_words).intersection(words))),
@@ -77,7 +78,11 @@ class GopherQuality:
             (self.max_symbol_word_ratio, lambda v: s["hash_ratio"] > v, "gopher_hashes"),
             (self.max_symbol_word_ratio, lambda v: s["ellipsis_ratio"] > v, "gopher_ellipsis"),
             (self.max_bullet_lines_ratio, lambda v: s["bullet_lines"] > v, "gopher_bullet_lines"),
-            (self.max_ellipsis_lines_ratio, lambda v: s["ellipsis_lines"] > v, "gopher_ellipsis_lines"),
+            (
+                self.max_ellipsis_lines_ratio,
+                lambda v: s["ellipsis_lines"] > v,
+                "gopher_ellipsis_lines",
+            ),
             (self.min_alpha_words_ratio, lambda v: s["alpha_words"] < v, "gopher_alpha_words"),
             (self.min_stop_words, lambda v: s["stop_words"] < v, "gopher_stop_words"),
         )
@@ -101,7 +106,9 @@ def _duplicates(items: list[str]) -> tuple[int, int]:
 
 
 # Odd 64-bit multipliers: an n-gram of word ids becomes one uint64 (collisions ~ 2**-64 a pair).
-_MULT = np.random.default_rng(0x6F706865).integers(1, 1 << 63, size=16, dtype=np.uint64) | np.uint64(1)
+_MULT = np.random.default_rng(0x6F706865).integers(
+    1, 1 << 63, size=16, dtype=np.uint64
+) | np.uint64(1)
 
 
 def _ngram_keys(ids: np.ndarray, n: int) -> np.ndarray:
@@ -119,10 +126,16 @@ def _ngram_stats(ids: np.ndarray, lens: np.ndarray, n: int) -> tuple[int, int]:
     if len(ids) < n:
         return 0, 0
     keys = _ngram_keys(ids, n)
-    _, first, inverse, counts = np.unique(keys, return_index=True, return_inverse=True, return_counts=True)
+    _, first, inverse, counts = np.unique(
+        keys, return_index=True, return_inverse=True, return_counts=True
+    )
     top = int(np.argmax(counts))
     wchars = np.concatenate([[0], np.cumsum(lens)])
-    top_chars = int(counts[top]) * int(wchars[first[top] + n] - wchars[first[top]]) if counts[top] > 1 else 0
+    top_chars = (
+        int(counts[top]) * int(wchars[first[top] + n] - wchars[first[top]])
+        if counts[top] > 1
+        else 0
+    )
     repeated = np.flatnonzero(first[inverse] != np.arange(len(keys)))
     if not len(repeated):
         return top_chars, 0
@@ -143,8 +156,14 @@ class GopherRepetition:
     dup_line_char_frac: float | None = 0.20
     dup_para_char_frac: float | None = 0.20
     top_n_grams: tuple[tuple[int, float], ...] = ((2, 0.20), (3, 0.18), (4, 0.16))
-    dup_n_grams: tuple[tuple[int, float], ...] = ((5, 0.15), (6, 0.14), (7, 0.13), (8, 0.12),
-                                                   (9, 0.11), (10, 0.10))
+    dup_n_grams: tuple[tuple[int, float], ...] = (
+        (5, 0.15),
+        (6, 0.14),
+        (7, 0.13),
+        (8, 0.12),
+        (9, 0.11),
+        (10, 0.10),
+    )
 
     def scores(self, text: str) -> dict[str, float]:
         size = max(1, len(text))
@@ -156,11 +175,17 @@ class GopherRepetition:
         # n-gram characters over the characters of the words (not of the whole text, as datatrove
         # does): whitespace and punctuation then neither hide nor inflate repetition.
         vocab: dict[str, int] = {}
-        ids = np.fromiter((vocab.setdefault(w, len(vocab)) for w in words), dtype=np.uint64, count=len(words))
+        ids = np.fromiter(
+            (vocab.setdefault(w, len(vocab)) for w in words), dtype=np.uint64, count=len(words)
+        )
         lens = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
         word_chars = max(1, int(lens.sum()))
-        out = {"dup_para_frac": p_count / len(paragraphs), "dup_para_char_frac": p_chars / size,
-               "dup_line_frac": l_count / len(lines), "dup_line_char_frac": l_chars / size}
+        out = {
+            "dup_para_frac": p_count / len(paragraphs),
+            "dup_para_char_frac": p_chars / size,
+            "dup_line_frac": l_count / len(lines),
+            "dup_line_char_frac": l_chars / size,
+        }
         for n, _ in self.top_n_grams:
             out[f"top_{n}_gram"] = _ngram_stats(ids, lens, n)[0] / word_chars
         for n, _ in self.dup_n_grams:
@@ -182,8 +207,14 @@ class GopherRepetition:
         return None
 
 
-_POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies",
-           "use cookies")
+_POLICY = (
+    "terms of use",
+    "privacy policy",
+    "cookie policy",
+    "uses cookies",
+    "use of cookies",
+    "use cookies",
+)
 _POLICY_RE = re.compile("|".join(map(re.escape, _POLICY)))
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]")
 _END_PUNCT = (".", "?", "!", '"', "'")
@@ -227,12 +258,16 @@ class C4Quality:
             words = line.split()
             if self.remove_citations:  # "...as shown [12]." ends a sentence all the same
                 line = _CITATION.sub("", line).rstrip()
-            if ((self.max_word_length and max(map(len, words)) > self.max_word_length)
-                    or (self.filter_no_terminal_punct
-                        and (not line.endswith(_END_PUNCT) or line.endswith("...")))
-                    or (self.min_words_per_line and len(words) < self.min_words_per_line)
-                    or (self.filter_javascript and "javascript" in lower)
-                    or (self.filter_policy and _POLICY_RE.search(lower))):
+            if (
+                (self.max_word_length and max(map(len, words)) > self.max_word_length)
+                or (
+                    self.filter_no_terminal_punct
+                    and (not line.endswith(_END_PUNCT) or line.endswith("..."))
+                )
+                or (self.min_words_per_line and len(words) < self.min_words_per_line)
+                or (self.filter_javascript and "javascript" in lower)
+                or (self.filter_policy and _POLICY_RE.search(lower))
+            ):
                 removed += 1
                 continue
             sentences += max(1, sum(line.count(p) for p in ".?!"))

@@ -49,8 +49,13 @@ class Locations:
         return where
 
 
-def write_dropped(out: Path, keys: list[str], work: Path, duplicates: dict[str, list[tuple[int, str, str, int]]],
-                  where: Locations) -> None:
+def write_dropped(
+    out: Path,
+    keys: list[str],
+    work: Path,
+    duplicates: dict[str, list[tuple[int, str, str, int]]],
+    where: Locations,
+) -> None:
     """``dropped.jsonl``: per unit in order, the unit's own drops (as read), then its duplicates
     (rows (index, reason, survivor's unit key, survivor's index), in document order)."""
     path = out / DIR / "dropped.jsonl"
@@ -125,9 +130,13 @@ def _plot_clusters(sizes: dict[str, int], path: Path) -> None:
     ax = fig.add_subplot(1, 1, 1)
     if sizes:
         xs = sorted(int(k) for k in sizes)
-        ax.bar([str(x) for x in xs], [sizes.get(str(x), sizes.get(x, 0)) for x in xs], color="#dd8452")
+        ax.bar(
+            [str(x) for x in xs], [sizes.get(str(x), sizes.get(x, 0)) for x in xs], color="#dd8452"
+        )
     else:
-        ax.text(0.5, 0.5, "no near-duplicate clusters", ha="center", va="center", transform=ax.transAxes)
+        ax.text(
+            0.5, 0.5, "no near-duplicate clusters", ha="center", va="center", transform=ax.transAxes
+        )
     ax.set_xlabel("documents in the cluster")
     ax.set_ylabel("clusters")
     ax.set_title("near-duplicate cluster sizes", fontsize=10)
@@ -143,19 +152,26 @@ def _human(n: float) -> str:
 
 def table(report: dict[str, Any], path: Path | None = None) -> str:
     """The curation summary: documents, characters and (estimated) tokens kept and per reason."""
-    lines = [f"curation ({path}):" if path else "curation:",
-             f"  {'':24s} {'documents':>10s} {'bytes':>9s} {'tokens':>9s}"]
+    lines = [
+        f"curation ({path}):" if path else "curation:",
+        f"  {'':24s} {'documents':>10s} {'bytes':>9s} {'tokens':>9s}",
+    ]
     k = report["kept"]
-    lines.append(f"  {'kept':24s} {k['documents']:>10,d} {_human(k['bytes']):>9s} {_human(k['tokens']):>9s}")
+    lines.append(
+        f"  {'kept':24s} {k['documents']:>10,d} {_human(k['bytes']):>9s} {_human(k['tokens']):>9s}"
+    )
     for reason, d in report["dropped"].items():
-        lines.append(f"  {'dropped: ' + reason:24s} {d['documents']:>10,d} {_human(d['bytes']):>9s} "
-                     f"{'~' + _human(d['tokens']):>9s}")
+        lines.append(
+            f"  {'dropped: ' + reason:24s} {d['documents']:>10,d} {_human(d['bytes']):>9s} "
+            f"{'~' + _human(d['tokens']):>9s}"
+        )
     if report.get("pii"):
         kinds = ", ".join(f"{k} {v:,}" for k, v in report["pii"].items())
         lines.append(f"  PII {report['pii_mode']}: {kinds}")
     nd = report.get("near_dedup")
     if nd:
-        lines.append(f"  near-duplicate clusters: {nd['clusters']:,} ({nd['dropped']:,} dropped beyond exact "
-                     f"copies; {nd['records']:,} band records in {nd['partitions']} partitions)")
+        lines.append(
+            f"  near-duplicate clusters: {nd['clusters']:,} ({nd['dropped']:,} dropped beyond exact "
+            f"copies; {nd['records']:,} band records in {nd['partitions']} partitions)"
+        )
     return "\n".join(lines)
-

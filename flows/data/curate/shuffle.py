@@ -32,7 +32,9 @@ def doc_id(unit: int, index: np.ndarray | int) -> np.ndarray:
     return (np.uint64(unit) << np.uint64(32)) | np.asarray(index, dtype=np.uint64)
 
 
-def write_bands(f: Any, unit: int, keys: np.ndarray, index: np.ndarray, partitions: int) -> np.ndarray:
+def write_bands(
+    f: Any, unit: int, keys: np.ndarray, index: np.ndarray, partitions: int
+) -> np.ndarray:
     """Write the records of `keys` ((n, bands) uint64, the documents `index` of `unit`) to the open
     file `f` (``.npy``) sorted by partition; return the partitions' bounds ((partitions + 1,) int64)."""
     n, bands = keys.shape if keys.ndim == 2 else (0, 0)
@@ -107,11 +109,19 @@ def components(edge_files: list[str], out: str) -> dict[str, Any]:
     del parts
     nodes, roots = label_components(edges)
     dropped = nodes != roots
-    pairs = np.stack([nodes[dropped], roots[dropped]], axis=1) if len(nodes) else np.empty((0, 2), np.uint64)
+    pairs = (
+        np.stack([nodes[dropped], roots[dropped]], axis=1)
+        if len(nodes)
+        else np.empty((0, 2), np.uint64)
+    )
     tmp = Path(out).with_suffix(".tmp.npy")
     np.save(tmp, pairs)
     tmp.replace(out)
     _, sizes = np.unique(roots, return_counts=True)
     size_hist = {int(s): int(c) for s, c in zip(*np.unique(sizes, return_counts=True), strict=True)}
-    return {"edges": int(len(edges)), "clusters": int(len(sizes)), "duplicates": int(dropped.sum()),
-            "cluster_sizes": size_hist}
+    return {
+        "edges": int(len(edges)),
+        "clusters": int(len(sizes)),
+        "duplicates": int(dropped.sum()),
+        "cluster_sizes": size_hist,
+    }

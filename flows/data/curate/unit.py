@@ -44,12 +44,20 @@ def curator(data: DataConfig, eval_path: str | None) -> Curator:
 
 
 class UnitCuration:
-    def __init__(self, data: DataConfig, unit_index: int, stats: UnitStats, eval_path: str | None,
-                 dropped_file: Any) -> None:
+    def __init__(
+        self,
+        data: DataConfig,
+        unit_index: int,
+        stats: UnitStats,
+        eval_path: str | None,
+        dropped_file: Any,
+    ) -> None:
         self.cfg = data.curate
         self.curator = curator(data, eval_path)
         nd = data.curate.near_dedup
-        self.hasher = MinHasher(nd.num_bands, nd.rows_per_band, nd.ngram, nd.seed) if nd.enabled else None
+        self.hasher = (
+            MinHasher(nd.num_bands, nd.rows_per_band, nd.ngram, nd.seed) if nd.enabled else None
+        )
         self.unit, self.stats = unit_index, stats
         self.files: list[str] = []
         self.loc_file, self.loc_line, self.loc_offset = [], [], []
@@ -79,7 +87,10 @@ class UnitCuration:
         self.pii.update(v.pii)
         if v.reason is not None:
             if "language_score" in v.scores:  # the language ID's verdict goes into dropped.jsonl
-                self._extra = {"language": v.language, "language_score": round(v.scores["language_score"], 3)}
+                self._extra = {
+                    "language": v.language,
+                    "language_score": round(v.scores["language_score"], 3),
+                }
             self.stats.drop(v.reason)
             self.bytes[v.reason] += len(body.encode("utf-8"))
             first = self.samples.setdefault(v.reason, [])
@@ -105,19 +116,32 @@ class UnitCuration:
 
     def write(self, locations: Any, bands: Any, partitions: int) -> dict[str, Any]:
         """Write the locations (``.npz``) and band records (``.bands.npy``); the unit's figures."""
-        np.savez(locations, source=np.asarray(self.loc_file, dtype=np.int32),
-                 line=np.asarray(self.loc_line, dtype=np.int64), offset=np.asarray(self.loc_offset, dtype=np.int64))
+        np.savez(
+            locations,
+            source=np.asarray(self.loc_file, dtype=np.int32),
+            line=np.asarray(self.loc_line, dtype=np.int64),
+            offset=np.asarray(self.loc_offset, dtype=np.int64),
+        )
         bounds = None
         if bands is not None:
             keys = np.stack(self.keys) if self.keys else np.zeros((0, 0), dtype=np.uint64)
-            bounds = write_bands(bands, self.unit, keys, np.asarray(self.keyed, dtype=np.int64), partitions)
-        return {"files": self.files, "band_bounds": None if bounds is None else bounds.tolist(),
-                "histogram": self.hist.to_dict(), "languages": dict(self.languages), "pii": dict(self.pii),
-                "dropped_bytes": dict(self.bytes), "samples": self.samples}
+            bounds = write_bands(
+                bands, self.unit, keys, np.asarray(self.keyed, dtype=np.int64), partitions
+            )
+        return {
+            "files": self.files,
+            "band_bounds": None if bounds is None else bounds.tolist(),
+            "histogram": self.hist.to_dict(),
+            "languages": dict(self.languages),
+            "pii": dict(self.pii),
+            "dropped_bytes": dict(self.bytes),
+            "samples": self.samples,
+        }
 
 
-def near_duplicates(meta: dict[str, dict], units: list, work: Path, data: DataConfig, workers: int
-                    ) -> tuple[np.ndarray, dict[str, Any]]:
+def near_duplicates(
+    meta: dict[str, dict], units: list, work: Path, data: DataConfig, workers: int
+) -> tuple[np.ndarray, dict[str, Any]]:
     """(doc, survivor) rows of every near-duplicate that is not its cluster's first document,
     sorted by doc; and the shuffle's figures. Runs ``partitions`` bucket tasks, then one
     components task: the driver sees only file names and the duplicates."""
@@ -128,9 +152,13 @@ def near_duplicates(meta: dict[str, dict], units: list, work: Path, data: DataCo
     nd = data.curate.near_dedup
     lsh = work / "lsh"
     lsh.mkdir(exist_ok=True)
-    band_files = [(str(work / "clean" / f"{u.key}.bands.npy"), meta[u.key]["curation"]["band_bounds"])
-                  for u in units]
-    bucket = ray.remote(bucket_partition).options(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")
+    band_files = [
+        (str(work / "clean" / f"{u.key}.bands.npy"), meta[u.key]["curation"]["band_bounds"])
+        for u in units
+    ]
+    bucket = ray.remote(bucket_partition).options(
+        num_cpus=1, max_retries=2, scheduling_strategy="SPREAD"
+    )
     refs, figures = [], []
     for p in range(nd.partitions):  # at most `workers` at once, like the work units
         if len(refs) >= workers:
@@ -140,7 +168,9 @@ def near_duplicates(meta: dict[str, dict], units: list, work: Path, data: DataCo
     figures += ray.get(refs)
     edge_files = [str(lsh / f"{p:05d}.edges.npy") for p in range(nd.partitions)]
     out = str(lsh / "duplicates.npy")
-    comp = ray.get(ray.remote(components).options(num_cpus=1, max_retries=2).remote(edge_files, out))
+    comp = ray.get(
+        ray.remote(components).options(num_cpus=1, max_retries=2).remote(edge_files, out)
+    )
     pairs = np.load(out)
     comp["records"] = sum(f["records"] for f in figures)
     comp["buckets"] = sum(f["buckets"] for f in figures)

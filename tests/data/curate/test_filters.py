@@ -40,22 +40,32 @@ def test_gopher_keeps_prose_and_names_the_rule_each_bad_text_breaks():
 
 
 def test_thresholds_are_constructor_arguments_and_none_switches_a_rule_off():
-    assert GopherQuality(min_doc_words=None).filter("a short but otherwise fine text of the kind") is None
+    assert (
+        GopherQuality(min_doc_words=None).filter("a short but otherwise fine text of the kind")
+        is None
+    )
     assert GopherQuality(min_doc_words=3).filter("x y") == "gopher_short_doc"
-    assert GopherQuality(min_doc_words=2, min_stop_words=None, min_avg_word_length=1).filter("x y") is None
+    assert (
+        GopherQuality(min_doc_words=2, min_stop_words=None, min_avg_word_length=1).filter("x y")
+        is None
+    )
     s = GopherRepetition().scores(prose(0))
-    assert set(s) >= {"dup_line_frac", "top_2_gram", "dup_10_gram"} and all(0 <= v <= 1 for v in s.values())
+    assert set(s) >= {"dup_line_frac", "top_2_gram", "dup_10_gram"} and all(
+        0 <= v <= 1 for v in s.values()
+    )
 
 
 def test_c4_rules_drop_lorem_and_braces_and_remove_javascript_and_policy_lines():
     c4 = C4Quality(filter_no_terminal_punct=False, min_words_per_line=0, min_num_sentences=0)
     assert c4.filter(boilerplate(0)["lorem"]) == "c4_lorem_ipsum"
-    assert c4.filter("Use it like this: {\"a\": 1}.") == "c4_curly_bracket"
+    assert c4.filter('Use it like this: {"a": 1}.') == "c4_curly_bracket"
     assert C4Quality(filter_curly_bracket=False, min_num_sentences=0).filter("It is {a}.") is None
     text = "A fine first line.\nPlease enable JavaScript to view this page.\nThis site uses cookies.\nThe end."
     cleaned, reason, removed = c4.clean(text)
     assert reason is None and removed == 2 and cleaned == "A fine first line.\nThe end."
-    strict = C4Quality()  # the published defaults: terminal punctuation, 3 words a line, 5 sentences
+    strict = (
+        C4Quality()
+    )  # the published defaults: terminal punctuation, 3 words a line, 5 sentences
     assert strict.filter("no punctuation here\nnor here") == "c4_too_few_sentences"
     assert strict.filter(prose(3)) is None
 
@@ -75,13 +85,16 @@ def test_language_id_on_short_chat_texts_keeps_english_and_drops_the_rest():
     assert LanguageFilter(()).filter("Встреча перенесена на четверг") is None  # empty keeps all
 
 
-@pytest.mark.parametrize("text, kinds", [
-    ("write to jane.doe+news@example.co.uk today", {"email": 1}),
-    ("call +44 20 7946 0958 or (415) 555-0132 or 415-555-0132", {"phone": 3}),
-    ("the server at 93.184.216.34 and 2606:2800:220:1:248:1893:25c8:1946", {"ip": 2}),
-    ("card 4111 1111 1111 1111, amex 3782-822463-10005", {"card": 2}),
-    ("pay to DE89 3704 0044 0532 0130 00 or GB82WEST12345698765432", {"iban": 2}),
-])
+@pytest.mark.parametrize(
+    "text, kinds",
+    [
+        ("write to jane.doe+news@example.co.uk today", {"email": 1}),
+        ("call +44 20 7946 0958 or (415) 555-0132 or 415-555-0132", {"phone": 3}),
+        ("the server at 93.184.216.34 and 2606:2800:220:1:248:1893:25c8:1946", {"ip": 2}),
+        ("card 4111 1111 1111 1111, amex 3782-822463-10005", {"card": 2}),
+        ("pay to DE89 3704 0044 0532 0130 00 or GB82WEST12345698765432", {"iban": 2}),
+    ],
+)
 def test_pii_is_found_and_replaced_by_placeholders(text, kinds):
     redacted, counts = pii.redact(text)
     assert dict(counts) == kinds
@@ -90,30 +103,41 @@ def test_pii_is_found_and_replaced_by_placeholders(text, kinds):
     assert not pii.find(redacted)
 
 
-@pytest.mark.parametrize("text", [
-    "ISBN 978-3-16-148410-0 and ISBN 0-306-40615-2",  # ISBN-13 and ISBN-10
-    "Python 3.11.4, v1.2.3.4, version 10.0.0.1, release 2.7.2.2",  # version numbers
-    "on 2023-10-05, 05/10/2023, 12.03.2024 at 12:30:45",  # dates and times
-    "a card-like 4111 1111 1111 1112 that fails Luhn, and order 1234567890123",
-    "DE89 3704 0044 0532 0130 01 fails mod-97",  # an IBAN with a wrong check
-    "slices x[::2], a::b, ratios 3:4:5 and the loopback ::1",
-    "private and documentation addresses 192.168.0.1, 10.0.0.7, 127.0.0.1, 192.0.2.1, 2001:db8::1",
-    "prices 1,234,567.89 and 12 345 678; pi is 3.14159265358979",
-    "not an address: user@localhost or @handle",
-    "format specs give +000000120 and '+3.140000'",  # signed numbers, not phone numbers
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ISBN 978-3-16-148410-0 and ISBN 0-306-40615-2",  # ISBN-13 and ISBN-10
+        "Python 3.11.4, v1.2.3.4, version 10.0.0.1, release 2.7.2.2",  # version numbers
+        "on 2023-10-05, 05/10/2023, 12.03.2024 at 12:30:45",  # dates and times
+        "a card-like 4111 1111 1111 1112 that fails Luhn, and order 1234567890123",
+        "DE89 3704 0044 0532 0130 01 fails mod-97",  # an IBAN with a wrong check
+        "slices x[::2], a::b, ratios 3:4:5 and the loopback ::1",
+        "private and documentation addresses 192.168.0.1, 10.0.0.7, 127.0.0.1, 192.0.2.1, 2001:db8::1",
+        "prices 1,234,567.89 and 12 345 678; pi is 3.14159265358979",
+        "not an address: user@localhost or @handle",
+        "format specs give +000000120 and '+3.140000'",  # signed numbers, not phone numbers
+    ],
+)
 def test_pii_near_misses_survive(text):
     assert pii.redact(text) == (text, {})
 
 
 def test_decontamination_drops_documents_sharing_a_13_gram_with_an_eval_file(tmp_path):
-    question = "What is the name of the river that flows through the old town of Heidelberg in Germany?"
-    (tmp_path / "eval.jsonl").write_text(json.dumps({"question": question, "answer": ["the Neckar"]}) + "\n")
-    (tmp_path / "eval.txt").write_text("A completely different evaluation sentence that has more than thirteen "
-                                       "words in it for sure.\n")
+    question = (
+        "What is the name of the river that flows through the old town of Heidelberg in Germany?"
+    )
+    (tmp_path / "eval.jsonl").write_text(
+        json.dumps({"question": question, "answer": ["the Neckar"]}) + "\n"
+    )
+    (tmp_path / "eval.txt").write_text(
+        "A completely different evaluation sentence that has more than thirteen "
+        "words in it for sure.\n"
+    )
     grams = load_ngrams((str(tmp_path / "eval.jsonl"), str(tmp_path / "eval.txt")), 13)
     d = Decontaminator(grams, 13)
-    assert d.filter(prose(0) + " Quiz: " + question.upper() + " Think about it.") == "decontaminated"
+    assert (
+        d.filter(prose(0) + " Quiz: " + question.upper() + " Think about it.") == "decontaminated"
+    )
     assert d.filter(prose(0)) is None
     # Twelve of the question's words in a row are not a 13-gram of it.
     assert d.filter("We asked " + " ".join(question.split()[:12]) + " and moved on.") is None

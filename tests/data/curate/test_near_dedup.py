@@ -44,7 +44,15 @@ def test_components_take_the_smallest_id_of_each_cluster():
     edges = np.array([[5, 3], [9, 5], [7, 8], [2, 20], [20, 21]], dtype=np.uint64)
     nodes, roots = label_components(edges)
     assert dict(zip(nodes.tolist(), roots.tolist(), strict=True)) == {
-        2: 2, 3: 3, 5: 3, 7: 7, 8: 7, 9: 3, 20: 2, 21: 2}
+        2: 2,
+        3: 3,
+        5: 3,
+        7: 7,
+        8: 7,
+        9: 3,
+        20: 2,
+        21: 2,
+    }
     # A long chain needs many propagation rounds: still one component.
     chain = np.stack([np.arange(1, 500), np.arange(0, 499)], axis=1).astype(np.uint64)[::-1]
     assert set(label_components(chain)[1].tolist()) == {0}
@@ -79,13 +87,19 @@ def test_shuffle_as_ray_tasks_finds_the_planted_duplicates(tmp_path, ray_local):
         keys = np.stack([h.band_keys(t) for t in texts])
         with open(tmp_path / f"{u}.npy", "wb") as f:
             bounds = write_bands(f, u, keys, np.arange(len(texts)), partitions=4)
-        assert len(np.load(tmp_path / f"{u}.npy")) == 14 * len(texts) and np.load(tmp_path / f"{u}.npy").dtype == RECORD
+        assert (
+            len(np.load(tmp_path / f"{u}.npy")) == 14 * len(texts)
+            and np.load(tmp_path / f"{u}.npy").dtype == RECORD
+        )
         files.append((str(tmp_path / f"{u}.npy"), bounds.tolist()))
     task = ray.remote(bucket_partition)
     figures = ray.get([task.remote(files, p, str(tmp_path / f"p{p}.npy")) for p in range(4)])
     assert sum(f["records"] for f in figures) == 14 * len(docs)
-    result = ray.get(ray.remote(components).remote([str(tmp_path / f"p{p}.npy") for p in range(4)],
-                                                   str(tmp_path / "dups.npy")))
+    result = ray.get(
+        ray.remote(components).remote(
+            [str(tmp_path / f"p{p}.npy") for p in range(4)], str(tmp_path / "dups.npy")
+        )
+    )
     pairs = np.load(tmp_path / "dups.npy")
 
     def position(doc: int) -> int:
@@ -121,26 +135,46 @@ def test_preprocess_drops_near_duplicates_and_says_where_they_were(tmp_path):
     _corpus(tmp_path / "in")
 
     def run(workdir: Path, workers: int) -> Path:
-        cfg = PipelineConfig(workdir=str(workdir), tracking=TrackingConfig(enabled=False), data=DataConfig(
-            inputs=(str(tmp_path / "in"),), vocab_size=300, min_chars=16, val_fraction=0.0, val_min_tokens=0,
-            num_workers=workers, min_work_units=1, work_unit_bytes=8192,
-            curate=CurateConfig(near_dedup=NearDedupConfig(partitions=3))))
+        cfg = PipelineConfig(
+            workdir=str(workdir),
+            tracking=TrackingConfig(enabled=False),
+            data=DataConfig(
+                inputs=(str(tmp_path / "in"),),
+                vocab_size=300,
+                min_chars=16,
+                val_fraction=0.0,
+                val_min_tokens=0,
+                num_workers=workers,
+                min_work_units=1,
+                work_unit_bytes=8192,
+                curate=CurateConfig(near_dedup=NearDedupConfig(partitions=3)),
+            ),
+        )
         return preprocess(cfg)
 
     out = run(tmp_path / "w1", 2)
     m = read_manifest(out, verify=True)
     assert m["documents"]["dropped"] == {"near_duplicate": 2}
     assert m["curation"]["near_dedup"] == {"clusters": 2, "duplicates": 2}
-    rows = [json.loads(line) for line in (out / "curation" / "dropped.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (out / "curation" / "dropped.jsonl").read_text().splitlines()
+    ]
     root = str(tmp_path / "in")
     assert sorted((r["file"], r.get("line"), r["duplicate_of"]["file"]) for r in rows) == [
-        (f"{root}/records.jsonl", 5, f"{root}/doc05.txt"), (f"{root}/zz-near.txt", None, f"{root}/doc03.txt")]
+        (f"{root}/records.jsonl", 5, f"{root}/doc05.txt"),
+        (f"{root}/zz-near.txt", None, f"{root}/doc03.txt"),
+    ]
     report = json.loads((out / "curation" / "report.json").read_text())
-    assert report["dropped"]["near_duplicate"]["documents"] == 2 and report["kept"]["documents"] == 12 + 6
+    assert (
+        report["dropped"]["near_duplicate"]["documents"] == 2
+        and report["kept"]["documents"] == 12 + 6
+    )
     assert (out / "curation" / "near_dup_clusters.png").read_bytes()[:4] == b"\x89PNG"
     again = run(tmp_path / "w2", 1)
     for name in ("dropped.jsonl", "report.json", "near_dup_clusters.png"):
-        assert (again / "curation" / name).read_bytes() == (out / "curation" / name).read_bytes(), name
+        assert (again / "curation" / name).read_bytes() == (out / "curation" / name).read_bytes(), (
+            name
+        )
     assert again.name == out.name
 
 
@@ -160,19 +194,46 @@ def test_curation_config_names_the_dataset_and_every_filter_reports(tmp_path):
     (root / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
 
     def cfg(**curate) -> PipelineConfig:
-        return PipelineConfig(workdir=str(tmp_path / "w"), tracking=TrackingConfig(enabled=False), data=DataConfig(
-            inputs=(str(root),), vocab_size=300, min_chars=16, val_fraction=0.0, val_min_tokens=0,
-            curate=CurateConfig(**curate)))
+        return PipelineConfig(
+            workdir=str(tmp_path / "w"),
+            tracking=TrackingConfig(enabled=False),
+            data=DataConfig(
+                inputs=(str(root),),
+                vocab_size=300,
+                min_chars=16,
+                val_fraction=0.0,
+                val_min_tokens=0,
+                curate=CurateConfig(**curate),
+            ),
+        )
 
     plain = preprocess(cfg())
-    strict = preprocess(cfg(quality=QualityConfig(enabled=True, c4_min_sentences=0), languages=("en",),
-                            decontaminate=(str(tmp_path / "eval.jsonl"),), pii="drop"))
+    strict = preprocess(
+        cfg(
+            quality=QualityConfig(enabled=True, c4_min_sentences=0),
+            languages=("en",),
+            decontaminate=(str(tmp_path / "eval.jsonl"),),
+            pii="drop",
+        )
+    )
     assert plain != strict  # the curate config is part of the dataset's identity
     m = read_manifest(strict, verify=True)
-    assert m["documents"]["dropped"] == {"c4_lorem_ipsum": 1, "decontaminated": 1, "language.de": 1, "pii": 1}
-    rows = [json.loads(line) for line in (strict / "curation" / "dropped.jsonl").read_text().splitlines()]
+    assert m["documents"]["dropped"] == {
+        "c4_lorem_ipsum": 1,
+        "decontaminated": 1,
+        "language.de": 1,
+        "pii": 1,
+    }
+    rows = [
+        json.loads(line)
+        for line in (strict / "curation" / "dropped.jsonl").read_text().splitlines()
+    ]
     assert [(r["line"], r["reason"]) for r in rows] == [
-        (2, "pii"), (3, "decontaminated"), (9, "c4_lorem_ipsum"), (10, "language.de")]
+        (2, "pii"),
+        (3, "decontaminated"),
+        (9, "c4_lorem_ipsum"),
+        (10, "language.de"),
+    ]
     assert rows[3]["language"] == "de" and rows[3]["language_score"] > 0.9
     report = json.loads((strict / "curation" / "report.json").read_text())
     assert report["samples"]["language.de"][0].startswith("Das ist")
