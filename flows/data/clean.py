@@ -69,7 +69,8 @@ class UnitStats:
     dropped: Counter = field(default_factory=Counter)
     repaired: Counter = field(default_factory=Counter)
     locations: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
-    # Bad-record drops (is_bad_record) per file and reason: which files data.max_drop_fraction names.
+    # Bad-record drops (is_bad_record) per file and reason: which files data.max_drop_fraction
+    # names.
     bad_files: dict[str, Counter] = field(default_factory=dict)
     # The record being read, set by the readers: a drop is located there.
     file: str | None = None
@@ -77,7 +78,8 @@ class UnitStats:
     line: int | None = None  # line number from 1, when the reader started at the file's start
     row: int | None = None  # parquet row
 
-    # Called with (reason, where) for every drop when set: curation's dropped.jsonl (curate/unit.py).
+    # Called with (reason, where) for every drop when set: curation's dropped.jsonl
+    # (curate/unit.py).
     every: Callable[[str, dict[str, Any]], None] | None = None
 
     def drop(self, reason: str) -> None:
@@ -128,8 +130,8 @@ def decode(data: bytes, stats: UnitStats) -> str:
 
 
 def clean(text: str, data: DataConfig, stats: UnitStats) -> str:
-    """Lone surrogates to U+FFFD, line endings to \\n, Unicode normalisation, control characters (but
-    \\t and \\n) removed: what comes out can always be written as UTF-8."""
+    """Lone surrogates to U+FFFD, line endings to \\n, Unicode normalisation, control characters
+    (but \\t and \\n) removed: what comes out can always be written as UTF-8."""
     if not text.isascii() and _SURROGATE_RE.search(text):
         stats.repaired["invalid_unicode"] += 1
         text = _SURROGATE_RE.sub("\ufffd", text)

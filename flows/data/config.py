@@ -27,7 +27,8 @@ class NearDedupConfig:
     """Near-duplicate removal: MinHash LSH over word n-grams, clusters by connected components."""
 
     enabled: bool = True
-    """Drop every near-duplicate but the first (in input order) of its cluster (`near_duplicate`)."""
+    """Drop every near-duplicate but the first (in input order) of its cluster
+    (`near_duplicate`)."""
     num_bands: int = 14
     """LSH bands; with rows_per_band they set the similarity threshold, (1/b)**(1/r) ~ 0.72."""
     rows_per_band: int = 8
@@ -73,7 +74,8 @@ class QualityConfig:
     min_stop_words: int | None = 2
     """Fewest distinct stop words (the, be, to, of, and, that, have, with)."""
     repetition: bool = True
-    """Gopher's repetition rules (duplicate lines/paragraphs, top and duplicate n-gram fractions)."""
+    """Gopher's repetition rules (duplicate lines/paragraphs, top and duplicate n-gram
+    fractions)."""
     dup_line_frac: float | None = 0.30
     """Most lines that may repeat an earlier line."""
     dup_para_frac: float | None = 0.30
@@ -122,9 +124,11 @@ class CurateConfig:
     language_min_score: float = 0.5
     """Least share of a document's text in its language (CLD2's score) for it to count."""
     pii: Literal["redact", "drop", "off"] = "redact"
-    """E-mail, phone, IP, payment card and IBAN: replaced by placeholders, the document dropped, or left."""
+    """E-mail, phone, IP, payment card and IBAN: replaced by placeholders, the document dropped, or
+    left."""
     decontaminate: tuple[str, ...] = ()
-    """Evaluation files (.jsonl/.json/text); training documents sharing a word n-gram with them are dropped."""
+    """Evaluation files (.jsonl/.json/text); training documents sharing a word n-gram with them are
+    dropped."""
     decontaminate_ngram: int = 13
     """Words per n-gram of the decontamination check."""
     samples_per_reason: int = 3
@@ -158,19 +162,20 @@ class KnowledgeTemplate:
     text: str = ""
     """A statement: pretraining text (empty: none)."""
     ask: tuple[str, ...] = ()
-    """Questions about the row: each becomes a fine-tuning prompt, except the last, which is held out
-    from training (asked in evaluation only) when there are two or more."""
+    """Questions about the row: each becomes a fine-tuning prompt, except the last, which is held
+    out from training (asked in evaluation only) when there are two or more."""
     answer: str = ""
     """The fine-tuning completion and the expected answer (required with `ask`)."""
 
 
 @dataclass(frozen=True)
 class KnowledgeSource:
-    """A database table, knowledge graph or row file verbalised into training data (flows/data/knowledge.py)."""
+    """A database table, knowledge graph or row file verbalised into training data
+    (flows/data/knowledge.py)."""
 
     source: str = ""
-    """A SQLAlchemy URL (sqlite:///path.db, postgresql://...), an RDF file (.nt, .ttl, .rdf/.xml/.owl)
-    or a row file (.csv, .jsonl)."""
+    """A SQLAlchemy URL (sqlite:///path.db, postgresql://...), an RDF file (.nt, .ttl,
+    .rdf/.xml/.owl) or a row file (.csv, .jsonl)."""
     query: str = ""
     """For a database: one SELECT statement; its columns are the template fields."""
     predicate: str = ""
@@ -178,7 +183,8 @@ class KnowledgeSource:
     templates: tuple[KnowledgeTemplate, ...] = ()
     """How each row is put into words."""
     holdout_fraction: float = 0.1
-    """Share of the rows (chosen by a stable hash of the row) never trained on: the held-out facts."""
+    """Share of the rows (chosen by a stable hash of the row) never trained on: the held-out
+    facts."""
 
     def __post_init__(
         self,
@@ -196,7 +202,8 @@ class DataConfig:
     """Preprocessing: raw text in, a versioned dataset directory of token shards out."""
 
     inputs: tuple[str, ...] = unhashed((BUILTIN_CORPUS,), why=_BY_CONTENT)
-    """Files, folders, globs or fsspec URLs of .txt/.md/.jsonl/.json/.parquet (optionally .gz/.zst)."""
+    """Files, folders, globs or fsspec URLs of .txt/.md/.jsonl/.json/.parquet (optionally
+    .gz/.zst)."""
     sft_inputs: tuple[str, ...] = unhashed((), why=_BY_CONTENT)
     """Fine-tuning JSONL files: {"prompt", "completion"} or {"messages": [{"role", "content"}]}."""
     hf_dataset: str | None = unhashed(None, why=_BY_CONTENT)
@@ -220,13 +227,16 @@ class DataConfig:
     tokenizer_sample_chars: int = 20_000_000
     """Characters of cleaned text, sampled deterministically, used to train the tokenizer."""
     tokenizer_path: str | None = unhashed(None, why=_BY_CONTENT)
-    """Use this tokenizer (tokenizer.json, a directory, or GPT-2 vocab.json+merges.txt) instead of training one."""
+    """Use this tokenizer (tokenizer.json, a directory, or GPT-2 vocab.json+merges.txt) instead of
+    training one."""
     val_fraction: float = 0.01
     """Fraction of the tokens, chosen by content hash (whole documents, or pieces of long ones),
-    that go to the validation split (at most 0.5); with val_min_tokens=0 too, there is no val split."""
+    that go to the validation split (at most 0.5); with val_min_tokens=0 too, there is no val
+    split."""
     val_min_tokens: int = 20_000
-    """Floor on the validation split's size in tokens; a corpus that cannot give it and a train split
-    at least as large is an error (before any Ray work when the input sizes already show it)."""
+    """Floor on the validation split's size in tokens; a corpus that cannot give it and a train
+    split at least as large is an error (before any Ray work when the input sizes already show
+    it)."""
     val_piece_chars: int = 4096
     """When documents are too few or too long to assign whole, they are cut into pieces of at most
     this many characters (at a line break or space), each assigned by its hash."""
@@ -240,8 +250,8 @@ class DataConfig:
     work_unit_bytes: int = 32 * 1024 * 1024
     """Input bytes per Ray task; bounds each worker's memory independently of corpus size."""
     max_line_bytes: int = 16 * 1024 * 1024
-    """Longest JSONL line, JSON array element or single-value .json file read; a longer one is skipped
-    without holding it in memory and counted (`line_too_long`, `record_too_long`)."""
+    """Longest JSONL line, JSON array element or single-value .json file read; a longer one is
+    skipped without holding it in memory and counted (`line_too_long`, `record_too_long`)."""
     num_workers: int = unhashed(0, why="how many tasks run at once never changes the dataset")
     """Ray tasks that run at once; 0 means one per CPU of the Ray cluster."""
     seed: int = 0
@@ -265,10 +275,10 @@ class DataConfig:
         why="it only decides whether a build is accepted: raising it after a failure resumes it",
     )
     """Most of the input records (documents; fine-tuning examples apart) that may be dropped because
-    they could not be read as written -- unreadable files, truncated archives, malformed JSON, records
-    without the text field -- before preprocessing fails naming the worst files (instead of training
-    on partial data). The filters that drop by design (empty, too short, binary, duplicates,
-    curation) do not count. 1 accepts any loss."""
+    they could not be read as written -- unreadable files, truncated archives, malformed JSON,
+    records without the text field -- before preprocessing fails naming the worst files (instead of
+    training on partial data). The filters that drop by design (empty, too short, binary,
+    duplicates, curation) do not count. 1 accepts any loss."""
 
     def __post_init__(self) -> None:
         check(0.0 <= self.val_fraction < 1.0, "val_fraction", self.val_fraction, "in [0, 1)")

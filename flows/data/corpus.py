@@ -25,8 +25,8 @@ Separation rule (so fine-tuning completions are never scored as pretraining vali
 completion of ``python-sft`` occurs in ``python-docs``, as text with whitespace normalised.
 ``python-docs`` leaves out every docstring or help-topic paragraph equal to a completion (the rest
 of that docstring stays), and a candidate pair whose completion still occurs in what is left
-(inside a longer paragraph, or in a help topic) is not used. ``python-docs`` is thus about 8% smaller
-than the docstrings alone would make it.
+(inside a longer paragraph, or in a help topic) is not used. ``python-docs`` is thus about 8%
+smaller than the docstrings alone would make it.
 
 Everything is read with ``ast``: nothing is imported or executed. What it is not: a general corpus
 downloader, or part of preprocessing proper -- the files are ordinary inputs to
@@ -67,7 +67,8 @@ _PARAGRAPH_BREAK = re.compile(r"\n[ \t]*\n")
 
 
 def materialize(dest: str | Path) -> Path:
-    """Write ``python-docs`` under `dest` (e.g. ``<workdir>/corpus/python-docs``) unless already there."""
+    """Write ``python-docs`` under `dest` (e.g. ``<workdir>/corpus/python-docs``) unless already
+    there."""
     return _write_once(
         Path(dest), NAME, lambda: ((f"{stem}.txt", text) for stem, text in _documents())
     )
@@ -90,8 +91,9 @@ def materialize_sft(dest: str | Path) -> Path:
 def _write_once(dest: Path, name: str, files: Callable[[], Iterator[tuple[str, str]]]) -> Path:
     if is_done(dest):
         return dest
-    # Two runs planning at once in one workdir: one writes, the other waits and finds it done (without
-    # the lock the second would delete the first's half-written files as "a run killed half-way").
+    # Two runs planning at once in one workdir: one writes, the other waits and finds it done
+    # (without the lock the second would delete the first's half-written files as "a run killed
+    # half-way").
     with locked(dest.parent / f".{dest.name}.lock"):
         if is_done(dest):
             return dest
@@ -115,7 +117,8 @@ def _shared(name: str, files: Callable[[], Iterator[tuple[str, str]]]) -> Path |
 
 
 def _copy(shared: Path, dest: Path) -> Path:
-    """`shared`'s files into `dest`, DONE last: the workdir holds its own copy of what it trains on."""
+    """`shared`'s files into `dest`, DONE last: the workdir holds its own copy of what it trains
+    on."""
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(shared, dest, ignore=shutil.ignore_patterns(DONE, ".*"))
@@ -258,7 +261,8 @@ def _completion(d: _Doc) -> str | None:
 
 
 def _sft_candidates() -> list[SftPair]:
-    """Usable pairs, one per distinct completion (the first in module order), capped by name hash."""
+    """Usable pairs, one per distinct completion (the first in module order), capped by name
+    hash."""
     _, modules = _scan()
     pairs: list[SftPair] = []
     seen: set[str] = set()

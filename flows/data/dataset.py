@@ -30,12 +30,14 @@ DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 
 class DataError(ValueError):
-    """A dataset directory that training cannot use; the message names the file and what is wrong."""
+    """A dataset directory that training cannot use; the message names the file and what is
+    wrong."""
 
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What the driver learned about a dataset directory while checking it (all JSON-serialisable)."""
+    """What the driver learned about a dataset directory while checking it (all
+    JSON-serialisable)."""
 
     path: str
     manifest_sha256: str
@@ -53,8 +55,8 @@ def read_manifest(
     """The manifest of a finished dataset directory, after checking that every shard (and mask file)
     of `splits` (default: all) exists with its recorded size and, with verify=True, its sha256.
 
-    Raises :class:`DataError` naming the file. Hashing reads every byte once (about 1 GB/s); it is the
-    price of never training on a half-copied shard.
+    Raises :class:`DataError` naming the file. Hashing reads every byte once (about 1 GB/s); it is
+    the price of never training on a half-copied shard.
     """
     root = Path(dataset)
     path = root / "manifest.json"
@@ -71,7 +73,8 @@ def read_manifest(
     _check_schema(manifest, path)
     if manifest["format_version"] != FORMAT_VERSION:
         raise DataError(
-            f"{path}: format_version={manifest['format_version']!r}, this reader knows {FORMAT_VERSION}"
+            f"{path}: format_version={manifest['format_version']!r}, this reader knows "
+            f"{FORMAT_VERSION}"
         )
     if manifest["dtype"] not in DTYPES:
         raise DataError(f"{path}: dtype={manifest['dtype']!r} must be one of {', '.join(DTYPES)}")
@@ -186,14 +189,16 @@ def check_dataset(
         longest = max(s["tokens"] for s in entry["shards"])
         if longest < context_length + 1:
             raise DataError(
-                f"{mpath}: split {split!r} cannot fill context_length={context_length}: its longest shard "
-                f"has {longest} tokens, a sequence needs {context_length + 1}; lower model.context_length"
+                f"{mpath}: split {split!r} cannot fill context_length={context_length}: its "
+                f"longest shard has {longest} tokens, a sequence needs {context_length + 1}; lower "
+                "model.context_length"
             )
         windows = sum((s["tokens"] - 1) // context_length for s in entry["shards"])
         if windows < world:
             raise DataError(
-                f"{mpath}: split {split!r} holds {windows} sequences of {context_length + 1} tokens, fewer than "
-                f"the {world} workers that each need one; use fewer workers or a shorter context_length"
+                f"{mpath}: split {split!r} holds {windows} sequences of {context_length + 1} "
+                f"tokens, fewer than the {world} workers that each need one; use fewer workers or "
+                "a shorter context_length"
             )
         split_tokens[split] = sum(s["tokens"] for s in entry["shards"])
     return DatasetInfo(

@@ -220,8 +220,8 @@ def _documents(value: Any, data: DataConfig, stats: UnitStats) -> list[str]:
     """The cleaned documents of one record's text; none (and a count) when it has none.
 
     The record boundary: whatever one record's text does to the cleaner is counted
-    (``record_error.<type>``: a dot, not a colon, since each reason becomes an MLflow metric name and
-    MLflow refuses colons on Windows) and costs that record only.
+    (``record_error.<type>``: a dot, not a colon, since each reason becomes an MLflow metric name
+    and MLflow refuses colons on Windows) and costs that record only.
     """
     if value is None:
         stats.drop("missing_text_field")
@@ -243,7 +243,9 @@ def _record_documents(
     for record in iter_records(fh, seg, data, stats):
         if isinstance(record, dict):
             value = record.get(field_name)
-        else:  # a JSON array (or lines) of plain strings: each is a document; other values have no text
+        else:
+            # a JSON array (or lines) of plain strings: each is a document; other values
+            # have no text
             value = record if isinstance(record, str) else None
         yield from _documents(value, data, stats)
 
@@ -251,7 +253,8 @@ def _record_documents(
 def iter_records(fh: IO[bytes], seg: Segment, data: DataConfig, stats: UnitStats) -> Iterator[Any]:
     """JSON values of a .jsonl segment (one per line), or of a .json file (an array, read element
     by element; one value; or JSON lines). Each line or element is a value or a count:
-    ``blank_line``, ``malformed_json``, ``json_too_deep``, ``line_too_long``, ``record_too_long``."""
+    ``blank_line``, ``malformed_json``, ``json_too_deep``, ``line_too_long``,
+    ``record_too_long``."""
     blocks = _blocks(fh, seg, lines_only=True, stats=stats)
     cap = data.max_line_bytes
     try:

@@ -357,7 +357,8 @@ def export_hf_dataset(data: DataConfig, cache_dir: Path) -> InputFile:
         ds = ds[data.hf_split]
     if data.text_field not in ds.column_names:
         raise InputError(
-            f"data.text_field={data.text_field!r}: {source} has columns {', '.join(ds.column_names)}"
+            f"data.text_field={data.text_field!r}: {source} has columns "
+            f"{', '.join(ds.column_names)}"
         )
     fingerprint = f"hf:{ds._fingerprint}"
     path = cache_dir / f"{ds._fingerprint}.parquet"

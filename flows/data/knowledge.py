@@ -9,8 +9,8 @@ documents and of chat records) plus the tables evaluation and serving read (``fa
 
 The three groups evaluation reports come from here: a trained fact's questions in the phrasings
 trained on (``trained_phrasing``), the last ``ask`` of each template, which is never trained on
-(``heldout_phrasing``), and every question about a held-out fact (``heldout_fact``), whose statements
-and pairs are never trained on either (they go to the ``val`` and ``sft_val`` splits).
+(``heldout_phrasing``), and every question about a held-out fact (``heldout_fact``), whose
+statements and pairs are never trained on either (they go to the ``val`` and ``sft_val`` splits).
 
 What it is not: reading the sources (flows/data/knowledge_sources.py), nor tokenizing or sharding
 (the stage does that to the files written here). A row whose templated field is NULL is skipped
@@ -62,7 +62,8 @@ def qa_record(question: str, answer: str) -> dict[str, Any]:
 
 
 def question_prompt(question: str, facts: Sequence[str] = ()) -> str:
-    """What the model is asked: the question as a chat turn, after a system turn with `facts` (grounded)."""
+    """What the model is asked: the question as a chat turn, after a system turn with `facts`
+    (grounded)."""
     turns = [{"role": "system", "content": "Facts:\n" + "\n".join(facts)}] if facts else []
     return render_chat_prompt([*turns, {"role": "user", "content": question}])
 
@@ -72,7 +73,8 @@ def question_prompt(question: str, facts: Sequence[str] = ()) -> str:
 
 @dataclasses.dataclass
 class Built:
-    """What :func:`materialize` wrote: inputs for the stage and the tables for evaluation/serving."""
+    """What :func:`materialize` wrote: inputs for the stage and the tables for
+    evaluation/serving."""
 
     root: Path
     text_train: Path | None  # documents of trained facts' statements (JSONL)

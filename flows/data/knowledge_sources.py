@@ -74,8 +74,9 @@ def kind(src: KnowledgeSource, key: str) -> str:
         found = "rows"
     else:
         raise InputError(
-            f"{key}.source: {label(src)} is neither a database URL (sqlite:///file.db, postgresql://...) "
-            f"nor an RDF file ({', '.join(RDF_FORMATS)}) nor a row file ({', '.join(ROW_FORMATS)})"
+            f"{key}.source: {label(src)} is neither a database URL (sqlite:///file.db, "
+            f"postgresql://...) nor an RDF file ({', '.join(RDF_FORMATS)}) nor a row file "
+            f"({', '.join(ROW_FORMATS)})"
         )
     if found == "sql" and not src.query:
         raise InputError(f"{key}.query: {label(src)} is a database: give one SELECT statement")
@@ -91,7 +92,8 @@ def kind(src: KnowledgeSource, key: str) -> str:
 
 
 def check_templates(src: KnowledgeSource, key: str) -> None:
-    """A source and templates that can say something: a statement or questions, an answer to questions."""
+    """A source and templates that can say something: a statement or questions, an answer to
+    questions."""
     if not src.source:
         raise InputError(f"{key}.source: missing: give a database URL or a file path")
     if not src.templates:
@@ -274,7 +276,8 @@ def _file_rows(src: KnowledgeSource, key: str) -> tuple[list[str], list[dict[str
 
 
 def read_rows(src: KnowledgeSource, key: str) -> tuple[list[str], list[dict[str, Any]]]:
-    """The source's columns and rows; InputError naming `key` and the source when it cannot be read."""
+    """The source's columns and rows; InputError naming `key` and the source when it cannot be
+    read."""
     found = kind(src, key)
     columns, rows = {"sql": _sql_rows, "rdf": _rdf_rows, "rows": _file_rows}[found](src, key)
     fields = template_fields(src)

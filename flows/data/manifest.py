@@ -181,7 +181,8 @@ def _inputs(data: DataConfig, sources: Sources) -> list[dict[str, Any]]:
 
 
 def _knowledge_inputs(data: DataConfig, sources: Sources) -> list[dict[str, Any]]:
-    """The manifest's entries for the knowledge sources: where (no credentials) and their content."""
+    """The manifest's entries for the knowledge sources: where (no credentials) and their
+    content."""
     if sources.knowledge is None:
         return []
     return [
@@ -211,8 +212,8 @@ def _copy_knowledge(sources: Sources, out: Path) -> dict[str, Any] | None:
 
 def check_drops(metas: dict[str, dict[str, Any]], kept: str, key: str, limit: float) -> None:
     """Fail (InputError naming the worst files) when more than `limit` of the records the work units
-    read were dropped for a bad-record reason (clean.is_bad_record): a truncated archive, a file still
-    being written, a broken export. `kept` names a unit's count of records kept ("documents",
+    read were dropped for a bad-record reason (clean.is_bad_record): a truncated archive, a file
+    still being written, a broken export. `kept` names a unit's count of records kept ("documents",
     "examples"). The units' files stay: a rerun with a higher limit resumes from them."""
     bad: Counter = Counter()
     files: dict[str, Counter] = {}

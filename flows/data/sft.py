@@ -187,8 +187,8 @@ def _chat_segments(
             stats.drop("chat_template_not_incremental")
             return None
         reply = after[len(before) :]
-        # Trained: the reply up to and including its end-of-turn token (the model must learn to stop);
-        # what the template writes after that (a newline) is not.
+        # Trained: the reply up to and including its end-of-turn token (the model must learn to
+        # stop); what the template writes after that (a newline) is not.
         cut = max((reply.rfind(t) + len(t) for t in ends if t in reply), default=len(reply))
         out += [
             (before[len(done) :], False, True),

@@ -1,4 +1,5 @@
-"""Preprocessing files: per-unit files (written, and read back by the driver) and the packed token shards of the dataset.
+"""Preprocessing files: per-unit files (written, and read back by the driver) and the packed token
+shards of the dataset.
 
 What it is: :class:`UnitWriter` (a work unit's files under temporary names, renamed together, its
 ``.json`` last so a killed run resumes with the units it finished) and the packers that concatenate
@@ -37,8 +38,9 @@ class UnitWriter:
         return self._files[suffix]
 
     def commit(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """fsync and rename the files, fsync the directory, then write the ``.json`` that says "done":
-        after a crash a unit either has all its files, complete, or no ``.json`` (and is redone)."""
+        """fsync and rename the files, fsync the directory, then write the ``.json`` that says
+        "done": after a crash a unit either has all its files, complete, or no ``.json`` (and is
+        redone)."""
         for f in self._files.values():
             fsync_file(f)
             f.close()
@@ -52,7 +54,8 @@ class UnitWriter:
 
 
 class ShardWriter:
-    """Consecutive shard files ``<split>/NNNNN.bin`` (and masks), each renamed into place when full."""
+    """Consecutive shard files ``<split>/NNNNN.bin`` (and masks), each renamed into place when
+    full."""
 
     def __init__(
         self, out: Path, split: str, shard_tokens: int, itemsize: int, masked: bool = False
@@ -150,8 +153,8 @@ def pack_sft(
     select: dict[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Like pack_tokens, for the fine-tuning split `split` (``sft`` or ``sft_val``) with its loss
-    masks: the examples `select` picks per unit (default: all), in unit order; an example never spans
-    two shards (a longer one gets a shard to itself)."""
+    masks: the examples `select` picks per unit (default: all), in unit order; an example never
+    spans two shards (a longer one gets a shard to itself)."""
     itemsize = np.dtype(dtype).itemsize
     writer = ShardWriter(out, split, shard_tokens, itemsize, masked=True)
     for key in keys:

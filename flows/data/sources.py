@@ -28,15 +28,17 @@ from flows.redact import redact_url
 
 @dataclasses.dataclass(frozen=True)
 class BaseModel:
-    """The pretrained base a dataset is made for (``model.base``): its bundle, whose tokenizer (and chat
-    template) the data is written with, and the context length fine-tuning examples must fit."""
+    """The pretrained base a dataset is made for (``model.base``): its bundle, whose tokenizer (and
+    chat template) the data is written with, and the context length fine-tuning examples must
+    fit."""
 
     bundle: Path
     context_length: int
 
     @classmethod
     def of(cls, bundle: Path, context_length: int | None) -> BaseModel:
-        """The base in `bundle` with the pipeline's context length (None: the model's), capped by the model's."""
+        """The base in `bundle` with the pipeline's context length (None: the model's), capped by
+        the model's."""
         own = int(
             json.loads((bundle / "config.json").read_text(encoding="utf-8"))["context_length"]
         )
@@ -129,14 +131,16 @@ def resolve(data: DataConfig, ctx: StepContext, cache: Path) -> Sources:
         inputs.check_parquet_field(text, data.text_field, "data.inputs")
     elif not sft_files and not data.knowledge:
         raise InputError(
-            "data.inputs: no input files (and no data.hf_dataset, data.sft_inputs or data.knowledge)"
+            "data.inputs: no input files (and no data.hf_dataset, data.sft_inputs or "
+            "data.knowledge)"
         )
     if sft_files:
         inputs.check_usable(sft_files, "data.sft_inputs")
     for p in data.curate.decontaminate:
         if not Path(p).is_file():
             raise InputError(
-                f"data.curate.decontaminate: {p} is not a file (JSONL, JSON or text of an evaluation set)"
+                f"data.curate.decontaminate: {p} is not a file (JSONL, JSON or text of an "
+                "evaluation set)"
             )
     if data.tokenizer_path:
         from gptcore import Tokenizer

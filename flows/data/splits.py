@@ -1,4 +1,5 @@
-"""Which text is validation: the val split of the pretraining text and the held-out fine-tuning examples.
+"""Which text is validation: the val split of the pretraining text and the held-out fine-tuning
+examples.
 
 The validation split is decided on the driver, between the passes. Pass 1 left each kept
 document's byte range and content hash, and the same for its pieces (val_piece_chars characters
@@ -53,7 +54,8 @@ def check_val_possible(files: Sequence[InputFile], data: DataConfig) -> None:
     """
     if data.val_fraction > 0.5:
         raise InputError(
-            f"data.val_fraction={data.val_fraction} would leave train smaller than val; use at most 0.5"
+            f"data.val_fraction={data.val_fraction} would leave train smaller than val; use at "
+            "most 0.5"
         )
     if data.val_min_tokens == 0:
         return
@@ -66,9 +68,10 @@ def check_val_possible(files: Sequence[InputFile], data: DataConfig) -> None:
     most = 2 * size  # tokens, at the very most
     if most < 2 * data.val_min_tokens:
         raise InputError(
-            f"data.inputs: too little text for a validation split: {len(files)} input files hold {size:,} bytes, "
-            f"at most about {most:,} tokens, and data.val_min_tokens={data.val_min_tokens:,} needs "
-            f"{2 * data.val_min_tokens:,} (val, and a train split at least as large). {_VAL_REMEDY}"
+            f"data.inputs: too little text for a validation split: {len(files)} input files hold "
+            f"{size:,} bytes, at most about {most:,} tokens, and "
+            f"data.val_min_tokens={data.val_min_tokens:,} needs {2 * data.val_min_tokens:,} (val, "
+            f"and a train split at least as large). {_VAL_REMEDY}"
         )
 
 
@@ -94,7 +97,8 @@ def _lowest(h64: np.ndarray, sizes: np.ndarray, target: float) -> np.ndarray:
 def _bytes_per_token(
     tok: Any, units: Sequence[WorkUnit], keep: dict[str, np.ndarray], work: Path
 ) -> float:
-    """Bytes of cleaned text per token, measured on up to 1 MiB read from the start of every unit."""
+    """Bytes of cleaned text per token, measured on up to 1 MiB read from the start of every
+    unit."""
     budget = max(4096, _BPT_SAMPLE_BYTES // max(1, len(units)))
     texts: list[str] = []
     for unit in units:
@@ -174,10 +178,11 @@ def _assign_free(
     target = max(data.val_fraction * corpus_tokens, _FLOOR_MARGIN * data.val_min_tokens)
     if 2 * target > corpus_tokens:
         raise InputError(
-            f"data.inputs: too little text for a validation split: {documents:,} documents hold {total_bytes:,} "
-            f"bytes after cleaning, about {corpus_tokens:,.0f} tokens ({bpt:.2f} bytes per token); a val split "
-            f"of {target:,.0f} tokens (data.val_min_tokens={data.val_min_tokens:,}, "
-            f"data.val_fraction={data.val_fraction}) needs {2 * target:,.0f} so that train keeps as many. {_VAL_REMEDY}"
+            f"data.inputs: too little text for a validation split: {documents:,} documents hold "
+            f"{total_bytes:,} bytes after cleaning, about {corpus_tokens:,.0f} tokens ({bpt:.2f} "
+            f"bytes per token); a val split of {target:,.0f} tokens "
+            f"(data.val_min_tokens={data.val_min_tokens:,}, data.val_fraction={data.val_fraction}) "
+            f"needs {2 * target:,.0f} so that train keeps as many. {_VAL_REMEDY}"
         )
     target_bytes = total_bytes * target / corpus_tokens
     info.update(
@@ -216,8 +221,9 @@ def _assign_free(
     val = _lowest(np.concatenate(hashes), piece_sizes, target_bytes)
     if 2 * int(piece_sizes[val].sum()) > total_bytes:
         raise InputError(
-            f"data.val_piece_chars={data.val_piece_chars}: pieces this long cannot give a val split of about "
-            f"{target:,.0f} tokens out of {corpus_tokens:,.0f} and leave train as large; lower it. {_VAL_REMEDY}"
+            f"data.val_piece_chars={data.val_piece_chars}: pieces this long cannot give a val "
+            f"split of about {target:,.0f} tokens out of {corpus_tokens:,.0f} and leave train as "
+            f"large; lower it. {_VAL_REMEDY}"
         )
     info.update(mode="pieces", units=int(val.sum()))
     per_unit = np.split(val, np.cumsum([len(s) for s, _, _ in spans])[:-1])

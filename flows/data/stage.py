@@ -65,19 +65,20 @@ def preprocess(
 ) -> Path:
     """Build the dataset directory `out_dir` from the inputs `data` names; return it.
 
-    With `base`, the data is tokenized with the base's tokenizer (no BPE training; data.tokenizer_path
-    must then be empty) and fine-tuning records are written in its chat template; an example longer
-    than the base's context is dropped (counted). The pipeline runner decided that `out_dir` (named by
-    :func:`fingerprint` and `data`) must be built; it writes DONE after this returns. A killed earlier
-    attempt's finished work units are reused.
+    With `base`, the data is tokenized with the base's tokenizer (no BPE training;
+    data.tokenizer_path must then be empty) and fine-tuning records are written in its chat
+    template; an example longer than the base's context is dropped (counted). The pipeline runner
+    decided that `out_dir` (named by :func:`fingerprint` and `data`) must be built; it writes DONE
+    after this returns. A killed earlier attempt's finished work units are reused.
     """
     started = time.time()
     out = Path(out_dir)
     if base is not None:
         if data.tokenizer_path:
             raise InputError(
-                f"data.tokenizer_path={data.tokenizer_path!r} and model.base are both set: with a base "
-                "model the data is tokenized with the base's tokenizer; leave data.tokenizer_path empty"
+                f"data.tokenizer_path={data.tokenizer_path!r} and model.base are both set: with a "
+                "base model the data is tokenized with the base's tokenizer; leave "
+                "data.tokenizer_path empty"
             )
         data = dataclasses.replace(data, tokenizer_path=str(base.bundle))
     # Every input error surfaces here, before Ray work.
@@ -136,9 +137,10 @@ def fingerprint(data: DataConfig, ctx: StepContext) -> dict[str, Any]:
 
 
 def local_input_files(data: DataConfig) -> list[str]:
-    """The local files `data` reads (data.inputs, data.sft_inputs, data.hf_data_files), found without
-    reading them: what a scheduler checks for being settled before it fingerprints them. URLs and
-    builtin corpora are left out: a store's object appears whole, and a builtin is written whole."""
+    """The local files `data` reads (data.inputs, data.sft_inputs, data.hf_data_files), found
+    without reading them: what a scheduler checks for being settled before it fingerprints them.
+    URLs and builtin corpora are left out: a store's object appears whole, and a builtin is written
+    whole."""
     skipped: Counter = Counter()
     files: list[str] = []
     for key, specs in (("data.inputs", data.inputs), ("data.sft_inputs", data.sft_inputs)):
@@ -382,8 +384,8 @@ def _run_units(
             todo.append(unit)
     if len(results):
         log.info("%s: %d of %d work units already done (resuming)", desc, len(results), len(units))
-    # SPREAD: work units go to every node of a cluster; Ray's default packs tasks onto the driver's node
-    # until it is busy (seen: all 32 units of a two-node run on one node).
+    # SPREAD: work units go to every node of a cluster; Ray's default packs tasks onto the driver's
+    # node until it is busy (seen: all 32 units of a two-node run on one node).
     remote = ray.remote(fn).options(num_cpus=1, max_retries=2, scheduling_strategy="SPREAD")
     pending: dict[Any, str] = {}
     queue = iter(todo)

@@ -238,7 +238,8 @@ def sft_unit(
         reason = (
             "longer_than_context"
             if max_tokens and len(ids) - 1 > max_tokens
-            # evaluation finds examples by their one <|endoftext|>; a template that writes it mid-way
+            # evaluation finds examples by their one <|endoftext|>; a template that writes it
+            # mid-way
             else "end_of_text_inside"
             if chat and tok.eot_id in ids[:-1]
             else None

@@ -1,5 +1,5 @@
-"""The evaluate section: what the evaluate steps score and draw. Read by flows/evaluate/ (and by promotion,
-which compares its figures); composed into the pipeline's config by flows/config.py."""
+"""The evaluate section: what the evaluate steps score and draw. Read by flows/evaluate/ (and by
+promotion, which compares its figures); composed into the pipeline's config by flows/config.py."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ class EvaluateConfig:
     """Evaluation of a model bundle on a dataset: the figures promotion compares, plus pictures."""
 
     bundle: str = unhashed("", why=NAMES_INPUT)
-    """Model bundle directory to evaluate; empty means the pipeline's final model (finetune, else pretrain)."""
+    """Model bundle directory to evaluate; empty means the pipeline's final model (finetune, else
+    pretrain)."""
     data: str = unhashed("", why=NAMES_INPUT)
     """Dataset directory; empty means the pipeline's own preprocess output."""
     max_tokens: int = 0
-    """Validation tokens to score (0: the whole val split); fixed windows in order, so reproducible."""
+    """Validation tokens to score (0: the whole val split); fixed windows in order, so
+    reproducible."""
     batch_size: int = 8
     """Windows per forward pass."""
     context_length: int = 0
@@ -33,9 +35,11 @@ class EvaluateConfig:
     knowledge_max_new_tokens: int = 16
     """New tokens per knowledge question (greedy) when the dataset has knowledge sources."""
     knowledge_max_questions: int = 0
-    """Questions asked per group (0: all), the first by a stable hash, when the dataset has knowledge."""
+    """Questions asked per group (0: all), the first by a stable hash, when the dataset has
+    knowledge."""
     task_max_examples: int = 32
-    """Held-out fine-tuning examples answered (greedy) and scored against their references (0: none)."""
+    """Held-out fine-tuning examples answered (greedy) and scored against their references
+    (0: none)."""
     task_max_new_tokens: int = 96
     """Most new tokens per held-out answer (fewer when the references are shorter)."""
 

@@ -1,4 +1,5 @@
-"""Interpretability artifacts for one text: per-token loss, attention maps, worst tokens, attribution.
+"""Interpretability artifacts for one text: per-token loss, attention maps, worst tokens,
+attribution.
 
 What it is: the numbers (:func:`token_losses`, :func:`attention_maps`, :func:`input_attribution`),
 the files drawn from them (an HTML page and a PNG of the per-token loss, one PNG grid of every
@@ -61,7 +62,8 @@ class TokenRow:
 
 
 def token_losses(model: Any, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-target loss (n-1,) in nats and the model's argmax prediction (n-1,) for a sample of n ids."""
+    """Per-target loss (n-1,) in nats and the model's argmax prediction (n-1,) for a sample of n
+    ids."""
     model.eval()
     device = next(model.parameters()).device
     x = torch.tensor([list(ids[:-1])], device=device)  # (1, T)
@@ -134,14 +136,15 @@ def _check_reproduces(layer: int, implied: torch.Tensor, real: torch.Tensor) -> 
     err = float((implied - real).abs().max()) / max(float(real.abs().max()), 1e-12)
     if not err <= tol:  # also catches NaN
         raise RuntimeError(
-            f"attention maps of layer {layer} do not reproduce the attention output (relative error "
-            f"{err:.2e} > {tol:.0e}): gptcore.model.CausalSelfAttention changed; update "
+            f"attention maps of layer {layer} do not reproduce the attention output (relative "
+            f"error {err:.2e} > {tol:.0e}): gptcore.model.CausalSelfAttention changed; update "
             "flows/evaluate/explain.py::_recompute_attention to match it"
         )
 
 
 def input_attribution(model: Any, ids: Sequence[int]) -> tuple[np.ndarray, int]:
-    """Gradient x input of each prompt token for the model's next (argmax) token: (n,), and that token.
+    """Gradient x input of each prompt token for the model's next (argmax) token: (n,), and that
+    token.
 
     The score of token i is the dot product of its token embedding with the gradient of the
     predicted token's logit with respect to that embedding (the first-order estimate of how much
@@ -226,24 +229,30 @@ def write_loss_html(
     for token, loss, guess in zip(tokens[1:], losses, predicted, strict=True):
         tip = f"loss {loss:.3f} nats; model expected {guess!r}"
         spans.append(
-            f'<span style="background:{_colour(loss, scale)}" title="{esc(tip)}">{esc(token)}</span>'
+            f'<span style="background:{_colour(loss, scale)}" '
+            f'title="{esc(tip)}">{esc(token)}</span>'
         )
     legend = "".join(
         f'<span style="background:{_colour(v, scale)}">&nbsp;{v:.1f}&nbsp;</span>'
         for v in np.linspace(0.0, scale, 6)
     )
+    text_style = (
+        "font-family: monospace; white-space: pre-wrap; line-height: 1.7; "
+        "border: 1px solid #ccc; padding: 1em;"
+    )
+    mean_loss = float(np.mean(losses))
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>
 body {{ font-family: sans-serif; margin: 2em; max-width: 60em; }}
-.text {{ font-family: monospace; white-space: pre-wrap; line-height: 1.7; border: 1px solid #ccc; padding: 1em; }}
+.text {{ {text_style} }}
 .text span {{ border-right: 1px solid #eee; }}
 .first {{ background: #ddd; }}
 </style></head><body>
 <h1>{esc(title)}</h1>
 <p>Each token is shaded by its loss in nats (cross-entropy given the tokens before it);
 {scale:.2f} nats, as bad as a uniform guess over the vocabulary, and above is full red.
-Hover over a token for its loss and the token the model expected. Mean loss {float(np.mean(losses)):.3f} nats
+Hover over a token for its loss and the token the model expected. Mean loss {mean_loss:.3f} nats
 over {len(losses)} tokens.</p>
 <p>Scale: {legend}</p>
 <div class="text">{"".join(spans)}</div>
@@ -309,7 +318,8 @@ def write_attention_png(path: Path, maps: np.ndarray, title: str) -> int:
 
 
 def write_worst_tokens(out_dir: Path, rows: Sequence[TokenRow]) -> list[Path]:
-    """worst_tokens.md, .csv and .json; token texts shown as Python literals so whitespace is visible."""
+    """worst_tokens.md, .csv and .json; token texts shown as Python literals so whitespace is
+    visible."""
 
     def cell(text: str) -> str:
         return repr(text).replace("|", "\\|")
@@ -319,7 +329,8 @@ def write_worst_tokens(out_dir: Path, rows: Sequence[TokenRow]) -> list[Path]:
         "|---|---|---|---|---|---|",
     ]
     md += [
-        f"| {rank} | {r.position} | {cell(r.token)} | {r.loss:.3f} | {cell(r.predicted)} | {cell(r.context)} |"
+        f"| {rank} | {r.position} | {cell(r.token)} | {r.loss:.3f} | {cell(r.predicted)} | "
+        f"{cell(r.context)} |"
         for rank, r in enumerate(rows, 1)
     ]
     buf = io.StringIO()

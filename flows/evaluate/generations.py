@@ -114,6 +114,7 @@ def as_text(records: Sequence[Generation]) -> str:
     for r in records:
         verdict = "ok" if r.passed else "FAILED " + ", ".join(r.failures)
         blocks.append(
-            f"--- {r.prompt!r} ({r.tokens} tokens, stopped at {r.stopped}; {verdict})\n{r.prompt}{r.text}\n"
+            f"--- {r.prompt!r} ({r.tokens} tokens, stopped at {r.stopped}; "
+            f"{verdict})\n{r.prompt}{r.text}\n"
         )
     return "\n".join(blocks)

@@ -89,8 +89,9 @@ def knowledge_accuracy(
     name: str = "model",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Accuracy of the model in `bundle` on the questions of `dataset`: figures per mode and group
-    ({"closed_book": {"trained_phrasing": {"accuracy", "correct", "questions"}, ...}, "grounded": ...})
-    and the table rows (every question, expected and given answer; `name` fills the model column)."""
+    ({"closed_book": {"trained_phrasing": {"accuracy", "correct", "questions"}, ...},
+    "grounded": ...}) and the table rows (every question, expected and given answer; `name` fills
+    the model column)."""
     import torch
 
     from gptcore import load_bundle
@@ -135,7 +136,8 @@ def knowledge_accuracy(
 
 
 def flat(figures: dict[str, Any], prefix: str) -> dict[str, float]:
-    """MLflow metrics of :func:`knowledge_accuracy`'s figures: ``<prefix>.<mode>.<group>.accuracy``."""
+    """MLflow metrics of :func:`knowledge_accuracy`'s figures:
+    ``<prefix>.<mode>.<group>.accuracy``."""
     return {
         f"{prefix}.{mode}.{group}.accuracy": v["accuracy"]
         for mode, groups in figures.items()

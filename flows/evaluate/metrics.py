@@ -1,4 +1,5 @@
-"""Evaluation figures over a dataset split: loss, perplexity, bits per byte, held-out fine-tuning loss.
+"""Evaluation figures over a dataset split: loss, perplexity, bits per byte, held-out fine-tuning
+loss.
 
 What it is: the scoring of a model on the ``val`` split (every token, or the first ``max_tokens``)
 and on the masked ``sft_val`` split, as :class:`LossTotals`. Windows are fixed and in manifest
@@ -64,7 +65,8 @@ class Window:
 
     tokens: np.ndarray
     mask: np.ndarray | None
-    """Loss mask over the same tokens (1 = the token is a target whose loss counts), or None: all count."""
+    """Loss mask over the same tokens (1 = the token is a target whose loss counts), or None: all
+    count."""
 
 
 def _byte_alphabet() -> dict[str, int]:
@@ -117,7 +119,8 @@ def segment_windows(
 def split_shards(
     dataset: Path, manifest: dict[str, Any], split: str, masked: bool
 ) -> Iterator[tuple[dict[str, Any], np.ndarray, np.ndarray | None]]:
-    """(manifest entry, tokens, mask or None) of each non-empty shard of `split`, in manifest order."""
+    """(manifest entry, tokens, mask or None) of each non-empty shard of `split`, in manifest
+    order."""
     for shard in manifest["splits"][split]["shards"]:
         if shard["tokens"] == 0:
             continue  # nothing to score, and an empty file cannot be memory-mapped
@@ -156,7 +159,8 @@ def split_examples(
 def val_windows(
     dataset: Path, manifest: dict[str, Any], context_length: int, max_tokens: int
 ) -> Iterator[Window]:
-    """The windows of the ``val`` split, cut so that at most `max_tokens` targets (0: all) are scored."""
+    """The windows of the ``val`` split, cut so that at most `max_tokens` targets (0: all) are
+    scored."""
     left: float = max_tokens or math.inf
     for _, tokens, _ in split_shards(dataset, manifest, "val", masked=False):
         for window in segment_windows(tokens, None, context_length):
@@ -171,7 +175,8 @@ def val_windows(
 def sft_windows(
     dataset: Path, manifest: dict[str, Any], split: str, context_length: int
 ) -> Iterator[Window]:
-    """The windows of each example of a masked fine-tuning split; those with no counted target are skipped."""
+    """The windows of each example of a masked fine-tuning split; those with no counted target are
+    skipped."""
     eot = int(manifest["eot_id"])
     for shard, tokens, mask in split_shards(dataset, manifest, split, masked=True):
         for start, end in split_examples(
@@ -219,7 +224,8 @@ def score(
     batch_size: int,
     byte_lengths: np.ndarray | None = None,
 ) -> LossTotals:
-    """Summed loss over the counted targets of `windows`; bytes counted when `byte_lengths` is given.
+    """Summed loss over the counted targets of `windows`; bytes counted when `byte_lengths` is
+    given.
 
     The loss comes from the model's fused loss path (no (B, T, vocab) logits), as mean * count;
     sums are float64, added in window order, so the result is reproducible bit for bit.
@@ -255,7 +261,8 @@ def val_loss(
     batch_size: int,
     max_tokens: int = 0,
 ) -> LossTotals:
-    """Loss, perplexity and bits per byte of the ``val`` split (its first `max_tokens` targets; 0: all)."""
+    """Loss, perplexity and bits per byte of the ``val`` split (its first `max_tokens` targets;
+    0: all)."""
     windows = val_windows(dataset, manifest, context_length, max_tokens)
     return score(model, windows, batch_size, token_byte_lengths(tokenizer))
 

@@ -1,4 +1,5 @@
-"""The evaluate stage: a model bundle and a dataset in, the figures promotion compares and pictures out.
+"""The evaluate stage: a model bundle and a dataset in, the figures promotion compares and pictures
+out.
 
 What it is: :func:`evaluate`, which checks its inputs agree (bundle files, dataset manifest, the
 same tokenizer), scores the ``val`` split (loss, perplexity, bits per byte) and the held-out
@@ -49,7 +50,8 @@ def evaluate(
     progress: Progress | None = None,
     base: Path | None = None,
 ) -> Path:
-    """Evaluate the model in `bundle` on `dataset`; write metrics.json and the artifacts to `out_dir`.
+    """Evaluate the model in `bundle` on `dataset`; write metrics.json and the artifacts to
+    `out_dir`.
 
     `base`: the bundle the model was tuned from, scored on the same data (``metrics.json["base"]``).
 
@@ -92,8 +94,9 @@ def evaluate(
         base_model, base_tok, _ = load_bundle(base, device=next(model.parameters()).device)
         if T > base_model.config.context_length:
             raise ValueError(
-                f"the evaluation context {T} exceeds the base model's {base_model.config.context_length} "
-                f"({base / 'config.json'}); set evaluate.context_length"
+                f"the evaluation context {T} exceeds the base model's "
+                f"{base_model.config.context_length} ({base / 'config.json'}); set "
+                "evaluate.context_length"
             )
         base_notes: dict[str, str] = {}
         figures = {"bundle": str(base)}
@@ -152,7 +155,8 @@ def check_inputs(bundle: Path, dataset: Path) -> dict[str, Any]:
     missing = [name for name in FILES if not (bundle / name).is_file()]
     if missing:
         raise BundleError(
-            f"{bundle}: not a model bundle, missing {', '.join(missing)} (a bundle has {', '.join(FILES)})"
+            f"{bundle}: not a model bundle, missing {', '.join(missing)} (a bundle has "
+            f"{', '.join(FILES)})"
         )
     manifest = read_manifest(dataset, splits=("val", SFT_VAL), verify=True)
     # Compare the tokenizers themselves (canonical JSON), not the files' bytes: equal tokenizers
@@ -160,8 +164,9 @@ def check_inputs(bundle: Path, dataset: Path) -> dict[str, Any]:
     model_tok, data_tok = bundle / "tokenizer.json", dataset / "tokenizer.json"
     if Tokenizer.load(model_tok).sha256() != Tokenizer.load(data_tok).sha256():
         raise DataError(
-            f"tokenizer mismatch: the model's {model_tok} differs from the dataset's {data_tok}; token ids "
-            "would mean different text. Evaluate on data preprocessed with data.tokenizer_path set to the bundle"
+            f"tokenizer mismatch: the model's {model_tok} differs from the dataset's {data_tok}; "
+            "token ids would mean different text. Evaluate on data preprocessed with "
+            "data.tokenizer_path set to the bundle"
         )
     return manifest
 
@@ -169,7 +174,8 @@ def check_inputs(bundle: Path, dataset: Path) -> dict[str, Any]:
 def _write_answers(
     out_dir: Path, tokenizer: Any, pairs: list[Any], tuned: list[str], base: list[str] | None
 ) -> Path:
-    """task_answers.jsonl: each held-out prompt, its reference, and the model's (and the base's) answer."""
+    """task_answers.jsonl: each held-out prompt, its reference, and the model's (and the base's)
+    answer."""
     from flows.evaluate.tasks import score_answer
 
     lines = []
@@ -235,8 +241,8 @@ def _sft_figures(
 def _generations(
     cfg: EvaluateConfig, model: Any, tokenizer: Any, out_dir: Path, notes: dict[str, str]
 ) -> tuple[bool | None, list[Path]]:
-    """generations.json and .txt; whether every generation passed its smoke checks (None: no prompts,
-    so not checked -- never a vacuous pass)."""
+    """generations.json and .txt; whether every generation passed its smoke checks (None: no
+    prompts, so not checked -- never a vacuous pass)."""
     records = generate_samples(model, tokenizer, cfg.prompts, cfg.max_new_tokens)
     passed = all(r.passed for r in records) if records else None
     if not records:

@@ -41,7 +41,8 @@ class Pair:
 
 
 def normalize(text: str) -> str:
-    """Lower case, punctuation to spaces, whitespace collapsed (SQuAD's normalisation, articles kept)."""
+    """Lower case, punctuation to spaces, whitespace collapsed (SQuAD's normalisation, articles
+    kept)."""
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
 
 
@@ -67,7 +68,8 @@ def token_f1(answer: str, reference: str) -> float:
 
 
 def rouge_l(answer: str, reference: str) -> float:
-    """ROUGE-L F1: the longest common subsequence of words, as precision and recall's harmonic mean."""
+    """ROUGE-L F1: the longest common subsequence of words, as precision and recall's harmonic
+    mean."""
     a, r = normalize(answer).split(), normalize(reference).split()
     if not a or not r:
         return float(a == r)
@@ -85,7 +87,8 @@ def rouge_l(answer: str, reference: str) -> float:
 
 
 def score_answer(answer: str, reference: str) -> dict[str, float]:
-    """Every score of one answer, and ``score``: contains when the reference is short, else ROUGE-L."""
+    """Every score of one answer, and ``score``: contains when the reference is short, else
+    ROUGE-L."""
     scores = {
         "exact_match": exact_match(answer, reference),
         "contains": contains(answer, reference),
@@ -103,7 +106,8 @@ def heldout_pairs(
     max_examples: int,
     split: str = "sft_val",
 ) -> list[Pair]:
-    """The first `max_examples` held-out examples (0: all) with a trained run, as (prompt, reference)."""
+    """The first `max_examples` held-out examples (0: all) with a trained run, as (prompt,
+    reference)."""
     eot = int(manifest["eot_id"])
     stops = set(tokenizer.stop_ids)
     pairs: list[Pair] = []

@@ -51,9 +51,9 @@ def export_bundle(
 def _export_merged(
     engine: Any, tokenizer: Any, spec: RunSpec, rank: int, metadata: dict[str, Any]
 ) -> None:
-    """LoRA: the adapters (their fp32 master copies under bf16/fp16) merged into the init bundle's own
-    fp32 weights, which stayed frozen -- not their bf16 rounding in the engine. A plain bundle of the
-    base's size. Every rank joins the gathers (collectives under ZeRO); rank 0 writes."""
+    """LoRA: the adapters (their fp32 master copies under bf16/fp16) merged into the init bundle's
+    own fp32 weights, which stayed frozen -- not their bf16 rounding in the engine. A plain bundle
+    of the base's size. Every rank joins the gathers (collectives under ZeRO); rank 0 writes."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     from gptcore import GPT, GPTConfig, load_bundle, save_bundle

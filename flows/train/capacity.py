@@ -1,4 +1,5 @@
-"""The capacity planner: will a GPT train on this hardware, with which ZeRO stage, and how long will it take?
+"""The capacity planner: will a GPT train on this hardware, with which ZeRO stage, and how long will
+it take?
 
 Per GPU (or per CPU worker) it estimates the memory of the model states (weights, gradients,
 optimizer state) for ZeRO 0-3 with and without optimizer offload, the activations at the
@@ -17,33 +18,35 @@ agree; tests hold it to them):
 
 fp32 (and bf16-autocast, whose weights are fp32): weights 4, gradients 4, optimizer 8 (Adam's two
 moments) without ZeRO, where the weights are the master copy; with ZeRO 1-3 DeepSpeed's optimizer
-keeps an fp32 copy of its partition besides (optimizer 12/N), and the rest divides by N as above. Offloading the
-optimizer moves the fp32 states and gradients to CPU memory (reported per node).
+keeps an fp32 copy of its partition besides (optimizer 12/N), and the rest divides by N as above.
+Offloading the optimizer moves the fp32 states and gradients to CPU memory (reported per node).
 
-Communication buffers (DeepSpeed's gradient buckets, sized as flows/train/ds_config.py sets them) are
-a column of their own. ZeRO-3 reduce-scatters its gradient bucket of B elements (g bytes each) through
-DeepSpeed's reduce_scatter_coalesced, which interleaves the bucket's per-rank chunks into a second
-flat tensor of the bucket's size, and on CPU gloo's reduce-scatter works on a third full copy:
+Communication buffers (DeepSpeed's gradient buckets, sized as flows/train/ds_config.py sets them)
+are a column of their own. ZeRO-3 reduce-scatters its gradient bucket of B elements (g bytes each)
+through DeepSpeed's reduce_scatter_coalesced, which interleaves the bucket's per-rank chunks into a
+second flat tensor of the bucket's size, and on CPU gloo's reduce-scatter works on a third full
+copy:
 
     ZeRO-3 buffers    2·g·B on GPUs, 3·g·B on CPU workers (gloo)
 
 ZeRO-3's gathered parameters are a column of their own too: DeepSpeed keeps every parameter that its
 prefetcher gathered in the forward pass until that parameter's last use in the backward pass (a
 prefetched parameter is never released in between), and prefetches until max_live_parameters
-elements are gathered. So from the second step on, at the turn from forward to backward, a rank holds
+elements are gathered. So from the second step on, at the turn from forward to backward,
+a rank holds
 
     ZeRO-3 gathered   w·min(Ψ, max_live_parameters + prefetch bucket)
 
 with w the bytes of a weight (2 in bf16/fp16, 4 in fp32): the whole model for any Ψ up to 1e9 at
 DeepSpeed's default max_live_parameters, which ds_config.py writes out. DeepSpeed's estimator
-counts only 4·(largest layer) for this, in the weights, which stay as it computes them. Measured with
-2 CPU ranks (DeepSpeed 0.19.8): gpt2-124m at vocab 512, 85.5M parameters, had 83.1M gathered at the
-end of the forward, also with stage3_max_reuse_distance 2e7; a 7.3M-parameter model had 2.6M with
-max_live_parameters 2e6 and a prefetch bucket of 5e5. The buffers and the gathered parameters are
-counted as live at once: a model larger than the bucket reduce-scatters it while parameters are
-still gathered; in the measured run (one bucket for the whole model) the gathered parameters are freed
-just before its reduce-scatter, but glibc keeps the freed heap pages (it returns only the top of the
-heap), as a GPU's caching allocator would keep its blocks.
+counts only 4·(largest layer) for this, in the weights, which stay as it computes them. Measured
+with 2 CPU ranks (DeepSpeed 0.19.8): gpt2-124m at vocab 512, 85.5M parameters, had 83.1M gathered at
+the end of the forward, also with stage3_max_reuse_distance 2e7; a 7.3M-parameter model had 2.6M
+with max_live_parameters 2e6 and a prefetch bucket of 5e5. The buffers and the gathered parameters
+are counted as live at once: a model larger than the bucket reduce-scatters it while parameters are
+still gathered; in the measured run (one bucket for the whole model) the gathered parameters are
+freed just before its reduce-scatter, but glibc keeps the freed heap pages (it returns only the top
+of the heap), as a GPU's caching allocator would keep its blocks.
 
 Not a term: the full fp32 model (4Ψ) that every rank builds before DeepSpeed partitions it for
 ZeRO-3. Measured, it is freed while deepspeed.initialize partitions it (RSS after initialize equals
@@ -68,7 +71,8 @@ from gptcore import GPTConfig
 GIB = 1024**3
 HALF = ("bf16", "fp16")  # DeepSpeed mixed precision: 16-bit weights and an fp32 master copy
 # Memory a training process needs beyond its model states and activations: the CUDA context and
-# allocator slack on a GPU; on a CPU worker the interpreter, torch, DeepSpeed and Ray (measured here).
+# allocator slack on a GPU; on a CPU worker the interpreter, torch, DeepSpeed and Ray (measured
+# here).
 GPU_RESERVE_GIB = 2.0
 CPU_WORKER_BASE_GIB = 0.8
 
@@ -137,7 +141,9 @@ def model_states(
     P, N = float(params), float(world)
     if precision in HALF:
         w_rep, g16, g32, master, moments = 2, 2, 4, 4, 8
-    else:  # fp32 gradients; without ZeRO the weights are the master copy, ZeRO keeps an fp32 partition copy
+    else:
+        # fp32 gradients; without ZeRO the weights are the master copy, ZeRO keeps an fp32
+        # partition copy
         w_rep, g16, g32, master, moments = 4, 4, 0, (4 if zero_stage else 0), 8
     optim_bytes = master + moments
     if zero_stage == 0:
@@ -147,7 +153,8 @@ def model_states(
     elif zero_stage == 2:
         weights, grads, optim = w_rep * P, (g16 + g32) * P / N, optim_bytes * P / N
     elif zero_stage == 3:
-        # Stage 3 reduce-scatters each gradient as it is produced: a 4-byte partition is all it keeps.
+        # Stage 3 reduce-scatters each gradient as it is produced: a 4-byte partition is all it
+        # keeps.
         weights, grads, optim = w_rep * P / N + 4 * largest, 4 * P / N, optim_bytes * P / N
     else:
         raise ValueError(f"zero_stage={zero_stage} must be 0, 1, 2 or 3")
@@ -257,7 +264,8 @@ def table(cfg: GPTConfig, micro_batch: int, precision: str, hw: Hardware) -> lis
 def training_days(
     cfg: GPTConfig, tokens: float, hw: Hardware, checkpointing: bool = False
 ) -> float:
-    """Days to train on `tokens` at hw.mfu of the cluster's peak (recomputation costs a forward more)."""
+    """Days to train on `tokens` at hw.mfu of the cluster's peak (recomputation costs a forward
+    more)."""
     flops = cfg.flops_per_token() * tokens * (4 / 3 if checkpointing else 1.0)
     return flops / (hw.world * hw.peak_tflops * 1e12 * hw.mfu) / 86400
 
@@ -268,21 +276,24 @@ def report(
     """The planner's table as text (what `gptflow capacity` prints)."""
     rows = table(cfg, micro_batch, precision, hw)
     lines = [
-        f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, context {cfg.context_length}, "
-        f"vocab {cfg.vocab_size}: {rows[0].params / 1e6:,.1f}M parameters, "
+        f"model: {cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, context "
+        f"{cfg.context_length}, vocab {cfg.vocab_size}: {rows[0].params / 1e6:,.1f}M parameters, "
         f"{cfg.flops_per_token() / 1e9:,.2f} GFLOP per training token",
         f"hardware: {hw.nodes} node(s) x {hw.gpus_per_node} GPUs of {hw.gpu_mem_gib:g} GiB "
-        f"({hw.gpu_mem_gib - GPU_RESERVE_GIB:g} GiB usable each), micro-batch {micro_batch}, {precision}",
+        f"({hw.gpu_mem_gib - GPU_RESERVE_GIB:g} GiB usable each), micro-batch {micro_batch}, "
+        f"{precision}",
         "",
-        f"{'ZeRO':>4} {'offload':>7} {'ckpt':>4} | {'weights':>8} {'grads':>8} {'optim':>8} {'buffers':>8} "
-        f"{'gathered':>8} {'activ.':>8} {'total':>8} GiB/GPU | {'CPU/node':>8} | fits",
+        f"{'ZeRO':>4} {'offload':>7} {'ckpt':>4} | {'weights':>8} {'grads':>8} {'optim':>8} "
+        f"{'buffers':>8} {'gathered':>8} {'activ.':>8} {'total':>8} GiB/GPU | {'CPU/node':>8} | "
+        "fits",
     ]
     for r in rows:
         lines.append(
-            f"{r.zero_stage:>4} {'yes' if r.offload_optimizer else 'no':>7} {'yes' if r.activation_checkpointing else 'no':>4} | "
-            f"{r.weights / GIB:8.2f} {r.gradients / GIB:8.2f} {r.optimizer / GIB:8.2f} {r.buffers / GIB:8.2f} "
-            f"{r.gathered / GIB:8.2f} {r.activations / GIB:8.2f} "
-            f"{r.total / GIB:8.2f}         | {r.cpu_offload_per_node / GIB:8.1f} | {'yes' if r.fits else 'NO'}"
+            f"{r.zero_stage:>4} {'yes' if r.offload_optimizer else 'no':>7} "
+            f"{'yes' if r.activation_checkpointing else 'no':>4} | {r.weights / GIB:8.2f} "
+            f"{r.gradients / GIB:8.2f} {r.optimizer / GIB:8.2f} {r.buffers / GIB:8.2f} "
+            f"{r.gathered / GIB:8.2f} {r.activations / GIB:8.2f} {r.total / GIB:8.2f}         | "
+            f"{r.cpu_offload_per_node / GIB:8.1f} | {'yes' if r.fits else 'NO'}"
         )
     fitting = [r for r in rows if r.fits]
     lines.append("")
@@ -299,8 +310,8 @@ def report(
         if tokens:
             days = training_days(cfg, tokens, hw, best.activation_checkpointing)
             lines.append(
-                f"time for {tokens:.3g} tokens at {hw.mfu:.0%} MFU of {hw.peak_tflops:g} TFLOP/s per GPU: "
-                f"{days * 24:,.1f} hours ({days:,.2f} days)"
+                f"time for {tokens:.3g} tokens at {hw.mfu:.0%} MFU of {hw.peak_tflops:g} TFLOP/s "
+                f"per GPU: {days * 24:,.1f} hours ({days:,.2f} days)"
             )
     else:
         lines.append("nothing fits: more GPUs, a smaller micro-batch or a smaller model")
@@ -317,8 +328,8 @@ def gib(x: float) -> str:
 
 def teacher_bytes(teacher: GPTConfig, precision: str, micro_batch_size: int, context: int) -> float:
     """What a distillation teacher holds on each worker: its whole weights in the student's compute
-    dtype (flows/train/teacher.py; never partitioned) and its final hidden states for one micro-batch
-    (inference without gradients keeps no other activation)."""
+    dtype (flows/train/teacher.py; never partitioned) and its final hidden states for one
+    micro-batch (inference without gradients keeps no other activation)."""
     width = 2 if precision in HALF else 4
     return float(
         teacher.num_params() * width + micro_batch_size * context * teacher.d_model * width
@@ -332,7 +343,8 @@ def preflight(
     run cannot fit in the memory its workers have. GPU runs are checked against the first GPU this
     process sees; CPU runs on a local Ray instance against this machine's RAM shared by the workers.
     A distillation `teacher` takes its share of each worker's memory first (:func:`teacher_bytes`).
-    Returns the estimate, or None when there is nothing to check against (a remote cluster's CPUs)."""
+    Returns the estimate, or None when there is nothing to check against (a remote cluster's
+    CPUs)."""
     from flows.config import ConfigError
 
     hw = Hardware(gpus_per_node=tc.num_workers, nodes=1)
@@ -358,7 +370,10 @@ def preflight(
     )
     budget -= held
     if held:
-        where += f", less the teacher's {gib(held)} on each worker ({teacher.num_params() / 1e6:,.1f}M parameters)"
+        where += (
+            f", less the teacher's {gib(held)} on each worker "
+            f"({teacher.num_params() / 1e6:,.1f}M parameters)"
+        )
     e = estimate(
         gpt,
         tc.micro_batch_size,
@@ -372,13 +387,13 @@ def preflight(
     )
     if not e.fits:
         raise ConfigError(
-            f"{stage}: {e.params / 1e6:,.1f}M parameters will not fit: the capacity planner estimates "
-            f"{gib(e.total)} per worker (weights {gib(e.weights)}, gradients {gib(e.gradients)}, optimizer "
-            f"{gib(e.optimizer)}, buffers {gib(e.buffers)}, gathered parameters {gib(e.gathered)}, "
-            f"activations {gib(e.activations)}) at zero_stage={tc.zero_stage}, "
-            f"micro_batch_size={tc.micro_batch_size}, precision={tc.precision}, but {where} "
-            f"({gib(max(budget, 0))} usable each). Raise zero_stage, set offload_optimizer or "
-            f"model.activation_checkpointing, lower micro_batch_size, or add memory; `gptflow capacity` "
-            "prints every option"
+            f"{stage}: {e.params / 1e6:,.1f}M parameters will not fit: the capacity planner "
+            f"estimates {gib(e.total)} per worker (weights {gib(e.weights)}, gradients "
+            f"{gib(e.gradients)}, optimizer {gib(e.optimizer)}, buffers {gib(e.buffers)}, gathered "
+            f"parameters {gib(e.gathered)}, activations {gib(e.activations)}) at "
+            f"zero_stage={tc.zero_stage}, micro_batch_size={tc.micro_batch_size}, "
+            f"precision={tc.precision}, but {where} ({gib(max(budget, 0))} usable each). Raise "
+            "zero_stage, set offload_optimizer or model.activation_checkpointing, lower "
+            "micro_batch_size, or add memory; `gptflow capacity` prints every option"
         )
     return e

@@ -16,7 +16,8 @@ storage), each worker its own and rank 0's files before DeepSpeed opens them. Th
 the same storage, so they catch corruption, partial copies and mix-ups, not someone who can write
 there (the README calls checkpoint storage a trust boundary).
 
-What it is not: the exported model bundle (what everything else loads; flows/train/loop.py writes it).
+What it is not: the exported model bundle (what everything else loads; flows/train/loop.py writes
+it).
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ RESUME_FILE = "gptflow_resume.json"
 
 
 class CheckpointError(ValueError):
-    """A resume checkpoint that is incomplete or whose files differ from what was recorded when it was
-    written; the message names the file."""
+    """A resume checkpoint that is incomplete or whose files differ from what was recorded when it
+    was written; the message names the file."""
 
 
 # TrainConfig fields a resumed run may change: they do not enter the weights (what is logged, kept
@@ -63,7 +64,8 @@ _RESUMABLE_CHANGES = (
 
 
 def resume_identity(p: RunSpec) -> dict[str, Any]:
-    """What a run's checkpoints depend on, beside its step count: must match to resume under its name."""
+    """What a run's checkpoints depend on, beside its step count: must match to resume under its
+    name."""
     train = {
         k: v
         for k, v in to_dict(p.train).items()
@@ -90,9 +92,9 @@ _NAMES_ONLY = ("data", "init", "run_name", "storage_path", "enabled", "teacher",
 def check_resume(p: RunSpec) -> None:
     """Refuse to resume the run ``<storage_path>/<run_name>`` with a config it was not trained with.
 
-    Ray resumes any run under a re-used name; without this check a changed lr, model or dataset would
-    silently continue from weights trained otherwise, under an output hash that does not say so.
-    Records the identity for the next call, and before a resume verifies the checkpoint it will
+    Ray resumes any run under a re-used name; without this check a changed lr, model or dataset
+    would silently continue from weights trained otherwise, under an output hash that does not say
+    so. Records the identity for the next call, and before a resume verifies the checkpoint it will
     resume from (:func:`verify_checkpoint`). Local storage only (the workers still verify s3://...).
     """
     if "://" in p.storage_path:
@@ -110,18 +112,19 @@ def check_resume(p: RunSpec) -> None:
             a, b = flatten(ours), flatten(theirs)
             diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise ConfigError(
-                f"{p.stage}.run_name={p.run_name!r}: {path.parent} holds a run trained with a different "
-                f"{', '.join(diff)}; resuming it would continue from those weights. Use another run_name "
-                f"(only {', '.join(_RESUMABLE_CHANGES)} may change when resuming)"
+                f"{p.stage}.run_name={p.run_name!r}: {path.parent} holds a run trained with a "
+                f"different {', '.join(diff)}; resuming it would continue from those weights. Use "
+                f"another run_name (only {', '.join(_RESUMABLE_CHANGES)} may change when resuming)"
             )
         latest = latest_checkpoint(path.parent)
         reached = _step_of(latest) if latest is not None else None
         if reached is not None and reached > p.train.steps:
-            # Caught here, before any worker starts; the training loop refuses it too (remote storage).
+            # Caught here, before any worker starts; the training loop refuses it too (remote
+            # storage).
             raise ConfigError(
-                f"{p.stage}.steps={p.train.steps}: run {p.run_name!r} in {path.parent} has a checkpoint at "
-                f"step {reached}; a run resumes into the same or more steps, never fewer. Use steps >= "
-                f"{reached} or another run_name"
+                f"{p.stage}.steps={p.train.steps}: run {p.run_name!r} in {path.parent} has a "
+                f"checkpoint at step {reached}; a run resumes into the same or more steps, never "
+                f"fewer. Use steps >= {reached} or another run_name"
             )
         if latest is not None:
             verify_checkpoint(latest)  # before a worker unpickles it
@@ -163,8 +166,9 @@ def _read_record(d: Path, rank: int) -> dict[str, Any]:
     path = d / _record_name(rank)
     if not path.is_file():
         raise CheckpointError(
-            f"{path}: missing, so nothing vouches for the files of rank {rank}, which DeepSpeed would unpickle "
-            "(an incomplete checkpoint, or one written by an older gptflow); start a fresh run (another run_name)"
+            f"{path}: missing, so nothing vouches for the files of rank {rank}, which DeepSpeed "
+            "would unpickle (an incomplete checkpoint, or one written by an older gptflow); start "
+            "a fresh run (another run_name)"
         )
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
@@ -195,8 +199,8 @@ def is_complete(d: Path) -> bool:
 
 
 def verify_checkpoint(d: str | Path, ranks: Any = None) -> None:
-    """Check every file the given ranks (default: all) wrote into checkpoint `d` against its recorded
-    sha256; CheckpointError naming the first file that is missing or differs."""
+    """Check every file the given ranks (default: all) wrote into checkpoint `d` against its
+    recorded sha256; CheckpointError naming the first file that is missing or differs."""
     d = Path(d)
     world = _read_record(d, 0)["world_size"]
     for rank in sorted(set(range(world) if ranks is None else ranks)):
@@ -210,8 +214,8 @@ def verify_checkpoint(d: str | Path, ranks: Any = None) -> None:
             if sha256_file(f) != entry["sha256"]:
                 raise CheckpointError(
                     f"{f}: sha256 differs from the one recorded when the checkpoint was written "
-                    f"({_record_name(rank)}); it was changed or corrupted in storage and is not loaded. "
-                    "Start a fresh run (another run_name), or restore the checkpoint"
+                    f"({_record_name(rank)}); it was changed or corrupted in storage and is not "
+                    "loaded. Start a fresh run (another run_name), or restore the checkpoint"
                 )
 
 
@@ -247,7 +251,8 @@ class LoopState:
 
 
 def save_checkpoint(engine: Any, state: LoopState, metrics: dict[str, Any], rank: int) -> None:
-    """Every rank writes its DeepSpeed shard files into its own temp dir; Ray merges them in storage."""
+    """Every rank writes its DeepSpeed shard files into its own temp dir; Ray merges them in
+    storage."""
     import ray.train
     import torch
 
@@ -285,10 +290,10 @@ def load_checkpoint(engine: Any, checkpoint: Any, rank: int) -> LoopState:
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint {tag!r} in {d}")
         # The scheduler's state is only its position (last_batch_iteration); the learning rate the
-        # next step uses comes from the optimizer's saved param_groups, i.e. from the schedule of the
-        # run that wrote the checkpoint. Recompute it from this run's schedule at the same position:
-        # identical for a same-config restart, and a run resumed into more steps (N then 2N) follows
-        # the 2N schedule from its first resumed step rather than one step later.
+        # next step uses comes from the optimizer's saved param_groups, i.e. from the schedule of
+        # the run that wrote the checkpoint. Recompute it from this run's schedule at the same
+        # position: identical for a same-config restart, and a run resumed into more steps (N then
+        # 2N) follows the 2N schedule from its first resumed step rather than one step later.
         sched = engine.lr_scheduler
         if sched is not None and hasattr(sched, "last_batch_iteration"):
             sched.step(sched.last_batch_iteration)
@@ -303,12 +308,14 @@ def load_checkpoint(engine: Any, checkpoint: Any, rank: int) -> LoopState:
 
 # ----------------------------------------------------------------------------- restarts and stops
 
-# Ray Train's record of the run's registered checkpoints, in the run directory (ray.train.v2 constants).
+# Ray Train's record of the run's registered checkpoints, in the run directory (ray.train.v2
+# constants).
 _RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 def _run_file(storage_path: str, run_name: str, name: str) -> tuple[Any, str]:
-    """(pyarrow filesystem, path) of a file in the Ray run directory: local paths and s3://... alike."""
+    """(pyarrow filesystem, path) of a file in the Ray run directory: local paths and s3://...
+    alike."""
     import pyarrow.fs
 
     uri = storage_path if "://" in storage_path else str(Path(storage_path).resolve())
@@ -329,9 +336,9 @@ def resume_step(storage_path: str, run_name: str) -> int | None:
     """The step a fit under this run name resumes from (its latest registered checkpoint), if any.
 
     Read from Ray's checkpoint-manager snapshot, the record Ray itself resumes from: it lists only
-    checkpoints Ray registered (once every rank reported), with the metrics reported beside them (the
-    loop reports ``step``). A checkpoint directory alone is not enough: its files arrive before Ray
-    registers it, and a run that loses a worker in between resumes from the one before.
+    checkpoints Ray registered (once every rank reported), with the metrics reported beside them
+    (the loop reports ``step``). A checkpoint directory alone is not enough: its files arrive before
+    Ray registers it, and a run that loses a worker in between resumes from the one before.
     """
     text = _read_run_file(storage_path, run_name, _RAY_SNAPSHOT)
     try:
@@ -348,11 +355,11 @@ STOP_FILE = "gptflow_stopped.txt"
 class TrainingStopped(RuntimeError):
     """The run stopped itself in a way every restart from its last checkpoint would repeat.
 
-    Repeated bad updates, or a checkpoint past ``steps``: every rank gets there at the same step from
-    the same state. Ray Train restarts the worker group after any worker error (up to
-    ``max_failures`` times), so the stop is recorded in the run directory first (:func:`record_stop`);
-    a restarted worker that finds it returns at once instead of training into the same stop again,
-    and the driver raises the recorded message (:func:`take_stop`).
+    Repeated bad updates, or a checkpoint past ``steps``: every rank gets there at the same step
+    from the same state. Ray Train restarts the worker group after any worker error (up to
+    ``max_failures`` times), so the stop is recorded in the run directory first
+    (:func:`record_stop`); a restarted worker that finds it returns at once instead of training into
+    the same stop again, and the driver raises the recorded message (:func:`take_stop`).
     """
 
 
@@ -370,7 +377,8 @@ def read_stop(storage_path: str, run_name: str) -> str | None:
 
 
 def take_stop(storage_path: str, run_name: str) -> str | None:
-    """Driver side: the recorded stop, if any, removed (so the next fit under this run name trains)."""
+    """Driver side: the recorded stop, if any, removed (so the next fit under this run name
+    trains)."""
     message = read_stop(storage_path, run_name)
     if message is not None:
         fs, path = _run_file(storage_path, run_name, STOP_FILE)

@@ -1,6 +1,6 @@
-"""The model, pretrain, finetune and distill sections: which GPT to build and how one training run goes
-(pretraining, fine-tuning and distillation are one loop). Read by flows/train/; composed into the
-pipeline's config by flows/config.py."""
+"""The model, pretrain, finetune and distill sections: which GPT to build and how one training run
+goes (pretraining, fine-tuning and distillation are one loop). Read by flows/train/; composed into
+the pipeline's config by flows/config.py."""
 
 from __future__ import annotations
 
@@ -17,14 +17,15 @@ _PLACE = "where resume state lives, not what the run makes"
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which GPT to build: a pretrained base, or a gptcore preset plus a few overrides (vocab_size comes
-    from the tokenizer)."""
+    """Which GPT to build: a pretrained base, or a gptcore preset plus a few overrides (vocab_size
+    comes from the tokenizer)."""
 
     base: str = unhashed("", why="the base enters as the import step's output, by its content")
-    """A pretrained base model to start from: what `gptflow import` takes (builtin:smollm2-135m-instruct,
-    a Hugging Face directory, a .gguf file), a bundle directory or models:/NAME@ALIAS. The pipeline then
-    imports it (step `import`), tokenizes with its tokenizer and chat template, and pretraining continues
-    from it. Empty: a GPT from scratch (`preset`) with a BPE vocabulary trained on the corpus."""
+    """A pretrained base model to start from: what `gptflow import` takes
+    (builtin:smollm2-135m-instruct, a Hugging Face directory, a .gguf file), a bundle directory or
+    models:/NAME@ALIAS. The pipeline then imports it (step `import`), tokenizes with its tokenizer
+    and chat template, and pretraining continues from it. Empty: a GPT from scratch (`preset`) with
+    a BPE vocabulary trained on the corpus."""
     preset: str = "tiny"
     """A name in gptcore.PRESETS: tiny, small, gpt2-124m, gpt2-350m, gpt2-774m, gpt2-1.5b (GPT-2);
     tiny-llama, smollm2-135m, smollm2-360m, llama-3.2-1b (the Llama family)."""
@@ -48,8 +49,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoRAConfig:
-    """Low-rank adapters (gptcore/lora.py): train r x (in + out) numbers per targeted matrix instead of
-    the matrix; they are merged into the weights when the bundle is written. Off when r is 0."""
+    """Low-rank adapters (gptcore/lora.py): train r x (in + out) numbers per targeted matrix instead
+    of the matrix; they are merged into the weights when the bundle is written. Off when r is 0."""
 
     r: int = 0
     """Rank of the adapters; 0 trains every weight (full fine-tuning)."""
@@ -58,7 +59,8 @@ class LoRAConfig:
     dropout: float = 0.0
     """Dropout on the adapters' input."""
     targets: tuple[str, ...] = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    """Suffixes of the linear layers adapted: attention's fused q/k/v and output, the MLP's in and out."""
+    """Suffixes of the linear layers adapted: attention's fused q/k/v and output, the MLP's in and
+    out."""
 
     def __post_init__(self) -> None:
         check(self.r >= 0, "r", self.r, ">= 0 (0: off)")
@@ -74,16 +76,19 @@ class TrainConfig:
     data: str = unhashed("", why=NAMES_INPUT)
     """Dataset directory from preprocessing; empty means the pipeline's own preprocess output."""
     init: str | None = unhashed(None, why=NAMES_INPUT)
-    """Start from: a bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION, or what `gptflow import` takes
-    (builtin:NAME, a Hugging Face directory, a .gguf file), imported once into <workdir>/import/<hash>/."""
+    """Start from: a bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION, or what
+    `gptflow import` takes (builtin:NAME, a Hugging Face directory, a .gguf file), imported once
+    into <workdir>/import/<hash>/."""
     steps: int = 200
-    """Optimizer steps; 0 skips the step (pretraining from a model.base: fine-tune the base itself)."""
+    """Optimizer steps; 0 skips the step (pretraining from a model.base: fine-tune the base
+    itself)."""
     micro_batch_size: int = 8
     """Sequences per worker per forward pass."""
     grad_accum: int = 1
     """Micro-batches accumulated per optimizer step."""
     global_batch_size: int | None = None
-    """If set, must equal micro_batch_size * grad_accum * num_workers (checked before any worker starts)."""
+    """If set, must equal micro_batch_size * grad_accum * num_workers (checked before any worker
+    starts)."""
     num_workers: int = 1
     """Ray Train workers (one process each)."""
     use_gpu: bool = False
@@ -98,7 +103,8 @@ class TrainConfig:
     offload_optimizer: bool = False
     """ZeRO optimizer state offload to CPU (stages 1-3)."""
     compile: bool = False
-    """torch.compile the model through DeepSpeed (inductor): faster steps after a one-off compile (~20 s)."""
+    """torch.compile the model through DeepSpeed (inductor): faster steps after a one-off compile
+    (~20 s)."""
     lr: float = 1e-3
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -118,14 +124,14 @@ class TrainConfig:
     eval_batches: int = 8
     """Validation micro-batches per evaluation."""
     checkpoint_every: int = 50
-    """Resume checkpoint every this many steps (and at the end); also the most steps a restart after a
-    lost worker repeats."""
+    """Resume checkpoint every this many steps (and at the end); also the most steps a restart after
+    a lost worker repeats."""
     keep_checkpoints: int = 2
     """Resume checkpoints kept."""
     max_failures: int = 3
-    """Restarts of the worker group from the latest checkpoint after a lost or failed worker (killed,
-    out of memory, node gone), per fit, before the run fails; 0 fails on the first. A restarted run
-    ends with the weights an uninterrupted one would have."""
+    """Restarts of the worker group from the latest checkpoint after a lost or failed worker
+    (killed, out of memory, node gone), per fit, before the run fails; 0 fails on the first. A
+    restarted run ends with the weights an uninterrupted one would have."""
     loss_spike_factor: float = 0.0
     """Skip an update whose loss exceeds this multiple of the running mean; 0 disables it."""
     max_skipped_updates: int = 5
@@ -139,7 +145,8 @@ class TrainConfig:
     seed: int = 0
     """Seed for initialisation and batch order."""
     storage_path: str = unhashed("", why=_PLACE)
-    """Where resume checkpoints go (shared by all nodes: a path or s3://...); empty = <workdir>/ray_results."""
+    """Where resume checkpoints go (shared by all nodes: a path or s3://...); empty =
+    <workdir>/ray_results."""
     sample_tokens: int = 32
     """New tokens generated per sample prompt at each evaluation."""
     lora: LoRAConfig = field(default_factory=LoRAConfig)
@@ -196,18 +203,21 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DistillConfig(TrainConfig):
-    """Knowledge distillation: a smaller student GPT trained on the same shards with the training loop's
-    loss replaced by ``alpha * CE(labels) + (1 - alpha) * temperature^2 * KL(teacher_T || student_T)``,
-    the teacher run in inference mode beside the student on each worker. Every training key applies
-    to the student's run; ``init`` (optional) starts the student from a model instead of from scratch."""
+    """Knowledge distillation: a smaller student GPT trained on the same shards with the training
+    loop's loss replaced by
+    ``alpha * CE(labels) + (1 - alpha) * temperature^2 * KL(teacher_T || student_T)``, the teacher
+    run in inference mode beside the student on each worker. Every training key applies to the
+    student's run; ``init`` (optional) starts the student from a model instead of from scratch."""
 
     enabled: bool = unhashed(False, why="whether the step runs, not what it makes")
     """Run the distill step (and evaluate, register and promote the student) in `gptflow run`."""
     teacher: str = unhashed("", why=NAMES_INPUT)
-    """The teacher: a bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION, or what `gptflow import`
-    takes (imported once); empty = the pipeline's own final model (fine-tuned, else pretrained)."""
+    """The teacher: a bundle directory, models:/NAME@ALIAS or models:/NAME/VERSION, or what
+    `gptflow import` takes (imported once); empty = the pipeline's own final model (fine-tuned, else
+    pretrained)."""
     student_preset: str = "tiny"
-    """The student's architecture (gptcore preset); its vocabulary is the teacher's and the data's."""
+    """The student's architecture (gptcore preset); its vocabulary is the teacher's and the
+    data's."""
     context_length: int | None = None
     """The student's context (training windows); empty = the teacher's. At most the teacher's."""
     dropout: float = 0.0
@@ -215,13 +225,15 @@ class DistillConfig(TrainConfig):
     activation_checkpointing: bool = False
     """Recompute the student's block activations in backward (less memory, ~30% more compute)."""
     alpha: float = 0.5
-    """Weight of the labels' cross-entropy; 1 - alpha weighs the teacher's soft targets (0: soft targets only)."""
+    """Weight of the labels' cross-entropy; 1 - alpha weighs the teacher's soft targets (0: soft
+    targets only)."""
     temperature: float = 1.0
-    """Softmax temperature of both distributions in the KL term (> 0; higher: softer targets, more weight on
-    the teacher's ranking of unlikely tokens). Measured here (README): 2 made short runs worse than 1."""
+    """Softmax temperature of both distributions in the KL term (> 0; higher: softer targets, more
+    weight on the teacher's ranking of unlikely tokens). Measured here (README): 2 made short runs
+    worse than 1."""
     split: Literal["train", "sft"] = "train"
-    """Which shards the student learns on: the pretraining text, or the fine-tuning examples (completion
-    tokens only, like fine-tuning); validation uses the matching held-out split."""
+    """Which shards the student learns on: the pretraining text, or the fine-tuning examples
+    (completion tokens only, like fine-tuning); validation uses the matching held-out split."""
     registry_name: str = hashed_only_by(
         "distill_register",
         "distill_promote",
@@ -243,7 +255,8 @@ class DistillConfig(TrainConfig):
         )
 
     def student_model(self) -> ModelConfig:
-        """The student's architecture as a model section (the context is settled against the teacher)."""
+        """The student's architecture as a model section (the context is settled against the
+        teacher)."""
         return ModelConfig(
             preset=self.student_preset,
             context_length=self.context_length,

@@ -1,25 +1,25 @@
-"""Training stage, driver side: ``train(train_cfg, model_cfg, dataset, init, out_dir, ctx)`` -> bundle,
-and ``distill(distill_cfg, dataset, teacher, init, out_dir, ctx)`` -> the student's bundle.
+"""Training stage, driver side: ``train(train_cfg, model_cfg, dataset, init, out_dir, ctx)`` ->
+bundle, and ``distill(distill_cfg, dataset, teacher, init, out_dir, ctx)`` -> the student's bundle.
 
-What it is: the stage: prepare (flows/train/prepare.py, every check before any worker starts), the resume
-guard (flows/train/checkpoint.py), the stage's MLflow run, a Ray Train ``TorchTrainer`` over
+What it is: the stage: prepare (flows/train/prepare.py, every check before any worker starts), the
+resume guard (flows/train/checkpoint.py), the stage's MLflow run, a Ray Train ``TorchTrainer`` over
 flows/train/loop.py, and the finished bundle. Fine-tuning is not a second code path: it is this
 stage with ``stage="finetune"``, an ``init`` model and the ``sft`` split, whose loss mask the loop
 applies; distillation (:func:`distill`) is this stage with ``stage="distill"`` and a teacher
 (flows/train/teacher.py), the student's architecture read from its own section.
 
-Resuming.  The Ray run ``<storage_path>/<run_name>`` is the "place" of a run: a fit under a name that
-already holds checkpoints resumes from the latest one (Ray Train's behaviour). The default name is
-``<stage>-<hash>``, so re-running a stopped config resumes it and nothing else. Resuming *into more
-steps* ("run N steps, then 2N in the same place") takes an explicit ``run_name``: ``steps`` is part of
-the output hash, so the 2N run writes its own bundle directory and the N-step bundle stays as it was.
-The resumed part follows the 2N run's lr schedule from step N on (the schedule is a function of the
-step and the run's total steps; the loop recomputes the lr on resume), so a schedule that depends on
-the total steps (cosine decay to ``min_lr_ratio``) gives a different result than an uninterrupted 2N
-run; with a schedule that does not (``min_lr_ratio=1``) the result is the same, to the bit on CPU.
-Everything else that determines the weights must match the run being resumed: :func:`check_resume`
-refuses a different model, data, optimizer or schedule setting under the same name before any worker
-starts (local storage; an ``s3://`` storage path is not checked).
+Resuming.  The Ray run ``<storage_path>/<run_name>`` is the "place" of a run: a fit under a name
+that already holds checkpoints resumes from the latest one (Ray Train's behaviour). The default name
+is ``<stage>-<hash>``, so re-running a stopped config resumes it and nothing else. Resuming *into
+more steps* ("run N steps, then 2N in the same place") takes an explicit ``run_name``: ``steps`` is
+part of the output hash, so the 2N run writes its own bundle directory and the N-step bundle stays
+as it was. The resumed part follows the 2N run's lr schedule from step N on (the schedule is a
+function of the step and the run's total steps; the loop recomputes the lr on resume), so a schedule
+that depends on the total steps (cosine decay to ``min_lr_ratio``) gives a different result than an
+uninterrupted 2N run; with a schedule that does not (``min_lr_ratio=1``) the result is the same, to
+the bit on CPU. Everything else that determines the weights must match the run being resumed:
+:func:`check_resume` refuses a different model, data, optimizer or schedule setting under the same
+name before any worker starts (local storage; an ``s3://`` storage path is not checked).
 
 Failures.  A worker lost mid-run (killed, out of memory, its node gone) makes Ray Train restart the
 whole worker group from the latest checkpoint, up to ``max_failures`` times per fit (default 3). The
@@ -64,8 +64,8 @@ def train(
     stage: str = "pretrain",
     teacher: str | Path | None = None,
 ) -> Path:
-    """Train (or fine-tune, ``stage="finetune"`` from `init`; or distill, ``stage="distill"`` from `teacher`)
-    into the model bundle `out_dir`; return it.
+    """Train (or fine-tune, ``stage="finetune"`` from `init`; or distill, ``stage="distill"`` from
+    `teacher`) into the model bundle `out_dir`; return it.
 
     The pipeline runner decided that `out_dir` must be built and writes its DONE marker afterwards.
     """
@@ -73,7 +73,8 @@ def train(
 
     p = prepare(tc, mc, dataset, init, out_dir, ctx, stage, teacher)
     if ctx.fresh and not tc.run_name:
-        # --force: a fresh run, not a resume from the last run's final checkpoint under the same name.
+        # --force: a fresh run, not a resume from the last run's final checkpoint under the same
+        # name.
         shutil.rmtree(Path(p.storage_path) / p.run_name, ignore_errors=True)
     check_resume(p)
     ensure_ray(ctx.cluster)
@@ -161,8 +162,8 @@ def distill(
     out_dir: str | Path,
     ctx: StepContext,
 ) -> Path:
-    """Distill `teacher` into a student described by `dc` (its preset, context and dropout; or `init`)
-    into the model bundle `out_dir`; return it."""
+    """Distill `teacher` into a student described by `dc` (its preset, context and dropout; or
+    `init`) into the model bundle `out_dir`; return it."""
     return train(dc, dc.student_model(), dataset, init, out_dir, ctx, "distill", teacher)
 
 
@@ -211,7 +212,8 @@ def run_trainer(p: RunSpec, loop_cfg: LoopConfig) -> dict[str, Any]:
 
 
 def failure_message(p: RunSpec, error: BaseException) -> str:
-    """What a failed fit tells the user: why it gave up, where its checkpoints are, how to resume."""
+    """What a failed fit tells the user: why it gave up, where its checkpoints are, how to
+    resume."""
     from ray.train import WorkerGroupError
 
     tc, where = p.train, f"{p.storage_path}/{p.run_name}"
@@ -221,8 +223,8 @@ def failure_message(p: RunSpec, error: BaseException) -> str:
         what = "failed"
     elif tc.max_failures:
         what = (
-            f"failed and its restarts are exhausted: {tc.max_failures} worker-group restart(s) from the "
-            f"latest checkpoint, max_failures={tc.max_failures}"
+            f"failed and its restarts are exhausted: {tc.max_failures} worker-group restart(s) "
+            f"from the latest checkpoint, max_failures={tc.max_failures}"
         )
     else:
         what = "failed on its first worker error: restarts are off (max_failures=0)"
@@ -231,8 +233,9 @@ def failure_message(p: RunSpec, error: BaseException) -> str:
         resume = f"re-run the same command (without --force) to resume from step {step}"
     else:
         resume = (
-            f"it has no resume checkpoint yet (the first comes at step {min(tc.checkpoint_every, tc.steps)}), "
-            "so re-running the same command starts it again from step 0"
+            "it has no resume checkpoint yet (the first comes at step "
+            f"{min(tc.checkpoint_every, tc.steps)}), so re-running the same command starts it "
+            "again from step 0"
         )
     return (
         f"{p.stage} run {p.run_name!r} {what}. Its resume checkpoints are under {where}: {resume}; "

@@ -1,4 +1,5 @@
-"""The DeepSpeed config of a training run, generated from the typed TrainConfig (never hand-kept JSON)."""
+"""The DeepSpeed config of a training run, generated from the typed TrainConfig (never hand-kept
+JSON)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ MAX_LIVE_PARAMETERS = 1_000_000_000
 
 
 def bucket_sizes(num_params: int | None) -> tuple[int, int]:
-    """(reduce bucket, ZeRO-3 prefetch bucket) in elements for a model of `num_params` parameters."""
+    """(reduce bucket, ZeRO-3 prefetch bucket) in elements for a model of `num_params`
+    parameters."""
     if num_params is None:
         return REDUCE_BUCKET, PREFETCH_BUCKET
     return min(REDUCE_BUCKET, num_params), min(PREFETCH_BUCKET, num_params)
@@ -26,9 +28,9 @@ def bucket_sizes(num_params: int | None) -> tuple[int, int]:
 def deepspeed_config(tc: TrainConfig, num_params: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config for a training config: generated, never a hand-kept JSON file.
 
-    The optimizer section appears only with ZeRO offload (which needs DeepSpeed's CPU Adam); otherwise
-    the loop passes torch's AdamW as a client optimizer and DeepSpeed wraps it. Given the model's
-    parameter count, ZeRO's buckets are no larger than the model.
+    The optimizer section appears only with ZeRO offload (which needs DeepSpeed's CPU Adam);
+    otherwise the loop passes torch's AdamW as a client optimizer and DeepSpeed wraps it. Given the
+    model's parameter count, ZeRO's buckets are no larger than the model.
     """
     if tc.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"zero_stage={tc.zero_stage!r} is invalid: must be one of 0, 1, 2, 3")

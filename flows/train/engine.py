@@ -2,8 +2,9 @@
 
 What it is: :func:`init_engine` (``deepspeed.initialize`` over a gptcore model with the driver's
 DeepSpeed config, torch's AdamW as the client optimizer) and :class:`UpdateGate`, through which the
-training loop (flows/train/loop.py) skips an update on every rank at once without leaving DeepSpeed's
-step. What it is not: the DeepSpeed config (flows/train/ds_config.py, generated on the driver).
+training loop (flows/train/loop.py) skips an update on every rank at once without leaving
+DeepSpeed's step. What it is not: the DeepSpeed config (flows/train/ds_config.py, generated on the
+driver).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from flows.config import TrainConfig
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices (linear layers, embeddings), none on biases and LayerNorms."""
+    """AdamW groups: weight decay on matrices (linear layers, embeddings), none on biases and
+    LayerNorms."""
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -54,8 +56,9 @@ def init_engine(tc: TrainConfig, ds_config: dict[str, Any], model: torch.nn.Modu
     groups = _param_groups(model, tc.weight_decay)
     optimizer = None
     if "optimizer" not in ds_config:
-        # torch's AdamW as the client optimizer: no JIT-compiled DeepSpeed op on CPU (see STACK-NOTES),
-        # fused kernels on GPU. DeepSpeed wraps it for ZeRO and drives the schedule from its config.
+        # torch's AdamW as the client optimizer: no JIT-compiled DeepSpeed op on CPU (see
+        # STACK-NOTES), fused kernels on GPU. DeepSpeed wraps it for ZeRO and drives the schedule
+        # from its config.
         kwargs: dict[str, Any] = {"lr": tc.lr, "betas": (tc.beta1, tc.beta2), "eps": 1e-8}
         if tc.use_gpu:
             kwargs["fused"] = True

@@ -38,7 +38,8 @@ class Faults:
 
 
 def parse(text: str) -> Faults:
-    """``"fail_at_step=6,nan_at_step=1"`` -> Faults; an unknown key or a bad value raises ValueError."""
+    """``"fail_at_step=6,nan_at_step=1"`` -> Faults; an unknown key or a bad value raises
+    ValueError."""
     known = {f.name for f in dataclasses.fields(Faults)}
     values: dict[str, int] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
@@ -85,7 +86,8 @@ def marker(storage_path: str, run_name: str, step: int) -> Path | None:
 def exit_once(
     faults: Faults, step: int, rank: int, world: int, storage_path: str, run_name: str
 ) -> None:
-    """Rank 1 (rank 0 if alone) exits the process at ``faults.fail_at_step``, the first time only."""
+    """Rank 1 (rank 0 if alone) exits the process at ``faults.fail_at_step``, the first time
+    only."""
     if step != faults.fail_at_step or rank != min(1, world - 1):
         return
     path = marker(storage_path, run_name, step)

@@ -1,18 +1,21 @@
-"""The training loop that runs inside each Ray Train worker: one loop for pretraining, fine-tuning and distillation.
+"""The training loop that runs inside each Ray Train worker: one loop for pretraining, fine-tuning
+and distillation.
 
-What it is: ``train_loop_per_worker(config)``, handed to ``TorchTrainer`` by flows/train/driver.py. It builds
-(or loads) the gptcore model, wraps it with ``deepspeed.initialize`` using the DeepSpeed config the
-driver generated, resumes from ``ray.train.get_checkpoint()`` if there is one, and then runs a short
-explicit loop: step, and on intervals evaluate / checkpoint. At the end rank 0 writes the bundle
-(flows/train/bundle.py). Distillation is this loop with a frozen teacher beside the student
-(flows/train/teacher.py), whose hidden states turn the loss into the distillation loss; everything else
-(ZeRO, resume, skips) is shared. A lost worker makes Ray restart the group, which resumes from the latest
-checkpoint; a stop the loop makes itself (repeated bad updates) is recorded first, so the restarted group
-returns instead of training into it again (flows.train.checkpoint.TrainingStopped).
+What it is: ``train_loop_per_worker(config)``, handed to ``TorchTrainer`` by flows/train/driver.py.
+It builds (or loads) the gptcore model, wraps it with ``deepspeed.initialize`` using the DeepSpeed
+config the driver generated, resumes from ``ray.train.get_checkpoint()`` if there is one, and then
+runs a short explicit loop: step, and on intervals evaluate / checkpoint. At the end rank 0 writes
+the bundle (flows/train/bundle.py). Distillation is this loop with a frozen teacher beside the
+student (flows/train/teacher.py), whose hidden states turn the loss into the distillation loss;
+everything else (ZeRO, resume, skips) is shared. A lost worker makes Ray restart the group, which
+resumes from the latest checkpoint; a stop the loop makes itself (repeated bad updates) is recorded
+first, so the restarted group returns instead of training into it again
+(flows.train.checkpoint.TrainingStopped).
 
-What it is not: the driver (validation, config generation, MLflow run, output paths: flows/train/driver.py),
-nor the data reader (flows/train/windows.py). Every rank must call ``ray.train.report`` equally often,
-so reports happen only with checkpoints; per-step metrics go straight to MLflow from rank 0.
+What it is not: the driver (validation, config generation, MLflow run, output paths:
+flows/train/driver.py), nor the data reader (flows/train/windows.py). Every rank must call
+``ray.train.report`` equally often, so reports happen only with checkpoints; per-step metrics go
+straight to MLflow from rank 0.
 """
 
 from __future__ import annotations
@@ -82,14 +85,16 @@ def compute_loss(
 
 
 def is_bad_loss(loss: float, running_mean: float | None, spike_factor: float) -> bool:
-    """A loss that must not update the weights: NaN/inf, or (if enabled) a spike over the running mean."""
+    """A loss that must not update the weights: NaN/inf, or (if enabled) a spike over the running
+    mean."""
     if not math.isfinite(loss):
         return True
     return spike_factor > 0 and running_mean is not None and loss > spike_factor * running_mean
 
 
 def _build_model(spec: RunSpec):
-    """The initial model on this rank: a fresh GPT (same seed on every rank) or the init bundle's weights.
+    """The initial model on this rank: a fresh GPT (same seed on every rank) or the init bundle's
+    weights.
 
     Either way the model is built from the driver's config, so a fine-tuning run's own dropout and
     activation checkpointing apply to the loaded weights.
@@ -175,7 +180,8 @@ def _device(tc: TrainConfig) -> torch.device:
 
 
 def _resume(engine: Any, spec: RunSpec, rank: int) -> LoopState:
-    """The loop state of Ray's latest checkpoint, loaded into the engine; a fresh state without one."""
+    """The loop state of Ray's latest checkpoint, loaded into the engine; a fresh state without
+    one."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
@@ -188,16 +194,17 @@ def _resume(engine: Any, spec: RunSpec, rank: int) -> LoopState:
         raise _stop(
             spec,
             (
-                f"run {spec.run_name!r} under {spec.storage_path} has a checkpoint at step {state.step}, past "
-                f"steps={spec.train.steps}: a run resumes into the same or more steps, never fewer; use another run_name"
+                f"run {spec.run_name!r} under {spec.storage_path} has a checkpoint at step "
+                f"{state.step}, past steps={spec.train.steps}: a run resumes into the same or more "
+                "steps, never fewer; use another run_name"
             ),
         )
     return state
 
 
 def _tracking(cfg: LoopConfig, rank: int, world: int) -> AsyncLogger | None:
-    """Tags where this rank runs (on a cluster the workers span its nodes) in the stage's MLflow run;
-    rank 0's logger for that run (None on the other ranks, or with tracking off)."""
+    """Tags where this rank runs (on a cluster the workers span its nodes) in the stage's MLflow
+    run; rank 0's logger for that run (None on the other ranks, or with tracking off)."""
     import ray
 
     from flows.tracking import attach
@@ -294,7 +301,8 @@ def _train_step(
 
 
 def _count_skip(spec: RunSpec, state: LoopState, result: _Step) -> None:
-    """Counts a skipped update (and stops after too many in a row), or follows the loss's running mean."""
+    """Counts a skipped update (and stops after too many in a row), or follows the loss's running
+    mean."""
     tc = spec.train
     if not result.bad:
         state.skipped_in_a_row = 0
@@ -314,9 +322,10 @@ def _count_skip(spec: RunSpec, state: LoopState, result: _Step) -> None:
         raise _stop(
             spec,
             (
-                f"training stopped at step {state.step}: {state.skipped_in_a_row} consecutive updates had a "
-                f"NaN/inf loss or a loss spike over {tc.loss_spike_factor}x the running mean; the last good "
-                f"resume checkpoint is kept under {spec.storage_path}/{spec.run_name}"
+                f"training stopped at step {state.step}: {state.skipped_in_a_row} consecutive "
+                f"updates had a NaN/inf loss or a loss spike over {tc.loss_spike_factor}x the "
+                "running mean; the last good resume checkpoint is kept under "
+                f"{spec.storage_path}/{spec.run_name}"
             ),
         )
 
@@ -330,7 +339,8 @@ def _evaluate_and_sample(
     logger: AsyncLogger | None,
     step: int,
 ) -> float | None:
-    """Validation loss (None without a validation split) and the sample generations, logged at `step`."""
+    """Validation loss (None without a validation split) and the sample generations, logged at
+    `step`."""
     val_loss = _evaluate(engine, val, tc, device)
     text = _samples(engine, tokenizer, tc)
     if logger:
@@ -368,7 +378,8 @@ def _log_step(
 
 
 def train_loop_per_worker(cfg: LoopConfig) -> None:
-    """One worker's run: build, resume, then step; evaluate, log and checkpoint on intervals; export."""
+    """One worker's run: build, resume, then step; evaluate, log and checkpoint on intervals;
+    export."""
     import ray.train
 
     spec, tc = cfg.spec, cfg.spec.train
@@ -401,7 +412,8 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
         else None
     )
     if tc.compile:
-        engine.compile()  # lazily: the first forward pays the compile; checkpoints and export use engine.module
+        # lazily: the first forward pays the compile; checkpoints and export use engine.module
+        engine.compile()
     T = spec.context_length
     data = TokenWindows(spec.dataset.path, spec.split, T, rank, world)
     val = (
@@ -494,8 +506,9 @@ def _finish(
             "steps": state.step,
             "skipped_updates": state.skipped_total,
             "final_loss": state.history[-1][1] if state.history else None,
-            # The checkpoint step the last worker start resumed from (0: from scratch): a restart after a
-            # failure, or an earlier, shorter run of the same run_name (resumed into more steps).
+            # The checkpoint step the last worker start resumed from (0: from scratch): a restart
+            # after a failure, or an earlier, shorter run of the same run_name (resumed into more
+            # steps).
             "resumed_from_step": first_step,
         },
     )

@@ -2,9 +2,9 @@
 
 What it is: :func:`prepare` checks the config and the data before any
 worker starts (missing or corrupt shards, tokenizer/model vocabulary mismatch, a context the data
-cannot fill, a GPU that is not there, ...), resolves the initial model, generates the DeepSpeed config
-from the typed :class:`~flows.config.TrainConfig` and the typed, frozen :class:`LoopConfig` every
-worker receives. The stage itself (MLflow, the TorchTrainer) is flows/train/driver.py.
+cannot fill, a GPU that is not there, ...), resolves the initial model, generates the DeepSpeed
+config from the typed :class:`~flows.config.TrainConfig` and the typed, frozen :class:`LoopConfig`
+every worker receives. The stage itself (MLflow, the TorchTrainer) is flows/train/driver.py.
 
 What it is not: the loop itself (flows/train/loop.py) or the data reader (flows/data/dataset.py).
 Fine-tuning is not a second code path: it is this stage with ``stage="finetune"``, an ``init`` model
@@ -46,12 +46,14 @@ class RunSpec:
     gpt_config: dict[str, Any]
     """The model to build (GPTConfig.to_dict()): the preset or init model, the data's vocabulary."""
     context_length: int
-    """Training windows: the model's context, or less (model.context_length, capped by the init model's)."""
+    """Training windows: the model's context, or less (model.context_length, capped by the init
+    model's)."""
     dataset: DatasetInfo
     split: str
     """The split trained on: train, sft, or distillation's choice."""
     eval_split: str | None
-    """The split validated on during training; None when the dataset has none that feeds every worker."""
+    """The split validated on during training; None when the dataset has none that feeds every
+    worker."""
     init_bundle: str | None
     """The initial model's local bundle directory; None from scratch."""
     parent: dict[str, Any] | None
@@ -79,8 +81,8 @@ def _feeds(manifest: dict[str, Any], split: str, T: int, world: int) -> bool:
     if not knowledge_only or sum((s["tokens"] - 1) // T for s in shards) >= world:
         return True
     log.warning(
-        "split %r is too small for a validation window per worker (%d tokens, context %d, %d workers): "
-        "no validation on it during training",
+        "split %r is too small for a validation window per worker (%d tokens, context %d, %d "
+        "workers): no validation on it during training",
         split,
         sum(s["tokens"] for s in shards),
         T,
@@ -92,16 +94,18 @@ def _feeds(manifest: dict[str, Any], split: str, T: int, world: int) -> bool:
 def resolve_init(
     init: str, ctx: StepContext, stage: str, key: str = "init"
 ) -> tuple[Path, dict[str, Any]]:
-    """A local bundle directory for `init` and its lineage: a bundle directory as it is; any other model
-    source (models:/NAME@ALIAS, a Hugging Face directory, a .gguf file, builtin:NAME) through the one
-    import (flows/models/base.py), into the workdir's content-addressed ``import/<hash>/``.
+    """A local bundle directory for `init` and its lineage: a bundle directory as it is; any other
+    model source (models:/NAME@ALIAS, a Hugging Face directory, a .gguf file, builtin:NAME) through
+    the one import (flows/models/base.py), into the workdir's content-addressed ``import/<hash>/``.
 
-    `key`: the config key that named it (``init``, or ``teacher`` for distillation), for error messages.
+    `key`: the config key that named it (``init``, or ``teacher`` for distillation), for error
+    messages.
     """
     from flows.models.base import ensure, find_bundle, is_bundle
 
     path = Path(init)
-    # A bundle directory, or a folder holding one (a downloaded MLflow model) that is no HF directory.
+    # A bundle directory, or a folder holding one (a downloaded MLflow model) that is no HF
+    # directory.
     found = (
         find_bundle(path)
         if path.is_dir() and not (path / "config.json").is_file() or is_bundle(path)
@@ -200,8 +204,8 @@ def prepare(
 
 
 def windowed(gpt: Any, T: int) -> Any:
-    """The model as trained on windows of T tokens: RoPE models cost (and hold) what T needs; learned
-    positions keep their table whole."""
+    """The model as trained on windows of T tokens: RoPE models cost (and hold) what T needs;
+    learned positions keep their table whole."""
     return dataclasses.replace(gpt, context_length=T) if gpt.positions != "learned" else gpt
 
 
@@ -213,7 +217,8 @@ def _check_request(
         raise ConfigError(f"stage={stage!r} is invalid: must be one of {', '.join(STAGES)}")
     if not dataset:
         raise ConfigError(
-            f"{stage}.data is empty: give the dataset directory (--data DIR or --set {stage}.data=DIR)"
+            f"{stage}.data is empty: give the dataset directory (--data DIR or --set "
+            f"{stage}.data=DIR)"
         )
     if stage == "finetune" and not init:
         raise ConfigError(
@@ -222,8 +227,8 @@ def _check_request(
         )
     if tc.steps == 0:
         raise ConfigError(
-            f"{stage}.steps=0: nothing to train (pretrain.steps: 0 skips pretraining in the pipeline "
-            "only with a model.base, whose fine-tuning then starts from the base itself)"
+            f"{stage}.steps=0: nothing to train (pretrain.steps: 0 skips pretraining in the "
+            "pipeline only with a model.base, whose fine-tuning then starts from the base itself)"
         )
     if tc.lora.r and not init:
         raise ConfigError(
@@ -242,8 +247,8 @@ def _check_request(
 def _distill_student(
     tc: TrainConfig, init: str | Path | None, teacher: str | Path | None, ctx: StepContext
 ) -> tuple[dict[str, Any], ModelConfig]:
-    """Distillation: the teacher (resolved and loaded) and the student's model section, whose context
-    defaults to the teacher's."""
+    """Distillation: the teacher (resolved and loaded) and the student's model section, whose
+    context defaults to the teacher's."""
     if not teacher:
         raise ConfigError(
             "distill.teacher is empty: distillation learns from a model (--teacher BUNDLE_DIR, "
@@ -264,7 +269,8 @@ def _distill_student(
 
 
 def _initial_model(mc: ModelConfig, init_bundle: Path | None, stage: str) -> tuple[Any, int, Any]:
-    """The architecture to train, the window length T, and the init model's tokenizer (None from scratch)."""
+    """The architecture to train, the window length T, and the init model's tokenizer (None from
+    scratch)."""
     from gptcore import GPTConfig, Tokenizer, preset
 
     if init_bundle is None:
@@ -299,8 +305,8 @@ def _check_data(
     from gptcore import Tokenizer
 
     manifest = read_manifest(data_root)
-    # Validation during training: held-out fine-tuning examples when fine-tuning (masked like sft), else
-    # the pretraining text's val split; none when the dataset has neither.
+    # Validation during training: held-out fine-tuning examples when fine-tuning (masked like sft),
+    # else the pretraining text's val split; none when the dataset has neither.
     candidates = ("sft_val", "val") if split == "sft" else ("val",)
     eval_split = next((s for s in candidates if _feeds(manifest, s, T, world)), None)
     info = check_dataset(data_root, (split, eval_split) if eval_split else (split,), T, world=world)
@@ -308,8 +314,8 @@ def _check_data(
     data_tok = Tokenizer.load(data_tok_path)
     if data_tok.vocab_size != info.vocab_size:
         raise DataError(
-            f"{data_tok_path}: {data_tok.vocab_size} tokens, but {data_root / 'manifest.json'} says "
-            f"vocab_size={info.vocab_size}"
+            f"{data_tok_path}: {data_tok.vocab_size} tokens, but {data_root / 'manifest.json'} "
+            f"says vocab_size={info.vocab_size}"
         )
     return info, eval_split, data_tok
 
@@ -323,7 +329,8 @@ def _match_data(
     init_bundle: Path | None,
     model_tok: Any,
 ) -> Any:
-    """An init model must share the data's tokenizer; a fresh model takes the data's vocabulary and T."""
+    """An init model must share the data's tokenizer; a fresh model takes the data's vocabulary and
+    T."""
     data_tok_path = data_root / "tokenizer.json"
     if model_tok is None:
         return dataclasses.replace(
@@ -336,8 +343,9 @@ def _match_data(
     if model_tok.sha256() != data_tok.sha256():
         raise DataError(
             f"tokenizer mismatch: the data in {data_root} was tokenized with {data_tok_path} "
-            f"({data_tok.vocab_size} tokens) but the init model uses {init_bundle / 'tokenizer.json'} "
-            f"({model_tok.vocab_size} tokens); preprocess with data.tokenizer_path={init_bundle}"
+            f"({data_tok.vocab_size} tokens) but the init model uses "
+            f"{init_bundle / 'tokenizer.json'} ({model_tok.vocab_size} tokens); preprocess with "
+            f"data.tokenizer_path={init_bundle}"
         )
     if gpt.vocab_size != data_tok.vocab_size:
         raise DataError(
@@ -364,24 +372,28 @@ def _resolve_teacher(teacher: str, ctx: StepContext) -> dict[str, Any]:
 def _check_teacher(
     teacher: dict[str, Any], data_tok: Any, data_tok_path: Path, data_root: Path, T: int
 ) -> None:
-    """Teacher, student and data share one tokenizer, and the teacher sees every window of T tokens."""
+    """Teacher, student and data share one tokenizer, and the teacher sees every window of T
+    tokens."""
     bundle = teacher["bundle"]
     if teacher["tokenizer"].sha256() != data_tok.sha256():
         raise DataError(
-            f"tokenizer mismatch: the teacher uses {bundle / 'tokenizer.json'} ({teacher['tokenizer'].vocab_size} "
-            f"tokens) but the data in {data_root} was tokenized with {data_tok_path} ({data_tok.vocab_size} tokens); "
-            "teacher and student must share a tokenizer (the student learns the teacher's distribution over its "
-            f"vocabulary): preprocess with data.tokenizer_path={bundle}"
+            f"tokenizer mismatch: the teacher uses {bundle / 'tokenizer.json'} "
+            f"({teacher['tokenizer'].vocab_size} tokens) but the data in {data_root} was tokenized "
+            f"with {data_tok_path} ({data_tok.vocab_size} tokens); teacher and student must share "
+            "a tokenizer (the student learns the teacher's distribution over its vocabulary): "
+            f"preprocess with data.tokenizer_path={bundle}"
         )
     if teacher["gpt"].vocab_size != data_tok.vocab_size:
         raise DataError(
-            f"{bundle / 'config.json'}: the teacher's vocab_size={teacher['gpt'].vocab_size} does not "
-            f"match its tokenizer and the data's ({data_tok.vocab_size} tokens, {data_tok_path})"
+            f"{bundle / 'config.json'}: the teacher's vocab_size={teacher['gpt'].vocab_size} does "
+            f"not match its tokenizer and the data's ({data_tok.vocab_size} tokens, "
+            f"{data_tok_path})"
         )
     if T > teacher["gpt"].context_length:
         raise ConfigError(
-            f"the student's context ({T} tokens) exceeds the teacher's ({teacher['gpt'].context_length}, "
-            f"{bundle / 'config.json'}); set distill.context_length <= {teacher['gpt'].context_length}"
+            f"the student's context ({T} tokens) exceeds the teacher's "
+            f"({teacher['gpt'].context_length}, {bundle / 'config.json'}); set "
+            f"distill.context_length <= {teacher['gpt'].context_length}"
         )
 
 
@@ -433,7 +445,8 @@ class LoopConfig:
     bundle_metadata: dict[str, Any]
     """What the exported bundle's metadata.json says beside the loop's own figures (lineage)."""
     progress: Any = None
-    """The driver's progress relay (a Ray actor handle, flows/progress.py); rank 0 sends its step to it."""
+    """The driver's progress relay (a Ray actor handle, flows/progress.py); rank 0 sends its step to
+    it."""
 
 
 def loop_config(p: RunSpec, run_id: str | None, uri: str | None) -> LoopConfig:
@@ -451,7 +464,8 @@ def loop_config(p: RunSpec, run_id: str | None, uri: str | None) -> LoopConfig:
 
 
 def _bundle_metadata(p: RunSpec) -> dict[str, Any]:
-    """The bundle's lineage: stage, config hash, code, data, parent (and teacher), and the configs."""
+    """The bundle's lineage: stage, config hash, code, data, parent (and teacher), and the
+    configs."""
     return {
         "stage": p.stage,
         "config_hash": p.key,

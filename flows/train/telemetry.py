@@ -1,5 +1,5 @@
-"""Training telemetry: throughput and MFU, memory, gradient norms, rank 0's asynchronous MLflow writes,
-loss curves.
+"""Training telemetry: throughput and MFU, memory, gradient norms, rank 0's asynchronous MLflow
+writes, loss curves.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-# Steps after each (re)start left out of the steady-state throughput: allocator and thread-pool warm-up.
+# Steps after each (re)start left out of the steady-state throughput: allocator and thread-pool
+# warm-up.
 WARMUP_TIMING_STEPS = 3
 
 
@@ -40,10 +41,10 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-# Dense peak FLOP/s per device for MFU when the config gives none. GPUs: vendor figures for bf16/fp16
-# tensor cores (fp32 uses TF32 rates). CPUs have no honest vendor figure; these are per core, the
-# matmul rates measured on this project's AVX-512 machines (STACK-NOTES: ~877 GFLOP/s bf16 and
-# ~206 fp32 on 2 threads), so CPU "MFU" reads as a fraction of achievable matmul throughput.
+# Dense peak FLOP/s per device for MFU when the config gives none. GPUs: vendor figures for
+# bf16/fp16 tensor cores (fp32 uses TF32 rates). CPUs have no honest vendor figure; these are per
+# core, the matmul rates measured on this project's AVX-512 machines (STACK-NOTES: ~877 GFLOP/s bf16
+# and ~206 fp32 on 2 threads), so CPU "MFU" reads as a fraction of achievable matmul throughput.
 _GPU_PEAK = {
     "H200": 989e12,
     "H100": 989e12,
@@ -67,7 +68,8 @@ def default_peak_flops(precision: str, use_gpu: bool, threads: int) -> float:
 
 
 class AsyncLogger:
-    """Rank 0's per-step MLflow writes on a thread, so a sqlite commit never stalls a training step."""
+    """Rank 0's per-step MLflow writes on a thread, so a sqlite commit never stalls a training
+    step."""
 
     def __init__(self, tracker: Any):
         self.tracker = tracker

@@ -1,24 +1,25 @@
 """Training data: deterministic batches of fixed windows over a dataset directory's token shards.
 
-What it is: the reader side of the dataset-directory contract (``manifest.json``, ``tokenizer.json``,
-flat little-endian token shards, uint8 loss-mask files for the ``sft`` splits). The driver calls
-flows.data.dataset.check_dataset before any worker starts; each worker opens a :class:`TokenWindows` and asks
-for the batch of a (step, micro-batch) -- a pure function of (seed, step, rank), so a resumed run sees
-exactly the batches an uninterrupted run would.
+What it is: the reader side of the dataset-directory contract (``manifest.json``,
+``tokenizer.json``, flat little-endian token shards, uint8 loss-mask files for the ``sft`` splits).
+The driver calls flows.data.dataset.check_dataset before any worker starts; each worker opens a
+:class:`TokenWindows` and asks for the batch of a (step, micro-batch) -- a pure function of (seed,
+step, rank), so a resumed run sees exactly the batches an uninterrupted run would.
 
 What it is not: preprocessing (flows/data/stage.py writes these directories), nor a general
 data-loading framework. Sequences are fixed windows of ``context_length + 1`` tokens laid end to end
-over each shard (documents are packed; ``<|endoftext|>`` separates them), dealt round-robin to ranks,
-so the ranks read disjoint windows.
+over each shard (documents are packed; ``<|endoftext|>`` separates them), dealt round-robin to
+ranks, so the ranks read disjoint windows.
 
 Why it is arithmetic.  A window is a number, not an object: window ``g`` lives in the shard whose
-first-window offset is the last one <= ``g``, at token ``(g - first) * T``. The order in which a rank
-visits its windows is a keyed bijection of ``[0, n)`` per epoch (:func:`permute`), evaluated only at
-the positions a batch asks for. Opening a 10 B-token dataset therefore costs a few memmaps and an
-array of shard offsets -- no per-window Python objects, no per-epoch permutation array (an 80 MB
-int64 array per rank per epoch at 10 B tokens and T=1024, 600 MB at T=128), nothing re-shuffled per
-micro-batch. Only the masked fine-tuning splits, which are small, keep an index array: the ids of the
-windows that have a loss-mask bit, found by one chunked numpy pass over the mask files.
+first-window offset is the last one <= ``g``, at token ``(g - first) * T``. The order in which a
+rank visits its windows is a keyed bijection of ``[0, n)`` per epoch (:func:`permute`), evaluated
+only at the positions a batch asks for. Opening a 10 B-token dataset therefore costs a few memmaps
+and an array of shard offsets -- no per-window Python objects, no per-epoch permutation array (an
+80 MB int64 array per rank per epoch at 10 B tokens and T=1024, 600 MB at T=128), nothing
+re-shuffled per micro-batch. Only the masked fine-tuning splits, which are small, keep an index
+array: the ids of the windows that have a loss-mask bit, found by one chunked numpy pass over the
+mask files.
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ MASKED_SPLITS = ("sft", "sft_val")
 _MASK_CHUNK_TOKENS = 1 << 22
 
 # Four is the Luby-Rackoff bound for a strong pseudo-random permutation from a pseudo-random round
-# function; every round is ~10 numpy calls per batch, the cost that matters at a few dozen positions.
+# function; every round is ~10 numpy calls per batch, the cost that matters at a few dozen
+# positions.
 _FEISTEL_ROUNDS = 4
 
 
@@ -51,25 +53,28 @@ def _round_keys(seed: int, epoch: int) -> tuple[np.ndarray, ...]:
     return tuple(np.array(k, dtype=np.uint64) for k in keys)
 
 
-# uint64 constants as 0-d arrays: numpy's fast path (a numpy scalar operand costs several times more).
+# uint64 constants as 0-d arrays: numpy's fast path (a numpy scalar operand costs several times
+# more).
 _U = {v: np.array(v, dtype=np.uint64) for v in (27, 30, 31, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)}
 
 
 def _mix(z: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer: a fast uint64 -> uint64 hash whose every output bit depends on every input bit."""
+    """splitmix64's finalizer: a fast uint64 -> uint64 hash whose every output bit depends on every
+    input bit."""
     z = (z ^ (z >> _U[30])) * _U[0xBF58476D1CE4E5B9]
     z = (z ^ (z >> _U[27])) * _U[0x94D049BB133111EB]
     return z ^ (z >> _U[31])
 
 
 def permute(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
-    """Where positions ``0 <= p < n`` of epoch `epoch` go under a bijection of ``[0, n)`` keyed by (seed, epoch).
+    """Where positions ``0 <= p < n`` of epoch `epoch` go under a bijection of ``[0, n)`` keyed by
+    (seed, epoch).
 
     A balanced Feistel network over the smallest even number of bits that covers ``n`` is a
     bijection of ``[0, 2**bits)``; "cycle walking" (apply it again while the result is ``>= n``)
     restricts it to a bijection of ``[0, n)``, at fewer than four passes through the network per
-    position on average (``2**bits < 4n``). Four rounds of a splitmix64-keyed round function are plenty for a
-    data order. Cost: O(len(positions)) time and O(1) memory in n, where
+    position on average (``2**bits < 4n``). Four rounds of a splitmix64-keyed round function are
+    plenty for a data order. Cost: O(len(positions)) time and O(1) memory in n, where
     ``default_rng((seed, epoch)).permutation(n)`` takes 8n bytes and O(n) time per epoch.
     """
     if n <= 0:
@@ -94,7 +99,8 @@ def permute(positions: np.ndarray, n: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def _windows_with_mask(mask: np.ndarray, n: int, T: int) -> np.ndarray:
-    """Which of a shard's `n` windows have a loss-mask bit among their targets (tokens w*T+1 .. w*T+T)."""
+    """Which of a shard's `n` windows have a loss-mask bit among their targets (tokens
+    w*T+1 .. w*T+T)."""
     out = np.empty(n, dtype=bool)
     step = max(1, _MASK_CHUNK_TOKENS // T)
     for a in range(0, n, step):
@@ -110,9 +116,10 @@ class TokenWindows:
     """The windows of one split that belong to one rank, and deterministic batches drawn from them.
 
     Window ``w`` of a shard covers tokens ``[w*T, w*T + T + 1)``; the windows of all shards are
-    numbered in manifest order and rank ``r`` of ``world`` owns those with ``index % world == r``. On
-    the masked splits (``sft``, ``sft_val``), windows whose targets carry no loss-mask bit are dropped
-    (they would give an empty loss). A rank's windows are numbered ``0 .. len-1`` in that order.
+    numbered in manifest order and rank ``r`` of ``world`` owns those with ``index % world == r``.
+    On the masked splits (``sft``, ``sft_val``), windows whose targets carry no loss-mask bit are
+    dropped (they would give an empty loss). A rank's windows are numbered ``0 .. len-1`` in that
+    order.
     """
 
     def __init__(
@@ -159,7 +166,8 @@ class TokenWindows:
             self._n = max(0, (int(self._first[-1]) - rank + world - 1) // world)
         if not self._n:
             raise DataError(
-                f"{root}: split {split!r} has no {context_length + 1}-token window for rank {rank} of {world}"
+                f"{root}: split {split!r} has no {context_length + 1}-token window for rank {rank} "
+                f"of {world}"
             )
 
     def __len__(self) -> int:
@@ -177,11 +185,12 @@ class TokenWindows:
         return shard, (g - self._first[shard]) * self.T
 
     def window_ids(self, seed: int, start: int, count: int) -> np.ndarray:
-        """Indices (into this rank's windows) of samples ``start .. start+count-1`` of an endless stream.
+        """Indices (into this rank's windows) of samples ``start .. start+count-1`` of an endless
+        stream.
 
         Epoch ``e`` is samples ``e*n .. e*n+n-1`` (n = this rank's windows): each window once, in an
-        order keyed by (seed, e). Sample ``c`` is a function of (seed, this rank's windows, c) alone,
-        which is what makes resumption exact.
+        order keyed by (seed, e). Sample ``c`` is a function of (seed, this rank's windows, c)
+        alone, which is what makes resumption exact.
         """
         c = np.arange(start, start + count, dtype=np.int64)
         epoch, pos = np.divmod(c, self._n)

@@ -84,7 +84,8 @@ def load_ngrams(paths: tuple[str, ...], n: int) -> np.ndarray:
 
 
 class Decontaminator:
-    """Drop a document sharing any word `n`-gram with the evaluation n-grams (``decontaminated``)."""
+    """Drop a document sharing any word `n`-gram with the evaluation n-grams
+    (``decontaminated``)."""
 
     def __init__(self, ngrams: np.ndarray, n: int = 13) -> None:
         self.ngrams, self.n = ngrams, n

@@ -54,7 +54,8 @@ def eval_ngrams(data: DataConfig, work: Path) -> str | None:
 
 
 def _exact(units: list, work: Path, keep: dict[str, np.ndarray], rows: dict[str, list]) -> None:
-    """Rows of the exact duplicates `keep` dropped: each points at the first document with its content."""
+    """Rows of the exact duplicates `keep` dropped: each points at the first document with its
+    content."""
     hashes = [load_index(work, u.key)[1] for u in units]
     counts = np.array([len(h) for h in hashes])
     h = np.concatenate(hashes).view("<u8")

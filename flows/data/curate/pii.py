@@ -151,7 +151,8 @@ def find(text: str) -> list[tuple[int, int, str]]:
 
 
 def redact(text: str) -> tuple[str, Counter]:
-    """`text` with each piece of personal data replaced by its kind's placeholder; counts per kind."""
+    """`text` with each piece of personal data replaced by its kind's placeholder; counts per
+    kind."""
     spans = find(text)
     if not spans:
         return text, Counter()

@@ -31,7 +31,8 @@ STOP_WORDS = ("the", "be", "to", "of", "and", "that", "have", "with")  # Gopher'
 
 
 def words_of(text: str) -> list[str]:
-    """Whitespace tokens, lowercased, with punctuation stripped at both ends ('' for pure symbols)."""
+    """Whitespace tokens, lowercased, with punctuation stripped at both ends ('' for pure
+    symbols)."""
     return [w.strip(_STRIP).lower() for w in text.split()]
 
 

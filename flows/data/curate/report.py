@@ -1,4 +1,5 @@
-"""The curation report of a dataset: ``<dataset>/curation/`` and the table `gptflow preprocess` prints.
+"""The curation report of a dataset: ``<dataset>/curation/`` and the table `gptflow preprocess`
+prints.
 
 What it is: :func:`write_dropped` (``dropped.jsonl``: every dropped document's file, 1-based line
 and/or byte offset, reason, and for duplicates ``duplicate_of``, the kept document of their
@@ -71,7 +72,8 @@ def write_dropped(
 
 
 def merge_counts(dicts: Iterator[dict[str, Any]]) -> dict[str, Any]:
-    """The work units' counts summed per key, sorted by key (lists, such as histograms, element-wise)."""
+    """The work units' counts summed per key, sorted by key (lists, such as histograms,
+    element-wise)."""
     out: dict[str, Any] = {}
     for d in dicts:
         for k, v in d.items():
@@ -105,7 +107,8 @@ def _figure(width: float, height: float) -> Any:
 def _save(fig: Any, path: Path) -> None:
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
-    # Fixed metadata: matplotlib stamps its version and, unless told, nothing else; reruns are identical.
+    # Fixed metadata: matplotlib stamps its version and, unless told, nothing else; reruns are
+    # identical.
     fig.savefig(tmp, format="png", metadata={"Software": None})
     tmp.replace(path)
 
@@ -171,7 +174,7 @@ def table(report: dict[str, Any], path: Path | None = None) -> str:
     nd = report.get("near_dedup")
     if nd:
         lines.append(
-            f"  near-duplicate clusters: {nd['clusters']:,} ({nd['dropped']:,} dropped beyond exact "
-            f"copies; {nd['records']:,} band records in {nd['partitions']} partitions)"
+            f"  near-duplicate clusters: {nd['clusters']:,} ({nd['dropped']:,} dropped beyond "
+            f"exact copies; {nd['records']:,} band records in {nd['partitions']} partitions)"
         )
     return "\n".join(lines)

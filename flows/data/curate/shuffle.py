@@ -1,4 +1,5 @@
-"""Near-duplicate clusters from LSH band keys: a hash-partitioned shuffle, then connected components.
+"""Near-duplicate clusters from LSH band keys: a hash-partitioned shuffle, then connected
+components.
 
 What it is, in three steps that never bring signatures to the driver:
 
@@ -36,7 +37,8 @@ def write_bands(
     f: Any, unit: int, keys: np.ndarray, index: np.ndarray, partitions: int
 ) -> np.ndarray:
     """Write the records of `keys` ((n, bands) uint64, the documents `index` of `unit`) to the open
-    file `f` (``.npy``) sorted by partition; return the partitions' bounds ((partitions + 1,) int64)."""
+    file `f` (``.npy``) sorted by partition; return the partitions' bounds ((partitions + 1,)
+    int64)."""
     n, bands = keys.shape if keys.ndim == 2 else (0, 0)
     rec = np.empty(n * bands, dtype=RECORD)
     if n:

@@ -1,10 +1,11 @@
-"""Curation inside one preprocessing work unit (a Ray task of pass 1), and the near-dup step after it.
+"""Curation inside one preprocessing work unit (a Ray task of pass 1), and the near-dup step after
+it.
 
 What it is: :class:`UnitCuration` -- made by ``clean_unit`` for its unit -- runs the configured
 per-document chain (flows/data/curate/apply.py) on each cleaned document, remembers where every
 kept document came from (file, line or byte offset), writes every drop's location and reason to the
-unit's ``.dropped.jsonl`` (the readers' bad-record drops too), computes each kept document's LSH band
-keys and writes them partitioned for the shuffle; its :meth:`finish` gives the unit's figures
+unit's ``.dropped.jsonl`` (the readers' bad-record drops too), computes each kept document's LSH
+band keys and writes them partitioned for the shuffle; its :meth:`finish` gives the unit's figures
 (counts, characters, PII kinds, score histograms, a few dropped texts per reason).
 :func:`near_duplicates` runs the shuffle (flows/data/curate/shuffle.py) as Ray tasks over the
 units' band files and returns the (document, survivor) rows.
