@@ -346,16 +346,20 @@ def main() -> None:
         report["throughput"],
     )
     print(
-        f"near-dup: exact {nd['found']['exact']:.0%}, 2%-edited {nd['found']['edit_2pct']:.0%} found; "
-        f"half-edited {nd['merged_wrongly']['edit_50pct']:.1%}, unrelated {nd['merged_wrongly']['unrelated']:.1%} merged"
+        f"near-dup: exact {nd['found']['exact']:.0%}, "
+        f"2%-edited {nd['found']['edit_2pct']:.0%} found; "
+        f"half-edited {nd['merged_wrongly']['edit_50pct']:.1%}, "
+        f"unrelated {nd['merged_wrongly']['unrelated']:.1%} merged"
     )
     print(
-        f"language: {lang['english_kept']:.1%} of English kept, {lang['other_in_kept']:.1%} of kept not English"
+        f"language: {lang['english_kept']:.1%} of English kept, "
+        f"{lang['other_in_kept']:.1%} of kept not English"
     )
     print(f"quality: {q['prose_kept']:.1%} prose kept, {q['bad_dropped']:.1%} bad text dropped")
     print(
-        f"throughput: 2 workers {th['speedup_2_vs_1']:.2f}x 1 worker (2 processes of pure CPU work: "
-        f"{th['machine_2_vs_1_ceiling']:.2f}x); curation overhead {th['curation_overhead']:+.0%}"
+        f"throughput: 2 workers {th['speedup_2_vs_1']:.2f}x 1 worker "
+        f"(2 processes of pure CPU work: {th['machine_2_vs_1_ceiling']:.2f}x); "
+        f"curation overhead {th['curation_overhead']:+.0%}"
     )
     if "memory" in report:
         print(f"driver peak RSS at {args.scale}x / 1x: {report['memory']['driver_rss_ratio']:.2f}")

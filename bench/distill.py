@@ -1,14 +1,15 @@
 """Distillation: what alpha and temperature do to a short run, and what the teacher costs per step.
 
-What it measures, in one process (plain PyTorch loops over the training data index; the distill step's
-own loss, gptcore.Distillation, and nothing of Ray or DeepSpeed, whose path tests/train/test_distill.py
-checks):
+What it measures, in one process (plain PyTorch loops over the training data index; the distill
+step's own loss, gptcore.Distillation, and nothing of Ray or DeepSpeed, whose path
+tests/train/test_distill.py checks):
   1. a teacher (the small preset, 4 x 128) trained for --teacher-steps, and its validation loss;
   2. the tiny student (4 x 64), the same initial weights and batches every time, trained for --steps
-     on labels alone and distilled at each (alpha, temperature) of the grid: validation loss of each;
-  3. step time of a distilled step (teacher forward + fused loss) against a labels-only step, and of the
-     fused chunked distillation loss against the plain one on materialised logits (both models' (B, T,
-     vocab) logits, log-softmaxes, KL): ratios in the same run.
+     on labels alone and distilled at each (alpha, temperature) of the grid: validation loss of
+     each;
+  3. step time of a distilled step (teacher forward + fused loss) against a labels-only step, and of
+     the fused chunked distillation loss against the plain one on materialised logits (both models'
+     (B, T, vocab) logits, log-softmaxes, KL): ratios in the same run.
 
 What it is not: a test (nothing here asserts).
 

@@ -1,11 +1,13 @@
 """Greedy decoding throughput: gptcore generate (KV cache) vs transformers generate, same weights.
 
 Batch 1 and batch 8, 256 new tokens, fp32 (or bf16) weights for both, interleaved runs. Also our own
-no-cache path, which re-runs the whole sequence each step. Targets: >= 2x transformers, >= 5x no-cache.
-Model shape from the flags: 4 layers, d=256, vocab 8192 by default; `--d-model 64 --vocab 4096` is
-the tiny preset, `--d-model 768 --vocab 50257 --layers 12 --heads 12` the GPT-2 124M shape.
+no-cache path, which re-runs the whole sequence each step. Targets: >= 2x transformers, >= 5x
+no-cache. Model shape from the flags: 4 layers, d=256, vocab 8192 by default;
+`--d-model 64 --vocab 4096` is the tiny preset, `--d-model 768 --vocab 50257 --layers 12 --heads 12`
+the GPT-2 124M shape.
 
-    python bench/generate.py [--new-tokens 256] [--repeats 3] [--d-model D] [--vocab V] [--dtype fp32|bf16]
+    python bench/generate.py [--new-tokens 256] [--repeats 3] [--d-model D] [--vocab V]
+                             [--dtype fp32|bf16]
 """
 
 from __future__ import annotations

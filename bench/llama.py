@@ -1,27 +1,29 @@
-"""The Llama family on a real model: SmolLM2-135M-Instruct, gptcore against transformers, same fp32 weights.
+"""The Llama family on a real model: SmolLM2-135M-Instruct, gptcore against transformers, same fp32
+weights.
 
 The model is `builtin:smollm2-135m-instruct` (the Q4_1 GGUF, fetched once into the gptflow cache and
 sha256-checked), dequantized to fp32 by gptcore's importer; transformers gets exactly those weights
 through `export_hf` and `LlamaForCausalLM.from_pretrained`. In one process:
-  a. greedy decoding with the KV cache, --new-tokens (128) after a --prompt-len (32) token prompt, batch 1
-     and batch 8: gptcore `generate` vs transformers `generate`, runs interleaved, best of --repeats.
-     Target >= 1.5x.
+  a. greedy decoding with the KV cache, --new-tokens (128) after a --prompt-len (32) token prompt,
+     batch 1 and batch 8: gptcore `generate` vs transformers `generate`, runs interleaved, best of
+     --repeats. Target >= 1.5x.
   b. batch-1 tokens/s against the memory-bandwidth limit: each token reads every weight matrix once
      (the tied head reads the embedding), so the limit is bandwidth / weight bytes; bandwidth is the
-     median of seven `sum` passes over a 1 GiB fp32 tensor (a read stream, like the weights'), a copy
-     reported beside it.
+     median of seven `sum` passes over a 1 GiB fp32 tensor (a read stream, like the weights'), a
+     copy reported beside it.
   c. a training step, forward + backward, 4 x 256 tokens, gptcore GPT (with the fused chunked loss
      training uses) vs LlamaForCausalLM as transformers ships it; steps interleaved one by one,
      medians. No optimizer step: AdamW over the same parameters costs both the same. Target >= 1.2x.
      --precision bf16-autocast is the target's precision; `auto` (the default) takes it where the
      CPU has bf16 matmuls (AVX512-BF16 or AMX) and fp32 elsewhere: on a CPU
-     without them torch runs bf16 matmuls in a generic gemm 10-100x slower than fp32, for both sides.
+     without them torch runs bf16 matmuls in a generic gemm 10-100x slower than fp32, for both
+     sides.
   d. importing the GGUF: `import_model` (read, dequantize, build the GPT, write the fp32 bundle) in
      this process, and `gptflow import` in a fresh process (Python and torch start-up included).
      Target < 10 s.
 
-    python bench/llama.py [--new-tokens 128] [--repeats 3] [--train-iters 5] [--only decode,train,import]
-                          [--precision auto|fp32|bf16-autocast]
+    python bench/llama.py [--new-tokens 128] [--repeats 3] [--train-iters 5]
+                          [--only decode,train,import] [--precision auto|fp32|bf16-autocast]
 """
 
 from __future__ import annotations
@@ -115,7 +117,8 @@ def main() -> None:
                 (
                     "batch 1 vs the bandwidth limit",
                     f"{r['gpt_fraction_of_limit']:.0%} of it",
-                    f"{r['limit_tokens_per_s']} tok/s ({r['read_gb_per_s']} GB/s, {r['weight_mb']} MB)",
+                    f"{r['limit_tokens_per_s']} tok/s "
+                    f"({r['read_gb_per_s']} GB/s, {r['weight_mb']} MB)",
                     f"hf {r['hf_fraction_of_limit']:.0%}",
                     "",
                 )
@@ -193,7 +196,8 @@ def bench_decode(ours: GPT, theirs, args) -> dict:
 
 
 def bandwidth_limit(model: GPT, gpt_tps: float, hf_tps: float) -> dict:
-    """What batch-1 decoding could reach if it did nothing but stream the weights at the measured rate."""
+    """What batch-1 decoding could reach if it did nothing but stream the weights at the measured
+    rate."""
     # Every matrix is read once per token; the embedding only one row, but tied it is also the head,
     # read whole. (The KV cache, < 5 MB at these lengths, is left out.)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -278,7 +282,8 @@ def bench_train(ours: GPT, theirs, args) -> dict:
 
 
 def has_fast_bf16() -> bool:
-    """Whether this CPU (the bench runs on the CPU) has native bf16 matmuls: AVX512-BF16 or AMX-BF16."""
+    """Whether this CPU (the bench runs on the CPU) has native bf16 matmuls: AVX512-BF16 or
+    AMX-BF16."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

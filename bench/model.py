@@ -1,4 +1,5 @@
-"""Training-step throughput: gptcore GPT vs transformers GPT2LMHeadModel, same config, batch, precision.
+"""Training-step throughput: gptcore GPT vs transformers GPT2LMHeadModel, same config, batch,
+precision.
 
 Both models get the same weights shape, batch, optimizer (AdamW) and precision (bf16 autocast or
 fp32), in this process, interleaved in rounds so machine noise hits both. GPT uses the options it
@@ -87,7 +88,8 @@ def main() -> None:
         theirs_t.append(timed(step_theirs, warmup=0, iters=1))
     ours_tps = tokens / sorted(ours_t)[len(ours_t) // 2]
     theirs_tps = tokens / sorted(theirs_t)[len(theirs_t) // 2]
-    name = f"model_{args.precision}{'_compile' if args.compile else ''}{'_plainloss' if args.plain_loss else ''}"
+    suffix = ("_compile" if args.compile else "") + ("_plainloss" if args.plain_loss else "")
+    name = f"model_{args.precision}{suffix}"
     save(
         name,
         {

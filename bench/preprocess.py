@@ -46,7 +46,8 @@ _DOC_RE = re.compile(r'"""(.*?)"""|^[ \t]*#+ ?(.*)$', re.S | re.M)
 
 
 def build_corpus(dest: Path, megabytes: int) -> Path:
-    """Docstrings and comments of installed packages, one .txt per source file, until `megabytes`."""
+    """Docstrings and comments of installed packages, one .txt per source file, until
+    `megabytes`."""
     marker = dest / "DONE"
     if marker.is_file():
         return dest
@@ -107,7 +108,8 @@ def _rss_mb() -> float:
 
 
 def memory_run(corpus: Path, tokenizer_path: Path, workdir: Path) -> dict:
-    """The stage on `corpus` with 2 workers in a fresh process (own Ray): worker and driver peaks."""
+    """The stage on `corpus` with 2 workers in a fresh process (own Ray): worker and driver
+    peaks."""
     out = subprocess.run(
         [sys.executable, __file__, "--child", str(corpus), str(tokenizer_path), str(workdir)],
         check=True,
@@ -227,9 +229,10 @@ def main() -> None:
                 r = memory_run(mixed, tok_path, Path(tmp) / f"x{factor}")
                 report[f"memory_x{factor}"] = r
                 print(
-                    f"{factor}x corpus + .json.gz ({r['input_bytes'] / 1e6:.0f} MB on disk, {r['tokens']:,} tokens, "
-                    f"{r['work_units']} units, {r['seconds']:.0f} s): peak RSS per worker "
-                    f"{r['worker_peak_rss_mb']:.0f} MB, driver {r['driver_peak_rss_mb']:.0f} MB "
+                    f"{factor}x corpus + .json.gz ({r['input_bytes'] / 1e6:.0f} MB on disk, "
+                    f"{r['tokens']:,} tokens, {r['work_units']} units, {r['seconds']:.0f} s): "
+                    f"peak RSS per worker {r['worker_peak_rss_mb']:.0f} MB, "
+                    f"driver {r['driver_peak_rss_mb']:.0f} MB "
                     f"({r['driver_rss_after_ray_start_mb']:.0f} MB after Ray started)"
                 )
             one, big = report["memory_x1"], report[f"memory_x{args.scale}"]
@@ -256,8 +259,9 @@ def throughput(report: dict, corpus: Path, tok_path: Path, tmp: Path) -> None:
         r = stage(corpus, tok_path, workers, tmp / f"w{workers}")
         report[f"stage_{workers}"] = r
         print(
-            f"stage, {workers} worker(s): {r['tokens_per_s']:,.0f} tokens/s in {r['seconds']:.1f} s, "
-            f"peak RSS/worker {r['worker_peak_rss_mb']:.0f} MB, phases {r['phase_seconds']}"
+            f"stage, {workers} worker(s): {r['tokens_per_s']:,.0f} tokens/s "
+            f"in {r['seconds']:.1f} s, peak RSS/worker {r['worker_peak_rss_mb']:.0f} MB, "
+            f"phases {r['phase_seconds']}"
         )
     report["ratio_1_worker_vs_encode_batch"] = (
         report["stage_1"]["tokens_per_s"] / report["baseline"]["tokens_per_s"]
@@ -266,7 +270,8 @@ def throughput(report: dict, corpus: Path, tok_path: Path, tmp: Path) -> None:
         report["stage_2"]["tokens_per_s"] / report["stage_1"]["tokens_per_s"]
     )
     print(
-        f"1 worker / raw encode_batch: {report['ratio_1_worker_vs_encode_batch']:.2f} (target >= 0.70)"
+        f"1 worker / raw encode_batch: "
+        f"{report['ratio_1_worker_vs_encode_batch']:.2f} (target >= 0.70)"
     )
     print(f"2 workers / 1 worker:        {report['ratio_2_vs_1_workers']:.2f} (target >= 1.60)")
     # Wall-clock ratios suffer when other processes share the cores; CPU time does not.
@@ -274,7 +279,8 @@ def throughput(report: dict, corpus: Path, tok_path: Path, tmp: Path) -> None:
         report["stage_1"]["tokens_per_worker_cpu_s"] / report["baseline"]["tokens_per_cpu_s"]
     )
     print(
-        f"tokens per CPU-second, stage workers / encode_batch: {report['cpu_ratio_stage_vs_encode_batch']:.2f}"
+        f"tokens per CPU-second, stage workers / encode_batch: "
+        f"{report['cpu_ratio_stage_vs_encode_batch']:.2f}"
     )
     shutdown_ray()
 

@@ -1,14 +1,14 @@
 """What live training progress costs a step: rank 0's Sender against no progress, in one run.
 
 What it measures: inside a Ray worker process (one CPU, like a training rank), steps of the default
-pipeline's model (the `small` preset, context 128; 4-sequence micro-batches by default so that it takes
-about a minute on 2 busy cores -- a smaller step makes any overhead look bigger, not smaller; AdamW, bf16 autocast), in
-alternating blocks: progress off (no Sender), progress on as the pipeline does it (a Sender to a real
-Relay actor, sending at most every flows.progress.SEND_EVERY_S while the driver's forwarding thread
-polls it), and a worst case sending on every step. Reported: the median step time of each and the
-ratios on/off (target <= 1.02) and every-step/off; since a shared machine's noise is larger than 2 %
-of a step, also the Sender's own time measured inside each step, as a fraction of the median step
-(the overhead, noise-free); how many updates reached the driver.
+pipeline's model (the `small` preset, context 128; 4-sequence micro-batches by default so that it
+takes about a minute on 2 busy cores -- a smaller step makes any overhead look bigger, not smaller;
+AdamW, bf16 autocast), in alternating blocks: progress off (no Sender), progress on as the pipeline
+does it (a Sender to a real Relay actor, sending at most every flows.progress.SEND_EVERY_S while the
+driver's forwarding thread polls it), and a worst case sending on every step. Reported: the median
+step time of each and the ratios on/off (target <= 1.02) and every-step/off; since a shared
+machine's noise is larger than 2 % of a step, also the Sender's own time measured inside each step,
+as a fraction of the median step (the overhead, noise-free); how many updates reached the driver.
 
 What it is not: a test (nothing here asserts) or a measure of Ray Train's own reporting (that is
 ``ray.train.report``, ~1.8 s a call by default: STACK-NOTES).
@@ -119,7 +119,8 @@ def main() -> None:
             "median_step_s": med,
             "ratio_on_vs_off": med["on"] / med["off"],
             "ratio_every_step_vs_off": med["every_step"] / med["off"],
-            # The step ratio carries the shared machine's noise; the Sender's own time inside the step does not.
+            # The step ratio carries the shared machine's noise; the Sender's own time inside the
+            # step does not.
             "mean_sender_s_per_step": send,
             "overhead_on": send["on"] / med["off"],
             "overhead_every_step": send["every_step"] / med["off"],

@@ -1,4 +1,5 @@
-"""Serving throughput and latency over real HTTP on 127.0.0.1, all in one run (ratios, not absolute times).
+"""Serving throughput and latency over real HTTP on 127.0.0.1, all in one run (ratios, not absolute
+times).
 
 One model (the small preset's shape, 4 layers d=128, context 512, random weights: the point is the
 serving machinery, not the text), registered in a real MLflow store, served five ways in turn on
@@ -366,7 +367,7 @@ def load_with_promotion(ours, registry, base: str, seconds: float) -> dict:
     return counts
 
 
-# --------------------------------------------------------------------------- the static-batching baseline
+# --------------------------------------------------------------------- the static-batching baseline
 
 from fastapi import FastAPI, Request  # noqa: E402
 from ray import serve as _serve  # noqa: E402

@@ -1,9 +1,10 @@
-"""Training throughput and memory: the Ray Train + DeepSpeed path against a plain PyTorch loop, in one run.
+"""Training throughput and memory: Ray Train + DeepSpeed against a plain PyTorch loop, in one run.
 
 What it measures (CPU, defaults sized for a 2-core machine):
   1. steady-state tokens/s and MFU of a plain single-process PyTorch loop (AdamW, clipping, same
-     schedule) and of ``flows.train.driver.train`` with 1 worker -- same model, same batches (flows/train/windows.py),
-     same thread count (1), same precision (fp32); target: Ray/DeepSpeed >= 0.9x plain;
+     schedule) and of ``flows.train.driver.train`` with 1 worker -- same model, same batches
+     (flows/train/windows.py), same thread count (1), same precision (fp32); target: Ray/DeepSpeed
+     >= 0.9x plain;
   2. 2 workers with the same per-worker batch; target: >= 1.5x the tokens/s of 1 worker;
   3. peak resident memory per worker, ZeRO-0 vs ZeRO-3, 2 workers, on a larger model (gpt2-124m
      shape, short context) where optimizer state is big enough to see;
@@ -11,8 +12,9 @@ What it measures (CPU, defaults sized for a 2-core machine):
      1 B tokens (and a 10 M-token masked fine-tuning split): time and memory to open it, time per
      micro-batch drawn; target: near-constant in the dataset size (the masked split's one pass over
      its mask bytes is linear by design; those splits are small).
-Steady state leaves out the first steps after start (flows.train.telemetry.WARMUP_TIMING_STEPS); evaluation and
-checkpoints are outside the timed steps in both loops. Tracking is off, so MLflow costs nothing here.
+Steady state leaves out the first steps after start (flows.train.telemetry.WARMUP_TIMING_STEPS);
+evaluation and checkpoints are outside the timed steps in both loops. Tracking is off, so MLflow
+costs nothing here.
 
 What it is not: a GPU benchmark (bench/gpu_train.sh) or a test (nothing here asserts).
 
@@ -50,7 +52,8 @@ log = logging.getLogger("bench.train")
 
 
 def plain_loop(p, steps: int, threads: int) -> dict[str, float]:
-    """The baseline: one process, torch AdamW, same batches, schedule and clipping as the DeepSpeed run."""
+    """The baseline: one process, torch AdamW, same batches, schedule and clipping as the DeepSpeed
+    run."""
     from gptcore import GPT, GPTConfig
 
     torch.set_num_threads(threads)
@@ -123,7 +126,8 @@ def _sparse_dataset(root: Path, split: str, tokens: int, shard_tokens: int = 250
 
 def _anon_rss() -> int:
     """Anonymous resident memory of this process (Linux): what the index allocates. Plain RSS also
-    counts the mapped page cache of the shards, which readahead fills far beyond the windows read."""
+    counts the mapped page cache of the shards, which readahead fills far beyond the windows
+    read."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) * 1024
@@ -131,7 +135,8 @@ def _anon_rss() -> int:
 
 
 def index_bench(root: Path, context_length: int, world: int, micro_batch: int) -> dict[str, dict]:
-    """Open TokenWindows on synthetic datasets of growing size; time and memory of the index alone."""
+    """Open TokenWindows on synthetic datasets of growing size; time and memory of the index
+    alone."""
     out: dict[str, dict] = {}
     for split, tokens in (("train", 10_000_000), ("train", 1_000_000_000), ("sft", 10_000_000)):
         data_dir = _sparse_dataset(root / f"index-{split}-{tokens}", split, tokens)
@@ -217,8 +222,10 @@ def main() -> None:
     )
     for name, r in index.items():
         print(
-            f"| {name} | {r['windows_this_rank']:,} | {r['build_s']:.4f} | {r['build_peak_traced_bytes'] / 2**10:,.0f} KiB "
-            f"| {r['anon_rss_delta_bytes'] / 2**20:,.1f} MiB | {r['index_us_per_micro_batch']:,.0f} | {r['batch_ms']:.2f} |"
+            f"| {name} | {r['windows_this_rank']:,} | {r['build_s']:.4f} "
+            f"| {r['build_peak_traced_bytes'] / 2**10:,.0f} KiB "
+            f"| {r['anon_rss_delta_bytes'] / 2**20:,.1f} MiB "
+            f"| {r['index_us_per_micro_batch']:,.0f} | {r['batch_ms']:.2f} |"
         )
     if args.index_only:
         out = Path(args.out).with_name("train_index.json")
@@ -366,7 +373,8 @@ def main() -> None:
         r = results.get(f"memory_zero{stage}_2workers")
         if r:
             print(
-                f"peak RSS per worker, ZeRO-{stage}, 2 workers, gpt2-124m shape: {r['peak_rss_gib_per_worker']:.2f} GiB"
+                f"peak RSS per worker, ZeRO-{stage}, 2 workers, "
+                f"gpt2-124m shape: {r['peak_rss_gib_per_worker']:.2f} GiB"
             )
     print(out)
     import shutil

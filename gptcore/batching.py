@@ -228,7 +228,8 @@ class BatchEngine:
         return len(self._running)
 
     def abort(self) -> None:
-        """Drop every sequence, running or waiting (after a failed step: the cache rows are suspect)."""
+        """Drop every sequence, running or waiting (after a failed step: the cache rows are
+        suspect)."""
         with self._lock:
             self._waiting.clear()
             self._cancelled.clear()

@@ -41,15 +41,17 @@ class BundleError(ValueError):
 def save_bundle(
     directory: str | Path, model: GPT, tokenizer: Tokenizer, metadata: dict[str, Any] | None = None
 ) -> Path:
-    """Write the bundle; metadata.json (written last) holds `metadata` plus format version and size."""
+    """Write the bundle; metadata.json (written last) holds `metadata` plus format version and
+    size."""
     directory = Path(directory)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise BundleError(
-            f"tokenizer vocab_size {tokenizer.vocab_size} != model vocab_size {model.config.vocab_size}"
+            f"tokenizer vocab_size {tokenizer.vocab_size} "
+            f"!= model vocab_size {model.config.vocab_size}"
         )
     directory.mkdir(parents=True, exist_ok=True)
-    # Overwriting a bundle: without its metadata.json the directory is no bundle until the new one is
-    # complete, so a crash half-way never pairs new weights with an old config or tokenizer.
+    # Overwriting a bundle: without its metadata.json the directory is no bundle until the new one
+    # is complete, so a crash half-way never pairs new weights with an old config or tokenizer.
     if (directory / "metadata.json").exists():
         (directory / "metadata.json").unlink()
         _fsync_dir(directory)
@@ -112,8 +114,8 @@ def load_bundle(
         raise BundleError(f"{directory / 'tokenizer.json'}: {e}") from e
     if tokenizer.vocab_size != config.vocab_size:
         raise BundleError(
-            f"{directory / 'tokenizer.json'}: vocabulary of {tokenizer.vocab_size} tokens does not match "
-            f"vocab_size={config.vocab_size} in config.json"
+            f"{directory / 'tokenizer.json'}: vocabulary of {tokenizer.vocab_size} "
+            f"tokens does not match vocab_size={config.vocab_size} in config.json"
         )
 
     weights = directory / "model.safetensors"
@@ -133,7 +135,8 @@ def load_bundle(
     for name, shape in expected.items():
         if state[name].shape != shape:
             raise BundleError(
-                f"{weights}: tensor {name} has shape {tuple(state[name].shape)}, config.json implies {tuple(shape)}"
+                f"{weights}: tensor {name} has shape "
+                f"{tuple(state[name].shape)}, config.json implies {tuple(shape)}"
             )
     if tied:
         state[_TIED] = state["wte.weight"]
@@ -173,7 +176,8 @@ def read_config(path: str | Path) -> GPTConfig:
 
 def _atomic(path: Path, write: Any) -> None:
     """Write through a temporary name, fsync it, rename it over `path`, fsync the directory: a crash
-    never leaves a half-written file at `path`, and once this returns the file survives a power loss."""
+    never leaves a half-written file at `path`, and once this returns the file survives a power
+    loss."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         write(tmp)

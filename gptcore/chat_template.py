@@ -29,7 +29,8 @@ class ChatTemplateError(ValueError):
 
 
 class _Generation(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` renders its body (transformers uses it for masks)."""
+    """`{% generation %}...{% endgeneration %}` renders its body (transformers uses it for
+    masks)."""
 
     tags = {"generation"}
 

@@ -30,13 +30,15 @@ class GPTConfig:
     dropout: float = 0.0
     """Dropout on embeddings, attention weights and residual branches (0 at inference)."""
     bias: bool = True
-    """Biases in LayerNorms, and in Linear layers unless attn_bias/mlp_bias say otherwise (GPT-2 has them)."""
+    """Biases in LayerNorms, and in Linear layers unless attn_bias/mlp_bias say otherwise (GPT-2 has
+    them)."""
     layer_norm_eps: float = 1e-5
     """Epsilon of every norm, LayerNorm or RMSNorm (GPT-2 and SmolLM2 use 1e-5)."""
     norm: str = "layernorm"
     """"layernorm" (GPT-2) or "rmsnorm" (Llama: weight only, computed in fp32)."""
     positions: str = "learned"
-    """"learned" (GPT-2's position embedding) or "rotary" (RoPE on queries and keys, HF rotate-half layout)."""
+    """"learned" (GPT-2's position embedding) or "rotary" (RoPE on queries and keys, HF rotate-half
+    layout)."""
     rope_theta: float = 10000.0
     """RoPE base: frequencies theta^(-2i/head_dim)."""
     rope_scaling_factor: float = 1.0
@@ -102,16 +104,18 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.rope_theta={self.rope_theta} must be > 1")
             if not self.rope_scaling_factor >= 1.0:
                 raise ValueError(
-                    f"GPTConfig.rope_scaling_factor={self.rope_scaling_factor} must be >= 1 (1 = off)"
+                    f"GPTConfig.rope_scaling_factor={self.rope_scaling_factor} "
+                    f"must be >= 1 (1 = off)"
                 )
             if self.rope_scaling_factor != 1.0 and not (
                 0 < self.rope_low_freq_factor < self.rope_high_freq_factor
                 and self.rope_original_context >= 1
             ):
                 raise ValueError(
-                    f"GPTConfig: rope scaling needs 0 < rope_low_freq_factor ({self.rope_low_freq_factor}) < "
-                    f"rope_high_freq_factor ({self.rope_high_freq_factor}) and rope_original_context >= 1 "
-                    f"({self.rope_original_context})"
+                    f"GPTConfig: rope scaling needs 0 < rope_low_freq_factor "
+                    f"({self.rope_low_freq_factor}) < rope_high_freq_factor "
+                    f"({self.rope_high_freq_factor}) and rope_original_context "
+                    f">= 1 ({self.rope_original_context})"
                 )
 
     @property
@@ -200,7 +204,8 @@ _LLAMA: dict[str, Any] = dict(
 PRESETS: dict[str, GPTConfig] = {
     # < 1M parameters at vocab 4096: trains in seconds on a CPU, for tests and the local pipeline.
     "tiny": GPTConfig(vocab_size=4096, context_length=128, n_layer=4, n_head=4, d_model=64),
-    # 1.3M parameters at vocab 4096: the default local pipeline's model, minutes on 2 CPU cores in bf16.
+    # 1.3M parameters at vocab 4096: the default local pipeline's model, minutes on 2 CPU cores in
+    # bf16.
     "small": GPTConfig(vocab_size=4096, context_length=128, n_layer=4, n_head=4, d_model=128),
     "gpt2-124m": GPTConfig(n_layer=12, n_head=12, d_model=768),
     "gpt2-350m": GPTConfig(n_layer=24, n_head=16, d_model=1024),

@@ -9,9 +9,9 @@ ops and no module calls: parameters looked up once per generation, no dropout ch
 or mask tensors built per step, this position's keys and values written to the cache in one copy,
 and the residual adds and the GELU fused into the oneDNN-packed products (packed.py). Both families
 run through it: the norm, the positions (a learned row added, or each row's rotary angles applied to
-its query and key), grouped-query attention and the MLP follow the config as GPT.forward does. Measured per
-generated token against GPT.forward with the same cache and packing: 1.2-1.7x faster for 4-layer
-models of width 64-256, 1.05x for GPT-2 124M, where streaming the weights dominates.
+its query and key), grouped-query attention and the MLP follow the config as GPT.forward does.
+Measured per generated token against GPT.forward with the same cache and packing: 1.2-1.7x faster
+for 4-layer models of width 64-256, 1.05x for GPT-2 124M, where streaming the weights dominates.
 Tests hold it to GPT.forward: same logits within 1e-5, padded batches, with and without packing.
 
 It is not a second model: it has no parameters, no training path and no options. Generation uses
@@ -40,7 +40,8 @@ def can_decode_flat(model: torch.nn.Module) -> bool:
     if getattr(nn_module, "_global_forward_hooks", None) or getattr(
         nn_module, "_global_forward_pre_hooks", None
     ):
-        return False  # hooks registered for every module (torch.nn.modules.module.register_module_forward_hook)
+        # hooks registered for every module (torch.nn.modules.module.register_module_forward_hook)
+        return False
     return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
@@ -86,8 +87,8 @@ class _Weights:
     def embed(
         self, ids: torch.Tensor, positions: torch.Tensor | int
     ) -> tuple[torch.Tensor, tuple | None]:
-        """The newest tokens' embeddings (B, C) and, for rotary positions, cos and sin (B or 1, 1, hs)
-        at `positions` (B,) or one position for every row."""
+        """The newest tokens' embeddings (B, C) and, for rotary positions, cos and sin (B or 1, 1,
+        hs) at `positions` (B,) or one position for every row."""
         x = F.embedding(ids, self.wte)  # (B, C)
         if self.wpe is not None:
             return x + (
@@ -140,7 +141,8 @@ class _Weights:
                 qk.copy_(qk * rope[0] + torch.cat((-x2, x1), dim=-1) * rope[1])
             store(kv, qkv[:, nh:].view(B, 2, nkv, hs))
             k, v = kv[:, :B].narrow(3, 0, S)  # (B, nkv, S, hs) each
-            # A group's query heads attend to the same keys: as `group` queries of one head (B, nkv, group, hs).
+            # A group's query heads attend to the same keys: as `group` queries of one head (B, nkv,
+            # group, hs).
             q = qkv[:, :nh].view(B, nkv, group, hs)
             q = q if q.dtype == kv.dtype else q.to(kv.dtype)  # attention in the cache's dtype
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).reshape(B, C)

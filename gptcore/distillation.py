@@ -1,12 +1,13 @@
 """Knowledge distillation loss, fused and chunked like the cross-entropy in fused_loss.py.
 
-The student's loss at each kept position is ``alpha * CE(label) + (1 - alpha) * tau^2 * KL(p_t || q_s)``
-where ``q_s = softmax(z_s / tau)`` and ``p_t = softmax(z_t / tau)`` are the student's and the teacher's
-distributions at temperature ``tau`` (Hinton et al., 2015; the ``tau^2`` keeps the soft term's gradient
-on the scale of the hard term's as ``tau`` changes). Neither model's (B, T, vocab) logits exist at
-once: the teacher hands over its final hidden states and LM-head weight, and the rows are processed
-a chunk at a time -- both models' logits for one chunk, the loss, and at once the gradient with
-respect to the student's hidden states and head weight::
+The student's loss at each kept position is
+``alpha * CE(label) + (1 - alpha) * tau^2 * KL(p_t || q_s)`` where ``q_s = softmax(z_s / tau)`` and
+``p_t = softmax(z_t / tau)`` are the student's and the teacher's distributions at temperature
+``tau`` (Hinton et al., 2015; the ``tau^2`` keeps the soft term's gradient on the scale of the hard
+term's as ``tau`` changes). Neither model's (B, T, vocab) logits exist at once: the teacher hands
+over its final hidden states and LM-head weight, and the rows are processed a chunk at a time --
+both models' logits for one chunk, the loss, and at once the gradient with respect to the student's
+hidden states and head weight::
 
     d loss / d z_s = alpha * (softmax(z_s) - onehot(label)) + (1 - alpha) * tau * (q_s - p_t)
 
@@ -29,9 +30,10 @@ _MIN_CHUNK_ROWS = 32
 class Distillation:
     """What the student's forward needs from its teacher for one batch.
 
-    ``hidden``: the teacher's final (post-LayerNorm) hidden states for the same input, (B, T, C_teacher),
-    computed without gradients; ``weight``: the teacher's LM head, (vocab, C_teacher). ``parts`` is
-    filled in by the forward: the mean cross-entropy and KL over the kept positions (detached), for logging.
+    ``hidden``: the teacher's final (post-LayerNorm) hidden states for the same input, (B, T,
+    C_teacher), computed without gradients; ``weight``: the teacher's LM head, (vocab, C_teacher).
+    ``parts`` is filled in by the forward: the mean cross-entropy and KL over the kept positions
+    (detached), for logging.
     """
 
     hidden: torch.Tensor
@@ -62,20 +64,23 @@ def chunked_distillation_loss(
     alpha: float,
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss sum, cross-entropy sum, KL sum) over rows with target != -1; only the first is differentiable.
+    """(loss sum, cross-entropy sum, KL sum) over rows with target != -1; only the first is
+    differentiable.
 
-    hidden (N, C) and weight (V, C): the student's; teacher_hidden (N, C_t) and teacher_weight (V, C_t):
-    the teacher's; targets (N,), -1 for ignored rows. Softmaxes in fp32; under autocast the matmuls run
-    in the autocast dtype.
+    hidden (N, C) and weight (V, C): the student's; teacher_hidden (N, C_t) and teacher_weight (V,
+    C_t): the teacher's; targets (N,), -1 for ignored rows. Softmaxes in fp32; under autocast the
+    matmuls run in the autocast dtype.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(
-            f"hidden must be (N, C) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+            f"hidden must be (N, C) and targets (N,), got "
+            f"{tuple(hidden.shape)} and {tuple(targets.shape)}"
         )
     if teacher_hidden.shape[0] != hidden.shape[0] or teacher_weight.shape[0] != weight.shape[0]:
         raise ValueError(
-            f"teacher rows {tuple(teacher_hidden.shape)} and vocabulary {tuple(teacher_weight.shape)} "
-            f"must match the student's {tuple(hidden.shape)} and {tuple(weight.shape)}"
+            f"teacher rows {tuple(teacher_hidden.shape)} and "
+            f"vocabulary {tuple(teacher_weight.shape)} must match the "
+            f"student's {tuple(hidden.shape)} and {tuple(weight.shape)}"
         )
     check_distillation(alpha, temperature)
     return _ChunkedDistillation.apply(
@@ -122,7 +127,8 @@ class _ChunkedDistillation(torch.autograd.Function):
                 )
                 if grad_x is None and grad_w is None:
                     continue
-                # alpha * (softmax(z) - onehot) + (1 - alpha) * tau * (q - p_t), zero on ignored rows
+                # alpha * (softmax(z) - onehot) + (1 - alpha) * tau * (q - p_t),
+                # zero on ignored rows
                 grad = log_p.exp_().mul_(alpha)
                 grad.scatter_add_(1, tgt, torch.full_like(ce, -alpha))
                 grad.add_(log_q.exp_().sub_(p_t), alpha=(1.0 - alpha) * tau)

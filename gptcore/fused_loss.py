@@ -29,7 +29,8 @@ def chunked_cross_entropy(
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(
-            f"hidden must be (N, C) and targets (N,), got {tuple(hidden.shape)} and {tuple(targets.shape)}"
+            f"hidden must be (N, C) and targets (N,), got "
+            f"{tuple(hidden.shape)} and {tuple(targets.shape)}"
         )
     return _ChunkedCrossEntropy.apply(hidden, weight, targets)
 

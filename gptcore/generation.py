@@ -311,8 +311,8 @@ def _left_pad(rows: list[list[int]], device: torch.device) -> tuple[torch.Tensor
 
 
 def _cache_dtype(model: GPT) -> torch.dtype:
-    """The model's dtype, except fp32 for a half-precision model on CPU: torch's CPU attention at one
-    query per row measured 6x slower in bf16 than in fp32 (8 rows, 160 keys: 323 vs 51 µs), and
+    """The model's dtype, except fp32 for a half-precision model on CPU: torch's CPU attention at
+    one query per row measured 6x slower in bf16 than in fp32 (8 rows, 160 keys: 323 vs 51 µs), and
     half-precision keys and values are exact in fp32."""
     weight = next(model.parameters())
     if weight.device.type == "cpu" and weight.dtype in (torch.bfloat16, torch.float16):

@@ -108,7 +108,8 @@ def read_gguf(path: str | Path) -> GGUFModel:
         )
     if config["vocab_size"] != rows:
         raise ValueError(
-            f"{path}: {arch}.vocab_size={config['vocab_size']} but token_embd.weight has {rows} rows"
+            f"{path}: {arch}.vocab_size={config['vocab_size']} "
+            f"but token_embd.weight has {rows} rows"
         )
     return GGUFModel(path, config, tensors, tokenizer)
 
@@ -290,7 +291,8 @@ def _dequantize(t: Any, path: Path) -> np.ndarray:
         ) from e
     if w.size != int(np.prod(shape)):
         raise ValueError(
-            f"{path}: tensor {t.name} holds {w.size} values, its shape {shape} needs {np.prod(shape)}"
+            f"{path}: tensor {t.name} holds {w.size} values, "
+            f"its shape {shape} needs {np.prod(shape)}"
         )
     return np.ascontiguousarray(w.reshape(shape), dtype=np.float32)
 
@@ -357,8 +359,8 @@ def _tokenizer(meta: _Metadata) -> Tokenizer:
     else:
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()
-    # Control tokens (<|im_start|>, <|endoftext|>) are special: their text in the input maps to their id.
-    # User-defined ones (<think>) are matched whole too, but are not special.
+    # Control tokens (<|im_start|>, <|endoftext|>) are special: their text in the input maps to
+    # their id. User-defined ones (<think>) are matched whole too, but are not special.
     hf.add_special_tokens(
         [
             AddedToken(t, normalized=False, special=True)

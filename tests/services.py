@@ -120,10 +120,12 @@ def ray_head(
     resources: str | None = None,
     num_cpus: int = 1,
 ) -> Iterator[dict[str, str]]:
-    """`ray start --head --block` with its own --temp-dir and ports; yields gcs and dashboard addresses.
+    """`ray start --head --block` with its own --temp-dir and ports; yields gcs and dashboard
+    addresses.
 
-    Token authentication stays on (Ray's default). `ray start` may write /tmp/ray/ray_current_cluster; we
-    remove it afterwards if it still names this head (a stale file is what makes plain ray.init() hang).
+    Token authentication stays on (Ray's default). `ray start` may write
+    /tmp/ray/ray_current_cluster; we remove it afterwards if it still names this head (a stale file
+    is what makes plain ray.init() hang).
     """
     port, dash = free_port(), free_port()
     args = [
@@ -173,14 +175,15 @@ def ray_worker_node(
     resources: str | None = None,
     env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen]:
-    """A second raylet joining `gcs` (`ray start --address`), with its own CPUs and resources; yields once
-    it has joined. A joining node needs RAY_AUTH_MODE=token explicitly (only a head turns it on by
-    default) and the cluster's token (~/.ray/auth_token on this machine).
+    """A second raylet joining `gcs` (`ray start --address`), with its own CPUs and resources;
+    yields once it has joined. A joining node needs RAY_AUTH_MODE=token explicitly (only a head
+    turns it on by default) and the cluster's token (~/.ray/auth_token on this machine).
 
-    The node gets its own --temp-dir (`temp_dir`, kept short: Ray's sockets live under it). Without one it
-    inherits the head's, and two raylets on one machine would share a runtime-env cache: when this node's
-    last worker of a job exits, its agent deletes the job's working_dir under the head's driver (seen: the
-    driver's cwd vanished before `register`). Nodes of a real cluster never share that directory."""
+    The node gets its own --temp-dir (`temp_dir`, kept short: Ray's sockets live under it). Without
+    one it inherits the head's, and two raylets on one machine would share a runtime-env cache: when
+    this node's last worker of a job exits, its agent deletes the job's working_dir under the head's
+    driver (seen: the driver's cwd vanished before `register`). Nodes of a real cluster never share
+    that directory."""
     temp_dir.mkdir(parents=True, exist_ok=True)
     args = [
         "--address",
@@ -207,7 +210,8 @@ def ray_worker_node(
 
 @contextlib.contextmanager
 def mlflow_server(root: Path) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 with a sqlite store and proxied artifacts under `root`; yields its URI."""
+    """`mlflow server` on 127.0.0.1 with a sqlite store and proxied artifacts under `root`; yields
+    its URI."""
     port = free_port()
     root.mkdir(parents=True, exist_ok=True)
     args = [

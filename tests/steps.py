@@ -30,7 +30,8 @@ def train(cfg: PipelineConfig, stage: str = "pretrain") -> Path:
 
 
 def prepare(cfg: PipelineConfig, stage: str = "pretrain") -> RunSpec:
-    """The training run's spec (flows/train/prepare.py) for the output directory the runner would give it."""
+    """The training run's spec (flows/train/prepare.py) for the output directory the runner would
+    give it."""
     planned = (
         {p.step.name: p for p in pipeline.plan(cfg, wanted=[stage])}
         if stage in ("pretrain", "finetune")

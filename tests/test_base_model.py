@@ -99,7 +99,7 @@ def test_a_changed_source_is_a_new_import_and_a_missing_one_an_error(tmp_path, t
         resolve_init("/nowhere", ctx, "finetune")
 
 
-# --------------------------------------------------------------------------- chat rendering and masks
+# ------------------------------------------------------------------------- chat rendering and masks
 
 
 def _tokenized(record, tok, template=True):
@@ -150,7 +150,8 @@ def test_a_prompt_completion_pair_becomes_a_user_and_an_assistant_turn(tok):
     assert (
         tok.decode([i for i, m in zip(ids, mask, strict=True) if m]) == "Return x twice.<|im_end|>"
     )
-    # Without a template: a pair is concatenated as from scratch, the completion and <|endoftext|> trained.
+    # Without a template: a pair is concatenated as from scratch, the completion and <|endoftext|>
+    # trained.
     (ids, mask), _ = _tokenized(
         {"prompt": "def f(x):", "completion": " Return x."}, tok, template=False
     )

@@ -1,4 +1,5 @@
-"""The `gptflow` command line as a user runs it: a real subprocess, real Ray, DeepSpeed and MLflow."""
+"""The `gptflow` command line as a user runs it: a real subprocess, real Ray, DeepSpeed and
+MLflow."""
 
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ def _table(stdout: str) -> dict[str, list[str]]:
 
 
 def _assert_quiet(out: subprocess.CompletedProcess, workdir: Path, steps: tuple[str, ...]) -> None:
-    """Through a pipe: the pipeline's own lines only (<= 80 besides progress), live progress as plain
-    lines, and the Ray, DeepSpeed and MLflow output in <workdir>/logs/<step>.log, each named on its step's line."""
+    """Through a pipe: the pipeline's own lines only (<= 80 besides progress), live progress as
+    plain lines, and the Ray, DeepSpeed and MLflow output in <workdir>/logs/<step>.log, each named
+    on its step's line."""
     from flows.console import MARK
 
     both = (out.stderr + out.stdout).splitlines()
@@ -133,7 +135,8 @@ def test_config_prints_resolved_json(tmp_path):
 
 @pytest.mark.slow
 def test_run_pipeline_prints_bundle_last_and_generate_uses_it(tmp_path):
-    """The README's main job, small: preprocess -> pretrain -> finetune -> evaluate, then generate."""
+    """The README's main job, small: preprocess -> pretrain -> finetune -> evaluate, then
+    generate."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(
         "\n\n".join(

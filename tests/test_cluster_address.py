@@ -33,8 +33,9 @@ def _closed_port() -> int:
 
 @pytest.fixture
 def stale_ray_tmpdir():
-    """A RAY_TMPDIR whose ray/ray_current_cluster names a dead head (as after a killed `ray start --head`).
-    Short path under /tmp: Ray's unix socket paths live under it and have a length limit."""
+    """A RAY_TMPDIR whose ray/ray_current_cluster names a dead head (as after a killed
+    `ray start --head`). Short path under /tmp: Ray's unix socket paths live under it and have a
+    length limit."""
     root = tempfile.mkdtemp(prefix="gfr", dir="/tmp")
     dead = f"127.0.0.1:{_closed_port()}"
     (Path(root) / "ray").mkdir()
@@ -62,7 +63,8 @@ def test_no_address_starts_a_local_ray_and_ignores_a_stale_current_cluster_file(
         "from ray._private.services import canonicalize_bootstrap_address\n"
         "from flows.cluster import ensure_ray, shutdown_ray\n"
         "from flows.config import ClusterConfig\n"
-        "print('ray would join', canonicalize_bootstrap_address(None))\n"  # what a plain ray.init() reads
+        # what a plain ray.init() reads
+        "print('ray would join', canonicalize_bootstrap_address(None))\n"
         "ensure_ray(ClusterConfig(num_cpus=1))\n"
         "print('joined', ray.get_runtime_context().gcs_address)\n"
         "print('cpus', ray.cluster_resources().get('CPU'))\n"

@@ -1,4 +1,5 @@
-"""Configuration: defaults, YAML, dotted overrides; unknown keys and wrong types name key and file."""
+"""Configuration: defaults, YAML, dotted overrides; unknown keys and wrong types name key and
+file."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Crashes never leave an output that is later trusted: files are fsynced before they are renamed
 into place and their directory after, a bundle is a bundle only once its metadata.json is back, a
 resume counts only complete checkpoints and loads none whose files differ from what was recorded,
-and the caches and fingerprints that decide "already done" key on everything that decides the result."""
+and the caches and fingerprints that decide "already done" key on everything that decides the
+result."""
 
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ def test_bundle_files_are_fsynced_and_renamed_with_metadata_last(tmp_path, disk_
 
 
 def test_a_crash_while_overwriting_a_bundle_leaves_no_loadable_mix(tmp_path, monkeypatch):
-    """New weights beside the old tokenizer would load silently; without metadata.json it is no bundle."""
+    """New weights beside the old tokenizer would load silently; without metadata.json it is no
+    bundle."""
     from gptcore import load_bundle, save_bundle
     from gptcore.bundle import BundleError
 
@@ -148,7 +150,8 @@ def _plan(tmp_path: Path, steps: int) -> SimpleNamespace:
 
 
 def _checkpoint(run_dir: Path, step: int, world: int = 2, complete: bool = True) -> Path:
-    """A checkpoint directory as Ray assembles it from `world` ranks (each rank's files + its record)."""
+    """A checkpoint directory as Ray assembles it from `world` ranks (each rank's files + its
+    record)."""
     d = run_dir / ckpt.checkpoint_dir_name(step)
     for rank in range(world):
         tmp = run_dir / f"rank{rank}-{step}"
@@ -228,7 +231,7 @@ def test_a_checkpoint_file_changed_in_storage_is_refused_before_anything_unpickl
     assert not Engine.loaded
 
 
-# --------------------------------------------------------------------------- what "already done" keys on
+# ---------------------------------------------------------------------- what "already done" keys on
 
 
 def test_the_hugging_face_import_cache_keys_on_every_source_file(tmp_path):
@@ -261,8 +264,8 @@ def test_the_hugging_face_import_cache_keys_on_every_source_file(tmp_path):
 
 
 def test_a_url_without_etag_or_version_is_fingerprinted_by_its_content():
-    """memory:// (like a plain HTTP server or file://) gives no content tag: its bytes are hashed, so a
-    same-size rewrite is noticed."""
+    """memory:// (like a plain HTTP server or file://) gives no content tag: its bytes are hashed,
+    so a same-size rewrite is noticed."""
     import fsspec
 
     from flows.data.inputs import describe

@@ -1,6 +1,7 @@
 """`gptflow import` / `export` / `generate --chat` as a user runs them (a real subprocess): GGUF and
 Hugging Face sources to a bundle and back to a directory transformers loads unmodified with the same
-logits, tokenizer and chat template; bad input is one line, exit 2, and the output left as it was."""
+logits, tokenizer and chat template; bad input is one line, exit 2, and the output left as it
+was."""
 
 from __future__ import annotations
 

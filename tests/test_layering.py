@@ -54,10 +54,12 @@ def test_tokenizer_import_does_not_load_torch():
 
 
 def test_exports_stay_functions_after_importing_every_submodule():
-    """A submodule named like an export (gptcore/generate.py) would replace the function on import."""
+    """A submodule named like an export (gptcore/generate.py) would replace the function on
+    import."""
     code = (
         "import importlib, pkgutil, gptcore; "
-        "[importlib.import_module('gptcore.' + m.name) for m in pkgutil.iter_modules(gptcore.__path__)]; "
+        "[importlib.import_module('gptcore.' + m.name) "
+        "for m in pkgutil.iter_modules(gptcore.__path__)]; "
         "from gptcore import generate, load_bundle, preset; "
         "print(all(callable(f) and not hasattr(f, '__path__') and type(f).__name__ != 'module' "
         "for f in (generate, load_bundle, preset)))"
@@ -70,7 +72,8 @@ def test_importing_the_config_loads_no_stage_system():
     """`gptflow config`, the CLI's parsing and every stage read flows.config: it must stay light."""
     code = (
         "import sys, flows.config; "
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow', 'deepspeed', 'torch')); "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] "
+        "in ('ray', 'mlflow', 'deepspeed', 'torch')); "
         "print(','.join(bad))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -136,8 +139,8 @@ def test_stage_packages_import_only_downward_and_never_the_runner():
         for d in deps
         if d.startswith(banned) and d != m and not (pkg == "flows.workdir" and d in ("flows",))
     ]
-    # The config modules (flows/config.py, the sections beside their stages, flows/configlib.py) import
-    # only one another: a config is read without any stage.
+    # The config modules (flows/config.py, the sections beside their stages, flows/configlib.py)
+    # import only one another: a config is read without any stage.
     config = {m for m in graph if m in ("flows.config", "flows.configlib") or m.endswith(".config")}
     offenders += [f"{m} imports {d}" for m in sorted(config) for d in graph[m] if d not in config]
     assert not offenders, offenders

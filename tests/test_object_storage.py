@@ -1,7 +1,7 @@
-"""Object storage: preprocessing reads its corpus from s3://, Ray Train writes its resume checkpoints
-to s3:// and resumes from them, against a real S3-compatible server (moto's server mode on
-127.0.0.1) the test starts and stops; credentials come from the AWS_* environment and appear in no
-output, log or file. A protocol whose fsspec driver is missing is a one-line error naming the URL
+"""Object storage: preprocessing reads its corpus from s3://, Ray Train writes its resume
+checkpoints to s3:// and resumes from them, against a real S3-compatible server (moto's server mode
+on 127.0.0.1) the test starts and stops; credentials come from the AWS_* environment and appear in
+no output, log or file. A protocol whose fsspec driver is missing is a one-line error naming the URL
 and the pip install."""
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def test_a_missing_fsspec_driver_is_one_line_naming_url_and_install(tmp_path):
     code = (
         "import sys; sys.modules['s3fs'] = None\n"
         "from flows.cli import main\n"
-        "sys.exit(main(['preprocess', '--input', 's3://bucket/corpus/', '--no-tracking', '--workdir', 'w']))\n"
+        "sys.exit(main(['preprocess', '--input', "
+        "'s3://bucket/corpus/', '--no-tracking', '--workdir', 'w']))\n"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
@@ -53,8 +54,9 @@ def test_a_missing_fsspec_driver_is_one_line_naming_url_and_install(tmp_path):
     assert out.returncode == 2, out.stderr[-3000:]
     errors = [line for line in out.stderr.splitlines() if "error:" in line]
     assert errors == [
-        "gptflow preprocess: error: data.inputs: s3://bucket/corpus/: reading s3:// needs the fsspec driver s3fs, "
-        "which is not installed: pip install 'gptflow[cloud]' (or pip install s3fs)"
+        "gptflow preprocess: error: data.inputs: s3://bucket/corpus/: "
+        "reading s3:// needs the fsspec driver s3fs, which is not "
+        "installed: pip install 'gptflow[cloud]' (or pip install s3fs)"
     ], out.stderr[-3000:]
     assert "Traceback" not in out.stderr
 

@@ -1,12 +1,12 @@
-"""Step hashes stay put: every step's output key, for the shipped configs and a few overrides, is the
-key main computed before the hashing rules moved from hand-written tuples in flows/pipeline.py onto
-the config fields themselves.
+"""Step hashes stay put: every step's output key, for the shipped configs and a few overrides, is
+the key main computed before the hashing rules moved from hand-written tuples in flows/pipeline.py
+onto the config fields themselves.
 
 The check is an independent re-derivation from main's hand-written tuples, written out here as the
 spec. (The move itself was also checked against the literal keys main computed; they were dropped
-when the test-only `fail_at_step` left TrainConfig, which changed them deliberately.) The inputs' content (the raw
-corpus) is stubbed: it is not what the rules decide, and reading it would tie the keys to this
-machine's Python docs.
+when the test-only `fail_at_step` left TrainConfig, which changed them deliberately.) The inputs'
+content (the raw corpus) is stubbed: it is not what the rules decide, and reading it would tie the
+keys to this machine's Python docs.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _content_stubbed(monkeypatch):
     monkeypatch.setattr(flows.data.stage, "fingerprint", _stub_inputs)
 
 
-# --------------------------------------------------------------------------- main's rules, written out
+# ------------------------------------------------------------------------ main's rules, written out
 
 _TRAIN = ("data", "init", "run_name", "storage_path")
 _DATA = (
@@ -163,7 +163,7 @@ def test_step_keys_follow_mains_rules(name, tmp_path):
         assert p.key == keys[p.step.name], p.step.name
 
 
-# --------------------------------------------------------------------------- the rules on the fields
+# -------------------------------------------------------------------------- the rules on the fields
 
 
 def test_a_new_field_is_hashed_unless_declared_otherwise(tmp_path):

@@ -217,7 +217,7 @@ def test_cron_never_overlaps_coalesces_survives_a_restart_and_stops_on_sigterm(t
     assert len(_outcomes(work)) == after["counts"]["triggers"]  # every trigger is in MLflow too
 
 
-# --------------------------------------------------------------------------- the loop, Jobs API scripted
+# ---------------------------------------------------------------------- the loop, Jobs API scripted
 
 ADDRESS = "http://127.0.0.1:8265"
 
@@ -227,10 +227,10 @@ class Killed(BaseException):
 
 
 class FakeJobs:
-    """Ray's Jobs API as the scheduler reaches it through flows/ops/jobs.py, scripted. Each submitted
-    job answers the statuses of its script in turn (the last repeats); an entry that is an exception
-    is raised instead. `submit_errors` are raised by the next submissions; `after_submit` runs after
-    each accepted one."""
+    """Ray's Jobs API as the scheduler reaches it through flows/ops/jobs.py, scripted. Each
+    submitted job answers the statuses of its script in turn (the last repeats); an entry that is an
+    exception is raised instead. `submit_errors` are raised by the next submissions; `after_submit`
+    runs after each accepted one."""
 
     def __init__(self, monkeypatch, *scripts):
         self.scripts = [list(sc) for sc in scripts]
@@ -288,7 +288,8 @@ def _config(corpus: Path, work: Path, **schedule_keys) -> PipelineConfig:
 
 
 def _history(s: Scheduler) -> list[str]:
-    """The outcomes on disk, without the coalesced fire times a slow machine may add between them."""
+    """The outcomes on disk, without the coalesced fire times a slow machine may add between
+    them."""
     return [
         h["outcome"]
         for h in json.loads(s.state_path.read_text())["history"]
@@ -298,8 +299,8 @@ def _history(s: Scheduler) -> list[str]:
 
 def test_a_trigger_that_raises_is_recorded_failed_and_the_schedule_goes_on(tmp_path, monkeypatch):
     """Fingerprinting that raises (a stale NFS handle), a submission that raises (the Jobs API
-    answering 503) and a dashboard blip while the job runs: none ends the loop. Each failure is in the
-    state file with its error, the credentials in it replaced by ***."""
+    answering 503) and a dashboard blip while the job runs: none ends the loop. Each failure is in
+    the state file with its error, the credentials in it replaced by ***."""
     monkeypatch.setenv("RAY_AUTH_TOKEN", "ray-token-planted-7f3a")
     work = tmp_path / "w"
     s = Scheduler(
@@ -341,9 +342,9 @@ def test_a_trigger_that_raises_is_recorded_failed_and_the_schedule_goes_on(tmp_p
 
 
 def test_inputs_still_being_written_defer_the_trigger_until_they_are_settled(tmp_path, monkeypatch):
-    """A file whose size or mtime changed within schedule.settle_s is neither fingerprinted nor trained
-    on: the trigger is deferred, naming it, and the next one looks again. Time passing is written into
-    the files' mtimes and the first look's time, never waited for."""
+    """A file whose size or mtime changed within schedule.settle_s is neither fingerprinted nor
+    trained on: the trigger is deferred, naming it, and the next one looks again. Time passing is
+    written into the files' mtimes and the first look's time, never waited for."""
     import flows.data.stage
 
     corpus = _corpus(tmp_path / "corpus")
@@ -374,8 +375,8 @@ def test_inputs_still_being_written_defer_the_trigger_until_they_are_settled(tmp
     assert s.fire(when + dt.timedelta(hours=1))["outcome"] == "ran"
     assert fingerprinted and len(cluster.submitted) == 1
 
-    # A file server whose clock runs ahead: an mtime that always looks recent. Two looks settle_s apart
-    # that see the same size and mtime are settled; a change between them is not.
+    # A file server whose clock runs ahead: an mtime that always looks recent. Two looks settle_s
+    # apart that see the same size and mtime are settled; a change between them is not.
     ahead = time.time() + 7200
     late = corpus / "late.txt"
     late.write_text(document(51, 300))

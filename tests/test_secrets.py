@@ -99,7 +99,8 @@ def test_tracker_params_tags_and_dataset_sources_are_redacted(tmp_path):
 
 @pytest.fixture
 def http_corpus(tmp_path):
-    """A real HTTP server on 127.0.0.1 serving corpus.txt (it ignores the credentials and the query)."""
+    """A real HTTP server on 127.0.0.1 serving corpus.txt (it ignores the credentials and the
+    query)."""
     root = tmp_path / "served"
     root.mkdir()
     (root / "corpus.txt").write_text("\n\n".join(document(i, 120) for i in range(30)))
@@ -187,7 +188,7 @@ def test_an_unreachable_url_is_a_redacted_one_line_error_exit_2(tmp_path):
         assert ("Traceback" in out.stderr) == bool(verbose)
 
 
-# --------------------------------------------------------------------------- Ray token authentication
+# ------------------------------------------------------------------------- Ray token authentication
 
 
 def test_a_cluster_that_does_not_enforce_token_auth_is_refused_unless_allowed(caplog):
@@ -214,7 +215,8 @@ def test_connecting_asserts_that_the_cluster_refuses_requests_without_the_token(
 def test_a_ray_instance_without_token_auth_is_refused_and_left(tmp_path):
     """... and one started with RAY_AUTH_MODE=disabled is refused, and disconnected from."""
     code = (
-        "from flows.cluster import ensure_ray; from flows.config import ClusterConfig, ConfigError; import ray\n"
+        "from flows.cluster import ensure_ray; "
+        "from flows.config import ClusterConfig, ConfigError; import ray\n"
         "try:\n    ensure_ray(ClusterConfig(num_cpus=1))\nexcept ConfigError as e:\n"
         "    print('REFUSED', e, ray.is_initialized())\nelse:\n    print('ACCEPTED')\n"
     )
@@ -236,7 +238,7 @@ def test_a_ray_instance_without_token_auth_is_refused_and_left(tmp_path):
     )  # ray.shutdown() ran: nothing left connected
 
 
-# --------------------------------------------------------------------------- the tracking URI's credentials
+# ------------------------------------------------------------------- the tracking URI's credentials
 
 
 def _closed_port() -> int:
@@ -261,8 +263,9 @@ def _gptflow(*args: str, cwd, env: dict[str, str] | None = None, timeout: int = 
 
 
 def test_a_tracking_server_that_is_down_is_one_redacted_line_and_exit_2(tmp_path):
-    """It used to be 4 min 20 s of urllib3 retries, then five chained tracebacks ending in the URI with
-    its password. Now a bounded probe before any stage, for the pipeline, the registry and serving."""
+    """It used to be 4 min 20 s of urllib3 retries, then five chained tracebacks ending in the URI
+    with its password. Now a bounded probe before any stage, for the pipeline, the registry and
+    serving."""
     port = _closed_port()
     env = {"MLFLOW_TRACKING_URI": f"http://user:hunter2@127.0.0.1:{port}"}
     for args in (("run",), ("models", "gpt"), ("promote", "gpt", "--version", "1"), ("serve",)):
@@ -279,7 +282,8 @@ def test_a_tracking_server_that_is_down_is_one_redacted_line_and_exit_2(tmp_path
 
 @pytest.fixture
 def failing_api():
-    """An HTTP server on 127.0.0.1 that answers /health and fails every MLflow API call with a 500."""
+    """An HTTP server on 127.0.0.1 that answers /health and fails every MLflow API call with a
+    500."""
 
     class Broken(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - the http.server interface
@@ -384,8 +388,8 @@ def test_credentials_in_the_tracking_uri_reach_no_output_and_no_file(tmp_path):
 
 
 def test_ray_workers_redact_credentials_in_their_logs(ray_local):
-    """The redacting log filter is installed in every worker process (worker_process_setup_hook), not
-    only in the CLI's: a worker's log files hold no password."""
+    """The redacting log filter is installed in every worker process (worker_process_setup_hook),
+    not only in the CLI's: a worker's log files hold no password."""
     import time
 
     import ray

@@ -36,7 +36,8 @@ class _Tty(_Pipe):
 
 
 def _console(tmp_path: Path, terminal: io.StringIO, every_s: float = 10.0) -> Console:
-    # verbose: nothing is routed (no dup2 of pytest's own file descriptors); progress is drawn the same way
+    # verbose: nothing is routed (no dup2 of pytest's own file descriptors); progress is drawn the
+    # same way
     c = Console(tmp_path, verbose=True, every_s=every_s, terminal=terminal)
     c.tty = terminal.isatty()
     return c
@@ -180,8 +181,8 @@ def test_status_shows_champion_challenger_what_serve_loads_and_the_schedule(stor
     assert f"registry: gpt challenger: version {worst}" in screen
     assert f"serve would load: gpt@champion = version {best}" in screen
     assert (
-        "schedule '0 3 * * *': last trigger 2026-12-01T03:00:00+00:00: ran; next 2026-12-02T03:00:00+00:00"
-        in screen
+        "schedule '0 3 * * *': last trigger 2026-12-01T03:00:00+00:00: ran; "
+        "next 2026-12-02T03:00:00+00:00" in screen
     )
     assert (
         json.loads(json.dumps(facts, default=str))["serve"]["version"] == best

@@ -42,7 +42,8 @@ def test_failed_stage_marks_run_failed_and_reraises(tmp_path):
 
 
 def test_each_workdir_keeps_its_own_store(tmp_path):
-    """MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI; that must not leak to the next stage."""
+    """MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI; that must not leak to the next
+    stage."""
     a, b = tmp_path / "a", tmp_path / "b"
     with stage_run(TrackingConfig(), a, "one") as first:
         pass

@@ -1,7 +1,7 @@
-"""Errors a user can act on: a malformed manifest.json, bundle or Hugging Face config.json, a corrupt
-safetensors file, bad GPT-2 vocab.json / merges.txt, an unwritable workdir, an out-of-range setting --
-each is one line naming the file (or key) and the problem, exit code 2, and a traceback only with -v.
-Nothing is skipped without a count."""
+"""Errors a user can act on: a malformed manifest.json, bundle or Hugging Face config.json, a
+corrupt safetensors file, bad GPT-2 vocab.json / merges.txt, an unwritable workdir, an out-of-range
+setting -- each is one line naming the file (or key) and the problem, exit code 2, and a traceback
+only with -v. Nothing is skipped without a count."""
 
 from __future__ import annotations
 
@@ -326,7 +326,8 @@ def test_out_of_range_sampling_flags_of_gptflow_generate_are_exit_2(bundle, tmp_
 
 
 def _config_classes() -> list[type]:
-    """Every section flows.config composes (defined there or beside its stage, in flows/*/config.py)."""
+    """Every section flows.config composes (defined there or beside its stage, in
+    flows/*/config.py)."""
     return [
         c
         for c in vars(config_module).values()
@@ -349,7 +350,8 @@ def _numeric_fields(cls: type) -> list[tuple[str, type]]:
 
 
 def test_every_numeric_setting_of_every_config_section_is_range_checked():
-    """A setting nobody checks takes any value; this enumerates them, so a new one cannot slip by."""
+    """A setting nobody checks takes any value; this enumerates them, so a new one cannot slip
+    by."""
     unchecked = []
     checked = 0
     for cls in _config_classes():

@@ -79,7 +79,8 @@ def test_a_compressed_file_is_sized_by_what_it_decompresses_to(tmp_path):
     files = inputs.describe([str(big), *(str(p) for p in sorted(tmp_path.glob("*.txt")))])
     assert content_size(files[0]) == len(blob) > 3 * files[0].size
     units = plan_units(files, _data(work_unit_bytes=len(blob) // 2))
-    # The archive fills a unit of its own; before, its (compressed) size let the small files join it.
+    # The archive fills a unit of its own; before, its (compressed) size let the small files join
+    # it.
     assert [[s.file.path for s in u.segments] for u in units][0] == [str(big)]
 
 

@@ -130,13 +130,16 @@ def test_load_manifest_names_the_missing_or_corrupt_file(dataset, tmp_path):
         load_manifest(broken)
 
 
-_KILL_SCRIPT = """
+_KILL_SCRIPT = (
+    """
 import sys
 from flows.config import DataConfig, PipelineConfig, TrackingConfig
 from flows.pipeline import run
-cfg = PipelineConfig(workdir=sys.argv[1], data=DataConfig(**{args}), tracking=TrackingConfig(enabled=False))
+cfg = PipelineConfig(workdir=sys.argv[1], data=DataConfig(**{args}), """
+    """tracking=TrackingConfig(enabled=False))
 run(cfg, only=["preprocess"])
 """
+)
 
 
 @pytest.mark.slow
@@ -275,9 +278,9 @@ def test_sft_examples_carry_a_mask_over_the_completion_only(corpus, dataset, tmp
     m1, m2 = mask[: ends[0] + 1], mask[ends[0] + 1 : ends[1] + 1]
     assert tok.decode(first[m1 == 0]) == "Question: what is two plus two?\nAnswer:"
     assert tok.decode(first[m1 == 1]) == " four<|endoftext|>"
-    assert (
-        tok.decode(second)
-        == "system: Be brief.\nuser: Name a colour.\nassistant: Blue.\nuser: Another?\nassistant: Red.\n<|endoftext|>"
+    assert tok.decode(second) == (
+        "system: Be brief.\nuser: Name a colour.\nassistant: Blue.\n"
+        "user: Another?\nassistant: Red.\n<|endoftext|>"
     )
     assert tok.decode(second[m2 == 1]) == "Blue.\nRed.\n<|endoftext|>"
 

@@ -141,10 +141,10 @@ def test_all_counts_add_up(result):
 
 
 def test_more_unreadable_records_than_max_drop_fraction_fail_and_name_the_file(tmp_path, ray_local):
-    """A truncated .gz (a download cut short, a file still being written) is one document of four lost:
-    over data.max_drop_fraction, the preprocess fails naming it and the dataset is not marked done.
-    The same inputs with a limit that allows the loss: built, in the same place (the limit shapes
-    nothing), from the work units the failed attempt already read."""
+    """A truncated .gz (a download cut short, a file still being written) is one document of four
+    lost: over data.max_drop_fraction, the preprocess fails naming it and the dataset is not marked
+    done. The same inputs with a limit that allows the loss: built, in the same place (the limit
+    shapes nothing), from the work units the failed attempt already read."""
     root = tmp_path / "in"
     root.mkdir()
     for i in range(3):
@@ -253,8 +253,8 @@ def test_a_100mb_single_line_is_cut_into_pieces_in_bounded_ranges(tmp_path, ray_
 
 
 def test_bom_json_and_literal_special_tokens_and_corrupt_zst(tmp_path, ray_local):
-    """A UTF-8 byte-order mark (Windows tools) loses no record; "<|endoftext|>" quoted in a document is
-    text, not a document boundary; a corrupt .zst is counted, not a crash."""
+    """A UTF-8 byte-order mark (Windows tools) loses no record; "<|endoftext|>" quoted in a document
+    is text, not a document boundary; a corrupt .zst is counted, not a crash."""
     root = tmp_path / "in"
     root.mkdir()
     docs = [document(300 + i, 60) for i in range(4)]

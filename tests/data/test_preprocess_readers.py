@@ -1,4 +1,5 @@
-"""Readers without Ray: byte-range work units tile a file exactly, cleaning rules, the builtin corpus."""
+"""Readers without Ray: byte-range work units tile a file exactly, cleaning rules, the builtin
+corpus."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def test_text_ranges_tile_the_file_at_character_boundaries(tmp_path, text, step,
     docs, _, stats = _docs([path], data)
     assert "invalid_utf8" not in stats.repaired  # no range was cut inside a character
     assert all(len(d) <= step for d in docs)
-    # Whitespace-only pieces are dropped (counted as empty); every other character survives, in order.
+    # Whitespace-only pieces are dropped (counted as empty); every other character survives, in
+    # order.
     assert "".join("".join(docs).split()) == "".join(text.split())
 
 

@@ -1,4 +1,5 @@
-"""Fixtures for the evaluate tests: a small tokenizer, hand-written dataset directories, tiny bundles.
+"""Fixtures for the evaluate tests: a small tokenizer, hand-written dataset directories, tiny
+bundles.
 
 Datasets are written directly in the dataset-directory layout (manifest.json, tokenizer.json,
 little-endian uint16 shards, uint8 loss masks), so these tests need neither Ray nor preprocessing.
@@ -45,7 +46,8 @@ def _write(root: Path, rel: str, data: np.ndarray) -> dict[str, str]:
 
 
 def _docs_split(root: Path, name: str, tok: Tokenizer, docs: Sequence[str], shards: int) -> dict:
-    """Documents, each followed by <|endoftext|>, dealt into `shards` shards at document boundaries."""
+    """Documents, each followed by <|endoftext|>, dealt into `shards` shards at document
+    boundaries."""
     entries = []
     for i, part in enumerate(np.array_split(np.arange(len(docs)), shards)):
         ids = [t for d in part.tolist() for t in [*tok.encode(docs[d]), tok.eot_id]]
@@ -114,7 +116,8 @@ def tok() -> Tokenizer:
 
 @pytest.fixture(scope="session")
 def make_dataset(tmp_path_factory, tok) -> Callable[..., Path]:
-    """write_dataset into a fresh directory: make_dataset(val=[...], sft_val=[...], tokenizer=...)."""
+    """write_dataset into a fresh directory: make_dataset(val=[...], sft_val=[...],
+    tokenizer=...)."""
 
     def make(tokenizer: Tokenizer | None = None, **kw) -> Path:
         return write_dataset(tmp_path_factory.mktemp("dataset"), tokenizer or tok, **kw)

@@ -1,4 +1,5 @@
-"""Interpretability: attention maps that provably are the model's, a correct attribution, real files."""
+"""Interpretability: attention maps that provably are the model's, a correct attribution, real
+files."""
 
 from __future__ import annotations
 
@@ -67,7 +68,8 @@ def test_attention_maps_times_values_reproduce_each_attention_output(model, tok)
 
 
 def test_attention_maps_refuse_to_draw_what_the_model_did_not_compute(model, tok, monkeypatch):
-    """If gptcore's attention changes (here: made non-causal), the recomputation no longer matches."""
+    """If gptcore's attention changes (here: made non-causal), the recomputation no longer
+    matches."""
     sdpa = F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: sdpa(q, k, v))
     with pytest.raises(RuntimeError, match="do not reproduce"):
@@ -152,7 +154,8 @@ def test_token_texts_escape_partial_characters_instead_of_hiding_them(tok):
 
 
 def test_attention_maps_of_a_llama_family_model_are_its_own():
-    """Rotary positions and grouped-query attention: attention_maps checks itself against the forward."""
+    """Rotary positions and grouped-query attention: attention_maps checks itself against the
+    forward."""
     from gptcore import GPT, GPTConfig
 
     torch.manual_seed(0)

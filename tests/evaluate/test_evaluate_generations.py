@@ -1,4 +1,5 @@
-"""Smoke checks: each rule fires on the output it is for, and only there; generations are reproducible."""
+"""Smoke checks: each rule fires on the output it is for, and only there; generations are
+reproducible."""
 
 from __future__ import annotations
 

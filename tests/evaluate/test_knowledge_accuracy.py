@@ -67,7 +67,8 @@ def _train(tok: Tokenizer, pairs: list[tuple[str, str]], steps: int = 200) -> GP
 
 @pytest.fixture(scope="module")
 def learned(tmp_path_factory) -> tuple[Path, Path, Path]:
-    """(dataset with the knowledge tables, a bundle that learned the trained facts, an untrained one)."""
+    """(dataset with the knowledge tables, a bundle that learned the trained facts, an untrained
+    one)."""
     root = tmp_path_factory.mktemp("knowledge")
     db = make_db(root / "elements.db")
     data = build(

@@ -180,8 +180,8 @@ def test_requests_that_cannot_fit_are_refused_when_submitted(model, tok):
 
 
 def test_rotary_positions_per_row_make_a_late_join_exact(tok):
-    """Llama family: each row's keys are rotated by its own positions, so a sequence joining a running
-    batch (other rows far ahead of it) decodes as it would alone."""
+    """Llama family: each row's keys are rotated by its own positions, so a sequence joining a
+    running batch (other rows far ahead of it) decodes as it would alone."""
     torch.manual_seed(0)
     llama = GPT(
         GPTConfig(

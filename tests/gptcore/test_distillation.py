@@ -50,8 +50,8 @@ def _models(family: str = "gpt2"):
 
 
 def _plain(student: GPT, teacher: GPT, idx, targets, mask, alpha: float, tau: float):
-    """The textbook loss alpha * CE + (1 - alpha) * tau^2 * KL(p_t || q_s), mean over kept positions;
-    with its CE and KL."""
+    """The textbook loss alpha * CE + (1 - alpha) * tau^2 * KL(p_t || q_s), mean over kept
+    positions; with its CE and KL."""
     logits, _ = student(idx)
     with torch.no_grad():
         t_logits, _ = teacher(idx)

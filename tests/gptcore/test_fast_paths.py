@@ -23,7 +23,8 @@ WIDE = GPTConfig(
 NO_BIAS = GPTConfig(
     vocab_size=1024, context_length=64, n_layer=2, n_head=4, d_model=256, bias=False
 )
-# The Llama family: RMSNorm, RoPE with Llama-3 scaling, GQA, SwiGLU (packed), untied head, attention biases.
+# The Llama family: RMSNorm, RoPE with Llama-3 scaling, GQA, SwiGLU (packed), untied head, attention
+# biases.
 LLAMA = GPTConfig(
     vocab_size=4096,
     context_length=64,

@@ -1,4 +1,5 @@
-"""Generation: greedy default, cache == no cache, batching == alone, sampling, stops, streaming, long prompts."""
+"""Generation: greedy default, cache == no cache, batching == alone, sampling, stops, streaming,
+long prompts."""
 
 from __future__ import annotations
 
@@ -47,8 +48,8 @@ def test_cache_equals_no_cache_including_past_the_context(model):
 
 
 def test_kv_cache_holds_what_the_generation_needs_not_the_whole_context(model, monkeypatch):
-    """A long-context model (SmolLM2: 8192) must not zero a context-sized cache for a short answer; past
-    the context the window still slides (test above), with a cache of the context."""
+    """A long-context model (SmolLM2: 8192) must not zero a context-sized cache for a short answer;
+    past the context the window still slides (test above), with a cache of the context."""
     import gptcore.generation
 
     sizes, real = [], gptcore.generation.KVCache

@@ -109,7 +109,8 @@ def test_bad_gguf_files_are_refused_by_name(tmp_path, tok):
         ),
         "vocab.gguf": (
             {"extra_tokens": ("<extra>",)},
-            f"tokenizer has {tok.vocab_size + 1} tokens but token_embd.weight has {tok.vocab_size} rows",
+            f"tokenizer has {tok.vocab_size + 1} tokens but "
+            f"token_embd.weight has {tok.vocab_size} rows",
         ),
         "pre.gguf": ({"pre": "falcon"}, "tokenizer.ggml.pre 'falcon' is not supported"),
     }

@@ -1,4 +1,5 @@
-"""Parity with Hugging Face GPT-2 (randomly initialised, no download): logits and greedy text, both ways."""
+"""Parity with Hugging Face GPT-2 (randomly initialised, no download): logits and greedy text, both
+ways."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Parity with Hugging Face Llama (randomly initialised, no download): import, export, config layouts,
-parameter counts of the presets, and the errors of bad directories."""
+"""Parity with Hugging Face Llama (randomly initialised, no download): import, export, config
+layouts, parameter counts of the presets, and the errors of bad directories."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from gptcore.hf import config_from_hf, export_hf, load_hf_model, model_from_hf
 
 transformers = pytest.importorskip("transformers")
 
-# Small shapes covering every switch: GQA and MHA, tied and untied, biases, two RoPE bases, Llama-3 scaling.
+# Small shapes covering every switch: GQA and MHA, tied and untied, biases, two RoPE bases, Llama-3
+# scaling.
 SHAPES = {
     "gqa-tied": dict(
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e4
@@ -115,7 +116,8 @@ def test_import_and_export_match_transformers(tmp_path, shape):
 
 
 def test_both_config_layouts_read_the_same(tmp_path):
-    """transformers 5 writes `rope_parameters`; transformers 4 wrote top-level rope_theta and rope_scaling."""
+    """transformers 5 writes `rope_parameters`; transformers 4 wrote top-level rope_theta and
+    rope_scaling."""
     hf = _hf_model("gqa-llama3-scaling")
     hf.save_pretrained(tmp_path)
     v5 = json.loads((tmp_path / "config.json").read_text())
@@ -189,8 +191,8 @@ def test_unsupported_settings_name_the_key_and_file(key, value, message):
         config_from_hf(config, source="my/config.json")
 
 
-# The published configs' shapes (huggingface.co/HuggingFaceTB/SmolLM2-135M, -360M, meta-llama/Llama-3.2-1B);
-# all three use rms_norm_eps 1e-5 and tied embeddings.
+# The published configs' shapes (huggingface.co/HuggingFaceTB/SmolLM2-135M, -360M,
+# meta-llama/Llama-3.2-1B); all three use rms_norm_eps 1e-5 and tied embeddings.
 _KEYS = (
     "vocab_size",
     "hidden_size",

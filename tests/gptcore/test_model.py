@@ -1,5 +1,5 @@
-"""Model invariants on the tiny preset, GPT-2 and Llama family: shapes, causality, initial loss, masking,
-KV cache, activation checkpointing, overfitting."""
+"""Model invariants on the tiny preset, GPT-2 and Llama family: shapes, causality, initial loss,
+masking, KV cache, activation checkpointing, overfitting."""
 
 from __future__ import annotations
 

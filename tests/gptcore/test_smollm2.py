@@ -16,7 +16,8 @@ pytestmark = (
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. It was 3:45 p.m. on 2026-12-03.",
-    "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\tprint(f'{x=}')  # ok",
+    "def fib(n: int) -> int:\n    return n if n < 2 else "
+    "fib(n - 1) + fib(n - 2)\n\tprint(f'{x=}')  # ok",
     "3.14159 1,000,000 007 x1y22z333 0xFF 1e-5",
     "日本語のテキスト、中文字符和한국어",
     "emoji 🙂👍🏽 🇫🇷 ❤️‍🔥",

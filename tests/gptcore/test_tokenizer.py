@@ -71,7 +71,8 @@ def test_load_errors_name_the_path(tmp_path):
 
 
 def test_gpt2_vocab_and_merges_encode_like_transformers(tmp_path):
-    """A GPT-2-format vocabulary (vocab.json + merges.txt) encodes exactly as transformers' GPT2Tokenizer."""
+    """A GPT-2-format vocabulary (vocab.json + merges.txt) encodes exactly as transformers'
+    GPT2Tokenizer."""
     transformers = pytest.importorskip("transformers")
     trained = Tokenizer.train(CORPUS, vocab_size=350)
     model = json.loads(trained.to_json())["model"]

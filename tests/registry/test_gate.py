@@ -51,7 +51,8 @@ def test_a_challenger_with_no_prompts_is_said_not_checked_not_passed():
 
 
 def test_the_gate_can_compare_the_held_out_fine_tuning_loss():
-    """A tuned model that lost a little general text but answers its task better passes on sft_val_loss."""
+    """A tuned model that lost a little general text but answers its task better passes on
+    sft_val_loss."""
     champion = Figures(bits_per_byte=1.0, perplexity=10.0, sft_val_loss=2.0)
     tuned = Figures(bits_per_byte=1.1, perplexity=11.0, sft_val_loss=1.5)
     assert not decide(tuned, champion).promote  # on bits per byte it is worse

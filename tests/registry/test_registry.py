@@ -127,7 +127,8 @@ def test_bad_requests_are_clear_errors_and_move_no_alias(store, registered, tmp_
 
 
 def _stored_weights(store, name: str, version: str) -> Path:
-    """The version's model.safetensors in the registry's own artifact store (not a download of it)."""
+    """The version's model.safetensors in the registry's own artifact store (not a download of
+    it)."""
     from flows.workdir import sha256_file
 
     want = store["registry"]().version(name, version)["tags"]["gptflow.bundle_sha256"]
@@ -172,8 +173,8 @@ def test_a_killed_download_is_not_reused_and_a_stale_one_is_downloaded_again(
     store, registered, bundles, tmp_path
 ):
     """What a download killed half-way leaves (a truncated model.safetensors, no DONE) and what a
-    registry reset leaves (a complete bundle of another model under the same version number) are both
-    replaced by the version's own weights."""
+    registry reset leaves (a complete bundle of another model under the same version number) are
+    both replaced by the version's own weights."""
     from flows.workdir import sha256_file
 
     registry = store["registry"]()
@@ -399,7 +400,8 @@ def test_a_promotion_lock_left_by_a_dead_process_is_broken(store, registered):
 
 @pytest.mark.slow
 def test_against_a_real_mlflow_server(tmp_path, bundles, tok):
-    """register -> promote -> pyfunc load through `mlflow server` on 127.0.0.1 (artifacts proxied)."""
+    """register -> promote -> pyfunc load through `mlflow server` on 127.0.0.1 (artifacts
+    proxied)."""
     from flows.config import TrackingConfig
     from flows.context import StepContext
     from flows.evaluate.stage import evaluate
@@ -452,7 +454,10 @@ def test_against_a_real_mlflow_server(tmp_path, bundles, tok):
             registry, "served", version, RegistryConfig(name="served"), EVAL, tmp_path
         )
         assert record["promoted"] and registry.by_alias("served", "champion")["version"] == version
-        code = "import mlflow; print(mlflow.pyfunc.load_model('models:/served@champion').predict(['The '])[0] != None)"
+        code = (
+            "import mlflow; print(mlflow.pyfunc.load_model('models:/served@champion')"
+            ".predict(['The '])[0] != None)"
+        )
         out = subprocess.run(
             [sys.executable, "-c", code],
             env={**os.environ, "MLFLOW_TRACKING_URI": tracking.uri},
@@ -531,7 +536,8 @@ def test_an_unreachable_registry_is_a_clear_error(tmp_path, monkeypatch):
 
 
 def test_a_step_initialised_from_an_alias_reruns_when_the_alias_moves(store, registered):
-    """finetune.init=models:/gpt@champion names the version the alias points at now, not the text."""
+    """finetune.init=models:/gpt@champion names the version the alias points at now, not the
+    text."""
     from flows import pipeline
     from flows.config import load_config
 

@@ -36,8 +36,8 @@ def make_bundle(directory: Path, tok, seed: int) -> Path:  # noqa: F811
 
 @pytest.fixture(scope="package")
 def serve_url(ray_local) -> str:
-    """Ray Serve's HTTP proxy on a free 127.0.0.1 port; shut down after this package's tests, so that
-    the Ray Train tests after them get the CPUs back."""
+    """Ray Serve's HTTP proxy on a free 127.0.0.1 port; shut down after this package's tests, so
+    that the Ray Train tests after them get the CPUs back."""
     from ray import serve
 
     with socket.socket() as s:

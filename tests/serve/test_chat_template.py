@@ -1,5 +1,6 @@
 """Serving a real chat model (SmolLM2-135M-Instruct, imported from its GGUF): /v1/chat/completions
-renders the model's own chat template, stops at the end of the turn and returns no template token."""
+renders the model's own chat template, stops at the end of the turn and returns no template
+token."""
 
 from __future__ import annotations
 

@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def versions(store, tok, tmp_path_factory) -> dict[str, str]:
-    """Registered versions; all but "ungated" passed the promotion gate (as `gptflow promote` records)."""
+    """Registered versions; all but "ungated" passed the promotion gate (as `gptflow promote`
+    records)."""
     found = {
         k: store["add"](make_bundle(tmp_path_factory.mktemp(k), tok, seed=seed))
         for k, seed in (("a", 10), ("b", 11), ("corrupt", 12), ("mismatch", 13), ("ungated", 14))
@@ -38,7 +39,8 @@ def versions(store, tok, tmp_path_factory) -> dict[str, str]:
 
 
 def _stored(store, version: str, name: str) -> Path:
-    """A file of the version's bundle in the registry's own artifact store (what every replica downloads)."""
+    """A file of the version's bundle in the registry's own artifact store (what every replica
+    downloads)."""
     from flows.workdir import sha256_file
 
     want = store["registry"]().version("gpt", version)["tags"]["gptflow.bundle_sha256"]
@@ -158,8 +160,9 @@ def test_promotion_under_load_swaps_without_a_failed_request_and_bad_versions_ar
         0
     ].text == new("The cat", 20)
 
-    # A version whose stored weights are not the ones its sha256 tag names, one whose tokenizer does not
-    # match its weights, and one that never passed the gate: all are refused and b keeps serving.
+    # A version whose stored weights are not the ones its sha256 tag names, one whose tokenizer does
+    # not match its weights, and one that never passed the gate: all are refused and b keeps
+    # serving.
     _stored(store, versions["corrupt"], "model.safetensors").write_bytes(b"garbage")
     config = _stored(store, versions["mismatch"], "config.json")
     config.write_text(json.dumps({**json.loads(config.read_text()), "vocab_size": 999}))

@@ -1,5 +1,6 @@
-"""Grounded answers (serve.knowledge): BM25 over a dataset's verbalised facts, and the server putting
-the facts that match a question into its prompt and naming them in the response, over real HTTP."""
+"""Grounded answers (serve.knowledge): BM25 over a dataset's verbalised facts, and the server
+putting the facts that match a question into its prompt and naming them in the response, over real
+HTTP."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from tests.serve.conftest import make_bundle
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
-    """A dataset directory holding the knowledge tables of the elements database and the capitals graph."""
+    """A dataset directory holding the knowledge tables of the elements database and the capitals
+    graph."""
     root = tmp_path_factory.mktemp("grounding")
     data = build(
         PipelineConfig,

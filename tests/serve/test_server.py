@@ -182,7 +182,8 @@ def test_sampling_with_a_seed_is_reproducible_and_differs_from_greedy(apps):
 
 
 def test_concurrent_requests_of_different_lengths_each_equal_generate_alone(apps, reference):
-    """16 requests at once (more than the 8 batch rows): every output equals generate for it alone."""
+    """16 requests at once (more than the 8 batch rows): every output equals generate for it
+    alone."""
     client = _client(apps["open"])
     jobs = [(f"The cat {'sat ' * (i % 5)}on", 8 + 17 * i) for i in range(16)]  # 8 .. 263 tokens
 

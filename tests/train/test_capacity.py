@@ -75,8 +75,8 @@ def test_more_sharding_and_checkpointing_never_need_more_memory():
         rows = [estimate(cfg, 4, precision, z, hw) for z in range(4)]
         totals = [r.total for r in rows]
         assert totals == sorted(totals, reverse=True)
-        # ZeRO-3 shards the model states 16 ways; the parameters it gathers back (the whole model, up
-        # to max_live_parameters) and the activations do not shrink with the world size.
+        # ZeRO-3 shards the model states 16 ways; the parameters it gathers back (the whole model,
+        # up to max_live_parameters) and the activations do not shrink with the world size.
         assert (
             rows[0].model_states > 8 * rows[3].model_states and rows[3].gathered > rows[3].weights
         )
@@ -186,14 +186,14 @@ def test_a_run_that_cannot_fit_fails_before_any_worker_starts_with_the_planners_
 
 
 # What 2 CPU workers really hold, against the planner. gpt2-124m at vocab 512 and context 64 is 85M
-# parameters: the model states (16 bytes each in fp32) dominate, and the interpreter, torch, DeepSpeed
-# and Ray (loaded before the model is built) are left out of the measured growth (peak RSS, taken
-# before the last checkpoint and the export). Measured here: ZeRO-0 1.82-1.83 GiB per worker against
-# the planner's 1.66 (+10%); ZeRO-3 2.49-2.59 in four runs against 2.15 (+16-21%), whose peak is the
-# gradient bucket's reduce-scatter in the backward pass (the bucket, its interleaved copy, gloo's copy,
-# the gathered model's freed pages, the sharded model states). What the planner leaves out, and why
-# both stages measure above it: heap pages glibc keeps after frees (malloc_trim gives back 0.47 GiB
-# after a ZeRO-3 backward).
+# parameters: the model states (16 bytes each in fp32) dominate, and the interpreter, torch,
+# DeepSpeed and Ray (loaded before the model is built) are left out of the measured growth (peak
+# RSS, taken before the last checkpoint and the export). Measured here: ZeRO-0 1.82-1.83 GiB per
+# worker against the planner's 1.66 (+10%); ZeRO-3 2.49-2.59 in four runs against 2.15 (+16-21%),
+# whose peak is the gradient bucket's reduce-scatter in the backward pass (the bucket, its
+# interleaved copy, gloo's copy, the gathered model's freed pages, the sharded model states). What
+# the planner leaves out, and why both stages measure above it: heap pages glibc keeps after frees
+# (malloc_trim gives back 0.47 GiB after a ZeRO-3 backward).
 TOLERANCE = 0.25
 
 

@@ -1,15 +1,17 @@
 """Distillation: the distill step is the training loop with a frozen teacher beside the student.
 
-Fast (no Ray): a teacher whose tokenizer differs from the data's, or whose context is shorter than the
-student's, is refused before any worker starts, naming the files; `gptflow distill` says the same and
-exits 2; the pipeline wires the distill steps only when asked, under the student's own model name.
+Fast (no Ray): a teacher whose tokenizer differs from the data's, or whose context is shorter than
+the student's, is refused before any worker starts, naming the files; `gptflow distill` says the
+same and exits 2; the pipeline wires the distill steps only when asked, under the student's own
+model name.
 
-Slow (real Ray Train + DeepSpeed, ZeRO-3, two CPU workers): a teacher (the small preset, trained here in
-plain torch: any bundle can teach) and three fits of the tiny student with the same data, seed and
-steps: on labels alone (the pretrain step), distilled (the pipeline's distill, evaluate, register and
-promote steps, MLflow on), and distilled again with a worker lost mid-run. The distilled student
-reaches a lower validation loss than the labels-only one; the lost worker's run ends with the same
-weights, to the bit; the student is registered under its own name with its teacher in its lineage.
+Slow (real Ray Train + DeepSpeed, ZeRO-3, two CPU workers): a teacher (the small preset, trained
+here in plain torch: any bundle can teach) and three fits of the tiny student with the same data,
+seed and steps: on labels alone (the pretrain step), distilled (the pipeline's distill, evaluate,
+register and promote steps, MLflow on), and distilled again with a worker lost mid-run. The
+distilled student reaches a lower validation loss than the labels-only one; the lost worker's run
+ends with the same weights, to the bit; the student is registered under its own name with its
+teacher in its lineage.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def _train_plain(model: GPT, dataset: Path, steps: int, lr: float = 3e-3, batch:
 
 @pytest.fixture(scope="module")
 def teacher(dataset, tmp_path_factory) -> Path:
-    """The small preset (4 x 128, twice the student's width), trained well past where the student gets."""
+    """The small preset (4 x 128, twice the student's width), trained well past where the student
+    gets."""
     torch.manual_seed(0)
     model = _train_plain(GPT(preset("small", vocab_size=512, context_length=T)), dataset, steps=150)
     return save_bundle(
@@ -71,7 +74,8 @@ def teacher(dataset, tmp_path_factory) -> Path:
     )
 
 
-# The student's run, shared by the labels-only baseline (pretrain.*) and the distilled runs (distill.*).
+# The student's run, shared by the labels-only baseline (pretrain.*) and the distilled runs
+# (distill.*).
 _RUN = (
     "num_workers=2",
     "zero_stage=3",
@@ -125,11 +129,12 @@ def _val_loss(bundle: Path) -> float:
     return json.loads((bundle / "train_result.json").read_text())["metrics"]["val_loss"]
 
 
-# --------------------------------------------------------------------------- fast: checks before any worker
+# ------------------------------------------------------------------- fast: checks before any worker
 
 
 def _mismatched_teacher(dataset: Path, root: Path) -> Path:
-    """A teacher with a tokenizer of the same size trained on other text: same vocab_size, other ids."""
+    """A teacher with a tokenizer of the same size trained on other text: same vocab_size, other
+    ids."""
     other = Tokenizer.train([d[::-1] for _, d in stdlib_docs(200_000)], vocab_size=512)
     assert other.vocab_size == Tokenizer.load(dataset / "tokenizer.json").vocab_size
     return save_bundle(
@@ -287,18 +292,20 @@ def test_the_pipeline_distills_only_when_asked_under_the_students_own_name(tmp_p
         None, [f"workdir={tmp_path}", "distill.enabled=true", "distill.registry_name=small-gpt"]
     )
     assert stages.student_registry(named).name == "small-gpt"
-    # The distillation settings shape the student: a new alpha is a new output; a new registry name is not.
+    # The distillation settings shape the student: a new alpha is a new output; a new registry name
+    # is not.
     alpha = load_config(None, [f"workdir={tmp_path}", "distill.enabled=true", "distill.alpha=0.9"])
     assert pipeline.plan(alpha, wanted=["distill"])[-1].out != planned["distill"].out
     assert pipeline.plan(named, wanted=["distill"])[-1].out == planned["distill"].out
 
 
-# --------------------------------------------------------------------------- slow: real Ray Train + DeepSpeed
+# ----------------------------------------------------------------- slow: real Ray Train + DeepSpeed
 
 
 @pytest.fixture(scope="module")
 def labels_only(ray_local, dataset, tmp_path_factory) -> Path:
-    """The tiny student trained on labels alone: the pretrain step with the distilled runs' settings."""
+    """The tiny student trained on labels alone: the pretrain step with the distilled runs'
+    settings."""
     return pipeline.step_output(
         _steps(_cfg(tmp_path_factory.mktemp("labels"), dataset), ["pretrain"]), "pretrain"
     )
@@ -306,7 +313,8 @@ def labels_only(ray_local, dataset, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def distilled(ray_local, dataset, teacher, tmp_path_factory):
-    """The same student distilled from the teacher through the pipeline's four distill steps, MLflow on."""
+    """The same student distilled from the teacher through the pipeline's four distill steps, MLflow
+    on."""
     cfg = _cfg(tmp_path_factory.mktemp("kd"), dataset, f"distill.teacher={teacher}", tracking=True)
     planned = _steps(cfg, list(pipeline.DISTILL_STEPS))
     return cfg, {p.step.name: p.out for p in planned} | {"planned": planned}
@@ -353,7 +361,8 @@ def test_the_student_is_tracked_registered_and_promoted_with_its_teacher_in_the_
     cfg, outs = distilled
     registry = Registry(cfg.tracking, cfg.workdir)
     (version,) = registry.versions("teacher-student")
-    # The promote step gated it like any model: 40 steps do not pass the smoke checks on generations.
+    # The promote step gated it like any model: 40 steps do not pass the smoke checks on
+    # generations.
     decision = json.loads((outs["distill_promote"] / "decision.json").read_text())
     assert (decision["name"], decision["version"]) == ("teacher-student", version["version"])
     assert version["tags"]["gptflow.gate"] == ("passed" if decision["promoted"] else "refused"), (
@@ -402,8 +411,8 @@ def test_the_student_is_tracked_registered_and_promoted_with_its_teacher_in_the_
 def test_a_lost_worker_resumes_the_distillation_to_identical_weights(
     distilled, dataset, teacher, tmp_path
 ):
-    """Rank 1 exits once at step 25 (after the step-20 checkpoint); Ray restarts the group, which reloads
-    the teacher and resumes: the student ends bit-identical to the uninterrupted run."""
+    """Rank 1 exits once at step 25 (after the step-20 checkpoint); Ray restarts the group, which
+    reloads the teacher and resumes: the student ends bit-identical to the uninterrupted run."""
     _, outs = distilled
     cfg = _cfg(tmp_path, dataset, f"distill.teacher={teacher}")
     with injected_faults(fail_at_step=25):

@@ -1,6 +1,7 @@
-"""LoRA fine-tuning through the real stage (Ray Train + DeepSpeed): the bundle is a plain model of the
-base's size whose weights moved by a low-rank update on the targeted layers only, a worker that dies
-mid-run resumes to bit-identical weights, and the configs LoRA cannot serve are refused up front."""
+"""LoRA fine-tuning through the real stage (Ray Train + DeepSpeed): the bundle is a plain model of
+the base's size whose weights moved by a low-rank update on the targeted layers only, a worker that
+dies mid-run resumes to bit-identical weights, and the configs LoRA cannot serve are refused up
+front."""
 
 from __future__ import annotations
 
@@ -75,7 +76,8 @@ def test_the_bundle_is_the_base_plus_a_merged_low_rank_update_on_the_targets(uni
         if name.endswith(("attn.c_attn.weight", "mlp.c_fc.weight")):
             delta = (a[name] - b[name]).double()
             assert delta.abs().max() > 0 and torch.linalg.matrix_rank(delta, atol=1e-6) <= R, name
-        else:  # every other weight was frozen, and comes back exactly as the base's (not re-rounded)
+        else:
+            # every other weight was frozen, and comes back exactly as the base's (not re-rounded)
             assert torch.equal(a[name], b[name]), name
 
 
@@ -85,7 +87,8 @@ def test_a_worker_that_dies_mid_run_resumes_to_identical_weights(
     with injected_faults(fail_at_step=5):
         bundle = train(_cfg(tmp_path, dataset, base, *ZERO2), "finetune")
     meta = load_bundle(bundle)[2]
-    # Rank 1 exited at step 5; the group restarted from the newest checkpoint Ray had registered by then.
+    # Rank 1 exited at step 5; the group restarted from the newest checkpoint Ray had registered by
+    # then.
     assert 0 < meta["resumed_from_step"] < 5, meta
     x, y = load_bundle(uninterrupted)[0].state_dict(), load_bundle(bundle)[0].state_dict()
     for k in x:

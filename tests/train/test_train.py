@@ -2,8 +2,8 @@
 (fast, no Ray), and real Ray Train + DeepSpeed runs on CPU with the tiny preset on real text (slow).
 
 The slow tests share a handful of TorchTrainer fits (each 10-20 s here): one ZeRO-0 fp32 pretraining
-run (learning, MLflow, reuse), two ZeRO-3 runs (bundle export and its Hugging Face export, GPT-2's tiny
-preset and the Llama family's tiny-llama), an uninterrupted 2-worker ZeRO-2 run
+run (learning, MLflow, reuse), two ZeRO-3 runs (bundle export and its Hugging Face export, GPT-2's
+tiny preset and the Llama family's tiny-llama), an uninterrupted 2-worker ZeRO-2 run
 with one injected NaN loss that three other ways of getting there must reproduce exactly (a worker
 SIGKILLed from outside under the default max_failures; a worker lost with restarts off, then the
 same command again; N steps then 2N under the same run name), a fine-tuning run from that
@@ -117,7 +117,7 @@ def _ckpt_file(run_dir: Path, step: int, name: str) -> dict:
     )
 
 
-# --------------------------------------------------------------------------- fast: config and pre-flight
+# ---------------------------------------------------------------------- fast: config and pre-flight
 
 
 def test_deepspeed_config_is_generated_from_train_config():
@@ -260,8 +260,9 @@ def test_preflight_rejects_tokenizer_mismatch_with_init_model(dataset, tmp_path)
 
 
 def test_a_model_source_error_names_the_config_key_that_gave_it(tmp_path, monkeypatch):
-    """Resolving an init or teacher names the key the user set (distill.teacher, finetune.init), never an
-    internal name: here a registered model whose download holds no bundle, and an unknown builtin."""
+    """Resolving an init or teacher names the key the user set (distill.teacher, finetune.init),
+    never an internal name: here a registered model whose download holds no bundle, and an unknown
+    builtin."""
     import flows.models.base
     import flows.tracking
     from flows.train.prepare import resolve_init
@@ -390,7 +391,8 @@ def test_bad_loss_detection():
 def test_resume_by_name_refuses_a_changed_config(dataset, tmp_path):
     first = prepare(_cfg(tmp_path, dataset, "pretrain.run_name=r", "pretrain.steps=10"))
     check_resume(first)
-    # More steps, other logging/checkpoint intervals: the same run, resumable (and a new output hash).
+    # More steps, other logging/checkpoint intervals: the same run, resumable (and a new output
+    # hash).
     longer = prepare(
         _cfg(
             tmp_path,
@@ -449,7 +451,8 @@ def test_resume_by_name_refuses_fewer_steps_than_its_checkpoint(dataset, tmp_pat
 def one_process_group(tmp_path_factory) -> Iterator[None]:
     """A gloo world of one in this process, so a real DeepSpeed engine can be built without Ray.
 
-    Module-scoped: DeepSpeed caches its process groups, so the group must outlive every engine built."""
+    Module-scoped: DeepSpeed caches its process groups, so the group must outlive every engine
+    built."""
     import torch.distributed as dist
 
     with pytest.MonkeyPatch.context() as mp:
@@ -470,9 +473,9 @@ def one_process_group(tmp_path_factory) -> Iterator[None]:
 
 @pytest.mark.parametrize("zero_stage", [0, 2])
 def test_skipped_update_and_resumed_lr_on_a_real_engine(one_process_group, tmp_path, zero_stage):
-    """DeepSpeed engine level (one process): a gated step leaves weights and Adam state untouched while
-    the lr schedule advances; resuming an N-step checkpoint under a 2N-step config makes the very next
-    step use the 2N schedule's lr (the optimizer's saved lr is the N schedule's)."""
+    """DeepSpeed engine level (one process): a gated step leaves weights and Adam state untouched
+    while the lr schedule advances; resuming an N-step checkpoint under a 2N-step config makes the
+    very next step use the 2N schedule's lr (the optimizer's saved lr is the N schedule's)."""
     from flows.train.checkpoint import STATE_FILE, load_checkpoint, record_files
     from flows.train.engine import init_engine
 
@@ -549,7 +552,7 @@ def test_skipped_update_and_resumed_lr_on_a_real_engine(one_process_group, tmp_p
     )  # the 4-step schedule is elsewhere by now
 
 
-# --------------------------------------------------------------------------- slow: real Ray Train + DeepSpeed
+# ----------------------------------------------------------------- slow: real Ray Train + DeepSpeed
 
 
 @pytest.fixture(scope="module")
@@ -660,11 +663,12 @@ def test_zero3_two_workers_exports_consolidated_bundle(ray_local, dataset, tmp_p
         torch.testing.assert_close(hf(ids).logits, model(ids)[0], atol=1e-4, rtol=1e-4)
 
 
-# Shared by the uninterrupted ZeRO-2 run and the two other ways of getting to it. min_lr_ratio=1 makes
-# the lr constant after warmup, so the schedule does not depend on `steps` and an N-step run resumed
-# into 2N steps must match the uninterrupted 2N run exactly (with a cosine decay it must not: the
-# first N steps would follow the N-step schedule; test_skipped_update_and_resumed_lr_on_a_real_engine
-# checks the lr a resumed run takes). One NaN loss on rank 0 at step index 1 in every run.
+# Shared by the uninterrupted ZeRO-2 run and the two other ways of getting to it. min_lr_ratio=1
+# makes the lr constant after warmup, so the schedule does not depend on `steps` and an N-step run
+# resumed into 2N steps must match the uninterrupted 2N run exactly (with a cosine decay it must
+# not: the first N steps would follow the N-step schedule;
+# test_skipped_update_and_resumed_lr_on_a_real_engine checks the lr a resumed run takes). One NaN
+# loss on rank 0 at step index 1 in every run.
 ZERO2 = (
     "pretrain.zero_stage=2",
     "pretrain.num_workers=2",
@@ -686,7 +690,8 @@ def zero2_uninterrupted(ray_local, dataset, tmp_path_factory) -> Path:
 
 
 def _train_workers(since: float) -> list:
-    """The Ray Train worker processes of this test process's own Ray instance started after `since`."""
+    """The Ray Train worker processes of this test process's own Ray instance started after
+    `since`."""
     import psutil
 
     found = []
@@ -707,8 +712,8 @@ def _train_workers(since: float) -> list:
 def test_worker_killed_from_outside_resumes_by_default_to_identical_weights(
     zero2_uninterrupted, dataset, tmp_path
 ):
-    """SIGKILL one worker once Ray holds a checkpoint: with the default max_failures the run restarts
-    from it and ends bit-identical to the uninterrupted run."""
+    """SIGKILL one worker once Ray holds a checkpoint: with the default max_failures the run
+    restarts from it and ends bit-identical to the uninterrupted run."""
     # checkpoint_every does not enter the weights: a checkpoint every 2 steps leaves 8 to kill in.
     cfg = _cfg(tmp_path, dataset, *ZERO2, "pretrain.checkpoint_every=2")
     assert (
@@ -792,11 +797,12 @@ def test_nan_loss_is_skipped_and_a_run_resumes_by_name_into_more_steps(
     zero2_uninterrupted, dataset, tmp_path
 ):
     """Two fits under one run_name: 5 steps (a checkpoint every step), then 10 steps, which resumes
-    from the step-5 checkpoint into a new output directory and must equal the uninterrupted 10-step run.
+    from the step-5 checkpoint into a new output directory and must equal the uninterrupted 10-step
+    run.
 
     The NaN at step index 1 (the 2nd update) is skipped and counted: the step-2 checkpoint holds the
-    step-1 weights and Adam state bit for bit (no optimizer update at all, not just lr=0) while the lr
-    schedule advanced, and training goes on to a finite loss."""
+    step-1 weights and Adam state bit for bit (no optimizer update at all, not just lr=0) while the
+    lr schedule advanced, and training goes on to a finite loss."""
     storage = tmp_path / "runs"
     named = (f"pretrain.storage_path={storage}", "pretrain.run_name=extend")
     first_cfg = _cfg(
@@ -844,8 +850,8 @@ def test_nan_loss_is_skipped_and_a_run_resumes_by_name_into_more_steps(
                     k,
                 )
 
-    # Same run_name, twice the steps: resumes at step 5 on the 10-step schedule (constant here), into
-    # its own output directory (steps is in the hash); the 5-step bundle is left as it was.
+    # Same run_name, twice the steps: resumes at step 5 on the 10-step schedule (constant here),
+    # into its own output directory (steps is in the hash); the 5-step bundle is left as it was.
     first_stamp = (first / "model.safetensors").stat().st_mtime_ns
     with _nan_loss_at(NAN_STEP):
         second = train(_cfg(tmp_path, dataset, *ZERO2, *named))
@@ -974,7 +980,8 @@ def test_init_from_a_registered_model_alias(dataset, tmp_path, monkeypatch):
     assert p.gpt_config["context_length"] == 64 and Path(p.init_bundle).is_relative_to(
         tmp_path.resolve()
     )
-    # planning resolves the alias to a version (a moved alias re-runs the step): an unknown one is named there
+    # planning resolves the alias to a version (a moved alias re-runs the step): an unknown one is
+    # named there
     with pytest.raises(ValueError, match="model .tiny-docs. has no alias .nobody."):
         prepare(
             _cfg(

@@ -66,7 +66,8 @@ def _reference(
     return owned
 
 
-# Shard lengths around the window edges: a remainder, an exact fit (T*k + 1), one shorter than a window.
+# Shard lengths around the window edges: a remainder, an exact fit (T*k + 1), one shorter than a
+# window.
 TRAIN = [_shard(0, 16 * 37 + 5), _shard(1, 16 * 3 + 1), _shard(2, 10), _shard(3, 16 * 20 + 15)]
 
 
@@ -193,7 +194,8 @@ def test_an_empty_rank_is_a_clear_error(tmp_path):
 def _sparse_dataset(
     root: Path, split: str, tokens: list[int], mask_bits: dict[int, list[int]] | None = None
 ) -> Path:
-    """A dataset of all-zero uint16 shards stored as sparse files (no disk, no page cache until read)."""
+    """A dataset of all-zero uint16 shards stored as sparse files (no disk, no page cache until
+    read)."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "tokenizer.json").write_text("{}")
     (root / split).mkdir()
@@ -235,7 +237,8 @@ def test_index_of_a_billion_tokens_is_small(tmp_path):
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    # The per-window index held a tuple per window (~100 MB here) and re-permuted them for every batch.
+    # The per-window index held a tuple per window (~100 MB here) and re-permuted them for every
+    # batch.
     assert peak < 1 << 20, f"{peak / 2**20:.1f} MiB"
     windows = sum((n - 1) // T for n in tokens)
     assert len(data) == (windows - 1 + world - 1) // world and x.shape == (8, T) and not x.any()
@@ -250,7 +253,8 @@ def test_masked_index_pass_has_bounded_temporaries(tmp_path):
     T = 64
     n = 20_000_000
     last = (n - 1) // T - 1  # the last whole window; the tail after it belongs to none
-    # Token 0 is an input only, n-1 in the tail; the others are targets of windows 7, 100000 and the last.
+    # Token 0 is an input only, n-1 in the tail; the others are targets of windows 7, 100000 and the
+    # last.
     bits = [0, T * 7 + 1, T * 100_000 + 5, last * T + T, n - 1]
     root = _sparse_dataset(tmp_path / "sftbig", "sft", [n], {0: bits})
     tracemalloc.start()

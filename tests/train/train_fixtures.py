@@ -53,7 +53,8 @@ STDLIB_MODULES = (
 
 
 def stdlib_docs(max_chars: int = 400_000) -> list[tuple[str, str]]:
-    """(qualified name, docstring) of modules, classes and functions of some stdlib modules, in order."""
+    """(qualified name, docstring) of modules, classes and functions of some stdlib modules, in
+    order."""
     lib = Path(sysconfig.get_paths()["stdlib"])
     out: list[tuple[str, str]] = []
     total = 0
@@ -159,7 +160,8 @@ def make_dataset(
 
 
 def unigram_entropy(root: Path, split: str = "train") -> float:
-    """Entropy (nats/token) of the split's unigram distribution: the loss of the best context-free model."""
+    """Entropy (nats/token) of the split's unigram distribution: the loss of the best context-free
+    model."""
     manifest = json.loads((root / "manifest.json").read_text())
     counts = np.zeros(manifest["vocab_size"], dtype=np.float64)
     for shard in manifest["splits"][split]["shards"]:

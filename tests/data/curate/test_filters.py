@@ -60,7 +60,10 @@ def test_c4_rules_drop_lorem_and_braces_and_remove_javascript_and_policy_lines()
     assert c4.filter(boilerplate(0)["lorem"]) == "c4_lorem_ipsum"
     assert c4.filter('Use it like this: {"a": 1}.') == "c4_curly_bracket"
     assert C4Quality(filter_curly_bracket=False, min_num_sentences=0).filter("It is {a}.") is None
-    text = "A fine first line.\nPlease enable JavaScript to view this page.\nThis site uses cookies.\nThe end."
+    text = (
+        "A fine first line.\nPlease enable JavaScript to view this page.\n"
+        "This site uses cookies.\nThe end."
+    )
     cleaned, reason, removed = c4.clean(text)
     assert reason is None and removed == 2 and cleaned == "A fine first line.\nThe end."
     strict = (
@@ -112,7 +115,8 @@ def test_pii_is_found_and_replaced_by_placeholders(text, kinds):
         "a card-like 4111 1111 1111 1112 that fails Luhn, and order 1234567890123",
         "DE89 3704 0044 0532 0130 01 fails mod-97",  # an IBAN with a wrong check
         "slices x[::2], a::b, ratios 3:4:5 and the loopback ::1",
-        "private and documentation addresses 192.168.0.1, 10.0.0.7, 127.0.0.1, 192.0.2.1, 2001:db8::1",
+        "private and documentation addresses 192.168.0.1, "
+        "10.0.0.7, 127.0.0.1, 192.0.2.1, 2001:db8::1",
         "prices 1,234,567.89 and 12 345 678; pi is 3.14159265358979",
         "not an address: user@localhost or @handle",
         "format specs give +000000120 and '+3.140000'",  # signed numbers, not phone numbers

@@ -131,8 +131,8 @@ def boilerplate(seed: int) -> dict[str, str]:
     ]
     nav = "\n".join(f"- {w.title()}" for w in words)
     lorem = (
-        "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut "
-        "labore et dolore magna aliqua. "
+        "Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed "
+        "do eiusmod tempor incididunt ut labore et dolore magna aliqua. "
     ) * 3 + prose(seed, 4)
     code = "\n".join(
         f"def f{i}(x):\n    return x * {i} + {rng.randint(0, 99)}  # {i}" for i in range(20)
