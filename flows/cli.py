@@ -1,4 +1,5 @@
-"""The `gptflow` command line: one subcommand per stage, `run` and `plan` (the pipeline), `generate`, `explain`.
+"""The `gptflow` command line: one subcommand per stage, `run` and `plan` (the pipeline),
+`generate`, `explain`.
 
 Each stage subcommand takes ``--config FILE`` and ``--set section.key=value`` overrides, plus
 shortcuts for the common case; the last line it prints is the stage's output directory, so
@@ -61,7 +62,8 @@ def _step_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptflow", description=__doc__.splitlines()[0])
+    summary = " ".join(__doc__.split("\n\n")[0].split())  # the docstring's first paragraph
+    parser = argparse.ArgumentParser(prog="gptflow", description=summary)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     # In the order `gptflow --help` lists them.
@@ -333,15 +335,17 @@ def resolve_config(args: argparse.Namespace) -> PipelineConfig:
 # A stage command is the pipeline narrowed to that step (its inputs from the flags or from the
 # pipeline's own finished outputs); it prints the step's output directory last.
 _STEP_COMMANDS = ("preprocess", "pretrain", "finetune", "evaluate")
-# Commands that run pipeline steps: their terminal shows the pipeline's lines, the rest goes to logs/.
+# Commands that run pipeline steps: their terminal shows the pipeline's lines, the rest goes to
+# logs/.
 _PIPELINE_COMMANDS = ("run", *_STEP_COMMANDS, "distill")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command in ("run", "pretrain", "finetune", "distill", "evaluate"):
-        # torch first: loaded late, after MLflow's and Ray's libraries, its MKL failed to load in a Ray
-        # job's driver ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", then a segfault).
+        # torch first: loaded late, after MLflow's and Ray's libraries, its MKL failed to load in a
+        # Ray job's driver ("Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so", then a
+        # segfault).
         import torch  # noqa: F401
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -391,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as e:
         cause = e.__cause__
         _print_error(args, e, cause or e, console)
-        # No cause: the steps asked for cannot run (an unknown step, an input not built): the user's to fix.
+        # No cause: the steps asked for cannot run (an unknown step, an input not built): the user's
+        # to fix.
         return 2 if cause is None or isinstance(cause, _USER_ERRORS) else 1
     except _USER_ERRORS as e:
         _print_error(args, e, e, console)
@@ -409,9 +414,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-# What a user can fix -- a bad config value or input, a file that is missing, malformed, unreadable or
-# in the way (a permission error on the workdir): exit code 2, one line naming it, no traceback but
-# with -v. Anything else is a bug or a failed run: exit 1 (or a traceback).
+# What a user can fix -- a bad config value or input, a file that is missing, malformed, unreadable
+# or in the way (a permission error on the workdir): exit code 2, one line naming it, no traceback
+# but with -v. Anything else is a bug or a failed run: exit 1 (or a traceback).
 _USER_ERRORS = (
     ConfigError,
     ValueError,
@@ -439,7 +444,8 @@ def _print_error(
         from flows.console import shown as shown_path
 
         print(
-            f"gptflow {args.command}: the step's log (Ray, DeepSpeed, MLflow output): {shown_path(failed_log)}",
+            f"gptflow {args.command}: the step's log (Ray, DeepSpeed, MLflow output): "
+            f"{shown_path(failed_log)}",
             file=err,
         )
     if args.verbose:

@@ -2,7 +2,8 @@
 
 ``ensure_ray(cfg)`` connects to the cluster named by RAY_ADDRESS or ``cluster.address``, or starts
 a local Ray instance, once per process; stages call it before their first Ray work. It also sets
-the driver-side environment Ray Train needs to be quick here (see STACK-NOTES: the per-report stall).
+the driver-side environment Ray Train needs to be quick here (see STACK-NOTES: the per-report
+stall).
 
 Which Ray is explicit. No address configured: a fresh local instance (``address="local"``), never
 whatever ``/tmp/ray/ray_current_cluster`` names -- a plain ``ray.init()`` joins that cluster, and if
@@ -66,7 +67,8 @@ def ensure_ray(cfg: ClusterConfig | None = None) -> None:
 
 
 def configured_address(cfg: ClusterConfig) -> tuple[str | None, str]:
-    """The Ray address to join and where it was set (RAY_ADDRESS wins), or (None, ...) for a local Ray."""
+    """The Ray address to join and where it was set (RAY_ADDRESS wins), or (None, ...) for a local
+    Ray."""
     env = os.environ.get("RAY_ADDRESS", "").strip()
     if env:
         return env, "RAY_ADDRESS"
@@ -79,14 +81,16 @@ PROBE_TIMEOUT_S = 10.0
 
 
 def probe(address: str, source: str, timeout: float = PROBE_TIMEOUT_S) -> str:
-    """Resolve `address` ("auto", host:port, ray://host:port) and check that a Ray GCS (or a Ray Client
-    server) answers there within `timeout` seconds; returns host:port. ConfigError otherwise."""
+    """Resolve `address` ("auto", host:port, ray://host:port) and check that a Ray GCS (or a Ray
+    Client server) answers there within `timeout` seconds; returns host:port. ConfigError
+    otherwise."""
     import socket
 
     if address.startswith(("http://", "https://")):
         raise ConfigError(
             f"{source}={address!r} is a dashboard (Jobs) address: `gptflow submit --address` takes "
-            "it; to run here on a cluster give its GCS address (host:6379, auto or ray://host:10001)"
+            "it; to run here on a cluster give its GCS address "
+            "(host:6379, auto or ray://host:10001)"
         )
     client = address.startswith("ray://")
     try:
@@ -113,7 +117,8 @@ def _resolve(address: str) -> str:
 
     The cluster file `ray start` wrote wins over Ray's own "auto", which prefers any GCS process it
     finds running: that may be another program's private local Ray, and joining it by accident is
-    what an explicit choice of Ray is for avoiding. A stale file is then an error naming its address.
+    what an explicit choice of Ray is for avoiding. A stale file is then an error naming its
+    address.
     """
     if address != "auto":
         if ":" not in address:
@@ -130,7 +135,8 @@ def _resolve(address: str) -> str:
 
 
 def _ask_gcs(target: str, where: str, timeout: float) -> None:
-    """A GCS answers GetClusterId -- refused without the token (UNAUTHENTICATED) still means it is alive."""
+    """A GCS answers GetClusterId -- refused without the token (UNAUTHENTICATED) still means it is
+    alive."""
     import grpc
     from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
 
@@ -152,7 +158,8 @@ def _ask_gcs(target: str, where: str, timeout: float) -> None:
 
 def check_token_auth(enforced: bool | None, where: str, allow_no_auth: bool) -> None:
     """Refuse a cluster that does not enforce token authentication (`enforced` False), or whose
-    enforcement could not be checked (None), unless the user opted out with cluster.allow_no_auth."""
+    enforcement could not be checked (None), unless the user opted out with
+    cluster.allow_no_auth."""
     if enforced or allow_no_auth:
         if not enforced:
             log.warning(
@@ -167,10 +174,10 @@ def check_token_auth(enforced: bool | None, where: str, allow_no_auth: bool) -> 
         else "could not be checked for token authentication (a ray:// client connection)"
     )
     raise ConfigError(
-        f"Ray at {where} {why}: anyone who can reach its ports can run code on it and read its data. "
-        "Enable token authentication (`ray start --head` with RAY_AUTH_MODE=token, or leave the default on; "
-        "on this side RAY_AUTH_MODE=token and the token in RAY_AUTH_TOKEN or ~/.ray/auth_token), or set "
-        "cluster.allow_no_auth=true to accept it"
+        f"Ray at {where} {why}: anyone who can reach its ports can run code on it and read its "
+        "data. Enable token authentication (`ray start --head` with RAY_AUTH_MODE=token, or leave "
+        "the default on; on this side RAY_AUTH_MODE=token and the token in RAY_AUTH_TOKEN or "
+        "~/.ray/auth_token), or set cluster.allow_no_auth=true to accept it"
     )
 
 

@@ -1,4 +1,5 @@
-"""Pipeline configuration: the whole pipeline's config, a frozen dataclass per section, loaded from YAML.
+"""Pipeline configuration: the whole pipeline's config, a frozen dataclass per section, loaded from
+YAML.
 
 One path only: dataclass defaults, then the YAML file, then ``--set section.key=value`` overrides.
 An unknown key or a value of the wrong type raises :class:`ConfigError` naming the key and the
@@ -81,7 +82,8 @@ class TrackingConfig:
     enabled: bool = True
     """Turn tracking off (tests of a stage alone)."""
     uri: str | None = None
-    """Tracking URI; default sqlite:///<workdir>/mlflow.db with artifacts under <workdir>/mlartifacts."""
+    """Tracking URI; default sqlite:///<workdir>/mlflow.db with artifacts under
+    <workdir>/mlartifacts."""
     experiment: str = "gptflow"
     """MLflow experiment name."""
 
@@ -91,15 +93,15 @@ class ClusterConfig:
     """The Ray cluster to use; RAY_ADDRESS in the environment wins over `address`."""
 
     address: str | None = None
-    """Ray address to join ("auto": the latest `ray start` on this machine; "host:6379"; "ray://host:10001");
-    empty starts a fresh local Ray instance, never joining another by accident. An address whose GCS does
-    not answer within seconds is an error."""
+    """Ray address to join ("auto": the latest `ray start` on this machine; "host:6379";
+    "ray://host:10001"); empty starts a fresh local Ray instance, never joining another by accident.
+    An address whose GCS does not answer within seconds is an error."""
     num_cpus: int | None = None
     """CPUs for a local Ray instance (default: all)."""
     allow_no_auth: bool = False
-    """Accept a Ray cluster that does not require token authentication (anyone who can reach it can run
-    code on it). By default gptflow checks, once connected, that the cluster refuses a request without
-    the token, and stops otherwise."""
+    """Accept a Ray cluster that does not require token authentication (anyone who can reach it can
+    run code on it). By default gptflow checks, once connected, that the cluster refuses a request
+    without the token, and stops otherwise."""
 
     def __post_init__(self) -> None:
         check(
@@ -110,10 +112,10 @@ class ClusterConfig:
         )
 
 
-# The pipeline's defaults (the embedded configs/local.yaml): pretrain the small preset on the builtin
-# corpus, then fine-tune it on the builtin pairs, on a 2-core laptop in minutes. bf16 autocast runs
-# matmuls ~4x faster than fp32 on CPUs with AVX-512 BF16 (1.3x for a whole step of this small model,
-# whose time goes to per-op overhead); one worker per core.
+# The pipeline's defaults (the embedded configs/local.yaml): pretrain the small preset on the
+# builtin corpus, then fine-tune it on the builtin pairs, on a 2-core laptop in minutes. bf16
+# autocast runs matmuls ~4x faster than fp32 on CPUs with AVX-512 BF16 (1.3x for a whole step of
+# this small model, whose time goes to per-op overhead); one worker per core.
 def _data_defaults() -> DataConfig:
     return DataConfig(sft_inputs=(BUILTIN_SFT,))
 

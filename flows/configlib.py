@@ -1,9 +1,10 @@
-"""What every config section is made of: the checks, the hashing metadata, the strict loader, hashing.
+"""What every config section is made of: the checks, the hashing metadata, the strict loader,
+hashing.
 
 The sections themselves live beside the stages they configure (flows/data/config.py, flows/train/
 config.py, ...); flows/config.py composes them into :class:`~flows.config.PipelineConfig`. Nothing
-here knows a section: :func:`build` makes any frozen dataclass from a mapping, checking every key and
-type, and :func:`hashed` picks the part of a section that enters a pipeline step's output key.
+here knows a section: :func:`build` makes any frozen dataclass from a mapping, checking every key
+and type, and :func:`hashed` picks the part of a section that enters a pipeline step's output key.
 
 Which keys enter a step's hash is said where each field is declared: a field is hashed unless it is
 declared with :func:`unhashed` (it names an input, a place, or whether a step runs) or
@@ -36,7 +37,8 @@ def check(ok: bool, key: str, value: Any, valid: str) -> None:
 
 
 def check_finite(cfg: Any) -> None:
-    """No float setting may be NaN or infinite (YAML reads .nan and .inf; `x >= 0` lets inf through)."""
+    """No float setting may be NaN or infinite (YAML reads .nan and .inf; `x >= 0` lets inf
+    through)."""
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         check(
@@ -44,9 +46,10 @@ def check_finite(cfg: Any) -> None:
         )
 
 
-# --------------------------------------------------------------------------- what enters a step's hash
+# ------------------------------------------------------------------------ what enters a step's hash
 
-# The field metadata key: absent or True (hashed), False (never), or the names of the steps that hash it.
+# The field metadata key: absent or True (hashed), False (never), or the names of the steps that
+# hash it.
 HASHED = "hashed"
 # The most common reason a field is unhashed: another step's key, or the content, stands for it.
 NAMES_INPUT = "an input: it enters the hash as the producing step's key, or by its content"
@@ -96,8 +99,8 @@ def _drop_unhashed(section: Any, values: dict[str, Any], step: str) -> None:
 
 
 def load(cls: type, path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Any:
-    """Dataclass `cls`: its defaults, then the YAML file at `path` (if any), then `section.key=value`
-    overrides."""
+    """Dataclass `cls`: its defaults, then the YAML file at `path` (if any), then
+    `section.key=value` overrides."""
     raw: dict[str, Any] = {}
     source = "<defaults>"
     if path is not None:
@@ -126,7 +129,8 @@ def load(cls: type, path: str | Path | None = None, overrides: typing.Sequence[s
 
 
 def _override_value(text: str) -> Any:
-    """A --set value as YAML (numbers, booleans, lists); text YAML cannot parse (`*.txt`) stays a string."""
+    """A --set value as YAML (numbers, booleans, lists); text YAML cannot parse (`*.txt`) stays a
+    string."""
     if not text.strip():
         return None
     try:

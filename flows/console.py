@@ -1,5 +1,5 @@
-"""The terminal of a pipeline command (`gptflow run`, a stage command): the one place that decides what
-the user sees and routes everything else to log files.
+"""The terminal of a pipeline command (`gptflow run`, a stage command): the one place that decides
+what the user sees and routes everything else to log files.
 
 What the terminal shows, by default: the pipeline's own log lines (gptflow's loggers, at INFO), one
 line per step naming its log, live progress (flows/progress.py: one updating line on a terminal;
@@ -175,10 +175,12 @@ class Console(Progress):
         self._handlers = [to_file, to_terminal]
 
     def _route(self, path: Path, mode: str) -> None:
-        """Point fds 1 and 2 at `path` (Python's streams flushed first, so nothing lands in the wrong file)."""
+        """Point fds 1 and 2 at `path` (Python's streams flushed first, so nothing lands in the
+        wrong file)."""
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
-        new = open(path, mode, encoding="utf-8", errors="replace")  # noqa: SIM115 -- closed on the next route
+        # SIM115: the file stays open here; it is closed on the next route.
+        new = open(path, mode, encoding="utf-8", errors="replace")  # noqa: SIM115
         if self._file is None:  # the command's first line in gptflow.log
             new.write(
                 f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} gptflow {' '.join(sys.argv[1:])}\n"
@@ -278,7 +280,8 @@ class Console(Progress):
     # ------------------------------------------------------------------ drawing
 
     def line(self, text: str) -> None:
-        """A permanent line (a log record, a step starting): above the progress line, if one is drawn."""
+        """A permanent line (a log record, a step starting): above the progress line, if one is
+        drawn."""
         with self._lock:
             drawn = self._drawn
             self._clear()
@@ -326,7 +329,8 @@ class Console(Progress):
                         self._write(MARK + render(task, now))
                     else:
                         self._write(
-                            f"{MARK}{render(task, now)}  (last report {duration(now - task.last)} ago)"
+                            f"{MARK}{render(task, now)}  "
+                            f"(last report {duration(now - task.last)} ago)"
                         )
 
 
@@ -343,7 +347,8 @@ class _TerminalHandler(logging.Handler):
 
 
 def shown(path: Path) -> str:
-    """`path` relative to the current directory when it is below it (work/logs/x.log), else absolute."""
+    """`path` relative to the current directory when it is below it (work/logs/x.log), else
+    absolute."""
     try:
         return str(path.resolve().relative_to(Path.cwd()))
     except ValueError:

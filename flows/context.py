@@ -19,7 +19,8 @@ from flows.workdir import FingerprintCache
 @dataclass(frozen=True)
 class StepContext:
     workdir: Path
-    """The pipeline's workdir: caches shared by steps (builtin corpus, imported models, Ray runs)."""
+    """The pipeline's workdir: caches shared by steps (builtin corpus, imported models, Ray
+    runs)."""
     tracker: Tracker = field(default_factory=Tracker)
     """The step's own MLflow run (a no-op when tracking is off)."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -33,6 +34,7 @@ class StepContext:
     parent_run_id: str | None = None
     """The pipeline's parent MLflow run (lineage for the registry)."""
     step_runs: Mapping[str, str] = field(default_factory=dict)
-    """MLflow run id of every finished step of this pipeline, by step name (lineage for the registry)."""
+    """MLflow run id of every finished step of this pipeline, by step name (lineage for the
+    registry)."""
     progress: Progress = field(default_factory=Progress)
     """Where the stage reports how far it is (flows/progress.py); the default shows nothing."""

@@ -58,8 +58,9 @@ class Step:
     run: Callable[[PipelineConfig, Mapping[str, Path | str | None], Path, StepContext], Any]
     """Calls the stage with its own sections, its inputs and its output directory."""
     sections: tuple[str, ...]
-    """The config sections the stage receives (``section.key``: the one key of it that it reads); they
-    enter the output hash, less the fields declared unhashed where they are (flows/configlib.py)."""
+    """The config sections the stage receives (``section.key``: the one key of it that it reads);
+    they enter the output hash, less the fields declared unhashed where they are
+    (flows/configlib.py)."""
     bind: Callable[[PipelineConfig], Binding]
     """The step's inputs: another step's output (StepRef) or an outside path, by parameter name."""
     fingerprint: Callable[[PipelineConfig, StepContext], Any] | None = None
@@ -71,7 +72,7 @@ class Step:
 DISTILL_STEPS = ("distill", "distill_evaluate", "distill_register", "distill_promote")
 
 
-# --------------------------------------------------------------------------- the steps: when, from what
+# ----------------------------------------------------------------------- the steps: when, from what
 
 
 def _registers(cfg: PipelineConfig) -> bool:
@@ -117,8 +118,8 @@ def _base_ref(cfg: PipelineConfig) -> StepRef | None:
 
 
 STEPS: tuple[Step, ...] = (
-    # model.base (off by default): the base model as a bundle, named by the source's content (a step of
-    # no sections and no inputs: flows/models/base.py's ensure() finds the same directory).
+    # model.base (off by default): the base model as a bundle, named by the source's content (a step
+    # of no sections and no inputs: flows/models/base.py's ensure() finds the same directory).
     Step(
         "import",
         stages.import_base,
@@ -182,8 +183,9 @@ STEPS: tuple[Step, ...] = (
         bind=lambda cfg: {"registered": StepRef("register")},
         enabled=_registers,
     ),
-    # Distillation (off by default): a student learns from the final model (or distill.teacher), then is
-    # evaluated, registered under its own name and promoted through the same gate as any model.
+    # Distillation (off by default): a student learns from the final model (or distill.teacher),
+    # then is evaluated, registered under its own name and promoted through the same gate as any
+    # model.
     Step(
         "distill",
         stages.distill,
@@ -220,7 +222,8 @@ STEPS: tuple[Step, ...] = (
         bind=lambda cfg: {"registered": StepRef("distill_register")},
         enabled=lambda cfg: _registers(cfg) and _distills(cfg),
     ),
-    # deploy_step also reads registry.name (the alias it follows): it enters the key through promote's.
+    # deploy_step also reads registry.name (the alias it follows): it enters the key through
+    # promote's.
     Step(
         "serve",
         stages.serve,
@@ -260,10 +263,12 @@ def _hashed_sections(cfg: PipelineConfig, step: Step) -> dict[str, dict[str, Any
 
 
 def _outside_identity(value: str, ctx: StepContext) -> Any:
-    """Content identity of an input given from outside the pipeline (a dataset, a bundle, a model)."""
+    """Content identity of an input given from outside the pipeline (a dataset, a bundle, a
+    model)."""
     path = Path(value)
     if value.startswith("models:/"):
-        # An alias moves: the identity is the version it names now, so a new champion re-runs the step.
+        # An alias moves: the identity is the version it names now, so a new champion re-runs the
+        # step.
         from flows.models.base import identity
 
         return identity(value, ctx)
@@ -284,8 +289,8 @@ def plan(
     ctx: StepContext | None = None,
     wanted: Sequence[str] | None = None,
 ) -> list[PlannedStep]:
-    """The enabled steps (or `wanted` and what they need) with their hash, output directory, inputs and
-    whether each is done. Runs nothing."""
+    """The enabled steps (or `wanted` and what they need) with their hash, output directory, inputs
+    and whether each is done. Runs nothing."""
     ctx = ctx or context(cfg)
     enabled = [s for s in steps if s.enabled(cfg)]
     bindings = {s.name: s.bind(cfg) for s in enabled}
@@ -354,7 +359,8 @@ def select(
 ) -> tuple[list[str], set[str]]:
     """(steps to run when not done, steps to re-run even when done) for --only / --from / --force.
 
-    A forced step's output is rebuilt, so the steps downstream of it are rebuilt too (within --only).
+    A forced step's output is rebuilt, so the steps downstream of it are rebuilt too (within
+    --only).
     """
     enabled = [s for s in steps if s.enabled(cfg)]
     names = [s.name for s in enabled]

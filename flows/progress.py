@@ -1,14 +1,15 @@
 """Progress as a seam (STYLE 18): stages report what they do, the command line decides how it looks.
 
-A stage calls ``ctx.progress.update(task, done, total, unit, **figures)`` as work advances (a training
-step, a preprocessing work unit) and ``ctx.progress.note(text)`` when it starts something worth
-naming ("scoring 20,480 validation tokens"). The base :class:`Progress` drops everything, so a stage
-run from a notebook or a test prints nothing; ``gptflow`` hands the stages its console
+A stage calls ``ctx.progress.update(task, done, total, unit, **figures)`` as work advances (a
+training step, a preprocessing work unit) and ``ctx.progress.note(text)`` when it starts something
+worth naming ("scoring 20,480 validation tokens"). The base :class:`Progress` drops everything, so a
+stage run from a notebook or a test prints nothing; ``gptflow`` hands the stages its console
 (flows/console.py), which draws one updating line on a terminal and plain lines in logs.
 
 Training runs in Ray workers, not in the driver: :class:`Relay` is the small Ray actor rank 0 sends
 its step to (fire-and-forget, at most every ``SEND_EVERY_S``) and :func:`relayed` the driver-side
-thread that forwards the latest one to the console. bench/progress.py measures what that costs a step.
+thread that forwards the latest one to the console. bench/progress.py measures what that costs a
+step.
 
 What it is not: logging (the console routes records) or metrics (MLflow has those).
 """
@@ -29,14 +30,16 @@ class Progress:
     def update(
         self, task: str, done: int, total: int | None = None, unit: str = "step", **figures: float
     ) -> None:
-        """`task` has done `done` of `total` `unit`s; `figures` (loss, tokens_per_s, docs_per_s, ...) say how."""
+        """`task` has done `done` of `total` `unit`s; `figures` (loss, tokens_per_s, docs_per_s,
+        ...) say how."""
 
     def note(self, text: str) -> None:
         """What the stage is doing now, in a few words."""
 
     @contextlib.contextmanager
     def step(self, name: str) -> Iterator[Path | None]:
-        """The pipeline runner wraps each step it runs in this; yields the step's log file, if any."""
+        """The pipeline runner wraps each step it runs in this; yields the step's log file, if
+        any."""
         yield None
 
 
@@ -58,8 +61,9 @@ class Relay:
 
 
 class Sender:
-    """Rank 0's end: ``step(k, n, **figures)`` every step; a call sends at most every SEND_EVERY_S, and
-    always the last step. Costs one clock read per step, one actor call (not waited on) per send."""
+    """Rank 0's end: ``step(k, n, **figures)`` every step; a call sends at most every SEND_EVERY_S,
+    and always the last step. Costs one clock read per step, one actor call (not waited on) per
+    send."""
 
     def __init__(self, relay: Any | None, every_s: float = SEND_EVERY_S):
         self._relay, self._every, self._last = relay, every_s, 0.0
@@ -77,8 +81,8 @@ class Sender:
 def relayed(
     progress: Progress, task: str, unit: str = "step", poll_s: float = 0.5
 ) -> Iterator[Any]:
-    """A :class:`Relay` actor for the workers (yielded; None when progress is not shown) and a thread
-    forwarding its latest state to `progress` until the block ends."""
+    """A :class:`Relay` actor for the workers (yielded; None when progress is not shown) and a
+    thread forwarding its latest state to `progress` until the block ends."""
     if type(progress) is Progress:  # nobody is looking: no actor, no thread
         yield None
         return

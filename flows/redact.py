@@ -20,7 +20,8 @@ from typing import Any
 # Query parameters that carry credentials: API tokens and keys, passwords, presigned-URL signatures
 # (S3's X-Amz-*, GCS's X-Goog-*, Azure SAS `sig`, CloudFront `Signature`/`Key-Pair-Id`).
 _SECRET_PARAM = re.compile(
-    r"token|key|secret|sig|password|passwd|pwd|credential|auth|session|^x-amz-|^x-goog-|^awsaccesskeyid$",
+    r"token|key|secret|sig|password|passwd|pwd|credential|auth|session|"
+    r"^x-amz-|^x-goog-|^awsaccesskeyid$",
     re.IGNORECASE,
 )
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"`<>]+")  # up to a space or a quote
@@ -28,8 +29,8 @@ REDACTED = "***"
 
 
 def redact_url(url: str) -> str:
-    """`url` without its secrets: user:password becomes ``***``, and so does the value of every query
-    parameter named like a credential (token, key, secret, signature, password, X-Amz-*, ...).
+    """`url` without its secrets: user:password becomes ``***``, and so does the value of every
+    query parameter named like a credential (token, key, secret, signature, password, X-Amz-*, ...).
 
     What leaves the process (logs, errors, MLflow params and dataset sources, the manifest) carries
     this form; the input's fingerprint keeps a hash of the full URL, so it still changes with it.
@@ -59,7 +60,8 @@ def _redact_param(param: str) -> str:
 
 
 def redact_text(text: str) -> str:
-    """`text` with every URL in it redacted (see :func:`redact_url`): for messages and param values."""
+    """`text` with every URL in it redacted (see :func:`redact_url`): for messages and param
+    values."""
     return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text) if "://" in text else text
 
 

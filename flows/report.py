@@ -1,6 +1,7 @@
-"""What `gptflow run` (and `gptflow distill`) prints when the pipeline ends: the step table, the evaluation
-figures, the final model's (and a distilled student's) answers to the evaluation prompts, where the MLflow runs are, and (last line) the
-final model bundle directory, so shell scripts can still take it with ``tail -n 1``.
+"""What `gptflow run` (and `gptflow distill`) prints when the pipeline ends: the step table, the
+evaluation figures, the final model's (and a distilled student's) answers to the evaluation prompts,
+where the MLflow runs are, and (last line) the final model bundle directory, so shell scripts can
+still take it with ``tail -n 1``.
 
 Everything here is read back from the steps' finished outputs; nothing is computed again.
 """
@@ -33,8 +34,8 @@ def run_report(cfg: PipelineConfig, planned: list[PlannedStep]) -> str:
 
 
 def distill_report(cfg: PipelineConfig, planned: list[PlannedStep]) -> str:
-    """What `gptflow distill` prints: its steps, the student's figures and registry decision, and (last
-    line) the student's bundle directory."""
+    """What `gptflow distill` prints: its steps, the student's figures and registry decision, and
+    (last line) the student's bundle directory."""
     lines = [describe(planned), ""]
     lines += _model(
         cfg, planned, "distill_evaluate", "distill_promote", "the distilled student", student=True
@@ -65,7 +66,8 @@ def _model(
         lines += [
             f"registry: {d['name']} version {d['version']} is {verdict}: {d['reason']}",
             f"  gptflow models {d['name']}    gptflow lineage {d['name']}@champion",
-            f"serve the champion (OpenAI API at http://{cfg.serve.host}:{cfg.serve.port}/v1, playground at /):",
+            f"serve the champion (OpenAI API at http://{cfg.serve.host}:{cfg.serve.port}/v1, "
+            "playground at /):",
             f"  gptflow serve --workdir {cfg.workdir}{model}",
             "",
         ]
@@ -100,8 +102,8 @@ def _evaluation(out: Path, what: str) -> list[str]:
     if m.get("sft_val_loss") is not None:
         lines.append(
             f"  held-out fine-tuning loss: {m['sft_val_loss']:.3f} nats/token "
-            f"(perplexity {math.exp(min(m['sft_val_loss'], 50.0)):.1f}) over {int(m['sft_val_tokens']):,} "
-            "completion tokens"
+            f"(perplexity {math.exp(min(m['sft_val_loss'], 50.0)):.1f}) "
+            f"over {int(m['sft_val_tokens']):,} completion tokens"
         )
     if m.get("task_examples"):
         lines.append(
@@ -119,9 +121,8 @@ def _evaluation(out: Path, what: str) -> list[str]:
         lines.append(f"  base -> tuned (base {base.get('bundle')}):")
         for k, label in shown:
             better = (m[k] < base[k]) if k.endswith(("loss", "bits_per_byte")) else (m[k] > base[k])
-            lines.append(
-                f"    {label:<28} {base[k]:8.4f} -> {m[k]:8.4f}  {'better' if better else 'not better'}"
-            )
+            verdict = "better" if better else "not better"
+            lines.append(f"    {label:<28} {base[k]:8.4f} -> {m[k]:8.4f}  {verdict}")
     if (out / "task_answers.jsonl").is_file():
         rows = [
             json.loads(line)

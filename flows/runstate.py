@@ -1,11 +1,13 @@
-"""What the pipeline runner records about the run in progress (or the last one), for `gptflow status`.
+"""What the pipeline runner records about the run in progress (or the last one), for
+`gptflow status`.
 
 One small JSON file, ``<workdir>/logs/run.json``, rewritten atomically as the run goes: when it
 started, by which process, and per step its state (``done``: reused; ``ran``; ``running``;
-``failed`` with the error; ``not run``), start time, seconds, output directory and log file. It holds
-no figures: `gptflow status` reads those from the steps' outputs and MLflow.
+``failed`` with the error; ``not run``), start time, seconds, output directory and log file. It
+holds no figures: `gptflow status` reads those from the steps' outputs and MLflow.
 
-What it is not: the truth about outputs (each output's DONE is) or a lock (flows/workdir.py has those).
+What it is not: the truth about outputs (each output's DONE is) or a lock (flows/workdir.py has
+those).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def path(workdir: str | Path) -> Path:
 
 
 class RunState:
-    """The runner's record of one run; every change is written at once (a crash leaves the last state)."""
+    """The runner's record of one run; every change is written at once (a crash leaves the last
+    state)."""
 
     def __init__(self, workdir: str | Path, planned: list[Any]):
         self.file = path(workdir)

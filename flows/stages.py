@@ -41,7 +41,8 @@ def preprocess(cfg: PipelineConfig, inputs: Inputs, out: Path, ctx: StepContext)
 def data_fingerprint(cfg: PipelineConfig, ctx: StepContext) -> Any:
     from flows.data import stage
 
-    # With a base model the context caps the fine-tuning examples (longer ones are dropped, counted).
+    # With a base model the context caps the fine-tuning examples (longer ones are dropped,
+    # counted).
     return stage.fingerprint(cfg.data, ctx) | (
         {"context_length": cfg.model.context_length} if cfg.model.base else {}
     )

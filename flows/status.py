@@ -1,4 +1,5 @@
-"""`gptflow status`: one screen on a workdir -- the last run, the registry, what serving would load, the schedule.
+"""`gptflow status`: one screen on a workdir -- the last run, the registry, what serving would load,
+the schedule.
 
 What it reads, and nothing else: the runner's record of the last run (flows/runstate.py), the
 steps' finished outputs for each step's key figure (train_result.json, metrics.json, decision.json,
@@ -74,7 +75,8 @@ def status(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def figure(step: str, out: Path) -> str | None:
-    """A step's key figure from its finished output: tokens, tokens/s and loss, bits per byte, a decision."""
+    """A step's key figure from its finished output: tokens, tokens/s and loss, bits per byte, a
+    decision."""
 
     def read(name: str) -> dict[str, Any] | None:
         try:
@@ -183,7 +185,8 @@ def _version(v: dict[str, Any]) -> dict[str, Any]:
 
 
 def _schedule(workdir: Path) -> list[dict[str, Any]]:
-    """Every scheduler of this workdir (one per config): its last trigger and outcome, and its next fire time."""
+    """Every scheduler of this workdir (one per config): its last trigger and outcome, and its next
+    fire time."""
     found = []
     for state_file in sorted((workdir / "schedule").glob("*/state.json")):
         try:
@@ -241,8 +244,8 @@ def render(facts: dict[str, Any]) -> str:
                 lines.append(
                     f"registry: {name} {alias}: "
                     + (
-                        f"version {v['version']}, bits/byte {_short(v['bits_per_byte'])}, perplexity "
-                        f"{_short(v['perplexity'])}"
+                        f"version {v['version']}, bits/byte {_short(v['bits_per_byte'])}, "
+                        f"perplexity {_short(v['perplexity'])}"
                         + (f", gate {v['gate']}" if v.get("gate") else "")
                         if v
                         else "none"
@@ -261,8 +264,8 @@ def render(facts: dict[str, Any]) -> str:
     )
     for s in facts["schedule"]:
         lines.append(
-            f"schedule{' ' + repr(s['cron']) if s['cron'] else ''}: last trigger {s['last_fire'] or '-'}: "
-            f"{s['last_outcome'] or '-'}; "
+            f"schedule{' ' + repr(s['cron']) if s['cron'] else ''}: "
+            f"last trigger {s['last_fire'] or '-'}: {s['last_outcome'] or '-'}; "
             + (f"next {s['next_fire']}" if s["next_fire"] else "the scheduler is not running")
         )
     if not facts["schedule"]:

@@ -31,7 +31,8 @@ def tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
         return uri
     if "://" in str(workdir):
         raise ValueError(
-            f"workdir {workdir} is remote: set MLFLOW_TRACKING_URI (or tracking.uri) to a tracking server"
+            f"workdir {workdir} is remote: "
+            "set MLFLOW_TRACKING_URI (or tracking.uri) to a tracking server"
         )
     db = Path(workdir).resolve() / "mlflow.db"
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -39,8 +40,9 @@ def tracking_uri(cfg: TrackingConfig, workdir: str | Path) -> str:
 
 
 def without_credentials(uri: str) -> str:
-    """`uri` without user:password: what may travel (a Ray job's environment, a config file) while the
-    credentials stay where they are (MLFLOW_TRACKING_USERNAME/PASSWORD on the nodes that use it)."""
+    """`uri` without user:password: what may travel (a Ray job's environment, a config file) while
+    the credentials stay where they are (MLFLOW_TRACKING_USERNAME/PASSWORD on the nodes that use
+    it)."""
     import urllib.parse
 
     if "://" not in uri:
@@ -110,9 +112,9 @@ def check_reachable(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
     except (OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise ConfigError(
-            f"the MLflow tracking server {_redacted(uri)} does not answer ({_redacted(str(reason))}; waited at most "
-            f"{timeout_s:.0f} s): start it or fix MLFLOW_TRACKING_URI / tracking.uri, or run with --no-tracking "
-            "(tracking.enabled=false)"
+            f"the MLflow tracking server {_redacted(uri)} does not answer "
+            f"({_redacted(str(reason))}; waited at most {timeout_s:.0f} s): start it or fix "
+            "MLFLOW_TRACKING_URI / tracking.uri, or run with --no-tracking (tracking.enabled=false)"
         ) from None
     _PROBED[uri] = time.time()
 
@@ -163,7 +165,8 @@ class Tracker:
         from flows.redact import redact_text
 
         flat = flatten(dict(params))
-        # Input URLs may carry credentials (user:password, tokens, presigned signatures): never logged.
+        # Input URLs may carry credentials (user:password, tokens, presigned signatures): never
+        # logged.
         items = [Param(k, redact_text(str(v))[:_MAX_PARAM_CHARS]) for k, v in sorted(flat.items())]
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             self._client.log_batch(self.run_id, params=items[i : i + 100])
@@ -337,7 +340,8 @@ def attach(run_id: str | None, uri: str | None) -> Tracker:
 def download_model(
     uri: str, dst: str | Path, cfg: TrackingConfig | None = None, workdir: str | Path = "work"
 ) -> Path:
-    """Download a registered model's artifacts (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``) to `dst`.
+    """Download a registered model's artifacts (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``)
+    to `dst`.
 
     The registry logs bundles as MLflow models whose artifact directory is a bundle directory, so
     the result holds the bundle files (possibly under a subfolder; the caller looks for them).
@@ -366,8 +370,8 @@ def download_model(
 
 
 class RegistryError(ValueError):
-    """A registry request that cannot be served: an unknown name, alias or version, missing or corrupt
-    artifacts, an unreachable store. The message names what was asked for."""
+    """A registry request that cannot be served: an unknown name, alias or version, missing or
+    corrupt artifacts, an unreachable store. The message names what was asked for."""
 
 
 class Registry:
@@ -447,7 +451,8 @@ class Registry:
         return str(mv.version)
 
     def versions(self, name: str) -> list[dict[str, Any]]:
-        """Every version of `name`, oldest first, with tags and aliases; RegistryError if unknown."""
+        """Every version of `name`, oldest first, with tags and aliases; RegistryError if
+        unknown."""
         model = self._call(f"model {name!r}", self.client.get_registered_model, name)
         found = self._call(
             f"versions of {name!r}", self.client.search_model_versions, f"name='{name}'"
@@ -469,7 +474,8 @@ class Registry:
         )
 
     def by_alias(self, name: str, alias: str) -> dict[str, Any] | None:
-        """The version `alias` points at, or None when the alias is not set (the model must exist)."""
+        """The version `alias` points at, or None when the alias is not set (the model must
+        exist)."""
         from mlflow.exceptions import MlflowException
 
         model = self._call(f"model {name!r}", self.client.get_registered_model, name)
@@ -510,8 +516,8 @@ class Registry:
             self._call(f"tagging {name}", self.client.set_registered_model_tag, name, k, str(v))
 
     def create_model(self, name: str, tags: Mapping[str, Any], description: str) -> bool:
-        """Create registered model `name`; False when it exists already. Creation is atomic in the store
-        (the name is unique), so it is a mutex every process using this registry sees."""
+        """Create registered model `name`; False when it exists already. Creation is atomic in the
+        store (the name is unique), so it is a mutex every process using this registry sees."""
         from mlflow.exceptions import MlflowException
 
         try:

@@ -39,8 +39,8 @@ def mark_done(path: str | Path, info: dict[str, Any] | None = None) -> None:
 
 
 def discard(path: str | Path) -> None:
-    """Delete an output directory so that no crash half-way leaves it looking finished: DONE goes first
-    (and that removal is made durable), then the rest."""
+    """Delete an output directory so that no crash half-way leaves it looking finished: DONE goes
+    first (and that removal is made durable), then the rest."""
     import shutil
 
     path = Path(path)
@@ -57,7 +57,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, fsync, rename over `path`, fsync the directory.
+    """Write to a temporary name in the same directory, fsync, rename over `path`, fsync the
+    directory.
 
     After a crash `path` holds the old content or the new, never a prefix; once this returns the new
     content survives a power loss (the rename too: it lives in the directory, hence its fsync).
@@ -81,7 +82,8 @@ def tmp_suffix() -> str:
 
 
 def fsync_file(f: Any) -> None:
-    """Flush an open binary file and fsync it: its bytes are on disk before it is renamed into place."""
+    """Flush an open binary file and fsync it: its bytes are on disk before it is renamed into
+    place."""
     f.flush()
     os.fsync(f.fileno())
 

@@ -1,4 +1,5 @@
-"""A model named by SOURCE, as a bundle under ``<workdir>/import/<hash>/``: the one way from a source to a bundle.
+"""A model named by SOURCE, as a bundle under ``<workdir>/import/<hash>/``: the one way from a
+source to a bundle.
 
 SOURCE is what ``gptflow import`` takes (``builtin:NAME``, a Hugging Face directory, a ``.gguf``
 file), a bundle directory, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``. :func:`identity`
@@ -30,7 +31,8 @@ from flows.workdir import discard, is_done, locked, mark_done, stage_dir
 log = logging.getLogger(__name__)
 
 STEP = "import"
-# Part of every import's identity: bump it when the import writes something else from the same source.
+# Part of every import's identity: bump it when the import writes something else from the same
+# source.
 IMPORT_VERSION = 1
 BUNDLE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "metadata.json")
 # Everything an import may read from a directory: its content is the directory's identity.
@@ -51,12 +53,14 @@ def is_bundle(path: Path) -> bool:
 
 
 def identity(source: str, ctx: StepContext) -> dict[str, Any]:
-    """What names SOURCE's import: its content, not its name. ConfigError for a source that is not there."""
+    """What names SOURCE's import: its content, not its name. ConfigError for a source that is not
+    there."""
     if is_builtin(source):
         name = source.removeprefix(PREFIX)
         if name not in BUILTINS:
             raise ConfigError(
-                f"{source}: unknown built-in model; known: {', '.join(PREFIX + n for n in BUILTINS)}"
+                f"{source}: unknown built-in model; known: "
+                f"{', '.join(PREFIX + n for n in BUILTINS)}"
             )
         return {"builtin": name, "sha256": BUILTINS[name].sha256, "import_version": IMPORT_VERSION}
     if source.startswith("models:/"):
@@ -91,8 +95,8 @@ def identity(source: str, ctx: StepContext) -> dict[str, Any]:
 
 
 def import_dir(workdir: str | Path, ident: dict[str, Any]) -> Path:
-    """Where the import of a source with identity `ident` lives: the runner's path for the import step
-    (a step of no config sections and no inputs, whose fingerprint is the identity)."""
+    """Where the import of a source with identity `ident` lives: the runner's path for the import
+    step (a step of no config sections and no inputs, whose fingerprint is the identity)."""
     return stage_dir(workdir, STEP, stable_hash(STEP, {}, {}, ident)).resolve()
 
 

@@ -56,7 +56,8 @@ def load_source(source: str, cache: Path | None = None) -> tuple[Any, Any, dict[
 def import_model(
     source: str, out: str | Path, dtype: str = "fp32", cache: Path | None = None
 ) -> Path:
-    """Write SOURCE as a bundle at `out` (replacing a bundle there only once the new one is complete)."""
+    """Write SOURCE as a bundle at `out` (replacing a bundle there only once the new one is
+    complete)."""
     import torch
 
     from gptcore.bundle import save_bundle
@@ -137,7 +138,8 @@ def _token_ids(tok: Any) -> dict[str, int]:
 
 
 def write_hf_tokenizer(tok: Any, directory: Path, context_length: int) -> None:
-    """The tokenizer files transformers' AutoTokenizer reads; the template as transformers 5 writes it."""
+    """The tokenizer files transformers' AutoTokenizer reads; the template as transformers 5 writes
+    it."""
     (directory / "tokenizer.json").write_text(tok.to_json(), encoding="utf-8")
     config = {k: v for k, v in tok.config().items() if k not in ("chat_template", "stop_tokens")}
     config.update(

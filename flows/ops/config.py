@@ -15,8 +15,8 @@ class ScheduleConfig:
 
     settle_s: float = 60.0
     """Seconds the local input files must have kept their size and mtime before a data-triggered run
-    (--on-new-data) fingerprints them: a file still being written defers the trigger to the next fire
-    time (`deferred: inputs still changing: FILE`). 0 turns the wait off."""
+    (--on-new-data) fingerprints them: a file still being written defers the trigger to the next
+    fire time (`deferred: inputs still changing: FILE`). 0 turns the wait off."""
     job_timeout_s: float = 6 * 3600.0
     """Longest wait for a submitted run's Ray job (--address), from its submission; then the job is
     stopped and the trigger recorded as `failed (timeout)`."""

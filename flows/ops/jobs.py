@@ -65,12 +65,14 @@ def dashboard_address(address: str | None) -> str:
                 )
             return value.rstrip("/")
     raise ConfigError(
-        "no Ray cluster to submit to: give --address http://HEAD:8265 (or set RAY_API_SERVER_ADDRESS)"
+        "no Ray cluster to submit to: give --address http://HEAD:8265 "
+        "(or set RAY_API_SERVER_ADDRESS)"
     )
 
 
 def read_token() -> str | None:
-    """Ray's auth token, in Ray's own order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token."""
+    """Ray's auth token, in Ray's own order: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+    ~/.ray/auth_token."""
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     if token:
         return token
@@ -143,7 +145,8 @@ def source_root() -> Path:
 
 
 def stage_working_dir(cfg: PipelineConfig, into: Path) -> Path:
-    """Copy what a job needs into `into`, with the resolved config as gptflow-job.yaml; return it."""
+    """Copy what a job needs into `into`, with the resolved config as gptflow-job.yaml; return
+    it."""
     root = source_root()
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     for name in _SOURCES:
@@ -165,7 +168,8 @@ def check_submittable(cfg: PipelineConfig) -> None:
     if "://" not in cfg.workdir and not Path(cfg.workdir).is_absolute():
         raise ConfigError(
             f"workdir={cfg.workdir!r} is relative: a job runs in a temporary directory on the "
-            "cluster; give an absolute path on its shared filesystem (e.g. --workdir /mnt/gptflow/work)"
+            "cluster; give an absolute path on its shared filesystem "
+            "(e.g. --workdir /mnt/gptflow/work)"
         )
 
 
@@ -193,7 +197,8 @@ def run_identity(cfg: PipelineConfig) -> dict[str, Any]:
 
 
 def trigger_id(cfg: PipelineConfig, when: str) -> str:
-    """The submission id of a scheduled trigger: the same config and trigger time give the same id."""
+    """The submission id of a scheduled trigger: the same config and trigger time give the same
+    id."""
     return f"gptflow-{stable_hash(run_identity(cfg), length=12)}-{when}"
 
 
@@ -206,8 +211,8 @@ def submit(
 ) -> tuple[str, bool]:
     """Submit the pipeline; returns (submission id, whether it was newly submitted).
 
-    A `submission_id` that already names a job is not submitted again (Ray would reject it). `verbose`:
-    the job runs `gptflow -v run` (debug logs, tracebacks).
+    A `submission_id` that already names a job is not submitted again (Ray would reject it).
+    `verbose`: the job runs `gptflow -v run` (debug logs, tracebacks).
     """
     check_submittable(cfg)
     jobs = client(address, cfg.cluster.allow_no_auth)

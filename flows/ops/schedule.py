@@ -10,12 +10,13 @@ runs of one scheduler can never overlap. Each trigger:
    scheduler's run): ``skipped: run in progress``;
 2. with ``--on-new-data``, first checks that the local input files are settled (size and mtime
    unchanged for ``schedule.settle_s``: the newest mtime that old, or a second look that long after
-   the first): a file still being written is neither fingerprinted nor trained on, ``deferred: inputs
-   still changing: FILE``, and the next fire time looks again; then compares the corpus fingerprint
-   (what names the preprocess output: the input files' content fingerprints, one ``stat`` per
-   unchanged local file) with the one of the last successful run: unchanged: ``skipped: no new data``;
-3. runs the pipeline: here, as a child process ``gptflow run`` that inherits the lock (so the lock is
-   held while either lives, and a crash or out-of-memory kill of a run never takes the scheduler
+   the first): a file still being written is neither fingerprinted nor trained on,
+   ``deferred: inputs still changing: FILE``, and the next fire time looks again; then compares the
+   corpus fingerprint (what names the preprocess output: the input files' content fingerprints, one
+   ``stat`` per unchanged local file) with the one of the last successful run: unchanged:
+   ``skipped: no new data``;
+3. runs the pipeline: here, as a child process ``gptflow run`` that inherits the lock (so the lock
+   is held while either lives, and a crash or out-of-memory kill of a run never takes the scheduler
    down), or with ``--address`` as a Ray job (a deterministic submission id per trigger time, so a
    resubmitted trigger is a no-op) that the scheduler waits for; ``ran`` or ``failed (STEP)``.
 
@@ -86,7 +87,8 @@ _FAILED_STEP = re.compile(r"step '([\w-]+)' failed")
 
 
 def cron_trigger(expr: str) -> Any:
-    """APScheduler's CronTrigger for 5 crontab fields, or 6 with seconds first; ConfigError names `expr`."""
+    """APScheduler's CronTrigger for 5 crontab fields, or 6 with seconds first; ConfigError names
+    `expr`."""
     from apscheduler.triggers.cron import CronTrigger
 
     fields = expr.split()
@@ -161,7 +163,8 @@ class Scheduler:
     # ----------------------------------------------------------------- one trigger
 
     def fingerprint(self) -> str:
-        """The corpus fingerprint: what names the preprocess output (input files' content identities)."""
+        """The corpus fingerprint: what names the preprocess output (input files' content
+        identities)."""
         from flows import pipeline
         from flows.data.stage import fingerprint
 
@@ -172,7 +175,8 @@ class Scheduler:
 
     @contextmanager
     def _run_lock(self) -> Iterator[int | None]:
-        """The workdir's run lock, held while the block runs: its fd, or None when another run holds it."""
+        """The workdir's run lock, held while the block runs: its fd, or None when another run holds
+        it."""
         import fcntl
 
         self.lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,11 +235,11 @@ class Scheduler:
             return self._record(when, outcome, coalesced=coalesced, **detail)
 
     def _changing(self) -> str | None:
-        """A local input file that may still be being written, or None when all are settled: each one's
-        mtime is at least schedule.settle_s old, or its size and mtime are what a look settle_s earlier
-        saw (a file server whose clock runs ahead makes mtimes look recent). The first look is kept in
-        the state until it is settle_s old, so ticks closer together than that still compare two looks
-        far enough apart."""
+        """A local input file that may still be being written, or None when all are settled: each
+        one's mtime is at least schedule.settle_s old, or its size and mtime are what a look
+        settle_s earlier saw (a file server whose clock runs ahead makes mtimes look recent). The
+        first look is kept in the state until it is settle_s old, so ticks closer together than that
+        still compare two looks far enough apart."""
         from flows.data.stage import local_input_files
 
         settle = self.cfg.schedule.settle_s
@@ -262,12 +266,14 @@ class Scheduler:
         return next(iter(recent))
 
     def _run_here(self, when: dt.datetime, lock_fd: int) -> tuple[str, dict[str, Any]]:
-        """`gptflow run` as a child process that holds the run lock too; its output in runs/<when>.log."""
+        """`gptflow run` as a child process that holds the run lock too; its output in
+        runs/<when>.log."""
         self.dir.mkdir(parents=True, exist_ok=True)
         config = self.dir / "config.yaml"
         from flows.tracking import shareable_config, tracking_uri
 
-        # The file holds no credentials: the child gets the full tracking URI through its environment.
+        # The file holds no credentials: the child gets the full tracking URI through its
+        # environment.
         atomic_write_text(config, yaml.safe_dump(shareable_config(self.cfg), sort_keys=False))
         env = dict(os.environ)
         if self.cfg.tracking.enabled:
@@ -295,8 +301,8 @@ class Scheduler:
         }
 
     def _submit(self, when: dt.datetime, coalesced: int, fp: str | None) -> dict[str, Any]:
-        """Submit the pipeline as a Ray job under the trigger's id, note it in the state (a restarted
-        scheduler re-attaches to it), then wait for it and record the trigger."""
+        """Submit the pipeline as a Ray job under the trigger's id, note it in the state (a
+        restarted scheduler re-attaches to it), then wait for it and record the trigger."""
         from flows.ops import jobs
 
         sid = jobs.trigger_id(self.cfg, _stamp(when))
@@ -314,9 +320,9 @@ class Scheduler:
         return self._land(self.state["in_flight"])
 
     def resume(self) -> dict[str, Any] | None:
-        """Re-attach to the job the state names in flight (the scheduler was stopped or killed while it
-        waited): wait for it and record its trigger before anything new fires. None when there is none,
-        or another run holds the lock (then the next trigger re-attaches)."""
+        """Re-attach to the job the state names in flight (the scheduler was stopped or killed while
+        it waited): wait for it and record its trigger before anything new fires. None when there is
+        none, or another run holds the lock (then the next trigger re-attaches)."""
         if not self.state.get("in_flight"):
             return None
         with self._run_lock() as fd:
@@ -331,7 +337,8 @@ class Scheduler:
             return self._land(self.state["in_flight"])
 
     def _land(self, flight: dict[str, Any]) -> dict[str, Any]:
-        """Wait for the job in flight, record its trigger's outcome (under its own fire time), forget it."""
+        """Wait for the job in flight, record its trigger's outcome (under its own fire time),
+        forget it."""
         when = dt.datetime.fromisoformat(flight["fire_time"])
         log.info("trigger %s: waiting for job %s", _stamp(when), flight["submission_id"])
         try:
@@ -351,9 +358,9 @@ class Scheduler:
         return self._record(when, outcome, coalesced=flight.get("coalesced", 0), **detail)
 
     def _await(self, flight: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        """The outcome of the job in flight once it ends, or once schedule.job_timeout_s has passed since
-        its submission (then it is stopped). A Jobs API that does not answer is asked again until then;
-        a stop request does not abandon the job: it is waited for."""
+        """The outcome of the job in flight once it ends, or once schedule.job_timeout_s has passed
+        since its submission (then it is stopped). A Jobs API that does not answer is asked again
+        until then; a stop request does not abandon the job: it is waited for."""
         from flows.ops import jobs
 
         job_id = flight["submission_id"]
@@ -372,8 +379,8 @@ class Scheduler:
             except Exception as e:  # a dashboard blip: said once per spell, then asked again
                 if not failing:
                     log.warning(
-                        "job %s: the Jobs API does not answer (%s); asking again until it does or the "
-                        "job's time is up",
+                        "job %s: the Jobs API does not answer (%s); asking again until it does or "
+                        "the job's time is up",
                         job_id,
                         _error_text(e),
                     )
@@ -504,7 +511,8 @@ class Scheduler:
                 break
             self.fire(when, coalesced=pending)
             pending = 0
-            # Fire times that passed during that trigger's run: never a second run, one record counting them.
+            # Fire times that passed during that trigger's run: never a second run, one record
+            # counting them.
             busy, last = self._missed(when, _now())
             if busy:
                 self._record(last, IN_PROGRESS, coalesced=busy)
@@ -543,7 +551,8 @@ def run_schedule(
     run_args: list[str],
     on_start: Callable[[Scheduler], None] | None = None,
 ) -> str:
-    """The `gptflow schedule` command: one trigger now (--once) or the loop; returns what to print."""
+    """The `gptflow schedule` command: one trigger now (--once) or the loop; returns what to
+    print."""
     scheduler = Scheduler(cfg, cron, on_new_data, address, run_args)
     if on_start:
         on_start(scheduler)
@@ -552,7 +561,8 @@ def run_schedule(
         entry = scheduler.fire(_now(), reraise=True)
         if entry["outcome"].startswith(FAILED):
             raise RuntimeError(
-                f"scheduled run failed: {entry['outcome']} (log: {entry.get('log') or entry.get('job_id')})"
+                f"scheduled run failed: {entry['outcome']} "
+                f"(log: {entry.get('log') or entry.get('job_id')})"
             )
         return entry["outcome"]
     scheduler.loop()

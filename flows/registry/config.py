@@ -24,9 +24,9 @@ class RegistryConfig:
     metric: Literal["bits_per_byte", "perplexity", "sft_val_loss"] = hashed_only_by(
         *_GATE_STEPS, default="bits_per_byte", why=_GATE
     )
-    """What the gate compares: bits per byte (comparable across tokenizers), perplexity, or the loss on
-    the held-out fine-tuning answers (sft_val_loss: for a tuned model, the figure the tuning is for;
-    a champion with another tokenizer has none, and is replaced)."""
+    """What the gate compares: bits per byte (comparable across tokenizers), perplexity, or the loss
+    on the held-out fine-tuning answers (sft_val_loss: for a tuned model, the figure the tuning is
+    for; a champion with another tokenizer has none, and is replaced)."""
     margin: float = hashed_only_by(*_GATE_STEPS, default=0.01, why=_GATE)
     """A challenger must beat the champion by this fraction of the champion's figure."""
 

@@ -39,7 +39,8 @@ class Decision:
     margin: float
 
     def tags(self) -> dict[str, str]:
-        """What the version records about the decision (``gptflow.gate=passed|refused`` and figures)."""
+        """What the version records about the decision (``gptflow.gate=passed|refused`` and
+        figures)."""
         out = {
             "gptflow.gate": "passed" if self.promote else "refused",
             "gptflow.gate.reason": self.reason,

@@ -21,7 +21,8 @@ _REF = re.compile(r"^(?:models:/)?(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<ver
 
 
 def resolve(registry: Registry, ref: str) -> tuple[str, str]:
-    """(name, version) of ``NAME@ALIAS`` or ``NAME/VERSION``; RegistryError naming what is unknown."""
+    """(name, version) of ``NAME@ALIAS`` or ``NAME/VERSION``; RegistryError naming what is
+    unknown."""
     m = _REF.match(ref.strip())
     if not m:
         raise RegistryError(f"{ref!r} is not NAME@ALIAS or NAME/VERSION (e.g. gpt@champion, gpt/3)")
@@ -169,10 +170,11 @@ def render(facts: dict[str, Any]) -> str:
     """The lineage as an indented text tree, for people."""
     m = facts["model"]
     lines = [
-        f"{m['name']}/{m['version']}  aliases: {', '.join(m['aliases']) or '-'}  gate: {m['gate'] or '-'}"
-        f" ({m['gate_reason'] or ''})",
+        f"{m['name']}/{m['version']}  aliases: {', '.join(m['aliases']) or '-'}  "
+        f"gate: {m['gate'] or '-'} ({m['gate_reason'] or ''})",
         f"  eval: {', '.join(f'{k}={v}' for k, v in sorted(m['eval'].items())) or '-'}",
-        f"  git {m['git_commit'] or '?'}  config {m['config_hash'] or '?'}  tokenizer {str(m['tokenizer_sha256'])[:16]}",
+        f"  git {m['git_commit'] or '?'}  config {m['config_hash'] or '?'}  "
+        f"tokenizer {str(m['tokenizer_sha256'])[:16]}",
     ]
     for role, run in facts["runs"].items():
         lines.append(
@@ -194,7 +196,8 @@ def _render_bundle(b: dict[str, Any], lines: list[str], pad: str) -> None:
         lines.append(f"{pad}bundle {b.get('path', '?')}: MISSING ({b.get('why')})")
         return
     lines.append(
-        f"{pad}bundle {b['path']} ({b['stage']}, {b['steps']} steps, sha256 {str(b['model_sha256'])[:16]})"
+        f"{pad}bundle {b['path']} "
+        f"({b['stage']}, {b['steps']} steps, sha256 {str(b['model_sha256'])[:16]})"
     )
     d = b["dataset"]
     if d.get("missing"):
@@ -203,7 +206,8 @@ def _render_bundle(b: dict[str, Any], lines: list[str], pad: str) -> None:
         ok = "" if d["matches_recorded"] else "  (CHANGED since training)"
         lines.append(f"{pad}  dataset {d['path']} manifest {d['manifest_sha256'][:16]}{ok}")
         lines.append(
-            f"{pad}    splits: {', '.join(f'{k}={v:,}' for k, v in d['splits'].items() if v is not None)}"
+            f"{pad}    splits: "
+            f"{', '.join(f'{k}={v:,}' for k, v in d['splits'].items() if v is not None)}"
         )
         for i in d["inputs"][:20]:
             lines.append(f"{pad}    input ({i['kind']}) {i['path']}  {i['fingerprint']}")
@@ -225,7 +229,8 @@ def _render_bundle(b: dict[str, Any], lines: list[str], pad: str) -> None:
         where = teacher.get("bundle") or teacher.get("hf_gpt2") or teacher.get("uri")
         how = teacher.get("distillation") or {}
         lines.append(
-            f"{pad}  teacher: {where} (alpha {how.get('alpha')}, temperature {how.get('temperature')})"
+            f"{pad}  teacher: {where} "
+            f"(alpha {how.get('alpha')}, temperature {how.get('temperature')})"
         )
         if teacher.get("bundle_facts"):
             _render_bundle(teacher["bundle_facts"], lines, pad + "    ")

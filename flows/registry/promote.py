@@ -1,11 +1,12 @@
 """Eval-gated promotion, forced promotion and rollback of a registered model's ``champion`` alias.
 
-A new version gets alias ``challenger``; it becomes ``champion`` when :func:`flows.registry.gate.decide`
-says so. The current champion is re-evaluated on the *same* dataset as the challenger (the dataset
-may have changed since the champion was trained): on its token ids when both share the dataset's
-tokenizer, on its text otherwise (bits per byte compare across tokenizers). The decision and both
-figures go on the version's tags and the promote step's run; the registered model keeps the history
-of champions (tag ``gptflow.champion_history``) so that :func:`rollback` finds the previous one.
+A new version gets alias ``challenger``; it becomes ``champion`` when
+:func:`flows.registry.gate.decide` says so. The current champion is re-evaluated on the *same*
+dataset as the challenger (the dataset may have changed since the champion was trained): on its
+token ids when both share the dataset's tokenizer, on its text otherwise (bits per byte compare
+across tokenizers). The decision and both figures go on the version's tags and the promote step's
+run; the registered model keeps the history of champions (tag ``gptflow.champion_history``) so that
+:func:`rollback` finds the previous one.
 
 The read-compare-set runs under an exclusive lock per model name held in the registry itself
 (:func:`promotion_lock`: a registered model whose creation is atomic), so two pipelines finishing at
@@ -73,8 +74,8 @@ def promotion_lock(
     stale_s: float = LOCK_STALE_S,
     wait_s: float = LOCK_WAIT_S,
 ) -> Iterator[None]:
-    """Exclusive right to read-compare-set `name`'s aliases and history, across every workdir, process
-    and machine that uses this registry.
+    """Exclusive right to read-compare-set `name`'s aliases and history, across every workdir,
+    process and machine that uses this registry.
 
     The lock lives in the registry itself: a registered model ``<name>.gptflow-promote-lock``, whose
     creation the store makes atomic. Its holder keeps a heartbeat tag fresh; a lock whose heartbeat
@@ -227,7 +228,8 @@ def bundle_of(
 
 
 def _verified(dst: Path, want: str | None) -> Path | None:
-    """The cached bundle directory when its download finished and its weights still hash to `want`."""
+    """The cached bundle directory when its download finished and its weights still hash to
+    `want`."""
     if not is_done(dst):
         return None
     try:
@@ -247,8 +249,8 @@ def _verified(dst: Path, want: str | None) -> Path | None:
 
 
 def figures_on(bundle: Path, dataset: Path, cfg: EvaluateConfig) -> Figures:
-    """A bundle's figures on a dataset's val split: by token ids with the dataset's tokenizer, by text
-    with another."""
+    """A bundle's figures on a dataset's val split: by token ids with the dataset's tokenizer, by
+    text with another."""
     from flows.data.dataset import read_manifest
     from flows.evaluate import metrics
     from gptcore import Tokenizer, load_bundle
@@ -304,10 +306,12 @@ def promote_version(
     tracker: Tracker | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Gate `version` of `name` against the champion and move ``champion`` when it passes (or `force`).
+    """Gate `version` of `name` against the champion and move ``champion`` when it passes (or
+    `force`).
 
     The challenger's figures are its evaluation's (tag ``gptflow.evaluation``); the champion is
-    re-evaluated on the challenger's dataset (tag ``gptflow.eval_dataset``). Returns the decision record.
+    re-evaluated on the challenger's dataset (tag ``gptflow.eval_dataset``). Returns the decision
+    record.
     """
     tracker = tracker or Tracker()
     with promotion_lock(registry, name, workdir):

@@ -35,7 +35,8 @@ def prompts_of(model_input: Any) -> list[str]:
         if "prompt" not in model_input.columns:
             if len(model_input.columns) != 1:
                 raise ValueError(
-                    f"input DataFrame needs a 'prompt' column, got columns {list(model_input.columns)}"
+                    "input DataFrame needs a 'prompt' column, got columns "
+                    f"{list(model_input.columns)}"
                 )
             return [str(v) for v in model_input.iloc[:, 0].tolist()]
         return [str(v) for v in model_input["prompt"].tolist()]
@@ -82,8 +83,8 @@ class GPTPyfunc(PythonModel):
     """Greedy (or sampled) text generation from the bundle in the model's ``bundle`` artifact."""
 
     # No list/dict type hints below: MLflow would read them as a competing signature. A DataFrame is
-    # what MLflow hands `predict` under the logged signature, and a hint it infers no schema from; without
-    # any hint MLflow warns "Add type hints to the `predict` method" at every log and load.
+    # what MLflow hands `predict` under the logged signature, and a hint it infers no schema from;
+    # without any hint MLflow warns "Add type hints to the `predict` method" at every log and load.
     def load_context(self, context):  # noqa: ANN001
         from gptcore import load_bundle
 

@@ -1,4 +1,5 @@
-"""The register step: a model bundle becomes a version of a registered MLflow model, with its lineage.
+"""The register step: a model bundle becomes a version of a registered MLflow model, with its
+lineage.
 
 The bundle is logged as a pyfunc model (flows/registry/pyfunc_model.py, logged as code: nothing is
 pickled on the load path) whose ``bundle`` artifact holds the bundle files, with a signature,
@@ -75,8 +76,9 @@ def register(
     """Register `bundle` (evaluated in `evaluation` on `dataset`) as a version of ``cfg.name``.
 
     `stage_steps`: the pipeline steps that trained and evaluated it, when not the bundle's stage and
-    ``evaluate`` (a distilled student: ``distill``, ``distill_evaluate``); `teacher_model`: the registered
-    name under which a distilled bundle's teacher is looked up for its ``gptflow.teacher_version`` tag.
+    ``evaluate`` (a distilled student: ``distill``, ``distill_evaluate``); `teacher_model`: the
+    registered name under which a distilled bundle's teacher is looked up for its
+    ``gptflow.teacher_version`` tag.
     """
     from flows.registry import pyfunc_model
 
@@ -179,7 +181,8 @@ def lineage_tags(
         tags["gptflow.teacher"] = json.dumps(teacher, sort_keys=True)
         tags["gptflow.distillation"] = json.dumps(meta.get("distillation") or {}, sort_keys=True)
         uri = str(teacher.get("uri") or "")
-        # A teacher named by the registry is looked up under its own name; a bundle, under teacher_model.
+        # A teacher named by the registry is looked up under its own name; a bundle, under
+        # teacher_model.
         where = (
             uri.removeprefix("models:/").split("@")[0].split("/")[0]
             if uri.startswith("models:/")

@@ -1,4 +1,5 @@
-"""Serving: Ray Serve deploys a model behind OpenAI's HTTP API, with continuous batching inside each replica.
+"""Serving: Ray Serve deploys a model behind OpenAI's HTTP API, with continuous batching inside each
+replica.
 
 protocol.py (request checks and response shapes, no Ray), runner.py (gptcore's BatchEngine on a
 decode thread), models.py (what a replica loads), app.py (the deployment and its routes),

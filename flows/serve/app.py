@@ -12,7 +12,8 @@ Every failure a client can cause is a 4xx in OpenAI's error JSON, never a 500 or
 deploy.py binds it (``gptflow serve``, ``serve run flows.serve.deploy:app``, ``serve deploy``).
 """
 
-# No `from __future__ import annotations`: FastAPI reads the route parameters' annotations at runtime.
+# No `from __future__ import annotations`: FastAPI reads the route parameters' annotations at
+# runtime.
 import asyncio
 import html
 import json
@@ -81,9 +82,9 @@ class GPTServer:
 
     @api.get("/healthz")
     async def healthz(self) -> JSONResponse:
-        """200 while the decode loop lives and keeps stepping; 503 when it died or is wedged (has had
-        work without finishing a step for serve.stall_s). A registry that cannot be read is reported
-        but is not a failure: the replica keeps serving the version it has."""
+        """200 while the decode loop lives and keeps stepping; 503 when it died or is wedged (has
+        had work without finishing a step for serve.stall_s). A registry that cannot be read is
+        reported but is not a failure: the replica keeps serving the version it has."""
         loaded = self.current
         runner = loaded.runner
         engine, stats = runner.engine, runner.stats
@@ -92,7 +93,10 @@ class GPTServer:
         if not runner.alive:
             problem = "the decode loop has stopped"
         elif stalled > self.cfg.stall_s:
-            problem = f"the decode loop has had work but no finished step for {stalled:.0f} s (stall_s={self.cfg.stall_s})"
+            problem = (
+                f"the decode loop has had work but no finished step for {stalled:.0f} s "
+                f"(stall_s={self.cfg.stall_s})"
+            )
         body = {
             "status": "ok" if problem is None else "unhealthy",
             "model": self.settings.served_name,
@@ -141,12 +145,14 @@ class GPTServer:
         return await self._handle(request, chat=True)
 
     def stats(self) -> dict[str, Any]:
-        """Totals and percentiles of this replica, for the summary `gptflow serve` logs at the end."""
+        """Totals and percentiles of this replica, for the summary `gptflow serve` logs at the
+        end."""
         loaded = self.current
         return summary(loaded.runner.stats, loaded.version, self.swap.swaps, self._started)
 
     def auth_required(self) -> bool:
-        """Whether this app asks for an API key (a redeploy reads it so as never to turn auth off)."""
+        """Whether this app asks for an API key (a redeploy reads it so as never to turn auth
+        off)."""
         return self.settings.api_key_sha256 is not None
 
     # ------------------------------------------------------------------ one request
@@ -175,7 +181,8 @@ class GPTServer:
                     param="model",
                     code="model_not_found",
                 )
-            # Off the event loop: tokenizing long prompts must not stall every other client's stream.
+            # Off the event loop: tokenizing long prompts must not stall every other client's
+            # stream.
             sequences = await asyncio.to_thread(self._sequences, gen, loaded)
             loaded.runner.check_capacity(len(sequences))
             if gen.stream:
@@ -270,7 +277,8 @@ class GPTServer:
     def _sequences(self, gen: Generation, loaded: Loaded) -> list[dict[str, Any]]:
         """The engine's sequences for a request: n per prompt, in OpenAI's choice order."""
         limits, tok = loaded.limits, loaded.tokenizer
-        # A templated chat ends at the model's end-of-turn token (stop_ids); gptflow's own format at a next turn.
+        # A templated chat ends at the model's end-of-turn token (stop_ids); gptflow's own format at
+        # a next turn.
         stops = gen.sampling.stop_strings + (
             CHAT_TURN_STOPS if gen.chat and not gen.templated else ()
         )

@@ -10,29 +10,32 @@ from flows.configlib import check, check_finite
 
 @dataclass(frozen=True)
 class ServeConfig:
-    """Ray Serve: the OpenAI-compatible HTTP server (`gptflow serve`) and the optional deploy step."""
+    """Ray Serve: the OpenAI-compatible HTTP server (`gptflow serve`) and the optional deploy
+    step."""
 
     model: str | None = None
-    """What to serve: NAME@ALIAS in the registry (default: <registry.name>@champion), followed as the
-    alias moves; or a bundle directory, served as it is."""
+    """What to serve: NAME@ALIAS in the registry (default: <registry.name>@champion), followed as
+    the alias moves; or a bundle directory, served as it is."""
     served_name: str | None = None
     """The model name clients send and /v1/models lists (default: the registered model's name)."""
     host: str = "127.0.0.1"
     """Interface to bind; 127.0.0.1 unless the server is meant to be reached from elsewhere."""
     port: int = 8000
     api_key_env: str = "GPTFLOW_API_KEY"
-    """Environment variable holding the API key; when it is set, requests need `Authorization: Bearer <key>`."""
+    """Environment variable holding the API key; when it is set, requests need
+    `Authorization: Bearer <key>`."""
     allow_no_auth: bool = False
     """Serve on a non-loopback host without an API key (refused otherwise: auth fails closed)."""
     max_prompts: int = 32
     """Prompts in one completions request (a list prompt); past it, 400."""
     stall_s: float = 60.0
-    """/healthz fails (503) when the decode loop has work but has not finished a step for this long."""
+    """/healthz fails (503) when the decode loop has work but has not finished a step for this
+    long."""
     max_batch_size: int = 16
     """Sequences decoded together in a replica (continuous batching); 1 turns batching off."""
     max_batch_tokens: int | None = None
-    """Token budget of a replica's batch: prompt + max_tokens summed over running sequences (default:
-    max_batch_size x context length)."""
+    """Token budget of a replica's batch: prompt + max_tokens summed over running sequences
+    (default: max_batch_size x context length)."""
     max_queue: int = 64
     """Requests waiting for a batch slot per replica; past it, 429 with Retry-After."""
     max_prompt_tokens: int | None = None

@@ -64,7 +64,8 @@ def check_auth(cfg: ServeConfig, key_sha: str | None, host: str | None = None) -
         )
     if key_sha is None and not is_loopback(host):
         log.warning(
-            "serve: %s without an API key (serve.allow_no_auth: true): anyone who reaches it may use it",
+            "serve: %s without an API key (serve.allow_no_auth: true): "
+            "anyone who reaches it may use it",
             host,
         )
 
@@ -137,9 +138,9 @@ def check_servable(settings: ServeSettings, version: str) -> None:
     gate = registry(settings).version(settings.registry_name, version)["tags"].get("gptflow.gate")
     if gate != "passed":
         raise ConfigError(
-            f"{settings.registry_name}@{settings.alias} is version {version}, which has not passed the "
-            f"promotion gate (gptflow.gate={gate!r}): replicas serve only gated versions; "
-            "promote it with `gptflow promote` (or --force)"
+            f"{settings.registry_name}@{settings.alias} is version {version}, "
+            f"which has not passed the promotion gate (gptflow.gate={gate!r}): "
+            "replicas serve only gated versions; promote it with `gptflow promote` (or --force)"
         )
 
 
@@ -245,9 +246,10 @@ DEPLOYMENT = "deployment.json"
 def deploy_step(
     cfg: ServeConfig, registry: RegistryConfig, out_dir: Path, ctx: StepContext
 ) -> Path:
-    """The pipeline's serve step (serve.deploy: true): (re)deploy on the configured Ray cluster after a
-    promotion and record where. The replicas follow the alias (default: registry.name@champion)
-    themselves; this makes sure the application exists with the current serve settings."""
+    """The pipeline's serve step (serve.deploy: true): (re)deploy on the configured Ray cluster
+    after a promotion and record where. The replicas follow the alias (default:
+    registry.name@champion) themselves; this makes sure the application exists with the current
+    serve settings."""
     import json
 
     from flows.workdir import atomic_write_text
@@ -257,8 +259,9 @@ def deploy_step(
         raise ConfigError("serve: nothing to serve")
     if not (ctx.cluster.address or os.environ.get("RAY_ADDRESS")):
         log.warning(
-            "serve: deploying on this process's own local Ray, which stops when the pipeline exits; "
-            "set cluster.address to deploy on a cluster, or run `gptflow serve` for a server that stays"
+            "serve: deploying on this process's own local Ray, "
+            "which stops when the pipeline exits; set cluster.address to deploy on a cluster, "
+            "or run `gptflow serve` for a server that stays"
         )
     start(cfg, ctx.cluster, settings)
     record = {
@@ -283,7 +286,8 @@ def summary(handle) -> dict[str, Any]:
 
 
 def serve_forever(cfg: PipelineConfig, settings: ServeSettings) -> dict[str, Any]:
-    """`gptflow serve`: deploy, block until SIGINT/SIGTERM, then log the summary and shut Serve down."""
+    """`gptflow serve`: deploy, block until SIGINT/SIGTERM, then log the summary and shut Serve
+    down."""
     from ray import serve
 
     from flows.tracking import stage_run

@@ -48,7 +48,8 @@ class Grounder:
 
     @classmethod
     def from_dataset(cls, dataset: str | Path) -> Grounder:
-        """The grounder of a dataset directory; ValueError naming the file when it has no knowledge."""
+        """The grounder of a dataset directory; ValueError naming the file when it has no
+        knowledge."""
         path = Path(dataset) / FACTS
         if not path.is_file():
             raise ValueError(
@@ -86,7 +87,8 @@ class Grounder:
 def ground_messages(
     messages: list[dict[str, Any]], grounder: Grounder, k: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """`messages` with the facts that match its last user turn as a first system turn, and those facts."""
+    """`messages` with the facts that match its last user turn as a first system turn, and those
+    facts."""
     question = next(
         (
             m.get("content")

@@ -53,7 +53,8 @@ class Loaded:
 def load(
     bundle: str | Path, version: str | None, cfg: ServeConfig, stats: RunnerStats | None = None
 ) -> Loaded:
-    """Load `bundle` into a new engine and decode thread; ValueError (naming it) if it is unusable."""
+    """Load `bundle` into a new engine and decode thread; ValueError (naming it) if it is
+    unusable."""
     import torch
 
     from gptcore import generate, load_bundle
@@ -97,7 +98,8 @@ def load(
 
 
 def _grounder(bundle: str | Path, metadata: dict) -> object:
-    """serve.knowledge: the facts of the dataset the model was trained on (its metadata names it)."""
+    """serve.knowledge: the facts of the dataset the model was trained on (its metadata names
+    it)."""
     from flows.serve.grounding import Grounder
 
     dataset = metadata.get("dataset")
@@ -120,15 +122,15 @@ def alias_version(settings: ServeSettings) -> str:
     found = registry(settings).by_alias(settings.registry_name, settings.alias)
     if found is None:
         raise ValueError(
-            f"model {settings.registry_name!r} has no alias {settings.alias!r}: nothing to serve yet "
-            f"(promote a version, or serve a bundle directory)"
+            f"model {settings.registry_name!r} has no alias {settings.alias!r}: "
+            "nothing to serve yet (promote a version, or serve a bundle directory)"
         )
     return found["version"]
 
 
 class Refused(ValueError):
-    """A version a replica will not serve. `final`: its weights are wrong, it stays refused; otherwise
-    (the gate has not passed it) it is looked at again at the next poll."""
+    """A version a replica will not serve. `final`: its weights are wrong, it stays refused;
+    otherwise (the gate has not passed it) it is looked at again at the next poll."""
 
     def __init__(self, message: str, final: bool):
         super().__init__(message)

@@ -110,7 +110,8 @@ class EngineRunner:
     ) -> AsyncIterator[tuple[int, SequenceOutput]]:
         """Run sequences (SequenceRequest fields without `id`); yield (index, output) as steps
         release them, until every one finished (with stream=False, one output per sequence when it
-        finishes: the event loop is not woken per token). Closing the iterator cancels what is left."""
+        finishes: the event loop is not woken per token). Closing the iterator cancels what is
+        left."""
         self.check_capacity(len(requests))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
