@@ -9,6 +9,7 @@ scripts can chain stages: ``data=$(gptflow preprocess ... | tail -1)``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -589,12 +590,14 @@ def _models_table(registry: object, name: str) -> str:
 
 def _generate(args: argparse.Namespace) -> str:
     from gptcore import generate, load_bundle
-    from gptcore.generation import check_sampling
+    from gptcore.sampling import SamplingParams
 
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens={args.max_new_tokens} must be >= 0")
     try:  # before loading the model: a bad flag costs nothing
-        check_sampling(args.temperature, args.top_k, args.top_p)
+        sampling = SamplingParams(
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed
+        )
     except ValueError as e:
         raise ValueError("--" + str(e).replace("_", "-", 1)) from None
     if (args.prompt is None) == (args.chat is None):
@@ -611,11 +614,7 @@ def _generate(args: argparse.Namespace) -> str:
         model,
         tok.encode(prompt) or [tok.eot_id],
         args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        stop_ids=tok.stop_ids,
-        seed=args.seed,
+        sampling=dataclasses.replace(sampling, stop_ids=tuple(tok.stop_ids)),
     )
     return tok.decode(ids) if args.chat is not None else prompt + tok.decode(ids)
 

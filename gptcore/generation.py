@@ -126,16 +126,6 @@ def generate_stream(
     yield from out[sent:]
 
 
-def check_sampling(
-    temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float = 1.0
-) -> None:
-    """Refuse sampling settings outside their range (ValueError naming the setting), for a caller
-    that checks its flags before it has a model; the check is SamplingParams'."""
-    SamplingParams(
-        temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty
-    )
-
-
 def _sampling_params(sampling: SamplingParams | None, **settings: Any) -> SamplingParams:
     """The settings given one by one as SamplingParams (checked there), or `sampling` itself."""
     loose = SamplingParams(**settings)
