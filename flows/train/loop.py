@@ -377,6 +377,39 @@ def _log_step(
     logger.metrics(metrics, state.step)
 
 
+def _teacher(spec: RunSpec, device: torch.device) -> Teacher | None:
+    """Distillation's frozen teacher beside the student, or None for a run without one."""
+    if not spec.teacher:
+        return None
+    t = spec.teacher
+    return Teacher(t["bundle"], spec.train.precision, t["alpha"], t["temperature"], device)
+
+
+def _windows(spec: RunSpec, rank: int, world: int) -> tuple[TokenWindows, TokenWindows | None]:
+    """This rank's training windows and its validation windows (None without an eval split)."""
+    path, T = spec.dataset.path, spec.context_length
+    val = TokenWindows(path, spec.eval_split, T, rank, world) if spec.eval_split else None
+    return TokenWindows(path, spec.split, T, rank, world), val
+
+
+def _throughput(cfg: LoopConfig, world: int, first_step: int) -> Throughput:
+    """Tokens/s and MFU over all ranks, counted from the step the run starts (or resumes) at."""
+    tc = cfg.spec.train
+    peak = tc.peak_flops_per_device or default_peak_flops(
+        tc.precision, tc.use_gpu, tc.cpus_per_worker
+    )
+    tokens_per_step = tc.micro_batch_size * tc.grad_accum * cfg.spec.context_length * world
+    return Throughput(tokens_per_step, cfg.flops_per_token, peak * world, first_step=first_step)
+
+
+def _report(state: LoopState, result: _Step, val_loss: float | None) -> dict[str, Any]:
+    """What a checkpoint reports to Ray Train (the driver reads the last one)."""
+    report = {"step": state.step, "loss": result.loss, "skipped_updates": state.skipped_total}
+    if val_loss is not None:
+        report["val_loss"] = val_loss
+    return report
+
+
 def train_loop_per_worker(cfg: LoopConfig) -> None:
     """One worker's run: build, resume, then step; evaluate, log and checkpoint on intervals;
     export."""
@@ -395,44 +428,19 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
     logging.basicConfig(level=logging.INFO)
     injected = faults.from_env()  # test-only (flows/train/faults.py); none in normal use
 
-    rss_before_model = (
-        current_rss_bytes()
-    )  # what the planner's estimate is compared with grows from here
+    # what the planner's estimate is compared with grows from here
+    rss_before_model = current_rss_bytes()
     model, tokenizer = _build_model(spec)
     engine, gate = init_engine(tc, spec.deepspeed_config, model)
-    teacher = (
-        Teacher(
-            spec.teacher["bundle"],
-            tc.precision,
-            spec.teacher["alpha"],
-            spec.teacher["temperature"],
-            device,
-        )
-        if spec.teacher
-        else None
-    )
+    teacher = _teacher(spec, device)
     if tc.compile:
         # lazily: the first forward pays the compile; checkpoints and export use engine.module
         engine.compile()
-    T = spec.context_length
-    data = TokenWindows(spec.dataset.path, spec.split, T, rank, world)
-    val = (
-        TokenWindows(spec.dataset.path, spec.eval_split, T, rank, world)
-        if spec.eval_split
-        else None
-    )
+    data, val = _windows(spec, rank, world)
     state = _resume(engine, spec, rank)
     logger = _tracking(cfg, rank, world)
     progress = Sender(cfg.progress if rank == 0 else None)  # the driver's terminal line
-    peak = tc.peak_flops_per_device or default_peak_flops(
-        tc.precision, tc.use_gpu, tc.cpus_per_worker
-    )
-    speed = Throughput(
-        tc.micro_batch_size * tc.grad_accum * T * world,
-        cfg.flops_per_token,
-        peak * world,
-        first_step=state.step,
-    )
+    speed = _throughput(cfg, world, state.step)
     first_step = state.step
     # DeepSpeed keeps the gradient norm of every path but plain fp32 without ZeRO (it clips and
     # drops it there); rank 0 then measures it itself from the already all-reduced gradients.
@@ -466,13 +474,7 @@ def train_loop_per_worker(cfg: LoopConfig) -> None:
         )
 
         if state.step % tc.checkpoint_every == 0 or is_last:
-            report = {
-                "step": state.step,
-                "loss": result.loss,
-                "skipped_updates": state.skipped_total,
-            }
-            if val_loss is not None:
-                report["val_loss"] = val_loss
+            report = _report(state, result, val_loss)
             if is_last:
                 report.update(speed.figures(state.tokens_seen))
                 report.update(memory_figures(rss_before_model, tc.use_gpu, device, world))

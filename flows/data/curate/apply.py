@@ -23,7 +23,7 @@ from flows.config import CurateConfig, QualityConfig
 from flows.data.curate import pii
 from flows.data.curate.decontam import Decontaminator
 from flows.data.curate.language import LanguageFilter
-from flows.data.curate.quality import C4Quality, GopherQuality, GopherRepetition
+from flows.data.curate.quality import C4Quality, GopherQuality, GopherRepetition, words_of
 
 # Scores the report histograms, with their bin edges: (name, low, high, bins).
 SCORES = (
@@ -112,10 +112,11 @@ class Curator:
             if reason:
                 return self._drop(v, reason)
         if self.gopher is not None:
-            s = self.gopher.scores(text)
+            words = words_of(text)  # both rule sets read the same words: split once
+            s = self.gopher.scores(text, words)
             v.scores.update(s)
             if self.repetition is not None:
-                v.scores.update(self.repetition.scores(text))
+                v.scores.update(self.repetition.scores(text, words))
             if reason := self.gopher.filter(text, s):
                 return self._drop(v, reason)
             if self.repetition is not None and (reason := self.repetition.filter(text, v.scores)):

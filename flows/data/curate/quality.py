@@ -51,9 +51,10 @@ class GopherQuality:
     min_stop_words: int | None = 2
     stop_words: tuple[str, ...] = STOP_WORDS
 
-    def scores(self, text: str) -> dict[str, float]:
+    def scores(self, text: str, words: list[str] | None = None) -> dict[str, float]:
+        """The rules' figures; `words` is ``words_of(text)`` when the caller has it already."""
         raw = text.split()
-        words = words_of(text)
+        words = words_of(text) if words is None else words
         content = [w for w in words if w]  # words that are not only symbols
         lines = text.splitlines() or [""]
         n = max(1, len(raw))
@@ -127,17 +128,22 @@ def _ngram_stats(ids: np.ndarray, lens: np.ndarray, n: int) -> tuple[int, int]:
     if len(ids) < n:
         return 0, 0
     keys = _ngram_keys(ids, n)
-    _, first, inverse, counts = np.unique(
-        keys, return_index=True, return_inverse=True, return_counts=True
-    )
-    top = int(np.argmax(counts))
-    wchars = np.concatenate([[0], np.cumsum(lens)])
-    top_chars = (
-        int(counts[top]) * int(wchars[first[top] + n] - wchars[first[top]])
-        if counts[top] > 1
-        else 0
-    )
-    repeated = np.flatnonzero(first[inverse] != np.arange(len(keys)))
+    # One stable sort groups equal n-grams with their positions in order: each group's first
+    # element is the n-gram's first occurrence, the rest are repeats (np.unique's index, inverse
+    # and counts, without the inverse's extra passes).
+    order = np.argsort(keys, kind="stable")
+    ordered = keys[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    counts = np.diff(np.append(starts, len(keys)))
+    top = int(np.argmax(counts))  # the first of the largest groups: the smallest n-gram key
+    top_chars = 0
+    if counts[top] > 1:
+        wchars = np.concatenate([[0], np.cumsum(lens)])
+        first = int(order[starts[top]])
+        top_chars = int(counts[top]) * int(wchars[first + n] - wchars[first])
+    is_first = np.zeros(len(keys), dtype=bool)
+    is_first[starts] = True
+    repeated = order[~is_first]
     if not len(repeated):
         return top_chars, 0
     edge = np.zeros(len(ids) + 1, dtype=np.int64)
@@ -166,13 +172,14 @@ class GopherRepetition:
         (10, 0.10),
     )
 
-    def scores(self, text: str) -> dict[str, float]:
+    def scores(self, text: str, words: list[str] | None = None) -> dict[str, float]:
+        """The rules' figures; `words` is ``words_of(text)`` when the caller has it already."""
         size = max(1, len(text))
         paragraphs = [p for p in _PARAGRAPH.split(text.strip()) if p.strip()] or [""]
         lines = [x for x in _LINES.split(text.strip()) if x.strip()] or [""]
         p_count, p_chars = _duplicates([p.strip() for p in paragraphs])
         l_count, l_chars = _duplicates([x.strip() for x in lines])
-        words = [w for w in words_of(text) if w]
+        words = [w for w in (words_of(text) if words is None else words) if w]
         # n-gram characters over the characters of the words (not of the whole text, as datatrove
         # does): whitespace and punctuation then neither hide nor inflate repetition.
         vocab: dict[str, int] = {}
