@@ -88,30 +88,12 @@ def evaluate(
             model, tokenizer, pairs, cfg.task_max_new_tokens, cfg.batch_size
         )
         results |= figures
+    base_answers = None
     if base is not None:
-        check_inputs(base, dataset)
         progress.note(f"scoring the base model {base} on the same data")
-        base_model, base_tok, _ = load_bundle(base, device=next(model.parameters()).device)
-        if T > base_model.config.context_length:
-            raise ValueError(
-                f"the evaluation context {T} exceeds the base model's "
-                f"{base_model.config.context_length} ({base / 'config.json'}); set "
-                "evaluate.context_length"
-            )
-        base_notes: dict[str, str] = {}
-        figures = {"bundle": str(base)}
-        figures |= _val_figures(cfg, base_model, base_tok, dataset, manifest, T, base_notes)
-        figures |= _sft_figures(cfg, base_model, dataset, manifest, T, base_notes)
-        if pairs:
-            task, base_answers = task_figures(
-                base_model, base_tok, pairs, cfg.task_max_new_tokens, cfg.batch_size
-            )
-            figures |= task
-            files.append(_write_answers(out_dir, tokenizer, pairs, tuned_answers, base_answers))
-        results["base"] = figures
-        del base_model
-    elif pairs:
-        files.append(_write_answers(out_dir, tokenizer, pairs, tuned_answers, None))
+        results["base"], base_answers = _base_figures(cfg, base, model, dataset, manifest, T, pairs)
+    if pairs:
+        files.append(_write_answers(out_dir, tokenizer, pairs, tuned_answers, base_answers))
 
     progress.note(f"generating answers to {len(cfg.prompts)} prompts")
     results["smoke_passed"], generated = _generations(cfg, model, tokenizer, out_dir, notes)
@@ -127,6 +109,47 @@ def evaluate(
     )
     files.append(out_dir / "metrics.json")
 
+    _track(tracker, results, files)
+    _log_summary(results, out_dir)
+    return out_dir
+
+
+def _base_figures(
+    cfg: EvaluateConfig,
+    base: Path,
+    model: Any,
+    dataset: Path,
+    manifest: dict[str, Any],
+    T: int,
+    pairs: list,
+) -> tuple[dict[str, Any], list | None]:
+    """The base model's figures on the same data (``metrics.json["base"]``), and its answers to
+    the held-out prompts (None without any)."""
+    from gptcore import load_bundle
+
+    check_inputs(base, dataset)
+    base_model, base_tok, _ = load_bundle(base, device=next(model.parameters()).device)
+    if T > base_model.config.context_length:
+        raise ValueError(
+            f"the evaluation context {T} exceeds the base model's "
+            f"{base_model.config.context_length} ({base / 'config.json'}); set "
+            "evaluate.context_length"
+        )
+    base_notes: dict[str, str] = {}
+    figures: dict[str, Any] = {"bundle": str(base)}
+    figures |= _val_figures(cfg, base_model, base_tok, dataset, manifest, T, base_notes)
+    figures |= _sft_figures(cfg, base_model, dataset, manifest, T, base_notes)
+    answers = None
+    if pairs:
+        task, answers = task_figures(
+            base_model, base_tok, pairs, cfg.task_max_new_tokens, cfg.batch_size
+        )
+        figures |= task
+    return figures, answers
+
+
+def _track(tracker: Tracker, results: dict[str, Any], files: list[Path]) -> None:
+    """The figures (the base's under ``base.``) and every file, on the stage's MLflow run."""
     tracker.log_metrics({k: float(v) for k, v in results.items() if isinstance(v, int | float)})
     tracker.log_metrics(
         {
@@ -142,8 +165,6 @@ def evaluate(
         )
     for path in files:
         tracker.log_artifact(path)
-    _log_summary(results, out_dir)
-    return out_dir
 
 
 def check_inputs(bundle: Path, dataset: Path) -> dict[str, Any]:

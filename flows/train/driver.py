@@ -80,6 +80,43 @@ def train(
     ensure_ray(ctx.cluster)
     check_cluster(p.train, stage, local=not (os.environ.get("RAY_ADDRESS") or ctx.cluster.address))
     tracker = ctx.tracker
+    _track_inputs(tracker, p, stage)
+    from flows.progress import relayed
+
+    ctx.progress.note(
+        f"starting {p.train.num_workers} Ray Train worker(s): {p.train.steps} steps, "
+        f"ZeRO-{p.train.zero_stage}, {p.train.precision}"
+    )
+    with relayed(ctx.progress, stage) as relay:
+        metrics = run_trainer(
+            p, dataclasses.replace(loop_config(p, tracker.run_id, tracker.uri), progress=relay)
+        )
+    missing = [f for f in BUNDLE_FILES if not (p.output_dir / f).is_file()]
+    if missing:
+        raise RuntimeError(
+            f"training finished but the bundle in {p.output_dir} lacks {', '.join(missing)}"
+        )
+    tracker.log_metrics(
+        {f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
+        step=p.train.steps,
+    )
+    tracker.log_artifacts(p.output_dir, "bundle")
+    atomic_write_text(
+        p.output_dir / RESULT_FILE,
+        json.dumps(
+            {"stage": stage, "ray_run_name": p.run_name, "metrics": metrics},
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n",
+    )
+    log.info("%s: bundle written to %s", stage, p.output_dir)
+    return p.output_dir
+
+
+def _track_inputs(tracker: Any, p: RunSpec, stage: str) -> None:
+    """What the stage's MLflow run records before any worker starts: the configs, the tags that
+    find its checkpoints and output, the teacher's lineage and the dataset."""
     tracker.log_params(
         {
             "train": to_dict(p.train),
@@ -121,37 +158,6 @@ def train(
         context="training",
         profile=p.dataset.split_tokens,
     )
-    from flows.progress import relayed
-
-    ctx.progress.note(
-        f"starting {p.train.num_workers} Ray Train worker(s): {p.train.steps} steps, "
-        f"ZeRO-{p.train.zero_stage}, {p.train.precision}"
-    )
-    with relayed(ctx.progress, stage) as relay:
-        metrics = run_trainer(
-            p, dataclasses.replace(loop_config(p, tracker.run_id, tracker.uri), progress=relay)
-        )
-    missing = [f for f in BUNDLE_FILES if not (p.output_dir / f).is_file()]
-    if missing:
-        raise RuntimeError(
-            f"training finished but the bundle in {p.output_dir} lacks {', '.join(missing)}"
-        )
-    tracker.log_metrics(
-        {f"final_{k}": v for k, v in metrics.items() if isinstance(v, int | float)},
-        step=p.train.steps,
-    )
-    tracker.log_artifacts(p.output_dir, "bundle")
-    atomic_write_text(
-        p.output_dir / RESULT_FILE,
-        json.dumps(
-            {"stage": stage, "ray_run_name": p.run_name, "metrics": metrics},
-            indent=2,
-            sort_keys=True,
-        )
-        + "\n",
-    )
-    log.info("%s: bundle written to %s", stage, p.output_dir)
-    return p.output_dir
 
 
 def distill(
