@@ -311,7 +311,7 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def _tokenizer(meta: _Metadata) -> Tokenizer:
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
     kind = meta.get("tokenizer.ggml.model")
@@ -342,22 +342,7 @@ def _tokenizer(meta: _Metadata) -> Tokenizer:
     if len(vocab) != len(tokens):
         raise ValueError(f"{meta.path}: tokenizer.ggml.tokens holds duplicate tokens")
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-    if pre == "smollm":  # SmolLM's own tokenizer.json: each digit alone, then GPT-2's byte level
-        hf.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Digits(individual_digits=True),
-                pre_tokenizers.ByteLevel(add_prefix_space=False),
-            ]
-        )
-    elif pre in ("llama-bpe", "llama3", "llama-v3"):
-        hf.pre_tokenizer = pre_tokenizers.Sequence(
-            [
-                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
-                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-            ]
-        )
-    else:
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.pre_tokenizer = _pre_tokenizer(pre)
     hf.decoder = decoders.ByteLevel()
     # Control tokens (<|im_start|>, <|endoftext|>) are special: their text in the input maps to
     # their id. User-defined ones (<think>) are matched whole too, but are not special.
@@ -375,6 +360,44 @@ def _tokenizer(meta: _Metadata) -> Tokenizer:
             if k == _USER_DEFINED
         ]
     )
+    special = _special_tokens(meta, tokens)
+    template = meta.get("tokenizer.chat_template", None)
+    stops = [
+        tokens[meta.integer(f"tokenizer.ggml.{k}_token_id")]
+        for k in ("eot", "eom")
+        if f"tokenizer.ggml.{k}_token_id" in meta
+        and meta.integer(f"tokenizer.ggml.{k}_token_id") < len(tokens)
+    ]
+    stops += end_of_turn_tokens(hf, template)
+    try:
+        return Tokenizer(hf, chat_template=template, stop_tokens=stops, **special)
+    except ValueError as e:
+        raise ValueError(f"{meta.path}: {e}") from e
+
+
+def _pre_tokenizer(pre: str):
+    """The pre-tokenizer `tokenizer.ggml.pre` names, as the model's own tokenizer.json has it."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre == "smollm":  # SmolLM's own tokenizer.json: each digit alone, then GPT-2's byte level
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
+    if pre in ("llama-bpe", "llama3", "llama-v3"):
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_LLAMA3_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    return pre_tokenizers.ByteLevel(add_prefix_space=False)
+
+
+def _special_tokens(meta: _Metadata, tokens: list[str]) -> dict[str, str | None]:
+    """bos/eos/unk/pad as token text (None when the file names none), their ids checked."""
     special: dict[str, str | None] = {}
     for key, name in (
         ("bos_token", "bos_token_id"),
@@ -388,18 +411,7 @@ def _tokenizer(meta: _Metadata) -> Tokenizer:
                 f"{meta.path}: tokenizer.ggml.{name}={i} is past the {len(tokens)} tokens"
             )
         special[key] = tokens[i] if i >= 0 else None
-    template = meta.get("tokenizer.chat_template", None)
-    stops = [
-        tokens[meta.integer(f"tokenizer.ggml.{k}_token_id")]
-        for k in ("eot", "eom")
-        if f"tokenizer.ggml.{k}_token_id" in meta
-        and meta.integer(f"tokenizer.ggml.{k}_token_id") < len(tokens)
-    ]
-    stops += end_of_turn_tokens(hf, template)
-    try:
-        return Tokenizer(hf, chat_template=template, stop_tokens=stops, **special)
-    except ValueError as e:
-        raise ValueError(f"{meta.path}: {e}") from e
+    return special
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -327,26 +327,9 @@ def promote_version(
                 "reason": "already champion",
             }
             return record
-        if force:
-            decision = Decision(
-                True, "forced (gptflow promote --force)", cfg.metric, float("nan"), None, cfg.margin
-            )
-            theirs_figures: Figures | None = None
-        else:
-            evaluation, dataset = tags.get("gptflow.evaluation"), tags.get("gptflow.eval_dataset")
-            if not evaluation or not dataset:
-                raise RegistryError(
-                    f"model {name!r} version {version} records no evaluation to gate on; "
-                    "register it through the pipeline, or promote it with --force"
-                )
-            ours = challenger_figures(Path(evaluation))
-            theirs_figures = None
-            if champion is not None:
-                cache = workdir / "registry" / "cache"
-                theirs_figures = figures_on(
-                    bundle_of(registry, name, champion["version"], cache), Path(dataset), eval_cfg
-                )
-            decision = decide(ours, theirs_figures, cfg.margin, cfg.metric)
+        decision, theirs_figures = _gate(
+            registry, name, version, tags, champion, cfg, eval_cfg, workdir, force
+        )
         # The gate's verdict goes on the version before the alias moves: a replica that follows the
         # alias serves only a version whose gptflow.gate tag says passed.
         registry.set_version_tags(name, version, decision.tags())
@@ -363,6 +346,48 @@ def promote_version(
             "previous_champion": previous,
             "champion_figures": theirs_figures.__dict__ if theirs_figures else None,
         }
+    _record(tracker, name, version, decision)
+    return record
+
+
+def _gate(
+    registry: Registry,
+    name: str,
+    version: str,
+    tags: dict[str, str],
+    champion: dict[str, Any] | None,
+    cfg: RegistryConfig,
+    eval_cfg: EvaluateConfig,
+    workdir: Path,
+    force: bool,
+) -> tuple[Decision, Figures | None]:
+    """The gate's decision on `version` against `champion` (re-scored on the challenger's dataset),
+    and the champion's figures (None when there is none, or with `force`)."""
+    if force:
+        decision = Decision(
+            True, "forced (gptflow promote --force)", cfg.metric, float("nan"), None, cfg.margin
+        )
+        theirs_figures: Figures | None = None
+    else:
+        evaluation, dataset = tags.get("gptflow.evaluation"), tags.get("gptflow.eval_dataset")
+        if not evaluation or not dataset:
+            raise RegistryError(
+                f"model {name!r} version {version} records no evaluation to gate on; "
+                "register it through the pipeline, or promote it with --force"
+            )
+        ours = challenger_figures(Path(evaluation))
+        theirs_figures = None
+        if champion is not None:
+            cache = workdir / "registry" / "cache"
+            theirs_figures = figures_on(
+                bundle_of(registry, name, champion["version"], cache), Path(dataset), eval_cfg
+            )
+        decision = decide(ours, theirs_figures, cfg.margin, cfg.metric)
+    return decision, theirs_figures
+
+
+def _record(tracker: Tracker, name: str, version: str, decision: Decision) -> None:
+    """The decision on the promote step's MLflow run, and in the log."""
     tracker.set_tags(
         {
             "gptflow.gate": "passed" if decision.promote else "refused",
@@ -384,7 +409,6 @@ def promote_version(
         "champion" if decision.promote else "refused",
         decision.reason,
     )
-    return record
 
 
 def rollback(registry: Registry, name: str, workdir: Path) -> dict[str, Any]:
